@@ -1,0 +1,133 @@
+"""Wires a Config into models, executors, routes, metrics and the HTTP server, and runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+from collections.abc import Callable
+
+from webtorch import __version__
+from webtorch.config import Config, parse_listen
+from webtorch.http.limits import Limits
+from webtorch.http.messages import Handler, HandlerResult, Request, Response
+from webtorch.http.router import Route, Router
+from webtorch.http.server import HttpServer
+from webtorch.observe.metrics import Metrics
+from webtorch.serve.executor import Executor
+from webtorch.serve.model import LoadedModel, load_model
+from webtorch.serve.oip import ModelEndpoint, ModelRoutes
+
+log = logging.getLogger("webtorch")
+
+
+class App:
+    """Models are loaded at construction (errors surface before any socket opens); executors,
+    routes and the server are made in :meth:`start`, on the running loop."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.models: dict[str, LoadedModel] = {
+            name: load_model(
+                name,
+                config.resolve(mc.path),
+                mc.device,
+                config.resolve(mc.weights) if mc.weights is not None else None,
+            )
+            for name, mc in config.models.items()
+        }
+        self.executors: dict[str, Executor] = {}
+        self.server: HttpServer | None = None
+        self._ready = False
+
+    def ready(self) -> bool:
+        return self._ready and not (self.server is not None and self.server.state.draining)
+
+    def build_handler(self, loop: asyncio.AbstractEventLoop) -> Handler:
+        endpoints: dict[str, ModelEndpoint] = {}
+        for name, model in self.models.items():
+            mc = self.config.models[name]
+            stats = self.metrics.model(name)
+            executor = Executor(
+                model,
+                stats,
+                max_batch=mc.max_batch,
+                max_delay=mc.max_delay,
+                max_queue=mc.max_queue,
+                mode=mc.compute,
+                loop=loop,
+            )
+            self.executors[name] = executor
+            endpoints[name] = ModelEndpoint(model, executor, stats)
+        models = ModelRoutes(endpoints, self.ready, __version__)
+        router = Router(
+            [
+                Route("/v2", models.oip, "/v2"),
+                Route("/v2/", models.oip, "/v2", prefix=True),
+                Route("/models/", models.short, "/models", prefix=True),
+                Route("/metrics", self.metrics.handle, "/metrics"),
+            ]
+        )
+        for rc in self.config.routes:
+            where = rc.path if rc.path is not None else rc.prefix
+            assert where is not None
+            if rc.model is not None:
+                handler: Handler = endpoints[rc.model].predict
+            else:
+                assert rc.return_ is not None
+                handler = _fixed(Response(rc.return_, rc.body.encode(), rc.content_type.encode()))
+            router.add(Route(where, handler, where, prefix=rc.prefix is not None))
+        return router
+
+    async def start(self, host: str | None = None, port: int | None = None) -> HttpServer:
+        loop = asyncio.get_running_loop()
+        handler = self.build_handler(loop)
+        cfg_host, cfg_port = parse_listen(self.config.server.listen)
+        self.server = HttpServer(
+            handler,
+            host if host is not None else cfg_host,
+            port if port is not None else cfg_port,
+            limits=Limits(**self.config.server.limits.model_dump()),
+            observer=self.metrics.observe_request,
+            ssl_context=self._ssl_context(),
+        )
+        await self.server.start()
+        self._ready = True
+        return self.server
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        tls = self.config.server.tls
+        if tls is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.config.resolve(tls.cert), self.config.resolve(tls.key))
+        return ctx
+
+    async def stop(self) -> None:
+        """Graceful: stop accepting, finish in-flight requests, then the executors."""
+        if self.server is not None:
+            await self.server.shutdown()
+        for executor in self.executors.values():
+            await executor.close()
+
+    async def run(self, on_ready: Callable[[HttpServer], None] | None = None) -> None:
+        """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        server = await self.start()
+        if on_ready is not None:
+            on_ready(server)
+        await stop.wait()
+        log.info("shutting down: draining %d connection(s)", len(server.state.connections))
+        await self.stop()
+
+
+def _fixed(response: Response) -> Callable[[Request], HandlerResult]:
+    def handler(request: Request) -> HandlerResult:
+        return response
+
+    return handler

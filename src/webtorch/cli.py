@@ -1,0 +1,87 @@
+"""``webtorch serve [CONFIG]`` and ``webtorch check CONFIG``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import uvloop
+
+from webtorch import __version__, config
+from webtorch.errors import ConfigError, ModelLoadError
+from webtorch.http.server import HttpServer
+
+
+def _load(path: str | None) -> config.Config:
+    return config.load(Path(path)) if path else config.load_default()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from webtorch.app import App
+
+    cfg = _load(args.config)
+    if args.listen:
+        cfg = cfg.model_copy(
+            update={"server": cfg.server.model_copy(update={"listen": args.listen})}
+        )
+        config.parse_listen(args.listen)
+    app = App(cfg)
+
+    def ready(server: HttpServer) -> None:
+        scheme = "https" if cfg.server.tls else "http"
+        for host, port in server.addresses:
+            models = ", ".join(app.models) or "no models"
+            print(f"webtorch {__version__} listening on {scheme}://{host}:{port} ({models})",
+                  flush=True)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(app.run(ready))
+    print("webtorch stopped", flush=True)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from webtorch.serve.model import load_model
+
+    cfg = _load(args.config)
+    for name, mc in cfg.models.items():
+        model = load_model(
+            name, cfg.resolve(mc.path), mc.device,
+            cfg.resolve(mc.weights) if mc.weights is not None else None,
+        )
+        ins = ", ".join(f"{t.name} {t.datatype}{list(t.shape)}" for t in model.inputs)
+        outs = ", ".join(f"{t.name} {t.datatype}{list(t.shape)}" for t in model.outputs)
+        print(f"model {name}: {ins} -> {outs} on {model.device}")
+    print(f"{args.config or 'embedded default'}: OK")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="webtorch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"webtorch {__version__}")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a config (default: the bundled XOR example)")
+    serve.add_argument("config", nargs="?", help="TOML config file")
+    serve.add_argument("--listen", help="HOST:PORT, overrides server.listen (port 0: any)")
+    serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser("check", help="validate a config and load its models")
+    check.add_argument("config", nargs="?", help="TOML config file")
+    check.set_defaults(func=cmd_check)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ConfigError, ModelLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""TOML -> typed, validated config. Errors name the file and the key.
+
+The same models are the Python API: ``Config(models={"xor": ModelConfig(path=...)})`` is what a TOML
+file becomes. Validation is pydantic's (a library, not hand-written checks); unknown keys are errors
+so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from webtorch.errors import ConfigError
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"listen must be HOST:PORT, got {listen!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class TLSConfig(_Strict):
+    cert: Path
+    key: Path
+
+
+class LimitsConfig(_Strict):
+    max_url: Annotated[int, Field(gt=0)] = 8 * 1024
+    max_header_bytes: Annotated[int, Field(gt=0)] = 32 * 1024
+    max_headers: Annotated[int, Field(gt=0)] = 100
+    max_body: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
+    header_timeout: Annotated[float, Field(gt=0)] = 10.0
+    body_timeout: Annotated[float, Field(gt=0)] = 60.0
+    keepalive_timeout: Annotated[float, Field(gt=0)] = 75.0
+    max_pipeline: Annotated[int, Field(gt=0)] = 64
+    drain_timeout: Annotated[float, Field(gt=0)] = 30.0
+
+
+class ServerConfig(_Strict):
+    listen: str = "127.0.0.1:8080"
+    tls: TLSConfig | None = None
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @model_validator(mode="after")
+    def _check_listen(self) -> ServerConfig:
+        parse_listen(self.listen)
+        return self
+
+
+class ModelConfig(_Strict):
+    path: Path
+    device: str = "cpu"
+    weights: Path | None = None
+    max_batch: Annotated[int, Field(ge=1)] = 256
+    max_delay: Annotated[float, Field(ge=0)] = 0.0  # seconds an idle model waits to fill a batch
+    max_queue: Annotated[int, Field(ge=1)] = 65536  # rows queued before 503
+    compute: Literal["loop", "thread"] = "loop"
+
+
+class RouteConfig(_Strict):
+    """An exact ``path`` or a ``prefix``, answered by a model's short form or a fixed response."""
+
+    path: str | None = None
+    prefix: str | None = None
+    model: str | None = None
+    return_: int | None = Field(default=None, alias="return", ge=100, le=599)
+    body: str = ""
+    content_type: str = "text/plain"
+
+    @model_validator(mode="after")
+    def _check(self) -> RouteConfig:
+        if (self.path is None) == (self.prefix is None):
+            raise ValueError("a route needs exactly one of `path` or `prefix`")
+        where = self.path if self.path is not None else self.prefix
+        assert where is not None
+        if not where.startswith("/"):
+            raise ValueError("`path` and `prefix` start with '/'")
+        if (self.model is None) == (self.return_ is None):
+            raise ValueError("a route needs exactly one of `model` or `return`")
+        return self
+
+
+class Config(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    models: dict[str, ModelConfig] = {}
+    routes: list[RouteConfig] = []
+    # Directory that relative paths in the file are resolved against.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _check_refs(self) -> Config:
+        for i, route in enumerate(self.routes):
+            if route.model is not None and route.model not in self.models:
+                raise ValueError(f"routes[{i}].model: no model named {route.model!r}")
+        for name in self.models:
+            if not name or "/" in name or name.strip() != name:
+                raise ValueError(f"models.{name}: invalid model name")
+        return self
+
+    def resolve(self, path: Path) -> Path:
+        return path if path.is_absolute() else self.base_dir / path
+
+
+def _format(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def from_dict(data: dict[str, object], source: str = "<config>", base_dir: Path = Path(".")) -> Config:
+    try:
+        return Config.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, source)) from None
+
+
+def load(path: Path) -> Config:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if "base_dir" in data:
+        raise ConfigError(f"{path}: base_dir: unknown key")
+    return from_dict(data, str(path), path.resolve().parent)
+
+
+def default_config_path() -> Path:
+    """The embedded default: the bundled XOR example."""
+    return Path(str(resources.files("webtorch.examples") / "xor.toml"))
+
+
+def load_default() -> Config:
+    return load(default_config_path())

@@ -1,0 +1,1 @@
+"""Bundled examples; ``xor.py`` is the embedded default that ``webtorch serve`` runs."""

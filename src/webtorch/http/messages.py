@@ -1,0 +1,71 @@
+"""Request and Response as the rest of WebTorch sees them, and the HTTP-error boundary."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from webtorch.errors import HTTPError
+
+Headers = list[tuple[bytes, bytes]]
+
+JSON = b"application/json"
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """A fully received request. Header names are lower-cased bytes, values raw bytes."""
+
+    method: str
+    path: str
+    query: str
+    headers: Headers
+    body: bytes
+    http_version: str = "1.1"
+    keep_alive: bool = True
+    client: str = ""
+    # Set by the router: the metrics label of the route that handled the request.
+    route: str = ""
+
+    def header(self, name: bytes) -> bytes | None:
+        """First value of header ``name`` (lower-case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    @property
+    def content_type(self) -> bytes:
+        value = self.header(b"content-type")
+        if value is None:
+            return b""
+        return value.split(b";", 1)[0].strip().lower()
+
+
+@dataclass(slots=True, eq=False)
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: bytes | None = JSON
+    headers: Headers = field(default_factory=list)
+
+
+# A handler answers at once (a Response) or later (an awaitable: a Future resolved by a batch, or a
+# coroutine). Returning a plain Response keeps the hot path free of task creation.
+HandlerResult = Response | Awaitable[Response]
+Handler = Callable[[Request], HandlerResult]
+
+
+def json_response(obj: Any, status: int = 200, headers: Headers | None = None) -> Response:
+    return Response(status, orjson.dumps(obj), JSON, headers or [])
+
+
+def error_response(status: int, message: str, headers: Headers | None = None) -> Response:
+    return Response(status, orjson.dumps({"error": message}), JSON, headers or [])
+
+
+def response_for_error(exc: HTTPError) -> Response:
+    return error_response(exc.status, exc.message, list(exc.headers))

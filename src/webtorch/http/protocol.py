@@ -1,0 +1,553 @@
+"""The server side of HTTP/1.1: an asyncio Protocol driving httptools' parser.
+
+Shaped like uvicorn's httptools protocol, but without ASGI: a request is handed to a plain handler
+that answers a :class:`Response` at once or an awaitable resolved later (a batch future). That keeps
+task creation off the hot path, which is what lets a Python server come within reach of nginx.
+
+Per connection:
+- requests are parsed as bytes arrive; pipelined requests get response *slots* in arrival order and
+  responses are written strictly in that order, whatever order the handlers finish in;
+- reading pauses while the transport's write buffer is full (the client is not reading) or while too
+  many pipelined requests await answers, and resumes when both clear;
+- limits are checked while parsing and answered with the right 4xx, after which the connection
+  closes, because the parser cannot resynchronise on a broken stream;
+- deadlines (header, body, keep-alive) are plain floats swept by :class:`ServerState`'s once-a-second
+  tick, so the hot path never arms or cancels timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import Any, cast
+from urllib.parse import unquote
+
+import httptools
+
+from webtorch.errors import (
+    BadRequest,
+    HeaderFieldsTooLarge,
+    HTTPError,
+    PayloadTooLarge,
+    URITooLong,
+)
+from webtorch.http.limits import Limits
+from webtorch.http.messages import Handler, Request, Response, error_response, response_for_error
+
+log = logging.getLogger("webtorch.http")
+
+# Observer of finished requests: (request, status, seconds from last byte in to response ready).
+Observer = Callable[[Request, int, float], None]
+
+_REASONS: dict[int, bytes] = {
+    100: b"Continue",
+    200: b"OK",
+    201: b"Created",
+    204: b"No Content",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    409: b"Conflict",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    415: b"Unsupported Media Type",
+    417: b"Expectation Failed",
+    422: b"Unprocessable Content",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+_STATUS_LINES: dict[int, bytes] = {
+    code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()
+}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+def status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = b"HTTP/1.1 %d Status\r\n" % status
+    return line
+
+
+class ServerState:
+    """What all connections of one server share: handler, limits, open connections, the clock."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        limits: Limits | None = None,
+        observer: Observer | None = None,
+        server_name: bytes = b"webtorch",
+    ) -> None:
+        self.handler = handler
+        self.limits = limits or Limits()
+        self.observer = observer
+        self.server_header = b"server: " + server_name + b"\r\n"
+        self.connections: set[HttpProtocol] = set()
+        self.draining = False
+        self.date_header = b""
+        self.tick()
+        self._all_closed: asyncio.Event | None = None
+
+    def tick(self, now: float | None = None) -> None:
+        """Refresh the cached Date header and expire deadlines; called about once a second."""
+        self.date_header = b"date: " + formatdate(time.time(), usegmt=True).encode() + b"\r\n"
+        if now is None:
+            return
+        for conn in list(self.connections):
+            if conn.deadline is not None and now >= conn.deadline:
+                conn.on_deadline()
+
+    def connection_lost(self, conn: HttpProtocol) -> None:
+        self.connections.discard(conn)
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()
+
+    def start_draining(self) -> None:
+        """Graceful shutdown: idle connections close now, busy ones after their last response."""
+        self.draining = True
+        self._all_closed = asyncio.Event()
+        if not self.connections:
+            self._all_closed.set()
+        for conn in list(self.connections):
+            conn.drain()
+
+    async def wait_closed(self) -> None:
+        if self._all_closed is not None:
+            await self._all_closed.wait()
+
+
+class _Slot:
+    """One request's place in the connection's response order."""
+
+    __slots__ = ("expect_continue", "head", "keep_alive", "request", "response", "started")
+
+    def __init__(self, head: bool, keep_alive: bool, started: float) -> None:
+        self.head = head
+        self.keep_alive = keep_alive
+        self.started = started
+        self.response: Response | None = None
+        self.request: Request | None = None
+        self.expect_continue = False
+
+
+class _Ignore(Exception):
+    """Raised inside a parser callback to drop the rest of the input (connection is closing)."""
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to abort parsing with an HTTP error."""
+
+    def __init__(self, error: HTTPError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+_IDLE, _HEADERS, _BODY, _WAIT = range(4)
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, state: ServerState, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.state = state
+        self.limits = state.limits
+        self.loop = loop or asyncio.get_event_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.client = ""
+        self.deadline: float | None = None
+        self.phase = _IDLE
+        self.slots: deque[_Slot] = deque()
+        self.tasks: set[asyncio.Future[Response]] = set()
+        self.closing = False  # no more requests are read; close after the last response
+        self.read_paused = False
+        self.write_paused = False
+        # The request being received.
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._content_length: bytes | None = None
+        self._chunked = False
+        self._expect_continue = False
+        self._slot: _Slot | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they implement its interface.
+        self.transport = cast(asyncio.Transport, transport)
+        peer: Any = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.client = str(peer[0])
+        self.state.connections.add(self)
+        # A new connection must send its first request's headers within the header timeout.
+        self.deadline = self.loop.time() + self.limits.header_timeout
+        if self.state.draining:
+            self.drain()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.transport = None
+        for fut in list(self.tasks):
+            fut.cancel()
+        self.tasks.clear()
+        self.slots.clear()
+        self.state.connection_lost(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if self.phase == _HEADERS:
+            # Bytes of an unfinished header block: bound them before httptools buffers them all.
+            self._header_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except _Ignore:
+            pass
+        except _Reject as exc:
+            self._fail(exc.error)
+        except httptools.HttpParserUpgrade:
+            if self._slot is not None or self.phase != _WAIT:
+                self._fail_status(501, "protocol upgrade is not supported")
+            else:
+                # The request was answered as plain HTTP/1.1; the parser stops here, so close.
+                self.closing = True
+                if not self.slots and self.transport is not None:
+                    self.transport.close()
+        except httptools.HttpParserError as exc:
+            self._fail(BadRequest(f"malformed HTTP request: {_describe(exc)}"))
+        else:
+            if self.phase == _HEADERS and self._header_bytes > self.limits.max_header_bytes:
+                self._fail(HeaderFieldsTooLarge("request header block is too large"))
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._update_reading()
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.closing:
+            raise _Ignore
+        self.phase = _HEADERS
+        self.deadline = self.loop.time() + self.limits.header_timeout
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        self._body = []
+        self._body_size = 0
+        self._content_length = None
+        self._chunked = False
+        self._expect_continue = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.limits.max_url:
+            raise _Reject(URITooLong(f"request target is longer than {self.limits.max_url} bytes"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.limits.max_header_bytes:
+            raise _Reject(HeaderFieldsTooLarge("request header block is too large"))
+        if len(self._headers) >= self.limits.max_headers:
+            raise _Reject(
+                HeaderFieldsTooLarge(f"more than {self.limits.max_headers} request headers")
+            )
+        if name == b"content-length":
+            # Request smuggling: two different lengths, or a length beside chunked encoding.
+            if self._content_length is not None and self._content_length != value.strip():
+                raise _Reject(BadRequest("conflicting Content-Length headers"))
+            self._content_length = value.strip()
+            if self._chunked:
+                raise _Reject(BadRequest("both Content-Length and Transfer-Encoding"))
+        elif name == b"transfer-encoding":
+            if self._content_length is not None:
+                raise _Reject(BadRequest("both Content-Length and Transfer-Encoding"))
+            self._chunked = True
+        elif name == b"expect":
+            if value.strip().lower() == b"100-continue":
+                self._expect_continue = True
+            else:
+                raise _Reject(_ExpectationFailed())
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.phase = _BODY
+        self._header_bytes = 0
+        self.deadline = self.loop.time() + self.limits.body_timeout
+        parser = self.parser
+        if self._content_length is not None:
+            try:
+                length = int(self._content_length)
+            except ValueError:
+                raise _Reject(BadRequest("invalid Content-Length")) from None
+            if length > self.limits.max_body:
+                raise _Reject(
+                    PayloadTooLarge(f"request body is larger than {self.limits.max_body} bytes")
+                )
+        keep_alive = bool(parser.should_keep_alive()) and not self.closing
+        slot = _Slot(parser.get_method() == b"HEAD", keep_alive, 0.0)
+        self._slot = slot
+        self.slots.append(slot)
+        if self._expect_continue and parser.get_http_version() == "1.1":
+            slot.expect_continue = True
+            if self.slots[0] is slot:
+                self._send_continue(slot)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self.limits.max_body:
+            raise _Reject(
+                PayloadTooLarge(f"request body is larger than {self.limits.max_body} bytes")
+            )
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        slot = self._slot
+        assert slot is not None
+        self._slot = None
+        slot.expect_continue = False
+        parser = self.parser
+        url = self._url
+        path_b, _, query_b = url.partition(b"?")
+        if not path_b.startswith(b"/"):
+            if path_b.startswith((b"http://", b"https://")):
+                parsed = httptools.parse_url(url)
+                path_b, query_b = parsed.path or b"/", parsed.query or b""
+            elif path_b != b"*":
+                self._finish_with_error(slot, BadRequest("request target must start with '/'"))
+                return
+        path = path_b.decode("latin-1")
+        if "%" in path:
+            path = unquote(path)
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        request = Request(
+            parser.get_method().decode("ascii"),
+            path,
+            query_b.decode("latin-1"),
+            self._headers,
+            body,
+            parser.get_http_version(),
+            slot.keep_alive,
+            self.client,
+        )
+        slot.request = request
+        self.phase = _WAIT
+        self.deadline = None
+        slot.started = self.loop.time()
+        try:
+            result = self.state.handler(request)
+        except HTTPError as exc:
+            result = response_for_error(exc)
+        except Exception:
+            log.exception("handler failed for %s %s", request.method, request.path)
+            result = error_response(500, "internal server error")
+        if isinstance(result, Response):
+            slot.response = result
+            self._observe(slot, result)
+            if self.slots[0] is slot:
+                self._flush()
+        else:
+            fut = asyncio.ensure_future(result, loop=self.loop)
+            self.tasks.add(fut)
+            fut.add_done_callback(lambda f, s=slot: self._on_result(s, f))
+        if not slot.keep_alive:
+            # The client asked to close: read nothing more, answer what is pending.
+            self.closing = True
+        self._update_reading()
+
+    # -- responses ----------------------------------------------------------------------------
+
+    def _on_result(self, slot: _Slot, fut: asyncio.Future[Response]) -> None:
+        self.tasks.discard(fut)
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            response = fut.result()
+        elif isinstance(exc, HTTPError):
+            response = response_for_error(exc)
+        else:
+            log.error("handler failed", exc_info=exc)
+            response = error_response(500, "internal server error")
+        slot.response = response
+        self._observe(slot, response)
+        if self.slots and self.slots[0] is slot:
+            self._flush()
+
+    def _observe(self, slot: _Slot, response: Response) -> None:
+        observer = self.state.observer
+        if observer is not None and slot.request is not None:
+            observer(slot.request, response.status, self.loop.time() - slot.started)
+
+    def _flush(self) -> None:
+        """Write every ready response at the head of the pipeline, in order."""
+        slots = self.slots
+        transport = self.transport
+        while slots:
+            slot = slots[0]
+            response = slot.response
+            if response is None:
+                if slot.expect_continue:
+                    self._send_continue(slot)
+                break
+            slots.popleft()
+            if transport is None:
+                return
+            keep_alive = slot.keep_alive and not self.state.draining
+            self._write(transport, response, slot, keep_alive)
+            if not keep_alive:
+                self.closing = True
+                slots.clear()
+                self._linger(transport)
+                return
+        if not slots:
+            if self.closing:
+                if transport is not None and self._slot is None:
+                    self._linger(transport)
+            elif self.phase == _WAIT:
+                self.phase = _IDLE
+                self.deadline = self.loop.time() + self.limits.keepalive_timeout
+        self._update_reading()
+
+    def _write(
+        self, transport: asyncio.Transport, response: Response, slot: _Slot, keep_alive: bool
+    ) -> None:
+        body = response.body
+        status = response.status
+        parts = [status_line(status), self.state.server_header, self.state.date_header]
+        if response.content_type is not None:
+            parts.append(b"content-type: " + response.content_type + b"\r\n")
+        if status not in _NO_BODY_STATUSES:
+            parts.append(b"content-length: %d\r\n" % len(body))
+        for name, value in response.headers:
+            parts.append(name + b": " + value + b"\r\n")
+        request = slot.request
+        if not keep_alive:
+            parts.append(b"connection: close\r\n")
+        elif request is not None and request.http_version == "1.0":
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        if slot.head or status in _NO_BODY_STATUSES:
+            transport.write(b"".join(parts))
+        elif len(body) < 65536:
+            parts.append(body)
+            transport.write(b"".join(parts))
+        else:
+            transport.write(b"".join(parts))
+            transport.write(body)
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """Close after the last response. Half-close first when possible and keep discarding input
+        for a moment (nginx's lingering close): closing a socket with unread request bytes sends
+        a RST that can destroy the response (a 413 for an upload) before the client reads it."""
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.phase = _WAIT
+            self.deadline = self.loop.time() + 2.0
+            self._update_reading()
+        else:
+            transport.close()
+
+    def _send_continue(self, slot: _Slot) -> None:
+        slot.expect_continue = False
+        if self.transport is not None:
+            self.transport.write(_CONTINUE)
+
+    # -- errors, deadlines, shutdown ----------------------------------------------------------
+
+    def _fail(self, error: HTTPError) -> None:
+        """Answer a protocol-level error after the pending responses, then close."""
+        self._fail_response(response_for_error(error))
+
+    def _fail_status(self, status: int, message: str) -> None:
+        self._fail_response(error_response(status, message))
+
+    def _fail_response(self, response: Response) -> None:
+        slot = self._slot
+        if slot is None:
+            slot = _Slot(False, False, self.loop.time())
+            self.slots.append(slot)
+        self._slot = None
+        slot.keep_alive = False
+        slot.expect_continue = False
+        slot.response = response
+        self.closing = True
+        self.phase = _WAIT
+        self.deadline = None
+        if self.slots[0] is slot:
+            self._flush()
+        self._update_reading()
+
+    def _finish_with_error(self, slot: _Slot, error: HTTPError) -> None:
+        self._slot = slot
+        self._fail(error)
+
+    def on_deadline(self) -> None:
+        """A deadline passed: 408 for a request half received, a silent close when idle."""
+        self.deadline = None
+        if self.closing:
+            if self.transport is not None:
+                self.transport.close()
+        elif self.phase in (_HEADERS, _BODY):
+            what = "headers" if self.phase == _HEADERS else "body"
+            self._fail(_Timeout(f"request {what} not received in time"))
+        elif not self.slots and self.transport is not None:
+            self.closing = True
+            self.transport.close()
+
+    def drain(self) -> None:
+        """Stop taking new requests; close once the responses in flight are written."""
+        self.closing = True
+        if self.phase == _IDLE and not self.slots and self.transport is not None:
+            self.transport.close()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        pause = self.write_paused or len(self.slots) >= self.limits.max_pipeline
+        if pause and not self.read_paused:
+            self.read_paused = True
+            transport.pause_reading()
+        elif not pause and self.read_paused:
+            self.read_paused = False
+            transport.resume_reading()
+
+
+class _Timeout(HTTPError):
+    status = 408
+
+
+class _ExpectationFailed(HTTPError):
+    status = 417
+
+    def __init__(self) -> None:
+        super().__init__("only 'Expect: 100-continue' is supported")
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text or type(exc).__name__
+

@@ -1,0 +1,54 @@
+"""Routes: exact paths first, then the longest matching prefix (nginx's ``location`` order)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from webtorch.errors import NotFound
+from webtorch.http.messages import Handler, HandlerResult, Request
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """``path`` is exact unless ``prefix`` is set; ``name`` labels the route in metrics."""
+
+    path: str
+    handler: Handler
+    name: str
+    prefix: bool = False
+
+
+class Router:
+    def __init__(self, routes: list[Route] | None = None) -> None:
+        self._exact: dict[str, Route] = {}
+        self._prefixes: list[Route] = []
+        for route in routes or []:
+            self.add(route)
+
+    def add(self, route: Route) -> None:
+        if route.prefix:
+            if any(r.path == route.path for r in self._prefixes):
+                raise ValueError(f"duplicate route prefix {route.path!r}")
+            self._prefixes.append(route)
+            self._prefixes.sort(key=lambda r: len(r.path), reverse=True)
+        else:
+            if route.path in self._exact:
+                raise ValueError(f"duplicate route path {route.path!r}")
+            self._exact[route.path] = route
+
+    def match(self, path: str) -> Route | None:
+        route = self._exact.get(path)
+        if route is not None:
+            return route
+        for candidate in self._prefixes:
+            if path.startswith(candidate.path):
+                return candidate
+        return None
+
+    def __call__(self, request: Request) -> HandlerResult:
+        route = self.match(request.path)
+        if route is None:
+            request.route = "unmatched"
+            raise NotFound(f"no route for {request.path}")
+        request.route = route.name
+        return route.handler(request)

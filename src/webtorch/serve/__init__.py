@@ -1,0 +1,1 @@
+"""Model serving: the Model API and loader, tensor codecs, the batch scheduler and executor, OIP."""

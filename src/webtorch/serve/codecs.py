@@ -1,0 +1,394 @@
+"""Tensor codecs: request bodies to numpy arrays and output arrays to response bodies.
+
+Two wire forms:
+- the Open Inference Protocol (KServe v2) JSON body, with the binary tensor data extension
+  (``Inference-Header-Content-Length``: a JSON header followed by raw tensor bytes);
+- the short form for humans: ``{"inputs": [[0, 1]]}`` -> ``{"outputs": [[...]]}`` (a dict keyed by
+  tensor name when a model has several).
+
+Decoding validates against the model's :class:`TensorSpec`s and raises ``BadRequest`` naming the
+problem. It produces numpy arrays, not tensors: the batch builds one tensor from all requests'
+arrays, so there is no per-request ``torch.tensor``. Binary inputs are zero-copy views of the body.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from math import prod
+from typing import Any
+
+import numpy as np
+import orjson
+
+from webtorch.errors import BadRequest, UnsupportedMediaType
+from webtorch.http.messages import JSON, Response
+from webtorch.serve.datatypes import DATATYPES, Datatype
+from webtorch.serve.model import TensorSpec
+
+OCTET = b"application/octet-stream"
+# curl -d sends form-urlencoded and many clients send text/plain: both are accepted as JSON so a
+# first `curl` works; anything clearly not JSON is refused with 415.
+_JSON_TYPES = frozenset({b"", JSON, b"application/x-www-form-urlencoded", b"text/plain"})
+_NUMPY_OPTS = orjson.OPT_SERIALIZE_NUMPY
+
+
+@dataclass(slots=True)
+class Decoded:
+    """A decoded request: arrays keyed by input name, all with the same batch size ``rows``."""
+
+    inputs: dict[str, np.ndarray]
+    rows: int
+    id: str | None = None
+    # Output names to return (None: all) and which of them go back as binary data.
+    requested: list[str] | None = None
+    binary: set[str] = field(default_factory=set)
+    binary_default: bool = False
+
+
+def check_json_content_type(content_type: bytes) -> None:
+    if content_type not in _JSON_TYPES and not content_type.endswith(b"+json"):
+        raise UnsupportedMediaType(
+            f"unsupported content type {content_type.decode('latin-1')!r}; "
+            "send application/json (or the binary tensor extension)"
+        )
+
+
+def _loads(body: bytes, what: str) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"{what} is not valid JSON: {exc}") from None
+
+
+def _json_array(name: str, data: Any, dt: Datatype) -> np.ndarray:
+    """Nested or flat JSON data as an array of ``dt``; numbers (or booleans for BOOL) only."""
+    if dt.name == "BYTES":
+        return _bytes_array(name, data)
+    if not dt.json_ok:
+        raise BadRequest(f"input {name!r}: {dt.name} tensors must use the binary data extension")
+    try:
+        raw = np.asarray(data)
+    except (ValueError, TypeError):
+        raise BadRequest(f"input {name!r}: data is ragged or not numeric") from None
+    kind = raw.dtype.kind
+    if kind not in "biuf" or (kind == "b" and dt.name != "BOOL"):
+        raise BadRequest(f"input {name!r}: data must be {dt.name} numbers")
+    if raw.dtype != dt.numpy:
+        raw = raw.astype(dt.numpy)
+    return raw
+
+
+def _bytes_array(name: str, data: Any) -> np.ndarray:
+    flat = _flatten(data)
+    out = np.empty(len(flat), dtype=object)
+    for i, item in enumerate(flat):
+        if not isinstance(item, str):
+            raise BadRequest(f"input {name!r}: BYTES data must be strings")
+        out[i] = item.encode()
+    return out
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    out: list[Any] = []
+    for item in data:
+        if isinstance(item, list):
+            out.extend(_flatten(item))
+        else:
+            out.append(item)
+    return out
+
+
+def _check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
+    expected = spec.shape
+    if len(shape) != len(expected) or any(
+        e != -1 and e != s for e, s in zip(expected, shape, strict=True)
+    ):
+        raise BadRequest(
+            f"input {spec.name!r}: shape {list(shape)} does not match the model's "
+            f"{list(expected)}"
+        )
+
+
+def _spec_for(specs: dict[str, TensorSpec], name: Any, model: str) -> TensorSpec:
+    spec = specs.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise BadRequest(
+            f"unknown input {name!r} for model {model!r}; expected {', '.join(specs)}"
+        )
+    return spec
+
+
+def _rows(inputs: dict[str, np.ndarray], specs: dict[str, TensorSpec], model: str) -> int:
+    missing = [n for n in specs if n not in inputs]
+    if missing:
+        raise BadRequest(f"model {model!r} needs input(s) {', '.join(missing)}")
+    sizes = {a.shape[0] for a in inputs.values()}
+    if len(sizes) != 1:
+        raise BadRequest("all inputs must have the same batch size (first dimension)")
+    rows = sizes.pop()
+    if rows < 1:
+        raise BadRequest("inputs have an empty batch dimension")
+    return int(rows)
+
+
+# -- the short form ----------------------------------------------------------------------------
+
+
+def decode_short(
+    body: bytes, content_type: bytes, specs: dict[str, TensorSpec], model: str
+) -> Decoded:
+    check_json_content_type(content_type)
+    doc = _loads(body, "request body")
+    if not isinstance(doc, dict) or "inputs" not in doc:
+        raise BadRequest('request body must be a JSON object with "inputs"')
+    raw = doc["inputs"]
+    if isinstance(raw, dict):
+        items = raw.items()
+    elif len(specs) == 1:
+        items = ((next(iter(specs)), raw),)  # type: ignore[assignment]
+    else:
+        raise BadRequest(f'model {model!r} has several inputs: send "inputs" as an object by name')
+    inputs: dict[str, np.ndarray] = {}
+    for name, data in items:
+        spec = _spec_for(specs, name, model)
+        array = _json_array(spec.name, data, spec.dtype)
+        _check_shape(spec, array.shape)
+        inputs[spec.name] = array
+    return Decoded(inputs, _rows(inputs, specs, model))
+
+
+def encode_short(outputs: dict[str, np.ndarray], specs: list[TensorSpec]) -> Response:
+    if len(specs) == 1:
+        doc: Any = {"outputs": _json_ready(outputs[specs[0].name], specs[0].dtype)}
+    else:
+        doc = {"outputs": {t.name: _json_ready(outputs[t.name], t.dtype) for t in specs}}
+    return Response(200, orjson.dumps(doc, option=_NUMPY_OPTS), JSON)
+
+
+def _json_ready(array: np.ndarray, dt: Datatype) -> Any:
+    """An output array in a form orjson serialises (numpy directly where it can)."""
+    if dt.name == "BF16":
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    if dt.name == "BYTES":
+        return [_text(v) for v in array.ravel()]
+    if dt.name == "FP16":
+        return array.astype(np.float32)
+    return array
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+# -- Open Inference Protocol -------------------------------------------------------------------
+
+
+def decode_oip(
+    body: bytes,
+    content_type: bytes,
+    header_length: bytes | None,
+    specs: dict[str, TensorSpec],
+    model: str,
+) -> Decoded:
+    if header_length is not None:
+        try:
+            json_len = int(header_length)
+        except ValueError:
+            raise BadRequest("Inference-Header-Content-Length is not an integer") from None
+        if not 0 <= json_len <= len(body):
+            raise BadRequest("Inference-Header-Content-Length exceeds the body")
+        doc = _loads(body[:json_len], "inference header")
+    else:
+        if content_type == OCTET:
+            raise BadRequest("binary body without Inference-Header-Content-Length")
+        check_json_content_type(content_type)
+        json_len = len(body)
+        doc = _loads(body, "request body")
+    if not isinstance(doc, dict):
+        raise BadRequest("inference request must be a JSON object")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise BadRequest('inference request needs a non-empty "inputs" list')
+    offset = json_len
+    view = memoryview(body)
+    inputs: dict[str, np.ndarray] = {}
+    for entry in raw_inputs:
+        if not isinstance(entry, dict):
+            raise BadRequest("each input must be an object with name, shape, datatype, data")
+        spec = _spec_for(specs, entry.get("name"), model)
+        name = spec.name
+        if name in inputs:
+            raise BadRequest(f"input {name!r} given twice")
+        datatype = entry.get("datatype")
+        if datatype != spec.datatype:
+            known = datatype if datatype in DATATYPES else repr(datatype)
+            raise BadRequest(
+                f"input {name!r}: datatype {known} does not match the model's {spec.datatype}"
+            )
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers")
+        _check_shape(spec, tuple(shape))
+        params = entry.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise BadRequest(f"input {name!r}: parameters must be an object")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if header_length is None:
+                raise BadRequest(
+                    f"input {name!r} has binary_data_size but the request has no "
+                    "Inference-Header-Content-Length"
+                )
+            if not isinstance(size, int) or size < 0 or offset + size > len(body):
+                raise BadRequest(f"input {name!r}: binary_data_size exceeds the body")
+            array = _binary_array(name, view[offset : offset + size], spec.dtype, shape)
+            offset += size
+        else:
+            if "data" not in entry:
+                raise BadRequest(f"input {name!r} has neither data nor binary_data_size")
+            array = _json_array(name, entry["data"], spec.dtype)
+            count = prod(shape)
+            if array.size != count:
+                raise BadRequest(
+                    f"input {name!r}: {array.size} elements do not fill shape {shape}"
+                )
+            array = array.reshape(shape)
+        inputs[name] = array
+    if offset != len(body):
+        raise BadRequest(f"{len(body) - offset} bytes of binary data are not claimed by any input")
+    decoded = Decoded(inputs, _rows(inputs, specs, model))
+    req_id = doc.get("id")
+    if req_id is not None:
+        decoded.id = str(req_id)
+    parameters = doc.get("parameters") or {}
+    if isinstance(parameters, dict) and parameters.get("binary_data_output") is True:
+        decoded.binary_default = True
+    _requested_outputs(doc.get("outputs"), decoded)
+    return decoded
+
+
+def _requested_outputs(raw: Any, decoded: Decoded) -> None:
+    if raw is None:
+        return
+    if not isinstance(raw, list):
+        raise BadRequest('"outputs" must be a list of {"name": ...} objects')
+    names: list[str] = []
+    for entry in raw:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise BadRequest('each requested output needs a "name"')
+        names.append(entry["name"])
+        params = entry.get("parameters") or {}
+        if isinstance(params, dict):
+            flag = params.get("binary_data")
+            if flag is True or (flag is None and decoded.binary_default):
+                decoded.binary.add(entry["name"])
+    decoded.requested = names
+
+
+def _binary_array(name: str, data: memoryview, dt: Datatype, shape: list[int]) -> np.ndarray:
+    count = prod(shape)
+    if dt.name == "BYTES":
+        items = _split_bytes(name, data)
+        if len(items) != count:
+            raise BadRequest(f"input {name!r}: {len(items)} BYTES elements do not fill {shape}")
+        out = np.empty(count, dtype=object)
+        out[:] = items
+        return out.reshape(shape)
+    if len(data) != count * dt.itemsize:
+        raise BadRequest(
+            f"input {name!r}: binary_data_size {len(data)} != {count} x {dt.itemsize} bytes "
+            f"for {dt.name} {shape}"
+        )
+    # Binary tensor data is little-endian by the protocol.
+    return np.frombuffer(data, dtype=dt.numpy.newbyteorder("<"), count=count).reshape(shape)
+
+
+def _split_bytes(name: str, data: memoryview) -> list[bytes]:
+    items: list[bytes] = []
+    pos = 0
+    end = len(data)
+    while pos < end:
+        if pos + 4 > end:
+            raise BadRequest(f"input {name!r}: truncated BYTES element length")
+        (length,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        if pos + length > end:
+            raise BadRequest(f"input {name!r}: truncated BYTES element")
+        items.append(bytes(data[pos : pos + length]))
+        pos += length
+    return items
+
+
+def _bytes_payload(array: np.ndarray) -> bytes:
+    parts: list[bytes] = []
+    for value in array.ravel():
+        raw = value if isinstance(value, bytes) else str(value).encode()
+        parts.append(struct.pack("<I", len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def encode_oip(
+    model: str,
+    version: str,
+    decoded: Decoded,
+    outputs: dict[str, np.ndarray],
+    specs: list[TensorSpec],
+) -> Response:
+    by_name = {t.name: t for t in specs}
+    names = decoded.requested if decoded.requested is not None else list(by_name)
+    doc_outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name in names:
+        spec = by_name.get(name)
+        if spec is None:
+            raise BadRequest(f"unknown output {name!r} for model {model!r}")
+        array = outputs[name]
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": spec.datatype,
+            "shape": list(array.shape),
+        }
+        if name in decoded.binary or (decoded.requested is None and decoded.binary_default):
+            blob = (
+                _bytes_payload(array)
+                if spec.datatype == "BYTES"
+                else np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            )
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            data = _json_ready(array, spec.dtype)
+            entry["data"] = data.ravel() if isinstance(data, np.ndarray) else data
+        doc_outputs.append(entry)
+    doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": doc_outputs}
+    if decoded.id is not None:
+        doc["id"] = decoded.id
+    header = orjson.dumps(doc, option=_NUMPY_OPTS)
+    if not blobs:
+        return Response(200, header, JSON)
+    return Response(
+        200,
+        b"".join([header, *blobs]),
+        OCTET,
+        [(b"inference-header-content-length", b"%d" % len(header))],
+    )
+
+
+def validate_requested(decoded: Decoded, specs: list[TensorSpec], model: str) -> None:
+    """Reject unknown requested outputs before the request costs a forward pass."""
+    if decoded.requested is None:
+        return
+    known = {t.name for t in specs}
+    for name in decoded.requested:
+        if name not in known:
+            raise BadRequest(
+                f"unknown output {name!r} for model {model!r}; known: {', '.join(sorted(known))}"
+            )

@@ -1,0 +1,251 @@
+"""The per-model executor: the I/O shell around :class:`BatchScheduler`.
+
+One executor per model serialises all work on it (inference now, training next), so no two
+forward or optimizer steps ever race. Requests are queued as numpy arrays with an ``encode``
+callback; a batch concatenates them, runs preprocess -> network -> postprocess once, splits the
+outputs and encodes each request's response, resolving its future. Handlers return that future, so
+a request costs no asyncio task.
+
+Where compute runs is ``mode``: ``"loop"`` runs batches on the event loop thread, scheduled with
+``call_soon`` so that every request already readable on a socket joins the batch first; ``"thread"``
+runs them on one worker thread while the loop keeps accepting. For small models the loop is faster
+(no thread hop, no GIL ping-pong); BENCHMARKS.md has the numbers behind the default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from webtorch.errors import BadRequest, HTTPError, ServiceUnavailable
+from webtorch.http.messages import Response, error_response, response_for_error
+from webtorch.observe.metrics import ModelStats
+from webtorch.serve.batcher import BatchScheduler, Queued, QueueFull
+from webtorch.serve.datatypes import to_numpy, to_torch
+from webtorch.serve.model import LoadedModel, Tensors
+
+log = logging.getLogger("webtorch.serve")
+
+ComputeMode = Literal["loop", "thread"]
+Encoder = Callable[[dict[str, np.ndarray]], Response]
+
+
+@dataclass(slots=True)
+class Job:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    encode: Encoder
+    future: asyncio.Future[Response]
+
+
+class ModelFailed(HTTPError):
+    """The model raised on this request's input after validation passed."""
+
+    status = 422
+
+
+class Executor:
+    def __init__(
+        self,
+        model: LoadedModel,
+        stats: ModelStats,
+        *,
+        max_batch: int = 256,
+        max_delay: float = 0.0,
+        max_queue: int = 65536,
+        mode: ComputeMode = "loop",
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.model = model
+        self.stats = stats
+        self.scheduler: BatchScheduler[Job] = BatchScheduler(max_batch, max_delay, max_queue)
+        self.mode = mode
+        self.loop = loop or asyncio.get_event_loop()
+        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._pool = ThreadPoolExecutor(1, f"webtorch-{model.name}") if mode == "thread" else None
+        self._running: asyncio.Future[Any] | None = None
+        self._closed = False
+        self._specs = [(t.name, t.dtype) for t in model.inputs]
+        self._outputs = [(t.name, t.dtype) for t in model.outputs]
+
+    @property
+    def max_batch(self) -> int:
+        return self.scheduler.max_batch
+
+    def submit(self, inputs: dict[str, np.ndarray], rows: int, encode: Encoder) -> asyncio.Future[Response]:
+        if self._closed:
+            raise ServiceUnavailable(f"model {self.model.name!r} is shutting down")
+        if rows > self.scheduler.max_batch:
+            raise BadRequest(
+                f"batch of {rows} rows exceeds model {self.model.name!r}'s max_batch "
+                f"{self.scheduler.max_batch}"
+            )
+        future: asyncio.Future[Response] = self.loop.create_future()
+        try:
+            self.scheduler.add(Job(inputs, rows, encode, future), rows, self.loop.time())
+        except QueueFull:
+            raise ServiceUnavailable(f"model {self.model.name!r} queue is full") from None
+        if not self._scheduled and not self.scheduler.busy:
+            self._scheduled = True
+            self.loop.call_soon(self._run)
+        return future
+
+    def _run(self) -> None:
+        self._scheduled = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        now = self.loop.time()
+        batch = self.scheduler.poll(now)
+        if batch is None:
+            wake = self.scheduler.wake_at()
+            if wake is not None:
+                self._timer = self.loop.call_at(wake, self._run)
+            return
+        queue_hist = self.stats.stages["queue"]
+        for entry in batch:
+            queue_hist.observe(now - entry.arrived)
+        jobs = [entry.item for entry in batch]
+        if self._pool is None:
+            self._complete(jobs, self._compute(jobs))
+        else:
+            running = self.loop.run_in_executor(self._pool, self._compute, jobs)
+            self._running = running
+            running.add_done_callback(lambda f, j=jobs: self._complete_thread(j, f))
+
+    def _complete_thread(self, jobs: list[Job], fut: asyncio.Future[list[Response]]) -> None:
+        self._running = None
+        exc = fut.exception()
+        responses = fut.result() if exc is None else [_internal(exc)] * len(jobs)
+        self._complete(jobs, responses)
+
+    def _complete(self, jobs: list[Job], responses: list[Response]) -> None:
+        for job, response in zip(jobs, responses, strict=True):
+            if not job.future.done():
+                job.future.set_result(response)
+        self.scheduler.finish()
+        if len(self.scheduler) and not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._run)
+
+    # -- compute (loop thread or worker thread) ---------------------------------------------------
+
+    def _compute(self, jobs: list[Job]) -> list[Response]:
+        """Run the jobs as few forward passes as their shapes allow; one response per job."""
+        responses: list[Response | None] = [None] * len(jobs)
+        for group in self._groups(jobs):
+            self._run_group(jobs, group, responses)
+        return [r if r is not None else _internal(RuntimeError("no response")) for r in responses]
+
+    def _groups(self, jobs: list[Job]) -> list[list[int]]:
+        if len(jobs) == 1:
+            return [[0]]
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, job in enumerate(jobs):
+            key = tuple(job.inputs[name].shape[1:] for name, _ in self._specs)
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
+
+    def _run_group(
+        self, jobs: list[Job], group: list[int], responses: list[Response | None]
+    ) -> None:
+        members = [jobs[i] for i in group]
+        try:
+            outputs = self._forward(members)
+        except Exception as exc:
+            if len(members) > 1:
+                # One request's input broke the model: isolate it instead of failing the batch.
+                for i in group:
+                    self._run_group(jobs, [i], responses)
+                return
+            self.stats.errors += 1
+            log.warning("model %s failed: %r", self.model.name, exc)
+            responses[group[0]] = response_for_error(
+                ModelFailed(f"model {self.model.name!r} could not process this input: {exc}")
+            )
+            return
+        encode_hist = self.stats.stages["encode"]
+        start = 0
+        for i, job in zip(group, members, strict=True):
+            end = start + job.rows
+            t0 = time.perf_counter()
+            try:
+                responses[i] = job.encode({name: out[start:end] for name, out in outputs.items()})
+            except HTTPError as exc:
+                responses[i] = response_for_error(exc)
+            except Exception as exc:
+                responses[i] = _internal(exc)
+            encode_hist.observe(time.perf_counter() - t0)
+            start = end
+
+    def _forward(self, jobs: list[Job]) -> dict[str, np.ndarray]:
+        model = self.model
+        spec = model.spec
+        device = model.device
+        stats = self.stats
+        rows = sum(job.rows for job in jobs)
+        inputs: Tensors = {}
+        for name, dt in self._specs:
+            parts = [job.inputs[name] for job in jobs]
+            array = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            if dt.torch is None:  # BYTES: preprocess turns them into tensors
+                inputs[name] = array
+            else:
+                inputs[name] = to_torch(array, dt).to(device, non_blocking=True)
+        stages = stats.stages
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            if spec.preprocess is not None:
+                inputs = spec.preprocess(inputs)
+            t1 = time.perf_counter()
+            raw = model.network(*(inputs[name] for name, _ in self._specs))
+            t2 = time.perf_counter()
+            named = model._name_outputs(raw)
+            if spec.postprocess is not None:
+                named = spec.postprocess(named)
+            outputs: dict[str, np.ndarray] = {}
+            for name, dt in self._outputs:
+                value = named.get(name)
+                if value is None:
+                    raise RuntimeError(f"the model produced no output {name!r}")
+                array = to_numpy(value, dt) if isinstance(value, torch.Tensor) else np.asarray(value)
+                if array.ndim == 0 or array.shape[0] != rows:
+                    raise RuntimeError(
+                        f"output {name!r} has shape {list(array.shape)}, expected {rows} rows"
+                    )
+                outputs[name] = array
+            t3 = time.perf_counter()
+        stages["preprocess"].observe(t1 - t0)
+        stages["network"].observe(t2 - t1)
+        stages["postprocess"].observe(t3 - t2)
+        stats.batch_rows.observe(rows)
+        stats.batches += 1
+        return outputs
+
+    async def close(self) -> None:
+        """Refuse new work, let queued and running batches finish, stop the worker thread."""
+        self._closed = True
+        pending: list[asyncio.Future[Any]] = [q.item.future for q in self.scheduler.queued()]
+        if self._running is not None:
+            pending.append(self._running)
+        if pending:
+            await asyncio.wait(pending)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _internal(exc: BaseException) -> Response:
+    log.error("executor failure", exc_info=exc)
+    return error_response(500, "internal server error")
+
+
+__all__ = ["ComputeMode", "Executor", "Job", "ModelFailed", "Queued"]
