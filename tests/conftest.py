@@ -1,0 +1,133 @@
+"""Shared fixtures: real servers on port 0, in-process (a thread with its own uvloop loop) or as a
+subprocess (for signals and crashes). Both wait on readiness, never on sleep."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from webtorch import config as wt_config
+from webtorch.app import App
+
+ROOT = Path(__file__).resolve().parent.parent
+XOR = ROOT / "src" / "webtorch" / "examples" / "xor.py"
+
+
+def xor_config(**server: Any) -> wt_config.Config:
+    """The XOR example as a Config; keyword arguments go to [server.limits]."""
+    data: dict[str, Any] = {"models": {"xor": {"path": str(XOR)}}}
+    if server:
+        data["server"] = {"limits": server}
+    return wt_config.from_dict(data)
+
+
+@dataclass
+class Running:
+    app: App
+    host: str
+    port: int
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@contextmanager
+def serve_in_thread(cfg: wt_config.Config) -> Iterator[Running]:
+    """Run an App on 127.0.0.1:<free port> in a background thread until the block exits."""
+    app = App(cfg)
+    loop = uvloop.new_event_loop()
+    ready = threading.Event()
+    stop: asyncio.Event | None = None
+    failure: list[BaseException] = []
+
+    async def main() -> None:
+        nonlocal stop
+        stop = asyncio.Event()
+        try:
+            await app.start(host="127.0.0.1", port=0)
+        except BaseException as exc:
+            failure.append(exc)
+            ready.set()
+            return
+        ready.set()
+        await stop.wait()
+        await app.stop()
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
+    thread.start()
+    ready.wait(30)
+    if failure:
+        raise failure[0]
+    assert app.server is not None
+    host, port = app.server.addresses[0]
+    try:
+        yield Running(app, host, port, loop)
+    finally:
+        assert stop is not None
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+        loop.close()
+
+
+@pytest.fixture
+def xor_server() -> Iterator[Running]:
+    with serve_in_thread(xor_config()) as running:
+        yield running
+
+
+_LISTEN = re.compile(rb"listening on (https?)://([\d.]+):(\d+)")
+
+
+@dataclass
+class Process:
+    proc: subprocess.Popen[bytes]
+    url: str
+    port: int
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+@contextmanager
+def serve_process(config_path: Path | None = None, *extra: str) -> Iterator[Process]:
+    """``webtorch serve`` as a subprocess on a free port; ready once it prints its address."""
+    cmd = [sys.executable, "-m", "webtorch.cli", "serve", "--listen", "127.0.0.1:0", *extra]
+    if config_path is not None:
+        cmd.insert(4, str(config_path))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    assert proc.stdout is not None
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            match = _LISTEN.search(line)
+            if match:
+                scheme, host, port = match.groups()
+                url = f"{scheme.decode()}://{host.decode()}:{int(port)}"
+                yield Process(proc, url, int(port))
+                break
+        else:
+            raise RuntimeError(f"server exited before listening: {b''.join(lines).decode()}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
