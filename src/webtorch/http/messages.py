@@ -53,9 +53,43 @@ class Response:
     headers: Headers = field(default_factory=list)
 
 
-# A handler answers at once (a Response) or later (an awaitable: a Future resolved by a batch, or a
-# coroutine). Returning a plain Response keeps the hot path free of task creation.
-HandlerResult = Response | Awaitable[Response]
+class Pending:
+    """A response promised for later and resolved by whoever owns the work (a model batch).
+
+    Cheaper than an ``asyncio.Future`` on the hot path: resolving it calls the subscriber at once
+    instead of scheduling callbacks for the next loop iteration, and it needs no loop. It is not
+    thread-safe: resolve it on the event loop thread.
+    """
+
+    __slots__ = ("_arg", "_callback", "response")
+
+    def __init__(self) -> None:
+        self.response: Response | None = None
+        self._callback: Callable[[Any, Response], None] | None = None
+        self._arg: Any = None
+
+    def resolve(self, response: Response) -> None:
+        if self.response is not None:
+            return
+        self.response = response
+        callback = self._callback
+        if callback is not None:
+            arg = self._arg
+            self._callback = self._arg = None
+            callback(arg, response)
+
+    def subscribe(self, callback: Callable[[Any, Response], None], arg: Any) -> None:
+        """Call ``callback(arg, response)`` when resolved (at once if it already is)."""
+        if self.response is not None:
+            callback(arg, self.response)
+        else:
+            self._callback = callback
+            self._arg = arg
+
+
+# A handler answers at once (a Response), later through a Pending (model batches: no task, no
+# future), or through any other awaitable (coroutines, for handlers that do I/O).
+HandlerResult = Response | Pending | Awaitable[Response]
 Handler = Callable[[Request], HandlerResult]
 
 

@@ -36,7 +36,14 @@ from webtorch.errors import (
     URITooLong,
 )
 from webtorch.http.limits import Limits
-from webtorch.http.messages import Handler, Request, Response, error_response, response_for_error
+from webtorch.http.messages import (
+    Handler,
+    Pending,
+    Request,
+    Response,
+    error_response,
+    response_for_error,
+)
 
 log = logging.getLogger("webtorch.http")
 
@@ -364,10 +371,9 @@ class HttpProtocol(asyncio.Protocol):
             log.exception("handler failed for %s %s", request.method, request.path)
             result = error_response(500, "internal server error")
         if isinstance(result, Response):
-            slot.response = result
-            self._observe(slot, result)
-            if self.slots[0] is slot:
-                self._flush()
+            self._deliver(slot, result)
+        elif isinstance(result, Pending):
+            result.subscribe(self._deliver, slot)
         else:
             fut = asyncio.ensure_future(result, loop=self.loop)
             self.tasks.add(fut)
@@ -391,15 +397,18 @@ class HttpProtocol(asyncio.Protocol):
         else:
             log.error("handler failed", exc_info=exc)
             response = error_response(500, "internal server error")
-        slot.response = response
-        self._observe(slot, response)
-        if self.slots and self.slots[0] is slot:
-            self._flush()
+        self._deliver(slot, response)
 
-    def _observe(self, slot: _Slot, response: Response) -> None:
+    def _deliver(self, slot: _Slot, response: Response) -> None:
+        """A handler's response is ready: record it, write it if its turn has come."""
+        if self.transport is None:
+            return  # the client went away; nothing to write to
+        slot.response = response
         observer = self.state.observer
         if observer is not None and slot.request is not None:
             observer(slot.request, response.status, self.loop.time() - slot.started)
+        if self.slots and self.slots[0] is slot:
+            self._flush()
 
     def _flush(self) -> None:
         """Write every ready response at the head of the pipeline, in order."""

@@ -80,25 +80,29 @@ def _json_array(name: str, data: Any, dt: Datatype) -> np.ndarray:
 
 
 def _bytes_array(name: str, data: Any) -> np.ndarray:
-    flat = _flatten(data)
+    flat, shape = _flatten(name, data)
     out = np.empty(len(flat), dtype=object)
     for i, item in enumerate(flat):
         if not isinstance(item, str):
             raise BadRequest(f"input {name!r}: BYTES data must be strings")
         out[i] = item.encode()
-    return out
+    return out.reshape(shape)
 
 
-def _flatten(data: Any) -> list[Any]:
-    if not isinstance(data, list):
-        return [data]
-    out: list[Any] = []
-    for item in data:
-        if isinstance(item, list):
-            out.extend(_flatten(item))
-        else:
-            out.append(item)
-    return out
+def _flatten(name: str, data: Any) -> tuple[list[Any], tuple[int, ...]]:
+    """Nested lists as flat leaves and their shape, level by level: no recursion (orjson admits
+    1024 levels, more than Python's stack), and the nesting's shape survives for the short form."""
+    level = [data]
+    shape: list[int] = []
+    while level and isinstance(level[0], list):
+        width = len(level[0])
+        if any(not isinstance(item, list) or len(item) != width for item in level):
+            raise BadRequest(f"input {name!r}: data is ragged")
+        shape.append(width)
+        level = [leaf for item in level for leaf in item]
+    if any(isinstance(item, list) for item in level):
+        raise BadRequest(f"input {name!r}: data is ragged")
+    return level, tuple(shape)
 
 
 def _check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
@@ -226,7 +230,9 @@ def decode_oip(
             raise BadRequest(f"input {name!r} given twice")
         datatype = entry.get("datatype")
         if datatype != spec.datatype:
-            known = datatype if datatype in DATATYPES else repr(datatype)
+            known = (
+                datatype if isinstance(datatype, str) and datatype in DATATYPES else repr(datatype)
+            )
             raise BadRequest(
                 f"input {name!r}: datatype {known} does not match the model's {spec.datatype}"
             )

@@ -3,7 +3,7 @@
 One executor per model serialises all work on it (inference now, training next), so no two
 forward or optimizer steps ever race. Requests are queued as numpy arrays with an ``encode``
 callback; a batch concatenates them, runs preprocess -> network -> postprocess once, splits the
-outputs and encodes each request's response, resolving its future. Handlers return that future, so
+outputs and encodes each request's response, resolving its Pending. Handlers return that Pending, so
 a request costs no asyncio task.
 
 Where compute runs is ``mode``: ``"loop"`` runs batches on the event loop thread, scheduled with
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from webtorch.errors import BadRequest, HTTPError, ServiceUnavailable
-from webtorch.http.messages import Response, error_response, response_for_error
+from webtorch.http.messages import Pending, Response, error_response, response_for_error
 from webtorch.observe.metrics import ModelStats
 from webtorch.serve.batcher import BatchScheduler, Queued, QueueFull
 from webtorch.serve.datatypes import to_numpy, to_torch
@@ -43,7 +43,7 @@ class Job:
     inputs: dict[str, np.ndarray]
     rows: int
     encode: Encoder
-    future: asyncio.Future[Response]
+    pending: Pending
 
 
 class ModelFailed(HTTPError):
@@ -74,6 +74,7 @@ class Executor:
         self._pool = ThreadPoolExecutor(1, f"webtorch-{model.name}") if mode == "thread" else None
         self._running: asyncio.Future[Any] | None = None
         self._closed = False
+        self._idle: asyncio.Event | None = None  # set when idle, once close() waits for it
         self._specs = [(t.name, t.dtype) for t in model.inputs]
         self._outputs = [(t.name, t.dtype) for t in model.outputs]
 
@@ -81,7 +82,7 @@ class Executor:
     def max_batch(self) -> int:
         return self.scheduler.max_batch
 
-    def submit(self, inputs: dict[str, np.ndarray], rows: int, encode: Encoder) -> asyncio.Future[Response]:
+    def submit(self, inputs: dict[str, np.ndarray], rows: int, encode: Encoder) -> Pending:
         if self._closed:
             raise ServiceUnavailable(f"model {self.model.name!r} is shutting down")
         if rows > self.scheduler.max_batch:
@@ -89,15 +90,15 @@ class Executor:
                 f"batch of {rows} rows exceeds model {self.model.name!r}'s max_batch "
                 f"{self.scheduler.max_batch}"
             )
-        future: asyncio.Future[Response] = self.loop.create_future()
+        pending = Pending()
         try:
-            self.scheduler.add(Job(inputs, rows, encode, future), rows, self.loop.time())
+            self.scheduler.add(Job(inputs, rows, encode, pending), rows, self.loop.time())
         except QueueFull:
             raise ServiceUnavailable(f"model {self.model.name!r} queue is full") from None
         if not self._scheduled and not self.scheduler.busy:
             self._scheduled = True
             self.loop.call_soon(self._run)
-        return future
+        return pending
 
     def _run(self) -> None:
         self._scheduled = False
@@ -130,12 +131,14 @@ class Executor:
 
     def _complete(self, jobs: list[Job], responses: list[Response]) -> None:
         for job, response in zip(jobs, responses, strict=True):
-            if not job.future.done():
-                job.future.set_result(response)
+            job.pending.resolve(response)
         self.scheduler.finish()
-        if len(self.scheduler) and not self._scheduled:
-            self._scheduled = True
-            self.loop.call_soon(self._run)
+        if len(self.scheduler):
+            if not self._scheduled:
+                self._scheduled = True
+                self.loop.call_soon(self._run)
+        elif self._idle is not None:
+            self._idle.set()
 
     # -- compute (loop thread or worker thread) ---------------------------------------------------
 
@@ -232,13 +235,11 @@ class Executor:
         return outputs
 
     async def close(self) -> None:
-        """Refuse new work, let queued and running batches finish, stop the worker thread."""
+        """Refuse new work and wait for queued and running batches to finish."""
         self._closed = True
-        pending: list[asyncio.Future[Any]] = [q.item.future for q in self.scheduler.queued()]
-        if self._running is not None:
-            pending.append(self._running)
-        if pending:
-            await asyncio.wait(pending)
+        if self.scheduler.busy or len(self.scheduler):
+            self._idle = asyncio.Event()
+            await self._idle.wait()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 

@@ -1,0 +1,104 @@
+"""CPU cost per request of WebTorch's hot path, without sockets: N connections wired to fake
+transports each send one request per round; the loop runs the batch; repeat. Reports CPU
+microseconds per request (process time, so other load on the machine barely moves it).
+
+    .venv/bin/python benchmarks/hotpath.py [--path /models/xor/predict] [--conns 64] [--rounds 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from webtorch import config
+from webtorch.app import App
+from webtorch.http.protocol import HttpProtocol
+
+XOR = Path(__file__).resolve().parent.parent / "src" / "webtorch" / "examples" / "xor.py"
+BODIES = {
+    "/models/xor/predict": b'{"inputs": [[0, 1]]}',
+    "/v2/models/xor/infer": b'{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[0,1]}]}',
+    "/fixed": b"{}",
+}
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self.written += 1
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 5555) if name == "peername" else default
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+    def can_write_eof(self) -> bool:
+        return False
+
+
+async def run(path: str, conns: int, rounds: int) -> None:
+    cfg = config.from_dict(
+        {
+            "models": {"xor": {"path": str(XOR)}},
+            "routes": [{"path": "/fixed", "return": 200, "body": "{}"}],
+        }
+    )
+    app = App(cfg)
+    loop = asyncio.get_running_loop()
+    handler = app.build_handler(loop)
+    from webtorch.http.protocol import ServerState
+
+    state = ServerState(handler, observer=app.metrics.observe_request)
+    body = BODIES[path]
+    raw = (
+        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
+    )
+    protos = []
+    transports = []
+    for _ in range(conns):
+        proto = HttpProtocol(state, loop)
+        tr = FakeTransport()
+        proto.connection_made(tr)  # type: ignore[arg-type]
+        protos.append(proto)
+        transports.append(tr)
+
+    async def round_() -> None:
+        for proto in protos:
+            proto.data_received(raw)
+        for _ in range(3):  # let call_soon batches run
+            await asyncio.sleep(0)
+
+    for _ in range(50):
+        await round_()
+    t0 = time.process_time()
+    w0 = time.perf_counter()
+    for _ in range(rounds):
+        await round_()
+    cpu = time.process_time() - t0
+    wall = time.perf_counter() - w0
+    n = conns * rounds
+    answered = sum(t.written for t in transports) - conns * 50
+    assert answered == n, (answered, n)
+    print(f"{path}: {1e6 * cpu / n:.2f} us CPU/request, {n / wall:,.0f} req/s (no sockets)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--path", default="/models/xor/predict", choices=sorted(BODIES))
+    parser.add_argument("--conns", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2000)
+    args = parser.parse_args()
+    uvloop.run(run(args.path, args.conns, args.rounds))
+
+
+if __name__ == "__main__":
+    main()
