@@ -22,7 +22,9 @@ from webtorch.http.protocol import HttpProtocol
 XOR = Path(__file__).resolve().parent.parent / "src" / "webtorch" / "examples" / "xor.py"
 BODIES = {
     "/models/xor/predict": b'{"inputs": [[0, 1]]}',
-    "/v2/models/xor/infer": b'{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[0,1]}]}',
+    "/v2/models/xor/infer": (
+        b'{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[0,1]}]}'
+    ),
     "/fixed": b"{}",
 }
 

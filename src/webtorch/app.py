@@ -47,6 +47,7 @@ class App:
 
     def build_handler(self, loop: asyncio.AbstractEventLoop) -> Handler:
         endpoints: dict[str, ModelEndpoint] = {}
+        handler: Handler
         for name, model in self.models.items():
             mc = self.config.models[name]
             stats = self.metrics.model(name)
@@ -70,11 +71,18 @@ class App:
                 Route("/metrics", self.metrics.handle, "/metrics"),
             ]
         )
+        for name, endpoint in endpoints.items():
+            # Exact routes for the hot endpoints: one dict lookup, and a fixed metrics label.
+            for path, handler in (
+                (f"/models/{name}/predict", endpoint.predict),
+                (f"/v2/models/{name}/infer", endpoint.infer),
+            ):
+                router.add(Route(path, handler, path))
         for rc in self.config.routes:
             where = rc.path if rc.path is not None else rc.prefix
             assert where is not None
             if rc.model is not None:
-                handler: Handler = endpoints[rc.model].predict
+                handler = endpoints[rc.model].predict
             else:
                 assert rc.return_ is not None
                 handler = _fixed(Response(rc.return_, rc.body.encode(), rc.content_type.encode()))

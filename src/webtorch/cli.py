@@ -34,8 +34,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         scheme = "https" if cfg.server.tls else "http"
         for host, port in server.addresses:
             models = ", ".join(app.models) or "no models"
-            print(f"webtorch {__version__} listening on {scheme}://{host}:{port} ({models})",
-                  flush=True)
+            print(
+                f"webtorch {__version__} listening on {scheme}://{host}:{port} ({models})",
+                flush=True,
+            )
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(app.run(ready))
@@ -49,7 +51,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     for name, mc in cfg.models.items():
         model = load_model(
-            name, cfg.resolve(mc.path), mc.device,
+            name,
+            cfg.resolve(mc.path),
+            mc.device,
             cfg.resolve(mc.weights) if mc.weights is not None else None,
         )
         ins = ", ".join(f"{t.name} {t.datatype}{list(t.shape)}" for t in model.inputs)

@@ -120,7 +120,9 @@ def _format(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def from_dict(data: dict[str, object], source: str = "<config>", base_dir: Path = Path(".")) -> Config:
+def from_dict(
+    data: dict[str, object], source: str = "<config>", base_dir: Path = Path(".")
+) -> Config:
     try:
         return Config.model_validate({**data, "base_dir": base_dir})
     except ValidationError as exc:

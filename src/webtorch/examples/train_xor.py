@@ -21,7 +21,7 @@ def main() -> None:
     for _ in range(3000):
         opt.zero_grad()
         loss = spec.loss({"y": net(x)}, {"y": y})
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
     print(f"final loss {loss.item():.5f}; predictions {net(x).detach().flatten().tolist()}")
     save_file(net.state_dict(), str(here / "xor.safetensors"))

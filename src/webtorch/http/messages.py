@@ -29,6 +29,8 @@ class Request:
     client: str = ""
     # Set by the router: the metrics label of the route that handled the request.
     route: str = ""
+    # The Content-Type header as received; the protocol notes it while parsing headers.
+    raw_content_type: bytes | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """First value of header ``name`` (lower-case), or None."""
@@ -39,10 +41,19 @@ class Request:
 
     @property
     def content_type(self) -> bytes:
-        value = self.header(b"content-type")
-        if value is None:
+        """The media type, lower-cased, without parameters (b"" when absent)."""
+        raw = self.raw_content_type
+        if raw is None:
             return b""
-        return value.split(b";", 1)[0].strip().lower()
+        media = _MEDIA_TYPES.get(raw)
+        if media is None:
+            media = raw.split(b";", 1)[0].strip().lower()
+            if len(_MEDIA_TYPES) < 256:  # clients send few distinct values; bound the cache
+                _MEDIA_TYPES[raw] = media
+        return media
+
+
+_MEDIA_TYPES: dict[bytes, bytes] = {}
 
 
 @dataclass(slots=True, eq=False)

@@ -11,13 +11,14 @@ Per connection:
   many pipelined requests await answers, and resumes when both clear;
 - limits are checked while parsing and answered with the right 4xx, after which the connection
   closes, because the parser cannot resynchronise on a broken stream;
-- deadlines (header, body, keep-alive) are plain floats swept by :class:`ServerState`'s once-a-second
-  tick, so the hot path never arms or cancels timers.
+- deadlines (header, body, keep-alive) are plain floats swept by :class:`ServerState`'s
+  once-a-second tick, so the hot path never arms or cancels timers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -164,6 +165,13 @@ class _Reject(Exception):
 
 
 _IDLE, _HEADERS, _BODY, _WAIT = range(4)
+_CONTENT_TYPE, _CONTENT_LENGTH, _TRANSFER_ENCODING, _EXPECT = range(4)
+_SPECIAL_HEADERS = {
+    b"content-type": _CONTENT_TYPE,
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"expect": _EXPECT,
+}
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -192,6 +200,7 @@ class HttpProtocol(asyncio.Protocol):
         self._content_length: bytes | None = None
         self._chunked = False
         self._expect_continue = False
+        self._content_type: bytes | None = None
         self._slot: _Slot | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -266,6 +275,7 @@ class HttpProtocol(asyncio.Protocol):
         self._content_length = None
         self._chunked = False
         self._expect_continue = False
+        self._content_type = None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -281,22 +291,26 @@ class HttpProtocol(asyncio.Protocol):
             raise _Reject(
                 HeaderFieldsTooLarge(f"more than {self.limits.max_headers} request headers")
             )
-        if name == b"content-length":
+        special = _SPECIAL_HEADERS.get(name)
+        if special is None:
+            pass
+        elif special == _CONTENT_TYPE:
+            self._content_type = value
+        elif special == _CONTENT_LENGTH:
             # Request smuggling: two different lengths, or a length beside chunked encoding.
             if self._content_length is not None and self._content_length != value.strip():
                 raise _Reject(BadRequest("conflicting Content-Length headers"))
             self._content_length = value.strip()
             if self._chunked:
                 raise _Reject(BadRequest("both Content-Length and Transfer-Encoding"))
-        elif name == b"transfer-encoding":
+        elif special == _TRANSFER_ENCODING:
             if self._content_length is not None:
                 raise _Reject(BadRequest("both Content-Length and Transfer-Encoding"))
             self._chunked = True
-        elif name == b"expect":
-            if value.strip().lower() == b"100-continue":
-                self._expect_continue = True
-            else:
-                raise _Reject(_ExpectationFailed())
+        elif value.strip().lower() == b"100-continue":  # Expect
+            self._expect_continue = True
+        else:
+            raise _Reject(_ExpectationFailed())
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -358,6 +372,8 @@ class HttpProtocol(asyncio.Protocol):
             parser.get_http_version(),
             slot.keep_alive,
             self.client,
+            "",
+            self._content_type,
         )
         slot.request = request
         self.phase = _WAIT
@@ -377,7 +393,7 @@ class HttpProtocol(asyncio.Protocol):
         else:
             fut = asyncio.ensure_future(result, loop=self.loop)
             self.tasks.add(fut)
-            fut.add_done_callback(lambda f, s=slot: self._on_result(s, f))
+            fut.add_done_callback(functools.partial(self._on_result, slot))
         if not slot.keep_alive:
             # The client asked to close: read nothing more, answer what is pending.
             self.closing = True
@@ -559,4 +575,3 @@ class _ExpectationFailed(HTTPError):
 def _describe(exc: Exception) -> str:
     text = str(exc).strip()
     return text or type(exc).__name__
-

@@ -71,7 +71,7 @@ class Metrics:
         self.latency: dict[str, Histogram] = {}
         self.models: dict[str, ModelStats] = {}
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self))  # type: ignore[arg-type]
+        self.registry.register(_Collector(self))
 
     def model(self, name: str) -> ModelStats:
         stats = self.models.get(name)

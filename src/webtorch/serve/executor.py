@@ -15,6 +15,7 @@ runs them on one worker thread while the loop keeps accepting. For small models 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -72,10 +73,11 @@ class Executor:
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._pool = ThreadPoolExecutor(1, f"webtorch-{model.name}") if mode == "thread" else None
-        self._running: asyncio.Future[Any] | None = None
         self._closed = False
         self._idle: asyncio.Event | None = None  # set when idle, once close() waits for it
         self._specs = [(t.name, t.dtype) for t in model.inputs]
+        # Validated inputs of a model without variable inner dimensions always concatenate.
+        self._uniform = all(d != -1 for t in model.inputs for d in t.shape[1:])
         self._outputs = [(t.name, t.dtype) for t in model.outputs]
 
     @property
@@ -120,11 +122,9 @@ class Executor:
             self._complete(jobs, self._compute(jobs))
         else:
             running = self.loop.run_in_executor(self._pool, self._compute, jobs)
-            self._running = running
-            running.add_done_callback(lambda f, j=jobs: self._complete_thread(j, f))
+            running.add_done_callback(functools.partial(self._complete_thread, jobs))
 
     def _complete_thread(self, jobs: list[Job], fut: asyncio.Future[list[Response]]) -> None:
-        self._running = None
         exc = fut.exception()
         responses = fut.result() if exc is None else [_internal(exc)] * len(jobs)
         self._complete(jobs, responses)
@@ -150,8 +150,8 @@ class Executor:
         return [r if r is not None else _internal(RuntimeError("no response")) for r in responses]
 
     def _groups(self, jobs: list[Job]) -> list[list[int]]:
-        if len(jobs) == 1:
-            return [[0]]
+        if len(jobs) == 1 or self._uniform:
+            return [list(range(len(jobs)))]
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, job in enumerate(jobs):
             key = tuple(job.inputs[name].shape[1:] for name, _ in self._specs)
@@ -176,18 +176,26 @@ class Executor:
                 ModelFailed(f"model {self.model.name!r} could not process this input: {exc}")
             )
             return
-        encode_hist = self.stats.stages["encode"]
+        observe = self.stats.stages["encode"].observe
+        items = list(outputs.items())
+        single = items[0] if len(items) == 1 else None
         start = 0
+        clock = time.perf_counter()
         for i, job in zip(group, members, strict=True):
             end = start + job.rows
-            t0 = time.perf_counter()
             try:
-                responses[i] = job.encode({name: out[start:end] for name, out in outputs.items()})
+                if single is not None:
+                    sliced = {single[0]: single[1][start:end]}
+                else:
+                    sliced = {name: out[start:end] for name, out in items}
+                responses[i] = job.encode(sliced)
             except HTTPError as exc:
                 responses[i] = response_for_error(exc)
             except Exception as exc:
                 responses[i] = _internal(exc)
-            encode_hist.observe(time.perf_counter() - t0)
+            now = time.perf_counter()
+            observe(now - clock)
+            clock = now
             start = end
 
     def _forward(self, jobs: list[Job]) -> dict[str, np.ndarray]:
@@ -220,7 +228,10 @@ class Executor:
                 value = named.get(name)
                 if value is None:
                     raise RuntimeError(f"the model produced no output {name!r}")
-                array = to_numpy(value, dt) if isinstance(value, torch.Tensor) else np.asarray(value)
+                if isinstance(value, torch.Tensor):
+                    array = to_numpy(value, dt)
+                else:
+                    array = np.asarray(value)
                 if array.ndim == 0 or array.shape[0] != rows:
                     raise RuntimeError(
                         f"output {name!r} has shape {list(array.shape)}, expected {rows} rows"

@@ -46,16 +46,15 @@ class ModelEndpoint:
         self._inputs = {t.name: t for t in model.inputs}
         self._outputs = model.outputs
         self._decode_hist = stats.stages["decode"]
+        self._short = codecs.ShortForm(model.inputs, model.outputs, model.name)
 
     def predict(self, request: Request) -> HandlerResult:
-        _require(request, "POST")
+        if request.method != "POST":
+            _require(request, "POST")
         t0 = time.perf_counter()
-        decoded = codecs.decode_short(request.body, request.content_type, self._inputs, self.name)
+        inputs, rows = self._short.decode(request.body, request.content_type)
         self._decode_hist.observe(time.perf_counter() - t0)
-        return self.executor.submit(decoded.inputs, decoded.rows, self._encode_short)
-
-    def _encode_short(self, outputs: dict[str, np.ndarray]) -> Response:
-        return codecs.encode_short(outputs, self._outputs)
+        return self.executor.submit(inputs, rows, self._short.encode)
 
     def infer(self, request: Request) -> HandlerResult:
         _require(request, "POST")
