@@ -195,6 +195,7 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
+        self._head_raw = 0
         self._body: list[bytes] = []
         self._body_size = 0
         self._content_length: bytes | None = None
@@ -227,11 +228,15 @@ class HttpProtocol(asyncio.Protocol):
         self.state.connection_lost(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.closing:
+        if self.closing and self.phase not in (_HEADERS, _BODY):
+            # Closing: no new request is read, but one already being received (when a graceful
+            # drain began) is read to its end and answered.
             return
         if self.phase == _HEADERS:
             # Bytes of an unfinished header block: bound them before httptools buffers them all.
-            self._header_bytes += len(data)
+            # A separate count from on_header's: these reads may also carry the request line and,
+            # in the read that ends the block, body bytes, which must not count as header bytes.
+            self._head_raw += len(data)
         try:
             self.parser.feed_data(data)
         except _Ignore:
@@ -247,9 +252,16 @@ class HttpProtocol(asyncio.Protocol):
                 if not self.slots and self.transport is not None:
                     self.transport.close()
         except httptools.HttpParserError as exc:
-            self._fail(BadRequest(f"malformed HTTP request: {_describe(exc)}"))
+            # httptools wraps what a callback raises in HttpParserCallbackError, the original
+            # being its __context__: that is how _Reject and _Ignore arrive here.
+            cause = exc.__context__
+            if isinstance(cause, _Reject):
+                self._fail(cause.error)
+            elif not isinstance(cause, _Ignore):
+                self._fail(BadRequest(f"malformed HTTP request: {_describe(exc)}"))
         else:
-            if self.phase == _HEADERS and self._header_bytes > self.limits.max_header_bytes:
+            limit = self.limits.max_header_bytes + self.limits.max_url + 1024
+            if self.phase == _HEADERS and self._head_raw > limit:
                 self._fail(HeaderFieldsTooLarge("request header block is too large"))
 
     def pause_writing(self) -> None:
@@ -270,6 +282,7 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._header_bytes = 0
+        self._head_raw = 0
         self._body = []
         self._body_size = 0
         self._content_length = None
@@ -440,7 +453,11 @@ class HttpProtocol(asyncio.Protocol):
             slots.popleft()
             if transport is None:
                 return
-            keep_alive = slot.keep_alive and not self.state.draining
+            # Draining: requests already taken have run (perhaps a training step), so all of them
+            # are answered; the last one, with no request left being received, says close.
+            receiving = self.phase in (_HEADERS, _BODY)
+            last = not slots and not receiving
+            keep_alive = slot.keep_alive and not (self.state.draining and last)
             self._write(transport, response, slot, keep_alive)
             if not keep_alive:
                 self.closing = True
@@ -449,7 +466,7 @@ class HttpProtocol(asyncio.Protocol):
                 return
         if not slots:
             if self.closing:
-                if transport is not None and self._slot is None:
+                if transport is not None and self.phase not in (_HEADERS, _BODY):
                     self._linger(transport)
             elif self.phase == _WAIT:
                 self.phase = _IDLE

@@ -75,7 +75,15 @@ def _json_array(name: str, data: Any, dt: Datatype) -> np.ndarray:
     if kind not in "biuf" or (kind == "b" and dt.name != "BOOL"):
         raise BadRequest(f"input {name!r}: data must be {dt.name} numbers")
     if raw.dtype != dt.numpy:
-        raw = raw.astype(dt.numpy)
+        if dt.numpy.kind in "iu":
+            # Not astype: numpy infers float64 for [0, 2**64 - 1] (precision lost) and astype
+            # wraps out-of-range values; converting the JSON values directly checks the range.
+            try:
+                raw = np.array(data, dtype=dt.numpy)
+            except (OverflowError, ValueError, TypeError):
+                raise BadRequest(f"input {name!r}: values out of range for {dt.name}") from None
+        else:
+            raw = raw.astype(dt.numpy)
     return raw
 
 
@@ -163,54 +171,62 @@ def decode_short(
     return Decoded(inputs, _rows(inputs, specs, model))
 
 
+class _InputCheck:
+    """One input's validation, precomputed for the hot paths. :meth:`array` returns None for
+    anything unusual, and the caller then falls back to the general decoder, which words the
+    error; so the fast path never has to."""
+
+    __slots__ = ("datatype", "fast", "fixed", "kinds", "name", "ndim", "numpy")
+
+    def __init__(self, spec: TensorSpec) -> None:
+        dt = spec.dtype
+        self.name = spec.name
+        self.datatype = spec.datatype
+        self.numpy = dt.numpy
+        self.kinds = "biuf" if dt.name == "BOOL" else "iuf"
+        self.fast = dt.json_ok and dt.name != "BYTES"
+        self.ndim = len(spec.shape)
+        self.fixed = tuple((i, d) for i, d in enumerate(spec.shape) if i and d != -1)
+
+    def array(self, data: Any) -> np.ndarray | None:
+        """JSON ``data`` as an array of this input's dtype, any shape; None if not plain numbers."""
+        if not self.fast or type(data) is not list:
+            return None
+        try:
+            array = np.asarray(data)
+        except (ValueError, TypeError):
+            return None
+        if array.dtype.kind not in self.kinds:
+            return None
+        if array.dtype != self.numpy:
+            array = array.astype(self.numpy)
+        return array
+
+    def shape_ok(self, shape: tuple[int, ...]) -> bool:
+        if len(shape) != self.ndim or shape[0] < 1:
+            return False
+        return all(shape[axis] == size for axis, size in self.fixed)
+
+
 class ShortForm:
-    """The short form for one model, its checks precomputed: this is the hot path of
-    ``/models/{m}/predict``, so the common case (one input, a JSON list of numbers) costs one
-    ``orjson.loads``, one ``np.asarray`` and a few comparisons. Anything unusual falls back to
-    :func:`decode_short`, which also words the errors."""
+    """The short form for one model: the hot path of ``/models/{m}/predict``. The common case
+    (one input, a JSON list of numbers) costs one ``orjson.loads``, one ``np.asarray`` and a few
+    comparisons; anything else goes through :func:`decode_short`."""
 
     def __init__(self, inputs: list[TensorSpec], outputs: list[TensorSpec], model: str) -> None:
         self.model = model
         self.specs = {t.name: t for t in inputs}
         self.outputs = outputs
-        only = inputs[0] if len(inputs) == 1 else None
-        self._only = only
-        if only is not None:
-            dt = only.dtype
-            self._name = only.name
-            self._numpy = dt.numpy
-            self._kinds = "biuf" if dt.name == "BOOL" else "iuf"
-            self._fast = dt.json_ok and dt.name != "BYTES"
-            self._ndim = len(only.shape)
-            self._fixed = tuple((i, d) for i, d in enumerate(only.shape) if i and d != -1)
-        self._plain_output = len(outputs) == 1 and outputs[0].datatype not in (
-            "BF16",
-            "BYTES",
-            "FP16",
-        )
+        self._only = _InputCheck(inputs[0]) if len(inputs) == 1 else None
+        self._plain_output = _plain(outputs)
 
     def decode(self, body: bytes, content_type: bytes) -> tuple[dict[str, np.ndarray], int]:
-        if self._only is not None and self._fast and content_type in _JSON_TYPES:
-            try:
-                doc = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                doc = None
-            raw = doc.get("inputs") if type(doc) is dict else None
-            if type(raw) is list:
-                try:
-                    array = np.asarray(raw)
-                except (ValueError, TypeError):
-                    array = None
-                if array is not None and array.dtype.kind in self._kinds:
-                    if array.dtype != self._numpy:
-                        array = array.astype(self._numpy)
-                    shape = array.shape
-                    if len(shape) == self._ndim and shape[0] > 0:
-                        for axis, size in self._fixed:
-                            if shape[axis] != size:
-                                break
-                        else:
-                            return {self._name: array}, shape[0]
+        only = self._only
+        if only is not None and content_type in _JSON_TYPES:
+            doc = _loads_or_none(body)
+            array = only.array(doc.get("inputs")) if type(doc) is dict else None
+            if array is not None and only.shape_ok(array.shape):
+                return {only.name: array}, array.shape[0]
         decoded = decode_short(body, content_type, self.specs, self.model)
         return decoded.inputs, decoded.rows
 
@@ -219,6 +235,18 @@ class ShortForm:
             body = orjson.dumps({"outputs": outputs[self.outputs[0].name]}, option=_NUMPY_OPTS)
             return Response(200, body, JSON)
         return encode_short(outputs, self.outputs)
+
+
+def _plain(outputs: list[TensorSpec]) -> bool:
+    """One output that orjson serialises straight from numpy."""
+    return len(outputs) == 1 and outputs[0].datatype not in ("BF16", "BYTES", "FP16")
+
+
+def _loads_or_none(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def encode_short(outputs: dict[str, np.ndarray], specs: list[TensorSpec]) -> Response:
@@ -441,6 +469,83 @@ def encode_oip(
         OCTET,
         [(b"inference-header-content-length", b"%d" % len(header))],
     )
+
+
+class OIPForm:
+    """The Open Inference Protocol for one model, with a fast path for plain JSON requests
+    (``{"inputs": [{"name", "shape", "datatype", "data"}]}``, all outputs as JSON). Requests
+    using the binary extension, requested outputs or parameters take :func:`decode_oip`."""
+
+    _FAST_KEYS = frozenset({"id", "inputs"})
+
+    def __init__(
+        self, inputs: list[TensorSpec], outputs: list[TensorSpec], model: str, version: str
+    ) -> None:
+        self.model = model
+        self.version = version
+        self.specs = {t.name: t for t in inputs}
+        self.outputs = outputs
+        self._checks = {t.name: _InputCheck(t) for t in inputs}
+        self._plain_output = _plain(outputs)
+
+    def decode(self, body: bytes, content_type: bytes, header_length: bytes | None) -> Decoded:
+        if header_length is None and content_type in _JSON_TYPES:
+            fast = self._decode_fast(_loads_or_none(body))
+            if fast is not None:
+                return fast
+        decoded = decode_oip(body, content_type, header_length, self.specs, self.model)
+        validate_requested(decoded, self.outputs, self.model)
+        return decoded
+
+    def _decode_fast(self, doc: Any) -> Decoded | None:
+        if type(doc) is not dict or not self._FAST_KEYS.issuperset(doc):
+            return None
+        raw = doc.get("inputs")
+        checks = self._checks
+        if type(raw) is not list or len(raw) != len(checks):
+            return None
+        inputs: dict[str, np.ndarray] = {}
+        rows = -1
+        for entry in raw:
+            if type(entry) is not dict or "parameters" in entry:
+                return None
+            check = checks.get(entry.get("name"))  # type: ignore[arg-type]
+            shape = entry.get("shape")
+            if check is None or check.name in inputs or entry.get("datatype") != check.datatype:
+                return None
+            if type(shape) is not list or any(type(d) is not int or d < 0 for d in shape):
+                return None
+            array = check.array(entry.get("data"))
+            if array is None or array.size != prod(shape):
+                return None
+            shaped: np.ndarray = array.reshape(shape)
+            if not check.shape_ok(shaped.shape) or (rows != -1 and shaped.shape[0] != rows):
+                return None
+            rows = shaped.shape[0]
+            inputs[check.name] = shaped
+        req_id = doc.get("id")
+        return Decoded(inputs, rows, None if req_id is None else str(req_id))
+
+    def encode(self, decoded: Decoded, outputs: dict[str, np.ndarray]) -> Response:
+        if self._plain_output and decoded.requested is None and not decoded.binary_default:
+            spec = self.outputs[0]
+            array = outputs[spec.name]
+            doc: dict[str, Any] = {
+                "model_name": self.model,
+                "model_version": self.version,
+                "outputs": [
+                    {
+                        "name": spec.name,
+                        "datatype": spec.datatype,
+                        "shape": list(array.shape),
+                        "data": array.ravel(),
+                    }
+                ],
+            }
+            if decoded.id is not None:
+                doc["id"] = decoded.id
+            return Response(200, orjson.dumps(doc, option=_NUMPY_OPTS), JSON)
+        return encode_oip(self.model, self.version, decoded, outputs, self.outputs)
 
 
 def validate_requested(decoded: Decoded, specs: list[TensorSpec], model: str) -> None:

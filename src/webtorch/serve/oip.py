@@ -7,14 +7,13 @@ OIP: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``GET /v2/models/{m
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from webtorch.errors import MethodNotAllowed, NotFound
-from webtorch.http.messages import HandlerResult, Request, Response, json_response
+from webtorch.http.messages import HandlerResult, Request, json_response
 from webtorch.observe.metrics import ModelStats
 from webtorch.serve import codecs
 from webtorch.serve.executor import Executor
@@ -47,6 +46,7 @@ class ModelEndpoint:
         self._outputs = model.outputs
         self._decode_hist = stats.stages["decode"]
         self._short = codecs.ShortForm(model.inputs, model.outputs, model.name)
+        self._oip = codecs.OIPForm(model.inputs, model.outputs, model.name, self.version)
 
     def predict(self, request: Request) -> HandlerResult:
         if request.method != "POST":
@@ -57,23 +57,16 @@ class ModelEndpoint:
         return self.executor.submit(inputs, rows, self._short.encode)
 
     def infer(self, request: Request) -> HandlerResult:
-        _require(request, "POST")
+        if request.method != "POST":
+            _require(request, "POST")
         t0 = time.perf_counter()
-        decoded = codecs.decode_oip(
-            request.body,
-            request.content_type,
-            request.header(b"inference-header-content-length"),
-            self._inputs,
-            self.name,
+        decoded = self._oip.decode(
+            request.body, request.content_type, request.header(b"inference-header-content-length")
         )
-        codecs.validate_requested(decoded, self._outputs, self.name)
         self._decode_hist.observe(time.perf_counter() - t0)
-        name, version, specs = self.name, self.version, self._outputs
-
-        def encode(outputs: dict[str, np.ndarray]) -> Response:
-            return codecs.encode_oip(name, version, decoded, outputs, specs)
-
-        return self.executor.submit(decoded.inputs, decoded.rows, encode)
+        return self.executor.submit(
+            decoded.inputs, decoded.rows, functools.partial(self._oip.encode, decoded)
+        )
 
     def metadata(self) -> dict[str, Any]:
         return self.model.metadata()
