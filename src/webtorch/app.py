@@ -60,6 +60,7 @@ class App:
                 mode=mc.compute,
                 loop=loop,
             )
+            executor.warmup()
             self.executors[name] = executor
             endpoints[name] = ModelEndpoint(model, executor, stats)
         models = ModelRoutes(endpoints, self.ready, __version__)

@@ -57,6 +57,9 @@ class ModelStats:
     """Per-model batching and stage timings, recorded by the executor and the model handlers."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.batch_rows = Histogram(BATCH_BUCKETS)
         self.batches = 0
         self.stages = {stage: Histogram(LATENCY_BUCKETS) for stage in STAGES}

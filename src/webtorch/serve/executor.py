@@ -245,6 +245,21 @@ class Executor:
         stats.batches += 1
         return outputs
 
+    def warmup(self) -> None:
+        """One forward pass on zeros before serving, so the first client does not pay for lazy
+        initialisation (allocator, kernels: ~15 ms for XOR on CPU). Skipped when a shape is not
+        fully known or the model rejects zeros; that is the model's business, not an error."""
+        inputs: dict[str, np.ndarray] = {}
+        for spec in self.model.inputs:
+            if spec.dtype.torch is None or any(d == -1 for d in spec.shape[1:]):
+                return
+            inputs[spec.name] = np.zeros((1, *spec.shape[1:]), dtype=spec.dtype.numpy)
+        try:
+            self._forward([Job(inputs, 1, _no_encode, Pending())])
+        except Exception as exc:
+            log.info("model %s: warm-up skipped: %r", self.model.name, exc)
+        self.stats.reset()  # warm-up is not traffic
+
     async def close(self) -> None:
         """Refuse new work and wait for queued and running batches to finish."""
         self._closed = True
@@ -253,6 +268,10 @@ class Executor:
             await self._idle.wait()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+
+
+def _no_encode(outputs: dict[str, np.ndarray]) -> Response:
+    return Response()
 
 
 def _internal(exc: BaseException) -> Response:
