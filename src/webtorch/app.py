@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import ssl
@@ -103,6 +104,9 @@ class App:
             ssl_context=self._ssl_context(),
         )
         await self.server.start()
+        # Everything allocated so far (torch, models, routes) lives as long as the process: move it
+        # out of the collector's sight so a generation-2 collection does not walk it mid-request.
+        gc.freeze()
         self._ready = True
         return self.server
 

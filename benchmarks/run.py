@@ -1,0 +1,705 @@
+"""Side-by-side throughput and latency: nginx, WebTorch, FastAPI and LitServe serving XOR.
+
+    .venv/bin/python benchmarks/run.py [--duration S] [--quick] [--targets nginx,webtorch,...]
+
+Every server runs pinned to CPU 0 and wrk to CPU 1, one after the other in this one run, so the
+ratios between them mean something on a shared, noisy machine even when the absolute numbers do
+not. The results replace the section between the markers in BENCHMARKS.md at the repository root.
+Install what this needs with ``benchmarks/setup``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "benchmarks"
+XOR_FILE = ROOT / "src" / "webtorch" / "examples" / "xor.py"
+SERVER_CPU = "0"
+CLIENT_CPU = "1"
+CONNECTIONS = 64
+START_TIMEOUT = 90.0  # seconds a server gets to answer its first request
+STOP_TIMEOUT = 5.0  # seconds a server gets to exit on SIGTERM before SIGKILL
+MARK_START = "<!-- bench:start -->"
+MARK_END = "<!-- bench:end -->"
+
+SHORT_PATH = "/models/xor/predict"
+SHORT_BODY = '{"inputs": [[0, 1]]}'
+OIP_PATH = "/v2/models/xor/infer"
+OIP_BODY = '{"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [0, 1]}]}'
+# What nginx returns: the size and shape of a short-form answer, so it is the same work for wrk.
+NGINX_BODY = '{"outputs":[[0.9991369843482971]]}'
+
+INTRO = """\
+# Benchmarks
+
+Side-by-side measurements made by `benchmarks/run.py` (install its tools with `benchmarks/setup`).
+The machine is shared and noisy, so compare the ratios within one run, not absolute numbers
+across runs. The section below is rewritten by every run; the rest of this file is left alone.
+"""
+
+
+class BenchError(Exception):
+    """A target could not be measured; the message says why."""
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    label: str
+    path: str
+    body: str
+    # (port, scratch directory) -> the server's argv, before taskset
+    command: Callable[[int, Path], list[str]]
+    lone: bool = False  # also measure the latency of one connection's lone requests
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int
+    socket_errors: int
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx + self.socket_errors
+
+
+@dataclass
+class Result:
+    target: Target
+    load: WrkResult | None = None
+    lone: WrkResult | None = None
+    rss_mib: float | None = None
+    pss_mib: float | None = None
+    processes: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    duration: int
+    warmup: int
+    targets: list[str]
+    output: Path
+    workdir: Path = Path()  # scratch directory of this run, set in main
+
+
+# --- targets ---------------------------------------------------------------------------------
+
+
+def nginx_command(port: int, workdir: Path) -> list[str]:
+    conf = workdir / "nginx.conf"
+    conf.write_text(nginx_conf(port, workdir))
+    return [
+        find_tool("nginx"),
+        "-e",
+        str(workdir / "nginx-error.log"),
+        "-p",
+        str(workdir),
+        "-c",
+        str(conf),
+    ]
+
+
+def nginx_conf(port: int, workdir: Path) -> str:
+    body = NGINX_BODY.replace("'", "\\'")
+    return textwrap.dedent(f"""\
+        daemon off;
+        worker_processes 1;
+        pid {workdir}/nginx.pid;
+        error_log {workdir}/nginx-error.log warn;
+        events {{ worker_connections 1024; }}
+        http {{
+            access_log off;
+            client_body_temp_path {workdir}/client_body;
+            keepalive_requests 1000000;
+            server {{
+                listen 127.0.0.1:{port};
+                location / {{
+                    default_type application/json;
+                    return 200 '{body}';
+                }}
+            }}
+        }}
+        """)
+
+
+def webtorch_command(port: int, workdir: Path) -> list[str]:
+    return [venv_bin("webtorch"), "serve", "--listen", f"127.0.0.1:{port}"]
+
+
+def webtorch_thread_command(port: int, workdir: Path) -> list[str]:
+    config = workdir / "xor-thread.toml"
+    config.write_text(f'[models.xor]\npath = "{XOR_FILE}"\ncompute = "thread"\n')
+    return [venv_bin("webtorch"), "serve", str(config), "--listen", f"127.0.0.1:{port}"]
+
+
+def script_command(script: str) -> Callable[[int, Path], list[str]]:
+    def command(port: int, workdir: Path) -> list[str]:
+        return [sys.executable, str(BENCH_DIR / script), "--port", str(port)]
+
+    return command
+
+
+TARGETS = [
+    Target("nginx", "nginx `return 200`", SHORT_PATH, SHORT_BODY, nginx_command),
+    Target("webtorch", "WebTorch short form", SHORT_PATH, SHORT_BODY, webtorch_command, lone=True),
+    Target("oip", "WebTorch OIP JSON", OIP_PATH, OIP_BODY, webtorch_command),
+    Target(
+        "thread",
+        "WebTorch short form, `compute = thread`",
+        SHORT_PATH,
+        SHORT_BODY,
+        webtorch_thread_command,
+    ),
+    Target(
+        "fastapi",
+        "FastAPI + uvicorn",
+        SHORT_PATH,
+        SHORT_BODY,
+        script_command("fastapi_xor.py"),
+        lone=True,
+    ),
+    Target("litserve", "LitServe", SHORT_PATH, SHORT_BODY, script_command("litserve_xor.py")),
+]
+TARGET_KEYS = [t.key for t in TARGETS]
+
+
+# --- tools and processes ---------------------------------------------------------------------
+
+
+def find_tool(name: str) -> str:
+    """``name`` on PATH or in /usr/sbin (where Debian puts nginx, often off a user's PATH)."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if found is None:
+        raise SystemExit(f"error: `{name}` is not installed; run benchmarks/setup")
+    return found
+
+
+def venv_bin(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise SystemExit(f"error: {path} is missing; run benchmarks/setup")
+    return str(path)
+
+
+def check_environment() -> None:
+    for tool in ("wrk", "nginx", "taskset"):
+        find_tool(tool)
+    venv_bin("webtorch")
+    for module in ("fastapi", "uvicorn", "litserve"):
+        try:
+            metadata.version(module)
+        except metadata.PackageNotFoundError:
+            raise SystemExit(f"error: {module} is not installed; run benchmarks/setup") from None
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("error: needs two CPUs (server on CPU 0, wrk on CPU 1)")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def running(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``argv`` pinned to the server CPU in its own session; stop the whole session after."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["taskset", "-c", SERVER_CPU, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield proc
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the server's process group, then SIGKILL whatever is left of it."""
+    signal_group(proc.pid, signal.SIGTERM)
+    with suppress(subprocess.TimeoutExpired):
+        proc.wait(STOP_TIMEOUT)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    signal_group(proc.pid, signal.SIGKILL)
+    proc.wait(STOP_TIMEOUT)
+
+
+def signal_group(pgid: int, sig: signal.Signals) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every process in session ``sid``: a server and all the workers it forked or spawned."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()  # after "pid (comm)": state ppid pgrp session
+        if int(fields[3]) == sid:
+            pids.append(int(entry.name))
+    return pids
+
+
+def memory_kib(pid: int, file: str, key: str) -> int:
+    """``key`` (in kB) from /proc/PID/``file``; 0 if the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/{file}").read_text()
+    except OSError:
+        return 0
+    match = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def rss_kib(pid: int) -> int:
+    return memory_kib(pid, "status", "VmRSS")
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size: pages shared between a server's processes counted once overall."""
+    return memory_kib(pid, "smaps_rollup", "Pss")
+
+
+def log_tail(log: Path, lines: int = 15) -> str:
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# --- requests and wrk ------------------------------------------------------------------------
+
+
+def post(url: str, body: str, timeout: float = 5.0) -> bytes:
+    request = urllib.request.Request(
+        url, data=body.encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return bytes(response.read())
+
+
+def wait_until_answering(proc: subprocess.Popen[bytes], url: str, body: str, log: Path) -> bytes:
+    """Poll ``url`` until it answers 200 or ``START_TIMEOUT`` passes; return the first answer."""
+    deadline = time.monotonic() + START_TIMEOUT
+    last = "no attempt"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"server exited with status {proc.returncode}:\n{log_tail(log)}")
+        try:
+            return post(url, body)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503:  # up but answering wrong: waiting will not help
+                raise BenchError(f"{url} answered {exc.code}: {exc.read()[:300]!r}") from None
+            last = str(exc)
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(exc)
+        time.sleep(0.2)
+    raise BenchError(f"no answer from {url} within {START_TIMEOUT:.0f}s ({last}):\n{log_tail(log)}")
+
+
+def numbers(value: Any) -> Iterator[float]:
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        yield float(value)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from numbers(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from numbers(item)
+
+
+def check_answer(answer: bytes) -> None:
+    """XOR(0, 1) is 1: the answer must hold a number close to it."""
+    try:
+        data = json.loads(answer)
+    except ValueError:
+        raise BenchError(f"answer is not JSON: {answer[:200]!r}") from None
+    if not any(0.9 <= n <= 1.0 for n in numbers(data)):
+        raise BenchError(f"answer holds no number close to 1 for [0, 1]: {answer[:200]!r}")
+
+
+def write_lua(workdir: Path, target: Target) -> Path:
+    script = workdir / f"post-{target.key}.lua"
+    # A JSON string literal is also a valid Lua string literal for this ASCII body.
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(target.body)}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    return script
+
+
+def run_wrk(url: str, lua: Path, connections: int, duration: int) -> WrkResult:
+    argv = [
+        "taskset", "-c", CLIENT_CPU, find_tool("wrk"), "-t1", f"-c{connections}",
+        f"-d{duration}s", "--latency", "-s", str(lua), url,
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"wrk did not finish within {duration + 30}s") from None
+    if done.returncode != 0:
+        raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout}")
+    return parse_wrk(done.stdout)
+
+
+UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def parse_wrk(text: str) -> WrkResult:
+    def find(pattern: str) -> re.Match[str]:
+        match = re.search(pattern, text, re.MULTILINE)
+        if match is None:
+            raise BenchError(f"cannot find {pattern!r} in wrk's output:\n{text}")
+        return match
+
+    def percentile(p: str) -> float:
+        match = find(rf"^\s*{p}%\s+([\d.]+)(us|ms|s|m|h)\s*$")
+        return float(match.group(1)) * UNITS_MS[match.group(2)]
+
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    return WrkResult(
+        rps=float(find(r"^Requests/sec:\s+([\d.]+)").group(1)),
+        p50_ms=percentile("50"),
+        p99_ms=percentile("99"),
+        requests=int(find(r"^\s*(\d+) requests in").group(1)),
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=sum(int(n) for n in sock.groups()) if sock else 0,
+    )
+
+
+# --- one target ------------------------------------------------------------------------------
+
+
+def measure(target: Target, settings: Settings) -> Result:
+    result = Result(target)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}{target.path}"
+    log = settings.workdir / f"{target.key}.log"
+    lua = write_lua(settings.workdir, target)
+    try:
+        with running(target.command(port, settings.workdir), log) as proc:
+            check_answer(wait_until_answering(proc, url, target.body, log))
+            run_wrk(url, lua, CONNECTIONS, settings.warmup)
+            result.load = run_wrk(url, lua, CONNECTIONS, settings.duration)
+            pids = session_pids(proc.pid)
+            result.processes = len(pids)
+            result.rss_mib = sum(rss_kib(pid) for pid in pids) / 1024
+            result.pss_mib = sum(pss_kib(pid) for pid in pids) / 1024
+            if target.lone:
+                result.lone = run_wrk(url, lua, 1, settings.duration)
+            if proc.poll() is not None:
+                raise BenchError(f"server exited during the run:\n{log_tail(log)}")
+    except BenchError as exc:
+        result.error = str(exc)
+    return result
+
+
+def describe(result: Result) -> str:
+    if result.error is not None:
+        return f"FAILED: {result.error}"
+    assert result.load is not None
+    load = result.load
+    text = (
+        f"{load.rps:,.0f} req/s, p50 {load.p50_ms:.2f} ms, p99 {load.p99_ms:.2f} ms, "
+        f"RSS {result.rss_mib:.0f} MiB in {result.processes} process(es)"
+    )
+    if load.errors:
+        text += f", {load.errors} errors"
+    if result.lone is not None:
+        text += f"; lone request p50 {result.lone.p50_ms:.3f} ms, p99 {result.lone.p99_ms:.3f} ms"
+    return text
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def tool_version(argv: list[str]) -> str:
+    """``nginx/1.22.1`` or ``wrk debian/4.1.0-3+b2`` from the tool's version banner."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return f"{Path(argv[0]).name} (unknown version)"
+    match = re.search(r"nginx/\S+|wrk \S+", done.stdout + done.stderr)
+    return match.group(0) if match else f"{Path(argv[0]).name} (unknown version)"
+
+
+def package_versions() -> str:
+    names = ("webtorch", "torch", "fastapi", "uvicorn", "litserve")
+    versions = []
+    for name in names:
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name} (not installed)")
+    return ", ".join(versions)
+
+
+def command_line() -> str:
+    def rel(path: str) -> str:
+        p = Path(path).absolute()
+        return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else path
+
+    return shlex.join([rel(sys.executable), rel(sys.argv[0]), *sys.argv[1:]])
+
+
+def ratio(value: float | None, reference: float | None) -> str:
+    if value is None or not reference:
+        return "n/a"
+    return f"{value / reference:.2f}x"
+
+
+def rps_of(results: dict[str, Result], key: str) -> float | None:
+    result = results.get(key)
+    return result.load.rps if result is not None and result.load is not None else None
+
+
+def load_table(results: dict[str, Result]) -> list[str]:
+    nginx, fastapi = rps_of(results, "nginx"), rps_of(results, "fastapi")
+    rows = [
+        "| Target | req/s | p50 | p99 | RSS (processes) | PSS | x nginx | x FastAPI | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for result in results.values():
+        name = result.target.label
+        if result.load is None:
+            rows.append(f"| {name} | failed (see below) | | | | | | | |")
+            continue
+        load = result.load
+        rows.append(
+            f"| {name} | {load.rps:,.0f} | {load.p50_ms:.2f} ms | {load.p99_ms:.2f} ms "
+            f"| {result.rss_mib:.0f} MiB ({result.processes}) | {result.pss_mib:.0f} MiB "
+            f"| {ratio(load.rps, nginx)} "
+            f"| {ratio(load.rps, fastapi)} | {load.errors} |"
+        )
+    return rows
+
+
+def lone_table(results: dict[str, Result]) -> list[str]:
+    rows = ["| Target | p50 | p99 | req/s |", "|---|---:|---:|---:|"]
+    for result in results.values():
+        if result.lone is not None:
+            lone = result.lone
+            rows.append(
+                f"| {result.target.label} | {lone.p50_ms:.3f} ms | {lone.p99_ms:.3f} ms "
+                f"| {lone.rps:,.0f} |"
+            )
+    if len(rows) == 2:
+        rows.append("| not measured | | | |")
+    return rows
+
+
+def verdict(ok: bool | None) -> str:
+    return {True: "**pass**", False: "**FAIL**", None: "not measured"}[ok]
+
+
+def at_least(value: float | None, reference: float | None, factor: float) -> bool | None:
+    if value is None or reference is None:
+        return None
+    return value >= factor * reference
+
+
+def target_lines(results: dict[str, Result]) -> list[str]:
+    nginx, fastapi = rps_of(results, "nginx"), rps_of(results, "fastapi")
+    short, oip = rps_of(results, "webtorch"), rps_of(results, "oip")
+    wt = results.get("webtorch")
+    fa = results.get("fastapi")
+    lone: bool | None = None
+    lone_detail = "n/a"
+    if wt is not None and fa is not None and wt.lone is not None and fa.lone is not None:
+        lone = wt.lone.p50_ms <= fa.lone.p50_ms and wt.lone.p99_ms <= fa.lone.p99_ms
+        lone_detail = (
+            f"p50 {wt.lone.p50_ms:.3f} vs {fa.lone.p50_ms:.3f} ms, "
+            f"p99 {wt.lone.p99_ms:.3f} vs {fa.lone.p99_ms:.3f} ms"
+        )
+    return [
+        f"- WebTorch short form ≥ 0.5x nginx: {verdict(at_least(short, nginx, 0.5))} "
+        f"({ratio(short, nginx)})",
+        f"- WebTorch short form ≥ 10x FastAPI: {verdict(at_least(short, fastapi, 10))} "
+        f"({ratio(short, fastapi)})",
+        f"- WebTorch OIP JSON ≥ 0.35x nginx: {verdict(at_least(oip, nginx, 0.35))} "
+        f"({ratio(oip, nginx)})",
+        f"- Lone-request latency (p50 and p99) no worse than FastAPI's: {verdict(lone)} "
+        f"({lone_detail})",
+        f'- For the loop-vs-thread decision (no target): `compute = "thread"` served '
+        f'{ratio(rps_of(results, "thread"), short)} of `compute = "loop"`',
+    ]
+
+
+def failure_lines(results: dict[str, Result]) -> list[str]:
+    lines = []
+    for result in results.values():
+        if result.error is not None:
+            lines += [f"**{result.target.label}** failed:", "", "```", result.error, "```", ""]
+    return lines
+
+
+def render(results: dict[str, Result], settings: Settings, load_before: str) -> str:
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        MARK_START,
+        f"## Latest run: {now}",
+        "",
+        f"- Command: `{command_line()}`",
+        f"- Machine: {os.cpu_count()} CPUs (`nproc`: {len(os.sched_getaffinity(0))}), "
+        f"{cpu_model()}, Linux {platform.release()}; load average before the run: {load_before}",
+        f"- Software: Python {platform.python_version()}, {package_versions()}; "
+        f"{tool_version([find_tool('nginx'), '-v'])}; {tool_version([find_tool('wrk'), '-v'])}",
+        f"- Method: each server alone, pinned with `taskset -c {SERVER_CPU}`; "
+        f"`taskset -c {CLIENT_CPU} wrk -t1 -c{CONNECTIONS} -d{settings.duration}s --latency` "
+        f"with a POST body after a {settings.warmup}s warm-up; RSS is VmRSS summed over the "
+        "server's processes (count in brackets) after the load, PSS the same with shared pages "
+        "counted once; errors are wrk's non-2xx responses and socket errors. nginx answers a "
+        "fixed JSON body of the same size (`keepalive_requests` raised so it never closes "
+        "connections). Server logs are in a temporary directory removed after the run.",
+        "",
+        "### Throughput, 64 connections",
+        "",
+        *load_table(results),
+        "",
+        f"### Lone requests, 1 connection ({settings.duration}s)",
+        "",
+        *lone_table(results),
+        "",
+        "### Targets",
+        "",
+        *target_lines(results),
+        "",
+        *failure_lines(results),
+        MARK_END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def update_results_file(path: Path, section: str) -> None:
+    """Replace the text between the markers, or append it; create the file if it is missing."""
+    text = path.read_text() if path.exists() else INTRO
+    start, end = text.find(MARK_START), text.find(MARK_END)
+    if 0 <= start < end:
+        text = text[:start] + section.rstrip("\n") + text[end + len(MARK_END) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=int, help="seconds per measurement (10; --quick: 3)")
+    parser.add_argument("--quick", action="store_true", help="short measurements and warm-ups")
+    parser.add_argument(
+        "--targets", default=",".join(TARGET_KEYS), help=f"comma-separated subset of {TARGET_KEYS}"
+    )
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = sorted(set(targets) - set(TARGET_KEYS))
+    if unknown or not targets:
+        parser.error(f"--targets: unknown {unknown}; choose from {TARGET_KEYS}")
+    duration = args.duration if args.duration is not None else (3 if args.quick else 10)
+    if duration < 1:
+        parser.error("--duration must be at least 1")
+    warmup = 1 if args.quick else 2
+    return Settings(duration, warmup, targets, args.output)
+
+
+def terminate_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C does, so every server is stopped by its ``finally``."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+    check_environment()
+    terminate_on_sigterm()
+    load_before = Path("/proc/loadavg").read_text().split(" ")[0]
+    results: dict[str, Result] = {}
+    with tempfile.TemporaryDirectory(prefix="webtorch-bench-") as tmp:
+        settings = dataclasses.replace(settings, workdir=Path(tmp))
+        for target in TARGETS:
+            if target.key in settings.targets:
+                print(f"{target.label} ...", flush=True)
+                results[target.key] = measure(target, settings)
+                print(f"  {describe(results[target.key])}", flush=True)
+    update_results_file(settings.output, render(results, settings, load_before))
+    print(f"wrote {settings.output}")
+    for line in target_lines(results):
+        print(line)
+    return 1 if any(r.error is not None for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; servers stopped", file=sys.stderr)
+        sys.exit(130)
