@@ -24,10 +24,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config)
     if args.listen:
+        try:
+            config.parse_listen(args.listen)  # model_copy does not validate
+        except ValueError as exc:
+            raise ConfigError(f"--listen: {exc}") from None
         cfg = cfg.model_copy(
             update={"server": cfg.server.model_copy(update={"listen": args.listen})}
         )
-        config.parse_listen(args.listen)
     app = App(cfg)
 
     def ready(server: HttpServer) -> None:

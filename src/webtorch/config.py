@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from webtorch.errors import ConfigError
 
@@ -23,6 +23,12 @@ def parse_listen(listen: str) -> tuple[str, int]:
         raise ValueError(f"listen must be HOST:PORT, got {listen!r}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
+
+
+# What app.py routes itself; a [[routes]] entry with the same path or prefix would collide.
+BUILTIN_ROUTES = frozenset(
+    {("path", "/v2"), ("path", "/metrics"), ("prefix", "/v2/"), ("prefix", "/models/")}
+)
 
 
 class _Strict(BaseModel):
@@ -51,10 +57,11 @@ class ServerConfig(_Strict):
     tls: TLSConfig | None = None
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
-    @model_validator(mode="after")
-    def _check_listen(self) -> ServerConfig:
-        parse_listen(self.listen)
-        return self
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, listen: str) -> str:
+        parse_listen(listen)  # a field validator, so the error names server.listen
+        return listen
 
 
 class ModelConfig(_Strict):
@@ -99,9 +106,16 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _check_refs(self) -> Config:
+        seen: dict[tuple[str, str | None], int] = {}
         for i, route in enumerate(self.routes):
             if route.model is not None and route.model not in self.models:
                 raise ValueError(f"routes[{i}].model: no model named {route.model!r}")
+            key = ("path", route.path) if route.path is not None else ("prefix", route.prefix)
+            if key in BUILTIN_ROUTES:
+                raise ValueError(f"routes[{i}].{key[0]}: {key[1]!r} is a built-in route")
+            if key in seen:
+                raise ValueError(f"routes[{i}].{key[0]}: {key[1]!r} repeats routes[{seen[key]}]")
+            seen[key] = i
         for name in self.models:
             if not name or "/" in name or name.strip() != name:
                 raise ValueError(f"models.{name}: invalid model name")

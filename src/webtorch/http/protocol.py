@@ -244,7 +244,9 @@ class HttpProtocol(asyncio.Protocol):
         except _Reject as exc:
             self._fail(exc.error)
         except httptools.HttpParserUpgrade:
-            if self._slot is not None or self.phase != _WAIT:
+            # llhttp stops after the upgrade request's on_message_complete, by when the handler
+            # may have answered already (phase back to _IDLE): that answer must be the only one.
+            if self._slot is not None or self.phase in (_HEADERS, _BODY):
                 self._fail_status(501, "protocol upgrade is not supported")
             else:
                 # The request was answered as plain HTTP/1.1; the parser stops here, so close.
@@ -257,7 +259,11 @@ class HttpProtocol(asyncio.Protocol):
             cause = exc.__context__
             if isinstance(cause, _Reject):
                 self._fail(cause.error)
-            elif not isinstance(cause, _Ignore):
+            elif isinstance(cause, _Ignore) or (
+                self.closing and self.phase not in (_HEADERS, _BODY)
+            ):
+                pass  # input after a request that closes the connection (llhttp refuses it)
+            else:
                 self._fail(BadRequest(f"malformed HTTP request: {_describe(exc)}"))
         else:
             limit = self.limits.max_header_bytes + self.limits.max_url + 1024
@@ -367,7 +373,12 @@ class HttpProtocol(asyncio.Protocol):
         path_b, _, query_b = url.partition(b"?")
         if not path_b.startswith(b"/"):
             if path_b.startswith((b"http://", b"https://")):
-                parsed = httptools.parse_url(url)
+                try:
+                    parsed = httptools.parse_url(url)
+                except httptools.HttpParserError:
+                    # llhttp lets through targets that parse_url refuses (a bad port, say).
+                    self._finish_with_error(slot, BadRequest("invalid absolute request target"))
+                    return
                 path_b, query_b = parsed.path or b"/", parsed.query or b""
             elif path_b != b"*":
                 self._finish_with_error(slot, BadRequest("request target must start with '/'"))
@@ -391,7 +402,8 @@ class HttpProtocol(asyncio.Protocol):
         slot.request = request
         self.phase = _WAIT
         self.deadline = None
-        slot.started = self.loop.time()
+        # uvloop's loop.time() counts whole milliseconds: fine for deadlines, not for latency.
+        slot.started = time.perf_counter()
         try:
             result = self.state.handler(request)
         except HTTPError as exc:
@@ -435,7 +447,7 @@ class HttpProtocol(asyncio.Protocol):
         slot.response = response
         observer = self.state.observer
         if observer is not None and slot.request is not None:
-            observer(slot.request, response.status, self.loop.time() - slot.started)
+            observer(slot.request, response.status, time.perf_counter() - slot.started)
         if self.slots and self.slots[0] is slot:
             self._flush()
 

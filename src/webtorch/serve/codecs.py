@@ -199,6 +199,14 @@ class _InputCheck:
         if array.dtype.kind not in self.kinds:
             return None
         if array.dtype != self.numpy:
+            if self.numpy.kind in "iu":
+                # astype wraps out-of-range integers (and numpy infers float64 for [0, 2**64 - 1]):
+                # only in-range integers take the fast path; the general decoder words the rest.
+                if array.dtype.kind not in "iu" or array.size == 0:
+                    return None
+                info = np.iinfo(self.numpy.name)
+                if array.min() < info.min or array.max() > info.max:
+                    return None
             array = array.astype(self.numpy)
         return array
 
@@ -509,7 +517,8 @@ class OIPForm:
         for entry in raw:
             if type(entry) is not dict or "parameters" in entry:
                 return None
-            check = checks.get(entry.get("name"))  # type: ignore[arg-type]
+            name = entry.get("name")
+            check = checks.get(name) if type(name) is str else None  # a list is unhashable
             shape = entry.get("shape")
             if check is None or check.name in inputs or entry.get("datatype") != check.datatype:
                 return None

@@ -94,7 +94,7 @@ class Executor:
             )
         pending = Pending()
         try:
-            self.scheduler.add(Job(inputs, rows, encode, pending), rows, self.loop.time())
+            self.scheduler.add(Job(inputs, rows, encode, pending), rows, time.perf_counter())
         except QueueFull:
             raise ServiceUnavailable(f"model {self.model.name!r} queue is full") from None
         if not self._scheduled and not self.scheduler.busy:
@@ -107,12 +107,13 @@ class Executor:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        now = self.loop.time()
+        # The scheduler's clock is perf_counter: uvloop's loop.time() has 1 ms resolution.
+        now = time.perf_counter()
         batch = self.scheduler.poll(now)
         if batch is None:
             wake = self.scheduler.wake_at()
             if wake is not None:
-                self._timer = self.loop.call_at(wake, self._run)
+                self._timer = self.loop.call_later(max(0.0, wake - now), self._run)
             return
         queue_hist = self.stats.stages["queue"]
         for entry in batch:
