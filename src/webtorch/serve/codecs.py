@@ -74,6 +74,8 @@ def _json_array(name: str, data: Any, dt: Datatype) -> np.ndarray:
     kind = raw.dtype.kind
     if kind not in "biuf" or (kind == "b" and dt.name != "BOOL"):
         raise BadRequest(f"input {name!r}: data must be {dt.name} numbers")
+    if kind == "f" and dt.numpy.kind in "iu" and not np.all(np.mod(raw, 1) == 0):
+        raise BadRequest(f"input {name!r}: {dt.name} data must be integers, not fractions")
     if raw.dtype != dt.numpy:
         if dt.numpy.kind in "iu":
             # Not astype: numpy infers float64 for [0, 2**64 - 1] (precision lost) and astype
