@@ -1,0 +1,234 @@
+"""Random and mutated request bytes never break the server.
+
+Whatever a client sends, the server answers with well-formed HTTP responses whose statuses are
+1xx/2xx/4xx (a 5xx would mean the server, not the client, is at fault) or closes the connection;
+it never raises, never writes after closing, and keeps serving other clients. Mostly run against
+the fake-transport protocol (fast, and it splits the input at random points), plus a few examples
+against a real listening server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import socket
+from collections.abc import Iterator
+from contextlib import closing
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import Running, serve_in_thread, xor_config
+from tests.http.test_conformance import assert_serving
+from tests.http.test_protocol import (
+    Conn,
+    echo,
+    parse_responses,
+    req,
+    settle,
+)
+from webtorch.errors import NotFound
+from webtorch.http.limits import Limits
+from webtorch.http.messages import HandlerResult, Request, Response
+from webtorch.http.protocol import HttpProtocol, ServerState
+
+FUZZ = settings(
+    max_examples=1500,
+    deadline=None,
+    derandomize=True,  # the same examples every run: a failure is reproducible, never flaky
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+# Small limits, so that mutations reach them.
+LIMITS = Limits(max_url=256, max_header_bytes=1024, max_headers=12, max_body=512)
+
+CORPUS = [
+    req("GET", "/"),
+    req("GET", "/a/b?x=1&y=%20"),
+    req("HEAD", "/head"),
+    req("POST", "/p", [("Content-Type", "application/json")], b'{"inputs": [[0, 1]]}'),
+    req("POST", "/c", [("Transfer-Encoding", "chunked")]) + b"5\r\nhello\r\n0\r\n\r\n",
+    req("POST", "/e", [("Expect", "100-continue"), ("Content-Length", "3")]) + b"abc",
+    req("GET", "/1") + req("GET", "/2") + req("POST", "/3", body=b"xyz"),
+    req("GET", "/old", version="1.0"),
+    req("GET", "/ka", [("Connection", "keep-alive")], version="1.0"),
+    req("GET", "/close", [("Connection", "close")]) + req("GET", "/after"),
+    req("GET", "http://example.com/abs?q"),
+    req("GET", "http://user@example.com:8080/abs"),
+    req("OPTIONS", "*"),
+    req("GET", "/missing"),
+]
+
+TOKENS = [
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b" ",
+    b"\t",
+    b":",
+    b"\x00",
+    b"\xff",
+    b"%",
+    b"%00",
+    b"?",
+    b"#",
+    b"HEAD",
+    b"HTTP/1.0",
+    b"Content-Length: 5\r\n",
+    b"Content-Length: 99999999999999999999\r\n",
+    b"Content-Length: -1\r\n",
+    b"Transfer-Encoding: chunked\r\n",
+    b"Expect: 100-continue\r\n",
+    b"Connection: close\r\n",
+    b"Connection: upgrade\r\nUpgrade: websocket\r\n",
+    b"0\r\n\r\n",
+    b"ffffffffffffffffff\r\n",
+    b"X: " + b"v" * 300 + b"\r\n",
+    b"\r\n\r\n",
+    b"http://",
+    b":99999",
+    b"[",
+    b"@",
+]
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    data = bytearray(draw(st.sampled_from(CORPUS)))
+    for _ in range(draw(st.integers(0, 5))):
+        if not data:
+            break
+        i = draw(st.integers(0, len(data) - 1))
+        op = draw(st.sampled_from(["set", "insert", "delete", "duplicate", "truncate"]))
+        if op == "set":
+            data[i] = draw(st.integers(0, 255))
+        elif op == "insert":
+            data[i:i] = draw(st.sampled_from(TOKENS) | st.binary(min_size=1, max_size=8))
+        elif op == "delete":
+            del data[i : i + draw(st.integers(1, 8))]
+        elif op == "duplicate":
+            j = draw(st.integers(i, min(len(data), i + 64)))
+            data[j:j] = data[i:j]
+        else:
+            del data[i:]
+    return bytes(data)
+
+
+requests = mutated() | st.binary(max_size=300)
+
+
+class RecordingProtocol(HttpProtocol):
+    """Notes whether each written response answers a HEAD (no body), for the h11 parse."""
+
+    def __init__(self, state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(state, loop)
+        self.methods: list[str] = []
+
+    def _write(self, transport: Any, response: Response, slot: Any, keep_alive: bool) -> None:
+        self.methods.append("HEAD" if slot.head else "GET")
+        super()._write(transport, response, slot, keep_alive)
+
+
+async def later(request: Request) -> Response:
+    return echo(request)
+
+
+def handler(request: Request) -> HandlerResult:
+    if request.path == "/missing":
+        raise NotFound("missing")
+    if request.path in ("/1", "/3"):
+        return later(request)  # answered on a later loop iteration, out of line
+    return echo(request)
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def check_output(conn: Conn, methods: list[str]) -> None:
+    assert conn.transport.errors == []
+    responses = parse_responses(conn.transport.data, methods, eof=conn.finished)
+    statuses = [r.status for r in responses]
+    assert all(s < 500 for s in statuses), statuses
+    for resp in responses:
+        if resp.status >= 400:
+            assert "error" in resp.json()
+
+
+@FUZZ
+@given(data=requests, cuts=st.lists(st.integers(0, 400), max_size=4))
+def test_protocol_survives_any_input(
+    loop: asyncio.AbstractEventLoop, data: bytes, cuts: list[int]
+) -> None:
+    state = ServerState(handler, LIMITS)
+    conn = Conn(state, loop, protocol_class=RecordingProtocol)
+    protocol = conn.protocol
+    assert isinstance(protocol, RecordingProtocol)
+
+    points = sorted({c for c in cuts if c < len(data)} | {0, len(data)})
+    for start, end in itertools.pairwise(points):
+        conn.send(data[start:end])
+    settle(loop)
+    check_output(conn, protocol.methods)
+
+    # Whatever state it was left in, the deadlines end it (at worst after a lingering close).
+    state.tick(loop.time() + 1000.0)
+    settle(loop)
+    state.tick(loop.time() + 2000.0)
+    settle(loop)
+    check_output(conn, protocol.methods)
+    assert conn.transport.closed
+
+    # And the server still serves a well-behaved client.
+    fresh = Conn(state, loop)
+    fresh.send(req("GET", "/ok"))
+    [resp] = fresh.responses()
+    assert resp.status == 200
+    assert fresh.transport.errors == []
+
+
+# -- a few examples against a real server ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real() -> Iterator[Running]:
+    with serve_in_thread(
+        xor_config(**{k: getattr(LIMITS, k) for k in ("max_url", "max_body")})
+    ) as r:
+        yield r
+
+
+STATUS_LINE = re.compile(rb"HTTP/1\.1 (\d{3}) ")
+
+
+@settings(FUZZ, max_examples=100)
+@given(data=requests)
+def test_real_server_survives_any_input(real: Running, data: bytes) -> None:
+    with closing(socket.create_connection((real.host, real.port), 5.0)) as sock:
+        sock.settimeout(5.0)
+        sock.sendall(data)
+        # Half-close: the server sees the end of the input and closes after its answers.
+        sock.shutdown(socket.SHUT_WR)
+        received = bytearray()
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    if received:
+        assert received.startswith(b"HTTP/1.1 ")
+    statuses = [int(s) for s in STATUS_LINE.findall(received)]
+    assert all(s < 500 for s in statuses), statuses
+    if b"HEAD" not in data:
+        parse_responses(received, eof=True)
+    assert_serving(real)
