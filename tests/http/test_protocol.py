@@ -436,6 +436,22 @@ def test_head_has_content_length_and_no_body(make: MakeConn) -> None:
     assert get.body == b"hello"
 
 
+def test_http11_without_host_gets_400(make: MakeConn) -> None:
+    conn = make()
+    conn.send(b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n")
+    [resp] = conn.responses()
+    assert resp.status == 400
+    assert "Host" in error_of(resp)
+    assert conn.finished
+
+
+def test_http10_without_host_is_served(make: MakeConn) -> None:
+    conn = make()
+    conn.send(b"GET / HTTP/1.0\r\n\r\n")
+    [resp] = conn.responses()
+    assert resp.status == 200
+
+
 def test_http10_closes_without_keep_alive(make: MakeConn) -> None:
     conn = make()
     conn.send(req("GET", "/", version="1.0"))

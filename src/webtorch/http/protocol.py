@@ -165,12 +165,13 @@ class _Reject(Exception):
 
 
 _IDLE, _HEADERS, _BODY, _WAIT = range(4)
-_CONTENT_TYPE, _CONTENT_LENGTH, _TRANSFER_ENCODING, _EXPECT = range(4)
+_CONTENT_TYPE, _CONTENT_LENGTH, _TRANSFER_ENCODING, _EXPECT, _HOST = range(5)
 _SPECIAL_HEADERS = {
     b"content-type": _CONTENT_TYPE,
     b"content-length": _CONTENT_LENGTH,
     b"transfer-encoding": _TRANSFER_ENCODING,
     b"expect": _EXPECT,
+    b"host": _HOST,
 }
 
 
@@ -202,6 +203,7 @@ class HttpProtocol(asyncio.Protocol):
         self._chunked = False
         self._expect_continue = False
         self._content_type: bytes | None = None
+        self._has_host = False
         self._slot: _Slot | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -239,10 +241,6 @@ class HttpProtocol(asyncio.Protocol):
             self._head_raw += len(data)
         try:
             self.parser.feed_data(data)
-        except _Ignore:
-            pass
-        except _Reject as exc:
-            self._fail(exc.error)
         except httptools.HttpParserUpgrade:
             # llhttp stops after the upgrade request's on_message_complete, by when the handler
             # may have answered already (phase back to _IDLE): that answer must be the only one.
@@ -295,6 +293,7 @@ class HttpProtocol(asyncio.Protocol):
         self._chunked = False
         self._expect_continue = False
         self._content_type = None
+        self._has_host = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -326,6 +325,8 @@ class HttpProtocol(asyncio.Protocol):
             if self._content_length is not None:
                 raise _Reject(BadRequest("both Content-Length and Transfer-Encoding"))
             self._chunked = True
+        elif special == _HOST:
+            self._has_host = True
         elif value.strip().lower() == b"100-continue":  # Expect
             self._expect_continue = True
         else:
@@ -337,6 +338,8 @@ class HttpProtocol(asyncio.Protocol):
         self._header_bytes = 0
         self.deadline = self.loop.time() + self.limits.body_timeout
         parser = self.parser
+        if not self._has_host and parser.get_http_version() == "1.1":
+            raise _Reject(BadRequest("HTTP/1.1 request without a Host header"))  # RFC 9112 3.2
         if self._content_length is not None:
             try:
                 length = int(self._content_length)
@@ -416,9 +419,14 @@ class HttpProtocol(asyncio.Protocol):
         elif isinstance(result, Pending):
             result.subscribe(self._deliver, slot)
         else:
-            fut = asyncio.ensure_future(result, loop=self.loop)
-            self.tasks.add(fut)
-            fut.add_done_callback(functools.partial(self._on_result, slot))
+            try:
+                fut = asyncio.ensure_future(result, loop=self.loop)
+            except TypeError:
+                log.error("handler for %s returned %r", request.path, type(result).__name__)
+                self._deliver(slot, error_response(500, "internal server error"))
+            else:
+                self.tasks.add(fut)
+                fut.add_done_callback(functools.partial(self._on_result, slot))
         if not slot.keep_alive:
             # The client asked to close: read nothing more, answer what is pending.
             self.closing = True
@@ -447,7 +455,10 @@ class HttpProtocol(asyncio.Protocol):
         slot.response = response
         observer = self.state.observer
         if observer is not None and slot.request is not None:
-            observer(slot.request, response.status, time.perf_counter() - slot.started)
+            try:
+                observer(slot.request, response.status, time.perf_counter() - slot.started)
+            except Exception:  # a metrics bug must not cost the client its response
+                log.exception("request observer failed")
         if self.slots and self.slots[0] is slot:
             self._flush()
 
