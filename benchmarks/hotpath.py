@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ async def run(path: str, conns: int, rounds: int) -> None:
     handler = app.build_handler(loop)
     from webtorch.http.protocol import ServerState
 
-    state = ServerState(handler, observer=app.metrics.observe_request)
+    observer = None if os.environ.get("NO_OBSERVER") else app.metrics.observe_request
+    state = ServerState(handler, observer=observer)
     body = BODIES[path]
     raw = (
         b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Type: application/json\r\n"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -61,7 +61,8 @@ class Response:
     status: int = 200
     body: bytes = b""
     content_type: bytes | None = JSON
-    headers: Headers = field(default_factory=list)
+    # A tuple by default: most responses have no extra headers and need no list allocated.
+    headers: Sequence[tuple[bytes, bytes]] = ()
 
 
 class Pending:

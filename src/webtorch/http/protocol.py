@@ -107,17 +107,32 @@ class ServerState:
         self.connections: set[HttpProtocol] = set()
         self.draining = False
         self.date_header = b""
+        # Response heads up to "content-length: " by (status, content type); refreshed with Date.
+        self._heads: dict[tuple[int, bytes | None], bytes] = {}
         self.tick()
         self._all_closed: asyncio.Event | None = None
 
     def tick(self, now: float | None = None) -> None:
         """Refresh the cached Date header and expire deadlines; called about once a second."""
         self.date_header = b"date: " + formatdate(time.time(), usegmt=True).encode() + b"\r\n"
+        self._heads = {}
         if now is None:
             return
         for conn in list(self.connections):
             if conn.deadline is not None and now >= conn.deadline:
                 conn.on_deadline()
+
+    def head(self, status: int, content_type: bytes | None) -> bytes:
+        """Status line, Server, Date and Content-Type, ending with ``content-length: ``."""
+        key = (status, content_type)
+        head = self._heads.get(key)
+        if head is None:
+            ctype = b"content-type: " + content_type + b"\r\n" if content_type is not None else b""
+            head = status_line(status) + self.server_header + self.date_header + ctype
+            head += b"content-length: "
+            if len(self._heads) < 64:  # statuses x content types in use: few; stay bounded
+                self._heads[key] = head
+        return head
 
     def connection_lost(self, conn: HttpProtocol) -> None:
         self.connections.discard(conn)
@@ -430,7 +445,8 @@ class HttpProtocol(asyncio.Protocol):
         if not slot.keep_alive:
             # The client asked to close: read nothing more, answer what is pending.
             self.closing = True
-        self._update_reading()
+        if self.read_paused or len(self.slots) >= self.limits.max_pipeline:
+            self._update_reading()
 
     # -- responses ----------------------------------------------------------------------------
 
@@ -494,13 +510,27 @@ class HttpProtocol(asyncio.Protocol):
             elif self.phase == _WAIT:
                 self.phase = _IDLE
                 self.deadline = self.loop.time() + self.limits.keepalive_timeout
-        self._update_reading()
+        if self.read_paused:
+            self._update_reading()
 
     def _write(
         self, transport: asyncio.Transport, response: Response, slot: _Slot, keep_alive: bool
     ) -> None:
         body = response.body
         status = response.status
+        request = slot.request
+        plain = (
+            keep_alive
+            and not response.headers
+            and not slot.head
+            and status not in _NO_BODY_STATUSES
+            and len(body) < 65536
+            and (request is None or request.http_version != "1.0")
+        )
+        if plain:  # the common case: one cached head, one write
+            head = self.state.head(status, response.content_type)
+            transport.write(b"%s%d\r\n\r\n%s" % (head, len(body), body))
+            return
         parts = [status_line(status), self.state.server_header, self.state.date_header]
         if response.content_type is not None:
             parts.append(b"content-type: " + response.content_type + b"\r\n")
@@ -508,7 +538,6 @@ class HttpProtocol(asyncio.Protocol):
             parts.append(b"content-length: %d\r\n" % len(body))
         for name, value in response.headers:
             parts.append(name + b": " + value + b"\r\n")
-        request = slot.request
         if not keep_alive:
             parts.append(b"connection: close\r\n")
         elif request is not None and request.http_version == "1.0":

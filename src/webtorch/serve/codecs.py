@@ -215,7 +215,10 @@ class _InputCheck:
     def shape_ok(self, shape: tuple[int, ...]) -> bool:
         if len(shape) != self.ndim or shape[0] < 1:
             return False
-        return all(shape[axis] == size for axis, size in self.fixed)
+        for axis, size in self.fixed:  # noqa: SIM110 - a loop: all() of a generator costs more
+            if shape[axis] != size:
+                return False
+        return True
 
 
 class ShortForm:

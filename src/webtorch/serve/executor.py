@@ -20,7 +20,6 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -39,12 +38,16 @@ ComputeMode = Literal["loop", "thread"]
 Encoder = Callable[[dict[str, np.ndarray]], Response]
 
 
-@dataclass(slots=True)
-class Job:
-    inputs: dict[str, np.ndarray]
-    rows: int
-    encode: Encoder
-    pending: Pending
+class Job(Pending):
+    """One request's work, and the Pending its handler returned: one allocation per request."""
+
+    __slots__ = ("encode", "inputs", "rows")
+
+    def __init__(self, inputs: dict[str, np.ndarray], rows: int, encode: Encoder) -> None:
+        super().__init__()
+        self.inputs = inputs
+        self.rows = rows
+        self.encode = encode
 
 
 class ModelFailed(HTTPError):
@@ -92,15 +95,15 @@ class Executor:
                 f"batch of {rows} rows exceeds model {self.model.name!r}'s max_batch "
                 f"{self.scheduler.max_batch}"
             )
-        pending = Pending()
+        job = Job(inputs, rows, encode)
         try:
-            self.scheduler.add(Job(inputs, rows, encode, pending), rows, time.perf_counter())
+            self.scheduler.add(job, rows, time.perf_counter())
         except QueueFull:
             raise ServiceUnavailable(f"model {self.model.name!r} queue is full") from None
         if not self._scheduled and not self.scheduler.busy:
             self._scheduled = True
             self.loop.call_soon(self._run)
-        return pending
+        return job
 
     def _run(self) -> None:
         self._scheduled = False
@@ -132,7 +135,7 @@ class Executor:
 
     def _complete(self, jobs: list[Job], responses: list[Response]) -> None:
         for job, response in zip(jobs, responses, strict=True):
-            job.pending.resolve(response)
+            job.resolve(response)
         self.scheduler.finish()
         if len(self.scheduler):
             if not self._scheduled:
@@ -256,7 +259,7 @@ class Executor:
                 return
             inputs[spec.name] = np.zeros((1, *spec.shape[1:]), dtype=spec.dtype.numpy)
         try:
-            self._forward([Job(inputs, 1, _no_encode, Pending())])
+            self._forward([Job(inputs, 1, _no_encode)])
         except Exception as exc:
             log.info("model %s: warm-up skipped: %r", self.model.name, exc)
         self.stats.reset()  # warm-up is not traffic
