@@ -194,6 +194,12 @@ def test_routes_cannot_shadow_builtin_routes(tmp_path: Path, routes: str, proble
     assert problem in message
 
 
+@pytest.mark.parametrize("path", ["/models/xor/predict", "/v2/models/xor/infer"])
+def test_routes_cannot_shadow_a_models_routes(tmp_path: Path, path: str) -> None:
+    text = f"[models.xor]\npath = '{XOR}'\n\n[[routes]]\npath = '{path}'\nreturn = 200\n"
+    assert "is a model's built-in route" in config_error(write(tmp_path, text))
+
+
 def test_duplicate_routes(tmp_path: Path) -> None:
     text = "[[routes]]\nprefix = '/a/'\nreturn = 200\n\n[[routes]]\nprefix = '/a/'\nreturn = 404\n"
     assert "routes[1].prefix: '/a/' repeats routes[0]" in config_error(write(tmp_path, text))

@@ -10,7 +10,7 @@ import ssl
 from collections.abc import Callable
 
 from webtorch import __version__
-from webtorch.config import Config, parse_listen
+from webtorch.config import BUILTIN_ROUTES, Config, model_paths, parse_listen
 from webtorch.http.limits import Limits
 from webtorch.http.messages import Handler, HandlerResult, Request, Response
 from webtorch.http.router import Route, Router
@@ -65,20 +65,24 @@ class App:
             self.executors[name] = executor
             endpoints[name] = ModelEndpoint(model, executor, stats)
         models = ModelRoutes(endpoints, self.ready, __version__)
+        builtins: dict[tuple[str, str], Handler] = {
+            ("path", "/v2"): models.oip,
+            ("prefix", "/v2/"): models.oip,
+            ("prefix", "/models/"): models.short,
+            ("path", "/metrics"): self.metrics.handle,
+        }
+        # config.py refuses user routes that would shadow these; keep the two lists one list.
+        assert set(builtins) == BUILTIN_ROUTES
         router = Router(
             [
-                Route("/v2", models.oip, "/v2"),
-                Route("/v2/", models.oip, "/v2", prefix=True),
-                Route("/models/", models.short, "/models", prefix=True),
-                Route("/metrics", self.metrics.handle, "/metrics"),
+                Route(where, handler, where.rstrip("/") or "/", prefix=kind == "prefix")
+                for (kind, where), handler in builtins.items()
             ]
         )
         for name, endpoint in endpoints.items():
             # Exact routes for the hot endpoints: one dict lookup, and a fixed metrics label.
-            for path, handler in (
-                (f"/models/{name}/predict", endpoint.predict),
-                (f"/v2/models/{name}/infer", endpoint.infer),
-            ):
+            predict, infer = model_paths(name)
+            for path, handler in ((predict, endpoint.predict), (infer, endpoint.infer)):
                 router.add(Route(path, handler, path))
         for rc in self.config.routes:
             where = rc.path if rc.path is not None else rc.prefix

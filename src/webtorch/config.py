@@ -31,6 +31,11 @@ BUILTIN_ROUTES = frozenset(
 )
 
 
+def model_paths(name: str) -> tuple[str, str]:
+    """The exact paths a model is served at: its short form and its OIP infer endpoint."""
+    return f"/models/{name}/predict", f"/v2/models/{name}/infer"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -107,7 +112,10 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _check_refs(self) -> Config:
         seen: dict[tuple[str, str | None], int] = {}
+        served = {path for name in self.models for path in model_paths(name)}
         for i, route in enumerate(self.routes):
+            if route.path in served:
+                raise ValueError(f"routes[{i}].path: {route.path!r} is a model's built-in route")
             if route.model is not None and route.model not in self.models:
                 raise ValueError(f"routes[{i}].model: no model named {route.model!r}")
             key = ("path", route.path) if route.path is not None else ("prefix", route.prefix)
