@@ -42,6 +42,7 @@ class App:
         self.executors: dict[str, Executor] = {}
         self.server: HttpServer | None = None
         self._ready = False
+        self._compaction: asyncio.TimerHandle | None = None
 
     def ready(self) -> bool:
         return self._ready and not (self.server is not None and self.server.state.draining)
@@ -111,8 +112,15 @@ class App:
         # Everything allocated so far (torch, models, routes) lives as long as the process: move it
         # out of the collector's sight so a generation-2 collection does not walk it mid-request.
         gc.freeze()
+        self._compact_metrics()
         self._ready = True
         return self.server
+
+    def _compact_metrics(self) -> None:
+        """Fold the hot path's pending metric observations into buckets, once a second."""
+        self.metrics.compact()
+        loop = asyncio.get_running_loop()
+        self._compaction = loop.call_later(1.0, self._compact_metrics)
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         tls = self.config.server.tls
@@ -126,6 +134,8 @@ class App:
         """Graceful: stop accepting, finish in-flight requests, then the executors."""
         if self.server is not None:
             await self.server.shutdown()
+        if self._compaction is not None:
+            self._compaction.cancel()
         for executor in self.executors.values():
             await executor.close()
 

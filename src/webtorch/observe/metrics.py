@@ -8,9 +8,9 @@ Prometheus metric families when ``/metrics`` is scraped. Exposition stays promet
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -26,31 +26,53 @@ STAGES = ("decode", "queue", "preprocess", "network", "postprocess", "encode")
 
 
 class Histogram:
-    """Cumulative-at-scrape histogram: one bisect and two additions per observation."""
+    """A histogram whose hot-path cost is one C-level ``list.append``.
 
-    __slots__ = ("bounds", "counts", "total")
+    :attr:`record` is the bound ``append`` of a pending list: callers on the request path keep it
+    and call it with no Python frame in between. Pending values are folded into bucket counts in
+    bulk with numpy by :meth:`compact`, which scrapes call and the server calls once a second, and
+    :meth:`observe` calls when the list is long, so memory stays bounded either way.
+    """
+
+    __slots__ = ("_bounds", "_pending", "bounds", "counts", "record", "total")
+
+    COMPACT_AT = 8192
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)  # last bucket: +Inf
+        self._bounds = np.asarray(self.bounds, dtype=np.float64)
+        self.counts = np.zeros(len(self.bounds) + 1, dtype=np.int64)  # last bucket: +Inf
         self.total = 0.0
+        self._pending: list[float] = []
+        self.record: Callable[[float], None] = self._pending.append
 
     def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
+        self.record(value)
+        if len(self._pending) >= self.COMPACT_AT:
+            self.compact()
+
+    def compact(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        values = np.asarray(pending, dtype=np.float64)
+        pending.clear()  # the same list: ``record`` stays bound to it
+        # searchsorted "left" is bisect_left: a value equal to a bound lands in that bucket (le).
+        slots = np.searchsorted(self._bounds, values, side="left")
+        self.counts += np.bincount(slots, minlength=len(self.counts))
+        self.total += float(values.sum())
 
     def buckets(self) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        running = 0
-        for bound, count in zip(self.bounds, self.counts, strict=False):
-            running += count
-            out.append((repr(float(bound)), running))
-        out.append(("+Inf", running + self.counts[-1]))
+        self.compact()
+        cumulative = np.cumsum(self.counts)
+        out = [(repr(float(b)), float(c)) for b, c in zip(self.bounds, cumulative, strict=False)]
+        out.append(("+Inf", float(cumulative[-1])))
         return out
 
     @property
     def count(self) -> int:
-        return sum(self.counts)
+        self.compact()
+        return int(self.counts.sum())
 
 
 class ModelStats:
@@ -64,6 +86,14 @@ class ModelStats:
         self.batches = 0
         self.stages = {stage: Histogram(LATENCY_BUCKETS) for stage in STAGES}
         self.errors = 0
+        # Recorded per request (by ``record``, which never compacts): bounded once per batch.
+        self._per_request = [self.stages[s] for s in ("decode", "queue", "encode")]
+
+    def bound(self) -> None:
+        """Keep per-request observations bounded between the app's once-a-second compactions."""
+        for hist in self._per_request:
+            if len(hist._pending) >= hist.COMPACT_AT:
+                hist.compact()
 
 
 class Metrics:
@@ -91,7 +121,16 @@ class Metrics:
         hist = self.latency.get(route)
         if hist is None:
             hist = self.latency[route] = Histogram(LATENCY_BUCKETS)
-        hist.observe(seconds)
+        hist.record(seconds)
+
+    def compact(self) -> None:
+        """Fold pending observations into buckets; the app calls this once a second."""
+        for hist in self.latency.values():
+            hist.compact()
+        for stats in self.models.values():
+            stats.batch_rows.compact()
+            for stage in stats.stages.values():
+                stage.compact()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

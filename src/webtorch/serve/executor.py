@@ -118,9 +118,9 @@ class Executor:
             if wake is not None:
                 self._timer = self.loop.call_later(max(0.0, wake - now), self._run)
             return
-        queue_hist = self.stats.stages["queue"]
+        record_queue = self.stats.stages["queue"].record
         for entry in batch:
-            queue_hist.observe(now - entry.arrived)
+            record_queue(now - entry.arrived)
         jobs = [entry.item for entry in batch]
         if self._pool is None:
             self._complete(jobs, self._compute(jobs))
@@ -136,6 +136,7 @@ class Executor:
     def _complete(self, jobs: list[Job], responses: list[Response]) -> None:
         for job, response in zip(jobs, responses, strict=True):
             job.resolve(response)
+        self.stats.bound()
         self.scheduler.finish()
         if len(self.scheduler):
             if not self._scheduled:
@@ -180,7 +181,7 @@ class Executor:
                 ModelFailed(f"model {self.model.name!r} could not process this input: {exc}")
             )
             return
-        observe = self.stats.stages["encode"].observe
+        record_encode = self.stats.stages["encode"].record
         items = list(outputs.items())
         single = items[0] if len(items) == 1 else None
         start = 0
@@ -198,7 +199,7 @@ class Executor:
             except Exception as exc:
                 responses[i] = _internal(exc)
             now = time.perf_counter()
-            observe(now - clock)
+            record_encode(now - clock)
             clock = now
             start = end
 

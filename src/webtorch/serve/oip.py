@@ -44,7 +44,7 @@ class ModelEndpoint:
         self.version = model.spec.version
         self._inputs = {t.name: t for t in model.inputs}
         self._outputs = model.outputs
-        self._decode_hist = stats.stages["decode"]
+        self._record_decode = stats.stages["decode"].record
         self._short = codecs.ShortForm(model.inputs, model.outputs, model.name)
         self._oip = codecs.OIPForm(model.inputs, model.outputs, model.name, self.version)
 
@@ -53,7 +53,7 @@ class ModelEndpoint:
             _require(request, "POST")
         t0 = time.perf_counter()
         inputs, rows = self._short.decode(request.body, request.content_type)
-        self._decode_hist.observe(time.perf_counter() - t0)
+        self._record_decode(time.perf_counter() - t0)
         return self.executor.submit(inputs, rows, self._short.encode)
 
     def infer(self, request: Request) -> HandlerResult:
@@ -63,7 +63,7 @@ class ModelEndpoint:
         decoded = self._oip.decode(
             request.body, request.content_type, request.header(b"inference-header-content-length")
         )
-        self._decode_hist.observe(time.perf_counter() - t0)
+        self._record_decode(time.perf_counter() - t0)
         return self.executor.submit(
             decoded.inputs, decoded.rows, functools.partial(self._oip.encode, decoded)
         )
