@@ -189,6 +189,13 @@ TARGETS = [
         lone=True,
     ),
     Target("litserve", "LitServe", SHORT_PATH, SHORT_BODY, script_command("litserve_xor.py")),
+    Target(
+        "prototype",
+        "40-line uvloop+httptools prototype (no validation, limits, metrics)",
+        SHORT_PATH,
+        SHORT_BODY,
+        script_command("prototype_xor.py"),
+    ),
 ]
 TARGET_KEYS = [t.key for t in TARGETS]
 
