@@ -22,6 +22,8 @@ from webtorch.serve.codecs import (
     decode_short,
     encode_oip,
     encode_short,
+    rows_array,
+    strict_array,
     validate_requested,
 )
 from webtorch.serve.datatypes import DATATYPES
@@ -726,7 +728,11 @@ def test_fast_paths_decode_like_the_general_decoders(
     body = orjson.dumps({"inputs": data})
     inputs, rows = short.decode(body, JSON)
     general = decode_short(body, JSON, model, "m")
-    same(inputs, general.inputs)
+    # Fixed-width float rows stay JSON lists until the batch converts them (rows_array).
+    converted = {
+        k: rows_array([v], model[k]) if isinstance(v, list) else v for k, v in inputs.items()
+    }
+    same(converted, general.inputs)
     assert rows == general.rows
     array = np.array(data)
     body = oip({"name": "v", "datatype": name, "shape": list(array.shape), "data": data}, id=3)
@@ -734,6 +740,20 @@ def test_fast_paths_decode_like_the_general_decoders(
     slow = decode_json(body, model)
     same(fast.inputs, slow.inputs)
     assert fast.rows == slow.rows and fast.id == slow.id == "3"
+
+
+def test_short_form_keeps_float_rows_as_json_lists_for_the_batch() -> None:
+    model = {"v": TensorSpec("v", "FP32", (-1, 2))}
+    short, _ = forms(model)
+    inputs, rows = short.decode(b'{"inputs": [[0, 1], [1, "x"]]}', JSON)
+    assert rows == 2 and inputs["v"] == [[0, 1], [1, "x"]]  # elements are the batch's to check
+    assert rows_array([[[0, 1]], [[1, 0.5]]], model["v"]).tolist() == [[0, 1], [1, 0.5]]  # type: ignore[union-attr]
+    assert rows_array([[[0, 1]], [[1, "x"]]], model["v"]) is None
+    assert rows_array([[[0, None]]], model["v"]) is None
+    assert rows_array([[[True, False]]], model["v"]) is None  # booleans are not FP32 numbers
+    bad(lambda: strict_array(model["v"], [[1, "x"]]), match="must be FP32 numbers")
+    # a wrong width never takes the list path
+    bad(lambda: short.decode(b'{"inputs": [[0, 1, 2]]}', JSON), match="shape")
 
 
 @pytest.mark.parametrize(

@@ -565,6 +565,22 @@ def test_one_failing_request_in_a_batch_fails_alone(server: Running) -> None:
     )
 
 
+def test_a_request_with_non_numbers_in_a_batch_gets_400_alone(server: Running) -> None:
+    # Short-form rows are checked when the batch converts them: a bad one must not cost the
+    # others their answer, and must get a 400 naming the problem, not a model failure.
+    values: list[Any] = [[[0, 1]], [[1, "one"]], [[1, 1], [0, 0]], [[None, 0]], [[1, 0]]]
+    replies = send_together(
+        server,
+        [raw_request("/models/xor/predict", json.dumps({"inputs": v}).encode()) for v in values],
+    )
+    assert [r.status for r in replies] == [200, 400, 200, 400, 200]
+    assert_xor(replies[0].json()["outputs"], [[0, 1]])
+    assert_xor(replies[2].json()["outputs"], [[1, 1], [0, 0]])
+    assert_xor(replies[4].json()["outputs"], [[1, 0]])
+    for bad in (replies[1], replies[3]):
+        assert "input 'x'" in bad.json()["error"]
+
+
 def test_queue_full_sheds_load_with_503(server: Running) -> None:
     # "tiny" queues at most 2 rows: the third request that arrives together is refused.
     body = json.dumps({"inputs": [[1, 0]]}).encode()

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -28,9 +28,11 @@ import torch
 from webtorch.errors import BadRequest, HTTPError, ServiceUnavailable
 from webtorch.http.messages import Pending, Response, error_response, response_for_error
 from webtorch.observe.metrics import ModelStats
+from webtorch.serve import codecs
 from webtorch.serve.batcher import BatchScheduler, Queued, QueueFull
+from webtorch.serve.codecs import InputData
 from webtorch.serve.datatypes import to_numpy, to_torch
-from webtorch.serve.model import LoadedModel, Tensors
+from webtorch.serve.model import LoadedModel, Tensors, TensorSpec
 
 log = logging.getLogger("webtorch.serve")
 
@@ -43,7 +45,7 @@ class Job(Pending):
 
     __slots__ = ("encode", "inputs", "rows")
 
-    def __init__(self, inputs: dict[str, np.ndarray], rows: int, encode: Encoder) -> None:
+    def __init__(self, inputs: dict[str, InputData], rows: int, encode: Encoder) -> None:
         super().__init__()
         self.inputs = inputs
         self.rows = rows
@@ -87,7 +89,7 @@ class Executor:
     def max_batch(self) -> int:
         return self.scheduler.max_batch
 
-    def submit(self, inputs: dict[str, np.ndarray], rows: int, encode: Encoder) -> Pending:
+    def submit(self, inputs: dict[str, InputData], rows: int, encode: Encoder) -> Pending:
         if self._closed:
             raise ServiceUnavailable(f"model {self.model.name!r} is shutting down")
         if rows > self.scheduler.max_batch:
@@ -159,7 +161,7 @@ class Executor:
             return [list(range(len(jobs)))]
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, job in enumerate(jobs):
-            key = tuple(job.inputs[name].shape[1:] for name, _ in self._specs)
+            key = tuple(np.shape(job.inputs[name])[1:] for name, _ in self._specs)
             groups.setdefault(key, []).append(i)
         return list(groups.values())
 
@@ -169,6 +171,20 @@ class Executor:
         members = [jobs[i] for i in group]
         try:
             outputs = self._forward(members)
+        except _UncheckedRows:
+            # Some request's JSON rows hold something other than numbers: check each request on
+            # its own, answer the bad ones 400 and run the others together.
+            good: list[int] = []
+            for i in group:
+                try:
+                    self._check_rows(jobs[i])
+                except HTTPError as exc:
+                    responses[i] = response_for_error(exc)
+                else:
+                    good.append(i)
+            if good:
+                self._run_group(jobs, good, responses)
+            return
         except Exception as exc:
             if len(members) > 1:
                 # One request's input broke the model: isolate it instead of failing the batch.
@@ -210,9 +226,16 @@ class Executor:
         stats = self.stats
         rows = sum(job.rows for job in jobs)
         inputs: Tensors = {}
-        for name, dt in self._specs:
+        for tensor in model.inputs:
+            name, dt = tensor.name, tensor.dtype
             parts = [job.inputs[name] for job in jobs]
-            array = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            array: np.ndarray
+            if type(parts[0]) is list:
+                array = _rows_array(parts, tensor)
+            elif len(parts) == 1:
+                array = cast(np.ndarray, parts[0])
+            else:
+                array = np.concatenate(parts)
             if dt.torch is None:  # BYTES: preprocess turns them into tensors
                 inputs[name] = array
             else:
@@ -250,11 +273,18 @@ class Executor:
         stats.batches += 1
         return outputs
 
+    def _check_rows(self, job: Job) -> None:
+        """Replace a job's unchecked JSON rows by checked arrays; BadRequest names a bad one."""
+        for spec in self.model.inputs:
+            data = job.inputs[spec.name]
+            if type(data) is list:
+                job.inputs[spec.name] = codecs.strict_array(spec, data)
+
     def warmup(self) -> None:
         """One forward pass on zeros before serving, so the first client does not pay for lazy
         initialisation (allocator, kernels: ~15 ms for XOR on CPU). Skipped when a shape is not
         fully known or the model rejects zeros; that is the model's business, not an error."""
-        inputs: dict[str, np.ndarray] = {}
+        inputs: dict[str, InputData] = {}
         for spec in self.model.inputs:
             if spec.dtype.torch is None or any(d == -1 for d in spec.shape[1:]):
                 return
@@ -273,6 +303,19 @@ class Executor:
             await self._idle.wait()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+
+
+class _UncheckedRows(Exception):
+    """A batch's JSON rows did not convert cleanly: some request sent something not a number."""
+
+
+def _rows_array(parts: list[InputData], spec: TensorSpec) -> np.ndarray:
+    if any(type(part) is not list for part in parts):
+        raise _UncheckedRows  # rows beside arrays: check the rows, then concatenate arrays
+    array = codecs.rows_array(parts, spec)  # type: ignore[arg-type]
+    if array is None:
+        raise _UncheckedRows
+    return array
 
 
 def _no_encode(outputs: dict[str, np.ndarray]) -> Response:
