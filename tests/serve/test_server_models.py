@@ -581,6 +581,27 @@ def test_a_request_with_non_numbers_in_a_batch_gets_400_alone(server: Running) -
         assert "input 'x'" in bad.json()["error"]
 
 
+def test_oip_flat_data_with_non_numbers_in_a_batch_gets_400_alone(server: Running) -> None:
+    def body(shape: list[int], data: list[Any]) -> bytes:
+        entry = {"name": "x", "datatype": "FP32", "shape": shape, "data": data}
+        return json.dumps({"inputs": [entry]}).encode()
+
+    replies = send_together(
+        server,
+        [
+            raw_request("/v2/models/xor/infer", body([1, 2], [0, 1])),
+            raw_request("/v2/models/xor/infer", body([1, 2], [1, "x"])),
+            raw_request("/v2/models/xor/infer", body([2, 2], [1, 1, 1, 0])),
+            raw_request("/v2/models/xor/infer", body([2, 2], [[0, 0], [0, 1]])),  # nested is fine
+        ],
+    )
+    assert [r.status for r in replies] == [200, 400, 200, 200]
+    assert_xor([[v] for v in replies[0].json()["outputs"][0]["data"]], [[0, 1]])
+    assert_xor([[v] for v in replies[2].json()["outputs"][0]["data"]], [[1, 1], [1, 0]])
+    assert_xor([[v] for v in replies[3].json()["outputs"][0]["data"]], [[0, 0], [0, 1]])
+    assert "input 'x'" in replies[1].json()["error"]
+
+
 def test_queue_full_sheds_load_with_503(server: Running) -> None:
     # "tiny" queues at most 2 rows: the third request that arrives together is refused.
     body = json.dumps({"inputs": [[1, 0]]}).encode()
