@@ -108,14 +108,14 @@ class ServerState:
         self.draining = False
         self.date_header = b""
         # Response heads up to "content-length: " by (status, content type); refreshed with Date.
-        self._heads: dict[tuple[int, bytes | None], bytes] = {}
+        self.heads: dict[tuple[int, bytes | None], bytes] = {}
         self.tick()
         self._all_closed: asyncio.Event | None = None
 
     def tick(self, now: float | None = None) -> None:
         """Refresh the cached Date header and expire deadlines; called about once a second."""
         self.date_header = b"date: " + formatdate(time.time(), usegmt=True).encode() + b"\r\n"
-        self._heads = {}
+        self.heads = {}
         if now is None:
             return
         for conn in list(self.connections):
@@ -125,13 +125,13 @@ class ServerState:
     def head(self, status: int, content_type: bytes | None) -> bytes:
         """Status line, Server, Date and Content-Type, ending with ``content-length: ``."""
         key = (status, content_type)
-        head = self._heads.get(key)
+        head = self.heads.get(key)
         if head is None:
             ctype = b"content-type: " + content_type + b"\r\n" if content_type is not None else b""
             head = status_line(status) + self.server_header + self.date_header + ctype
             head += b"content-length: "
-            if len(self._heads) < 64:  # statuses x content types in use: few; stay bounded
-                self._heads[key] = head
+            if len(self.heads) < 64:  # statuses x content types in use: few; stay bounded
+                self.heads[key] = head
         return head
 
     def connection_lost(self, conn: HttpProtocol) -> None:
@@ -528,7 +528,10 @@ class HttpProtocol(asyncio.Protocol):
             and (request is None or request.http_version != "1.0")
         )
         if plain:  # the common case: one cached head, one write
-            head = self.state.head(status, response.content_type)
+            state = self.state
+            head = state.heads.get((status, response.content_type)) or state.head(
+                status, response.content_type
+            )
             transport.write(b"%s%d\r\n\r\n%s" % (head, len(body), body))
             return
         parts = [status_line(status), self.state.server_header, self.state.date_header]
