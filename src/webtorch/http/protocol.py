@@ -475,7 +475,21 @@ class HttpProtocol(asyncio.Protocol):
                 observer(slot.request, response.status, time.perf_counter() - slot.started)
             except Exception:  # a metrics bug must not cost the client its response
                 log.exception("request observer failed")
-        if self.slots and self.slots[0] is slot:
+        slots = self.slots
+        if (
+            len(slots) == 1
+            and slots[0] is slot
+            and slot.keep_alive
+            and self.phase == _WAIT
+            and not (self.closing or self.state.draining or self.read_paused)
+        ):
+            # The common case, what _flush would do in it: the only request in flight is
+            # answered and the connection goes idle. Spelled out because it runs per request.
+            slots.popleft()
+            self._write(self.transport, response, slot, True)
+            self.phase = _IDLE
+            self.deadline = self.loop.time() + self.limits.keepalive_timeout
+        elif slots and slots[0] is slot:
             self._flush()
 
     def _flush(self) -> None:
