@@ -1,11 +1,14 @@
 """Side-by-side throughput and latency: nginx, WebTorch, FastAPI and LitServe serving XOR.
 
-    .venv/bin/python benchmarks/run.py [--duration S] [--quick] [--targets nginx,webtorch,...]
+    .venv/bin/python benchmarks/run.py [--duration S] [--quick] [--repeat N]
+        [--targets nginx,webtorch,...] [--output FILE]
 
 Every server runs pinned to CPU 0 and wrk to CPU 1, one after the other in this one run, so the
 ratios between them mean something on a shared, noisy machine even when the absolute numbers do
-not. The results replace the section between the markers in BENCHMARKS.md at the repository root.
-Install what this needs with ``benchmarks/setup``.
+not. The whole list of targets runs ``--repeat`` times in rounds (every target once, then again),
+so a slow drift of the machine hits all targets alike, and the report shows each target's median
+over the rounds next to every round's req/s. The results replace the section between the markers
+in BENCHMARKS.md at the repository root. Install what this needs with ``benchmarks/setup``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,12 +107,63 @@ class Result:
     error: str | None = None
 
 
+def median_wrk(results: list[WrkResult]) -> WrkResult:
+    """Each figure's median over ``results``; the counts are summed."""
+    return WrkResult(
+        rps=statistics.median(r.rps for r in results),
+        p50_ms=statistics.median(r.p50_ms for r in results),
+        p99_ms=statistics.median(r.p99_ms for r in results),
+        requests=sum(r.requests for r in results),
+        non_2xx=sum(r.non_2xx for r in results),
+        socket_errors=sum(r.socket_errors for r in results),
+    )
+
+
+@dataclass
+class Rounds:
+    """One target's results, one per round, in the order of the rounds."""
+
+    target: Target
+    results: list[Result] = dataclasses.field(default_factory=list)
+
+    @property
+    def rps(self) -> list[float | None]:
+        """Each round's req/s at 64 connections; None for a round that failed."""
+        return [r.load.rps if r.load is not None else None for r in self.results]
+
+    @property
+    def median_rps(self) -> float | None:
+        done = [rps for rps in self.rps if rps is not None]
+        return statistics.median(done) if done else None
+
+    @property
+    def median_round(self) -> Result | None:
+        """The round whose req/s is the median; the lower middle one for an even count."""
+        done = [(r.load.rps, r) for r in self.results if r.load is not None]
+        if not done:
+            return None
+        done.sort(key=lambda pair: pair[0])
+        return done[(len(done) - 1) // 2][1]
+
+    @property
+    def lone(self) -> WrkResult | None:
+        """The lone-request figures, each the median over the rounds that measured it."""
+        lones = [r.lone for r in self.results if r.lone is not None]
+        return median_wrk(lones) if lones else None
+
+    @property
+    def errors(self) -> int:
+        """wrk's errors at 64 connections, summed over the rounds."""
+        return sum(r.load.errors for r in self.results if r.load is not None)
+
+
 @dataclass(frozen=True)
 class Settings:
     duration: int
     warmup: int
     targets: list[str]
     output: Path
+    repeat: int = 3  # rounds over the whole list of targets
     workdir: Path = Path()  # scratch directory of this run, set in main
 
 
@@ -517,39 +572,63 @@ def ratio(value: float | None, reference: float | None) -> str:
     return f"{value / reference:.2f}x"
 
 
-def rps_of(results: dict[str, Result], key: str) -> float | None:
-    result = results.get(key)
-    return result.load.rps if result is not None and result.load is not None else None
+def rps_of(results: dict[str, Rounds], key: str) -> float | None:
+    """``key``'s median req/s over the rounds; None if it was not measured or always failed."""
+    rounds = results.get(key)
+    return rounds.median_rps if rounds is not None else None
 
 
-def load_table(results: dict[str, Result]) -> list[str]:
+def per_round(value: float | None) -> str:
+    """``45.7k`` (or ``850``) for one round's req/s; ``failed`` for a round that failed."""
+    if value is None:
+        return "failed"
+    return f"{value / 1000:.1f}k" if value >= 1000 else f"{value:.0f}"
+
+
+def round_ratios(results: dict[str, Rounds], key: str, reference: str) -> str:
+    """``0.38x / 0.43x / 0.41x``: ``key``'s req/s over ``reference``'s, round by round."""
+    value, ref = results.get(key), results.get(reference)
+    if value is None or ref is None:
+        return "n/a"
+    return " / ".join(ratio(v, r) for v, r in zip(value.rps, ref.rps, strict=True))
+
+
+def ratio_detail(results: dict[str, Rounds], key: str, reference: str) -> str:
+    """``0.41x median; rounds 0.38x / 0.43x / 0.41x``."""
+    median = ratio(rps_of(results, key), rps_of(results, reference))
+    return f"{median} median; rounds {round_ratios(results, key, reference)}"
+
+
+def load_row(rounds: Rounds, nginx: float | None, fastapi: float | None) -> str:
+    name, result, rps = rounds.target.label, rounds.median_round, rounds.median_rps
+    if result is None or result.load is None or rps is None:
+        return f"| {name} | failed (see below) | | | | | | | | |"
+    load = result.load
+    return (
+        f"| {name} | {rps:,.0f} | {' / '.join(per_round(v) for v in rounds.rps)} "
+        f"| {load.p50_ms:.2f} ms | {load.p99_ms:.2f} ms "
+        f"| {result.rss_mib:.0f} MiB ({result.processes}) | {result.pss_mib:.0f} MiB "
+        f"| {ratio(rps, nginx)} | {ratio(rps, fastapi)} | {rounds.errors} |"
+    )
+
+
+def load_table(results: dict[str, Rounds]) -> list[str]:
     nginx, fastapi = rps_of(results, "nginx"), rps_of(results, "fastapi")
-    rows = [
-        "| Target | req/s | p50 | p99 | RSS (processes) | PSS | x nginx | x FastAPI | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    return [
+        "| Target | req/s | req/s per round | p50 | p99 | RSS (processes) | PSS | x nginx "
+        "| x FastAPI | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(load_row(rounds, nginx, fastapi) for rounds in results.values()),
     ]
-    for result in results.values():
-        name = result.target.label
-        if result.load is None:
-            rows.append(f"| {name} | failed (see below) | | | | | | | |")
-            continue
-        load = result.load
-        rows.append(
-            f"| {name} | {load.rps:,.0f} | {load.p50_ms:.2f} ms | {load.p99_ms:.2f} ms "
-            f"| {result.rss_mib:.0f} MiB ({result.processes}) | {result.pss_mib:.0f} MiB "
-            f"| {ratio(load.rps, nginx)} "
-            f"| {ratio(load.rps, fastapi)} | {load.errors} |"
-        )
-    return rows
 
 
-def lone_table(results: dict[str, Result]) -> list[str]:
+def lone_table(results: dict[str, Rounds]) -> list[str]:
     rows = ["| Target | p50 | p99 | req/s |", "|---|---:|---:|---:|"]
-    for result in results.values():
-        if result.lone is not None:
-            lone = result.lone
+    for rounds in results.values():
+        lone = rounds.lone
+        if lone is not None:
             rows.append(
-                f"| {result.target.label} | {lone.p50_ms:.3f} ms | {lone.p99_ms:.3f} ms "
+                f"| {rounds.target.label} | {lone.p50_ms:.3f} ms | {lone.p99_ms:.3f} ms "
                 f"| {lone.rps:,.0f} |"
             )
     if len(rows) == 2:
@@ -567,42 +646,76 @@ def at_least(value: float | None, reference: float | None, factor: float) -> boo
     return value >= factor * reference
 
 
-def target_lines(results: dict[str, Result]) -> list[str]:
+def lone_verdict(results: dict[str, Rounds]) -> tuple[bool | None, str]:
+    """Whether WebTorch's median lone-request p50 and p99 are no worse than FastAPI's, and why."""
+    wt, fa = results.get("webtorch"), results.get("fastapi")
+    wt_lone = wt.lone if wt is not None else None
+    fa_lone = fa.lone if fa is not None else None
+    if wt_lone is None or fa_lone is None:
+        return None, "n/a"
+    ok = wt_lone.p50_ms <= fa_lone.p50_ms and wt_lone.p99_ms <= fa_lone.p99_ms
+    detail = (
+        f"medians: p50 {wt_lone.p50_ms:.3f} vs {fa_lone.p50_ms:.3f} ms, "
+        f"p99 {wt_lone.p99_ms:.3f} vs {fa_lone.p99_ms:.3f} ms"
+    )
+    return ok, detail
+
+
+def target_lines(results: dict[str, Rounds]) -> list[str]:
     nginx, fastapi = rps_of(results, "nginx"), rps_of(results, "fastapi")
     short, oip = rps_of(results, "webtorch"), rps_of(results, "oip")
-    wt = results.get("webtorch")
-    fa = results.get("fastapi")
-    lone: bool | None = None
-    lone_detail = "n/a"
-    if wt is not None and fa is not None and wt.lone is not None and fa.lone is not None:
-        lone = wt.lone.p50_ms <= fa.lone.p50_ms and wt.lone.p99_ms <= fa.lone.p99_ms
-        lone_detail = (
-            f"p50 {wt.lone.p50_ms:.3f} vs {fa.lone.p50_ms:.3f} ms, "
-            f"p99 {wt.lone.p99_ms:.3f} vs {fa.lone.p99_ms:.3f} ms"
-        )
+    lone, lone_detail = lone_verdict(results)
     return [
         f"- WebTorch short form ≥ 0.5x nginx: {verdict(at_least(short, nginx, 0.5))} "
-        f"({ratio(short, nginx)})",
+        f"({ratio_detail(results, 'webtorch', 'nginx')})",
         f"- WebTorch short form ≥ 10x FastAPI: {verdict(at_least(short, fastapi, 10))} "
-        f"({ratio(short, fastapi)})",
+        f"({ratio(short, fastapi)} median)",
         f"- WebTorch OIP JSON ≥ 0.35x nginx: {verdict(at_least(oip, nginx, 0.35))} "
-        f"({ratio(oip, nginx)})",
+        f"({ratio_detail(results, 'oip', 'nginx')})",
         f"- Lone-request latency (p50 and p99) no worse than FastAPI's: {verdict(lone)} "
         f"({lone_detail})",
         f'- For the loop-vs-thread decision (no target): `compute = "thread"` served '
-        f'{ratio(rps_of(results, "thread"), short)} of `compute = "loop"`',
+        f'{ratio(rps_of(results, "thread"), short)} of `compute = "loop"` (medians)',
     ]
 
 
-def failure_lines(results: dict[str, Result]) -> list[str]:
+def failure_lines(results: dict[str, Rounds]) -> list[str]:
     lines = []
-    for result in results.values():
-        if result.error is not None:
-            lines += [f"**{result.target.label}** failed:", "", "```", result.error, "```", ""]
+    for rounds in results.values():
+        for number, result in enumerate(rounds.results, 1):
+            if result.error is not None:
+                label = rounds.target.label
+                lines += [f"**{label}** failed in round {number}:", "", "```", result.error, "```"]
+                lines.append("")
     return lines
 
 
-def render(results: dict[str, Result], settings: Settings, load_before: str) -> str:
+def rounds_text(repeat: int) -> str:
+    return "1 round" if repeat == 1 else f"{repeat} rounds"
+
+
+def method_line(settings: Settings) -> str:
+    rounds = rounds_text(settings.repeat)
+    even = (
+        " (the lower of the middle two, as the count is even)" if settings.repeat % 2 == 0 else ""
+    )
+    return (
+        f"- Method: each server alone, pinned with `taskset -c {SERVER_CPU}`; "
+        f"`taskset -c {CLIENT_CPU} wrk -t1 -c{CONNECTIONS} -d{settings.duration}s --latency` "
+        f"with a POST body after a {settings.warmup}s warm-up. The whole list of targets ran "
+        f"{rounds} (every target once, in order, then again), so a slow drift of the machine hits "
+        f"all targets alike; **the tables show medians over the {rounds}**: req/s and the ratios "
+        "are the median req/s, and p50, p99, RSS and PSS come from the round whose req/s is the "
+        f"median{even}; errors are summed over the rounds; each lone-request figure is its own "
+        "median over the rounds. RSS is VmRSS summed over the server's processes (count in "
+        "brackets) after the load, PSS the same with shared pages counted once; errors are wrk's "
+        "non-2xx responses and socket errors. nginx answers a fixed JSON body of the same size "
+        "(`keepalive_requests` raised so it never closes connections). Server logs are in a "
+        "temporary directory removed after the run."
+    )
+
+
+def render(results: dict[str, Rounds], settings: Settings, load_before: str) -> str:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         MARK_START,
@@ -613,19 +726,14 @@ def render(results: dict[str, Result], settings: Settings, load_before: str) -> 
         f"{cpu_model()}, Linux {platform.release()}; load average before the run: {load_before}",
         f"- Software: Python {platform.python_version()}, {package_versions()}; "
         f"{tool_version([find_tool('nginx'), '-v'])}; {tool_version([find_tool('wrk'), '-v'])}",
-        f"- Method: each server alone, pinned with `taskset -c {SERVER_CPU}`; "
-        f"`taskset -c {CLIENT_CPU} wrk -t1 -c{CONNECTIONS} -d{settings.duration}s --latency` "
-        f"with a POST body after a {settings.warmup}s warm-up; RSS is VmRSS summed over the "
-        "server's processes (count in brackets) after the load, PSS the same with shared pages "
-        "counted once; errors are wrk's non-2xx responses and socket errors. nginx answers a "
-        "fixed JSON body of the same size (`keepalive_requests` raised so it never closes "
-        "connections). Server logs are in a temporary directory removed after the run.",
+        method_line(settings),
         "",
-        "### Throughput, 64 connections",
+        f"### Throughput, 64 connections (median of {rounds_text(settings.repeat)})",
         "",
         *load_table(results),
         "",
-        f"### Lone requests, 1 connection ({settings.duration}s)",
+        f"### Lone requests, 1 connection ({settings.duration}s, median of "
+        f"{rounds_text(settings.repeat)})",
         "",
         *lone_table(results),
         "",
@@ -660,6 +768,12 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--duration", type=int, help="seconds per measurement (10; --quick: 3)")
     parser.add_argument("--quick", action="store_true", help="short measurements and warm-ups")
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds over the whole list of targets; the report shows medians (3)",
+    )
+    parser.add_argument(
         "--targets", default=",".join(TARGET_KEYS), help=f"comma-separated subset of {TARGET_KEYS}"
     )
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
@@ -671,8 +785,10 @@ def parse_args(argv: list[str] | None) -> Settings:
     duration = args.duration if args.duration is not None else (3 if args.quick else 10)
     if duration < 1:
         parser.error("--duration must be at least 1")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     warmup = 1 if args.quick else 2
-    return Settings(duration, warmup, targets, args.output)
+    return Settings(duration, warmup, targets, args.output, args.repeat)
 
 
 def terminate_on_sigterm() -> None:
@@ -684,24 +800,31 @@ def terminate_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def run_rounds(settings: Settings) -> dict[str, Rounds]:
+    """Measure every chosen target once per round, in order, for ``settings.repeat`` rounds."""
+    results = {t.key: Rounds(t) for t in TARGETS if t.key in settings.targets}
+    for number in range(1, settings.repeat + 1):
+        for rounds in results.values():
+            print(f"round {number}/{settings.repeat}: {rounds.target.label} ...", flush=True)
+            result = measure(rounds.target, settings)
+            rounds.results.append(result)
+            print(f"  {describe(result)}", flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     check_environment()
     terminate_on_sigterm()
     load_before = Path("/proc/loadavg").read_text().split(" ")[0]
-    results: dict[str, Result] = {}
     with tempfile.TemporaryDirectory(prefix="webtorch-bench-") as tmp:
-        settings = dataclasses.replace(settings, workdir=Path(tmp))
-        for target in TARGETS:
-            if target.key in settings.targets:
-                print(f"{target.label} ...", flush=True)
-                results[target.key] = measure(target, settings)
-                print(f"  {describe(results[target.key])}", flush=True)
+        results = run_rounds(dataclasses.replace(settings, workdir=Path(tmp)))
     update_results_file(settings.output, render(results, settings, load_before))
     print(f"wrote {settings.output}")
     for line in target_lines(results):
         print(line)
-    return 1 if any(r.error is not None for r in results.values()) else 0
+    failed = any(r.error is not None for rounds in results.values() for r in rounds.results)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
