@@ -941,3 +941,17 @@ def test_fuzz_arbitrary_bytes(
     only_4xx(lambda: _oip(body, content_type, header_length))
     only_4xx(lambda: decode_short(body, content_type, FUZZ_SPECS, "fuzz"))
     _forms(body, content_type, header_length)
+
+
+@pytest.mark.parametrize("req_id", [None, "3", 'quote " and \\ backslash', "ünïcode"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_oip_template_encoding_matches_the_general_encoder(req_id: str | None, rows: int) -> None:
+    inputs = [TensorSpec("x", "FP32", (-1, 2))]
+    outputs = [TensorSpec("y", "FP32", (-1, 1))]
+    form = OIPForm(inputs, outputs, 'model "m"', "7")
+    array = np.linspace(0, 1, rows, dtype=np.float32).reshape(rows, 1)
+    decoded = Decoded({}, rows, req_id)
+    fast = form.encode(decoded, {"y": array})
+    general = encode_oip('model "m"', "7", decoded, {"y": array}, outputs)
+    assert orjson.loads(fast.body) == orjson.loads(general.body)
+    assert fast.content_type == general.content_type

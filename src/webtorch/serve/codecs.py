@@ -265,8 +265,8 @@ class ShortForm:
 
     def encode(self, outputs: dict[str, np.ndarray]) -> Response:
         if self._plain_output:
-            body = orjson.dumps({"outputs": outputs[self.outputs[0].name]}, option=_NUMPY_OPTS)
-            return Response(200, body, JSON)
+            data = orjson.dumps(outputs[self.outputs[0].name], option=_NUMPY_OPTS)
+            return Response(200, b'{"outputs":%s}' % data, JSON)
         return encode_short(outputs, self.outputs)
 
 
@@ -541,6 +541,14 @@ class OIPForm:
         self.outputs = outputs
         self._checks = {t.name: _InputCheck(t) for t in inputs}
         self._plain_output = _plain(outputs)
+        first = outputs[0]
+        prefix = {"model_name": model, "model_version": version}
+        entry = {"name": first.name, "datatype": first.datatype}
+        # '{"model_name":..,"model_version":..,"outputs":[{"name":..,"datatype":..,"shape":'
+        self._head = orjson.dumps(prefix)[:-1] + b',"outputs":[' + orjson.dumps(entry)[:-1]
+        self._head += b',"shape":'
+        self._data_key = b',"data":'
+
 
     def decode(self, body: bytes, content_type: bytes, header_length: bytes | None) -> Decoded:
         if header_length is None and content_type in _JSON_TYPES:
@@ -605,23 +613,17 @@ class OIPForm:
 
     def encode(self, decoded: Decoded, outputs: dict[str, np.ndarray]) -> Response:
         if self._plain_output and decoded.requested is None and not decoded.binary_default:
-            spec = self.outputs[0]
-            array = outputs[spec.name]
-            doc: dict[str, Any] = {
-                "model_name": self.model,
-                "model_version": self.version,
-                "outputs": [
-                    {
-                        "name": spec.name,
-                        "datatype": spec.datatype,
-                        "shape": list(array.shape),
-                        "data": array.ravel(),
-                    }
-                ],
-            }
-            if decoded.id is not None:
-                doc["id"] = decoded.id
-            return Response(200, orjson.dumps(doc, option=_NUMPY_OPTS), JSON)
+            # The same document encode_oip builds, from a template serialised once: only the
+            # shape, the data and the id change per request.
+            array = outputs[self.outputs[0].name]
+            shape = orjson.dumps(array.shape)
+            data = orjson.dumps(array.ravel(), option=_NUMPY_OPTS)
+            if decoded.id is None:
+                body = b"%s%s%s%s}]}" % (self._head, shape, self._data_key, data)
+            else:
+                req_id = orjson.dumps(decoded.id)
+                body = b'%s%s%s%s}],"id":%s}' % (self._head, shape, self._data_key, data, req_id)
+            return Response(200, body, JSON)
         return encode_oip(self.model, self.version, decoded, outputs, self.outputs)
 
 
