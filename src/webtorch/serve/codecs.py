@@ -14,7 +14,7 @@ arrays, so there is no per-request ``torch.tensor``. Binary inputs are zero-copy
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import prod
 from typing import Any
 
@@ -45,7 +45,8 @@ class Decoded:
     id: str | None = None
     # Output names to return (None: all) and which of them go back as binary data.
     requested: list[str] | None = None
-    binary: set[str] = field(default_factory=set)
+    # A frozenset until some output asks for binary (no set allocated per plain request).
+    binary: frozenset[str] | set[str] = frozenset()
     binary_default: bool = False
 
 
@@ -423,6 +424,7 @@ def _requested_outputs(raw: Any, decoded: Decoded) -> None:
     if not isinstance(raw, list):
         raise BadRequest('"outputs" must be a list of {"name": ...} objects')
     names: list[str] = []
+    binary: set[str] = set()
     for entry in raw:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise BadRequest('each requested output needs a "name"')
@@ -431,8 +433,9 @@ def _requested_outputs(raw: Any, decoded: Decoded) -> None:
         if isinstance(params, dict):
             flag = params.get("binary_data")
             if flag is True or (flag is None and decoded.binary_default):
-                decoded.binary.add(entry["name"])
+                binary.add(entry["name"])
     decoded.requested = names
+    decoded.binary = binary
 
 
 def _binary_array(name: str, data: memoryview, dt: Datatype, shape: list[int]) -> np.ndarray:
