@@ -156,7 +156,8 @@ def check_output(conn: Conn, methods: list[str]) -> None:
     assert conn.transport.errors == []
     responses = parse_responses(conn.transport.data, methods, eof=conn.finished)
     statuses = [r.status for r in responses]
-    assert all(s < 500 for s in statuses), statuses
+    # 505 answers a request line of another HTTP version: the client's doing, not a crash.
+    assert all(s < 500 or s == 505 for s in statuses), statuses
     for resp in responses:
         if resp.status >= 400:
             assert "error" in resp.json()
@@ -228,7 +229,8 @@ def test_real_server_survives_any_input(real: Running, data: bytes) -> None:
     if received:
         assert received.startswith(b"HTTP/1.1 ")
     statuses = [int(s) for s in STATUS_LINE.findall(received)]
-    assert all(s < 500 for s in statuses), statuses
+    # 505 answers a request line of another HTTP version: the client's doing, not a crash.
+    assert all(s < 500 or s == 505 for s in statuses), statuses
     if b"HEAD" not in data:
         parse_responses(received, eof=True)
     assert_serving(real)

@@ -445,6 +445,16 @@ def test_http11_without_host_gets_400(make: MakeConn) -> None:
     assert conn.finished
 
 
+@pytest.mark.parametrize("version", ["2.0", "0.9"])
+def test_other_http_versions_get_505(make: MakeConn, version: str) -> None:
+    conn = make()
+    conn.send(f"GET / HTTP/{version}\r\nHost: test\r\n\r\n".encode())
+    # h11 (the test's parser) refuses such exchanges, so read the status line itself.
+    assert bytes(conn.transport.data).startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n")
+    assert b"HTTP/%s is not supported" % version.encode() in bytes(conn.transport.data)
+    assert conn.finished
+
+
 def test_http10_without_host_is_served(make: MakeConn) -> None:
     conn = make()
     conn.send(b"GET / HTTP/1.0\r\n\r\n")

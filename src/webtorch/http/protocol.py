@@ -75,6 +75,7 @@ _REASONS: dict[int, bytes] = {
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
 }
 _STATUS_LINES: dict[int, bytes] = {
     code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()
@@ -353,7 +354,11 @@ class HttpProtocol(asyncio.Protocol):
         self._header_bytes = 0
         self.deadline = self.loop.time() + self.limits.body_timeout
         parser = self.parser
-        if not self._has_host and parser.get_http_version() == "1.1":
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            # llhttp parses "HTTP/2.0" or "HTTP/0.9" request lines; we speak 1.x only (as nginx).
+            raise _Reject(_VersionNotSupported(f"HTTP/{version} is not supported; use HTTP/1.1"))
+        if not self._has_host and version == "1.1":
             raise _Reject(BadRequest("HTTP/1.1 request without a Host header"))  # RFC 9112 3.2
         if self._content_length is not None:
             try:
@@ -368,7 +373,7 @@ class HttpProtocol(asyncio.Protocol):
         slot = _Slot(parser.get_method() == b"HEAD", keep_alive, 0.0)
         self._slot = slot
         self.slots.append(slot)
-        if self._expect_continue and parser.get_http_version() == "1.1":
+        if self._expect_continue and version == "1.1":
             slot.expect_continue = True
             if self.slots[0] is slot:
                 self._send_continue(slot)
@@ -649,6 +654,10 @@ class HttpProtocol(asyncio.Protocol):
 
 class _Timeout(HTTPError):
     status = 408
+
+
+class _VersionNotSupported(HTTPError):
+    status = 505
 
 
 class _ExpectationFailed(HTTPError):
