@@ -552,7 +552,6 @@ class OIPForm:
         self._head += b',"shape":'
         self._data_key = b',"data":'
 
-
     def decode(self, body: bytes, content_type: bytes, header_length: bytes | None) -> Decoded:
         if header_length is None and content_type in _JSON_TYPES:
             fast = self._decode_fast(_loads_or_none(body))
