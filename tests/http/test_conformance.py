@@ -215,6 +215,16 @@ def test_pipelined_predictions_keep_their_order(server: Running) -> None:
         assert (resp.json()["outputs"][0][0] > 0.5) == (row[0] != row[1])
 
 
+def test_half_closed_client_gets_every_answer_then_close(server: Running) -> None:
+    rows = [[0, 1], [1, 1], [1, 0]]
+    with connect(server) as sock:
+        sock.sendall(b"".join(predict(row) for row in rows))
+        sock.shutdown(socket.SHUT_WR)  # "that is all I am sending", as nc -N does
+        data = wait_closed(sock)
+    assert data.count(b"HTTP/1.1 200 OK") == len(rows)
+    assert_serving(server)
+
+
 def test_keep_alive_across_sends(server: Running) -> None:
     with connect(server) as sock:
         reader = Reader(sock)

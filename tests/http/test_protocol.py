@@ -455,6 +455,27 @@ def test_other_http_versions_get_505(make: MakeConn, version: str) -> None:
     assert conn.finished
 
 
+def test_half_closed_client_still_gets_its_pending_answers(
+    make: MakeConn, loop: asyncio.AbstractEventLoop
+) -> None:
+    deferred = Deferred(loop)
+    conn = make(handler=deferred)
+    conn.send(req("GET", "/a") + req("GET", "/b"))
+    assert conn.protocol.eof_received() is True  # keep the transport open for the answers
+    deferred.answer(1)
+    deferred.answer(0)
+    settle(loop)
+    assert [r.status for r in conn.responses()] == [200, 200]
+    assert conn.transport.closed
+
+
+def test_half_close_with_nothing_pending_closes(make: MakeConn) -> None:
+    conn = make()
+    conn.send(req("GET", "/a"))
+    assert [r.status for r in conn.responses()] == [200]
+    assert conn.protocol.eof_received() is None  # asyncio closes the transport
+
+
 def test_http10_without_host_is_served(make: MakeConn) -> None:
     conn = make()
     conn.send(b"GET / HTTP/1.0\r\n\r\n")

@@ -220,6 +220,7 @@ class HttpProtocol(asyncio.Protocol):
         self._expect_continue = False
         self._content_type: bytes | None = None
         self._has_host = False
+        self._peer_eof = False
         self._slot: _Slot | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -283,6 +284,16 @@ class HttpProtocol(asyncio.Protocol):
             limit = self.limits.max_header_bytes + self.limits.max_url + 1024
             if self.phase == _HEADERS and self._head_raw > limit:
                 self._fail(HeaderFieldsTooLarge("request header block is too large"))
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed. Requests it already sent are still answered (a client may
+        send, shut its side and read, as ``nc -N`` does); one it had not finished never will be,
+        so then, or with nothing pending, the connection closes now."""
+        self.closing = True
+        self._peer_eof = True
+        if self.slots and self.phase not in (_HEADERS, _BODY):
+            return True  # keep the transport open to write the pending responses
+        return None
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -578,7 +589,9 @@ class HttpProtocol(asyncio.Protocol):
         """Close after the last response. Half-close first when possible and keep discarding input
         for a moment (nginx's lingering close): closing a socket with unread request bytes sends
         a RST that can destroy the response (a 413 for an upload) before the client reads it."""
-        if transport.can_write_eof():
+        if self._peer_eof:
+            transport.close()  # both sides are done: nothing left to linger for
+        elif transport.can_write_eof():
             transport.write_eof()
             self.phase = _WAIT
             self.deadline = self.loop.time() + 2.0
