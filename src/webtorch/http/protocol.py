@@ -616,7 +616,7 @@ class HttpProtocol(asyncio.Protocol):
     def _fail_response(self, response: Response) -> None:
         slot = self._slot
         if slot is None:
-            slot = _Slot(False, False, self.loop.time())
+            slot = _Slot(False, False, time.perf_counter())
             self.slots.append(slot)
         self._slot = None
         slot.keep_alive = False
