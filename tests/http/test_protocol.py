@@ -476,6 +476,33 @@ def test_half_close_with_nothing_pending_closes(make: MakeConn) -> None:
     assert conn.protocol.eof_received() is None  # asyncio closes the transport
 
 
+def test_pause_takes_effect_within_one_large_read(
+    make: MakeConn, loop: asyncio.AbstractEventLoop
+) -> None:
+    # 1000 pipelined requests arrive in one read; the client stops reading after the third
+    # answer (the transport calls pause_writing). Parsing must stop within a slice of the read
+    # instead of answering all 1000 into the buffer, and go on when the client reads again.
+    seen: list[str] = []
+    conn: Conn
+
+    def handler(request: Request) -> Response:
+        seen.append(request.path)
+        if len(seen) == 3:
+            conn.protocol.pause_writing()
+        return json_response({"path": request.path})
+
+    conn = make(handler=handler)
+    data = b"".join(req("GET", f"/{i}") for i in range(1000))
+    assert len(data) > 2 * 16384
+    conn.send(data)
+    assert 3 <= len(seen) <= 1000 * 16384 // len(data) + 1  # at most one slice's requests
+    assert not conn.transport.reading
+    conn.protocol.resume_writing()
+    settle(loop)
+    assert seen == [f"/{i}" for i in range(1000)]
+    assert [r.json()["path"] for r in conn.responses()] == seen
+
+
 def test_http10_without_host_is_served(make: MakeConn) -> None:
     conn = make()
     conn.send(b"GET / HTTP/1.0\r\n\r\n")

@@ -181,6 +181,7 @@ class _Reject(Exception):
 
 
 _IDLE, _HEADERS, _BODY, _WAIT = range(4)
+_SLICE = 16384  # bytes parsed between two checks of whether reading should pause
 _CONTENT_TYPE, _CONTENT_LENGTH, _TRANSFER_ENCODING, _EXPECT, _HOST = range(5)
 _SPECIAL_HEADERS = {
     b"content-type": _CONTENT_TYPE,
@@ -221,6 +222,8 @@ class HttpProtocol(asyncio.Protocol):
         self._content_type: bytes | None = None
         self._has_host = False
         self._peer_eof = False
+        self._unparsed = b""  # input held back while reading is paused (see _feed_slices)
+        self._resume: asyncio.Handle | None = None
         self._slot: _Slot | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -244,6 +247,10 @@ class HttpProtocol(asyncio.Protocol):
             fut.cancel()
         self.tasks.clear()
         self.slots.clear()
+        self._unparsed = b""
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
         self.state.connection_lost(self)
 
     def data_received(self, data: bytes) -> None:
@@ -251,6 +258,33 @@ class HttpProtocol(asyncio.Protocol):
             # Closing: no new request is read, but one already being received (when a graceful
             # drain began) is read to its end and answered.
             return
+        if self._unparsed or len(data) > _SLICE:
+            self._feed_slices(self._unparsed + data if self._unparsed else data)
+        else:
+            self._feed(data)
+
+    def _feed_slices(self, data: bytes) -> None:
+        """Parse a large read a slice at a time. pause_reading() only stops *future* reads, and a
+        read can hold hundreds of pipelined requests: checking between slices makes a pause
+        (client not reading, too many answers pending) take effect within the read. The rest
+        waits in ``_unparsed`` until reading resumes."""
+        self._unparsed = b""
+        pos = 0
+        while pos < len(data):
+            if self.read_paused:
+                self._unparsed = data[pos:]
+                return
+            if self.closing and self.phase not in (_HEADERS, _BODY):
+                return
+            self._feed(data[pos : pos + _SLICE])
+            pos += _SLICE
+
+    def _feed_unparsed(self) -> None:
+        self._resume = None
+        if self._unparsed and not self.read_paused and self.transport is not None:
+            self.data_received(b"")
+
+    def _feed(self, data: bytes) -> None:
         if self.phase == _HEADERS:
             # Bytes of an unfinished header block: bound them before httptools buffers them all.
             # A separate count from on_header's: these reads may also carry the request line and,
@@ -663,6 +697,9 @@ class HttpProtocol(asyncio.Protocol):
         elif not pause and self.read_paused:
             self.read_paused = False
             transport.resume_reading()
+            if self._unparsed and self._resume is None:
+                # Not now: this may run inside a parser callback, and the parser is not reentrant.
+                self._resume = self.loop.call_soon(self._feed_unparsed)
 
 
 class _Timeout(HTTPError):
