@@ -1,8 +1,12 @@
 """CPU cost per request of WebTorch's hot path, without sockets: N connections wired to fake
 transports each send one request per round; the loop runs the batch; repeat. Reports CPU
-microseconds per request (process time, so other load on the machine barely moves it).
+microseconds per request (process time: steadier than wrk here, though a busy neighbour on the
+other core still moves it by 10-20%; compare builds by running them alternately, e.g. with
+PYTHONPATH pointing at a worktree's src/).
 
-    .venv/bin/python benchmarks/hotpath.py [--path /models/xor/predict] [--conns 64] [--rounds 2000]
+    taskset -c 0 .venv/bin/python benchmarks/hotpath.py [--path /models/xor/predict] [--rounds 2000]
+
+NO_OBSERVER=1 leaves out the per-request metrics observer, to see what it costs.
 """
 
 from __future__ import annotations
