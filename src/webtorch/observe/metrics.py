@@ -48,6 +48,10 @@ class Histogram:
 
     def observe(self, value: float) -> None:
         self.record(value)
+        self.bound()
+
+    def bound(self) -> None:
+        """Compact if enough observations are pending: what keeps ``record`` callers bounded."""
         if len(self._pending) >= self.COMPACT_AT:
             self.compact()
 
@@ -92,8 +96,7 @@ class ModelStats:
     def bound(self) -> None:
         """Keep per-request observations bounded between the app's once-a-second compactions."""
         for hist in self._per_request:
-            if len(hist._pending) >= hist.COMPACT_AT:
-                hist.compact()
+            hist.bound()
 
 
 class Metrics:

@@ -46,8 +46,6 @@ DATATYPES: dict[str, Datatype] = {
     )
 }
 
-_BY_TORCH: dict[torch.dtype, Datatype] = {d.torch: d for d in DATATYPES.values() if d.torch}
-
 
 def datatype(name: str) -> Datatype:
     try:
@@ -77,7 +75,3 @@ def to_numpy(tensor: torch.Tensor, dt: Datatype) -> np.ndarray:
     if dt.name == "BF16":
         tensor = tensor.view(torch.uint16)
     return tensor.contiguous().numpy()
-
-
-def datatype_of(tensor: torch.Tensor) -> Datatype:
-    return _BY_TORCH[tensor.dtype]

@@ -29,7 +29,7 @@ from webtorch.errors import BadRequest, HTTPError, ServiceUnavailable
 from webtorch.http.messages import Pending, Response, error_response, response_for_error
 from webtorch.observe.metrics import ModelStats
 from webtorch.serve import codecs
-from webtorch.serve.batcher import BatchScheduler, Queued, QueueFull
+from webtorch.serve.batcher import BatchScheduler, QueueFull
 from webtorch.serve.codecs import InputData
 from webtorch.serve.datatypes import to_numpy, to_torch
 from webtorch.serve.model import LoadedModel, Tensors, TensorSpec
@@ -88,10 +88,6 @@ class Executor:
         # Validated inputs of a model without variable inner dimensions always concatenate.
         self._uniform = all(d != -1 for t in model.inputs for d in t.shape[1:])
         self._outputs = [(t.name, t.dtype) for t in model.outputs]
-
-    @property
-    def max_batch(self) -> int:
-        return self.scheduler.max_batch
 
     def submit(self, inputs: dict[str, InputData], rows: int, encode: Encoder) -> Pending:
         if self._closed:
@@ -331,4 +327,4 @@ def _internal(exc: BaseException) -> Response:
     return error_response(500, "internal server error")
 
 
-__all__ = ["ComputeMode", "Executor", "Job", "ModelFailed", "Queued"]
+__all__ = ["ComputeMode", "Executor", "Job", "ModelFailed"]
