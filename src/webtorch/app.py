@@ -10,7 +10,8 @@ import ssl
 from collections.abc import Callable
 
 from webtorch import __version__
-from webtorch.config import BUILTIN_ROUTES, Config, model_paths, parse_listen
+from webtorch.config import BUILTIN_ROUTES, Config, model_paths, parse_listen, train_paths
+from webtorch.errors import ConfigError
 from webtorch.http.limits import Limits
 from webtorch.http.messages import Handler, HandlerResult, Request, Response
 from webtorch.http.router import Route, Router
@@ -18,7 +19,8 @@ from webtorch.http.server import HttpServer
 from webtorch.observe.metrics import Metrics
 from webtorch.serve.executor import Executor
 from webtorch.serve.model import LoadedModel, load_model
-from webtorch.serve.oip import ModelEndpoint, ModelRoutes
+from webtorch.serve.oip import Auth, ModelEndpoint, ModelRoutes
+from webtorch.train.trainer import Trainer
 
 log = logging.getLogger("webtorch")
 
@@ -35,10 +37,16 @@ class App:
                 name,
                 config.resolve(mc.path),
                 mc.device,
-                config.resolve(mc.weights) if mc.weights is not None else None,
+                config.weights(name),
             )
             for name, mc in config.models.items()
         }
+        self.trainers: dict[str, Trainer] = {}
+        for name, mc in config.models.items():
+            if mc.train.enabled:
+                trainer = Trainer(self.models[name], mc.train, config.state_dir(name))
+                trainer.recover()  # before any socket opens: replay errors stop the start
+                self.trainers[name] = trainer
         self.executors: dict[str, Executor] = {}
         self.server: HttpServer | None = None
         self._ready = False
@@ -49,6 +57,7 @@ class App:
 
     def build_handler(self, loop: asyncio.AbstractEventLoop) -> Handler:
         endpoints: dict[str, ModelEndpoint] = {}
+        auth = Auth(self.config.server.bearer_token)
         handler: Handler
         for name, model in self.models.items():
             mc = self.config.models[name]
@@ -61,10 +70,11 @@ class App:
                 max_queue=mc.max_queue,
                 mode=mc.compute,
                 loop=loop,
+                trainer=self.trainers.get(name),
             )
             executor.warmup()
             self.executors[name] = executor
-            endpoints[name] = ModelEndpoint(model, executor, stats)
+            endpoints[name] = ModelEndpoint(model, executor, stats, auth)
         models = ModelRoutes(endpoints, self.ready, __version__)
         builtins: dict[tuple[str, str], Handler] = {
             ("path", "/v2"): models.oip,
@@ -85,6 +95,10 @@ class App:
             predict, infer = model_paths(name)
             for path, handler in ((predict, endpoint.predict), (infer, endpoint.infer)):
                 router.add(Route(path, handler, path))
+            if endpoint.trainable:
+                short, oip = train_paths(name)
+                for path, handler in ((short, endpoint.train), (oip, endpoint.train_oip)):
+                    router.add(Route(path, handler, path))
         for rc in self.config.routes:
             where = rc.path if rc.path is not None else rc.prefix
             assert where is not None
@@ -100,6 +114,9 @@ class App:
         loop = asyncio.get_running_loop()
         handler = self.build_handler(loop)
         cfg_host, cfg_port = parse_listen(self.config.server.listen)
+        problem = self.config.exposure_problem(host if host is not None else cfg_host)
+        if problem is not None:
+            raise ConfigError(problem)
         self.server = HttpServer(
             handler,
             host if host is not None else cfg_host,

@@ -57,7 +57,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             name,
             cfg.resolve(mc.path),
             mc.device,
-            cfg.resolve(mc.weights) if mc.weights is not None else None,
+            cfg.weights(name),
         )
         ins = ", ".join(f"{t.name} {t.datatype}{list(t.shape)}" for t in model.inputs)
         outs = ", ".join(f"{t.name} {t.datatype}{list(t.shape)}" for t in model.outputs)

@@ -7,6 +7,9 @@ so a typo never silently does nothing.
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -36,6 +39,22 @@ def model_paths(name: str) -> tuple[str, str]:
     return f"/models/{name}/predict", f"/v2/models/{name}/infer"
 
 
+def train_paths(name: str) -> tuple[str, str]:
+    """The exact paths a trainable model learns at: the short form and the OIP extension."""
+    return f"/models/{name}/train", f"/v2/models/{name}/train"
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+# Model names become URL path segments and file names in the model directory.
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -61,6 +80,12 @@ class ServerConfig(_Strict):
     listen: str = "127.0.0.1:8080"
     tls: TLSConfig | None = None
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    # Bearer token for training and management endpoints; `token_env` names an environment
+    # variable holding it, so the secret need not sit in a file that is checked in.
+    token: str | None = Field(default=None, min_length=16, repr=False)
+    token_env: str | None = None
+    # The only directory `POST /v2/repository/models/{m}/load` loads model files from.
+    model_dir: Path | None = None
 
     @field_validator("listen")
     @classmethod
@@ -68,15 +93,56 @@ class ServerConfig(_Strict):
         parse_listen(listen)  # a field validator, so the error names server.listen
         return listen
 
+    @model_validator(mode="after")
+    def _check_token(self) -> ServerConfig:
+        if self.token is not None and self.token_env is not None:
+            raise ValueError("set one of `token` or `token_env`, not both")
+        if self.token_env is not None and len(os.environ.get(self.token_env, "")) < 16:
+            raise ValueError(
+                f"token_env: environment variable {self.token_env} is unset or shorter than "
+                "16 characters"
+            )
+        return self
+
+    @property
+    def bearer_token(self) -> str | None:
+        if self.token_env is not None:
+            return os.environ.get(self.token_env)
+        return self.token
+
+
+class TrainConfig(_Strict):
+    """Online training of one model over HTTP; off unless ``enabled``."""
+
+    enabled: bool = False
+    max_batch: Annotated[int, Field(ge=1)] = 64  # rows merged into one optimizer step
+    max_queue: Annotated[int, Field(ge=1)] = 65536  # rows queued before 503
+    # wal: every micro-batch is fsynced before its step and its answers; checkpoint: periodic
+    # checkpoints only; none: nothing persisted.
+    durability: Literal["wal", "checkpoint", "none"] = "wal"
+    # Relative to the config file's directory; default: webtorch-state/<model> in the working
+    # directory (the embedded default's directory may be read-only site-packages).
+    state_dir: Path | None = None
+    checkpoint_every_steps: Annotated[int, Field(ge=0)] = 1000  # 0: not by steps
+    checkpoint_every_seconds: Annotated[float, Field(ge=0)] = 60.0  # 0: not by time
+    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
+    # inference: a queued inference batch runs before a ready training step (which then waits for
+    # at most one inference batch, so training slows under load but never stops); fifo: the
+    # older of the two goes first.
+    priority: Literal["inference", "fifo"] = "inference"
+
 
 class ModelConfig(_Strict):
     path: Path
     device: str = "cpu"
-    weights: Path | None = None
+    # A safetensors file; None: the file beside the model with the .safetensors suffix if it
+    # exists; false: start from the network's own initialisation.
+    weights: Path | Literal[False] | None = None
     max_batch: Annotated[int, Field(ge=1)] = 256
     max_delay: Annotated[float, Field(ge=0)] = 0.0  # seconds an idle model waits to fill a batch
     max_queue: Annotated[int, Field(ge=1)] = 65536  # rows queued before 503
     compute: Literal["loop", "thread"] = "loop"
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 class RouteConfig(_Strict):
@@ -112,7 +178,7 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _check_refs(self) -> Config:
         seen: dict[tuple[str, str | None], int] = {}
-        served = {path for name in self.models for path in model_paths(name)}
+        served = {path for name in self.models for path in (*model_paths(name), *train_paths(name))}
         for i, route in enumerate(self.routes):
             if route.path in served:
                 raise ValueError(f"routes[{i}].path: {route.path!r} is a model's built-in route")
@@ -125,9 +191,37 @@ class Config(_Strict):
                 raise ValueError(f"routes[{i}].{key[0]}: {key[1]!r} repeats routes[{seen[key]}]")
             seen[key] = i
         for name in self.models:
-            if not name or "/" in name or name.strip() != name:
-                raise ValueError(f"models.{name}: invalid model name")
+            if not MODEL_NAME.fullmatch(name):
+                raise ValueError(f"models.{name}: invalid model name (letters, digits, _ . -)")
+        problem = self.exposure_problem(parse_listen(self.server.listen)[0])
+        if problem is not None:
+            raise ValueError(problem)
         return self
+
+    def exposure_problem(self, host: str) -> str | None:
+        """Why serving on ``host`` would let anyone on the network train the models, if it does.
+        Checked at validation and again at start, where ``--listen`` may have changed the host."""
+        training = [name for name, mc in self.models.items() if mc.train.enabled]
+        if training and self.server.bearer_token is None and not is_loopback(host):
+            return (
+                f"server.token: training is enabled for {', '.join(training)} and the server "
+                f"listens on {host}, beyond this machine: set server.token (or token_env) so "
+                "that only holders of the token can change the model"
+            )
+        return None
+
+    def weights(self, name: str) -> Path | Literal[False] | None:
+        configured = self.models[name].weights
+        if isinstance(configured, Path):
+            return self.resolve(configured)
+        return configured
+
+    def state_dir(self, name: str) -> Path:
+        """Where a model's WAL and checkpoints live."""
+        configured = self.models[name].train.state_dir
+        if configured is None:
+            return Path.cwd() / "webtorch-state" / name
+        return self.resolve(configured)
 
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else self.base_dir / path

@@ -14,6 +14,7 @@ arrays, so there is no per-request ``torch.tensor``. Binary inputs are zero-copy
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from math import prod
 from typing import Any
@@ -29,7 +30,7 @@ from webtorch.serve.model import TensorSpec
 OCTET = b"application/octet-stream"
 # curl -d sends form-urlencoded and many clients send text/plain: both are accepted as JSON so a
 # first `curl` works; anything clearly not JSON is refused with 415.
-_JSON_TYPES = frozenset({b"", JSON, b"application/x-www-form-urlencoded", b"text/plain"})
+JSON_TYPES = frozenset({b"", JSON, b"application/x-www-form-urlencoded", b"text/plain"})
 _NUMPY_OPTS = orjson.OPT_SERIALIZE_NUMPY
 
 # A decoded input: an array, or (short form, fixed-width float rows) the JSON rows themselves.
@@ -51,7 +52,7 @@ class Decoded:
 
 
 def check_json_content_type(content_type: bytes) -> None:
-    if content_type not in _JSON_TYPES and not content_type.endswith(b"+json"):
+    if content_type not in JSON_TYPES and not content_type.endswith(b"+json"):
         raise UnsupportedMediaType(
             f"unsupported content type {content_type.decode('latin-1')!r}; "
             "send application/json (or the binary tensor extension)"
@@ -65,21 +66,21 @@ def _loads(body: bytes, what: str) -> Any:
         raise BadRequest(f"{what} is not valid JSON: {exc}") from None
 
 
-def _json_array(name: str, data: Any, dt: Datatype) -> np.ndarray:
+def _json_array(name: str, data: Any, dt: Datatype, kind: str = "input") -> np.ndarray:
     """Nested or flat JSON data as an array of ``dt``; numbers (or booleans for BOOL) only."""
     if dt.name == "BYTES":
-        return _bytes_array(name, data)
+        return _bytes_array(name, data, kind)
     if not dt.json_ok:
-        raise BadRequest(f"input {name!r}: {dt.name} tensors must use the binary data extension")
+        raise BadRequest(f"{kind} {name!r}: {dt.name} tensors must use the binary data extension")
     try:
         raw = np.asarray(data)
     except (ValueError, TypeError):
-        raise BadRequest(f"input {name!r}: data is ragged or not numeric") from None
-    kind = raw.dtype.kind
-    if kind not in "biuf" or (kind == "b" and dt.name != "BOOL"):
-        raise BadRequest(f"input {name!r}: data must be {dt.name} numbers")
-    if kind == "f" and dt.numpy.kind in "iu" and not np.all(np.mod(raw, 1) == 0):
-        raise BadRequest(f"input {name!r}: {dt.name} data must be integers, not fractions")
+        raise BadRequest(f"{kind} {name!r}: data is ragged or not numeric") from None
+    found = raw.dtype.kind
+    if found not in "biuf" or (found == "b" and dt.name != "BOOL"):
+        raise BadRequest(f"{kind} {name!r}: data must be {dt.name} numbers")
+    if found == "f" and dt.numpy.kind in "iu" and not np.all(np.mod(raw, 1) == 0):
+        raise BadRequest(f"{kind} {name!r}: {dt.name} data must be integers, not fractions")
     if raw.dtype != dt.numpy:
         if dt.numpy.kind in "iu":
             # Not astype: numpy infers float64 for [0, 2**64 - 1] (precision lost) and astype
@@ -87,23 +88,23 @@ def _json_array(name: str, data: Any, dt: Datatype) -> np.ndarray:
             try:
                 raw = np.array(data, dtype=dt.numpy)
             except (OverflowError, ValueError, TypeError):
-                raise BadRequest(f"input {name!r}: values out of range for {dt.name}") from None
+                raise BadRequest(f"{kind} {name!r}: values out of range for {dt.name}") from None
         else:
             raw = raw.astype(dt.numpy)
     return raw
 
 
-def _bytes_array(name: str, data: Any) -> np.ndarray:
-    flat, shape = _flatten(name, data)
+def _bytes_array(name: str, data: Any, kind: str = "input") -> np.ndarray:
+    flat, shape = _flatten(name, data, kind)
     out = np.empty(len(flat), dtype=object)
     for i, item in enumerate(flat):
         if not isinstance(item, str):
-            raise BadRequest(f"input {name!r}: BYTES data must be strings")
+            raise BadRequest(f"{kind} {name!r}: BYTES data must be strings")
         out[i] = item.encode()
     return out.reshape(shape)
 
 
-def _flatten(name: str, data: Any) -> tuple[list[Any], tuple[int, ...]]:
+def _flatten(name: str, data: Any, kind: str = "input") -> tuple[list[Any], tuple[int, ...]]:
     """Nested lists as flat leaves and their shape, level by level: no recursion (orjson admits
     1024 levels, more than Python's stack), and the nesting's shape survives for the short form."""
     level = [data]
@@ -111,43 +112,50 @@ def _flatten(name: str, data: Any) -> tuple[list[Any], tuple[int, ...]]:
     while level and isinstance(level[0], list):
         width = len(level[0])
         if any(not isinstance(item, list) or len(item) != width for item in level):
-            raise BadRequest(f"input {name!r}: data is ragged")
+            raise BadRequest(f"{kind} {name!r}: data is ragged")
         shape.append(width)
         if len(shape) > 32:  # numpy's limit is 32 (1.x) or 64 dimensions
-            raise BadRequest(f"input {name!r}: data is nested more than 32 levels deep")
+            raise BadRequest(f"{kind} {name!r}: data is nested more than 32 levels deep")
         level = [leaf for item in level for leaf in item]
     if any(isinstance(item, list) for item in level):
-        raise BadRequest(f"input {name!r}: data is ragged")
+        raise BadRequest(f"{kind} {name!r}: data is ragged")
     return level, tuple(shape)
 
 
-def _check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
+def _check_shape(spec: TensorSpec, shape: tuple[int, ...], kind: str = "input") -> None:
     expected = spec.shape
     if len(shape) != len(expected) or any(
         e != -1 and e != s for e, s in zip(expected, shape, strict=True)
     ):
         raise BadRequest(
-            f"input {spec.name!r}: shape {list(shape)} does not match the model's {list(expected)}"
+            f"{kind} {spec.name!r}: shape {list(shape)} does not match the model's {list(expected)}"
         )
 
 
-def _spec_for(specs: dict[str, TensorSpec], name: Any, model: str) -> TensorSpec:
+def _spec_for(
+    specs: dict[str, TensorSpec], name: Any, model: str, kind: str = "input"
+) -> TensorSpec:
     spec = specs.get(name) if isinstance(name, str) else None
     if spec is None:
-        raise BadRequest(f"unknown input {name!r} for model {model!r}; expected {', '.join(specs)}")
+        raise BadRequest(
+            f"unknown {kind} {name!r} for model {model!r}; expected {', '.join(specs)}"
+        )
     return spec
 
 
-def _rows(inputs: dict[str, InputData], specs: dict[str, TensorSpec], model: str) -> int:
-    missing = [n for n in specs if n not in inputs]
+def rows_of(
+    tensors: Mapping[str, InputData], specs: dict[str, TensorSpec], model: str, kind: str = "input"
+) -> int:
+    """The batch size shared by all of a request's tensors; BadRequest if any is missing."""
+    missing = [n for n in specs if n not in tensors]
     if missing:
-        raise BadRequest(f"model {model!r} needs input(s) {', '.join(missing)}")
-    sizes = {len(a) for a in inputs.values()}
+        raise BadRequest(f"model {model!r} needs {kind}(s) {', '.join(missing)}")
+    sizes = {len(a) for a in tensors.values()}
     if len(sizes) != 1:
-        raise BadRequest("all inputs must have the same batch size (first dimension)")
+        raise BadRequest(f"all {kind}s must have the same batch size (first dimension)")
     rows = sizes.pop()
     if rows < 1:
-        raise BadRequest("inputs have an empty batch dimension")
+        raise BadRequest(f"{kind}s have an empty batch dimension")
     return int(rows)
 
 
@@ -157,27 +165,43 @@ def _rows(inputs: dict[str, InputData], specs: dict[str, TensorSpec], model: str
 def decode_short(
     body: bytes, content_type: bytes, specs: dict[str, TensorSpec], model: str
 ) -> Decoded:
+    doc = short_document(body, content_type, ("inputs",))
+    inputs = short_tensors(doc, "inputs", specs, model)
+    return Decoded(dict(inputs), rows_of(inputs, specs, model))
+
+
+def short_document(body: bytes, content_type: bytes, keys: tuple[str, ...]) -> dict[str, Any]:
     check_json_content_type(content_type)
     doc = _loads(body, "request body")
-    if not isinstance(doc, dict) or "inputs" not in doc:
-        raise BadRequest('request body must be a JSON object with "inputs"')
-    raw = doc["inputs"]
+    if not isinstance(doc, dict) or any(key not in doc for key in keys):
+        wanted = " and ".join(f'"{key}"' for key in keys)
+        raise BadRequest(f"request body must be a JSON object with {wanted}")
+    return doc
+
+
+def short_tensors(
+    doc: dict[str, Any], key: str, specs: dict[str, TensorSpec], model: str
+) -> dict[str, np.ndarray]:
+    """``doc[key]`` in the short form: nested lists for a model's one tensor, or an object of
+    them by name."""
+    kind = key.removesuffix("s")
+    raw = doc[key]
     if isinstance(raw, dict):
-        items = raw.items()
+        items = list(raw.items())
     elif len(specs) == 1:
-        items = ((next(iter(specs)), raw),)  # type: ignore[assignment]
+        items = [(next(iter(specs)), raw)]
     else:
-        raise BadRequest(f'model {model!r} has several inputs: send "inputs" as an object by name')
-    inputs: dict[str, InputData] = {}
+        raise BadRequest(f'model {model!r} has several {key}: send "{key}" as an object by name')
+    arrays: dict[str, np.ndarray] = {}
     for name, data in items:
-        spec = _spec_for(specs, name, model)
-        array = _json_array(spec.name, data, spec.dtype)
-        _check_shape(spec, array.shape)
-        inputs[spec.name] = array
-    return Decoded(inputs, _rows(inputs, specs, model))
+        spec = _spec_for(specs, name, model, kind)
+        array = _json_array(spec.name, data, spec.dtype, kind)
+        _check_shape(spec, array.shape, kind)
+        arrays[spec.name] = array
+    return arrays
 
 
-class _InputCheck:
+class TensorCheck:
     """One input's validation, precomputed for the hot paths. :meth:`array` returns None for
     anything unusual, and the caller then falls back to the general decoder, which words the
     error; so the fast path never has to."""
@@ -242,13 +266,13 @@ class ShortForm:
         self.model = model
         self.specs = {t.name: t for t in inputs}
         self.outputs = outputs
-        self._only = _InputCheck(inputs[0]) if len(inputs) == 1 else None
+        self._only = TensorCheck(inputs[0]) if len(inputs) == 1 else None
         self._plain_output = _plain(outputs)
 
     def decode(self, body: bytes, content_type: bytes) -> tuple[dict[str, InputData], int]:
         only = self._only
-        if only is not None and content_type in _JSON_TYPES:
-            doc = _loads_or_none(body)
+        if only is not None and content_type in JSON_TYPES:
+            doc = loads_or_none(body)
             data = doc.get("inputs") if type(doc) is dict else None
             width = only.width
             if width is not None and type(data) is list and data:
@@ -297,7 +321,7 @@ def _plain(outputs: list[TensorSpec]) -> bool:
     return len(outputs) == 1 and outputs[0].datatype not in ("BF16", "BYTES", "FP16")
 
 
-def _loads_or_none(body: bytes) -> Any:
+def loads_or_none(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -332,13 +356,10 @@ def _text(value: Any) -> str:
 # -- Open Inference Protocol -------------------------------------------------------------------
 
 
-def decode_oip(
-    body: bytes,
-    content_type: bytes,
-    header_length: bytes | None,
-    specs: dict[str, TensorSpec],
-    model: str,
-) -> Decoded:
+def oip_document(
+    body: bytes, content_type: bytes, header_length: bytes | None
+) -> tuple[dict[str, Any], int]:
+    """The JSON part of an OIP request body and where its binary tensor data starts."""
     if header_length is not None:
         try:
             json_len = int(header_length)
@@ -355,59 +376,90 @@ def decode_oip(
         doc = _loads(body, "request body")
     if not isinstance(doc, dict):
         raise BadRequest("inference request must be a JSON object")
-    raw_inputs = doc.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise BadRequest('inference request needs a non-empty "inputs" list')
-    offset = json_len
+    return doc, json_len
+
+
+def oip_tensors(
+    doc: dict[str, Any],
+    key: str,
+    specs: dict[str, TensorSpec],
+    model: str,
+    body: bytes,
+    offset: int,
+    binary: bool,
+) -> tuple[dict[str, np.ndarray], int]:
+    """Decode the tensor list ``doc[key]`` ("inputs", or "targets" for training) against
+    ``specs``; binary data is read from ``body`` at ``offset``, in order. Returns the arrays and
+    the offset after the binary data they claimed."""
+    kind = key.removesuffix("s")
+    raw = doc.get(key)
+    if not isinstance(raw, list) or not raw:
+        raise BadRequest(f'request needs a non-empty "{key}" list')
     view = memoryview(body)
-    inputs: dict[str, InputData] = {}
-    for entry in raw_inputs:
+    arrays: dict[str, np.ndarray] = {}
+    for entry in raw:
         if not isinstance(entry, dict):
-            raise BadRequest("each input must be an object with name, shape, datatype, data")
-        spec = _spec_for(specs, entry.get("name"), model)
+            raise BadRequest(f"each {kind} must be an object with name, shape, datatype, data")
+        spec = _spec_for(specs, entry.get("name"), model, kind)
         name = spec.name
-        if name in inputs:
-            raise BadRequest(f"input {name!r} given twice")
+        if name in arrays:
+            raise BadRequest(f"{kind} {name!r} given twice")
         datatype = entry.get("datatype")
         if datatype != spec.datatype:
             known = (
                 datatype if isinstance(datatype, str) and datatype in DATATYPES else repr(datatype)
             )
             raise BadRequest(
-                f"input {name!r}: datatype {known} does not match the model's {spec.datatype}"
+                f"{kind} {name!r}: datatype {known} does not match the model's {spec.datatype}"
             )
         shape = entry.get("shape")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
-            raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers")
-        _check_shape(spec, tuple(shape))
+            raise BadRequest(f"{kind} {name!r}: shape must be a list of non-negative integers")
+        _check_shape(spec, tuple(shape), kind)
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
-            raise BadRequest(f"input {name!r}: parameters must be an object")
+            raise BadRequest(f"{kind} {name!r}: parameters must be an object")
         size = params.get("binary_data_size")
         if size is not None:
-            if header_length is None:
+            if not binary:
                 raise BadRequest(
-                    f"input {name!r} has binary_data_size but the request has no "
+                    f"{kind} {name!r} has binary_data_size but the request has no "
                     "Inference-Header-Content-Length"
                 )
             if not isinstance(size, int) or size < 0 or offset + size > len(body):
-                raise BadRequest(f"input {name!r}: binary_data_size exceeds the body")
-            array = _binary_array(name, view[offset : offset + size], spec.dtype, shape)
+                raise BadRequest(f"{kind} {name!r}: binary_data_size exceeds the body")
+            array = _binary_array(name, view[offset : offset + size], spec.dtype, shape, kind)
             offset += size
         else:
             if "data" not in entry:
-                raise BadRequest(f"input {name!r} has neither data nor binary_data_size")
-            array = _json_array(name, entry["data"], spec.dtype)
+                raise BadRequest(f"{kind} {name!r} has neither data nor binary_data_size")
+            array = _json_array(name, entry["data"], spec.dtype, kind)
             count = prod(shape)
             if array.size != count:
-                raise BadRequest(f"input {name!r}: {array.size} elements do not fill shape {shape}")
+                raise BadRequest(
+                    f"{kind} {name!r}: {array.size} elements do not fill shape {shape}"
+                )
             array = array.reshape(shape)
-        inputs[name] = array
+        arrays[name] = array
+    return arrays, offset
+
+
+def decode_oip(
+    body: bytes,
+    content_type: bytes,
+    header_length: bytes | None,
+    specs: dict[str, TensorSpec],
+    model: str,
+) -> Decoded:
+    doc, offset = oip_document(body, content_type, header_length)
+    inputs, offset = oip_tensors(
+        doc, "inputs", specs, model, body, offset, header_length is not None
+    )
     if offset != len(body):
         raise BadRequest(f"{len(body) - offset} bytes of binary data are not claimed by any input")
-    decoded = Decoded(inputs, _rows(inputs, specs, model))
+    decoded = Decoded(dict(inputs), rows_of(inputs, specs, model))
     req_id = doc.get("id")
     if req_id is not None:
         decoded.id = str(req_id)
@@ -438,35 +490,37 @@ def _requested_outputs(raw: Any, decoded: Decoded) -> None:
     decoded.binary = binary
 
 
-def _binary_array(name: str, data: memoryview, dt: Datatype, shape: list[int]) -> np.ndarray:
+def _binary_array(
+    name: str, data: memoryview, dt: Datatype, shape: list[int], kind: str = "input"
+) -> np.ndarray:
     count = prod(shape)
     if dt.name == "BYTES":
-        items = _split_bytes(name, data)
+        items = _split_bytes(name, data, kind)
         if len(items) != count:
-            raise BadRequest(f"input {name!r}: {len(items)} BYTES elements do not fill {shape}")
+            raise BadRequest(f"{kind} {name!r}: {len(items)} BYTES elements do not fill {shape}")
         out = np.empty(count, dtype=object)
         out[:] = items
         return out.reshape(shape)
     if len(data) != count * dt.itemsize:
         raise BadRequest(
-            f"input {name!r}: binary_data_size {len(data)} != {count} x {dt.itemsize} bytes "
+            f"{kind} {name!r}: binary_data_size {len(data)} != {count} x {dt.itemsize} bytes "
             f"for {dt.name} {shape}"
         )
     # Binary tensor data is little-endian by the protocol.
     return np.frombuffer(data, dtype=dt.numpy.newbyteorder("<"), count=count).reshape(shape)
 
 
-def _split_bytes(name: str, data: memoryview) -> list[bytes]:
+def _split_bytes(name: str, data: memoryview, kind: str = "input") -> list[bytes]:
     items: list[bytes] = []
     pos = 0
     end = len(data)
     while pos < end:
         if pos + 4 > end:
-            raise BadRequest(f"input {name!r}: truncated BYTES element length")
+            raise BadRequest(f"{kind} {name!r}: truncated BYTES element length")
         (length,) = struct.unpack_from("<I", data, pos)
         pos += 4
         if pos + length > end:
-            raise BadRequest(f"input {name!r}: truncated BYTES element")
+            raise BadRequest(f"{kind} {name!r}: truncated BYTES element")
         items.append(bytes(data[pos : pos + length]))
         pos += length
     return items
@@ -542,7 +596,7 @@ class OIPForm:
         self.version = version
         self.specs = {t.name: t for t in inputs}
         self.outputs = outputs
-        self._checks = {t.name: _InputCheck(t) for t in inputs}
+        self._checks = {t.name: TensorCheck(t) for t in inputs}
         self._plain_output = _plain(outputs)
         first = outputs[0]
         prefix = {"model_name": model, "model_version": version}
@@ -553,8 +607,8 @@ class OIPForm:
         self._data_key = b',"data":'
 
     def decode(self, body: bytes, content_type: bytes, header_length: bytes | None) -> Decoded:
-        if header_length is None and content_type in _JSON_TYPES:
-            fast = self._decode_fast(_loads_or_none(body))
+        if header_length is None and content_type in JSON_TYPES:
+            fast = self._decode_fast(loads_or_none(body))
             if fast is not None:
                 return fast
         decoded = decode_oip(body, content_type, header_length, self.specs, self.model)

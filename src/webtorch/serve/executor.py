@@ -10,6 +10,13 @@ Where compute runs is ``mode``: ``"loop"`` runs batches on the event loop thread
 ``call_soon`` so that every request already readable on a socket joins the batch first; ``"thread"``
 runs them on one worker thread while the loop keeps accepting. For small models the loop is faster
 (no thread hop, no GIL ping-pong); BENCHMARKS.md has the numbers behind the default.
+
+Training (``train/trainer.py``) goes through the same executor, so no inference ever sees a
+half-updated model and no two steps race. Queued train requests are cut into micro-batches of up to
+``train.max_batch`` rows; with a WAL, a group of micro-batches is logged and fsynced on an I/O
+thread (one fsync for the group) while the model keeps working, and each logged micro-batch then
+takes its optimizer step in log order and is answered. The next group is logged while this one
+steps, so the fsync latency is hidden behind compute under load.
 """
 
 from __future__ import annotations
@@ -18,14 +25,16 @@ import asyncio
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 
-from webtorch.errors import BadRequest, HTTPError, ServiceUnavailable
+from webtorch.errors import BadRequest, HTTPError, NotFound, ServiceUnavailable
 from webtorch.http.messages import Pending, Response, error_response, response_for_error
 from webtorch.observe.metrics import ModelStats
 from webtorch.serve import codecs
@@ -33,11 +42,16 @@ from webtorch.serve.batcher import BatchScheduler, QueueFull
 from webtorch.serve.codecs import InputData
 from webtorch.serve.datatypes import to_numpy, to_torch
 from webtorch.serve.model import LoadedModel, Tensors, TensorSpec
+from webtorch.train.checkpoint import Snapshot
+from webtorch.train.forms import TrainRequest
+from webtorch.train.trainer import Batch, StepResult, Trainer
 
 log = logging.getLogger("webtorch.serve")
 
 ComputeMode = Literal["loop", "thread"]
+Priority = Literal["inference", "fifo"]
 Encoder = Callable[[dict[str, np.ndarray]], Response]
+TrainEncoder = Callable[[TrainRequest, float, int], Response]
 
 
 class Job(Pending):
@@ -54,6 +68,32 @@ class Job(Pending):
         self.inputs = inputs
         self.rows = rows
         self.encode = encode
+
+
+class TrainJob(Pending):
+    """One train request's work and its Pending."""
+
+    __slots__ = ("arrived", "encode", "request")
+
+    def __init__(self, request: TrainRequest, encode: TrainEncoder, arrived: float) -> None:
+        self.response = None
+        self._callback = None
+        self._arg = None
+        self.request = request
+        self.encode = encode
+        self.arrived = arrived
+
+
+@dataclass(slots=True)
+class _Step:
+    """A micro-batch of train requests and what the trainer made of them."""
+
+    jobs: list[TrainJob]
+    batch: Batch
+
+
+# Micro-batches logged with one fsync, at most: bounds a group's memory and its latency.
+MAX_GROUP = 256
 
 
 class ModelFailed(HTTPError):
@@ -73,6 +113,7 @@ class Executor:
         max_queue: int = 65536,
         mode: ComputeMode = "loop",
         loop: asyncio.AbstractEventLoop | None = None,
+        trainer: Trainer | None = None,
     ) -> None:
         self.model = model
         self.stats = stats
@@ -83,11 +124,28 @@ class Executor:
         self._timer: asyncio.TimerHandle | None = None
         self._pool = ThreadPoolExecutor(1, f"webtorch-{model.name}") if mode == "thread" else None
         self._closed = False
+        self._busy = False  # a batch or a train phase holds the model
         self._idle: asyncio.Event | None = None  # set when idle, once close() waits for it
         self._specs = [(t.name, t.dtype) for t in model.inputs]
         # Validated inputs of a model without variable inner dimensions always concatenate.
         self._uniform = all(d != -1 for t in model.inputs for d in t.shape[1:])
         self._outputs = [(t.name, t.dtype) for t in model.outputs]
+        self.trainer = trainer
+        self.train_scheduler: BatchScheduler[TrainJob] | None = None
+        self._logging = False  # a group of micro-batches is being logged
+        self._log_scheduled = False
+        self._ready: deque[_Step] = deque()  # logged (or needing no log), in step order
+        self._yielded = False  # training waited once for an inference batch: it goes next
+        self._priority: Priority = "inference"
+        self._io: ThreadPoolExecutor | None = None  # WAL appends and checkpoint writes, in order
+        self._io_futures: list[Future[Any]] = []
+        self._train_failure: str | None = None
+        if trainer is not None:
+            cfg = trainer.config
+            self.train_scheduler = BatchScheduler(cfg.max_batch, 0.0, cfg.max_queue)
+            self._priority = cfg.priority
+            if trainer.durability != "none":
+                self._io = ThreadPoolExecutor(1, f"webtorch-{model.name}-io")
 
     def submit(self, inputs: dict[str, InputData], rows: int, encode: Encoder) -> Pending:
         if self._closed:
@@ -102,33 +160,114 @@ class Executor:
             self.scheduler.add(job, rows, time.perf_counter())
         except QueueFull:
             raise ServiceUnavailable(f"model {self.model.name!r} queue is full") from None
-        if not self._scheduled and not self.scheduler.busy:
+        if not self._scheduled and not self._busy:
             self._scheduled = True
             self.loop.call_soon(self._run)
         return job
 
+    def submit_train(self, request: TrainRequest, encode: TrainEncoder) -> Pending:
+        queue = self.train_scheduler
+        if queue is None:
+            raise NotFound(f"model {self.model.name!r} does not accept training")
+        if self._closed:
+            raise ServiceUnavailable(f"model {self.model.name!r} is shutting down")
+        if self._train_failure is not None:
+            raise ServiceUnavailable(self._train_failure)
+        if request.rows > queue.max_batch:
+            raise BadRequest(
+                f"{request.rows} examples exceed model {self.model.name!r}'s train.max_batch "
+                f"{queue.max_batch}"
+            )
+        now = time.perf_counter()
+        job = TrainJob(request, encode, now)
+        try:
+            queue.add(job, request.rows, now)
+        except QueueFull:
+            raise ServiceUnavailable(f"model {self.model.name!r} train queue is full") from None
+        if self._io is not None and self.trainer is not None and self.trainer.wal is not None:
+            if not self._logging and not self._log_scheduled:
+                # On the next loop turn, so that every request already read joins the group.
+                self._log_scheduled = True
+                self.loop.call_soon(self._start_logging)
+        else:
+            self._kick()
+        return job
+
+    def _kick(self) -> None:
+        if not self._scheduled and not self._busy:
+            self._scheduled = True
+            self.loop.call_soon(self._run)
+
     def _run(self) -> None:
+        """Start the next piece of work on the model, if it is free: an inference batch or the
+        next train step."""
         self._scheduled = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._busy:
+            return
         # The scheduler's clock is perf_counter: uvloop's loop.time() has 1 ms resolution.
         now = time.perf_counter()
+        training = self._next_step_ready(now)
+        if training and self._train_first():
+            self._yielded = False
+            self._begin_step(self._ready.popleft())
+            return
         batch = self.scheduler.poll(now)
         if batch is None:
+            if training:  # inference waits for its max_delay: training need not
+                self._yielded = True
+                self._kick()
+                return
             wake = self.scheduler.wake_at()
             if wake is not None:
                 self._timer = self.loop.call_later(max(0.0, wake - now), self._run)
+            else:
+                self._maybe_idle()
             return
+        if training:
+            self._yielded = True
         record_queue = self.stats.stages["queue"].record
         for entry in batch:
             record_queue(now - entry.arrived)
         jobs = [entry.item for entry in batch]
+        self._busy = True
         if self._pool is None:
             self._complete(jobs, self._compute(jobs))
         else:
             running = self.loop.run_in_executor(self._pool, self._compute, jobs)
             running.add_done_callback(functools.partial(self._complete_thread, jobs))
+
+    def _next_step_ready(self, now: float) -> bool:
+        """Whether a train step can run now; without a WAL, cut the next micro-batch for it."""
+        if self._ready:
+            return True
+        trainer = self.trainer
+        queue = self.train_scheduler
+        if trainer is None or queue is None or trainer.wal is not None or not len(queue):
+            return False
+        self._ready.append(self._cut(trainer, queue, now))
+        return True
+
+    def _cut(self, trainer: Trainer, queue: BatchScheduler[TrainJob], now: float) -> _Step:
+        micro = queue.poll(now)
+        assert micro is not None
+        queue.finish()  # the queue only cuts micro-batches; the executor orders their work
+        jobs = [entry.item for entry in micro]
+        batch = trainer.batch(
+            [(job.request.inputs, job.request.targets) for job in jobs],
+            [job.request.rows for job in jobs],
+        )
+        return _Step(jobs, batch)
+
+    def _train_first(self) -> bool:
+        """Whether a ready train step goes before waiting inference (see TrainConfig)."""
+        if not len(self.scheduler) or self._yielded:
+            return True
+        if self._priority == "inference":
+            return False
+        return self._ready[0].jobs[0].arrived <= self.scheduler.queued()[0].arrived
 
     def _complete_thread(self, jobs: list[Job], fut: asyncio.Future[list[Response]]) -> None:
         exc = fut.exception()
@@ -140,12 +279,135 @@ class Executor:
             job.resolve(response)
         self.stats.bound()
         self.scheduler.finish()
-        if len(self.scheduler):
-            if not self._scheduled:
-                self._scheduled = True
-                self.loop.call_soon(self._run)
-        elif self._idle is not None:
+        self._busy = False
+        self._kick()
+
+    def _maybe_idle(self) -> None:
+        if (
+            self._idle is not None
+            and not self._busy
+            and not self._logging
+            and not self._ready
+            and not len(self.scheduler)
+            and not (self.train_scheduler is not None and len(self.train_scheduler))
+        ):
             self._idle.set()
+
+    # -- training (see train/trainer.py) ---------------------------------------------------------
+
+    def _start_logging(self) -> None:
+        """Log the queued train requests as micro-batches with one fsync, unless a group is
+        being logged already (its completion starts the next: group commit)."""
+        self._log_scheduled = False
+        trainer = self.trainer
+        queue = self.train_scheduler
+        # With a logged step still waiting, let requests accumulate: a micro-batch is cut when it
+        # is logged, and a step costs about the same for 1 row as for 64. One waiting step is
+        # enough to keep the model busy while the next group's fsync runs.
+        if self._logging or len(self._ready) > 1 or trainer is None or queue is None:
+            return
+        if not len(queue):
+            return
+        assert self._io is not None
+        now = time.perf_counter()
+        steps: list[_Step] = []
+        while len(queue) and len(steps) < MAX_GROUP:
+            steps.append(self._cut(trainer, queue, now))
+        self._logging = True
+        logged = self.loop.run_in_executor(self._io, trainer.log, [step.batch for step in steps])
+        logged.add_done_callback(functools.partial(self._logged, steps))
+
+    def _logged(self, steps: list[_Step], fut: asyncio.Future[None]) -> None:
+        self._logging = False
+        exc = fut.exception()
+        if exc is not None:
+            # The log's state on disk is unknown (after a failed fsync the kernel may have
+            # dropped the pages): more steps could make replay diverge. Training stops until an
+            # operator restarts the server; inference goes on.
+            self._fail_training(f"the write-ahead log failed: {exc}", exc, steps)
+            return
+        self._ready.extend(steps)
+        self._start_logging()
+        self._kick()
+
+    def _begin_step(self, step: _Step) -> None:
+        trainer = self.trainer
+        assert trainer is not None
+        self._on_model(
+            functools.partial(trainer.train_step, step.batch),
+            functools.partial(self._stepped, step),
+        )
+
+    def _on_model(
+        self, work: Callable[[], Any], done: Callable[[Any, BaseException | None], None]
+    ) -> None:
+        """Run ``work`` holding the model, where compute runs; then ``done(result, error)`` on the
+        loop with the model free again."""
+        self._busy = True
+        if self._pool is None:
+            try:
+                result = work()
+            except Exception as exc:
+                self._busy = False
+                done(None, exc)
+            else:
+                self._busy = False
+                done(result, None)
+            return
+
+        def finished(fut: asyncio.Future[Any]) -> None:
+            self._busy = False
+            exc = fut.exception()
+            done(None if exc is not None else fut.result(), exc)
+
+        self.loop.run_in_executor(self._pool, work).add_done_callback(finished)
+
+    def _stepped(self, step: _Step, result: StepResult | None, exc: BaseException | None) -> None:
+        if exc is not None or result is None:
+            # train_step isolates bad requests itself: an error here is the optimizer's or an
+            # out-of-order step, after which the weights cannot be trusted to match the log.
+            self._fail_training(f"the optimizer step failed: {exc}", exc, [step])
+            return
+        for job, loss, error in zip(step.jobs, result.losses, result.errors, strict=True):
+            if error is not None:
+                self.stats.errors += 1
+                response = response_for_error(
+                    ModelFailed(
+                        f"model {self.model.name!r} could not train on this example: {error}"
+                    )
+                )
+            else:
+                assert loss is not None
+                try:
+                    response = job.encode(job.request, loss, result.step)
+                except Exception as err:
+                    response = _internal(err)
+            job.resolve(response)
+        if result.snapshot is not None:
+            self._write_checkpoint(*result.snapshot)
+        if self.trainer is not None and self.trainer.wal is not None:
+            self._start_logging()
+        self._kick()
+
+    def _fail_training(self, reason: str, exc: BaseException | None, steps: list[_Step]) -> None:
+        self._train_failure = f"model {self.model.name!r}: training stopped: {reason}"
+        log.error("%s", self._train_failure, exc_info=exc)
+        response = response_for_error(ServiceUnavailable(self._train_failure))
+        jobs = [job for step in (*steps, *self._ready) for job in step.jobs]
+        self._ready.clear()
+        if self.train_scheduler is not None:
+            jobs += [entry.item for entry in self.train_scheduler.drain()]
+        for job in jobs:
+            job.resolve(response)
+        self._kick()
+
+    def _write_checkpoint(self, number: int, snap: Snapshot) -> None:
+        trainer = self.trainer
+        assert trainer is not None and self._io is not None
+        self._io_futures = [f for f in self._io_futures if not f.done()]
+        fut = self._io.submit(trainer.write, number, snap)
+        fut.add_done_callback(_log_failure)
+        self._io_futures.append(fut)
 
     # -- compute (loop thread or worker thread) ---------------------------------------------------
 
@@ -296,11 +558,26 @@ class Executor:
         self.stats.reset()  # warm-up is not traffic
 
     async def close(self) -> None:
-        """Refuse new work and wait for queued and running batches to finish."""
+        """Refuse new work, wait for queued and running work to finish, then (training) write a
+        final checkpoint and wait for every write."""
         self._closed = True
-        if self.scheduler.busy or len(self.scheduler):
-            self._idle = asyncio.Event()
-            await self._idle.wait()
+        self._idle = asyncio.Event()
+        self._maybe_idle()
+        await self._idle.wait()
+        trainer = self.trainer
+        if (
+            trainer is not None
+            and self._io is not None
+            and self._train_failure is None
+            and trainer.step != trainer.stats.checkpoint_step
+        ):
+            self._write_checkpoint(*trainer.snapshot())
+        for fut in self._io_futures:
+            await asyncio.wrap_future(fut)
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+        if trainer is not None:
+            trainer.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 
@@ -322,9 +599,15 @@ def _no_encode(outputs: dict[str, np.ndarray]) -> Response:
     return Response()
 
 
+def _log_failure(fut: Future[Any]) -> None:
+    exc = fut.exception()
+    if exc is not None:
+        log.error("checkpoint failed", exc_info=exc)
+
+
 def _internal(exc: BaseException) -> Response:
     log.error("executor failure", exc_info=exc)
     return error_response(500, "internal server error")
 
 
-__all__ = ["ComputeMode", "Executor", "Job", "ModelFailed"]
+__all__ = ["ComputeMode", "Executor", "Job", "ModelFailed", "TrainJob"]

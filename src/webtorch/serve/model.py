@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -55,7 +55,10 @@ class Model:
     The pipeline for a batch is ``postprocess(network(*preprocess(inputs)))``: ``preprocess`` gets
     and returns a dict of tensors keyed by input name (the network is called with them in the
     order of ``inputs``); ``postprocess`` gets and returns a dict keyed by output name.
-    ``loss(outputs, targets)`` and ``optimizer(parameters)`` are for training.
+    ``loss(outputs, targets)`` and ``optimizer(parameters)`` are for training: ``outputs`` are
+    the network's named outputs (postprocess is for serving and is not applied), ``targets`` the
+    request's target tensors, described by ``targets`` (default: the same specs as ``outputs``).
+    The loss should average over rows, so that a request's own loss is comparable to a batch's.
     """
 
     network: nn.Module | Callable[[], nn.Module]
@@ -65,12 +68,13 @@ class Model:
     postprocess: Stage | None = None
     loss: Callable[[Tensors, Tensors], torch.Tensor] | None = None
     optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None
+    targets: list[TensorSpec] | None = None
     version: str = "1"
     platform: str = "pytorch"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for group in (self.inputs, self.outputs):
+        for group in (self.inputs, self.outputs, self.targets or []):
             names = [t.name for t in group]
             if len(set(names)) != len(names):
                 raise ValueError(f"duplicate tensor names in {names}")
@@ -96,6 +100,10 @@ class LoadedModel:
     @property
     def outputs(self) -> list[TensorSpec]:
         return self.spec.outputs
+
+    @property
+    def targets(self) -> list[TensorSpec]:
+        return self.spec.targets if self.spec.targets is not None else self.spec.outputs
 
     def forward(self, inputs: Tensors) -> Tensors:
         """Run preprocess -> network -> postprocess on one batch (already on ``device``)."""
@@ -171,19 +179,22 @@ def import_model_file(path: Path) -> Model:
 
 
 def load_model(
-    name: str, path: Path, device: str = "cpu", weights: Path | None = None
+    name: str, path: Path, device: str = "cpu", weights: Path | Literal[False] | None = None
 ) -> LoadedModel:
     """Import ``path``, build its network on ``device`` and load weights from safetensors.
 
     ``weights`` defaults to the file beside the model with the ``.safetensors`` suffix, used only
-    if it exists; an explicitly configured weights file must exist.
+    if it exists; an explicitly configured weights file must exist; ``False`` keeps the network's
+    own initialisation.
     """
     target = resolve_device(device)
     spec = import_model_file(path)
     network = spec.network if isinstance(spec.network, nn.Module) else spec.network()
     if not isinstance(network, nn.Module):
         raise ModelLoadError(f"model {name}: network must be a torch.nn.Module")
-    if weights is None:
+    if weights is False:
+        weights = None
+    elif weights is None:
         default = path.with_suffix(".safetensors")
         weights = default if default.is_file() else None
     elif not weights.is_file():

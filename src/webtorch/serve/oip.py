@@ -1,26 +1,52 @@
 """HTTP endpoints of served models: the Open Inference Protocol (KServe v2) and the short form.
 
 OIP: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``GET /v2/models/{m}[/versions/{v}]``,
-``.../ready`` and ``POST .../infer``. Short form: ``POST /models/{m}/predict`` and
-``GET /models/{m}``. Handlers return the executor's future, so no task is created per request.
+``.../ready``, ``POST .../infer`` and WebTorch's extension ``POST .../train``. Short form:
+``POST /models/{m}/predict``, ``POST /models/{m}/train`` and ``GET /models/{m}[/train]``.
+Handlers return the executor's Pending, so no task is created per request.
+
+Training changes the model, so its endpoints need the server's bearer token when one is configured
+(``config.py`` refuses to expose training beyond loopback without one).
 """
 
 from __future__ import annotations
 
 import functools
+import hmac
 import time
 from collections.abc import Callable
 from typing import Any
 
-from webtorch.errors import MethodNotAllowed, NotFound
-from webtorch.http.messages import HandlerResult, Request, json_response
+from webtorch.errors import MethodNotAllowed, NotFound, Unauthorized
+from webtorch.http.messages import HandlerResult, Request, Response, json_response
 from webtorch.observe.metrics import ModelStats
 from webtorch.serve import codecs
 from webtorch.serve.executor import Executor
 from webtorch.serve.model import LoadedModel
+from webtorch.train.forms import TrainForms, TrainRequest
 
 SERVER_NAME = "webtorch"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "train"]
+
+
+class Auth:
+    """The bearer-token check of training and management endpoints (none: open)."""
+
+    def __init__(self, token: str | None) -> None:
+        self._expected = None if token is None else b"Bearer " + token.encode()
+
+    def check(self, request: Request) -> None:
+        if self._expected is None:
+            return
+        given = request.header(b"authorization")
+        # compare_digest: the time taken must not tell how much of a guess was right.
+        if given is None or not hmac.compare_digest(given, self._expected):
+            raise Unauthorized(
+                "this endpoint needs `Authorization: Bearer <token>` with the server's token"
+                if given is None
+                else "invalid bearer token",
+                headers=[(b"www-authenticate", b'Bearer realm="webtorch"')],
+            )
 
 
 def _require(request: Request, *methods: str) -> None:
@@ -36,7 +62,9 @@ def _require(request: Request, *methods: str) -> None:
 class ModelEndpoint:
     """One served model: decode a request, queue it on the executor, encode its outputs."""
 
-    def __init__(self, model: LoadedModel, executor: Executor, stats: ModelStats) -> None:
+    def __init__(
+        self, model: LoadedModel, executor: Executor, stats: ModelStats, auth: Auth | None = None
+    ) -> None:
         self.model = model
         self.executor = executor
         self.stats = stats
@@ -47,6 +75,9 @@ class ModelEndpoint:
         self._record_decode = stats.stages["decode"].record
         self._short = codecs.ShortForm(model.inputs, model.outputs, model.name)
         self._oip = codecs.OIPForm(model.inputs, model.outputs, model.name, self.version)
+        self.auth = auth or Auth(None)
+        self.trainable = executor.trainer is not None
+        self._train = TrainForms(model) if self.trainable else None
 
     def predict(self, request: Request) -> HandlerResult:
         if request.method != "POST":
@@ -68,8 +99,40 @@ class ModelEndpoint:
             decoded.inputs, decoded.rows, functools.partial(self._oip.encode, decoded)
         )
 
+    def _train_forms(self, request: Request) -> TrainForms:
+        if self._train is None:
+            raise NotFound(
+                f"model {self.name!r} does not accept training "
+                f"(enable it with [models.{self.name}.train] enabled = true)"
+            )
+        self.auth.check(request)
+        return self._train
+
+    def train(self, request: Request) -> HandlerResult:
+        """``POST /models/{m}/train`` (short form); ``GET`` answers the training status."""
+        forms = self._train_forms(request)
+        if request.method != "POST":
+            _require(request, "POST", "GET")
+            assert self.executor.trainer is not None
+            return json_response(self.executor.trainer.status())
+        decoded = forms.decode_short(request.body, request.content_type)
+        return self.executor.submit_train(decoded, _short_train)
+
+    def train_oip(self, request: Request) -> HandlerResult:
+        forms = self._train_forms(request)
+        if request.method != "POST":
+            _require(request, "POST")
+        decoded = forms.decode_oip(
+            request.body, request.content_type, request.header(b"inference-header-content-length")
+        )
+        return self.executor.submit_train(decoded, forms.encode_oip)
+
     def metadata(self) -> dict[str, Any]:
         return self.model.metadata()
+
+
+def _short_train(request: TrainRequest, loss: float, step: int) -> Response:
+    return TrainForms.encode_short(loss, step)
 
 
 class ModelRoutes:
@@ -129,6 +192,9 @@ class ModelRoutes:
             if tail == ["infer"]:
                 request.route = f"/v2/models/{endpoint.name}/infer"
                 return endpoint.infer(request)
+            if tail == ["train"]:
+                request.route = f"/v2/models/{endpoint.name}/train"
+                return endpoint.train_oip(request)
         raise NotFound(f"no Open Inference Protocol endpoint at {request.path}")
 
     def short(self, request: Request) -> HandlerResult:
@@ -142,4 +208,7 @@ class ModelRoutes:
             if parts[2:] == ["predict"]:
                 request.route = f"/models/{endpoint.name}/predict"
                 return endpoint.predict(request)
+            if parts[2:] == ["train"]:
+                request.route = f"/models/{endpoint.name}/train"
+                return endpoint.train(request)
         raise NotFound(f"no model endpoint at {request.path}; try POST /models/<name>/predict")

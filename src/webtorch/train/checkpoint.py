@@ -1,0 +1,206 @@
+"""Atomic training checkpoints: weights plus optimizer state in one safetensors file.
+
+A checkpoint is ``checkpoint-{step:016d}.safetensors``, where ``step`` is the last optimizer step it
+includes, i.e. its position in the write-ahead log: recovery loads it and replays the WAL from
+``step + 1``. Inside:
+
+- tensors ``model.{key}`` (``network.state_dict()``) and ``optim.{param_id}.{key}`` (the tensors
+  in ``optimizer.state_dict()["state"]``);
+- metadata ``format``, ``step``, ``optimizer`` (JSON of the non-tensor state and the whole
+  ``param_groups``; tuples such as Adam's betas are tagged so they come back as tuples) and the
+  caller's extra entries.
+
+safetensors and JSON rather than ``torch.save``: loading a checkpoint must never run code.
+
+Taking a checkpoint is split in two so training barely pauses: :func:`snapshot` copies the state
+between two steps on the executor thread, and :func:`write_checkpoint` writes it later, on any
+thread. The write goes to a temp file that is fsynced and then renamed over the final name, and
+the directory is fsynced, so a crash leaves either the whole new checkpoint or none of it. Bit rot
+or a damaged disk can still corrupt a file, so :func:`load_latest` falls back to an older one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from webtorch.train.wal import fsync_directory
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "webtorch-checkpoint-1"
+_RESERVED = frozenset({"format", "step", "optimizer"})
+_NAME = re.compile(r"checkpoint-(\d{16})\.safetensors")
+_TEMP_PREFIX, _TEMP_SUFFIX = ".checkpoint-", ".tmp"
+_TUPLE = "__tuple__"  # JSON has no tuples; optimizers compare and unpack them, so keep them
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """A private CPU copy of the training state, safe to write while training goes on."""
+
+    tensors: dict[str, torch.Tensor]
+    optimizer_json: str
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    step: int
+    path: Path
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    """Ready for ``optimizer.load_state_dict``: param ids are ints, tensors are on the CPU."""
+    extra: dict[str, str]
+
+
+def snapshot(network: nn.Module, optimizer: torch.optim.Optimizer) -> Snapshot:
+    """Copy weights and optimizer state; raises TypeError for state JSON cannot carry."""
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in network.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"cannot checkpoint model state {key!r}: {type(value).__name__}")
+        tensors[f"model.{key}"] = _copy(value)
+    state = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{param_id}.{key}"] = _copy(value)
+            else:
+                where = f"optimizer state {param_id}.{key}"
+                scalars.setdefault(str(param_id), {})[key] = _to_json(value, where)
+    groups = _to_json(state["param_groups"], "optimizer param_groups")
+    return Snapshot(tensors, json.dumps({"state": scalars, "param_groups": groups}))
+
+
+def write_checkpoint(
+    directory: Path, step: int, snap: Snapshot, extra: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``snap`` as the checkpoint for ``step``, atomically; returns its path."""
+    extra = dict(extra or {})
+    if clash := _RESERVED & extra.keys():
+        raise ValueError(f"reserved checkpoint metadata keys: {sorted(clash)}")
+    metadata = {**extra, "format": FORMAT, "step": str(step), "optimizer": snap.optimizer_json}
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=directory, prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX)
+    os.close(fd)
+    temp = Path(name)
+    final = directory / f"checkpoint-{step:016d}.safetensors"
+    try:
+        # save_file rather than save() + write: no second in-memory copy of a large model.
+        safetensors.torch.save_file(snap.tensors, temp, metadata=metadata)
+        with temp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_directory(directory)
+    return final
+
+
+def load_latest(directory: Path) -> Checkpoint | None:
+    """The newest checkpoint that loads and validates; damaged ones are skipped with a warning."""
+    if not directory.is_dir():
+        return None
+    for step, path in sorted(_checkpoints(directory), reverse=True):
+        try:
+            return _load(step, path)
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+            logger.warning("skipping unreadable checkpoint %s: %s", path, exc)
+    return None
+
+
+def apply(checkpoint: Checkpoint, network: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load the checkpoint into ``network`` and ``optimizer`` (strictly).
+
+    Both load_state_dict calls move tensors to the parameters' devices themselves. The optimizer
+    may keep the checkpoint's tensors rather than copies, so apply a checkpoint only once.
+    """
+    network.load_state_dict(checkpoint.model_state, strict=True)
+    optimizer.load_state_dict(checkpoint.optimizer_state)
+
+
+def prune(directory: Path, keep: int = 2) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints, and temp files left by crashed writes.
+
+    Call it from the thread that writes checkpoints, or it may delete a write in progress.
+    """
+    if keep < 1:
+        raise ValueError("prune must keep at least one checkpoint")
+    old = sorted(_checkpoints(directory))[:-keep]
+    doomed = [path for _, path in old] + [
+        path
+        for path in directory.iterdir()
+        if path.name.startswith(_TEMP_PREFIX) and path.name.endswith(_TEMP_SUFFIX)
+    ]
+    for path in doomed:
+        path.unlink()
+    if doomed:
+        fsync_directory(directory)
+    return doomed
+
+
+def _checkpoints(directory: Path) -> Iterator[tuple[int, Path]]:
+    for path in directory.iterdir():
+        if m := _NAME.fullmatch(path.name):
+            yield int(m[1]), path
+
+
+def _load(step: int, path: Path) -> Checkpoint:
+    with safe_open(path, framework="pt") as f:
+        metadata: dict[str, str] = f.metadata() or {}
+        names: list[str] = f.keys()  # a safe_open handle is no dict and cannot be iterated
+        tensors: dict[str, torch.Tensor] = {name: f.get_tensor(name) for name in names}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"format is {metadata.get('format')!r}, not {FORMAT!r}")
+    if int(metadata["step"]) != step:
+        raise ValueError(f"holds step {metadata['step']}, but its name says {step}")
+    optim = json.loads(metadata["optimizer"], object_hook=_from_json)
+    state = {int(param_id): entries for param_id, entries in optim["state"].items()}
+    model_state: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        kind, _, rest = name.partition(".")
+        if kind == "model":
+            model_state[rest] = tensor
+        elif kind == "optim":
+            param_id, _, key = rest.partition(".")
+            state.setdefault(int(param_id), {})[key] = tensor
+        else:
+            raise ValueError(f"unexpected tensor {name!r}")
+    extra = {k: v for k, v in metadata.items() if k not in _RESERVED}
+    optimizer_state = {"state": state, "param_groups": optim["param_groups"]}
+    return Checkpoint(step, path, model_state, optimizer_state, extra)
+
+
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    # A contiguous private copy: live state changes under it, and safetensors needs dense data.
+    return tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+
+
+def _to_json(value: object, where: str) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, tuple):
+        return {_TUPLE: [_to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict) and _TUPLE not in value and all(isinstance(k, str) for k in value):
+        return {k: _to_json(v, f"{where}.{k}") for k, v in value.items()}
+    raise TypeError(f"cannot checkpoint {where}: unsupported {type(value).__name__} {value!r}")
+
+
+def _from_json(obj: dict[str, Any]) -> Any:
+    return tuple(obj[_TUPLE]) if obj.keys() == {_TUPLE} else obj

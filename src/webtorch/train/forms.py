@@ -1,0 +1,121 @@
+"""The wire forms of a train request: inputs and targets in, the request's loss and step out.
+
+- Short form: ``POST /models/{m}/train`` with ``{"inputs": [[0, 1]], "targets": [[1]]}``
+  (a model with several inputs or targets sends objects keyed by tensor name) answered
+  ``{"loss": 0.69, "step": 12}``.
+- Open Inference Protocol extension: ``POST /v2/models/{m}/train`` with the same tensor objects as
+  ``infer`` under ``"inputs"`` and ``"targets"``; binary tensor data (``Inference-Header-Content-
+  Length``) is read inputs first, then targets, each in the order listed. Answered
+  ``{"model_name", "model_version", "id"?, "loss", "step"}``.
+
+Decoding reuses the inference codecs' validation, so a bad target is named like a bad input.
+Train requests always become arrays here (no lazy JSON rows): the WAL stores the batch as arrays
+anyway, and a malformed example must be refused before it can reach the log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from webtorch.errors import BadRequest
+from webtorch.http.messages import JSON, Response
+from webtorch.serve import codecs
+from webtorch.serve.model import LoadedModel
+
+
+@dataclass(slots=True)
+class TrainRequest:
+    inputs: dict[str, np.ndarray]
+    targets: dict[str, np.ndarray]
+    rows: int
+    id: str | None = None
+
+
+class TrainForms:
+    """Decoders and encoders of one model's train requests."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model.name
+        self.version = model.spec.version
+        self.inputs = {t.name: t for t in model.inputs}
+        self.targets = {t.name: t for t in model.targets}
+        for spec in (*model.inputs, *model.targets):
+            if spec.dtype.torch is None:
+                # BYTES cannot go into a WAL record or a gradient; preprocess would have to turn
+                # them into tensors first, which training does not do yet.
+                raise ValueError(f"tensor {spec.name!r}: BYTES tensors cannot be trained on")
+        # The common case, one input and one target, decodes through the inference fast path's
+        # checks; anything unusual goes to the general decoders, which word the errors.
+        self._fast = (
+            (codecs.TensorCheck(model.inputs[0]), codecs.TensorCheck(model.targets[0]))
+            if len(model.inputs) == 1 and len(model.targets) == 1
+            else None
+        )
+        prefix = orjson.dumps({"model_name": self.model, "model_version": self.version})
+        self._oip_head = prefix[:-1]  # '{"model_name":..,"model_version":..'
+
+    def _request(
+        self, inputs: dict[str, np.ndarray], targets: dict[str, np.ndarray], id: str | None
+    ) -> TrainRequest:
+        rows = codecs.rows_of(inputs, self.inputs, self.model)
+        target_rows = codecs.rows_of(targets, self.targets, self.model, "target")
+        if rows != target_rows:
+            raise BadRequest(f"{rows} rows of inputs but {target_rows} rows of targets")
+        # One contiguous array per tensor in the native byte order: what a batch concatenates
+        # and the WAL stores (binary tensor data arrives as little-endian views of the body).
+        for group in (inputs, targets):
+            for name, array in group.items():
+                group[name] = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+        return TrainRequest(inputs, targets, rows, id)
+
+    def decode_short(self, body: bytes, content_type: bytes) -> TrainRequest:
+        fast = self._fast
+        if fast is not None and content_type in codecs.JSON_TYPES:
+            doc = codecs.loads_or_none(body)
+            if type(doc) is dict:
+                check_x, check_y = fast
+                x = check_x.array(doc.get("inputs"))
+                y = check_y.array(doc.get("targets"))
+                if (
+                    x is not None
+                    and y is not None
+                    and check_x.shape_ok(x.shape)
+                    and check_y.shape_ok(y.shape)
+                    and x.shape[0] == y.shape[0]
+                ):
+                    return TrainRequest({check_x.name: x}, {check_y.name: y}, x.shape[0])
+        doc = codecs.short_document(body, content_type, ("inputs", "targets"))
+        inputs = codecs.short_tensors(doc, "inputs", self.inputs, self.model)
+        targets = codecs.short_tensors(doc, "targets", self.targets, self.model)
+        return self._request(inputs, targets, None)
+
+    def decode_oip(
+        self, body: bytes, content_type: bytes, header_length: bytes | None
+    ) -> TrainRequest:
+        doc, offset = codecs.oip_document(body, content_type, header_length)
+        binary = header_length is not None
+        inputs, offset = codecs.oip_tensors(
+            doc, "inputs", self.inputs, self.model, body, offset, binary
+        )
+        targets, offset = codecs.oip_tensors(
+            doc, "targets", self.targets, self.model, body, offset, binary
+        )
+        if offset != len(body):
+            raise BadRequest(
+                f"{len(body) - offset} bytes of binary data are not claimed by any tensor"
+            )
+        raw_id = doc.get("id")
+        return self._request(inputs, targets, None if raw_id is None else str(raw_id))
+
+    @staticmethod
+    def encode_short(loss: float, step: int) -> Response:
+        return Response(200, b'{"loss":%s,"step":%d}' % (orjson.dumps(loss), step), JSON)
+
+    def encode_oip(self, request: TrainRequest, loss: float, step: int) -> Response:
+        tail = b',"loss":%s,"step":%d' % (orjson.dumps(loss), step)
+        if request.id is not None:
+            tail += b',"id":%s' % orjson.dumps(request.id)
+        return Response(200, self._oip_head + tail + b"}", JSON)

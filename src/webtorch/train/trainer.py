@@ -1,0 +1,355 @@
+"""The trainer: one model's optimizer, step counter and durable state.
+
+A training micro-batch (the requests merged into one optimizer step) goes through two phases,
+which the executor (``serve/executor.py``) schedules:
+
+1. :meth:`Trainer.log` (I/O thread, ``durability = "wal"``): micro-batches are appended to the
+   write-ahead log, several at a time, and made durable with one fsync (group commit). Meanwhile
+   the model keeps serving and the previous group's steps run.
+2. :meth:`Trainer.train_step` (holding the model): forward, loss, backward, ``optimizer.step()``.
+   Only then are the batch's requests answered.
+
+So an acknowledged example is in the log, and recovery replays logged micro-batches through the
+same :meth:`train_step` in the same order, which reproduces the weights bit for bit on CPU. A
+logged micro-batch may hold a request that breaks the model; ``train_step`` isolates it by a rule
+that depends only on the batch (each request alone, then the good ones together), so replay makes
+the same decision. Checkpoints (weights, optimizer state, the step they include) bound the replay
+and let old log segments go. Without a WAL (``"checkpoint"``), a crash loses the steps since the
+last checkpoint; ``"none"`` persists nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.func import vmap
+
+from webtorch.config import TrainConfig
+from webtorch.errors import ModelLoadError
+from webtorch.serve.datatypes import to_torch
+from webtorch.serve.model import LoadedModel, Tensors
+from webtorch.train import checkpoint as ckpt
+from webtorch.train.wal import WriteAheadLog
+
+log = logging.getLogger("webtorch.train")
+
+INPUT = "inputs."
+TARGET = "targets."
+ROWS = "rows"
+
+
+@dataclass(slots=True)
+class Batch:
+    """One micro-batch as the WAL stores it: ``inputs.<name>``, ``targets.<name>`` and ``rows``
+    (each request's row count, in order), with its step number ``seq``."""
+
+    tensors: dict[str, np.ndarray]
+    rows: list[int]
+    seq: int
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What a step did for each request of its batch: a loss, or the error that excluded it."""
+
+    step: int
+    losses: list[float | None]
+    errors: list[str | None]
+    snapshot: tuple[int, ckpt.Snapshot] | None = None
+
+
+class TrainStats:
+    """What the trainer counts, for ``/metrics`` and ``GET /models/{m}/train``."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.examples = 0
+        self.loss = float("nan")  # mean loss of the last step
+        self.fsync_seconds: list[float] = []  # drained by the metrics collector
+        self.checkpoint_step = 0
+        self.checkpoint_time = time.time()
+        self.replayed = 0
+
+
+class Trainer:
+    def __init__(self, model: LoadedModel, config: TrainConfig, state_dir: Path) -> None:
+        spec = model.spec
+        if spec.loss is None or spec.optimizer is None:
+            raise ModelLoadError(
+                f"model {model.name}: training is enabled but {model.source} defines no "
+                "`loss` and `optimizer`"
+            )
+        self.model = model
+        self.config = config
+        self.loss_fn: Callable[[Tensors, Tensors], torch.Tensor] = spec.loss
+        self.optimizer = spec.optimizer(model.network.parameters())
+        self.step = 0
+        self.stats = TrainStats()
+        self.durability = config.durability
+        self.state_dir = state_dir
+        self.checkpoint_dir = state_dir / "checkpoints"
+        self.wal = WriteAheadLog(state_dir / "wal") if self.durability == "wal" else None
+        self._inputs = [(t.name, t.dtype) for t in model.inputs]
+        self._targets = [(t.name, t.dtype) for t in model.targets]
+        self._outputs = [t.name for t in model.outputs]
+        self._row_losses: Callable[[Tensors, Tensors], torch.Tensor] | None = vmap(self._row_loss)
+        self._checkpointed_at = time.monotonic()
+        self._next_seq = 1
+
+    # -- start-up ----------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Load the newest valid checkpoint, then replay the WAL records after it, in order."""
+        if self.durability == "none":
+            return
+        checkpoint = ckpt.load_latest(self.checkpoint_dir)
+        if checkpoint is not None:
+            ckpt.apply(checkpoint, self.model.network, self.optimizer)
+            self.step = checkpoint.step
+            self.stats.checkpoint_step = checkpoint.step
+            self.stats.checkpoint_time = checkpoint.path.stat().st_mtime
+            log.info("model %s: checkpoint at step %d loaded", self.model.name, self.step)
+        self._next_seq = self.step + 1
+        if self.wal is None:
+            return
+        replayed = 0
+        for record in self.wal.recover():
+            if record.seq <= self.step:
+                continue  # already in the checkpoint
+            if record.seq != self.step + 1:
+                raise ModelLoadError(
+                    f"model {self.model.name}: the WAL in {self.state_dir} starts at step "
+                    f"{record.seq} but the newest checkpoint holds step {self.step}: "
+                    "steps in between are missing"
+                )
+            tensors = dict(record.tensors)
+            rows = [int(n) for n in tensors[ROWS]]
+            self.train_step(Batch(tensors, rows, record.seq), replay=True)
+            replayed += 1
+        self._next_seq = self.step + 1
+        self.stats.replayed = replayed
+        if replayed:
+            log.info(
+                "model %s: replayed %d step(s) from the WAL, now at step %d",
+                self.model.name,
+                replayed,
+                self.step,
+            )
+
+    # -- the two phases --------------------------------------------------------------------------
+
+    def batch(
+        self,
+        requests: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
+        rows: list[int],
+    ) -> Batch:
+        """Concatenate requests' (inputs, targets) into the next micro-batch, numbered."""
+        tensors: dict[str, np.ndarray] = {}
+        for index, (prefix, specs) in enumerate(((INPUT, self._inputs), (TARGET, self._targets))):
+            for name, _ in specs:
+                parts = [request[index][name] for request in requests]
+                tensors[prefix + name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        tensors[ROWS] = np.asarray(rows, dtype=np.int64)
+        seq = self._next_seq
+        self._next_seq += 1
+        return Batch(tensors, rows, seq)
+
+    def log(self, batches: Sequence[Batch]) -> None:
+        """Append micro-batches to the WAL and make them durable with one fsync (I/O thread)."""
+        assert self.wal is not None
+        t0 = time.perf_counter()
+        for batch in batches:
+            self.wal.append(batch.seq, batch.tensors)
+        self.wal.sync()
+        self.stats.fsync_seconds.append(time.perf_counter() - t0)
+
+    def train_step(self, batch: Batch, *, replay: bool = False) -> StepResult:
+        """One optimizer step on ``batch`` (step ``batch.seq``), holding the model.
+
+        A request that breaks the model (forward, loss or backward raises) is excluded by a
+        deterministic rule: if the batch fails, each request is tried alone and the step is
+        taken on the ones that pass; if each passes alone but not together, none is applied.
+        Either way the step number advances, so it always equals the WAL position.
+        """
+        if batch.seq != self.step + 1:
+            raise RuntimeError(f"step {batch.seq} out of order: the model is at step {self.step}")
+        rows = batch.rows
+        count = len(rows)
+        losses: list[float | None] = [None] * count
+        errors: list[str | None] = [None] * count
+        try:
+            good = list(range(count))
+            values = self._compute(batch.tensors, rows)
+        except Exception as exc:
+            if count == 1:
+                errors[0] = _describe(exc)
+                good = []
+            else:
+                good = []
+                for i in range(count):
+                    try:
+                        self._compute(_select(batch.tensors, rows, [i]), [rows[i]])
+                    except Exception as alone:
+                        errors[i] = _describe(alone)
+                    else:
+                        good.append(i)
+                if len(good) == count:
+                    errors = [_describe(exc)] * count
+                    good = []
+            values = (
+                self._compute(_select(batch.tensors, rows, good), [rows[i] for i in good])
+                if good
+                else []
+            )
+        if good:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            for i, value in zip(good, values, strict=True):
+                losses[i] = value
+            self.stats.examples += sum(rows[i] for i in good)
+        self.step = batch.seq
+        self.stats.steps += 1
+        if not replay and self.checkpoint_due(time.monotonic()):
+            return StepResult(self.step, losses, errors, self.snapshot())
+        return StepResult(self.step, losses, errors)
+
+    def _compute(self, tensors: Mapping[str, np.ndarray], rows: list[int]) -> list[float]:
+        """Forward, loss and backward: gradients ready, weights untouched. Returns each
+        request's own loss."""
+        network = self.model.network
+        device = self.model.device
+        inputs = self._tensors(tensors, INPUT, self._inputs, device)
+        targets = self._tensors(tensors, TARGET, self._targets, device)
+        spec = self.model.spec
+        network.train()
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+            if spec.preprocess is not None:
+                inputs = spec.preprocess(inputs)
+            raw = network(*(inputs[name] for name, _ in self._inputs))
+            outputs = self.model._name_outputs(raw)
+            loss = self.loss_fn(outputs, targets)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError("the model's loss must return a scalar tensor")
+            loss.backward()  # type: ignore[no-untyped-call]
+        finally:
+            network.eval()
+        value = float(loss.detach())
+        self.stats.loss = value
+        if len(rows) == 1:
+            return [value]
+        with torch.no_grad():
+            detached = {name: outputs[name].detach() for name in self._outputs if name in outputs}
+            return self._request_losses(detached, targets, rows)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def checkpoint_due(self, now: float) -> bool:
+        if self.durability == "none" or self.step == self.stats.checkpoint_step:
+            return False
+        cfg = self.config
+        by_steps = (
+            cfg.checkpoint_every_steps > 0
+            and self.step - self.stats.checkpoint_step >= cfg.checkpoint_every_steps
+        )
+        by_time = (
+            cfg.checkpoint_every_seconds > 0
+            and now - self._checkpointed_at >= cfg.checkpoint_every_seconds
+        )
+        return by_steps or by_time
+
+    def snapshot(self) -> tuple[int, ckpt.Snapshot]:
+        """A copy of the state at this step (model busy); written later by :meth:`write`."""
+        self._checkpointed_at = time.monotonic()
+        self.stats.checkpoint_step = self.step  # no second snapshot of this step is due
+        return self.step, ckpt.snapshot(self.model.network, self.optimizer)
+
+    def write(self, step: int, snap: ckpt.Snapshot) -> Path:
+        """Write a checkpoint atomically, then drop the WAL segments and checkpoints it makes
+        redundant (I/O thread, after every WAL append of steps <= ``step``)."""
+        path = ckpt.write_checkpoint(self.checkpoint_dir, step, snap, {"model": self.model.name})
+        self.stats.checkpoint_time = time.time()
+        if self.wal is not None:
+            self.wal.rotate()
+            self.wal.truncate_through(step)
+        ckpt.prune(self.checkpoint_dir, self.config.keep_checkpoints)
+        log.debug("model %s: checkpoint %s", self.model.name, path)
+        return path
+
+    def close(self) -> None:
+        if self.wal is not None:
+            self.wal.close()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "model": self.model.name,
+            "step": self.step,
+            "examples": self.stats.examples,
+            "loss": None if self.stats.loss != self.stats.loss else self.stats.loss,
+            "durability": self.durability,
+            "checkpoint_step": self.stats.checkpoint_step,
+            "replayed_steps": self.stats.replayed,
+        }
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _tensors(
+        tensors: Mapping[str, np.ndarray],
+        prefix: str,
+        specs: list[tuple[str, Any]],
+        device: torch.device,
+    ) -> Tensors:
+        out: Tensors = {}
+        for name, dt in specs:
+            out[name] = to_torch(tensors[prefix + name], dt).to(device, non_blocking=True)
+        return out
+
+    def _row_loss(self, outputs: Tensors, targets: Tensors) -> torch.Tensor:
+        one = {k: v.unsqueeze(0) for k, v in outputs.items()}
+        return self.loss_fn(one, {k: v.unsqueeze(0) for k, v in targets.items()})
+
+    def _request_losses(self, outputs: Tensors, targets: Tensors, rows: list[int]) -> list[float]:
+        """Each request's loss on its own rows. One vectorised call (``vmap`` of the loss over
+        rows, then a mean per request: exact for a loss that averages over rows) where the loss
+        allows it, else one loss call per request."""
+        if self._row_losses is not None:
+            try:
+                per_row = self._row_losses(outputs, targets).reshape(-1).double().cpu().numpy()
+            except Exception as exc:  # a loss vmap cannot trace: .item(), data-dependent flow
+                log.info("model %s: per-row loss not vectorisable (%r)", self.model.name, exc)
+                self._row_losses = None
+            else:
+                if all(r == 1 for r in rows):
+                    return [float(v) for v in per_row]
+                starts = np.cumsum([0, *rows[:-1]])
+                return [float(v) for v in np.add.reduceat(per_row, starts) / np.asarray(rows)]
+        losses: list[float] = []
+        start = 0
+        for count in rows:
+            part = slice(start, start + count)
+            sliced_out = {k: v[part] for k, v in outputs.items()}
+            sliced_tgt = {k: v[part] for k, v in targets.items()}
+            losses.append(float(self.loss_fn(sliced_out, sliced_tgt)))
+            start += count
+        return losses
+
+
+def _select(
+    tensors: Mapping[str, np.ndarray], rows: list[int], requests: list[int]
+) -> dict[str, np.ndarray]:
+    """The rows of some of a batch's requests."""
+    starts = np.cumsum([0, *rows])
+    index = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in requests])
+    return {name: array[index] for name, array in tensors.items() if name != ROWS}
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

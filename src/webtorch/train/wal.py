@@ -1,0 +1,282 @@
+"""The write-ahead log of training micro-batches.
+
+Every optimizer step is logged before it is acknowledged, so after a crash the trainer restores the
+newest checkpoint and replays the log to reach exactly the state it had acknowledged.
+
+Record format (little-endian)::
+
+    b"WTW1" | u32 payload length | u32 crc32(seq + payload) | u64 seq | payload
+
+The payload is the batch's tensors as a safetensors blob (never pickle: the log is data, not code).
+``seq`` is the optimizer step the batch produces; records are contiguous in ``seq``. The crc covers
+the seq too, so a flipped bit there cannot pass as a gap or a duplicate.
+
+:func:`encode_record` and :func:`decode_records` are the sans-IO core. :class:`WriteAheadLog` is the
+file shell: a directory of segments ``wal-{first_seq:016d}.log``. Appends are written without fsync
+and :meth:`WriteAheadLog.sync` makes everything appended so far durable with one fsync (group
+commit: one sync per request, however many micro-batches it holds). A crash can therefore leave a
+half-written record at the end of the last segment; :meth:`WriteAheadLog.recover` cuts such a torn
+tail, since nothing in it was ever acknowledged. A bad record anywhere else was synced once and is
+real corruption, which is never silently dropped. Whole segments are deleted once a checkpoint
+covers them, which is why :meth:`WriteAheadLog.rotate` exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"WTW1"
+_HEADER = struct.Struct("<4sIIQ")
+_SEQ = struct.Struct("<Q")
+_SEGMENT_NAME = re.compile(r"wal-(\d{16})\.log")
+
+
+class WalCorrupt(Exception):
+    """The log is damaged somewhere other than a torn tail; replaying past it would lose steps."""
+
+
+@dataclass(frozen=True, eq=False)
+class WalRecord:
+    seq: int
+    tensors: dict[str, np.ndarray]
+    offset: int
+    """Where the record starts in the scanned data, for error messages."""
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    records: list[WalRecord]
+    valid_bytes: int
+    """Offset just after the last good record."""
+    error: str | None
+    """Why scanning stopped before the end of the data, or None if it did not."""
+
+
+def encode_record(seq: int, tensors: Mapping[str, np.ndarray]) -> bytes:
+    # safetensors.numpy.save reads the raw buffer and silently scrambles non-contiguous arrays
+    # (np.ascontiguousarray would turn 0-d arrays into 1-d ones).
+    payload = safetensors.numpy.save(
+        {k: np.require(v, requirements="C") for k, v in tensors.items()}
+    )
+    if len(payload) > 0xFFFF_FFFF:
+        raise ValueError(f"micro-batch {seq} is {len(payload)} bytes, over the 4 GiB record limit")
+    seq_bytes = _SEQ.pack(seq)
+    crc = zlib.crc32(payload, zlib.crc32(seq_bytes))
+    return _HEADER.pack(MAGIC, len(payload), crc, seq) + payload
+
+
+def decode_records(data: bytes | memoryview) -> ScanResult:
+    view = memoryview(data)
+    records: list[WalRecord] = []
+    offset = 0
+    error: str | None = None
+    while offset < len(view):
+        if len(view) - offset < _HEADER.size:
+            error = "truncated header"
+            break
+        magic, length, crc, seq = _HEADER.unpack_from(view, offset)
+        if magic != MAGIC:
+            error = "bad magic"
+            break
+        start = offset + _HEADER.size
+        if len(view) - start < length:
+            error = "truncated payload"
+            break
+        payload = view[start : start + length]
+        if zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq))) != crc:
+            error = "crc mismatch"
+            break
+        try:
+            tensors = safetensors.numpy.load(bytes(payload))
+        except SafetensorError as exc:
+            error = f"undecodable payload: {exc}"
+            break
+        records.append(WalRecord(seq, tensors, offset))
+        offset = start + length
+    return ScanResult(records, offset, error)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make creations, renames and deletions in ``directory`` durable (POSIX needs this apart)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class WriteAheadLog:
+    """Segment files in one directory; call :meth:`recover` once before appending.
+
+    Not thread-safe, but holds no thread affinity: one thread at a time may use it.
+    """
+
+    def __init__(self, directory: Path, segment_bytes: int = 64 * 2**20) -> None:
+        self._dir = directory
+        self._segment_bytes = segment_bytes
+        directory.mkdir(parents=True, exist_ok=True)
+        self._segments: list[tuple[int, Path]] | None = None  # (first seq, path), oldest first
+        self._file: BinaryIO | None = None
+        self._size = 0
+        self._last_seq: int | None = None
+        self._rotate_pending = False
+        self._dir_dirty = False
+        self._failed = False
+
+    @property
+    def last_seq(self) -> int | None:
+        """The newest logged step, or None for an empty log (which accepts any first seq)."""
+        return self._last_seq
+
+    def recover(self) -> list[WalRecord]:
+        """Read every record in seq order, cut a torn tail and open the log for appending.
+
+        Raises :class:`WalCorrupt` for a bad record before the last segment's tail or a seq that
+        does not follow its predecessor.
+        """
+        if self._segments is not None:
+            raise RuntimeError("the write-ahead log is already open")
+        found = sorted(
+            (int(m[1]), p) for p in self._dir.iterdir() if (m := _SEGMENT_NAME.fullmatch(p.name))
+        )
+        # Validate everything before modifying anything, so a corrupt log is left as it was found.
+        records: list[WalRecord] = []
+        expected: int | None = None
+        scan = ScanResult([], 0, None)
+        for i, (first_seq, path) in enumerate(found):
+            scan = decode_records(path.read_bytes())
+            if scan.error is not None and i < len(found) - 1:
+                raise WalCorrupt(f"{path}: offset {scan.valid_bytes}: {scan.error}")
+            if expected is not None and first_seq != expected:
+                raise WalCorrupt(f"{path}: offset 0: segment starts at {first_seq}, not {expected}")
+            expected = first_seq
+            for record in scan.records:
+                if record.seq != expected:
+                    raise WalCorrupt(
+                        f"{path}: offset {record.offset}: seq {record.seq}, expected {expected}"
+                    )
+                expected += 1
+            records += scan.records
+
+        self._segments = found
+        self._rotate_pending = self._dir_dirty = self._failed = False
+        if found:
+            path = found[-1][1]
+            if scan.error is not None:
+                logger.warning(
+                    "cutting torn WAL tail: %s at offset %d: %s", path, scan.valid_bytes, scan.error
+                )
+            if scan.valid_bytes == 0:
+                # An empty segment (a crash right after creating it) would pin its name's seq.
+                path.unlink()
+                fsync_directory(self._dir)
+                found.pop()
+            else:
+                self._file = path.open("r+b")
+                if scan.error is not None:
+                    self._file.truncate(scan.valid_bytes)
+                    os.fsync(self._file.fileno())
+                self._file.seek(scan.valid_bytes)
+                self._size = scan.valid_bytes
+        self._last_seq = records[-1].seq if records else None
+        return records
+
+    def append(self, seq: int, tensors: Mapping[str, np.ndarray]) -> int:
+        """Write one record (not yet durable, see :meth:`sync`); returns its size in bytes."""
+        segments = self._usable()
+        if self._last_seq is not None and seq != self._last_seq + 1:
+            raise ValueError(f"WAL seq {seq} does not follow {self._last_seq}")
+        record = encode_record(seq, tensors)
+        try:
+            file = self._file
+            if file is None or self._rotate_pending or self._size >= self._segment_bytes:
+                file = self._start_segment(segments, seq)
+            file.write(record)
+        except BaseException:
+            # A partial record may now sit mid-segment: appending after it would bury it.
+            self._failed = True
+            raise
+        self._size += len(record)
+        self._last_seq = seq
+        return len(record)
+
+    def sync(self) -> None:
+        """Make every appended record durable: one flush + fsync for the whole group."""
+        self._usable()
+        if self._file is None:
+            return
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            if self._dir_dirty:
+                fsync_directory(self._dir)
+                self._dir_dirty = False
+        except BaseException:
+            # After a failed fsync the kernel may have dropped the dirty pages; a retry that
+            # succeeds proves nothing, so the log refuses further use until recovered.
+            self._failed = True
+            raise
+
+    def rotate(self) -> None:
+        """Start a new segment at the next append, so older ones can later be deleted whole."""
+        self._rotate_pending = True
+
+    def truncate_through(self, seq: int) -> list[Path]:
+        """Delete the segments holding only records with seq <= ``seq``; returns their paths."""
+        segments = self._usable()
+        deleted: list[Path] = []
+        # The last segment has no successor, so the one being appended to always survives.
+        while len(segments) > 1 and segments[1][0] <= seq + 1:
+            path = segments.pop(0)[1]
+            path.unlink()
+            deleted.append(path)
+        if deleted:
+            fsync_directory(self._dir)
+        return deleted
+
+    def close(self) -> None:
+        """Sync (unless a write failed) and close; :meth:`recover` reopens the log."""
+        try:
+            if self._segments is not None and not self._failed:
+                self.sync()
+        finally:
+            if self._file is not None:
+                self._file.close()
+            self._file = None
+            self._segments = None
+
+    def _usable(self) -> list[tuple[int, Path]]:
+        if self._segments is None:
+            raise RuntimeError("the write-ahead log is not open: call recover() first")
+        if self._failed:
+            raise RuntimeError("an earlier WAL write failed; restart and recover")
+        return self._segments
+
+    def _start_segment(self, segments: list[tuple[int, Path]], first_seq: int) -> BinaryIO:
+        if self._file is not None:
+            # sync() only fsyncs the current segment, so the one being left must be durable now.
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+        path = self._dir / f"wal-{first_seq:016d}.log"
+        self._file = file = path.open("xb")
+        segments.append((first_seq, path))
+        self._size = 0
+        self._rotate_pending = False
+        self._dir_dirty = True
+        return file
