@@ -36,7 +36,7 @@ from webtorch.errors import ModelLoadError
 from webtorch.serve.datatypes import to_torch
 from webtorch.serve.model import LoadedModel, Tensors
 from webtorch.train import checkpoint as ckpt
-from webtorch.train.wal import WriteAheadLog
+from webtorch.train.wal import WalCorrupt, WriteAheadLog
 
 log = logging.getLogger("webtorch.train")
 
@@ -120,7 +120,15 @@ class Trainer:
         if self.wal is None:
             return
         replayed = 0
-        for record in self.wal.recover():
+        try:
+            records = self.wal.recover()
+        except WalCorrupt as exc:
+            raise ModelLoadError(
+                f"model {self.model.name}: the write-ahead log is damaged ({exc}); acknowledged "
+                "training would be lost by going on: restore it, or move it aside to start from "
+                "the newest checkpoint"
+            ) from exc
+        for record in records:
             if record.seq <= self.step:
                 continue  # already in the checkpoint
             if record.seq != self.step + 1:
