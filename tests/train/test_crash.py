@@ -73,7 +73,9 @@ class Trainers:
                 other = float(rng.integers(0, 2))
                 target = float(rng.integers(0, 2))
                 body = json.dumps({"inputs": [[key, other]], "targets": [[target]]})
-                conn.request("POST", "/models/xor/train", body, {"content-type": "application/json"})
+                conn.request(
+                    "POST", "/models/xor/train", body, {"content-type": "application/json"}
+                )
                 reply = conn.getresponse()
                 data = json.loads(reply.read())
                 assert reply.status == 200, data
