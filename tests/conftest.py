@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -112,7 +113,11 @@ def serve_process(config_path: Path | None = None, *extra: str) -> Iterator[Proc
     if config_path is not None:
         cmd.insert(4, str(config_path))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    # A scratch working directory: the embedded default keeps its training state under it.
+    scratch = tempfile.TemporaryDirectory(prefix="webtorch-serve-")
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=scratch.name
+    )
     assert proc.stdout is not None
     lines = []
     try:
@@ -131,3 +136,4 @@ def serve_process(config_path: Path | None = None, *extra: str) -> Iterator[Proc
             proc.kill()
             proc.wait(10)
         proc.stdout.close()
+        scratch.cleanup()

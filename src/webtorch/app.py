@@ -44,7 +44,12 @@ class App:
         self.trainers: dict[str, Trainer] = {}
         for name, mc in config.models.items():
             if mc.train.enabled:
-                trainer = Trainer(self.models[name], mc.train, config.state_dir(name))
+                trainer = Trainer(
+                    self.models[name],
+                    mc.train,
+                    config.state_dir(name),
+                    self.metrics.train(name),
+                )
                 trainer.recover()  # before any socket opens: replay errors stop the start
                 self.trainers[name] = trainer
         self.executors: dict[str, Executor] = {}

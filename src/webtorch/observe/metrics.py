@@ -8,11 +8,17 @@ Prometheus metric families when ``/metrics`` is scraped. Exposition stays promet
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from webtorch.http.messages import Request, Response
@@ -99,6 +105,19 @@ class ModelStats:
             hist.bound()
 
 
+class TrainStats:
+    """What a model's trainer counts; recorded on the event loop thread."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.examples = 0
+        self.loss = float("nan")  # mean loss of the last step
+        self.log_seconds = Histogram(LATENCY_BUCKETS)  # WAL append + fsync of a group
+        self.checkpoint_step = 0
+        self.checkpoint_time = time.time()
+        self.replayed = 0
+
+
 class Metrics:
     """Everything WebTorch counts, and the ``/metrics`` handler that exposes it."""
 
@@ -106,6 +125,7 @@ class Metrics:
         self.requests: dict[tuple[str, str, int], int] = {}
         self.latency: dict[str, Histogram] = {}
         self.models: dict[str, ModelStats] = {}
+        self.training: dict[str, TrainStats] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 
@@ -113,6 +133,12 @@ class Metrics:
         stats = self.models.get(name)
         if stats is None:
             stats = self.models[name] = ModelStats()
+        return stats
+
+    def train(self, name: str) -> TrainStats:
+        stats = self.training.get(name)
+        if stats is None:
+            stats = self.training[name] = TrainStats()
         return stats
 
     def observe_request(self, request: Request, status: int, seconds: float) -> None:
@@ -130,6 +156,8 @@ class Metrics:
         """Fold pending observations into buckets; the app calls this once a second."""
         for hist in self.latency.values():
             hist.compact()
+        for training in self.training.values():
+            training.log_seconds.compact()
         for stats in self.models.values():
             stats.batch_rows.compact()
             for stage in stats.stages.values():
@@ -187,3 +215,32 @@ class _Collector:
         yield batches
         yield errors
         yield stages
+        yield from _training(m.training)
+
+
+def _training(training: dict[str, TrainStats]) -> Iterator[Metric]:
+    steps = CounterMetricFamily(
+        "webtorch_train_steps", "Optimizer steps (micro-batches) taken", labels=["model"]
+    )
+    examples = CounterMetricFamily(
+        "webtorch_train_examples", "Training rows applied", labels=["model"]
+    )
+    loss = GaugeMetricFamily("webtorch_train_loss", "Mean loss of the last step", labels=["model"])
+    log_time = HistogramMetricFamily(
+        "webtorch_train_wal_sync_seconds",
+        "Time to append a group of micro-batches to the write-ahead log and fsync it",
+        labels=["model"],
+    )
+    age = GaugeMetricFamily(
+        "webtorch_train_checkpoint_age_seconds",
+        "Seconds since the newest checkpoint was written (or loaded)",
+        labels=["model"],
+    )
+    now = time.time()
+    for name, stats in sorted(training.items()):
+        steps.add_metric([name], stats.steps)
+        examples.add_metric([name], stats.examples)
+        loss.add_metric([name], stats.loss)
+        log_time.add_metric([name], stats.log_seconds.buckets(), stats.log_seconds.total)
+        age.add_metric([name], now - stats.checkpoint_time)
+    yield from (steps, examples, loss, log_time, age)

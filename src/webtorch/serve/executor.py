@@ -317,7 +317,7 @@ class Executor:
         logged = self.loop.run_in_executor(self._io, trainer.log, [step.batch for step in steps])
         logged.add_done_callback(functools.partial(self._logged, steps))
 
-    def _logged(self, steps: list[_Step], fut: asyncio.Future[None]) -> None:
+    def _logged(self, steps: list[_Step], fut: asyncio.Future[float]) -> None:
         self._logging = False
         exc = fut.exception()
         if exc is not None:
@@ -326,6 +326,8 @@ class Executor:
             # operator restarts the server; inference goes on.
             self._fail_training(f"the write-ahead log failed: {exc}", exc, steps)
             return
+        assert self.trainer is not None
+        self.trainer.stats.log_seconds.observe(fut.result())
         self._ready.extend(steps)
         self._start_logging()
         self._kick()

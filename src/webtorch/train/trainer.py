@@ -33,6 +33,7 @@ from torch.func import vmap
 
 from webtorch.config import TrainConfig
 from webtorch.errors import ModelLoadError
+from webtorch.observe.metrics import TrainStats
 from webtorch.serve.datatypes import to_torch
 from webtorch.serve.model import LoadedModel, Tensors
 from webtorch.train import checkpoint as ckpt
@@ -65,21 +66,14 @@ class StepResult:
     snapshot: tuple[int, ckpt.Snapshot] | None = None
 
 
-class TrainStats:
-    """What the trainer counts, for ``/metrics`` and ``GET /models/{m}/train``."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-        self.examples = 0
-        self.loss = float("nan")  # mean loss of the last step
-        self.fsync_seconds: list[float] = []  # drained by the metrics collector
-        self.checkpoint_step = 0
-        self.checkpoint_time = time.time()
-        self.replayed = 0
-
-
 class Trainer:
-    def __init__(self, model: LoadedModel, config: TrainConfig, state_dir: Path) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        config: TrainConfig,
+        state_dir: Path,
+        stats: TrainStats | None = None,
+    ) -> None:
         spec = model.spec
         if spec.loss is None or spec.optimizer is None:
             raise ModelLoadError(
@@ -91,7 +85,7 @@ class Trainer:
         self.loss_fn: Callable[[Tensors, Tensors], torch.Tensor] = spec.loss
         self.optimizer = spec.optimizer(model.network.parameters())
         self.step = 0
-        self.stats = TrainStats()
+        self.stats = stats if stats is not None else TrainStats()
         self.durability = config.durability
         self.state_dir = state_dir
         self.checkpoint_dir = state_dir / "checkpoints"
@@ -169,14 +163,15 @@ class Trainer:
         self._next_seq += 1
         return Batch(tensors, rows, seq)
 
-    def log(self, batches: Sequence[Batch]) -> None:
-        """Append micro-batches to the WAL and make them durable with one fsync (I/O thread)."""
+    def log(self, batches: Sequence[Batch]) -> float:
+        """Append micro-batches to the WAL and make them durable with one fsync (I/O thread).
+        Returns the seconds it took (recorded by the caller, on the loop thread)."""
         assert self.wal is not None
         t0 = time.perf_counter()
         for batch in batches:
             self.wal.append(batch.seq, batch.tensors)
         self.wal.sync()
-        self.stats.fsync_seconds.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
 
     def train_step(self, batch: Batch, *, replay: bool = False) -> StepResult:
         """One optimizer step on ``batch`` (step ``batch.seq``), holding the model.
