@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import signal
@@ -10,17 +11,17 @@ import ssl
 from collections.abc import Callable
 
 from webtorch import __version__
-from webtorch.config import BUILTIN_ROUTES, Config, model_paths, parse_listen, train_paths
-from webtorch.errors import ConfigError
+from webtorch.config import BUILTIN_ROUTES, Config, parse_listen
+from webtorch.errors import ConfigError, ServiceUnavailable
 from webtorch.http.limits import Limits
 from webtorch.http.messages import Handler, HandlerResult, Request, Response
 from webtorch.http.router import Route, Router
 from webtorch.http.server import HttpServer
 from webtorch.observe.metrics import Metrics
 from webtorch.serve.executor import Executor
-from webtorch.serve.model import LoadedModel, load_model
-from webtorch.serve.oip import Auth, ModelEndpoint, ModelRoutes
-from webtorch.train.trainer import Trainer
+from webtorch.serve.model import LoadedModel
+from webtorch.serve.oip import EXTENSIONS, Auth, ModelEndpoint, ModelRoutes
+from webtorch.serve.repository import ModelRepository
 
 log = logging.getLogger("webtorch")
 
@@ -32,58 +33,31 @@ class App:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.models: dict[str, LoadedModel] = {
-            name: load_model(
-                name,
-                config.resolve(mc.path),
-                mc.device,
-                config.weights(name),
-            )
-            for name, mc in config.models.items()
-        }
-        self.trainers: dict[str, Trainer] = {}
-        for name, mc in config.models.items():
-            if mc.train.enabled:
-                trainer = Trainer(
-                    self.models[name],
-                    mc.train,
-                    config.state_dir(name),
-                    self.metrics.train(name),
-                )
-                trainer.recover()  # before any socket opens: replay errors stop the start
-                self.trainers[name] = trainer
-        self.executors: dict[str, Executor] = {}
+        self.auth = Auth(config.server.bearer_token)
+        self.repository = ModelRepository(config, self.metrics, self.auth)
         self.server: HttpServer | None = None
         self._ready = False
         self._compaction: asyncio.TimerHandle | None = None
+
+    @property
+    def models(self) -> dict[str, LoadedModel]:
+        return self.repository.models()
+
+    @property
+    def executors(self) -> dict[str, Executor]:
+        return {name: served.executor for name, served in self.repository.served.items()}
 
     def ready(self) -> bool:
         return self._ready and not (self.server is not None and self.server.state.draining)
 
     def build_handler(self, loop: asyncio.AbstractEventLoop) -> Handler:
-        endpoints: dict[str, ModelEndpoint] = {}
-        auth = Auth(self.config.server.bearer_token)
-        handler: Handler
-        for name, model in self.models.items():
-            mc = self.config.models[name]
-            stats = self.metrics.model(name)
-            executor = Executor(
-                model,
-                stats,
-                max_batch=mc.max_batch,
-                max_delay=mc.max_delay,
-                max_queue=mc.max_queue,
-                mode=mc.compute,
-                loop=loop,
-                trainer=self.trainers.get(name),
-            )
-            executor.warmup()
-            self.executors[name] = executor
-            endpoints[name] = ModelEndpoint(model, executor, stats, auth)
-        models = ModelRoutes(endpoints, self.ready, __version__)
+        repository = self.repository
+        extensions = [*EXTENSIONS, *(["model_repository"] if repository.enabled else [])]
+        models = ModelRoutes(repository.endpoints, self.ready, __version__, extensions)
         builtins: dict[tuple[str, str], Handler] = {
             ("path", "/v2"): models.oip,
             ("prefix", "/v2/"): models.oip,
+            ("prefix", "/v2/repository/"): repository.handle,
             ("prefix", "/models/"): models.short,
             ("path", "/metrics"): self.metrics.handle,
         }
@@ -95,20 +69,14 @@ class App:
                 for (kind, where), handler in builtins.items()
             ]
         )
-        for name, endpoint in endpoints.items():
-            # Exact routes for the hot endpoints: one dict lookup, and a fixed metrics label.
-            predict, infer = model_paths(name)
-            for path, handler in ((predict, endpoint.predict), (infer, endpoint.infer)):
-                router.add(Route(path, handler, path))
-            if endpoint.trainable:
-                short, oip = train_paths(name)
-                for path, handler in ((short, endpoint.train), (oip, endpoint.train_oip)):
-                    router.add(Route(path, handler, path))
+        repository.start(loop, router)
         for rc in self.config.routes:
             where = rc.path if rc.path is not None else rc.prefix
             assert where is not None
+            handler: Handler
             if rc.model is not None:
-                handler = endpoints[rc.model].predict
+                # Looked up per request: a reload replaces the model's endpoint.
+                handler = functools.partial(_predict, repository.endpoints, rc.model)
             else:
                 assert rc.return_ is not None
                 handler = _fixed(Response(rc.return_, rc.body.encode(), rc.content_type.encode()))
@@ -158,8 +126,7 @@ class App:
             await self.server.shutdown()
         if self._compaction is not None:
             self._compaction.cancel()
-        for executor in self.executors.values():
-            await executor.close()
+        await self.repository.close()
 
     async def run(self, on_ready: Callable[[HttpServer], None] | None = None) -> None:
         """Serve until SIGTERM or SIGINT, then shut down gracefully."""
@@ -173,6 +140,13 @@ class App:
         await stop.wait()
         log.info("shutting down: draining %d connection(s)", len(server.state.connections))
         await self.stop()
+
+
+def _predict(endpoints: dict[str, ModelEndpoint], name: str, request: Request) -> HandlerResult:
+    endpoint = endpoints.get(name)
+    if endpoint is None:
+        raise ServiceUnavailable(f"model {name!r} is not loaded")
+    return endpoint.predict(request)
 
 
 def _fixed(response: Response) -> Callable[[Request], HandlerResult]:

@@ -30,7 +30,13 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 # What app.py routes itself; a [[routes]] entry with the same path or prefix would collide.
 BUILTIN_ROUTES = frozenset(
-    {("path", "/v2"), ("path", "/metrics"), ("prefix", "/v2/"), ("prefix", "/models/")}
+    {
+        ("path", "/v2"),
+        ("path", "/metrics"),
+        ("prefix", "/v2/"),
+        ("prefix", "/v2/repository/"),
+        ("prefix", "/models/"),
+    }
 )
 
 
@@ -84,7 +90,10 @@ class ServerConfig(_Strict):
     # variable holding it, so the secret need not sit in a file that is checked in.
     token: str | None = Field(default=None, min_length=16, repr=False)
     token_env: str | None = None
-    # The only directory `POST /v2/repository/models/{m}/load` loads model files from.
+    # The model repository endpoints (/v2/repository/...: list, load, reload, unload models);
+    # off unless enabled, token-protected when a token is set.
+    management: bool = False
+    # The only directory `POST /v2/repository/models/{m}/load` loads model files ({m}.py) from.
     model_dir: Path | None = None
 
     @field_validator("listen")
@@ -201,12 +210,20 @@ class Config(_Strict):
     def exposure_problem(self, host: str) -> str | None:
         """Why serving on ``host`` would let anyone on the network train the models, if it does.
         Checked at validation and again at start, where ``--listen`` may have changed the host."""
+        if self.server.bearer_token is not None or is_loopback(host):
+            return None
         training = [name for name, mc in self.models.items() if mc.train.enabled]
-        if training and self.server.bearer_token is None and not is_loopback(host):
+        if training:
             return (
                 f"server.token: training is enabled for {', '.join(training)} and the server "
                 f"listens on {host}, beyond this machine: set server.token (or token_env) so "
                 "that only holders of the token can change the model"
+            )
+        if self.server.management:
+            return (
+                f"server.token: the management endpoints are enabled and the server listens on "
+                f"{host}, beyond this machine: set server.token (or token_env) so that only "
+                "holders of the token can load and unload models"
             )
         return None
 

@@ -36,6 +36,10 @@ class Router:
                 raise ValueError(f"duplicate route path {route.path!r}")
             self._exact[route.path] = route
 
+    def remove(self, path: str) -> None:
+        """Forget the exact route at ``path``, if any (a model unloaded or about to be replaced)."""
+        self._exact.pop(path, None)
+
     def match(self, path: str) -> Route | None:
         route = self._exact.get(path)
         if route is not None:

@@ -125,6 +125,7 @@ class Executor:
         self._pool = ThreadPoolExecutor(1, f"webtorch-{model.name}") if mode == "thread" else None
         self._closed = False
         self._busy = False  # a batch or a train phase holds the model
+        self._held = False  # queue, but run nothing (a reload waits for the old model's state)
         self._idle: asyncio.Event | None = None  # set when idle, once close() waits for it
         self._specs = [(t.name, t.dtype) for t in model.inputs]
         # Validated inputs of a model without variable inner dimensions always concatenate.
@@ -193,6 +194,16 @@ class Executor:
             self._kick()
         return job
 
+    def hold(self) -> None:
+        """Accept and queue requests but run nothing until :meth:`release`."""
+        self._held = True
+
+    def release(self) -> None:
+        self._held = False
+        if self.trainer is not None and self.trainer.wal is not None:
+            self._start_logging()
+        self._kick()
+
     def _kick(self) -> None:
         if not self._scheduled and not self._busy:
             self._scheduled = True
@@ -205,7 +216,7 @@ class Executor:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._busy:
+        if self._busy or self._held:
             return
         # The scheduler's clock is perf_counter: uvloop's loop.time() has 1 ms resolution.
         now = time.perf_counter()
@@ -304,7 +315,7 @@ class Executor:
         # With a logged step still waiting, let requests accumulate: a micro-batch is cut when it
         # is logged, and a step costs about the same for 1 row as for 64. One waiting step is
         # enough to keep the model busy while the next group's fsync runs.
-        if self._logging or len(self._ready) > 1 or trainer is None or queue is None:
+        if self._logging or len(self._ready) > 1 or self._held or trainer is None or queue is None:
             return
         if not len(queue):
             return
@@ -563,6 +574,16 @@ class Executor:
         """Refuse new work, wait for queued and running work to finish, then (training) write a
         final checkpoint and wait for every write."""
         self._closed = True
+        if self._held:
+            # Never released (its model failed to come up): what waits for it gets a 503.
+            response = response_for_error(
+                ServiceUnavailable(f"model {self.model.name!r} failed to load")
+            )
+            for queue in (self.scheduler, self.train_scheduler):
+                if queue is not None:
+                    for entry in queue.drain():
+                        entry.item.resolve(response)
+            self._held = False
         self._idle = asyncio.Event()
         self._maybe_idle()
         await self._idle.wait()

@@ -143,10 +143,12 @@ class ModelRoutes:
         endpoints: dict[str, ModelEndpoint],
         ready: Callable[[], bool],
         version: str,
+        extensions: list[str] | None = None,
     ) -> None:
         self.endpoints = endpoints
         self.ready = ready
         self.version = version
+        self.extensions = extensions if extensions is not None else EXTENSIONS
 
     def _endpoint(self, name: str) -> ModelEndpoint:
         endpoint = self.endpoints.get(name)
@@ -161,7 +163,7 @@ class ModelRoutes:
         if not rest:
             _require(request, "GET")
             return json_response(
-                {"name": SERVER_NAME, "version": self.version, "extensions": EXTENSIONS}
+                {"name": SERVER_NAME, "version": self.version, "extensions": self.extensions}
             )
         if rest[0] == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
             _require(request, "GET")
