@@ -11,6 +11,7 @@ from pathlib import Path
 import uvloop
 
 from webtorch import __version__, config
+from webtorch import demo as xor_demo
 from webtorch.errors import ConfigError, ModelLoadError
 from webtorch.http.server import HttpServer
 
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="validate a config and load its models")
     check.add_argument("config", nargs="?", help="TOML config file")
     check.set_defaults(func=cmd_check)
+    demo = sub.add_parser("demo", help="train the XOR example over HTTP from concurrent clients")
+    xor_demo.add_arguments(demo)
+    demo.set_defaults(func=xor_demo.run)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:

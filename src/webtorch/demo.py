@@ -1,0 +1,332 @@
+"""``webtorch demo``: teach an untrained XOR network over HTTP, from many clients at once.
+
+The demo is a client like any other. It starts ``webtorch serve`` in a subprocess with the bundled
+XOR model at its initial weights and online training on, then ``--clients`` threads, each with one
+keep-alive connection, POST single random XOR examples to ``/models/xor/train``. A progress bar
+shows requests/s and the loss; twice a second ``/models/xor/predict`` is asked about the four XOR
+inputs, and once every answer is within ``TOLERANCE`` of the truth the clients stop and a table of
+the four predictions is printed. The server is stopped with SIGTERM whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import http.client
+import json
+import queue
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from importlib import resources
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from tqdm import tqdm
+
+INPUTS = [[0, 0], [0, 1], [1, 0], [1, 1]]
+TRUTH = [0, 1, 1, 0]
+TOLERANCE = 0.2  # converged: every prediction within this of the truth, not just on its side of 0.5
+TICK = 0.25  # seconds between progress bar updates
+CHECK_EVERY = 0.5  # seconds between convergence checks
+READY_TIMEOUT = 90.0  # importing torch on a busy two-core machine can take most of a minute
+_LISTEN = re.compile(r"listening on http://(\S+):(\d+)")
+
+CONFIG = """\
+[server]
+listen = "127.0.0.1:0"
+
+[models.xor]
+path = {path}
+weights = false  # start untrained: the xor.safetensors shipped beside xor.py is already trained
+
+[models.xor.train]
+enabled = true
+max_batch = 64
+durability = "wal"
+state_dir = {state_dir}
+"""
+
+
+class DemoError(Exception):
+    """Why the demo could not go on; printed as one message."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--clients", type=int, default=32, help="concurrent keep-alive clients (32)")
+    add("--max-requests", type=int, default=200_000, help="give up after N train requests")
+    add("--max-seconds", type=float, default=120.0, help="give up after S seconds of training")
+    add("--seed", type=int, default=0, help="seeds the clients' random examples (0)")
+    add("--keep", action="store_true", help="keep the temp dir: config, server log, WAL")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.clients < 1:
+        print("error: --clients must be at least 1", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="webtorch-demo-"))
+    try:
+        with ExitStack() as stack:
+            stack.enter_context(_sigterm_exits())
+            xor_py = stack.enter_context(
+                resources.as_file(resources.files("webtorch.examples") / "xor.py")
+            )
+            server = stack.enter_context(_server(workdir, xor_py))
+            return _train(server, args)
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if args.keep:
+            print(f"kept {workdir} (config.toml, server.log, state/)")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C: the finally blocks stop the server rather than orphan it."""
+
+    def exit_(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous, installed = signal.signal(signal.SIGTERM, exit_), True
+    except ValueError:  # not the main thread: whoever runs us handles signals
+        previous, installed = None, False
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Server:
+    """``webtorch serve`` in a subprocess. Its log goes to a file, so a chatty server can never
+    fill a pipe nobody reads; stdout is read by a thread only to find the address it listens on."""
+
+    def __init__(self, workdir: Path, xor_py: Path) -> None:
+        config = workdir / "config.toml"
+        # JSON string escapes are valid TOML basic-string escapes, whatever the temp path holds.
+        state_dir = workdir / "state"
+        config.write_text(
+            CONFIG.format(path=json.dumps(str(xor_py)), state_dir=json.dumps(str(state_dir)))
+        )
+        self.log_path = workdir / "server.log"
+        self._log = self.log_path.open("wb")
+        serve = [sys.executable, "-m", "webtorch.cli", "serve", str(config)]
+        self.proc = subprocess.Popen(
+            [*serve, "--listen", "127.0.0.1:0"],  # any free port; read back from its stdout
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, name="server-stdout", daemon=True)
+        self._reader.start()
+        self.ready = False
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self._lines.put(raw.decode(errors="replace"))
+        self._lines.put(None)
+
+    def wait_ready(self, timeout: float) -> tuple[str, int]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                tail = self._tail()
+                raise DemoError(f"the server did not listen within {timeout:.0f} s{tail}") from None
+            if line is None:
+                status = self.proc.wait()
+                raise DemoError(f"the server exited with status {status}{self._tail()}")
+            match = _LISTEN.search(line)
+            if match:
+                self.ready = True
+                return match.group(1), int(match.group(2))
+
+    def _tail(self) -> str:
+        self._log.flush()
+        text = self.log_path.read_text(errors="replace").strip()
+        return f"; its log ends:\n{text[-3000:]}" if text else ""
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # graceful: in-flight steps finish, WAL closes
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        self._log.close()
+        return self.proc.returncode
+
+
+@contextmanager
+def _server(workdir: Path, xor_py: Path) -> Iterator[_Server]:
+    server = _Server(workdir, xor_py)
+    try:
+        yield server
+    finally:
+        status = server.stop()
+        if status != 0 and server.ready:  # before ready, wait_ready has already said why
+            print(f"warning: the server exited with status {status}", file=sys.stderr)
+
+
+def _post(conn: http.client.HTTPConnection, path: str, payload: object) -> Any:
+    body = json.dumps(payload).encode()
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    if resp.status != 200:
+        raise DemoError(f"POST {path}: {resp.status} {data[:300].decode(errors='replace')}")
+    return json.loads(data)
+
+
+class _Client(threading.Thread):
+    """One keep-alive connection sending one random XOR example per train request."""
+
+    def __init__(self, host: str, port: int, seed: str, stop: threading.Event) -> None:
+        super().__init__(name=f"client-{seed}", daemon=True)
+        self.conn = http.client.HTTPConnection(host, port, timeout=60)
+        self.rng = random.Random(seed)
+        self.stop = stop
+        # (requests, sum of losses, last step), replaced whole so that the reporter thread reads
+        # a consistent triple without a lock on the request path.
+        self.totals: tuple[int, float, int] = (0, 0.0, 0)
+        self.error: str | None = None
+
+    def run(self) -> None:
+        requests, loss_sum, step = self.totals
+        try:
+            while not self.stop.is_set():
+                a, b = self.rng.randint(0, 1), self.rng.randint(0, 1)
+                answer = _post(
+                    self.conn, "/models/xor/train", {"inputs": [[a, b]], "targets": [[a ^ b]]}
+                )
+                requests += 1
+                loss_sum += float(answer["loss"])
+                step = max(step, int(answer["step"]))
+                self.totals = (requests, loss_sum, step)
+        except Exception as exc:
+            if not self.stop.is_set():  # errors after stop are the server going away on purpose
+                self.error = str(exc) if isinstance(exc, DemoError) else repr(exc)
+                self.stop.set()
+        finally:
+            self.conn.close()
+
+
+def _predict(conn: http.client.HTTPConnection) -> list[float]:
+    answer = _post(conn, "/models/xor/predict", {"inputs": INPUTS})
+    return [float(row[0]) for row in answer["outputs"]]
+
+
+def _learned(predictions: list[float]) -> bool:
+    return all(abs(p - t) < TOLERANCE for p, t in zip(predictions, TRUTH, strict=True))
+
+
+def _train(server: _Server, args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    host, port = server.wait_ready(READY_TIMEOUT)
+    print(
+        f"webtorch demo: untrained XOR served at http://{host}:{port} "
+        f"(ready in {time.perf_counter() - started:.1f} s); "
+        f"training it from {args.clients} clients"
+    )
+    stop = threading.Event()
+    clients = [_Client(host, port, f"{args.seed}/{i}", stop) for i in range(args.clients)]
+    checker = http.client.HTTPConnection(host, port, timeout=60)
+    # (time, requests, loss sum) over the last second, for a loss that moves but does not flicker
+    window: collections.deque[tuple[float, int, float]] = collections.deque(maxlen=5)
+    shown, step, learned = 0, 0, False
+    started = time.perf_counter()
+    next_check = started + CHECK_EVERY
+    try:
+        for client in clients:
+            client.start()
+        with tqdm(desc="training", unit="req", dynamic_ncols=True) as bar:
+            while not stop.wait(TICK):
+                totals = [client.totals for client in clients]
+                requests = sum(t[0] for t in totals)
+                loss_sum = sum(t[1] for t in totals)
+                step = max(t[2] for t in totals)
+                now = time.perf_counter()
+                window.append((now, requests, loss_sum))
+                old_requests, old_loss = window[0][1], window[0][2]
+                if requests > old_requests:
+                    loss = (loss_sum - old_loss) / (requests - old_requests)
+                    bar.set_postfix(loss=f"{loss:.4f}", step=step, refresh=False)
+                bar.update(requests - shown)
+                shown = requests
+                if now >= next_check:
+                    next_check = now + CHECK_EVERY
+                    if _learned(_predict(checker)):
+                        learned = True
+                        break
+                if requests >= args.max_requests or now - started >= args.max_seconds:
+                    break
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(10)
+    elapsed = time.perf_counter() - started
+    failures = [client.error for client in clients if client.error is not None]
+    if failures:
+        raise DemoError(f"a client failed: {failures[0]}")
+    requests = sum(client.totals[0] for client in clients)
+    step = max(client.totals[2] for client in clients)
+    # The clients have stopped, so this is the model as it ends, not one a step behind.
+    predictions = _predict(checker)
+    checker.close()
+    _report(predictions)
+    print(
+        f"{requests} train requests from {args.clients} clients, {step} optimizer steps, "
+        f"{requests / elapsed:.0f} requests/s, {elapsed:.1f} s"
+    )
+    if learned and _learned(predictions):
+        return 0
+    print(
+        f"error: XOR not learned after {requests} requests in {elapsed:.1f} s "
+        f"(--max-requests {args.max_requests}, --max-seconds {args.max_seconds:g})",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _report(predictions: list[float]) -> None:
+    good, bad = _marks()
+    print()
+    print("  input   truth  prediction  rounded")
+    for x, truth, p in zip(INPUTS, TRUTH, predictions, strict=True):
+        rounded = round(p)
+        mark = good if rounded == truth else bad
+        print(f"  {x!s:<6}  {truth:>5}  {p:>10.4f}  {rounded:>7}  {mark}")
+    print()
+
+
+def _marks() -> tuple[str, str]:
+    """✓ and ✗ where stdout can encode them (a pipe in a C locale may not)."""
+    try:
+        "✓✗".encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return "ok", "WRONG"
+    return "✓", "✗"
