@@ -212,8 +212,7 @@ class Trainer:
                 else []
             )
         if good:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.step()  # the next _compute clears the gradients
             for i, value in zip(good, values, strict=True):
                 losses[i] = value
             self.stats.examples += sum(rows[i] for i in good)
