@@ -31,6 +31,8 @@ BODIES = {
         b'{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[0,1]}]}'
     ),
     "/fixed": b"{}",
+    # Training with durability "none": the step, without the disk.
+    "/models/xor/train": b'{"inputs": [[0, 1]], "targets": [[1]]}',
 }
 
 
@@ -54,7 +56,12 @@ class FakeTransport:
 async def run(path: str, conns: int, rounds: int) -> None:
     cfg = config.from_dict(
         {
-            "models": {"xor": {"path": str(XOR)}},
+            "models": {
+                "xor": {
+                    "path": str(XOR),
+                    "train": {"enabled": True, "durability": "none", "max_batch": conns},
+                }
+            },
             "routes": [{"path": "/fixed", "return": 200, "body": "{}"}],
         }
     )

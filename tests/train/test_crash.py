@@ -110,10 +110,10 @@ def reference(records: list[WalRecord], start: dict[str, torch.Tensor]) -> dict[
     for record in records:
         optimizer.zero_grad()
         out = net(torch.from_numpy(record.tensors["inputs.x"]))
-        loss = torch.nn.functional.binary_cross_entropy(
-            out, torch.from_numpy(record.tensors["targets.y"])
-        )
-        loss.backward()  # type: ignore[no-untyped-call]
+        target = torch.from_numpy(record.tensors["targets.y"])
+        # examples/xor.py's loss: BCE per row, the step on their mean.
+        loss = torch.nn.functional.binary_cross_entropy(out, target, reduction="none")[:, 0]
+        loss.mean().backward()  # type: ignore[no-untyped-call]
         optimizer.step()
     return net.state_dict()
 

@@ -20,7 +20,7 @@ def main() -> None:
     y = torch.tensor([[0.0], [1.0], [1.0], [0.0]])
     for _ in range(3000):
         opt.zero_grad()
-        loss = spec.loss({"y": net(x)}, {"y": y})
+        loss = spec.loss({"y": net(x)}, {"y": y}).mean()
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
     print(f"final loss {loss.item():.5f}; predictions {net(x).detach().flatten().tolist()}")

@@ -58,7 +58,9 @@ class Model:
     ``loss(outputs, targets)`` and ``optimizer(parameters)`` are for training: ``outputs`` are
     the network's named outputs (postprocess is for serving and is not applied), ``targets`` the
     request's target tensors, described by ``targets`` (default: the same specs as ``outputs``).
-    The loss should average over rows, so that a request's own loss is comparable to a batch's.
+    The loss returns one value per row (shape ``[rows]``; the step minimises their mean and each
+    request is answered its own loss at no extra cost) or a scalar averaged over rows (then each
+    request's loss costs a ``torch.func.vmap`` call per step).
     """
 
     network: nn.Module | Callable[[], nn.Module]

@@ -238,8 +238,14 @@ class Trainer:
             raw = network(*(inputs[name] for name, _ in self._inputs))
             outputs = self.model._name_outputs(raw)
             loss = self.loss_fn(outputs, targets)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise TypeError("the model's loss must return a scalar tensor")
+            per_row = None
+            if isinstance(loss, torch.Tensor) and loss.dim() == 1 and len(loss) == sum(rows):
+                # One loss per row: the step minimises their mean, and each request's own loss
+                # comes for free (a scalar loss costs a vmap call per step to get them).
+                per_row = loss.detach()
+                loss = loss.mean()
+            elif not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError("the model's loss must return a scalar or one value per row")
             loss.backward()  # type: ignore[no-untyped-call]
         finally:
             network.eval()
@@ -247,6 +253,8 @@ class Trainer:
         self.stats.loss = value
         if len(rows) == 1:
             return [value]
+        if per_row is not None:
+            return _per_request(per_row.double().cpu().numpy(), rows)
         with torch.no_grad():
             detached = {name: outputs[name].detach() for name in self._outputs if name in outputs}
             return self._request_losses(detached, targets, rows)
@@ -329,10 +337,7 @@ class Trainer:
                 log.info("model %s: per-row loss not vectorisable (%r)", self.model.name, exc)
                 self._row_losses = None
             else:
-                if all(r == 1 for r in rows):
-                    return [float(v) for v in per_row]
-                starts = np.cumsum([0, *rows[:-1]])
-                return [float(v) for v in np.add.reduceat(per_row, starts) / np.asarray(rows)]
+                return _per_request(per_row, rows)
         losses: list[float] = []
         start = 0
         for count in rows:
@@ -342,6 +347,14 @@ class Trainer:
             losses.append(float(self.loss_fn(sliced_out, sliced_tgt)))
             start += count
         return losses
+
+
+def _per_request(per_row: np.ndarray, rows: list[int]) -> list[float]:
+    """Each request's mean loss over its rows."""
+    if len(per_row) == len(rows):
+        return per_row.tolist()  # type: ignore[no-any-return]
+    starts = np.cumsum([0, *rows[:-1]])
+    return (np.add.reduceat(per_row, starts) / np.asarray(rows)).tolist()  # type: ignore[no-any-return]
 
 
 def _select(
