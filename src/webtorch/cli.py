@@ -63,6 +63,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         ins = ", ".join(f"{t.name} {t.datatype}{list(t.shape)}" for t in model.inputs)
         outs = ", ".join(f"{t.name} {t.datatype}{list(t.shape)}" for t in model.outputs)
         print(f"model {name}: {ins} -> {outs} on {model.device}")
+        if mc.train.enabled:
+            if model.spec.loss is None or model.spec.optimizer is None:
+                raise ModelLoadError(
+                    f"model {name}: training is enabled but it has no loss/optimizer"
+                )
+            print(
+                f"  training: max_batch {mc.train.max_batch}, durability {mc.train.durability}, "
+                f"state in {cfg.state_dir(name)}"
+            )
     print(f"{args.config or 'embedded default'}: OK")
     return 0
 
