@@ -32,6 +32,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(
             update={"server": cfg.server.model_copy(update={"listen": args.listen})}
         )
+    problem = cfg.exposure_problem(config.parse_listen(cfg.server.listen)[0])
+    if problem is not None:
+        raise ConfigError(problem)  # before any model or state directory is touched
     app = App(cfg)
 
     def ready(server: HttpServer) -> None:
