@@ -282,3 +282,19 @@ def test_checkpoint_mode_resumes_from_the_last_checkpoint(tmp_path: Path) -> Non
     with serve_in_thread(cfg) as running:  # graceful stop wrote a checkpoint at step 3
         assert call(running, "GET", "/models/xor/train").json()["step"] == 3
         assert predict(running, "xor", [[0, 1]]).json() == weights
+
+
+def test_a_train_request_with_non_numbers_in_a_batch_gets_400_alone(trainer: Running) -> None:
+    # Short-form rows are checked when the micro-batch converts them: a bad one must not cost
+    # the others their step, and must get a 400 naming the problem.
+    bodies = [
+        b'{"inputs": [[0, 1]], "targets": [[1]]}',
+        b'{"inputs": [[0, "one"]], "targets": [[1]]}',
+        b'{"inputs": [[1, 1]], "targets": [[0]]}',
+        b'{"inputs": [[1, 0]], "targets": [[null]]}',
+    ]
+    replies = send_together(trainer, [raw_request("/models/xor/train", b) for b in bodies])
+    assert [r.status for r in replies] == [200, 400, 200, 400], replies
+    assert "input 'x'" in replies[1].json()["error"]
+    assert "target 'y'" in replies[3].json()["error"]
+    assert call(trainer, "GET", "/models/xor/train").json()["examples"] == 2

@@ -309,10 +309,10 @@ def rows_array(parts: list[list[Any]], spec: TensorSpec) -> np.ndarray | None:
     return array.astype(spec.dtype.numpy, copy=False)
 
 
-def strict_array(spec: TensorSpec, data: Any) -> np.ndarray:
+def strict_array(spec: TensorSpec, data: Any, kind: str = "input") -> np.ndarray:
     """One request's JSON data for ``spec``, fully checked; raises BadRequest naming the problem."""
-    array = _json_array(spec.name, data, spec.dtype)
-    _check_shape(spec, array.shape)
+    array = _json_array(spec.name, data, spec.dtype, kind)
+    _check_shape(spec, array.shape, kind)
     return array
 
 

@@ -43,8 +43,8 @@ from webtorch.serve.codecs import InputData
 from webtorch.serve.datatypes import to_numpy, to_torch
 from webtorch.serve.model import LoadedModel, Tensors, TensorSpec
 from webtorch.train.checkpoint import Snapshot
-from webtorch.train.forms import TrainRequest
-from webtorch.train.trainer import Batch, StepResult, Trainer
+from webtorch.train.forms import TrainRequest, settle
+from webtorch.train.trainer import Batch, StepResult, Trainer, UncheckedRows
 
 log = logging.getLogger("webtorch.serve")
 
@@ -256,21 +256,40 @@ class Executor:
             return True
         trainer = self.trainer
         queue = self.train_scheduler
-        if trainer is None or queue is None or trainer.wal is not None or not len(queue):
-            return False
-        self._ready.append(self._cut(trainer, queue, now))
-        return True
+        while trainer is not None and queue is not None and trainer.wal is None and len(queue):
+            step = self._cut(trainer, queue, now)
+            if step is not None:
+                self._ready.append(step)
+                return True
+        return False
 
-    def _cut(self, trainer: Trainer, queue: BatchScheduler[TrainJob], now: float) -> _Step:
+    def _cut(self, trainer: Trainer, queue: BatchScheduler[TrainJob], now: float) -> _Step | None:
+        """The next micro-batch from the queue; None if every request in it was malformed."""
         micro = queue.poll(now)
         assert micro is not None
         queue.finish()  # the queue only cuts micro-batches; the executor orders their work
         jobs = [entry.item for entry in micro]
-        batch = trainer.batch(
+        try:
+            return _Step(jobs, self._batch(trainer, jobs))
+        except UncheckedRows:
+            # Some request's JSON rows hold something other than numbers: check each request
+            # on its own, answer the bad ones 400 and batch the others.
+            good: list[TrainJob] = []
+            for job in jobs:
+                try:
+                    settle(job.request, self.model.inputs, self.model.targets)
+                except HTTPError as exc:
+                    job.resolve(response_for_error(exc))
+                else:
+                    good.append(job)
+            return _Step(good, self._batch(trainer, good)) if good else None
+
+    @staticmethod
+    def _batch(trainer: Trainer, jobs: list[TrainJob]) -> Batch:
+        return trainer.batch(
             [(job.request.inputs, job.request.targets) for job in jobs],
             [job.request.rows for job in jobs],
         )
-        return _Step(jobs, batch)
 
     def _train_first(self) -> bool:
         """Whether a ready train step goes before waiting inference (see TrainConfig)."""
@@ -323,7 +342,12 @@ class Executor:
         now = time.perf_counter()
         steps: list[_Step] = []
         while len(queue) and len(steps) < MAX_GROUP:
-            steps.append(self._cut(trainer, queue, now))
+            step = self._cut(trainer, queue, now)
+            if step is not None:
+                steps.append(step)
+        if not steps:
+            self._kick()  # the queue emptied of malformed requests: the executor may be idle
+            return
         self._logging = True
         logged = self.loop.run_in_executor(self._io, trainer.log, [step.batch for step in steps])
         logged.add_done_callback(functools.partial(self._logged, steps))

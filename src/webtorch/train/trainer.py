@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -34,8 +34,10 @@ from torch.func import vmap
 from webtorch.config import TrainConfig
 from webtorch.errors import ModelLoadError
 from webtorch.observe.metrics import TrainStats
+from webtorch.serve import codecs
+from webtorch.serve.codecs import InputData
 from webtorch.serve.datatypes import to_torch
-from webtorch.serve.model import LoadedModel, Tensors
+from webtorch.serve.model import LoadedModel, Tensors, TensorSpec
 from webtorch.train import checkpoint as ckpt
 from webtorch.train.wal import WalCorrupt, WriteAheadLog
 
@@ -149,15 +151,18 @@ class Trainer:
 
     def batch(
         self,
-        requests: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
+        requests: Sequence[tuple[Mapping[str, InputData], Mapping[str, InputData]]],
         rows: list[int],
     ) -> Batch:
-        """Concatenate requests' (inputs, targets) into the next micro-batch, numbered."""
+        """Concatenate requests' (inputs, targets) into the next micro-batch, numbered. Raises
+        :class:`UncheckedRows` if some request's JSON rows are not all numbers (see
+        ``forms.settle``); nothing is numbered then."""
         tensors: dict[str, np.ndarray] = {}
-        for index, (prefix, specs) in enumerate(((INPUT, self._inputs), (TARGET, self._targets))):
-            for name, _ in specs:
-                parts = [request[index][name] for request in requests]
-                tensors[prefix + name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        groups = ((INPUT, self.model.inputs), (TARGET, self.model.targets))
+        for index, (prefix, specs) in enumerate(groups):
+            for spec in specs:
+                parts = [request[index][spec.name] for request in requests]
+                tensors[prefix + spec.name] = _concatenate(parts, spec)
         tensors[ROWS] = np.asarray(rows, dtype=np.int64)
         seq = self._next_seq
         self._next_seq += 1
@@ -347,6 +352,22 @@ class Trainer:
             losses.append(float(self.loss_fn(sliced_out, sliced_tgt)))
             start += count
         return losses
+
+
+class UncheckedRows(Exception):
+    """Some request's JSON rows hold something other than numbers."""
+
+
+def _concatenate(parts: list[InputData], spec: TensorSpec) -> np.ndarray:
+    if all(type(part) is list for part in parts):
+        array = codecs.rows_array(parts, spec)  # type: ignore[arg-type]
+        if array is None:
+            raise UncheckedRows
+        return array
+    if any(type(part) is list for part in parts):
+        raise UncheckedRows  # rows beside arrays: settle the rows first
+    arrays = cast(list[np.ndarray], parts)
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 def _per_request(per_row: np.ndarray, rows: list[int]) -> list[float]:
