@@ -298,3 +298,28 @@ def test_a_train_request_with_non_numbers_in_a_batch_gets_400_alone(trainer: Run
     assert "input 'x'" in replies[1].json()["error"]
     assert "target 'y'" in replies[3].json()["error"]
     assert call(trainer, "GET", "/models/xor/train").json()["examples"] == 2
+
+
+def test_an_example_with_a_non_finite_loss_is_refused_alone(trainer: Running) -> None:
+    # fragile's loss is (x * scale - y)^2: a finite FP32 input can still overflow it.
+    bodies = [
+        b'{"inputs": [[1]], "targets": [[0]]}',
+        b'{"inputs": [[3e38]], "targets": [[-3e38]]}',
+        b'{"inputs": [[2]], "targets": [[0]]}',
+    ]
+    replies = send_together(trainer, [raw_request("/models/fragile/train", b) for b in bodies])
+    assert [r.status for r in replies] == [200, 422, 200], replies
+    assert "the loss is inf" in replies[1].json()["error"]
+    status = call(trainer, "GET", "/models/fragile/train").json()
+    assert status["examples"] == 2 and status["loss"] == status["loss"]  # not NaN
+
+
+def test_values_beyond_the_datatype_are_400(trainer: Running) -> None:
+    for path, body in [
+        ("/models/xor/train", {"inputs": [[1e39, 1]], "targets": [[1]]}),
+        ("/models/xor/predict", {"inputs": [[1e39, 1]]}),
+        ("/models/xor/predict", {"inputs": [[[1e39, 1]]]}),
+    ]:
+        reply = call(trainer, "POST", path, body)
+        assert reply.status == 400, (path, reply)
+        assert "out of range for FP32" in reply.json()["error"]

@@ -90,8 +90,21 @@ def _json_array(name: str, data: Any, dt: Datatype, kind: str = "input") -> np.n
             except (OverflowError, ValueError, TypeError):
                 raise BadRequest(f"{kind} {name!r}: values out of range for {dt.name}") from None
         else:
-            raw = raw.astype(dt.numpy)
+            narrowed = _narrow(raw, dt.numpy)
+            if narrowed is None:
+                raise BadRequest(f"{kind} {name!r}: values out of range for {dt.name}")
+            raw = narrowed
     return raw
+
+
+def _narrow(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray | None:
+    """``array`` as ``dtype``; None where a float overflows it (1e39 is inf in FP32): an infinite
+    input is never what a client meant, and in training it would turn the weights into NaN."""
+    if dtype.kind != "f" or array.dtype.kind != "f" or array.dtype.itemsize <= dtype.itemsize:
+        return array.astype(dtype, copy=False)
+    with np.errstate(over="ignore"):
+        narrowed = array.astype(dtype)
+    return narrowed if bool(np.isfinite(narrowed).all()) else None
 
 
 def _bytes_array(name: str, data: Any, kind: str = "input") -> np.ndarray:
@@ -244,7 +257,7 @@ class TensorCheck:
                 info = np.iinfo(self.numpy.name)
                 if array.min() < info.min or array.max() > info.max:
                     return None
-            array = array.astype(self.numpy)
+            return _narrow(array, self.numpy)
         return array
 
     def shape_ok(self, shape: tuple[int, ...]) -> bool:
@@ -306,7 +319,7 @@ def rows_array(parts: list[list[Any]], spec: TensorSpec) -> np.ndarray | None:
         return None
     if array.dtype.kind not in "iuf" or array.ndim != len(spec.shape):
         return None
-    return array.astype(spec.dtype.numpy, copy=False)
+    return _narrow(array, spec.dtype.numpy)
 
 
 def strict_array(spec: TensorSpec, data: Any, kind: str = "input") -> np.ndarray:

@@ -21,6 +21,7 @@ last checkpoint; ``"none"`` persists nothing.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 from torch.func import vmap
+from torch.nn.utils import get_total_norm
 
 from webtorch.config import TrainConfig
 from webtorch.errors import ModelLoadError
@@ -86,6 +88,7 @@ class Trainer:
         self.config = config
         self.loss_fn: Callable[[Tensors, Tensors], torch.Tensor] = spec.loss
         self.optimizer = spec.optimizer(model.network.parameters())
+        self._parameters = [p for p in model.network.parameters() if p.requires_grad]
         self.step = 0
         self.stats = stats if stats is not None else TrainStats()
         self.durability = config.durability
@@ -251,10 +254,18 @@ class Trainer:
                 loss = loss.mean()
             elif not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError("the model's loss must return a scalar or one value per row")
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                # One example with huge or invalid values would turn every weight into NaN:
+                # refuse the step (here, or below for the gradients); train_step then finds the
+                # example(s) to blame.
+                raise FloatingPointError(f"the loss is {value}")
             loss.backward()  # type: ignore[no-untyped-call]
+            grads = [p.grad for p in self._parameters if p.grad is not None]
+            if grads and not bool(torch.isfinite(get_total_norm(grads))):
+                raise FloatingPointError("the gradients are not finite")
         finally:
             network.eval()
-        value = float(loss.detach())
         self.stats.loss = value
         if len(rows) == 1:
             return [value]
