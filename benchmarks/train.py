@@ -154,6 +154,7 @@ def webtorch_config(
     state_dir: Path,
     durability: str,
     train_max_batch: int,
+    compute: str = "loop",
 ) -> str:
     return (
         "[server]\n"
@@ -162,6 +163,7 @@ def webtorch_config(
         "[models.xor]\n"
         f"path = {json.dumps(str(model_file))}\n"
         f"max_batch = {PREDICT_MAX_BATCH}\n"
+        f'compute = "{compute}"\n'
         "\n"
         "[models.xor.train]\n"
         "enabled = true\n"
@@ -177,12 +179,14 @@ def state_dir_of(workdir: Path, port: int) -> Path:
     return workdir / f"state-{port}"
 
 
-def webtorch_train_command(durability: str, max_batch: int) -> Callable[[int, Path], list[str]]:
+def webtorch_train_command(
+    durability: str, max_batch: int, compute: str = "loop"
+) -> Callable[[int, Path], list[str]]:
     def command(port: int, workdir: Path) -> list[str]:
         state = state_dir_of(workdir, port)
         shutil.rmtree(state, ignore_errors=True)
-        config = workdir / f"train-{durability}-{max_batch}-{port}.toml"
-        config.write_text(webtorch_config(port, XOR_FILE, state, durability, max_batch))
+        config = workdir / f"train-{durability}-{max_batch}-{compute}-{port}.toml"
+        config.write_text(webtorch_config(port, XOR_FILE, state, durability, max_batch, compute))
         return [venv_bin("webtorch"), "serve", str(config)]
 
     return command
@@ -198,8 +202,10 @@ def fastapi_train_command(handler: str) -> Callable[[int, Path], list[str]]:
     return command
 
 
-def webtorch_target(key: str, durability: str, max_batch: int, label: str) -> TrainTarget:
-    command = webtorch_train_command(durability, max_batch)
+def webtorch_target(
+    key: str, durability: str, max_batch: int, label: str, compute: str = "loop"
+) -> TrainTarget:
+    command = webtorch_train_command(durability, max_batch, compute)
     return TrainTarget(
         key,
         label,
@@ -223,6 +229,21 @@ TARGETS = [
     webtorch_target("webtorch-wal", "wal", TRAIN_MAX_BATCH, 'WebTorch, `durability = "wal"`'),
     webtorch_target(
         "webtorch-wal-mb1", "wal", 1, 'WebTorch, `durability = "wal"`, `max_batch = 1`'
+    ),
+    # Where steps run: the model's `compute` setting, measured rather than assumed.
+    webtorch_target(
+        "webtorch-checkpoint-thread",
+        "checkpoint",
+        TRAIN_MAX_BATCH,
+        'WebTorch, `durability = "checkpoint"`, `compute = "thread"`',
+        "thread",
+    ),
+    webtorch_target(
+        "webtorch-wal-thread",
+        "wal",
+        TRAIN_MAX_BATCH,
+        'WebTorch, `durability = "wal"`, `compute = "thread"`',
+        "thread",
     ),
     TrainTarget(
         "fastapi",

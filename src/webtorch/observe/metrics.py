@@ -113,6 +113,8 @@ class TrainStats:
         self.examples = 0
         self.loss = float("nan")  # mean loss of the last step
         self.log_seconds = Histogram(LATENCY_BUCKETS)  # WAL append + fsync of a group
+        self.step_seconds = Histogram(LATENCY_BUCKETS)  # forward, loss, backward, optimizer step
+        self.step_rows = Histogram(BATCH_BUCKETS)
         self.checkpoint_step = 0
         self.checkpoint_time = time.time()
         self.replayed = 0
@@ -158,6 +160,8 @@ class Metrics:
             hist.compact()
         for training in self.training.values():
             training.log_seconds.compact()
+            training.step_seconds.compact()
+            training.step_rows.compact()
         for stats in self.models.values():
             stats.batch_rows.compact()
             for stage in stats.stages.values():
@@ -231,6 +235,14 @@ def _training(training: dict[str, TrainStats]) -> Iterator[Metric]:
         "Time to append a group of micro-batches to the write-ahead log and fsync it",
         labels=["model"],
     )
+    step_time = HistogramMetricFamily(
+        "webtorch_train_step_seconds",
+        "Time of a training step: forward, loss, backward and optimizer step",
+        labels=["model"],
+    )
+    step_rows = HistogramMetricFamily(
+        "webtorch_train_step_rows", "Rows per training step (micro-batch size)", labels=["model"]
+    )
     age = GaugeMetricFamily(
         "webtorch_train_checkpoint_age_seconds",
         "Seconds since the newest checkpoint was written (or loaded)",
@@ -242,5 +254,7 @@ def _training(training: dict[str, TrainStats]) -> Iterator[Metric]:
         examples.add_metric([name], stats.examples)
         loss.add_metric([name], stats.loss)
         log_time.add_metric([name], stats.log_seconds.buckets(), stats.log_seconds.total)
+        step_time.add_metric([name], stats.step_seconds.buckets(), stats.step_seconds.total)
+        step_rows.add_metric([name], stats.step_rows.buckets(), stats.step_rows.total)
         age.add_metric([name], now - stats.checkpoint_time)
-    yield from (steps, examples, loss, log_time, age)
+    yield from (steps, examples, loss, log_time, step_time, step_rows, age)

@@ -191,6 +191,7 @@ class Trainer:
         """
         if batch.seq != self.step + 1:
             raise RuntimeError(f"step {batch.seq} out of order: the model is at step {self.step}")
+        started = time.perf_counter()
         rows = batch.rows
         count = len(rows)
         losses: list[float | None] = [None] * count
@@ -225,7 +226,10 @@ class Trainer:
                 losses[i] = value
             self.stats.examples += sum(rows[i] for i in good)
         self.step = batch.seq
-        self.stats.steps += 1
+        stats = self.stats
+        stats.steps += 1
+        stats.step_rows.record(sum(rows))
+        stats.step_seconds.record(time.perf_counter() - started)
         if not replay and self.checkpoint_due(time.monotonic()):
             return StepResult(self.step, losses, errors, self.snapshot())
         return StepResult(self.step, losses, errors)
