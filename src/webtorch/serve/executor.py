@@ -12,11 +12,12 @@ runs them on one worker thread while the loop keeps accepting. For small models 
 (no thread hop, no GIL ping-pong); BENCHMARKS.md has the numbers behind the default.
 
 Training (``train/trainer.py``) goes through the same executor, so no inference ever sees a
-half-updated model and no two steps race. Queued train requests are cut into micro-batches of up to
-``train.max_batch`` rows; with a WAL, a group of micro-batches is logged and fsynced on an I/O
-thread (one fsync for the group) while the model keeps working, and each logged micro-batch then
-takes its optimizer step in log order and is answered. The next group is logged while this one
-steps, so the fsync latency is hidden behind compute under load.
+half-updated model and no two steps race. When the model is free, the queued train requests (up to
+``train.max_batch`` rows) become one micro-batch: with a WAL it is written and fsynced on an I/O
+thread while the model computes its gradients, so the disk's latency hides behind the compute; the
+optimizer step follows once both are done, and only then are its requests answered. One micro-batch
+is in flight at a time: the next one needs this one's weights, and every request that arrived
+meanwhile joins it (group commit: one fsync for all of them).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import asyncio
 import functools
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,7 +44,7 @@ from webtorch.serve.datatypes import to_numpy, to_torch
 from webtorch.serve.model import LoadedModel, Tensors, TensorSpec
 from webtorch.train.checkpoint import Snapshot
 from webtorch.train.forms import TrainRequest, settle
-from webtorch.train.trainer import Batch, StepResult, Trainer, UncheckedRows
+from webtorch.train.trainer import Batch, Prepared, StepResult, Trainer, UncheckedRows
 
 log = logging.getLogger("webtorch.serve")
 
@@ -86,14 +86,12 @@ class TrainJob(Pending):
 
 @dataclass(slots=True)
 class _Step:
-    """A micro-batch of train requests and what the trainer made of them."""
+    """The train micro-batch in flight: computed, logged, then applied."""
 
     jobs: list[TrainJob]
     batch: Batch
-
-
-# Micro-batches logged with one fsync, at most: bounds a group's memory and its latency.
-MAX_GROUP = 256
+    prepared: Prepared | None = None  # gradients computed
+    logged: bool = False  # durable (or nothing to log)
 
 
 class ModelFailed(HTTPError):
@@ -133,9 +131,7 @@ class Executor:
         self._outputs = [(t.name, t.dtype) for t in model.outputs]
         self.trainer = trainer
         self.train_scheduler: BatchScheduler[TrainJob] | None = None
-        self._logging = False  # a group of micro-batches is being logged
-        self._log_scheduled = False
-        self._ready: deque[_Step] = deque()  # logged (or needing no log), in step order
+        self._step: _Step | None = None
         self._yielded = False  # training waited once for an inference batch: it goes next
         self._priority: Priority = "inference"
         self._io: ThreadPoolExecutor | None = None  # WAL appends and checkpoint writes, in order
@@ -185,13 +181,7 @@ class Executor:
             queue.add(job, request.rows, now)
         except QueueFull:
             raise ServiceUnavailable(f"model {self.model.name!r} train queue is full") from None
-        if self._io is not None and self.trainer is not None and self.trainer.wal is not None:
-            if not self._logging and not self._log_scheduled:
-                # On the next loop turn, so that every request already read joins the group.
-                self._log_scheduled = True
-                self.loop.call_soon(self._start_logging)
-        else:
-            self._kick()
+        self._kick()
         return job
 
     def hold(self) -> None:
@@ -200,8 +190,6 @@ class Executor:
 
     def release(self) -> None:
         self._held = False
-        if self.trainer is not None and self.trainer.wal is not None:
-            self._start_logging()
         self._kick()
 
     def _kick(self) -> None:
@@ -220,10 +208,13 @@ class Executor:
             return
         # The scheduler's clock is perf_counter: uvloop's loop.time() has 1 ms resolution.
         now = time.perf_counter()
-        training = self._next_step_ready(now)
+        training = self._training_ready()
         if training and self._train_first():
             self._yielded = False
-            self._begin_step(self._ready.popleft())
+            if self._step is None:
+                self._begin_step(now)
+            else:
+                self._begin_apply(self._step)
             return
         batch = self.scheduler.poll(now)
         if batch is None:
@@ -250,21 +241,20 @@ class Executor:
             running = self.loop.run_in_executor(self._pool, self._compute, jobs)
             running.add_done_callback(functools.partial(self._complete_thread, jobs))
 
-    def _next_step_ready(self, now: float) -> bool:
-        """Whether a train step can run now; without a WAL, cut the next micro-batch for it."""
-        if self._ready:
-            return True
+    def _training_ready(self) -> bool:
+        """Whether training has work for the model now: the computed and logged step's optimizer
+        step, or (none in flight) the next micro-batch."""
+        step = self._step
+        if step is not None:
+            return step.prepared is not None and step.logged
+        queue = self.train_scheduler
+        return queue is not None and bool(len(queue))
+
+    def _cut(self, now: float) -> _Step | None:
+        """The next micro-batch from the queue; None if every request in it was malformed."""
         trainer = self.trainer
         queue = self.train_scheduler
-        while trainer is not None and queue is not None and trainer.wal is None and len(queue):
-            step = self._cut(trainer, queue, now)
-            if step is not None:
-                self._ready.append(step)
-                return True
-        return False
-
-    def _cut(self, trainer: Trainer, queue: BatchScheduler[TrainJob], now: float) -> _Step | None:
-        """The next micro-batch from the queue; None if every request in it was malformed."""
+        assert trainer is not None and queue is not None
         micro = queue.poll(now)
         assert micro is not None
         queue.finish()  # the queue only cuts micro-batches; the executor orders their work
@@ -297,7 +287,10 @@ class Executor:
             return True
         if self._priority == "inference":
             return False
-        return self._ready[0].jobs[0].arrived <= self.scheduler.queued()[0].arrived
+        if self._step is not None:
+            return True  # a step in flight is older than anything queued behind it
+        assert self.train_scheduler is not None
+        return self.train_scheduler.queued()[0].arrived <= self.scheduler.queued()[0].arrived
 
     def _complete_thread(self, jobs: list[Job], fut: asyncio.Future[list[Response]]) -> None:
         exc = fut.exception()
@@ -316,8 +309,7 @@ class Executor:
         if (
             self._idle is not None
             and not self._busy
-            and not self._logging
-            and not self._ready
+            and self._step is None
             and not len(self.scheduler)
             and not (self.train_scheduler is not None and len(self.train_scheduler))
         ):
@@ -325,54 +317,59 @@ class Executor:
 
     # -- training (see train/trainer.py) ---------------------------------------------------------
 
-    def _start_logging(self) -> None:
-        """Log the queued train requests as micro-batches with one fsync, unless a group is
-        being logged already (its completion starts the next: group commit)."""
-        self._log_scheduled = False
+    def _begin_step(self, now: float) -> None:
+        step = self._cut(now)
+        if step is None:
+            self._kick()
+            return
         trainer = self.trainer
-        queue = self.train_scheduler
-        # With a logged step still waiting, let requests accumulate: a micro-batch is cut when it
-        # is logged, and a step costs about the same for 1 row as for 64. One waiting step is
-        # enough to keep the model busy while the next group's fsync runs.
-        if self._logging or len(self._ready) > 1 or self._held or trainer is None or queue is None:
-            return
-        if not len(queue):
-            return
-        assert self._io is not None
-        now = time.perf_counter()
-        steps: list[_Step] = []
-        while len(queue) and len(steps) < MAX_GROUP:
-            step = self._cut(trainer, queue, now)
-            if step is not None:
-                steps.append(step)
-        if not steps:
-            self._kick()  # the queue emptied of malformed requests: the executor may be idle
-            return
-        self._logging = True
-        logged = self.loop.run_in_executor(self._io, trainer.log, [step.batch for step in steps])
-        logged.add_done_callback(functools.partial(self._logged, steps))
+        assert trainer is not None
+        self._step = step
+        if trainer.wal is None:
+            step.logged = True
+        else:
+            assert self._io is not None
+            seq = step.batch.seq
+            logged = self.loop.run_in_executor(
+                self._io, trainer.log, seq, trainer.encode(step.batch)
+            )
+            logged.add_done_callback(functools.partial(self._logged, step))
+        self._on_model(
+            functools.partial(trainer.prepare, step.batch),
+            functools.partial(self._prepared, step),
+        )
 
-    def _logged(self, steps: list[_Step], fut: asyncio.Future[float]) -> None:
-        self._logging = False
+    def _logged(self, step: _Step, fut: asyncio.Future[float]) -> None:
+        if self._step is not step:
+            return  # training failed meanwhile
         exc = fut.exception()
         if exc is not None:
             # The log's state on disk is unknown (after a failed fsync the kernel may have
             # dropped the pages): more steps could make replay diverge. Training stops until an
             # operator restarts the server; inference goes on.
-            self._fail_training(f"the write-ahead log failed: {exc}", exc, steps)
+            self._fail_training(f"the write-ahead log failed: {exc}", exc)
             return
         assert self.trainer is not None
         self.trainer.stats.log_seconds.observe(fut.result())
-        self._ready.extend(steps)
-        self._start_logging()
+        step.logged = True
         self._kick()
 
-    def _begin_step(self, step: _Step) -> None:
+    def _prepared(self, step: _Step, result: Prepared | None, exc: BaseException | None) -> None:
+        if self._step is not step:
+            return
+        if exc is not None or result is None:
+            # prepare isolates bad requests itself: an error here is a step out of order.
+            self._fail_training(f"computing a step failed: {exc}", exc)
+            return
+        step.prepared = result
+        self._kick()
+
+    def _begin_apply(self, step: _Step) -> None:
         trainer = self.trainer
-        assert trainer is not None
+        assert trainer is not None and step.prepared is not None
         self._on_model(
-            functools.partial(trainer.train_step, step.batch),
-            functools.partial(self._stepped, step),
+            functools.partial(trainer.apply, step.prepared),
+            functools.partial(self._applied, step),
         )
 
     def _on_model(
@@ -399,12 +396,12 @@ class Executor:
 
         self.loop.run_in_executor(self._pool, work).add_done_callback(finished)
 
-    def _stepped(self, step: _Step, result: StepResult | None, exc: BaseException | None) -> None:
+    def _applied(self, step: _Step, result: StepResult | None, exc: BaseException | None) -> None:
         if exc is not None or result is None:
-            # train_step isolates bad requests itself: an error here is the optimizer's or an
-            # out-of-order step, after which the weights cannot be trusted to match the log.
-            self._fail_training(f"the optimizer step failed: {exc}", exc, [step])
+            # After a failed optimizer step the weights cannot be trusted to match the log.
+            self._fail_training(f"the optimizer step failed: {exc}", exc)
             return
+        self._step = None
         for job, loss, error in zip(step.jobs, result.losses, result.errors, strict=True):
             if error is not None:
                 self.stats.errors += 1
@@ -422,16 +419,14 @@ class Executor:
             job.resolve(response)
         if result.snapshot is not None:
             self._write_checkpoint(*result.snapshot)
-        if self.trainer is not None and self.trainer.wal is not None:
-            self._start_logging()
         self._kick()
 
-    def _fail_training(self, reason: str, exc: BaseException | None, steps: list[_Step]) -> None:
+    def _fail_training(self, reason: str, exc: BaseException | None) -> None:
         self._train_failure = f"model {self.model.name!r}: training stopped: {reason}"
         log.error("%s", self._train_failure, exc_info=exc)
         response = response_for_error(ServiceUnavailable(self._train_failure))
-        jobs = [job for step in (*steps, *self._ready) for job in step.jobs]
-        self._ready.clear()
+        jobs = self._step.jobs if self._step is not None else []
+        self._step = None
         if self.train_scheduler is not None:
             jobs += [entry.item for entry in self.train_scheduler.drain()]
         for job in jobs:

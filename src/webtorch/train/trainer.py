@@ -1,21 +1,22 @@
 """The trainer: one model's optimizer, step counter and durable state.
 
-A training micro-batch (the requests merged into one optimizer step) goes through two phases,
-which the executor (``serve/executor.py``) schedules:
+A training micro-batch (the requests merged into one optimizer step) goes through two phases on
+the model, which the executor (``serve/executor.py``) schedules:
 
-1. :meth:`Trainer.log` (I/O thread, ``durability = "wal"``): micro-batches are appended to the
-   write-ahead log, several at a time, and made durable with one fsync (group commit). Meanwhile
-   the model keeps serving and the previous group's steps run.
-2. :meth:`Trainer.train_step` (holding the model): forward, loss, backward, ``optimizer.step()``.
-   Only then are the batch's requests answered.
+1. :meth:`Trainer.prepare`: forward, loss and backward. Gradients are ready, weights untouched.
+   Meanwhile, with ``durability = "wal"``, the batch is appended to the write-ahead log and fsynced
+   on an I/O thread (:meth:`Trainer.encode`, :meth:`Trainer.log`), so the disk's latency hides
+   behind the compute.
+2. :meth:`Trainer.apply`, once both are done: ``optimizer.step()``. Only then are the batch's
+   requests answered.
 
 So an acknowledged example is in the log, and recovery replays logged micro-batches through the
-same :meth:`train_step` in the same order, which reproduces the weights bit for bit on CPU. A
-logged micro-batch may hold a request that breaks the model; ``train_step`` isolates it by a rule
-that depends only on the batch (each request alone, then the good ones together), so replay makes
-the same decision. Checkpoints (weights, optimizer state, the step they include) bound the replay
-and let old log segments go. Without a WAL (``"checkpoint"``), a crash loses the steps since the
-last checkpoint; ``"none"`` persists nothing.
+same two phases in the same order, which reproduces the weights bit for bit on CPU. A logged
+micro-batch may hold a request that breaks the model; ``prepare`` isolates it by a rule that
+depends only on the batch (each request alone, then the good ones together), so replay makes the
+same decision. Checkpoints (weights, optimizer state, the step they include) bound the replay and
+let old log segments go. Without a WAL (``"checkpoint"``), a crash loses the steps since the last
+checkpoint; ``"none"`` persists nothing.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from webtorch.serve.codecs import InputData
 from webtorch.serve.datatypes import to_torch
 from webtorch.serve.model import LoadedModel, Tensors, TensorSpec
 from webtorch.train import checkpoint as ckpt
-from webtorch.train.wal import WalCorrupt, WriteAheadLog
+from webtorch.train.wal import WalCorrupt, WriteAheadLog, encode_record
 
 log = logging.getLogger("webtorch.train")
 
@@ -58,6 +59,18 @@ class Batch:
     tensors: dict[str, np.ndarray]
     rows: list[int]
     seq: int
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A computed step waiting for its optimizer step: which requests are in it (``good``),
+    their losses, and why the others were left out."""
+
+    batch: Batch
+    good: list[int]
+    losses: list[float]
+    errors: list[str | None]
+    seconds: float  # the time prepare took
 
 
 @dataclass(slots=True)
@@ -171,40 +184,45 @@ class Trainer:
         self._next_seq += 1
         return Batch(tensors, rows, seq)
 
-    def log(self, batches: Sequence[Batch]) -> float:
-        """Append micro-batches to the WAL and make them durable with one fsync (I/O thread).
-        Returns the seconds it took (recorded by the caller, on the loop thread)."""
+    def encode(self, batch: Batch) -> bytes:
+        """The batch's WAL record (loop thread: Python work stays off the I/O thread)."""
+        return encode_record(batch.seq, batch.tensors)
+
+    def log(self, seq: int, record: bytes) -> float:
+        """Append a record to the WAL and fsync it (I/O thread). Returns the seconds it took
+        (recorded by the caller, on the loop thread)."""
         assert self.wal is not None
         t0 = time.perf_counter()
-        for batch in batches:
-            self.wal.append(batch.seq, batch.tensors)
+        self.wal.append_encoded(seq, record)
         self.wal.sync()
         return time.perf_counter() - t0
 
     def train_step(self, batch: Batch, *, replay: bool = False) -> StepResult:
-        """One optimizer step on ``batch`` (step ``batch.seq``), holding the model.
+        """Both phases at once: what replay and the modes without a WAL do."""
+        return self.apply(self.prepare(batch), replay=replay)
 
-        A request that breaks the model (forward, loss or backward raises) is excluded by a
-        deterministic rule: if the batch fails, each request is tried alone and the step is
-        taken on the ones that pass; if each passes alone but not together, none is applied.
-        Either way the step number advances, so it always equals the WAL position.
+    def prepare(self, batch: Batch) -> Prepared:
+        """Forward, loss and backward on ``batch`` (step ``batch.seq``), holding the model.
+
+        A request that breaks the model (forward, loss or backward raises, or the loss or the
+        gradients are not finite) is excluded by a deterministic rule: if the batch fails, each
+        request is tried alone and the step is taken on the ones that pass; if each passes alone
+        but not together, none is applied.
         """
         if batch.seq != self.step + 1:
             raise RuntimeError(f"step {batch.seq} out of order: the model is at step {self.step}")
         started = time.perf_counter()
         rows = batch.rows
         count = len(rows)
-        losses: list[float | None] = [None] * count
         errors: list[str | None] = [None] * count
         try:
             good = list(range(count))
-            values = self._compute(batch.tensors, rows)
+            losses = self._compute(batch.tensors, rows)
         except Exception as exc:
+            good = []
             if count == 1:
                 errors[0] = _describe(exc)
-                good = []
             else:
-                good = []
                 for i in range(count):
                     try:
                         self._compute(_select(batch.tensors, rows, [i]), [rows[i]])
@@ -215,24 +233,35 @@ class Trainer:
                 if len(good) == count:
                     errors = [_describe(exc)] * count
                     good = []
-            values = (
+            losses = (
                 self._compute(_select(batch.tensors, rows, good), [rows[i] for i in good])
                 if good
                 else []
             )
-        if good:
+        return Prepared(batch, good, losses, errors, time.perf_counter() - started)
+
+    def apply(self, prepared: Prepared, *, replay: bool = False) -> StepResult:
+        """The optimizer step of a prepared batch (nothing to step when no request was good);
+        the step number advances either way, so it always equals the WAL position."""
+        batch = prepared.batch
+        if batch.seq != self.step + 1:
+            raise RuntimeError(f"step {batch.seq} out of order: the model is at step {self.step}")
+        started = time.perf_counter()
+        losses: list[float | None] = [None] * len(batch.rows)
+        if prepared.good:
             self.optimizer.step()  # the next _compute clears the gradients
-            for i, value in zip(good, values, strict=True):
+            for i, value in zip(prepared.good, prepared.losses, strict=True):
                 losses[i] = value
-            self.stats.examples += sum(rows[i] for i in good)
+            self.stats.examples += sum(batch.rows[i] for i in prepared.good)
         self.step = batch.seq
         stats = self.stats
         stats.steps += 1
-        stats.step_rows.record(sum(rows))
-        stats.step_seconds.record(time.perf_counter() - started)
+        stats.step_rows.record(sum(batch.rows))
+        stats.step_seconds.record(prepared.seconds + time.perf_counter() - started)
+        snapshot = None
         if not replay and self.checkpoint_due(time.monotonic()):
-            return StepResult(self.step, losses, errors, self.snapshot())
-        return StepResult(self.step, losses, errors)
+            snapshot = self.snapshot()
+        return StepResult(self.step, losses, prepared.errors, snapshot)
 
     def _compute(self, tensors: Mapping[str, np.ndarray], rows: list[int]) -> list[float]:
         """Forward, loss and backward: gradients ready, weights untouched. Returns each

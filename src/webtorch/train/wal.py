@@ -197,10 +197,14 @@ class WriteAheadLog:
 
     def append(self, seq: int, tensors: Mapping[str, np.ndarray]) -> int:
         """Write one record (not yet durable, see :meth:`sync`); returns its size in bytes."""
+        return self.append_encoded(seq, encode_record(seq, tensors))
+
+    def append_encoded(self, seq: int, record: bytes) -> int:
+        """:meth:`append` for a record :func:`encode_record` made already (on another thread:
+        encoding is Python work, writing is a system call that releases the GIL)."""
         segments = self._usable()
         if self._last_seq is not None and seq != self._last_seq + 1:
             raise ValueError(f"WAL seq {seq} does not follow {self._last_seq}")
-        record = encode_record(seq, tensors)
         try:
             file = self._file
             if file is None or self._rotate_pending or self._size >= self._segment_bytes:
