@@ -12,12 +12,12 @@ runs them on one worker thread while the loop keeps accepting. For small models 
 (no thread hop, no GIL ping-pong); BENCHMARKS.md has the numbers behind the default.
 
 Training (``train/trainer.py``) goes through the same executor, so no inference ever sees a
-half-updated model and no two steps race. When the model is free, the queued train requests (up to
-``train.max_batch`` rows) become one micro-batch: with a WAL it is written and fsynced on an I/O
-thread while the model computes its gradients, so the disk's latency hides behind the compute; the
-optimizer step follows once both are done, and only then are its requests answered. One micro-batch
-is in flight at a time: the next one needs this one's weights, and every request that arrived
-meanwhile joins it (group commit: one fsync for all of them).
+half-updated model and no two steps race. When no step is in flight, the queued train requests
+become a group of micro-batches of up to ``train.max_batch`` rows each (usually one: every request
+that arrived while the previous step ran). With a WAL the group is written and fsynced on an I/O
+thread (group commit: one fsync for all of it) while the model computes the first micro-batch's
+gradients, so the disk's latency hides behind the compute. Each micro-batch's optimizer step
+follows once it is computed and logged, in log order, and only then are its requests answered.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -84,14 +85,20 @@ class TrainJob(Pending):
         self.arrived = arrived
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Step:
-    """The train micro-batch in flight: computed, logged, then applied."""
+    """A train micro-batch in flight: computed, logged, then applied."""
 
     jobs: list[TrainJob]
     batch: Batch
+    preparing: bool = False
     prepared: Prepared | None = None  # gradients computed
     logged: bool = False  # durable (or nothing to log)
+
+
+# Micro-batches logged with one fsync, at most (more than one only when more than train.max_batch
+# rows are queued): bounds a group's memory and latency.
+MAX_GROUP = 256
 
 
 class ModelFailed(HTTPError):
@@ -131,7 +138,7 @@ class Executor:
         self._outputs = [(t.name, t.dtype) for t in model.outputs]
         self.trainer = trainer
         self.train_scheduler: BatchScheduler[TrainJob] | None = None
-        self._step: _Step | None = None
+        self._steps: deque[_Step] = deque()  # in flight, in step order
         self._yielded = False  # training waited once for an inference batch: it goes next
         self._priority: Priority = "inference"
         self._io: ThreadPoolExecutor | None = None  # WAL appends and checkpoint writes, in order
@@ -211,10 +218,12 @@ class Executor:
         training = self._training_ready()
         if training and self._train_first():
             self._yielded = False
-            if self._step is None:
-                self._begin_step(now)
+            if not self._steps:
+                self._begin_group(now)
+            elif self._steps[0].prepared is None:
+                self._begin_prepare(self._steps[0])
             else:
-                self._begin_apply(self._step)
+                self._begin_apply(self._steps[0])
             return
         batch = self.scheduler.poll(now)
         if batch is None:
@@ -242,11 +251,11 @@ class Executor:
             running.add_done_callback(functools.partial(self._complete_thread, jobs))
 
     def _training_ready(self) -> bool:
-        """Whether training has work for the model now: the computed and logged step's optimizer
-        step, or (none in flight) the next micro-batch."""
-        step = self._step
-        if step is not None:
-            return step.prepared is not None and step.logged
+        """Whether training has work for the model now: computing the next step in flight,
+        applying it once computed and logged, or (none in flight) starting the next group."""
+        if self._steps:
+            head = self._steps[0]
+            return not head.preparing and (head.prepared is None or head.logged)
         queue = self.train_scheduler
         return queue is not None and bool(len(queue))
 
@@ -287,7 +296,7 @@ class Executor:
             return True
         if self._priority == "inference":
             return False
-        if self._step is not None:
+        if self._steps:
             return True  # a step in flight is older than anything queued behind it
         assert self.train_scheduler is not None
         return self.train_scheduler.queued()[0].arrived <= self.scheduler.queued()[0].arrived
@@ -309,7 +318,7 @@ class Executor:
         if (
             self._idle is not None
             and not self._busy
-            and self._step is None
+            and not self._steps
             and not len(self.scheduler)
             and not (self.train_scheduler is not None and len(self.train_scheduler))
         ):
@@ -317,31 +326,35 @@ class Executor:
 
     # -- training (see train/trainer.py) ---------------------------------------------------------
 
-    def _begin_step(self, now: float) -> None:
-        step = self._cut(now)
-        if step is None:
+    def _begin_group(self, now: float) -> None:
+        trainer = self.trainer
+        queue = self.train_scheduler
+        assert trainer is not None and queue is not None
+        steps: list[_Step] = []
+        while len(queue) and len(steps) < MAX_GROUP:
+            step = self._cut(now)
+            if step is not None:
+                steps.append(step)
+        if not steps:  # every request was malformed, and answered so
             self._kick()
             return
-        trainer = self.trainer
-        assert trainer is not None
-        self._step = step
+        self._steps.extend(steps)
         if trainer.wal is None:
-            step.logged = True
+            for step in steps:
+                step.logged = True
         else:
             assert self._io is not None
-            seq = step.batch.seq
-            logged = self.loop.run_in_executor(
-                self._io, trainer.log, seq, trainer.encode(step.batch)
-            )
-            logged.add_done_callback(functools.partial(self._logged, step))
-        self._on_model(
-            functools.partial(trainer.prepare, step.batch),
-            functools.partial(self._prepared, step),
-        )
+            records = [(step.batch.seq, trainer.encode(step.batch)) for step in steps]
+            logged = self.loop.run_in_executor(self._io, trainer.log, records)
+            logged.add_done_callback(functools.partial(self._logged, steps))
+        self._begin_prepare(steps[0])
 
-    def _logged(self, step: _Step, fut: asyncio.Future[float]) -> None:
-        if self._step is not step:
-            return  # training failed meanwhile
+    def _in_flight(self, step: _Step) -> bool:
+        return any(s is step for s in self._steps)  # False once training failed
+
+    def _logged(self, steps: list[_Step], fut: asyncio.Future[float]) -> None:
+        if not self._in_flight(steps[-1]):
+            return
         exc = fut.exception()
         if exc is not None:
             # The log's state on disk is unknown (after a failed fsync the kernel may have
@@ -351,12 +364,23 @@ class Executor:
             return
         assert self.trainer is not None
         self.trainer.stats.log_seconds.observe(fut.result())
-        step.logged = True
+        for step in steps:
+            step.logged = True
         self._kick()
 
+    def _begin_prepare(self, step: _Step) -> None:
+        trainer = self.trainer
+        assert trainer is not None
+        step.preparing = True
+        self._on_model(
+            functools.partial(trainer.prepare, step.batch),
+            functools.partial(self._prepared, step),
+        )
+
     def _prepared(self, step: _Step, result: Prepared | None, exc: BaseException | None) -> None:
-        if self._step is not step:
+        if not self._in_flight(step):
             return
+        step.preparing = False
         if exc is not None or result is None:
             # prepare isolates bad requests itself: an error here is a step out of order.
             self._fail_training(f"computing a step failed: {exc}", exc)
@@ -401,7 +425,8 @@ class Executor:
             # After a failed optimizer step the weights cannot be trusted to match the log.
             self._fail_training(f"the optimizer step failed: {exc}", exc)
             return
-        self._step = None
+        assert self._steps[0] is step
+        self._steps.popleft()
         for job, loss, error in zip(step.jobs, result.losses, result.errors, strict=True):
             if error is not None:
                 self.stats.errors += 1
@@ -425,8 +450,8 @@ class Executor:
         self._train_failure = f"model {self.model.name!r}: training stopped: {reason}"
         log.error("%s", self._train_failure, exc_info=exc)
         response = response_for_error(ServiceUnavailable(self._train_failure))
-        jobs = self._step.jobs if self._step is not None else []
-        self._step = None
+        jobs = [job for step in self._steps for job in step.jobs]
+        self._steps.clear()
         if self.train_scheduler is not None:
             jobs += [entry.item for entry in self.train_scheduler.drain()]
         for job in jobs:

@@ -188,12 +188,13 @@ class Trainer:
         """The batch's WAL record (loop thread: Python work stays off the I/O thread)."""
         return encode_record(batch.seq, batch.tensors)
 
-    def log(self, seq: int, record: bytes) -> float:
-        """Append a record to the WAL and fsync it (I/O thread). Returns the seconds it took
-        (recorded by the caller, on the loop thread)."""
+    def log(self, records: Sequence[tuple[int, bytes]]) -> float:
+        """Append records (seq, bytes) to the WAL and make them durable with one fsync (I/O
+        thread). Returns the seconds it took (recorded by the caller, on the loop thread)."""
         assert self.wal is not None
         t0 = time.perf_counter()
-        self.wal.append_encoded(seq, record)
+        for seq, record in records:
+            self.wal.append_encoded(seq, record)
         self.wal.sync()
         return time.perf_counter() - t0
 
