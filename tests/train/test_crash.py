@@ -31,7 +31,7 @@ CLIENTS = 8
 
 
 def write_config(tmp_path: Path, state: Path, **train: Any) -> Path:
-    settings = {"enabled": "true", "max_batch": "16", "durability": '"wal"', **train}
+    settings = {"enabled": "true", "max_batch": 16, "durability": '"wal"', **train}
     lines = [
         "[models.xor]",
         f'path = "{XOR}"',
@@ -160,12 +160,23 @@ def check_log(records: list[WalRecord], acked: dict[float, int], first_seq: int)
             assert logged.get(key) == step, f"acknowledged example {key} (step {step}) not logged"
 
 
-@pytest.mark.parametrize(("acks", "torn"), [(60, False), (200, True), (500, False)])
-def test_kill_9_loses_no_acknowledged_example(tmp_path: Path, acks: int, torn: bool) -> None:
+# max_batch 2 with 8 clients: groups of several micro-batches under one fsync.
+@pytest.mark.parametrize(
+    ("acks", "torn", "max_batch"), [(60, False, 16), (200, True, 2), (500, False, 16)]
+)
+def test_kill_9_loses_no_acknowledged_example(
+    tmp_path: Path, acks: int, torn: bool, max_batch: int
+) -> None:
     state = tmp_path / "state"
     # No periodic checkpoint: the whole history stays in the log, so the reference can replay
     # it from the shipped weights.
-    config = write_config(tmp_path, state, checkpoint_every_steps=0, checkpoint_every_seconds=0)
+    config = write_config(
+        tmp_path,
+        state,
+        max_batch=max_batch,
+        checkpoint_every_steps=0,
+        checkpoint_every_seconds=0,
+    )
     trainers = kill_mid_training(config, acks)
     assert len(trainers.acked) >= acks
 
