@@ -215,15 +215,17 @@ class Executor:
             return
         # The scheduler's clock is perf_counter: uvloop's loop.time() has 1 ms resolution.
         now = time.perf_counter()
+        steps = self._steps
+        if steps and steps[0].prepared is not None and steps[0].logged:
+            self._begin_apply(steps[0])  # finishing a step never waits for inference
+            return
         training = self._training_ready()
         if training and self._train_first():
             self._yielded = False
-            if not self._steps:
-                self._begin_group(now)
-            elif self._steps[0].prepared is None:
-                self._begin_prepare(self._steps[0])
+            if steps:
+                self._begin_prepare(steps[0])
             else:
-                self._begin_apply(self._steps[0])
+                self._begin_group(now)
             return
         batch = self.scheduler.poll(now)
         if batch is None:
@@ -251,11 +253,11 @@ class Executor:
             running.add_done_callback(functools.partial(self._complete_thread, jobs))
 
     def _training_ready(self) -> bool:
-        """Whether training has work for the model now: computing the next step in flight,
-        applying it once computed and logged, or (none in flight) starting the next group."""
+        """Whether training can start work on the model now: computing the next step of the
+        group in flight, or (none in flight) starting the next group."""
         if self._steps:
             head = self._steps[0]
-            return not head.preparing and (head.prepared is None or head.logged)
+            return not head.preparing and head.prepared is None
         queue = self.train_scheduler
         return queue is not None and bool(len(queue))
 
@@ -386,7 +388,10 @@ class Executor:
             self._fail_training(f"computing a step failed: {exc}", exc)
             return
         step.prepared = result
-        self._kick()
+        if step.logged:
+            self._begin_apply(step)  # the model is free: step now, not after a loop turn
+        else:
+            self._kick()
 
     def _begin_apply(self, step: _Step) -> None:
         trainer = self.trainer

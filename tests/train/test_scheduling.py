@@ -1,0 +1,110 @@
+"""How the executor orders training and inference on one model, and what a failing log does.
+
+The executor is driven directly on a real event loop: requests are submitted while the loop is
+not running, then the loop runs until every one is answered, and the order of the answers shows
+the order of the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import XOR, serve_in_thread
+from tests.serve.test_server_models import call, predict
+from tests.train.test_endpoints import train_config
+from webtorch.config import TrainConfig
+from webtorch.http.messages import Response
+from webtorch.observe.metrics import ModelStats
+from webtorch.serve.executor import Executor
+from webtorch.serve.model import load_model
+from webtorch.train.forms import TrainRequest
+from webtorch.train.trainer import Trainer
+
+
+def run_order(tmp_path: Path, priority: str, kinds: list[str]) -> list[str]:
+    """Submit requests of ``kinds`` ("infer" / "train") in order; return the answer order."""
+    loop = asyncio.new_event_loop()
+    model = load_model("xor", XOR)
+    cfg = TrainConfig(enabled=True, durability="none", max_batch=2, priority=priority)  # type: ignore[arg-type]
+    trainer = Trainer(model, cfg, tmp_path)
+    executor = Executor(model, ModelStats(), max_batch=2, loop=loop, trainer=trainer)
+    answered: list[str] = []
+    done = asyncio.Event()
+
+    def answer(label: str, response: Response) -> None:
+        answered.append(label)
+        if len(answered) == len(kinds):
+            done.set()
+
+    x = np.array([[0, 1]], dtype=np.float32)
+    y = np.array([[1]], dtype=np.float32)
+    for i, kind in enumerate(kinds):
+        label = f"{kind}{i}"
+        if kind == "infer":
+            job = executor.submit({"x": x}, 1, lambda outputs: Response())
+        else:
+            job = executor.submit_train(
+                TrainRequest({"x": x}, {"y": y}, 1), lambda req, loss, step: Response()
+            )
+        job.subscribe(answer, label)
+
+    async def drain() -> None:
+        await done.wait()
+        await executor.close()
+
+    loop.run_until_complete(drain())
+    loop.close()
+    return answered
+
+
+def test_inference_goes_first_but_training_never_starves(tmp_path: Path) -> None:
+    # Two rows per batch or step: train0/train1 are one step, infer2..infer7 three batches.
+    kinds = ["train", "train", "infer", "infer", "infer", "infer", "infer", "infer"]
+    order = run_order(tmp_path, "inference", kinds)
+    # Inference first; then the waiting step; then inference again.
+    assert order[:2] == ["infer2", "infer3"]
+    assert order[2:4] == ["train0", "train1"]
+    assert order[4:] == ["infer4", "infer5", "infer6", "infer7"]
+
+
+def test_fifo_serves_the_older_queue_first(tmp_path: Path) -> None:
+    kinds = ["train", "train", "infer", "infer", "infer", "infer"]
+    order = run_order(tmp_path, "fifo", kinds)
+    assert order[:2] == ["train0", "train1"]
+    assert order[2:] == ["infer2", "infer3", "infer4", "infer5"]
+
+
+def test_a_failing_log_stops_training_and_keeps_inference(tmp_path: Path) -> None:
+    with serve_in_thread(train_config(tmp_path)) as running:
+        trainer = running.app.repository.served["xor"].trainer
+        assert trainer is not None
+
+        def broken(records: Any) -> float:
+            raise OSError(28, "No space left on device")
+
+        trainer.log = broken  # type: ignore[method-assign]
+        body = {"inputs": [[0, 1]], "targets": [[1]]}
+        reply = call(running, "POST", "/models/xor/train", body)
+        assert reply.status == 503
+        assert "write-ahead log failed" in reply.json()["error"]
+        again = call(running, "POST", "/models/xor/train", body)
+        assert again.status == 503 and "training stopped" in again.json()["error"]
+        assert predict(running, "xor", [[0, 1]]).status == 200  # inference goes on
+        assert call(running, "GET", "/models/xor/train").json()["step"] == 0
+
+
+@pytest.mark.parametrize("durability", ["none", "wal"])
+def test_training_is_answered_in_step_order(tmp_path: Path, durability: str) -> None:
+    with serve_in_thread(train_config(tmp_path, durability=durability, max_batch=1)) as running:
+        steps = [
+            call(
+                running, "POST", "/models/xor/train", {"inputs": [[0, 1]], "targets": [[1]]}
+            ).json()["step"]
+            for _ in range(5)
+        ]
+        assert steps == [1, 2, 3, 4, 5]
