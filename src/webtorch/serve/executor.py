@@ -28,7 +28,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -141,15 +141,20 @@ class Executor:
         self._steps: deque[_Step] = deque()  # in flight, in step order
         self._yielded = False  # training waited once for an inference batch: it goes next
         self._priority: Priority = "inference"
-        self._io: ThreadPoolExecutor | None = None  # WAL appends and checkpoint writes, in order
-        self._io_futures: list[Future[Any]] = []
+        # WAL appends and truncations on one thread, in order; checkpoint writes on another, so
+        # a large model's checkpoint never holds up the log.
+        self._wal_io: ThreadPoolExecutor | None = None
+        self._checkpoint_io: ThreadPoolExecutor | None = None
+        self._checkpoints: set[asyncio.Task[None]] = set()
         self._train_failure: str | None = None
         if trainer is not None:
             cfg = trainer.config
             self.train_scheduler = BatchScheduler(cfg.max_batch, 0.0, cfg.max_queue)
             self._priority = cfg.priority
+            if trainer.wal is not None:
+                self._wal_io = ThreadPoolExecutor(1, f"webtorch-{model.name}-wal")
             if trainer.durability != "none":
-                self._io = ThreadPoolExecutor(1, f"webtorch-{model.name}-io")
+                self._checkpoint_io = ThreadPoolExecutor(1, f"webtorch-{model.name}-checkpoint")
 
     def submit(self, inputs: dict[str, InputData], rows: int, encode: Encoder) -> Pending:
         if self._closed:
@@ -345,9 +350,9 @@ class Executor:
             for step in steps:
                 step.logged = True
         else:
-            assert self._io is not None
+            assert self._wal_io is not None
             records = [(step.batch.seq, trainer.encode(step.batch)) for step in steps]
-            logged = self.loop.run_in_executor(self._io, trainer.log, records)
+            logged = self.loop.run_in_executor(self._wal_io, trainer.log, records)
             logged.add_done_callback(functools.partial(self._logged, steps))
         self._begin_prepare(steps[0])
 
@@ -464,12 +469,25 @@ class Executor:
         self._kick()
 
     def _write_checkpoint(self, number: int, snap: Snapshot) -> None:
+        task = self.loop.create_task(self._checkpoint(number, snap))
+        self._checkpoints.add(task)
+        task.add_done_callback(self._checkpoints.discard)
+
+    async def _checkpoint(self, number: int, snap: Snapshot) -> None:
+        """Write a checkpoint, then (once it is durable) let the WAL drop what it covers."""
         trainer = self.trainer
-        assert trainer is not None and self._io is not None
-        self._io_futures = [f for f in self._io_futures if not f.done()]
-        fut = self._io.submit(trainer.write, number, snap)
-        fut.add_done_callback(_log_failure)
-        self._io_futures.append(fut)
+        assert trainer is not None and self._checkpoint_io is not None
+        try:
+            await self.loop.run_in_executor(
+                self._checkpoint_io, trainer.write_checkpoint, number, snap
+            )
+            if self._wal_io is not None:
+                await self.loop.run_in_executor(self._wal_io, trainer.forget_logged, number)
+        except Exception:
+            # Training goes on: the WAL keeps everything since the last good checkpoint.
+            log.exception("model %s: checkpoint at step %d failed", self.model.name, number)
+        finally:
+            trainer.checkpointing = False
 
     # -- compute (loop thread or worker thread) ---------------------------------------------------
 
@@ -637,17 +655,18 @@ class Executor:
         self._maybe_idle()
         await self._idle.wait()
         trainer = self.trainer
+        if self._checkpoints:
+            await asyncio.gather(*self._checkpoints)
         if (
             trainer is not None
-            and self._io is not None
+            and self._checkpoint_io is not None
             and self._train_failure is None
             and trainer.step != trainer.stats.checkpoint_step
         ):
-            self._write_checkpoint(*trainer.snapshot())
-        for fut in self._io_futures:
-            await asyncio.wrap_future(fut)
-        if self._io is not None:
-            self._io.shutdown(wait=True)
+            await self._checkpoint(*trainer.snapshot())
+        for pool in (self._wal_io, self._checkpoint_io):
+            if pool is not None:
+                pool.shutdown(wait=True)
         if trainer is not None:
             trainer.close()
         if self._pool is not None:
@@ -669,12 +688,6 @@ def _rows_array(parts: list[InputData], spec: TensorSpec) -> np.ndarray:
 
 def _no_encode(outputs: dict[str, np.ndarray]) -> Response:
     return Response()
-
-
-def _log_failure(fut: Future[Any]) -> None:
-    exc = fut.exception()
-    if exc is not None:
-        log.error("checkpoint failed", exc_info=exc)
 
 
 def _internal(exc: BaseException) -> Response:

@@ -114,6 +114,7 @@ class Trainer:
         self._row_losses: Callable[[Tensors, Tensors], torch.Tensor] | None = vmap(self._row_loss)
         self._checkpointed_at = time.monotonic()
         self._next_seq = 1
+        self.checkpointing = False
 
     # -- start-up ----------------------------------------------------------------------------------
 
@@ -312,7 +313,11 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
 
     def checkpoint_due(self, now: float) -> bool:
-        if self.durability == "none" or self.step == self.stats.checkpoint_step:
+        if (
+            self.durability == "none"
+            or self.step == self.stats.checkpoint_step
+            or self.checkpointing  # one at a time: a snapshot of a large model is large
+        ):
             return False
         cfg = self.config
         by_steps = (
@@ -329,19 +334,23 @@ class Trainer:
         """A copy of the state at this step (model busy); written later by :meth:`write`."""
         self._checkpointed_at = time.monotonic()
         self.stats.checkpoint_step = self.step  # no second snapshot of this step is due
+        self.checkpointing = True  # until the executor has written it
         return self.step, ckpt.snapshot(self.model.network, self.optimizer)
 
-    def write(self, step: int, snap: ckpt.Snapshot) -> Path:
-        """Write a checkpoint atomically, then drop the WAL segments and checkpoints it makes
-        redundant (I/O thread, after every WAL append of steps <= ``step``)."""
+    def write_checkpoint(self, step: int, snap: ckpt.Snapshot) -> Path:
+        """Write a checkpoint atomically and prune old ones (checkpoint thread: a large model's
+        checkpoint takes a while, and the WAL must not wait for it)."""
         path = ckpt.write_checkpoint(self.checkpoint_dir, step, snap, {"model": self.model.name})
         self.stats.checkpoint_time = time.time()
-        if self.wal is not None:
-            self.wal.rotate()
-            self.wal.truncate_through(step)
         ckpt.prune(self.checkpoint_dir, self.config.keep_checkpoints)
         log.debug("model %s: checkpoint %s", self.model.name, path)
         return path
+
+    def forget_logged(self, step: int) -> None:
+        """Drop the WAL segments a durable checkpoint at ``step`` covers (WAL thread)."""
+        assert self.wal is not None
+        self.wal.rotate()
+        self.wal.truncate_through(step)
 
     def close(self) -> None:
         if self.wal is not None:
