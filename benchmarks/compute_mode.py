@@ -32,7 +32,6 @@ from pathlib import Path
 from run import (
     BENCH_DIR,
     CLIENT_CPU,
-    INTRO,
     ROOT,
     SERVER_CPU,
     SHORT_BODY,
@@ -48,6 +47,7 @@ from run import (
     log_tail,
     numbers,
     package_versions,
+    replace_section,
     run_wrk,
     running,
     terminate_on_sigterm,
@@ -294,21 +294,7 @@ def render(points: list[Point], settings: Settings, load_before: str) -> str:
 
 
 def update_results_file(path: Path, section: str) -> None:
-    """Replace the text between the compute markers; else insert the section after run.py's
-    section, else append it. Every other byte of the file is kept."""
-    text = path.read_text() if path.exists() else INTRO
-    section = section.rstrip("\n")
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if 0 <= start < end:
-        text = text[:start] + section + text[end + len(MARK_END) :]
-    elif (after := text.find(BENCH_END)) >= 0:
-        at = after + len(BENCH_END)
-        text = text[:at] + "\n\n" + section + text[at:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    if not text.endswith("\n"):
-        text += "\n"
-    path.write_text(text)
+    replace_section(path, section, MARK_START, MARK_END, after=BENCH_END)
 
 
 # --- main ------------------------------------------------------------------------------------

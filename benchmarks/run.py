@@ -748,11 +748,24 @@ def render(results: dict[str, Rounds], settings: Settings, load_before: str) -> 
 
 
 def update_results_file(path: Path, section: str) -> None:
-    """Replace the text between the markers, or append it; create the file if it is missing."""
+    replace_section(path, section, MARK_START, MARK_END)
+
+
+def replace_section(
+    path: Path, section: str, start_mark: str, end_mark: str, after: str | None = None
+) -> None:
+    """Replace the text from ``start_mark`` to ``end_mark`` with ``section`` (which holds both
+    marks), or insert it after the line ``after`` (else at the end) when the marks are missing;
+    create the file if it is missing. Every other byte of the file is kept: BENCHMARKS.md holds
+    several scripts' sections and prose written by hand."""
     text = path.read_text() if path.exists() else INTRO
-    start, end = text.find(MARK_START), text.find(MARK_END)
+    section = section.rstrip("\n")
+    start, end = text.find(start_mark), text.find(end_mark)
     if 0 <= start < end:
-        text = text[:start] + section.rstrip("\n") + text[end + len(MARK_END) :]
+        text = text[:start] + section + text[end + len(end_mark) :]
+    elif after is not None and (found := text.find(after)) >= 0:
+        at = found + len(after)
+        text = text[:at] + "\n\n" + section + text[at:]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text.rstrip("\n") + "\n")

@@ -63,7 +63,6 @@ from run import (
     BENCH_DIR,
     CLIENT_CPU,
     CONNECTIONS,
-    INTRO,
     ROOT,
     SERVER_CPU,
     XOR_FILE,
@@ -80,6 +79,7 @@ from run import (
     per_round,
     post,
     ratio,
+    replace_section,
     run_wrk,
     running,
     terminate_on_sigterm,
@@ -1082,18 +1082,7 @@ def render(
 
 
 def update_results_file(path: Path, section: str) -> None:
-    """Replace the text between the train markers, or append the section at the end; every
-    other byte of the file is kept."""
-    text = path.read_text() if path.exists() else INTRO
-    section = section.rstrip("\n")
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if 0 <= start < end:
-        text = text[:start] + section + text[end + len(MARK_END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    if not text.endswith("\n"):
-        text += "\n"
-    path.write_text(text)
+    replace_section(path, section, MARK_START, MARK_END)
 
 
 # --- main ------------------------------------------------------------------------------------
