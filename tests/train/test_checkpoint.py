@@ -171,3 +171,19 @@ def test_prune_keeps_the_newest(tmp_path: Path) -> None:
     assert ckpt.prune(tmp_path, keep=2) == []
     with pytest.raises(ValueError):
         ckpt.prune(tmp_path, keep=0)
+
+
+def test_a_flipped_bit_in_tensor_data_loses_to_an_older_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    net, opt = trained(OPTIMIZERS["adam"], steps=1)
+    for step in (1, 2):
+        ckpt.write_checkpoint(tmp_path, step, ckpt.snapshot(net, opt))
+    newest = tmp_path / "checkpoint-0000000000000002.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-3] ^= 0x10  # the last bytes are tensor data: the header still parses
+    newest.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="webtorch.train.checkpoint"):
+        loaded = ckpt.load_latest(tmp_path)
+    assert loaded is not None and loaded.step == 1
+    assert "checksum" in caplog.text

@@ -7,8 +7,8 @@ includes, i.e. its position in the write-ahead log: recovery loads it and replay
 - tensors ``model.{key}`` (``network.state_dict()``) and ``optim.{param_id}.{key}`` (the tensors
   in ``optimizer.state_dict()["state"]``);
 - metadata ``format``, ``step``, ``optimizer`` (JSON of the non-tensor state and the whole
-  ``param_groups``; tuples such as Adam's betas are tagged so they come back as tuples) and the
-  caller's extra entries.
+  ``param_groups``; tuples such as Adam's betas are tagged so they come back as tuples),
+  ``crc32`` (of every tensor's name and bytes) and the caller's extra entries.
 
 safetensors and JSON rather than ``torch.save``: loading a checkpoint must never run code.
 
@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import tempfile
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from webtorch.train.wal import fsync_directory
 logger = logging.getLogger(__name__)
 
 FORMAT = "webtorch-checkpoint-1"
-_RESERVED = frozenset({"format", "step", "optimizer"})
+_RESERVED = frozenset({"format", "step", "optimizer", "crc32"})
 _NAME = re.compile(r"checkpoint-(\d{16})\.safetensors")
 _TEMP_PREFIX, _TEMP_SUFFIX = ".checkpoint-", ".tmp"
 _TUPLE = "__tuple__"  # JSON has no tuples; optimizers compare and unpack them, so keep them
@@ -92,7 +93,13 @@ def write_checkpoint(
     extra = dict(extra or {})
     if clash := _RESERVED & extra.keys():
         raise ValueError(f"reserved checkpoint metadata keys: {sorted(clash)}")
-    metadata = {**extra, "format": FORMAT, "step": str(step), "optimizer": snap.optimizer_json}
+    metadata = {
+        **extra,
+        "format": FORMAT,
+        "step": str(step),
+        "optimizer": snap.optimizer_json,
+        "crc32": _crc32(snap.tensors),
+    }
     directory.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=directory, prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX)
     os.close(fd)
@@ -168,6 +175,8 @@ def _load(step: int, path: Path) -> Checkpoint:
         raise ValueError(f"format is {metadata.get('format')!r}, not {FORMAT!r}")
     if int(metadata["step"]) != step:
         raise ValueError(f"holds step {metadata['step']}, but its name says {step}")
+    if metadata.get("crc32") != _crc32(tensors):
+        raise ValueError("tensor data does not match its checksum")
     optim = json.loads(metadata["optimizer"], object_hook=_from_json)
     state = {int(param_id): entries for param_id, entries in optim["state"].items()}
     model_state: dict[str, torch.Tensor] = {}
@@ -183,6 +192,17 @@ def _load(step: int, path: Path) -> Checkpoint:
     extra = {k: v for k, v in metadata.items() if k not in _RESERVED}
     optimizer_state = {"state": state, "param_groups": optim["param_groups"]}
     return Checkpoint(step, path, model_state, optimizer_state, extra)
+
+
+def _crc32(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A checksum of every tensor's name and bytes: safetensors checks its header, not the data,
+    and a checkpoint with a flipped bit must lose to an older, intact one."""
+    crc = 0
+    for name in sorted(tensors):
+        crc = zlib.crc32(name.encode(), crc)
+        data = tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        crc = zlib.crc32(data.numpy().data, crc)
+    return f"{crc:08x}"
 
 
 def _copy(tensor: torch.Tensor) -> torch.Tensor:
