@@ -132,7 +132,8 @@ class TrainConfig(_Strict):
     # Relative to the config file's directory; default: webtorch-state/<model> in the working
     # directory (the embedded default's directory may be read-only site-packages).
     state_dir: Path | None = None
-    checkpoint_every_steps: Annotated[int, Field(ge=0)] = 1000  # 0: not by steps
+    # Bound the replay after a crash: it reruns every step since the last checkpoint.
+    checkpoint_every_steps: Annotated[int, Field(ge=0)] = 10000  # 0: not by steps
     checkpoint_every_seconds: Annotated[float, Field(ge=0)] = 60.0  # 0: not by time
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
     # inference: a queued inference batch runs before a ready training step (which then waits for

@@ -46,6 +46,7 @@ from webtorch.serve.model import LoadedModel, Tensors, TensorSpec
 from webtorch.train.checkpoint import Snapshot
 from webtorch.train.forms import TrainRequest, settle
 from webtorch.train.trainer import Batch, Prepared, StepResult, Trainer, UncheckedRows
+from webtorch.train.wal import delete_segments
 
 log = logging.getLogger("webtorch.serve")
 
@@ -482,7 +483,8 @@ class Executor:
                 self._checkpoint_io, trainer.write_checkpoint, number, snap
             )
             if self._wal_io is not None:
-                await self.loop.run_in_executor(self._wal_io, trainer.forget_logged, number)
+                done = await self.loop.run_in_executor(self._wal_io, trainer.forget_logged, number)
+                await self.loop.run_in_executor(self._checkpoint_io, delete_segments, done)
         except Exception:
             # Training goes on: the WAL keeps everything since the last good checkpoint.
             log.exception("model %s: checkpoint at step %d failed", self.model.name, number)

@@ -346,11 +346,12 @@ class Trainer:
         log.debug("model %s: checkpoint %s", self.model.name, path)
         return path
 
-    def forget_logged(self, step: int) -> None:
-        """Drop the WAL segments a durable checkpoint at ``step`` covers (WAL thread)."""
+    def forget_logged(self, step: int) -> list[Path]:
+        """Let go of the WAL segments a durable checkpoint at ``step`` covers (WAL thread);
+        returns them for :func:`~webtorch.train.wal.delete_segments` (checkpoint thread)."""
         assert self.wal is not None
         self.wal.rotate()
-        self.wal.truncate_through(step)
+        return self.wal.detach_through(step)
 
     def close(self) -> None:
         if self.wal is not None:

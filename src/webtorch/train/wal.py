@@ -110,6 +110,14 @@ def decode_records(data: bytes | memoryview) -> ScanResult:
     return ScanResult(records, offset, error)
 
 
+def delete_segments(paths: list[Path]) -> None:
+    """Unlink segments :meth:`WriteAheadLog.detach_through` let go, durably."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+    if paths:
+        fsync_directory(paths[0].parent)
+
+
 def fsync_directory(directory: Path) -> None:
     """Make creations, renames and deletions in ``directory`` durable (POSIX needs this apart)."""
     fd = os.open(directory, os.O_RDONLY)
@@ -241,16 +249,20 @@ class WriteAheadLog:
 
     def truncate_through(self, seq: int) -> list[Path]:
         """Delete the segments holding only records with seq <= ``seq``; returns their paths."""
+        detached = self.detach_through(seq)
+        delete_segments(detached)
+        return detached
+
+    def detach_through(self, seq: int) -> list[Path]:
+        """Forget the segments holding only records with seq <= ``seq`` and return them, for
+        :func:`delete_segments` on another thread: unlinking can be slow (a filesystem mounted
+        with ``discard`` trims synchronously) and must not hold up appends."""
         segments = self._usable()
-        deleted: list[Path] = []
+        detached: list[Path] = []
         # The last segment has no successor, so the one being appended to always survives.
         while len(segments) > 1 and segments[1][0] <= seq + 1:
-            path = segments.pop(0)[1]
-            path.unlink()
-            deleted.append(path)
-        if deleted:
-            fsync_directory(self._dir)
-        return deleted
+            detached.append(segments.pop(0)[1])
+        return detached
 
     def close(self) -> None:
         """Sync (unless a write failed) and close; :meth:`recover` reopens the log."""
