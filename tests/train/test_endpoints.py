@@ -23,7 +23,7 @@ from tests.serve.test_server_models import (
 )
 from webtorch import config as wt_config
 from webtorch.app import App
-from webtorch.errors import ConfigError
+from webtorch.errors import ConfigError, ModelLoadError
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -323,3 +323,40 @@ def test_values_beyond_the_datatype_are_400(trainer: Running) -> None:
         reply = call(trainer, "POST", path, body)
         assert reply.status == 400, (path, reply)
         assert "out of range for FP32" in reply.json()["error"]
+
+
+def test_a_full_train_queue_sheds_load_with_503(tmp_path: Path) -> None:
+    with serve_in_thread(train_config(tmp_path, max_queue=2, max_batch=1)) as running:
+        body = b'{"inputs": [[0, 1]], "targets": [[1]]}'
+        replies = send_together(running, [raw_request("/models/xor/train", body)] * 5)
+        statuses = sorted(r.status for r in replies)
+        assert statuses.count(503) >= 1 and statuses.count(200) >= 2, replies
+        shed = next(r for r in replies if r.status == 503)
+        assert "train queue is full" in shed.json()["error"]
+
+
+def test_the_token_can_come_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WEBTORCH_TEST_TOKEN", TOKEN)
+    with serve_in_thread(train_config(tmp_path, server={"token_env": "WEBTORCH_TEST_TOKEN"})) as r:
+        body = {"inputs": [[0, 1]], "targets": [[1]]}
+        assert train(r, body).status == 401
+        assert train(r, body, Authorization=f"Bearer {TOKEN}").status == 200
+    monkeypatch.delenv("WEBTORCH_TEST_TOKEN")
+    with pytest.raises(ConfigError, match="WEBTORCH_TEST_TOKEN is unset"):
+        train_config(tmp_path, server={"token_env": "WEBTORCH_TEST_TOKEN"})
+
+
+def test_a_model_without_loss_cannot_enable_training(tmp_path: Path) -> None:
+    (tmp_path / "plain.py").write_text(
+        "import torch, webtorch\n"
+        "model = webtorch.Model(network=torch.nn.Identity(),\n"
+        "    inputs=[webtorch.TensorSpec('x', 'FP32', (-1, 1))],\n"
+        "    outputs=[webtorch.TensorSpec('y', 'FP32', (-1, 1))])\n"
+    )
+    cfg = wt_config.from_dict(
+        {"models": {"plain": {"path": str(tmp_path / "plain.py"), "train": {"enabled": True}}}}
+    )
+    with pytest.raises(ModelLoadError, match="defines no `loss` and `optimizer`"):
+        App(cfg)
