@@ -62,6 +62,23 @@ def post(running: Running, path: str, body: Any = None, **headers: str) -> Reply
     return call(running, "POST", path, body if body is not None else b"", headers)
 
 
+class Answers:
+    """Replies collected by client threads; the test waits on their count, not on time."""
+
+    def __init__(self) -> None:
+        self.items: list[Reply] = []
+        self.changed = threading.Condition()
+
+    def add(self, reply: Reply) -> None:
+        with self.changed:
+            self.items.append(reply)
+            self.changed.notify_all()
+
+    def wait_for(self, count: int) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.items) >= count, 60)
+
+
 def index(running: Running) -> dict[str, dict[str, Any]]:
     reply = post(running, "/v2/repository/index")
     assert reply.status == 200, reply
@@ -120,26 +137,27 @@ def test_a_broken_model_file_fails_to_load_with_its_reason(running: Running) -> 
 def test_reload_swaps_the_model_while_requests_flow(running: Running, tmp_path: Path) -> None:
     assert post(running, "/v2/repository/models/scale/load").status == 200
     (tmp_path / "models" / "scale.py").write_text(SCALE_PY.format(factor=10))
-    answers: list[Any] = []
+    answers = Answers()
     stop = threading.Event()
 
     def client() -> None:
         while not stop.is_set():
-            answers.append(predict(running, "scale", [[1]]))
+            answers.add(predict(running, "scale", [[1]]))
 
     threads = [threading.Thread(target=client) for _ in range(4)]
     for thread in threads:
         thread.start()
     try:
+        answers.wait_for(10)
         assert post(running, "/v2/repository/models/scale/load").status == 200
-        while len(answers) < 50:
-            threading.Event().wait(0.01)
+        answers.wait_for(len(answers.items) + 20)
     finally:
         stop.set()
         for thread in threads:
             thread.join(30)
-    assert all(a.status == 200 for a in answers), [a for a in answers if a.status != 200][:3]
-    values = [a.json()["outputs"][0][0] for a in answers]
+    replies = answers.items
+    assert all(a.status == 200 for a in replies), [a for a in replies if a.status != 200][:3]
+    values = [a.json()["outputs"][0][0] for a in replies]
     assert set(values) <= {2.0, 10.0}
     assert predict(running, "scale", [[1]]).json() == {"outputs": [[10.0]]}
 
@@ -176,3 +194,31 @@ def test_management_needs_the_token(tmp_path: Path) -> None:
 def test_management_beyond_loopback_needs_a_token(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="management endpoints"):
         wt_config.from_dict({"server": {"listen": "0.0.0.0:80", "management": True}, "models": {}})
+
+
+def test_reload_under_training_load_loses_no_example(running: Running) -> None:
+    answers = Answers()
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            body = {"inputs": [[0, 1]], "targets": [[1]]}
+            answers.add(post(running, "/models/xor/train", body))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        answers.wait_for(20)
+        assert post(running, "/v2/repository/models/xor/load").status == 200
+        answers.wait_for(len(answers.items) + 20)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    replies = answers.items
+    assert all(a.status == 200 for a in replies), [a for a in replies if a.status != 200][:3]
+    status = call(running, "GET", "/models/xor/train").json()
+    assert status["step"] == max(a.json()["step"] for a in replies)
+    # Every acknowledged example is in the model: none lost across the swap, none twice.
+    assert status["examples"] == len(replies)
