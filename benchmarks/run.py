@@ -814,14 +814,24 @@ def terminate_on_sigterm() -> None:
 
 
 def run_rounds(settings: Settings) -> dict[str, Rounds]:
-    """Measure every chosen target once per round, in order, for ``settings.repeat`` rounds."""
     results = {t.key: Rounds(t) for t in TARGETS if t.key in settings.targets}
-    for number in range(1, settings.repeat + 1):
+    return in_rounds(results, settings.repeat, lambda t: measure(t, settings), describe)
+
+
+def in_rounds(
+    results: dict[str, Any],
+    repeat: int,
+    measure_one: Callable[[Any], Any],
+    say: Callable[[Any], str],
+) -> dict[str, Any]:
+    """Measure every target of ``results`` (``.target``, ``.results``) once per round, in
+    order, for ``repeat`` rounds: a slow drift of the machine then hits all targets alike."""
+    for number in range(1, repeat + 1):
         for rounds in results.values():
-            print(f"round {number}/{settings.repeat}: {rounds.target.label} ...", flush=True)
-            result = measure(rounds.target, settings)
+            print(f"round {number}/{repeat}: {rounds.target.label} ...", flush=True)
+            result = measure_one(rounds.target)
             rounds.results.append(result)
-            print(f"  {describe(result)}", flush=True)
+            print(f"  {say(result)}", flush=True)
     return results
 
 

@@ -72,6 +72,7 @@ from run import (
     cpu_model,
     find_tool,
     free_port,
+    in_rounds,
     log_tail,
     nginx_conf,
     package_versions,
@@ -557,13 +558,7 @@ class TrainRounds:
 
 def run_rounds(settings: Settings) -> dict[str, TrainRounds]:
     results = {t.key: TrainRounds(t) for t in TARGETS if t.key in settings.targets}
-    for number in range(1, settings.repeat + 1):
-        for rounds in results.values():
-            print(f"round {number}/{settings.repeat}: {rounds.target.label} ...", flush=True)
-            result = measure(rounds.target, settings)
-            rounds.results.append(result)
-            print(f"  {describe(result)}", flush=True)
-    return results
+    return in_rounds(results, settings.repeat, lambda t: measure(t, settings), describe)
 
 
 # --- convergence -----------------------------------------------------------------------------
