@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,32 @@ class Answers:
             assert self.changed.wait_for(lambda: len(self.items) >= count, 60)
 
 
+def reload_while_clients_run(
+    running: Running, name: str, send: Callable[[], Reply], before: int
+) -> list[Reply]:
+    """Four client threads call ``send`` in a loop; after ``before`` replies ``name`` is
+    reloaded, and 20 replies later the clients stop. Returns every reply."""
+    answers = Answers()
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            answers.add(send())
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        answers.wait_for(before)
+        assert post(running, f"/v2/repository/models/{name}/load").status == 200
+        answers.wait_for(len(answers.items) + 20)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    return answers.items
+
+
 def index(running: Running) -> dict[str, dict[str, Any]]:
     reply = post(running, "/v2/repository/index")
     assert reply.status == 200, reply
@@ -137,25 +163,9 @@ def test_a_broken_model_file_fails_to_load_with_its_reason(running: Running) -> 
 def test_reload_swaps_the_model_while_requests_flow(running: Running, tmp_path: Path) -> None:
     assert post(running, "/v2/repository/models/scale/load").status == 200
     (tmp_path / "models" / "scale.py").write_text(SCALE_PY.format(factor=10))
-    answers = Answers()
-    stop = threading.Event()
-
-    def client() -> None:
-        while not stop.is_set():
-            answers.add(predict(running, "scale", [[1]]))
-
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
-        answers.wait_for(10)
-        assert post(running, "/v2/repository/models/scale/load").status == 200
-        answers.wait_for(len(answers.items) + 20)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(30)
-    replies = answers.items
+    replies = reload_while_clients_run(
+        running, "scale", lambda: predict(running, "scale", [[1]]), before=10
+    )
     assert all(a.status == 200 for a in replies), [a for a in replies if a.status != 200][:3]
     values = [a.json()["outputs"][0][0] for a in replies]
     assert set(values) <= {2.0, 10.0}
@@ -197,26 +207,10 @@ def test_management_beyond_loopback_needs_a_token(tmp_path: Path) -> None:
 
 
 def test_reload_under_training_load_loses_no_example(running: Running) -> None:
-    answers = Answers()
-    stop = threading.Event()
-
-    def client() -> None:
-        while not stop.is_set():
-            body = {"inputs": [[0, 1]], "targets": [[1]]}
-            answers.add(post(running, "/models/xor/train", body))
-
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
-        answers.wait_for(20)
-        assert post(running, "/v2/repository/models/xor/load").status == 200
-        answers.wait_for(len(answers.items) + 20)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(30)
-    replies = answers.items
+    body = {"inputs": [[0, 1]], "targets": [[1]]}
+    replies = reload_while_clients_run(
+        running, "xor", lambda: post(running, "/models/xor/train", body), before=20
+    )
     assert all(a.status == 200 for a in replies), [a for a in replies if a.status != 200][:3]
     status = call(running, "GET", "/models/xor/train").json()
     assert status["step"] == max(a.json()["step"] for a in replies)
