@@ -61,7 +61,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             name,
             cfg.resolve(mc.path),
             mc.device,
-            cfg.weights(name),
+            cfg.weights(mc),
         )
         ins = ", ".join(f"{t.name} {t.datatype}{list(t.shape)}" for t in model.inputs)
         outs = ", ".join(f"{t.name} {t.datatype}{list(t.shape)}" for t in model.outputs)
@@ -73,7 +73,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 )
             print(
                 f"  training: max_batch {mc.train.max_batch}, durability {mc.train.durability}, "
-                f"state in {cfg.state_dir(name)}"
+                f"state in {cfg.state_dir(name, mc)}"
             )
     print(f"{args.config or 'embedded default'}: OK")
     return 0

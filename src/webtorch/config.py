@@ -228,15 +228,15 @@ class Config(_Strict):
             )
         return None
 
-    def weights(self, name: str) -> Path | Literal[False] | None:
-        configured = self.models[name].weights
-        if isinstance(configured, Path):
-            return self.resolve(configured)
-        return configured
+    def weights(self, model: ModelConfig) -> Path | Literal[False] | None:
+        """A model's ``weights`` setting with a path resolved against the config's directory."""
+        if isinstance(model.weights, Path):
+            return self.resolve(model.weights)
+        return model.weights
 
-    def state_dir(self, name: str) -> Path:
+    def state_dir(self, name: str, model: ModelConfig) -> Path:
         """Where a model's WAL and checkpoints live."""
-        configured = self.models[name].train.state_dir
+        configured = model.train.state_dir
         if configured is None:
             return Path.cwd() / "webtorch-state" / name
         return self.resolve(configured)

@@ -23,7 +23,6 @@ import functools
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -107,20 +106,19 @@ class ModelRepository:
     def prepare(self, name: str, settings: ModelConfig, *, recover: bool) -> Prepared:
         """Import and build a model and its trainer (blocking: a thread at runtime)."""
         cfg = self.config
-        weights: Any = settings.weights
-        if isinstance(weights, Path):
-            weights = cfg.resolve(weights)
-        model = load_model(name, cfg.resolve(settings.path), settings.device, weights)
+        model = load_model(name, cfg.resolve(settings.path), settings.device, cfg.weights(settings))
         trainer = None
         if settings.train.enabled:
-            trainer = Trainer(model, settings.train, cfg.state_dir(name), self.metrics.train(name))
+            trainer = Trainer(
+                model, settings.train, cfg.state_dir(name, settings), self.metrics.train(name)
+            )
             if recover:
                 trainer.recover()
         return Prepared(settings, model, trainer)
 
     def _executor(self, prepared: Prepared) -> Executor:
         s = prepared.settings
-        executor = Executor(
+        return Executor(
             prepared.model,
             self.metrics.model(prepared.model.name),
             max_batch=s.max_batch,
@@ -130,7 +128,6 @@ class ModelRepository:
             loop=self._loop,
             trainer=prepared.trainer,
         )
-        return executor
 
     def start(self, loop: asyncio.AbstractEventLoop, router: Router) -> None:
         """Serve the configured models (on the running loop)."""
