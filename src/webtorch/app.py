@@ -9,15 +9,24 @@ import logging
 import signal
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 
 from webtorch import __version__
-from webtorch.config import BUILTIN_ROUTES, Config, parse_listen
-from webtorch.errors import ConfigError, ServiceUnavailable
+from webtorch import config as config_file
+from webtorch.config import BUILTIN_ROUTES, Config, RouteConfig, parse_listen
+from webtorch.errors import (
+    BadRequest,
+    ConfigError,
+    MethodNotAllowed,
+    NotFound,
+    ServiceUnavailable,
+)
 from webtorch.http.limits import Limits
-from webtorch.http.messages import Handler, HandlerResult, Request, Response
+from webtorch.http.messages import Handler, HandlerResult, Request, Response, json_response
 from webtorch.http.router import Route, Router
 from webtorch.http.server import HttpServer
 from webtorch.observe.metrics import Metrics
+from webtorch.proxy.upstream import Proxies
 from webtorch.serve.executor import Executor
 from webtorch.serve.model import LoadedModel
 from webtorch.serve.oip import EXTENSIONS, Auth, ModelEndpoint, ModelRoutes
@@ -30,14 +39,17 @@ class App:
     """Models are loaded at construction (errors surface before any socket opens); executors,
     routes and the server are made in :meth:`start`, on the running loop."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, path: Path | None = None) -> None:
         self.config = config
+        self.path = path  # the file a reload re-reads (None: reload refused)
         self.metrics = Metrics()
         self.auth = Auth(config.server.bearer_token)
         self.repository = ModelRepository(config, self.metrics, self.auth)
         self.server: HttpServer | None = None
         self._ready = False
         self._compaction: asyncio.TimerHandle | None = None
+        self.proxies: Proxies | None = None
+        self.router: Router | None = None
 
     @property
     def models(self) -> dict[str, LoadedModel]:
@@ -60,6 +72,7 @@ class App:
             ("prefix", "/v2/repository/"): repository.handle,
             ("prefix", "/models/"): models.short,
             ("path", "/metrics"): self.metrics.handle,
+            ("path", "/admin/reload"): self._admin_reload,
         }
         # config.py refuses user routes that would shadow these; keep the two lists one list.
         assert set(builtins) == BUILTIN_ROUTES
@@ -70,18 +83,75 @@ class App:
             ]
         )
         repository.start(loop, router)
-        for rc in self.config.routes:
+        self.proxies = Proxies(loop)
+        self.router = router
+        router.replace_user_routes(self._user_routes(self.config))
+        return router
+
+    def _user_routes(self, config: Config) -> list[Route]:
+        """The handlers of the config's [[routes]] (and its upstream groups, made anew)."""
+        assert self.proxies is not None
+        proxy_route = self.proxies.configure(config)
+        routes = []
+        for rc in config.routes:
             where = rc.path if rc.path is not None else rc.prefix
             assert where is not None
             handler: Handler
             if rc.model is not None:
                 # Looked up per request: a reload replaces the model's endpoint.
-                handler = functools.partial(_predict, repository.endpoints, rc.model)
+                handler = functools.partial(_predict, self.repository.endpoints, rc.model)
+            elif rc.upstream is not None:
+                limit = rc.max_body if rc.max_body is not None else config.server.limits.max_body
+                routes.append(
+                    Route(
+                        where,
+                        proxy_route(rc),
+                        where,
+                        prefix=rc.prefix is not None,
+                        stream=True,
+                        max_body=limit,
+                        user=True,
+                    )
+                )
+                continue
             else:
                 assert rc.return_ is not None
                 handler = _fixed(Response(rc.return_, rc.body.encode(), rc.content_type.encode()))
-            router.add(Route(where, handler, where, prefix=rc.prefix is not None))
-        return router
+            routes.append(Route(where, handler, where, prefix=rc.prefix is not None, user=True))
+        return routes
+
+    def reload(self) -> str:
+        """Re-read the config file and swap in its upstreams and routes without dropping a
+        connection: requests in flight finish on the groups they started with. Models and
+        server settings stay as they are (models change through the repository API)."""
+        if self.path is None or self.router is None:
+            raise ConfigError("no config file to reload (serving the embedded default)")
+        new = config_file.load(self.path)
+        missing = _missing_models(new.routes, self.repository.endpoints)
+        if missing:
+            raise ConfigError(f"{self.path}: routes name models that are not loaded: {missing}")
+        if new.server.model_dump() != self.config.server.model_dump():
+            log.warning("reload: [server] changes need a restart; kept the running settings")
+        new = new.model_copy(update={"server": self.config.server})
+        self.router.replace_user_routes(self._user_routes(new))
+        self.config = new
+        message = (
+            f"reloaded {self.path}: {len(new.upstreams)} upstream(s), {len(new.routes)} route(s)"
+        )
+        log.info("%s", message)
+        return message
+
+    def _admin_reload(self, request: Request) -> HandlerResult:
+        if not self.config.server.management:
+            raise NotFound("the management endpoints are off (server.management = false)")
+        self.auth.check(request)
+        if request.method != "POST":
+            raise MethodNotAllowed("use POST /admin/reload", ("POST",))
+        try:
+            message = self.reload()
+        except ConfigError as exc:
+            raise BadRequest(str(exc)) from None
+        return json_response({"reloaded": True, "message": message})
 
     async def start(self, host: str | None = None, port: int | None = None) -> HttpServer:
         loop = asyncio.get_running_loop()
@@ -90,6 +160,7 @@ class App:
         problem = self.config.exposure_problem(host if host is not None else cfg_host)
         if problem is not None:
             raise ConfigError(problem)
+        assert self.router is not None
         self.server = HttpServer(
             handler,
             host if host is not None else cfg_host,
@@ -97,6 +168,7 @@ class App:
             limits=Limits(**self.config.server.limits.model_dump()),
             observer=self.metrics.observe_request,
             ssl_context=self._ssl_context(),
+            stream_match=self.router.match_stream if self.config.upstreams else None,
         )
         await self.server.start()
         # Everything allocated so far (torch, models, routes) lives as long as the process: move it
@@ -126,7 +198,15 @@ class App:
             await self.server.shutdown()
         if self._compaction is not None:
             self._compaction.cancel()
+        if self.proxies is not None:
+            self.proxies.close()
         await self.repository.close()
+
+    def _reload_on_signal(self) -> None:
+        try:
+            self.reload()
+        except ConfigError as exc:  # a bad file must not take the running server down
+            log.error("reload failed, still serving the previous config: %s", exc)
 
     async def run(self, on_ready: Callable[[HttpServer], None] | None = None) -> None:
         """Serve until SIGTERM or SIGINT, then shut down gracefully."""
@@ -134,12 +214,17 @@ class App:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         server = await self.start()
         if on_ready is not None:
             on_ready(server)
         await stop.wait()
         log.info("shutting down: draining %d connection(s)", len(server.state.connections))
         await self.stop()
+
+
+def _missing_models(routes: list[RouteConfig], endpoints: dict[str, ModelEndpoint]) -> list[str]:
+    return sorted({rc.model for rc in routes if rc.model is not None} - set(endpoints))
 
 
 def _predict(endpoints: dict[str, ModelEndpoint], name: str, request: Request) -> HandlerResult:

@@ -35,7 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     problem = cfg.exposure_problem(config.parse_listen(cfg.server.listen)[0])
     if problem is not None:
         raise ConfigError(problem)  # before any model or state directory is touched
-    app = App(cfg)
+    app = App(cfg, Path(args.config) if args.config else None)
 
     def ready(server: HttpServer) -> None:
         scheme = "https" if cfg.server.tls else "http"

@@ -33,6 +33,7 @@ BUILTIN_ROUTES = frozenset(
     {
         ("path", "/v2"),
         ("path", "/metrics"),
+        ("path", "/admin/reload"),
         ("prefix", "/v2/"),
         ("prefix", "/v2/repository/"),
         ("prefix", "/models/"),
@@ -90,9 +91,13 @@ class ServerConfig(_Strict):
     # variable holding it, so the secret need not sit in a file that is checked in.
     token: str | None = Field(default=None, min_length=16, repr=False)
     token_env: str | None = None
-    # The model repository endpoints (/v2/repository/...: list, load, reload, unload models);
-    # off unless enabled, token-protected when a token is set.
+    # The model repository endpoints (/v2/repository/...: list, load, reload, unload models) and
+    # POST /admin/reload (re-read the config's upstreams and routes); off unless enabled,
+    # token-protected when a token is set.
     management: bool = False
+    # Proxies whose X-Forwarded-For / -Proto / -Host are believed (addresses or CIDR blocks);
+    # from anyone else those headers are replaced, never extended.
+    trusted_proxies: list[str] = []
     # The only directory `POST /v2/repository/models/{m}/load` loads model files ({m}.py) from.
     model_dir: Path | None = None
 
@@ -101,6 +106,16 @@ class ServerConfig(_Strict):
     def _check_listen(cls, listen: str) -> str:
         parse_listen(listen)  # a field validator, so the error names server.listen
         return listen
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, proxies: list[str]) -> list[str]:
+        for cidr in proxies:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an IP address or CIDR block") from None
+        return proxies
 
     @model_validator(mode="after")
     def _check_token(self) -> ServerConfig:
@@ -155,15 +170,171 @@ class ModelConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
+class ServerEntry(_Strict):
+    """One server of an upstream group; a bare "host:port" string in TOML means weight 1."""
+
+    address: str
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, address: str) -> str:
+        _, port = parse_listen(address)
+        if port == 0:
+            raise ValueError(f"upstream address needs a port, got {address!r}")
+        return address
+
+
+class OutlierConfig(_Strict):
+    """Envoy-style outlier ejection; a counter at 0 is off."""
+
+    consecutive_5xx: Annotated[int, Field(ge=0)] = 5
+    consecutive_gateway_failure: Annotated[int, Field(ge=0)] = 5
+    base_ejection_time: Annotated[float, Field(gt=0)] = 30.0
+    max_ejection_time: Annotated[float, Field(gt=0)] = 300.0
+    max_ejection_percent: Annotated[float, Field(ge=0, le=100)] = 50.0
+    # Below this percentage of available servers, balance over all of them (Envoy's panic mode).
+    panic_threshold: Annotated[float, Field(ge=0, le=100)] = 50.0
+
+
+class HealthCheckConfig(_Strict):
+    """Active health checks: a GET to ``path`` on every server each ``interval`` seconds."""
+
+    path: str = "/health"
+    interval: Annotated[float, Field(gt=0)] = 5.0
+    timeout: Annotated[float, Field(gt=0)] = 2.0
+    fails: Annotated[int, Field(ge=1)] = 2
+    passes: Annotated[int, Field(ge=1)] = 2
+    jitter: Annotated[float, Field(ge=0, le=1)] = 0.1  # a fraction of the interval
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError("the health check path starts with '/'")
+        return path
+
+
+RETRY_CONDITIONS = frozenset(
+    {
+        "error",
+        "timeout",
+        "http_500",
+        "http_502",
+        "http_503",
+        "http_504",
+        "http_429",
+        "non_idempotent",
+    }
+)
+
+
+class RetryConfig(_Strict):
+    """nginx's proxy_next_upstream, plus a retry budget so retries cannot amplify an outage."""
+
+    tries: Annotated[int, Field(ge=0)] = 3  # attempts in all, the first included; 0: no limit
+    on: list[str] = ["error", "timeout", "http_502", "http_503", "http_504"]
+    timeout: Annotated[float, Field(ge=0)] = 0.0  # total time spent trying; 0: no limit
+    budget_percent: Annotated[float, Field(ge=0)] = 20.0
+    budget_min_per_second: Annotated[float, Field(ge=0)] = 5.0
+    budget_window: Annotated[float, Field(gt=0)] = 10.0
+
+    @field_validator("on")
+    @classmethod
+    def _check_on(cls, on: list[str]) -> list[str]:
+        unknown = sorted(set(on) - RETRY_CONDITIONS)
+        if unknown:
+            raise ValueError(
+                f"unknown retry condition(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(RETRY_CONDITIONS))}"
+            )
+        return on
+
+
+class StickyConfig(_Strict):
+    """Sticky sessions by cookie, as nginx's ``sticky cookie``."""
+
+    cookie: str = "webtorch_route"
+    expires: Annotated[float, Field(gt=0)] | None = None  # seconds; None: a session cookie
+    domain: str | None = None
+    path: str = "/"
+    httponly: bool = True
+    secure: bool = False
+    samesite: Literal["Strict", "Lax", "None"] | None = None
+
+
+class UpstreamConfig(_Strict):
+    """A group of servers that proxy routes forward to, and how to pick and pool them."""
+
+    servers: Annotated[list[ServerEntry], Field(min_length=1)]
+    policy: str = "round_robin"
+    # For policy = "hash": header:NAME | cookie:NAME | path:N | query:NAME | client_ip
+    hash_key: str | None = None
+    hash_balance: Annotated[float, Field(gt=0)] = 0.25  # bounded loads: cap = (1 + this) x avg
+    sticky: StickyConfig | None = None
+    # Connection pool, per server.
+    keepalive: Annotated[int, Field(ge=0)] = 32  # idle connections kept
+    max_connections: Annotated[int, Field(ge=0)] = 0  # open at once; 0: no limit
+    idle_timeout: Annotated[float, Field(gt=0)] = 60.0
+    max_requests_per_connection: Annotated[int, Field(ge=0)] = 1000  # 0: no limit
+    # Timeouts: connect; read (between two reads of the response, as nginx's
+    # proxy_read_timeout); total (the whole attempt, 0: none).
+    connect_timeout: Annotated[float, Field(gt=0)] = 5.0
+    read_timeout: Annotated[float, Field(gt=0)] = 60.0
+    total_timeout: Annotated[float, Field(ge=0)] = 0.0
+    # Passive health, nginx's max_fails / fail_timeout (max_fails = 0: off).
+    max_fails: Annotated[int, Field(ge=0)] = 1
+    fail_timeout: Annotated[float, Field(gt=0)] = 10.0
+    outlier: OutlierConfig = Field(default_factory=OutlierConfig)
+    health_check: HealthCheckConfig | None = None
+    slow_start: Annotated[float, Field(ge=0)] = 0.0  # seconds a recovered server ramps up
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+
+    @field_validator("servers", mode="before")
+    @classmethod
+    def _bare_addresses(cls, servers: object) -> object:
+        if isinstance(servers, list):
+            return [{"address": s} if isinstance(s, str) else s for s in servers]
+        return servers
+
+    @model_validator(mode="after")
+    def _check_policy(self) -> UpstreamConfig:
+        from webtorch.balance.hashing import KeySpec
+        from webtorch.balance.registry import POLICIES
+
+        if self.policy not in POLICIES:
+            raise ValueError(
+                f"policy: unknown policy {self.policy!r}; known: {', '.join(sorted(POLICIES))}"
+            )
+        if self.policy == "hash" and self.hash_key is None:
+            raise ValueError('hash_key: policy = "hash" needs a hash_key')
+        if self.hash_key is not None:
+            try:
+                KeySpec.parse(self.hash_key)
+            except ValueError as exc:
+                raise ValueError(f"hash_key: {exc}") from None
+        addresses = [s.address for s in self.servers]
+        if len(set(addresses)) != len(addresses):
+            raise ValueError("servers: an address is listed twice")
+        return self
+
+
 class RouteConfig(_Strict):
-    """An exact ``path`` or a ``prefix``, answered by a model's short form or a fixed response."""
+    """An exact ``path`` or a ``prefix``, answered by a model's short form, a fixed response or
+    an upstream group (proxied)."""
 
     path: str | None = None
     prefix: str | None = None
     model: str | None = None
     return_: int | None = Field(default=None, alias="return", ge=100, le=599)
+    upstream: str | None = None
     body: str = ""
     content_type: str = "text/plain"
+    # Proxied routes stream request bodies, so their size limit is their own (nginx's
+    # client_max_body_size); None: server.limits.max_body.
+    max_body: Annotated[int, Field(ge=0)] | None = None
+    # Retry POST, PATCH... after they were sent (nginx: proxy_next_upstream non_idempotent).
+    retry_non_idempotent: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> RouteConfig:
@@ -173,14 +344,18 @@ class RouteConfig(_Strict):
         assert where is not None
         if not where.startswith("/"):
             raise ValueError("`path` and `prefix` start with '/'")
-        if (self.model is None) == (self.return_ is None):
-            raise ValueError("a route needs exactly one of `model` or `return`")
+        targets = [t for t in (self.model, self.return_, self.upstream) if t is not None]
+        if len(targets) != 1:
+            raise ValueError("a route needs exactly one of `model`, `return` or `upstream`")
+        if self.upstream is None and (self.max_body is not None or self.retry_non_idempotent):
+            raise ValueError("`max_body` and `retry_non_idempotent` are for `upstream` routes")
         return self
 
 
 class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     models: dict[str, ModelConfig] = {}
+    upstreams: dict[str, UpstreamConfig] = {}
     routes: list[RouteConfig] = []
     # Directory that relative paths in the file are resolved against.
     base_dir: Path = Field(default=Path("."), exclude=True)
@@ -194,6 +369,8 @@ class Config(_Strict):
                 raise ValueError(f"routes[{i}].path: {route.path!r} is a model's built-in route")
             if route.model is not None and route.model not in self.models:
                 raise ValueError(f"routes[{i}].model: no model named {route.model!r}")
+            if route.upstream is not None and route.upstream not in self.upstreams:
+                raise ValueError(f"routes[{i}].upstream: no upstream named {route.upstream!r}")
             key = ("path", route.path) if route.path is not None else ("prefix", route.prefix)
             if key in BUILTIN_ROUTES:
                 raise ValueError(f"routes[{i}].{key[0]}: {key[1]!r} is a built-in route")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,12 @@ class Request:
     route: str = ""
     # The Content-Type header as received; the protocol notes it while parsing headers.
     raw_content_type: bytes | None = None
+    # The request target as an origin-form path and query, undecoded (what a proxy forwards).
+    target: bytes = b""
+    # A body that is still arriving (streamed routes only: proxying); ``body`` is then empty.
+    stream: RequestBody | None = None
+    # "https" when the connection is TLS.
+    scheme: str = "http"
 
     def header(self, name: bytes) -> bytes | None:
         """First value of header ``name`` (lower-case), or None."""
@@ -63,6 +70,178 @@ class Response:
     content_type: bytes | None = JSON
     # A tuple by default: most responses have no extra headers and need no list allocated.
     headers: Sequence[tuple[bytes, bytes]] = ()
+    # The body arrives later from this source (a proxied response); ``body`` is then unused.
+    stream: BodySource | None = None
+    # The Content-Length to declare when it is not len(body): a streamed body's length (None:
+    # unknown, so chunked), or the length a HEAD response announces without sending.
+    content_length: int | None = None
+
+
+class BodySink(ABC):
+    """Where a streamed response body goes: the client connection."""
+
+    __slots__ = ()
+
+    @abstractmethod
+    def write(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    def end(self) -> None:
+        """The body is complete."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """The body cannot be completed (the upstream broke): the client must see a truncation."""
+
+
+class BodySource(ABC):
+    """A streamed response body: started once the response's turn to be written has come.
+
+    Flow control runs backwards: the sink calls :meth:`pause` when the client stops reading and
+    :meth:`resume` when it reads again, and the source stops and restarts its own input.
+    """
+
+    __slots__ = ()
+
+    @abstractmethod
+    def start(self, sink: BodySink) -> None: ...
+
+    @abstractmethod
+    def pause(self) -> None: ...
+
+    @abstractmethod
+    def resume(self) -> None: ...
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """The client went away: release whatever feeds the body."""
+
+
+class RequestBody:
+    """A request body handed on while it arrives, so that an upload of any size passes through
+    in bounded memory.
+
+    The connection feeds chunks in; one consumer attaches with :meth:`attach` and gets them as
+    callbacks. Backpressure: chunks wait here until the consumer attaches, and while more than
+    ``HIGH_WATER`` bytes wait, or while the consumer asked to :meth:`pause`, reading from the
+    client stops (``set_paused``).
+    """
+
+    HIGH_WATER = 256 * 1024
+
+    __slots__ = (
+        "_consumer",
+        "_discarding",
+        "_paused_by_consumer",
+        "_set_paused",
+        "_waiting",
+        "_waiting_bytes",
+        "aborted",
+        "complete",
+        "received",
+    )
+
+    def __init__(self, set_paused: Callable[[bool], None]) -> None:
+        self._set_paused = set_paused
+        self._consumer: BodyConsumer | None = None
+        self._discarding = False
+        self._paused_by_consumer = False
+        self._waiting: list[bytes] = []
+        self._waiting_bytes = 0
+        self.received = 0
+        self.complete = False
+        self.aborted = False
+
+    # -- the connection's side ---------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        self.received += len(data)
+        if self._discarding:
+            return
+        consumer = self._consumer
+        if consumer is not None and not self._waiting and not self._paused_by_consumer:
+            consumer.on_body_data(data)
+            return
+        self._waiting.append(data)
+        self._waiting_bytes += len(data)
+        if self._waiting_bytes > self.HIGH_WATER:
+            self._set_paused(True)
+
+    def finish(self) -> None:
+        self.complete = True
+        if self._consumer is not None and not self._waiting:
+            self._consumer.on_body_end()
+
+    def abort(self) -> None:
+        """The client went away before the body was complete."""
+        if self.complete or self.aborted:
+            return
+        self.aborted = True
+        if self._consumer is not None:
+            self._consumer.on_body_abort()
+
+    # -- the consumer's side -----------------------------------------------------------------
+
+    def attach(self, consumer: BodyConsumer) -> None:
+        """Start delivering: what arrived so far at once, the rest as it comes."""
+        self._consumer = consumer
+        self._drain()
+
+    def detach(self) -> None:
+        """Stop delivering (the consumer is done with it); what still arrives is dropped, so
+        the client can finish sending and the connection stays usable."""
+        self._consumer = None
+        self._discarding = True
+        self._waiting = []
+        self._waiting_bytes = 0
+        self._paused_by_consumer = False
+        self._set_paused(False)
+
+    def orphan(self) -> None:
+        """The request was answered; if nobody took its body, the rest of it is dropped."""
+        if self._consumer is None:
+            self.detach()
+
+    def pause(self) -> None:
+        if not self._paused_by_consumer:
+            self._paused_by_consumer = True
+            self._set_paused(True)
+
+    def resume(self) -> None:
+        if self._paused_by_consumer:
+            self._paused_by_consumer = False
+            self._drain()
+
+    def _drain(self) -> None:
+        consumer = self._consumer
+        while self._waiting and consumer is self._consumer and not self._paused_by_consumer:
+            data = self._waiting.pop(0)
+            self._waiting_bytes -= len(data)
+            assert consumer is not None
+            consumer.on_body_data(data)
+        if self._paused_by_consumer or self._consumer is None:
+            return
+        self._set_paused(self._waiting_bytes > self.HIGH_WATER)
+        if not self._waiting:
+            if self.complete:
+                self._consumer.on_body_end()
+            elif self.aborted:
+                self._consumer.on_body_abort()
+
+
+class BodyConsumer(ABC):
+    """What a :class:`RequestBody` delivers to."""
+
+    __slots__ = ()
+
+    @abstractmethod
+    def on_body_data(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    def on_body_end(self) -> None: ...
+
+    @abstractmethod
+    def on_body_abort(self) -> None: ...
 
 
 class Pending:
@@ -73,12 +252,21 @@ class Pending:
     thread-safe: resolve it on the event loop thread.
     """
 
-    __slots__ = ("_arg", "_callback", "response")
+    __slots__ = ("_arg", "_callback", "on_cancel", "response")
 
     def __init__(self) -> None:
         self.response: Response | None = None
         self._callback: Callable[[Any, Response], None] | None = None
         self._arg: Any = None
+        # Called when the client goes away before the response: the work can stop.
+        self.on_cancel: Callable[[], None] | None = None
+
+    def cancel(self) -> None:
+        if self.response is None:
+            self._callback = self._arg = None
+            on_cancel, self.on_cancel = self.on_cancel, None
+            if on_cancel is not None:
+                on_cancel()
 
     def resolve(self, response: Response) -> None:
         if self.response is not None:

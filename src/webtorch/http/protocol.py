@@ -38,18 +38,25 @@ from webtorch.errors import (
 )
 from webtorch.http.limits import Limits
 from webtorch.http.messages import (
+    BodySink,
     Handler,
+    HandlerResult,
     Pending,
     Request,
+    RequestBody,
     Response,
     error_response,
     response_for_error,
 )
+from webtorch.http.router import Route
 
 log = logging.getLogger("webtorch.http")
 
 # Observer of finished requests: (request, status, seconds from last byte in to response ready).
 Observer = Callable[[Request, int, float], None]
+# The route of a path if its requests are dispatched as soon as their headers are in, the body
+# following as a stream (proxied routes); None for routes that want the whole body first.
+StreamMatch = Callable[[str], Route | None]
 
 _REASONS: dict[int, bytes] = {
     100: b"Continue",
@@ -100,10 +107,14 @@ class ServerState:
         limits: Limits | None = None,
         observer: Observer | None = None,
         server_name: bytes = b"webtorch",
+        stream_match: StreamMatch | None = None,
+        scheme: str = "http",
     ) -> None:
         self.handler = handler
         self.limits = limits or Limits()
         self.observer = observer
+        self.stream_match = stream_match
+        self.scheme = scheme
         self.server_header = b"server: " + server_name + b"\r\n"
         self.connections: set[HttpProtocol] = set()
         self.draining = False
@@ -157,7 +168,15 @@ class ServerState:
 class _Slot:
     """One request's place in the connection's response order."""
 
-    __slots__ = ("expect_continue", "head", "keep_alive", "request", "response", "started")
+    __slots__ = (
+        "expect_continue",
+        "head",
+        "keep_alive",
+        "pending",
+        "request",
+        "response",
+        "started",
+    )
 
     def __init__(self, head: bool, keep_alive: bool, started: float) -> None:
         self.head = head
@@ -165,7 +184,47 @@ class _Slot:
         self.started = started
         self.response: Response | None = None
         self.request: Request | None = None
+        self.pending: Pending | None = None
         self.expect_continue = False
+
+
+class _Sink(BodySink):
+    """Hands a streamed response body to its connection until the body ends or fails; calls
+    after that (a source that has not noticed yet) are dropped."""
+
+    __slots__ = ("chunked", "discard", "keep_alive", "protocol")
+
+    def __init__(
+        self, protocol: HttpProtocol, chunked: bool, keep_alive: bool, discard: bool
+    ) -> None:
+        self.protocol: HttpProtocol | None = protocol
+        self.chunked = chunked
+        self.keep_alive = keep_alive
+        self.discard = discard  # a HEAD request or a status without a body
+
+    def write(self, data: bytes) -> None:
+        protocol = self.protocol
+        if protocol is None or self.discard or not data:
+            return
+        transport = protocol.transport
+        if transport is None:
+            return
+        if self.chunked:
+            transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            transport.write(data)
+
+    def end(self) -> None:
+        protocol = self.protocol
+        if protocol is not None:
+            self.protocol = None
+            protocol.stream_ended(self)
+
+    def abort(self) -> None:
+        protocol = self.protocol
+        if protocol is not None:
+            self.protocol = None
+            protocol.stream_aborted()
 
 
 class _Ignore(Exception):
@@ -209,6 +268,10 @@ class HttpProtocol(asyncio.Protocol):
         self.closing = False  # no more requests are read; close after the last response
         self.read_paused = False
         self.write_paused = False
+        self.body_paused = False  # a streamed request body's consumer is not keeping up
+        # The response whose body is being streamed: later responses wait for it to end.
+        self._streaming: _Slot | None = None
+        self._sink: _Sink | None = None
         # The request being received.
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -221,6 +284,8 @@ class HttpProtocol(asyncio.Protocol):
         self._expect_continue = False
         self._content_type: bytes | None = None
         self._has_host = False
+        self._body_limit = self.limits.max_body
+        self._stream: RequestBody | None = None  # the body of a request already dispatched
         self._peer_eof = False
         self._unparsed = b""  # input held back while reading is paused (see _feed_slices)
         self._resume: asyncio.Handle | None = None
@@ -243,6 +308,20 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.transport = None
+        # Work started for this client stops: a proxied request frees its upstream connection.
+        if self._stream is not None:
+            self._stream.abort()
+            self._stream = None
+        if self._streaming is not None:
+            response = self._streaming.response
+            self._streaming = None
+            if self._sink is not None:
+                self._sink.protocol = None
+                self._sink = None
+            if response is not None and response.stream is not None:
+                response.stream.cancel()
+        for slot in self.slots:
+            _abandon(slot)
         for fut in list(self.tasks):
             fut.cancel()
         self.tasks.clear()
@@ -331,10 +410,22 @@ class HttpProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        streaming = self._streaming
+        if streaming is not None and streaming.response is not None:
+            # The client stopped reading a streamed body: stop its source too, and give the
+            # client as long as a body may take to read again (a slow-read attack ends there).
+            assert streaming.response.stream is not None
+            streaming.response.stream.pause()
+            self.deadline = self.loop.time() + self.limits.body_timeout
         self._update_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        streaming = self._streaming
+        if streaming is not None and streaming.response is not None:
+            assert streaming.response.stream is not None
+            self.deadline = None
+            streaming.response.stream.resume()
         self._update_reading()
 
     # -- httptools callbacks ------------------------------------------------------------------
@@ -355,6 +446,7 @@ class HttpProtocol(asyncio.Protocol):
         self._expect_continue = False
         self._content_type = None
         self._has_host = False
+        self._body_limit = self.limits.max_body
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -405,15 +497,21 @@ class HttpProtocol(asyncio.Protocol):
             raise _Reject(_VersionNotSupported(f"HTTP/{version} is not supported; use HTTP/1.1"))
         if not self._has_host and version == "1.1":
             raise _Reject(BadRequest("HTTP/1.1 request without a Host header"))  # RFC 9112 3.2
+        length = 0
         if self._content_length is not None:
             try:
                 length = int(self._content_length)
             except ValueError:
                 raise _Reject(BadRequest("invalid Content-Length")) from None
-            if length > self.limits.max_body:
-                raise _Reject(
-                    PayloadTooLarge(f"request body is larger than {self.limits.max_body} bytes")
-                )
+        route: Route | None = None
+        if (length or self._chunked) and self.state.stream_match is not None:
+            target = self._target()
+            if not isinstance(target, HTTPError):  # a bad target is answered at its end
+                route = self.state.stream_match(target[0])
+                if route is not None and route.max_body is not None:
+                    self._body_limit = route.max_body
+        if length > self._body_limit:
+            raise _Reject(PayloadTooLarge(f"request body is larger than {self._body_limit} bytes"))
         keep_alive = bool(parser.should_keep_alive()) and not self.closing
         slot = _Slot(parser.get_method() == b"HEAD", keep_alive, 0.0)
         self._slot = slot
@@ -422,13 +520,27 @@ class HttpProtocol(asyncio.Protocol):
             slot.expect_continue = True
             if self.slots[0] is slot:
                 self._send_continue(slot)
+        if route is not None:
+            # Dispatch now and let the body follow as a stream: an upload of any size passes
+            # through to the upstream in bounded memory.
+            self._stream = RequestBody(self._set_body_paused)
+            request = self._request(slot, b"", self._stream)
+            if request is not None:
+                self._dispatch(slot, request, route.handler)
+            else:
+                self._stream = None
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
-        if self._body_size > self.limits.max_body:
-            raise _Reject(
-                PayloadTooLarge(f"request body is larger than {self.limits.max_body} bytes")
-            )
+        if self._body_size > self._body_limit:
+            raise _Reject(PayloadTooLarge(f"request body is larger than {self._body_limit} bytes"))
+        stream = self._stream
+        if stream is not None:
+            stream.feed(body)
+            if not self.body_paused:
+                # A streamed body may take long; what must not is the gap between two reads.
+                self.deadline = self.loop.time() + self.limits.body_timeout
+            return
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -436,29 +548,60 @@ class HttpProtocol(asyncio.Protocol):
         assert slot is not None
         self._slot = None
         slot.expect_continue = False
-        parser = self.parser
+        if self._stream is not None:
+            # The request was dispatched at its headers; only the body's end is news.
+            stream, self._stream = self._stream, None
+            self.phase = _WAIT
+            self.deadline = None
+            if not slot.keep_alive:
+                self.closing = True
+            stream.finish()
+            self._flush()  # it may have been answered while the body arrived
+            return
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        request = self._request(slot, body, None)
+        if request is None:
+            return
+        self.phase = _WAIT
+        self.deadline = None
+        self._dispatch(slot, request, self.state.handler)
+        if not slot.keep_alive:
+            # The client asked to close: read nothing more, answer what is pending.
+            self.closing = True
+        if self.read_paused or len(self.slots) >= self.limits.max_pipeline:
+            self._update_reading()
+
+    def _target(self) -> tuple[str, str, bytes] | HTTPError:
+        """The request target as (decoded path, query, origin-form target), or what is wrong."""
         url = self._url
         path_b, _, query_b = url.partition(b"?")
+        target = url
         if not path_b.startswith(b"/"):
             if path_b.startswith((b"http://", b"https://")):
                 try:
                     parsed = httptools.parse_url(url)
                 except httptools.HttpParserError:
                     # llhttp lets through targets that parse_url refuses (a bad port, say).
-                    self._finish_with_error(slot, BadRequest("invalid absolute request target"))
-                    return
+                    return BadRequest("invalid absolute request target")
                 path_b, query_b = parsed.path or b"/", parsed.query or b""
+                target = path_b + b"?" + query_b if query_b else path_b
             elif path_b != b"*":
-                self._finish_with_error(slot, BadRequest("request target must start with '/'"))
-                return
+                return BadRequest("request target must start with '/'")
         path = path_b.decode("latin-1")
         if "%" in path:
             path = unquote(path)
-        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        return path, query_b.decode("latin-1"), target
+
+    def _request(self, slot: _Slot, body: bytes, stream: RequestBody | None) -> Request | None:
+        target = self._target()
+        if isinstance(target, HTTPError):
+            self._finish_with_error(slot, target)
+            return None
+        parser = self.parser
         request = Request(
             parser.get_method().decode("ascii"),
-            path,
-            query_b.decode("latin-1"),
+            target[0],
+            target[1],
             self._headers,
             body,
             parser.get_http_version(),
@@ -466,14 +609,18 @@ class HttpProtocol(asyncio.Protocol):
             self.client,
             "",
             self._content_type,
+            target[2],
+            stream,
+            self.state.scheme,
         )
         slot.request = request
-        self.phase = _WAIT
-        self.deadline = None
         # uvloop's loop.time() counts whole milliseconds: fine for deadlines, not for latency.
         slot.started = time.perf_counter()
+        return request
+
+    def _dispatch(self, slot: _Slot, request: Request, handler: Handler) -> None:
         try:
-            result = self.state.handler(request)
+            result: HandlerResult = handler(request)
         except HTTPError as exc:
             result = response_for_error(exc)
         except Exception:
@@ -482,6 +629,7 @@ class HttpProtocol(asyncio.Protocol):
         if isinstance(result, Response):
             self._deliver(slot, result)
         elif isinstance(result, Pending):
+            slot.pending = result
             result.subscribe(self._deliver, slot)
         else:
             try:
@@ -492,11 +640,6 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 self.tasks.add(fut)
                 fut.add_done_callback(functools.partial(self._on_result, slot))
-        if not slot.keep_alive:
-            # The client asked to close: read nothing more, answer what is pending.
-            self.closing = True
-        if self.read_paused or len(self.slots) >= self.limits.max_pipeline:
-            self._update_reading()
 
     # -- responses ----------------------------------------------------------------------------
 
@@ -516,8 +659,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def _deliver(self, slot: _Slot, response: Response) -> None:
         """A handler's response is ready: record it, write it if its turn has come."""
-        if self.transport is None:
-            return  # the client went away; nothing to write to
+        if self.transport is None or slot.response is not None:
+            # The client went away, or the request was already answered (its body broke a
+            # limit while streaming): this response goes nowhere.
+            if response.stream is not None:
+                response.stream.cancel()
+            return
         slot.response = response
         observer = self.state.observer
         if observer is not None and slot.request is not None:
@@ -531,6 +678,7 @@ class HttpProtocol(asyncio.Protocol):
             and slots[0] is slot
             and slot.keep_alive
             and self.phase == _WAIT
+            and response.stream is None
             and not (self.closing or self.state.draining or self.read_paused)
         ):
             # The common case, what _flush would do in it: the only request in flight is
@@ -539,11 +687,17 @@ class HttpProtocol(asyncio.Protocol):
             self._write(self.transport, response, slot, True)
             self.phase = _IDLE
             self.deadline = self.loop.time() + self.limits.keepalive_timeout
-        elif slots and slots[0] is slot:
-            self._flush()
+        else:
+            stream = self._stream
+            if stream is not None and slot.request is not None and slot.request.stream is stream:
+                stream.orphan()  # answered while its body arrives: unless taken, drop the rest
+            if slots and slots[0] is slot:
+                self._flush()
 
     def _flush(self) -> None:
         """Write every ready response at the head of the pipeline, in order."""
+        if self._streaming is not None:
+            return  # a body is still being streamed; the rest waits for its end
         slots = self.slots
         transport = self.transport
         while slots:
@@ -561,6 +715,9 @@ class HttpProtocol(asyncio.Protocol):
             receiving = self.phase in (_HEADERS, _BODY)
             last = not slots and not receiving
             keep_alive = slot.keep_alive and not (self.state.draining and last)
+            if response.stream is not None:
+                self._start_stream(transport, response, slot, keep_alive)
+                return
             self._write(transport, response, slot, keep_alive)
             if not keep_alive:
                 self.closing = True
@@ -602,7 +759,8 @@ class HttpProtocol(asyncio.Protocol):
         if response.content_type is not None:
             parts.append(b"content-type: " + response.content_type + b"\r\n")
         if status not in _NO_BODY_STATUSES:
-            parts.append(b"content-length: %d\r\n" % len(body))
+            length = response.content_length
+            parts.append(b"content-length: %d\r\n" % (len(body) if length is None else length))
         for name, value in response.headers:
             parts.append(name + b": " + value + b"\r\n")
         if not keep_alive:
@@ -618,6 +776,76 @@ class HttpProtocol(asyncio.Protocol):
         else:
             transport.write(b"".join(parts))
             transport.write(body)
+
+    def _start_stream(
+        self, transport: asyncio.Transport, response: Response, slot: _Slot, keep_alive: bool
+    ) -> None:
+        """Write a streamed response's head and start its body. The body is framed by its
+        Content-Length when known, else chunked, else (an HTTP/1.0 client) by closing."""
+        status = response.status
+        discard = slot.head or status in _NO_BODY_STATUSES
+        http10 = slot.request is not None and slot.request.http_version == "1.0"
+        chunked = response.content_length is None and not discard and not http10
+        if response.content_length is None and not discard and http10:
+            keep_alive = False
+        parts = [status_line(status), self.state.server_header, self.state.date_header]
+        if response.content_type is not None:
+            parts.append(b"content-type: " + response.content_type + b"\r\n")
+        if response.content_length is not None and status not in _NO_BODY_STATUSES:
+            parts.append(b"content-length: %d\r\n" % response.content_length)
+        elif chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        for name, value in response.headers:
+            parts.append(name + b": " + value + b"\r\n")
+        if not keep_alive:
+            parts.append(b"connection: close\r\n")
+        elif http10:
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        transport.write(b"".join(parts))
+        self._streaming = slot
+        sink = self._sink = _Sink(self, chunked, keep_alive, discard)
+        assert response.stream is not None
+        response.stream.start(sink)
+        if self.write_paused and self._sink is sink:
+            response.stream.pause()
+
+    def stream_ended(self, sink: _Sink) -> None:
+        """A streamed body is complete: finish its framing, go on with the next response."""
+        self._streaming = None
+        self._sink = None
+        transport = self.transport
+        if transport is None:
+            return
+        if sink.chunked:
+            transport.write(b"0\r\n\r\n")
+        if self.write_paused:
+            self.deadline = None
+        if not sink.keep_alive:
+            self.closing = True
+            self.slots.clear()
+            self._linger(transport)
+            return
+        self._flush()
+
+    def stream_aborted(self) -> None:
+        """A streamed body broke off: close, so the client sees the truncation (a short
+        Content-Length body, or no last chunk) instead of a complete-looking response."""
+        self._streaming = None
+        self._sink = None
+        self.closing = True
+        self.slots.clear()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _set_body_paused(self, paused: bool) -> None:
+        if paused == self.body_paused:
+            return
+        self.body_paused = paused
+        if self.phase == _BODY:
+            # Waiting for the consumer is not the client's delay: no body deadline meanwhile.
+            self.deadline = None if paused else self.loop.time() + self.limits.body_timeout
+        self._update_reading()
 
     def _linger(self, transport: asyncio.Transport) -> None:
         """Close after the last response. Half-close first when possible and keep discarding input
@@ -653,6 +881,11 @@ class HttpProtocol(asyncio.Protocol):
             slot = _Slot(False, False, time.perf_counter())
             self.slots.append(slot)
         self._slot = None
+        if self._stream is not None:
+            # The request was dispatched with its body streaming: that work stops here.
+            self._stream.abort()
+            self._stream = None
+            _abandon(slot)
         slot.keep_alive = False
         slot.expect_continue = False
         slot.response = response
@@ -690,7 +923,7 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        pause = self.write_paused or len(self.slots) >= self.limits.max_pipeline
+        pause = self.write_paused or self.body_paused or len(self.slots) >= self.limits.max_pipeline
         if pause and not self.read_paused:
             self.read_paused = True
             transport.pause_reading()
@@ -700,6 +933,15 @@ class HttpProtocol(asyncio.Protocol):
             if self._unparsed and self._resume is None:
                 # Not now: this may run inside a parser callback, and the parser is not reentrant.
                 self._resume = self.loop.call_soon(self._feed_unparsed)
+
+
+def _abandon(slot: _Slot) -> None:
+    """The slot's response will never be written: stop the work behind it."""
+    if slot.pending is not None:
+        slot.pending.cancel()
+    response = slot.response
+    if response is not None and response.stream is not None:
+        response.stream.cancel()
 
 
 class _Timeout(HTTPError):

@@ -10,12 +10,20 @@ from webtorch.http.messages import Handler, HandlerResult, Request
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """``path`` is exact unless ``prefix`` is set; ``name`` labels the route in metrics."""
+    """``path`` is exact unless ``prefix`` is set; ``name`` labels the route in metrics.
+
+    A ``stream`` route gets requests with a body as soon as their headers are in, the body
+    following as ``Request.stream`` (a proxy forwards it as it comes); ``max_body`` is then its
+    own size limit. ``user`` marks a route from the config's [[routes]], replaced on reload.
+    """
 
     path: str
     handler: Handler
     name: str
     prefix: bool = False
+    stream: bool = False
+    max_body: int | None = None
+    user: bool = False
 
 
 class Router:
@@ -35,6 +43,32 @@ class Router:
             if route.path in self._exact:
                 raise ValueError(f"duplicate route path {route.path!r}")
             self._exact[route.path] = route
+
+    def replace_user_routes(self, routes: list[Route]) -> None:
+        """Swap the config's routes for ``routes`` in one step (a reload): a request is routed
+        by the old set or the new one, never by a mix or by none."""
+        exact = {p: r for p, r in self._exact.items() if not r.user}
+        prefixes = [r for r in self._prefixes if not r.user]
+        for route in routes:
+            taken = (
+                any(r.path == route.path for r in prefixes)
+                if route.prefix
+                else (route.path in exact)
+            )
+            if taken:
+                kind = "prefix" if route.prefix else "path"
+                raise ValueError(f"duplicate route {kind} {route.path!r}")
+            if route.prefix:
+                prefixes.append(route)
+            else:
+                exact[route.path] = route
+        prefixes.sort(key=lambda r: len(r.path), reverse=True)
+        self._exact, self._prefixes = exact, prefixes
+
+    def match_stream(self, path: str) -> Route | None:
+        """The route for ``path`` if it streams request bodies (see :class:`Route`)."""
+        route = self.match(path)
+        return route if route is not None and route.stream else None
 
     def remove(self, path: str) -> None:
         """Forget the exact route at ``path``, if any (a model unloaded or about to be replaced)."""

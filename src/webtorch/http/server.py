@@ -8,7 +8,7 @@ import ssl
 
 from webtorch.http.limits import Limits
 from webtorch.http.messages import Handler
-from webtorch.http.protocol import HttpProtocol, Observer, ServerState
+from webtorch.http.protocol import HttpProtocol, Observer, ServerState, StreamMatch
 
 log = logging.getLogger("webtorch.http")
 
@@ -23,8 +23,12 @@ class HttpServer:
         limits: Limits | None = None,
         observer: Observer | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        stream_match: StreamMatch | None = None,
     ) -> None:
-        self.state = ServerState(handler, limits, observer)
+        scheme = "https" if ssl_context is not None else "http"
+        self.state = ServerState(
+            handler, limits, observer, stream_match=stream_match, scheme=scheme
+        )
         self.host = host
         self.port = port
         self.ssl_context = ssl_context

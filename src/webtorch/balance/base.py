@@ -1,0 +1,91 @@
+"""The vocabulary every balancing policy and failure-handling state machine shares.
+
+Sans-IO: nothing here touches a socket or the event loop, and time is passed in as ``now``
+(seconds, monotonic). The proxy owns the I/O, counts in-flight requests on each
+:class:`Upstream` and reports every attempt's :class:`Outcome` back through ``observe``; policies
+only read that state and decide.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from webtorch.http.messages import Request
+
+
+class Outcome(enum.Enum):
+    """How one attempt to one upstream ended, as far as the upstream is to blame."""
+
+    OK = "ok"  # a response the upstream meant (1xx-4xx, and 5xx other than below)
+    SERVER_ERROR = "server_error"  # a 500, 502, 503 or 504 from the upstream itself: alive, unwell
+    CONNECT_FAILED = "connect_failed"  # refused, unreachable or connect timeout: no byte sent
+    RESET = "reset"  # the connection broke or the response was not valid HTTP
+    TIMEOUT = "timeout"  # no (complete) response within the read or total timeout
+    CANCELLED = "cancelled"  # the client went away first: says nothing about the upstream
+
+    @property
+    def is_failure(self) -> bool:
+        """A failure of the upstream (nginx's "unsuccessful attempt"; Envoy's gateway errors)."""
+        return self in _FAILURES
+
+    @property
+    def is_gateway_failure(self) -> bool:
+        """The upstream could not be talked to at all (no HTTP response came back)."""
+        return self in _GATEWAY_FAILURES
+
+
+_GATEWAY_FAILURES = frozenset({Outcome.CONNECT_FAILED, Outcome.RESET, Outcome.TIMEOUT})
+_FAILURES = _GATEWAY_FAILURES | {Outcome.SERVER_ERROR}
+
+
+@dataclass(eq=False, slots=True)
+class Upstream:
+    """One server of an upstream group, and the live state the proxy keeps about it.
+
+    ``inflight`` is maintained by the proxy (incremented when an attempt starts, decremented when
+    its response has been fully relayed or it failed). ``weight_factor`` in (0, 1] is set by the
+    health machinery during slow start; policies that use weights multiply by it.
+    """
+
+    address: str  # "host:port", also the upstream's name in metrics and cookies
+    host: str
+    port: int
+    weight: int = 1
+    index: int = 0  # position in the group's server list, stable across picks
+    inflight: int = 0
+    weight_factor: float = 1.0
+    # Free for a policy's per-upstream state (a policy owns its key, e.g. "peak_ewma").
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def effective_weight(self) -> float:
+        return self.weight * self.weight_factor
+
+
+class Policy(ABC):
+    """Chooses the upstream for one attempt. One instance per upstream group.
+
+    ``candidates`` is never empty and holds only the upstreams the health machinery currently
+    allows and that this request has not already tried; it is ordered by ``Upstream.index``.
+    ``group`` is every upstream of the group (a hashing policy places keys on the whole ring so
+    that an ejection moves only that upstream's keys).
+    """
+
+    name: str = ""
+
+    def __init__(self, group: Sequence[Upstream]) -> None:
+        self.group = list(group)
+
+    @abstractmethod
+    def pick(self, request: Request, candidates: Sequence[Upstream], now: float) -> Upstream:
+        """The upstream this attempt goes to."""
+
+    def observe(self, upstream: Upstream, outcome: Outcome, latency: float, now: float) -> None:
+        """An attempt to ``upstream`` ended: ``latency`` is seconds from sending the request to
+        the response head (or to the failure). Called once per attempt, never for CANCELLED
+        attempts that had not reached the upstream. The default learns nothing."""
+        return None

@@ -1,0 +1,57 @@
+"""Policy names, as written in ``[upstreams.NAME] policy = ...``, and their factories.
+
+A factory takes the group and every option any policy understands, and uses those it needs, so
+config and the proxy build any policy the same way. A new policy adds one entry to ``POLICIES``
+(and a field to :class:`PolicyOptions` if it has a setting of its own).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from webtorch.balance.base import Policy, Upstream
+from webtorch.balance.classic import LeastConn, Random2, RoundRobin
+from webtorch.balance.hashing import BoundedLoadHash
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyOptions:
+    hash_key: str | None = None  # a KeySpec string; required by "hash"
+    balance: float = 0.25  # the bounded-load epsilon of "hash"
+    rng: random.Random | None = None  # None: a fresh unseeded Random per policy
+
+
+PolicyFactory = Callable[[Sequence[Upstream], PolicyOptions], Policy]
+
+
+def _hash(group: Sequence[Upstream], options: PolicyOptions) -> Policy:
+    if options.hash_key is None:
+        raise ValueError('policy "hash" needs hash_key (e.g. "header:x-model")')
+    return BoundedLoadHash(group, options.hash_key, balance=options.balance)
+
+
+POLICIES: dict[str, PolicyFactory] = {
+    "round_robin": lambda group, options: RoundRobin(group),
+    "least_conn": lambda group, options: LeastConn(group),
+    "random2": lambda group, options: Random2(group, rng=options.rng),
+    "hash": _hash,
+}
+
+
+def make_policy(
+    name: str,
+    group: Sequence[Upstream],
+    *,
+    hash_key: str | None = None,
+    balance: float = 0.25,
+    rng: random.Random | None = None,
+) -> Policy:
+    """A new policy instance for one upstream group; ValueError for an unknown name or a bad or
+    missing option (the message names it, for config validation)."""
+    factory = POLICIES.get(name)
+    if factory is None:
+        known = ", ".join(sorted(POLICIES))
+        raise ValueError(f"unknown balancing policy {name!r}; expected one of: {known}")
+    return factory(group, PolicyOptions(hash_key=hash_key, balance=balance, rng=rng))

@@ -1,0 +1,401 @@
+"""The client side of HTTP/1.1, for talking to upstreams: connections and their pools.
+
+Built like the server (``protocol.py``): an asyncio Protocol driving httptools' response parser,
+with callbacks instead of tasks per request, because a proxied request pays for both sides and
+the proxy must stay within reach of nginx. One request at a time per connection (no upstream
+pipelining, as nginx); a connection is reused when both sides allow keep-alive.
+
+Deadlines (connect, read, total, idle) are floats swept by :class:`UpstreamClient`'s periodic
+tick instead of timers armed and cancelled per read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import httptools
+
+from webtorch.balance.base import Outcome, Upstream
+from webtorch.http.messages import Headers
+
+log = logging.getLogger("webtorch.proxy")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    keepalive: int = 32  # idle connections kept per upstream
+    max_connections: int = 0  # open at once per upstream; 0: no limit
+    idle_timeout: float = 60.0
+    max_requests: int = 1000  # per connection; 0: no limit
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0  # between two reads while a response is awaited or arriving
+    total_timeout: float = 0.0  # a whole exchange; 0: none
+
+
+class Exchange(ABC):
+    """One request's use of a connection: what the connection reports to."""
+
+    __slots__ = ()
+
+    @abstractmethod
+    def on_response_head(
+        self, status: int, headers: Headers, content_length: int | None, bodyless: bool
+    ) -> None:
+        """The status line and headers arrived; ``bodyless``: no body follows (HEAD, 204...)."""
+
+    @abstractmethod
+    def on_response_data(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    def on_response_end(self) -> None: ...
+
+    @abstractmethod
+    def on_failure(self, outcome: Outcome, message: str) -> None:
+        """The exchange cannot complete (RESET or TIMEOUT); the connection is closed."""
+
+    @abstractmethod
+    def on_upstream_paused(self) -> None:
+        """The upstream is not reading the request body as fast as it is sent."""
+
+    @abstractmethod
+    def on_upstream_resumed(self) -> None: ...
+
+
+class _Stop(Exception):
+    """Raised in a parser callback: the response is complete though the parser does not know
+    (a HEAD response announces a body it does not send)."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One pooled connection to one upstream."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.requests = 0
+        self.deadline: float | None = None  # read deadline while an exchange is on
+        self.total_deadline: float | None = None
+        self.idle_since = 0.0
+        self.closed = False
+        self.received_any = False  # a byte of the current response came back
+        self.reading_paused = False
+        self._headers: Headers = []
+        self._expect_body = True
+        self._informational = False
+        self._in_body = False
+        self._close_delimited = False
+        self._keep_alive = False
+
+    # -- used by the exchange -----------------------------------------------------------------
+
+    def send(self, exchange: Exchange, data: bytes, expect_body: bool) -> None:
+        """Start an exchange: write the request head (and a body already at hand)."""
+        settings = self.pool.settings
+        now = self.pool.loop.time()
+        self.exchange = exchange
+        self.requests += 1
+        self.received_any = False
+        self._expect_body = expect_body
+        self._headers = []
+        self.deadline = now + settings.read_timeout
+        self.total_deadline = now + settings.total_timeout if settings.total_timeout else None
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        """The client is not reading the response: stop reading it from the upstream. The read
+        deadline stops too; the client's side has its own."""
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.deadline = None
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.deadline = self.pool.loop.time() + self.pool.settings.read_timeout
+            self.transport.resume_reading()
+
+    def abandon(self) -> None:
+        """The exchange stops midway (its client left): the connection cannot be reused."""
+        self.exchange = None
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.transport = None
+        exchange, self.exchange = self.exchange, None
+        self.pool.forget(self)
+        if exchange is None:
+            return
+        if self._in_body and self._close_delimited:
+            exchange.on_response_end()  # the close is what ends such a body
+        else:
+            reason = str(exc) if exc is not None else "closed the connection"
+            exchange.on_failure(Outcome.RESET, f"upstream {self.pool.upstream.address}: {reason}")
+
+    def data_received(self, data: bytes) -> None:
+        if self.exchange is None:
+            # An idle connection should say nothing; if it does, it cannot be trusted.
+            self.close()
+            return
+        self.received_any = True
+        if self.deadline is not None:
+            self.deadline = self.pool.loop.time() + self.pool.settings.read_timeout
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Stop):
+                self.parser = httptools.HttpResponseParser(self)
+                self._finish()
+            else:
+                raise
+        except httptools.HttpParserError as exc:
+            self._fail(Outcome.RESET, f"invalid response: {str(exc) or type(exc).__name__}")
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.on_upstream_paused()
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.on_upstream_resumed()
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._informational = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            # 100 Continue and friends: interim, never relayed (the client's Expect was
+            # answered by the server already); the real response follows.
+            self._informational = True
+            return
+        exchange = self.exchange
+        if exchange is None:
+            return
+        length: int | None = None
+        chunked = False
+        for name, value in self._headers:
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:  # llhttp refuses these before we get here
+                    length = None
+            elif name == b"transfer-encoding":
+                chunked = True
+        self._keep_alive = bool(self.parser.should_keep_alive())
+        bodyless = not self._expect_body or status in (204, 304)
+        self._in_body = not bodyless
+        self._close_delimited = not bodyless and length is None and not chunked
+        exchange.on_response_head(status, self._headers, None if chunked else length, bodyless)
+        if not self._expect_body and self.exchange is exchange:
+            raise _Stop
+
+    def on_body(self, body: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.on_response_data(body)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        self._finish()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        exchange, self.exchange = self.exchange, None
+        self._in_body = False
+        self.deadline = self.total_deadline = None
+        if exchange is None:
+            return
+        settings = self.pool.settings
+        reusable = (
+            not self.closed
+            and self._keep_alive
+            and not self._close_delimited
+            and (not settings.max_requests or self.requests < settings.max_requests)
+        )
+        exchange.on_response_end()
+        self.pool.release(self, reusable)
+
+    def _fail(self, outcome: Outcome, message: str) -> None:
+        exchange, self.exchange = self.exchange, None
+        self.close()
+        if exchange is not None:
+            exchange.on_failure(outcome, message)
+
+    def on_deadline(self, now: float) -> None:
+        total = self.total_deadline is not None and now >= self.total_deadline
+        what = "total timeout" if total else "read timeout"
+        self._fail(Outcome.TIMEOUT, f"upstream {self.pool.upstream.address}: {what}")
+
+
+# What waits for a connection: called with one, or with None and why not.
+Waiter = Callable[["UpstreamConnection | None", Outcome, str], None]
+
+
+class ConnectionPool:
+    """Connections to one upstream: idle ones reused newest first (so a quiet period lets the
+    others reach their idle timeout), new ones opened up to ``max_connections``, then waiters
+    queue until a connection is released or ``connect_timeout`` passes."""
+
+    def __init__(
+        self, upstream: Upstream, settings: PoolSettings, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.upstream = upstream
+        self.settings = settings
+        self.loop = loop
+        self.idle: list[UpstreamConnection] = []
+        self.busy: set[UpstreamConnection] = set()
+        self.connecting: set[asyncio.Task[None]] = set()
+        self.waiters: deque[tuple[float, Waiter]] = deque()
+        self.closed = False
+        self.opened = 0  # connections opened in this pool's life (metrics, tests)
+
+    @property
+    def open_count(self) -> int:
+        return len(self.idle) + len(self.busy) + len(self.connecting)
+
+    def acquire(self, waiter: Waiter) -> UpstreamConnection | None:
+        """A connection now, or None and ``waiter`` is called later (connected or failed)."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                self.busy.add(conn)
+                return conn
+        limit = self.settings.max_connections
+        if limit and self.open_count >= limit:
+            self.waiters.append((self.loop.time() + self.settings.connect_timeout, waiter))
+            return None
+        self._connect(waiter)
+        return None
+
+    def cancel_wait(self, waiter: Waiter) -> None:
+        for i, (_, w) in enumerate(self.waiters):
+            if w == waiter:  # ==: a bound method is a new object at every access
+                del self.waiters[i]
+                return
+
+    def _connect(self, waiter: Waiter) -> None:
+        task = self.loop.create_task(self._open(waiter))
+        self.connecting.add(task)
+        task.add_done_callback(self.connecting.discard)
+
+    async def _open(self, waiter: Waiter) -> None:
+        upstream = self.upstream
+        conn = UpstreamConnection(self)
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                await self.loop.create_connection(lambda: conn, upstream.host, upstream.port)
+        except TimeoutError:
+            waiter(None, Outcome.CONNECT_FAILED, f"upstream {upstream.address}: connect timeout")
+            return
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            waiter(None, Outcome.CONNECT_FAILED, f"upstream {upstream.address}: {reason.lower()}")
+            return
+        self.opened += 1
+        if self.closed:
+            conn.close()
+            waiter(None, Outcome.CONNECT_FAILED, f"upstream {upstream.address}: pool closed")
+            return
+        self.busy.add(conn)
+        waiter(conn, Outcome.OK, "")
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """An exchange ended cleanly on ``conn``: reuse it, park it or close it."""
+        self.busy.discard(conn)
+        if not reusable or self.closed or conn.closed:
+            conn.close()
+            self._serve_waiter()
+            return
+        if self.waiters:
+            _, waiter = self.waiters.popleft()
+            self.busy.add(conn)
+            waiter(conn, Outcome.OK, "")
+            return
+        if len(self.idle) >= self.settings.keepalive:
+            conn.close()
+            return
+        conn.idle_since = self.loop.time()
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """``conn`` closed (either side): it leaves the pool, making room for a waiter."""
+        self.busy.discard(conn)
+        if conn in self.idle:
+            self.idle.remove(conn)
+        self._serve_waiter()
+
+    def _serve_waiter(self) -> None:
+        limit = self.settings.max_connections
+        if self.waiters and not self.closed and (not limit or self.open_count < limit):
+            _, waiter = self.waiters.popleft()
+            self._connect(waiter)
+
+    def sweep(self, now: float) -> None:
+        """Expire deadlines: exchanges past their read or total timeout, idle connections past
+        the idle timeout, waiters past the connect timeout."""
+        for conn in list(self.busy):
+            deadline = conn.deadline
+            total = conn.total_deadline
+            if (deadline is not None and now >= deadline) or (total is not None and now >= total):
+                conn.on_deadline(now)
+        idle_timeout = self.settings.idle_timeout
+        if self.idle and now - self.idle[0].idle_since >= idle_timeout:
+            for conn in [c for c in self.idle if now - c.idle_since >= idle_timeout]:
+                self.idle.remove(conn)
+                conn.close()
+        while self.waiters and now >= self.waiters[0][0]:
+            _, waiter = self.waiters.popleft()
+            waiter(None, Outcome.CANCELLED, f"upstream {self.upstream.address}: no connection free")
+
+    def close(self) -> None:
+        """Close idle connections now and busy ones as their exchanges end (a reload)."""
+        self.closed = True
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+        while self.waiters:
+            _, waiter = self.waiters.popleft()
+            waiter(None, Outcome.CANCELLED, f"upstream {self.upstream.address}: pool closed")
+
+    def abort(self) -> None:
+        """Close everything now (shutdown after the drain)."""
+        self.close()
+        for conn in list(self.busy):
+            conn.close()
+        for task in list(self.connecting):
+            task.cancel()

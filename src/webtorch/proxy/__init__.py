@@ -1,0 +1,1 @@
+"""The reverse proxy: upstream groups, forwarding, health, retries."""

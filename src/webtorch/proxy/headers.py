@@ -1,0 +1,145 @@
+"""What a proxy changes in the headers it forwards, both ways (sans-IO).
+
+Hop-by-hop headers (RFC 9110 7.6.1) describe one connection and never cross the proxy: the fixed
+set below, every ``Proxy-*`` header, and whatever the ``Connection`` header names. Framing
+(Content-Length, Transfer-Encoding) is the proxy's to set for each side. ``X-Forwarded-*`` from a
+client are believed only from a configured trusted proxy; from anyone else they are replaced, so
+a client cannot forge the address that rate limits, logs and upstreams see.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+from webtorch.http.messages import Headers, Request
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Request headers the proxy writes itself. Expect: 100-continue was answered to the client
+# already; the upstream gets the body without waiting for its own 100.
+_REQUEST_OWN = frozenset(
+    {b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+)
+_REQUEST_DROP = HOP_BY_HOP | _REQUEST_OWN
+# Response headers the server writes itself (as nginx hides the upstream's Server and Date).
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"content-type", b"server", b"date"}
+
+
+class TrustedProxies:
+    """Addresses whose X-Forwarded-* headers are believed. Answers are cached per address: a
+    proxy sees few distinct peers, and ``ipaddress`` parsing costs microseconds."""
+
+    def __init__(self, networks: Iterable[str]) -> None:
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+        self._cache: dict[str, bool] = {}
+
+    def __contains__(self, client: str) -> bool:
+        if not self.networks:
+            return False
+        known = self._cache.get(client)
+        if known is not None:
+            return known
+        try:
+            address = ipaddress.ip_address(client)
+        except ValueError:
+            trusted = False
+        else:
+            trusted = any(address in network for network in self.networks)
+        if len(self._cache) >= 4096:
+            self._cache.clear()
+        self._cache[client] = trusted
+        return trusted
+
+
+def _connection_tokens(headers: Headers) -> frozenset[bytes] | None:
+    tokens: set[bytes] | None = None
+    for name, value in headers:
+        if name == b"connection":
+            tokens = tokens or set()
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens) if tokens is not None else None
+
+
+def request_head(
+    request: Request,
+    trusted: TrustedProxies,
+    framing: bytes,
+    default_host: bytes,
+) -> bytes:
+    """The request line and headers to send upstream, ending with the blank line.
+
+    ``framing`` is the body framing header line(s) ("content-length: N\\r\\n", chunked, or
+    b""). The client's Host is kept (as Envoy does; nginx users write ``proxy_set_header Host
+    $host`` for the same); a request without one gets ``default_host``.
+    """
+    headers = request.headers
+    named = _connection_tokens(headers)
+    drop = _REQUEST_DROP if named is None else _REQUEST_DROP | named
+    believed = request.client in trusted
+    forwarded_for = forwarded_proto = forwarded_host = None
+    host = None
+    parts = [request.method.encode("ascii"), b" ", request.target or b"/", b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        if name in drop or name.startswith(b"proxy-"):
+            if believed:
+                if name == b"x-forwarded-for":
+                    forwarded_for = (
+                        value
+                        if forwarded_for is None
+                        else b"%s, %s"
+                        % (
+                            forwarded_for,
+                            value,
+                        )
+                    )
+                elif name == b"x-forwarded-proto":
+                    forwarded_proto = value
+                elif name == b"x-forwarded-host":
+                    forwarded_host = value
+            continue
+        if name == b"host":
+            host = value
+        parts += (name, b": ", value, b"\r\n")
+    client = request.client.encode("ascii", "replace")
+    if host is None:
+        host = default_host
+        parts += (b"host: ", host, b"\r\n")
+    parts += (
+        b"x-forwarded-for: ",
+        client if forwarded_for is None else forwarded_for + b", " + client,
+        b"\r\nx-forwarded-proto: ",
+        forwarded_proto or request.scheme.encode("ascii"),
+        b"\r\nx-forwarded-host: ",
+        forwarded_host or host,
+        b"\r\n",
+        framing,
+        b"\r\n",
+    )
+    return b"".join(parts)
+
+
+def response_headers(raw: Headers) -> tuple[bytes | None, Headers]:
+    """The upstream response's Content-Type and the headers to pass on to the client."""
+    named = _connection_tokens(raw)
+    drop = _RESPONSE_DROP if named is None else _RESPONSE_DROP | named
+    content_type = None
+    kept: Headers = []
+    for name, value in raw:
+        if name in drop or name.startswith(b"proxy-"):
+            if name == b"content-type":
+                content_type = value
+            continue
+        kept.append((name, value))
+    return content_type, kept

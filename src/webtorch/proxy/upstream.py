@@ -1,0 +1,295 @@
+"""Upstream groups as the proxy runs them: servers, policy, health, retries, pools, checks.
+
+An :class:`UpstreamGroup` joins the sans-IO parts (a :class:`~webtorch.balance.base.Policy`,
+:class:`~webtorch.proxy.health.GroupHealth`, the retry rules and budget) to the I/O ones (one
+:class:`~webtorch.http.client.ConnectionPool` per server, active health checks). A
+:class:`ProxyRoute` is a route's handler: it turns each request into a
+:class:`~webtorch.proxy.forward.Forward`. :class:`Proxies` owns every group of a config, their
+clock, and the swap to a new set on reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from webtorch.balance.base import Outcome, Upstream
+from webtorch.balance.registry import make_policy
+from webtorch.balance.sticky import StickyCookie
+from webtorch.config import Config, RouteConfig, UpstreamConfig, parse_listen
+from webtorch.http.client import ConnectionPool, PoolSettings
+from webtorch.http.messages import HandlerResult, Request
+from webtorch.proxy.forward import Forward
+from webtorch.proxy.headers import TrustedProxies
+from webtorch.proxy.health import ActiveSettings, GroupHealth, OutlierSettings, PassiveSettings
+from webtorch.proxy.retry import RetryBudget, RetrySettings
+
+log = logging.getLogger("webtorch.proxy")
+
+
+@dataclass(slots=True)
+class UpstreamStats:
+    """Counters per server, for metrics and the dashboard."""
+
+    attempts: int = 0
+    failures: dict[str, int] = field(default_factory=dict)  # by Outcome value
+    latency_total: float = 0.0
+    checks_failed: int = 0
+
+
+class UpstreamGroup:
+    def __init__(
+        self,
+        name: str,
+        config: UpstreamConfig,
+        loop: asyncio.AbstractEventLoop,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.loop = loop
+        rng = rng or random.Random()
+        self.upstreams = []
+        for i, server in enumerate(config.servers):
+            host, port = parse_listen(server.address)
+            self.upstreams.append(Upstream(server.address, host, port, server.weight, index=i))
+        self.policy = make_policy(
+            config.policy,
+            self.upstreams,
+            hash_key=config.hash_key,
+            balance=config.hash_balance,
+            rng=rng,
+        )
+        o = config.outlier
+        hc = config.health_check
+        self.health = GroupHealth(
+            self.upstreams,
+            PassiveSettings(config.max_fails, config.fail_timeout),
+            OutlierSettings(
+                o.consecutive_5xx,
+                o.consecutive_gateway_failure,
+                o.base_ejection_time,
+                o.max_ejection_time,
+                o.max_ejection_percent,
+                o.panic_threshold,
+            ),
+            None
+            if hc is None
+            else ActiveSettings(hc.path, hc.interval, hc.timeout, hc.fails, hc.passes, hc.jitter),
+            config.slow_start,
+            rng,
+        )
+        r = config.retry
+        self.retry = RetrySettings(
+            r.tries,
+            frozenset(r.on),
+            r.timeout,
+            r.budget_percent,
+            r.budget_min_per_second,
+            r.budget_window,
+        )
+        self.budget = RetryBudget(self.retry)
+        s = config.sticky
+        self.sticky = (
+            None
+            if s is None
+            else StickyCookie(
+                s.cookie, s.expires, s.domain, s.path, s.httponly, s.secure, s.samesite
+            )
+        )
+        settings = PoolSettings(
+            keepalive=config.keepalive,
+            max_connections=config.max_connections,
+            idle_timeout=config.idle_timeout,
+            max_requests=config.max_requests_per_connection,
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            total_timeout=config.total_timeout,
+        )
+        self.pools = [ConnectionPool(u, settings, loop) for u in self.upstreams]
+        self.stats = [UpstreamStats() for _ in self.upstreams]
+        self.retries = 0
+        self._checks: set[asyncio.Task[None]] = set()
+        self.closed = False
+
+    # -- the request path ---------------------------------------------------------------------
+
+    def choose(self, request: Request, candidates: list[Upstream], now: float) -> Upstream:
+        if self.sticky is not None:
+            upstream = self.sticky.route_of(request, candidates)
+            if upstream is not None:
+                return upstream
+        return self.policy.pick(request, candidates, now)
+
+    def cookie_for(self, request: Request, upstream: Upstream) -> tuple[bytes, bytes] | None:
+        """The Set-Cookie a sticky session needs on this response, if any."""
+        sticky = self.sticky
+        if sticky is None or not sticky.needs_cookie(request, upstream):
+            return None
+        return sticky.set_cookie(upstream)
+
+    def observe(self, upstream: Upstream, outcome: Outcome, latency: float, now: float) -> None:
+        stats = self.stats[upstream.index]
+        stats.attempts += 1
+        stats.latency_total += latency
+        if outcome is not Outcome.OK:
+            stats.failures[outcome.value] = stats.failures.get(outcome.value, 0) + 1
+        if self.health.record(upstream, outcome, now):
+            log.warning(
+                "upstream %s of %s taken out of rotation after %s (%s)",
+                upstream.address,
+                self.name,
+                outcome.value,
+                self.health.state_of(upstream, now),
+            )
+        self.policy.observe(upstream, outcome, latency, now)
+
+    # -- the clock ----------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Expire deadlines in the pools and start the active checks that are due."""
+        loop_now = self.loop.time()
+        for pool in self.pools:
+            pool.sweep(loop_now)
+        if self.health.active is not None and not self.closed:
+            for upstream in self.health.due_checks(now):
+                task = self.loop.create_task(self._check(upstream))
+                self._checks.add(task)
+                task.add_done_callback(self._checks.discard)
+
+    async def _check(self, upstream: Upstream) -> None:
+        """One active health check: a GET on a fresh connection (a pooled one could hide a
+        server that no longer accepts), passed on an expected status within the timeout."""
+        active = self.health.active
+        assert active is not None
+        ok = False
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(active.timeout):
+                reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
+                writer.write(
+                    b"GET %s HTTP/1.1\r\nhost: %s\r\nuser-agent: webtorch-health-check\r\n"
+                    b"connection: close\r\n\r\n" % (active.path.encode(), upstream.address.encode())
+                )
+                line = await reader.readline()
+                parts = line.split(None, 2)
+                ok = (
+                    len(parts) >= 2
+                    and parts[0].startswith(b"HTTP/1.")
+                    and parts[1].isdigit()
+                    and active.status_ok(int(parts[1]))
+                )
+        except (OSError, TimeoutError, ValueError):
+            ok = False
+        finally:
+            if writer is not None:
+                writer.close()
+        if self.closed:
+            return
+        now = time.monotonic()
+        if not ok:
+            self.stats[upstream.index].checks_failed += 1
+        if self.health.record_check(upstream, ok, now):
+            log.warning(
+                "upstream %s of %s is %s after an active check",
+                upstream.address,
+                self.name,
+                self.health.state_of(upstream, now),
+            )
+
+    def close(self) -> None:
+        """Stop checks, close idle connections; requests in flight finish on theirs."""
+        self.closed = True
+        for task in list(self._checks):
+            task.cancel()
+        for pool in self.pools:
+            pool.close()
+
+    def abort(self) -> None:
+        self.close()
+        for pool in self.pools:
+            pool.abort()
+
+
+class ProxyRoute:
+    """A route's handler: forward each request to ``group``."""
+
+    __slots__ = ("group", "retry_non_idempotent", "trusted")
+
+    def __init__(
+        self, group: UpstreamGroup, trusted: TrustedProxies, retry_non_idempotent: bool
+    ) -> None:
+        self.group = group
+        self.trusted = trusted
+        self.retry_non_idempotent = retry_non_idempotent
+
+    def __call__(self, request: Request) -> HandlerResult:
+        return Forward(self, request).run()
+
+
+class Proxies:
+    """Every upstream group of the running config, their clock, and reloads."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.groups: dict[str, UpstreamGroup] = {}
+        self.trusted = TrustedProxies([])
+        self._retired: list[UpstreamGroup] = []
+        self._tick: asyncio.TimerHandle | None = None
+        self._interval = 0.25
+
+    def configure(self, config: Config) -> Callable[[RouteConfig], ProxyRoute]:
+        """Build the groups of ``config`` (replacing the current ones, which finish their
+        requests in flight) and return what makes a route's handler."""
+        groups = {name: UpstreamGroup(name, uc, self.loop) for name, uc in config.upstreams.items()}
+        old = self.groups
+        self.groups = groups
+        self.trusted = TrustedProxies(config.server.trusted_proxies)
+        for group in old.values():
+            group.close()
+            self._retired.append(group)
+        timeouts = [
+            t
+            for uc in config.upstreams.values()
+            for t in (uc.connect_timeout, uc.read_timeout, uc.total_timeout)
+            if t > 0
+        ]
+        # Deadlines are swept, not armed per request: sweep often enough that a timeout fires
+        # within a tenth of itself (and at least four times a second).
+        self._interval = min([0.25, *(t / 10 for t in timeouts)])
+        self._interval = max(self._interval, 0.01)
+        if groups and self._tick is None:
+            self._schedule()
+        trusted = self.trusted
+
+        def route(rc: RouteConfig) -> ProxyRoute:
+            assert rc.upstream is not None
+            return ProxyRoute(groups[rc.upstream], trusted, rc.retry_non_idempotent)
+
+        return route
+
+    def _schedule(self) -> None:
+        self._tick = self.loop.call_later(self._interval, self._on_tick)
+
+    def _on_tick(self) -> None:
+        now = time.monotonic()
+        for group in self.groups.values():
+            group.tick(now)
+        if self._retired:
+            for group in self._retired:
+                group.tick(now)  # their requests in flight still time out
+            self._retired = [
+                g for g in self._retired if any(p.busy or p.connecting for p in g.pools)
+            ]
+        self._schedule()
+
+    def close(self) -> None:
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        for group in [*self.groups.values(), *self._retired]:
+            group.abort()
