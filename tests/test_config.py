@@ -170,8 +170,11 @@ def test_route_referencing_a_missing_model(tmp_path: Path) -> None:
         ("path = '/a'\nprefix = '/b'\nreturn = 200", "exactly one of `path` or `prefix`"),
         ("return = 200", "exactly one of `path` or `prefix`"),
         ("path = 'a'\nreturn = 200", "start with '/'"),
-        ("path = '/a'", "exactly one of `model` or `return`"),
-        ("path = '/a'\nreturn = 200\nmodel = 'xor'", "exactly one of `model` or `return`"),
+        ("path = '/a'", "exactly one of `model`, `return` or `upstream`"),
+        (
+            "path = '/a'\nreturn = 200\nmodel = 'xor'",
+            "exactly one of `model`, `return` or `upstream`",
+        ),
     ],
 )
 def test_bad_routes(tmp_path: Path, route: str, problem: str) -> None:

@@ -404,6 +404,12 @@ class HttpProtocol(asyncio.Protocol):
         so then, or with nothing pending, the connection closes now."""
         self.closing = True
         self._peer_eof = True
+        for slot in self.slots:
+            pending = slot.pending
+            if pending is not None and pending.response is None and pending.on_cancel is not None:
+                # Work that asked to stop when its client leaves (a proxied request: nginx's
+                # 499) is not awaited for a client that is gone: closing cancels it.
+                return None
         if self.slots and self.phase not in (_HEADERS, _BODY):
             return True  # keep the transport open to write the pending responses
         return None

@@ -60,6 +60,7 @@ class Forward(Exchange, BodySource, BodyConsumer):
         "_mode",
         "_out_length",
         "_source_paused",
+        "attached",
         "attempt",
         "body_done",
         "chunked_body",
@@ -102,6 +103,7 @@ class Forward(Exchange, BodySource, BodyConsumer):
         self.replay: list[bytes] | None = [] if request.stream is not None else None
         self.replay_bytes = 0
         self.body_done = request.stream is None
+        self.attached = False  # the request body stream delivers to this forward
         self.chunked_body = False
         self._mode = 0  # 0: awaiting head, 1: buffering the body, 2: streaming it
         self._buffer: list[bytes] = []
@@ -134,6 +136,11 @@ class Forward(Exchange, BodySource, BodyConsumer):
             tried.append(upstream)
         self.attempt += 1
         self.upstream = upstream
+        if self.attached and not self.body_done:
+            # No connection until _send: the rest of the body waits in the client's stream
+            # (bounded) rather than here, where it could outgrow the replay buffer.
+            assert self.request.stream is not None
+            self.request.stream.pause()
         upstream.inflight += 1
         self.sent_at = now
         self.head_sent = False
@@ -186,11 +193,12 @@ class Forward(Exchange, BodySource, BodyConsumer):
             else b"content-length: %s\r\n" % declared.strip()
         )
         head = request_head(request, route.trusted, framing, upstream.address.encode())
-        if self.attempt == 1:
+        if not self.attached:
             conn.send(self, head, expect_body)
+            self.attached = True
             stream.attach(self)  # what arrived so far comes at once, the rest as it arrives
             return
-        # A retry: the body sent so far goes again, then the rest follows as it arrives.
+        # A retry: the body taken so far goes again, then the rest follows as it arrives.
         assert self.replay is not None
         parts = [head]
         parts += (self._frame(chunk) for chunk in self.replay)
