@@ -48,9 +48,10 @@ class Running:
 
 
 @contextmanager
-def serve_in_thread(cfg: wt_config.Config) -> Iterator[Running]:
-    """Run an App on 127.0.0.1:<free port> in a background thread until the block exits."""
-    app = App(cfg)
+def serve_in_thread(cfg: wt_config.Config, path: Path | None = None) -> Iterator[Running]:
+    """Run an App on 127.0.0.1:<free port> in a background thread until the block exits;
+    ``path``: the config's file, for reloads."""
+    app = App(cfg, path)
     loop = uvloop.new_event_loop()
     ready = threading.Event()
     stop: asyncio.Event | None = None
