@@ -33,7 +33,14 @@ BODIES = {
     "/fixed": b"{}",
     # Training with durability "none": the step, without the disk.
     "/models/xor/train": b'{"inputs": [[0, 1]], "targets": [[1]]}',
+    # Proxied to an upstream whose connections are fake transports answering at once, like
+    # nginx's `return 200` (its real header set): the proxy's own work on both sides.
+    "/proxy": b"",
 }
+UPSTREAM_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Tue, 24 Nov 2026 02:00:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+)
 
 
 class FakeTransport:
@@ -53,6 +60,18 @@ class FakeTransport:
         return False
 
 
+class FakeUpstreamTransport(FakeTransport):
+    """An upstream connection whose server answers every request on the next loop turn."""
+
+    def __init__(self, conn: Any, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.conn = conn
+        self.loop = loop
+
+    def write(self, data: bytes) -> None:
+        self.loop.call_soon(self.conn.data_received, UPSTREAM_RESPONSE)
+
+
 async def run(path: str, conns: int, rounds: int) -> None:
     cfg = config.from_dict(
         {
@@ -62,7 +81,17 @@ async def run(path: str, conns: int, rounds: int) -> None:
                     "train": {"enabled": True, "durability": "none", "max_batch": conns},
                 }
             },
-            "routes": [{"path": "/fixed", "return": 200, "body": "{}"}],
+            "upstreams": {
+                "backend": {
+                    "servers": ["127.0.0.1:9"],
+                    "keepalive": 2 * conns,
+                    "max_requests_per_connection": 0,
+                }
+            },
+            "routes": [
+                {"path": "/fixed", "return": 200, "body": "{}"},
+                {"path": "/proxy", "upstream": "backend"},
+            ],
         }
     )
     app = App(cfg)
@@ -77,6 +106,17 @@ async def run(path: str, conns: int, rounds: int) -> None:
         b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
     )
+    if path == "/proxy":
+        # wrk's request, and a pool already holding one warm connection per client.
+        raw = b"GET /proxy HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
+        from webtorch.http.client import UpstreamConnection
+
+        assert app.proxies is not None
+        pool = app.proxies.groups["backend"].pools[0]
+        for _ in range(2 * conns):  # twice: a round may start before the last one released
+            conn = UpstreamConnection(pool)
+            conn.connection_made(FakeUpstreamTransport(conn, loop))  # type: ignore[arg-type]
+            pool.idle.append(conn)
     protos = []
     transports = []
     for _ in range(conns):
@@ -89,7 +129,7 @@ async def run(path: str, conns: int, rounds: int) -> None:
     async def round_() -> None:
         for proto in protos:
             proto.data_received(raw)
-        for _ in range(3):  # let call_soon batches run
+        for _ in range(4):  # let call_soon batches run
             await asyncio.sleep(0)
 
     for _ in range(50):

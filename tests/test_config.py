@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -359,3 +360,40 @@ def test_missing_model_file(tmp_path: Path) -> None:
     cfg = wt_config.load(write(tmp_path, "[models.xor]\npath = 'nope.py'\n"))
     with pytest.raises(ModelLoadError, match=r"nope\.py does not exist"):
         App(cfg)
+
+
+def test_the_lb_example_validates() -> None:
+    cfg = wt_config.load(ROOT / "src" / "webtorch" / "examples" / "lb.toml")
+    models = cfg.upstreams["models"]
+    assert models.policy == "hash" and models.servers[2].weight == 2
+    assert cfg.routes[0].upstream == "models"
+
+
+@pytest.mark.parametrize(
+    ("upstream", "message"),
+    [
+        ("servers = []", "upstreams.backend.servers"),
+        ("servers = ['127.0.0.1']", "HOST:PORT"),
+        ("servers = ['127.0.0.1:1', '127.0.0.1:1']", "listed twice"),
+        ("servers = ['127.0.0.1:1']\npolicy = 'fastest'", "unknown policy 'fastest'"),
+        ("servers = ['127.0.0.1:1']\npolicy = 'hash'", "needs a hash_key"),
+        ("servers = ['127.0.0.1:1']\nhash_key = 'body:x'", "hash_key"),
+        ("servers = ['127.0.0.1:1']\nretry = {on = ['sometimes']}", "sometimes"),
+        ("servers = [{address = '127.0.0.1:1', weight = 0}]", "weight"),
+        ("servers = ['127.0.0.1:1']\nkeep_alive = 3", "keep_alive"),
+    ],
+)
+def test_bad_upstreams_name_the_key(upstream: str, message: str) -> None:
+    text = f"[upstreams.backend]\n{upstream}\n"
+    with pytest.raises(ConfigError, match=message):
+        wt_config.from_dict(tomllib.loads(text))
+
+
+def test_a_route_to_an_unknown_upstream_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"routes\.0\.upstream|no upstream named 'nope'"):
+        wt_config.from_dict({"routes": [{"prefix": "/", "upstream": "nope"}]})
+
+
+def test_untrusted_proxy_list_entries_are_refused() -> None:
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        wt_config.from_dict({"server": {"trusted_proxies": ["not-an-ip"]}})

@@ -93,6 +93,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_body = False
         self._close_delimited = False
         self._keep_alive = False
+        self._length: int | None = None
+        self._chunked = False
 
     # -- used by the exchange -----------------------------------------------------------------
 
@@ -189,9 +191,17 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._headers = []
         self._informational = False
+        self._length = None
+        self._chunked = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        name = name.lower()
+        self._headers.append((name, value))
+        if name == b"content-length":
+            # llhttp has refused a length that is not all digits, or two different ones.
+            self._length = int(value)
+        elif name == b"transfer-encoding":
+            self._chunked = True
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -203,16 +213,8 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is None:
             return
-        length: int | None = None
-        chunked = False
-        for name, value in self._headers:
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:  # llhttp refuses these before we get here
-                    length = None
-            elif name == b"transfer-encoding":
-                chunked = True
+        length = self._length
+        chunked = self._chunked
         self._keep_alive = bool(self.parser.should_keep_alive())
         bodyless = not self._expect_body or status in (204, 304)
         self._in_body = not bodyless

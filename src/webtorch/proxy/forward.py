@@ -128,7 +128,9 @@ class Forward(Exchange, BodySource, BodyConsumer):
             upstream = same
         else:
             tried = self.tried
-            candidates = [u for u in group.health.eligible(now) if u not in tried]
+            candidates = group.health.eligible(now)
+            if tried:
+                candidates = [u for u in candidates if u not in tried]
             if not candidates:
                 self._give_up(503, f"no upstream of {group.name!r} is available")
                 return

@@ -63,13 +63,10 @@ class TrustedProxies:
         return trusted
 
 
-def _connection_tokens(headers: Headers) -> frozenset[bytes] | None:
-    tokens: set[bytes] | None = None
-    for name, value in headers:
-        if name == b"connection":
-            tokens = tokens or set()
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens) if tokens is not None else None
+def _named(value: bytes) -> frozenset[bytes]:
+    """The header names a Connection header lists (its keep-alive and close options aside)."""
+    tokens = {t.strip().lower() for t in value.split(b",")}
+    return frozenset(tokens - {b"keep-alive", b"close", b""})
 
 
 def request_head(
@@ -83,17 +80,20 @@ def request_head(
     ``framing`` is the body framing header line(s) ("content-length: N\\r\\n", chunked, or
     b""). The client's Host is kept (as Envoy does; nginx users write ``proxy_set_header Host
     $host`` for the same); a request without one gets ``default_host``.
+
+    One pass over the headers in the common case; a Connection header that names other headers
+    (rare) costs a second pass to drop those.
     """
-    headers = request.headers
-    named = _connection_tokens(headers)
-    drop = _REQUEST_DROP if named is None else _REQUEST_DROP | named
     believed = request.client in trusted
     forwarded_for = forwarded_proto = forwarded_host = None
     host = None
+    named: frozenset[bytes] = frozenset()
     parts = [request.method.encode("ascii"), b" ", request.target or b"/", b" HTTP/1.1\r\n"]
-    for name, value in headers:
-        if name in drop or name.startswith(b"proxy-"):
-            if believed:
+    for name, value in request.headers:
+        if name in _REQUEST_DROP or name.startswith(b"proxy-"):
+            if name == b"connection":
+                named |= _named(value)
+            elif believed:
                 if name == b"x-forwarded-for":
                     forwarded_for = (
                         value
@@ -112,6 +112,11 @@ def request_head(
         if name == b"host":
             host = value
         parts += (name, b": ", value, b"\r\n")
+    if named:
+        parts = parts[:4]
+        for name, value in request.headers:
+            if not (name in _REQUEST_DROP or name in named or name.startswith(b"proxy-")):
+                parts += (name, b": ", value, b"\r\n")
     client = request.client.encode("ascii", "replace")
     if host is None:
         host = default_host
@@ -132,14 +137,18 @@ def request_head(
 
 def response_headers(raw: Headers) -> tuple[bytes | None, Headers]:
     """The upstream response's Content-Type and the headers to pass on to the client."""
-    named = _connection_tokens(raw)
-    drop = _RESPONSE_DROP if named is None else _RESPONSE_DROP | named
     content_type = None
+    named: frozenset[bytes] = frozenset()
     kept: Headers = []
-    for name, value in raw:
-        if name in drop or name.startswith(b"proxy-"):
+    for header in raw:
+        name = header[0]
+        if name in _RESPONSE_DROP or name.startswith(b"proxy-"):
             if name == b"content-type":
-                content_type = value
+                content_type = header[1]
+            elif name == b"connection":
+                named |= _named(header[1])
             continue
-        kept.append((name, value))
+        kept.append(header)
+    if named:
+        kept = [h for h in kept if h[0] not in named]
     return content_type, kept

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from webtorch.balance.base import Outcome, Upstream
@@ -118,7 +118,7 @@ class UpstreamGroup:
 
     # -- the request path ---------------------------------------------------------------------
 
-    def choose(self, request: Request, candidates: list[Upstream], now: float) -> Upstream:
+    def choose(self, request: Request, candidates: Sequence[Upstream], now: float) -> Upstream:
         if self.sticky is not None:
             upstream = self.sticky.route_of(request, candidates)
             if upstream is not None:
