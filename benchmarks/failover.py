@@ -1,23 +1,25 @@
 """Failover under load: kill -9 one of three upstreams behind a proxy, restart it, count errors.
 
     .venv/bin/python benchmarks/failover.py [--duration S] [--kill-at S] [--restart-at S]
-        [--connections N] [--timeout S] [--repeat N] [--targets nginx,webtorch] [--output FILE]
+        [--connections N] [--timeout S] [--repeat N] [--targets KEYS] [--output FILE]
 
 Three upstreams, each an nginx ``return 200`` in one process (``master_process off``) that names
 itself (``X-Upstream: up1``...), run on CPU 1 with the load client; the proxy under test runs alone
-on CPU 0: nginx ``proxy_pass`` (``max_fails=1 fail_timeout=10s``, ``proxy_next_upstream error
-timeout``, keep-alive pool) and then ``webtorch serve`` with the same upstream group plus an active
-health check every second, the configurations of ``benchmarks/proxy.py``. The client is this
-script: one thread on CPU 1, ``--connections`` keep-alive connections, each with one GET / in
-flight (closed loop), that records every request's outcome in 100 ms buckets: a 2xx answer by the
-upstream that served it, a non-2xx status, or an error (the connection reset or closed with the
-request in flight, a failed connect, or no answer within ``--timeout`` seconds).
+on CPU 0, one after the other with the same scenario: nginx ``proxy_pass`` (``max_fails=1
+fail_timeout=10s``, ``proxy_next_upstream error timeout``, keep-alive pool), ``webtorch serve``
+with the same upstream group plus an active health check every second (the configurations of
+``benchmarks/proxy.py``; WebTorch's outlier ejection on, as by default), and the same WebTorch
+with outlier ejection off. The client is this script: one thread on CPU 1, ``--connections``
+keep-alive connections, each with one GET / in flight (closed loop), that records every request's
+outcome in 100 ms buckets: a 2xx answer by the upstream that served it, a non-2xx status, or an
+error (the connection reset or closed with the request in flight, a failed connect, or no answer
+within ``--timeout`` seconds). It also samples the proxy's CPU time every second.
 
-The scenario, the same for every proxy: after a 1 s warm-up, load for ``--duration`` seconds;
-at ``--kill-at`` s ``kill -9`` the upstream up2; at ``--restart-at`` s start it again on the same
-port. Reported: the client-visible errors (non-2xx + socket errors + timeouts) out of all
-requests, and the time from the restart to the first answer from up2 through the proxy, with a
-per-second timeline of each upstream's share. The results replace the section between the
+The scenario: after a 1 s warm-up, load for ``--duration`` seconds; at ``--kill-at`` s ``kill -9``
+the upstream up2; at ``--restart-at`` s start it again on the same port. Reported: the
+client-visible errors (non-2xx + socket errors + timeouts) out of all requests, the time from the
+restart to the first answer from up2 through the proxy, a per-second timeline of each upstream's
+share, and what each proxy logged about up2. The results replace the section between the
 failover markers in BENCHMARKS.md (appended at the end when missing); the rest is left alone.
 """
 
@@ -478,7 +480,8 @@ def victim_lines(workdir: Path, target: FailoverTarget, port: int, victim: int) 
             text = log.read_text(errors="replace")
         except OSError:
             continue
-        lines += [line for line in text.splitlines() if f":{victim}" in line]
+        # nginx's lines end in ", client: ..., upstream: ..., host: ...": the port is known.
+        lines += [line.split(", client: ")[0] for line in text.splitlines() if f":{victim}" in line]
     return lines
 
 
@@ -605,25 +608,38 @@ def timeline(results: dict[str, FailoverRounds], settings: Settings) -> list[str
 
 
 def target_lines(results: dict[str, FailoverRounds]) -> list[str]:
-    rounds = results.get("webtorch")
-    done = [r for r in rounds.results if r.requests] if rounds is not None else []
-    errors = sum(r.client_errors for r in done)
-    ok = None if not done else errors == 0
-    lines = [
-        f"- WebTorch: zero client-visible errors for GETs: {verdict(ok)} "
-        f"({errors} in {sum(r.requests for r in done):,} requests)"
-    ]
-    for key, label in (("nginx", "nginx"), ("webtorch", "WebTorch")):
-        r = results.get(key)
-        if r is None:
-            continue
-        back = [x.returned_after for x in r.results if x.requests]
+    lines = []
+    for rounds in results.values():
+        done = [r for r in rounds.results if r.requests]
+        label = rounds.target.label
+        if rounds.target.key.startswith("webtorch"):
+            errors = sum(r.client_errors for r in done)
+            ok = None if not done else errors == 0
+            lines.append(
+                f"- {label}: zero client-visible errors for GETs: {verdict(ok)} "
+                f"({errors} in {sum(r.requests for r in done):,} requests)"
+            )
+        back = [r.returned_after for r in done]
         shown = ", ".join(seconds_text(b) for b in back) or "n/a"
         returned = [b for b in back if b is not None]
         median = f" (median {statistics.median(returned):.2f} s)" if len(returned) > 1 else ""
         lines.append(f"- {label}: {VICTIM} answered again {shown} after its restart{median}")
     return lines
 
+
+# What the configurations imply; the numbers above are each run's own.
+READING = [
+    "- nginx has no active checks: `max_fails=1` takes a server out at its first failure for "
+    "`fail_timeout` (10 s), after which live requests try it again (a failure there is retried "
+    "on another server and restarts the 10 s). A server restarted within that window is back "
+    "about 10 s after the kill; one restarted later, up to 10 s after its restart.",
+    "- WebTorch takes a server back when every state that holds it out has passed: the active "
+    "check (1 s interval, `passes = 1`), passive health (`max_fails = 1`, `fail_timeout = 10`) "
+    "and, on by default, outlier ejection (`consecutive_gateway_failure = 5`, "
+    "`base_ejection_time = 30`, longer for repeat offenders). The row with outlier ejection "
+    "off shows what the active check and passive health alone give; the log lines below name "
+    "the state that held the server out.",
+]
 
 LOG_HEAD, LOG_TAIL = 6, 4  # log lines shown from the start and the end
 
@@ -681,7 +697,8 @@ def method_line(settings: Settings) -> str:
         f"client; the proxy alone on CPU {SERVER_CPU}, configured as in the proxy section "
         "(nginx: `max_fails=1 fail_timeout=10s`, `proxy_next_upstream error timeout`, 3 tries, "
         "keepalive 32, 1 s connect / 5 s read timeouts; WebTorch: the same plus an active "
-        "health check of /health every 1 s, `fails = 1`, `passes = 1`). The client is this "
+        "health check of /health every 1 s, `fails = 1`, `passes = 1`, and its default outlier "
+        "ejection (5 consecutive gateway failures eject for 30 s) on or off). The client is this "
         f"script on CPU {CLIENT_CPU}: {settings.connections} keep-alive connections, each with "
         "one GET / in flight (closed loop), every request's outcome counted: a 2xx by the "
         "upstream that served it, a non-2xx, a socket error (reset, closed or failed connect "
@@ -689,7 +706,9 @@ def method_line(settings: Settings) -> str:
         f"a {WARMUP_S:g} s warm-up: {settings.duration:g} s of load, `kill -9` of {VICTIM} at "
         f"{settings.kill_at:g} s, {VICTIM} started again on the same port at "
         f'{settings.restart_at:g} s. "Back after restart" is the time from starting it to its '
-        "first answer through the proxy."
+        "first answer through the proxy. The client's rate on the shared CPU switches between "
+        "two regimes (about 13k and 25k req/s here, with any proxy and without a kill): read "
+        "the proxy CPU column with the requests."
     )
 
 
@@ -717,6 +736,10 @@ def render(
         "### Timeline (first round): requests per second and each upstream's share of the 2xx",
         "",
         *timeline(results, settings),
+        "",
+        "### Reading",
+        "",
+        *READING,
         "",
         f"### What the proxies logged about {VICTIM} (first round)",
         "",

@@ -323,6 +323,23 @@ def test_active_fails_and_passes_thresholds() -> None:
     assert g.state_of(a, 6.0) == "healthy"
 
 
+def test_a_good_active_check_lifts_passive_down_and_ejection() -> None:
+    # A killed server is taken out by failures; once restarted, the next good check brings it
+    # back, without waiting out fail_timeout or the ejection.
+    g, (a, b, c) = group(
+        passive=PassiveSettings(max_fails=1, fail_timeout=10.0),
+        outlier=OutlierSettings(consecutive_gateway_failure=1, base_ejection_time=30.0),
+        active=ActiveSettings(fails=1, passes=1),
+    )
+    g.record(a, Outcome.CONNECT_FAILED, 1.0)
+    assert g.state_of(a, 1.0) in ("unavailable", "ejected")
+    assert g.record_check(a, False, 2.0) is True
+    assert list(g.eligible(3.0)) == [b, c]
+    assert g.record_check(a, True, 4.0) is True
+    assert g.state_of(a, 4.0) == "healthy"
+    assert list(g.eligible(4.0)) == [a, b, c]
+
+
 def test_record_check_without_active_settings_is_an_error() -> None:
     g, (a, *_) = group()
     with pytest.raises(ValueError):
@@ -347,9 +364,9 @@ def test_state_of_names_the_judge_that_holds_longest() -> None:
     assert g.state_of(a, 0.0) == "ejected"
     g.record_check(a, False, 1.0)
     assert g.state_of(a, 1.0) == "unhealthy"
+    # A good check lifts the other judges too (see the test above).
     g.record_check(a, True, 2.0)
-    assert g.state_of(a, 2.0) == "ejected"
-    assert g.state_of(a, 30.0) == "healthy"
+    assert g.state_of(a, 2.0) == "healthy"
 
 
 # -- slow start ----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ log = logging.getLogger("webtorch.proxy")
 
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
-    keepalive: int = 32  # idle connections kept per upstream
+    keepalive: int = 32  # idle connections kept per upstream (a burst's surplus: briefly)
     max_connections: int = 0  # open at once per upstream; 0: no limit
     idle_timeout: float = 60.0
     max_requests: int = 1000  # per connection; 0: no limit
@@ -263,6 +263,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._fail(Outcome.TIMEOUT, f"upstream {self.pool.upstream.address}: {what}")
 
 
+# Idle connections above ``keepalive`` are closed once they have been idle this long.
+TRIM_AFTER = 1.0
+
 # What waits for a connection: called with one, or with None and why not.
 Waiter = Callable[["UpstreamConnection | None", Outcome, str], None]
 
@@ -270,7 +273,12 @@ Waiter = Callable[["UpstreamConnection | None", Outcome, str], None]
 class ConnectionPool:
     """Connections to one upstream: idle ones reused newest first (so a quiet period lets the
     others reach their idle timeout), new ones opened up to ``max_connections``, then waiters
-    queue until a connection is released or ``connect_timeout`` passes."""
+    queue until a connection is released or ``connect_timeout`` passes.
+
+    ``keepalive`` bounds the idle connections kept for long: a surplus left by a burst is closed
+    after TRIM_AFTER seconds idle, so the open connections never exceed the peak concurrency
+    (or ``max_connections``) and settle at ``keepalive`` when the load does.
+    """
 
     def __init__(
         self, upstream: Upstream, settings: PoolSettings, loop: asyncio.AbstractEventLoop
@@ -348,9 +356,12 @@ class ConnectionPool:
             self.busy.add(conn)
             waiter(conn, Outcome.OK, "")
             return
-        if len(self.idle) >= self.settings.keepalive:
+        if not self.settings.keepalive:
             conn.close()
             return
+        # Parked even above ``keepalive``: the sweep trims the surplus once it has stayed idle
+        # for TRIM_AFTER. nginx closes it at once, which under bursty load means closing
+        # connections that the next burst has to open again.
         conn.idle_since = self.loop.time()
         self.idle.append(conn)
 
@@ -375,11 +386,15 @@ class ConnectionPool:
             total = conn.total_deadline
             if (deadline is not None and now >= deadline) or (total is not None and now >= total):
                 conn.on_deadline(now)
+        idle = self.idle
         idle_timeout = self.settings.idle_timeout
-        if self.idle and now - self.idle[0].idle_since >= idle_timeout:
-            for conn in [c for c in self.idle if now - c.idle_since >= idle_timeout]:
-                self.idle.remove(conn)
+        if idle and now - idle[0].idle_since >= idle_timeout:
+            for conn in [c for c in idle if now - c.idle_since >= idle_timeout]:
+                idle.remove(conn)
                 conn.close()
+        # Beyond ``keepalive``, the connections idle longest go (the list is oldest first).
+        while len(idle) > self.settings.keepalive and now - idle[0].idle_since >= TRIM_AFTER:
+            idle.pop(0).close()
         while self.waiters and now >= self.waiters[0][0]:
             _, waiter = self.waiters.popleft()
             waiter(None, Outcome.CANCELLED, f"upstream {self.upstream.address}: no connection free")

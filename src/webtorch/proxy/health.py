@@ -380,6 +380,19 @@ class GroupHealth:
             if not st.active.healthy:
                 st.needs_ramp = True
             self._dirty = True
+        if ok and st.active.healthy and (now < st.down_until or now < st.ejected_until):
+            # A good check is fresher evidence than the failures that took the upstream out
+            # (Envoy's successful_active_health_check_uneject_host, on by default there too):
+            # a restarted server is back within one check interval, not after fail_timeout or
+            # a whole ejection. It comes back through slow start, when configured.
+            st.down_until = min(st.down_until, now)
+            st.ejected_until = min(st.ejected_until, now)
+            st.fail_times.clear()
+            st.probation = False
+            st.c5xx = st.cgw = 0
+            st.needs_ramp = True
+            self._dirty = True
+            return True
         return changed
 
     def due_checks(self, now: float) -> list[Upstream]:

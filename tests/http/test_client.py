@@ -1,0 +1,194 @@
+"""The upstream connection and its pool, fed bytes and a fake clock (no sockets)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from webtorch.balance.base import Outcome, Upstream
+from webtorch.http.client import (
+    TRIM_AFTER,
+    ConnectionPool,
+    Exchange,
+    PoolSettings,
+    UpstreamConnection,
+)
+from webtorch.http.messages import Headers
+
+
+class FakeLoop:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def time(self) -> float:
+        return self.now
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+class Recorder(Exchange):
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def on_response_head(
+        self, status: int, headers: Headers, content_length: int | None, bodyless: bool
+    ) -> None:
+        self.events.append(("head", status, content_length, bodyless))
+
+    def on_response_data(self, data: bytes) -> None:
+        self.events.append(("data", data))
+
+    def on_response_end(self) -> None:
+        self.events.append(("end",))
+
+    def on_failure(self, outcome: Outcome, message: str) -> None:
+        self.events.append(("failure", outcome))
+
+    def on_upstream_paused(self) -> None: ...
+    def on_upstream_resumed(self) -> None: ...
+
+
+def make_pool(**settings: Any) -> tuple[ConnectionPool, FakeLoop]:
+    loop = FakeLoop()
+    upstream = Upstream("127.0.0.1:9", "127.0.0.1", 9)
+    return ConnectionPool(upstream, PoolSettings(**settings), loop), loop  # type: ignore[arg-type]
+
+
+def connected(pool: ConnectionPool) -> tuple[UpstreamConnection, FakeTransport]:
+    conn = UpstreamConnection(pool)
+    transport = FakeTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    pool.busy.add(conn)
+    return conn, transport
+
+
+def exchange(conn: UpstreamConnection, response: bytes, expect_body: bool = True) -> Recorder:
+    rec = Recorder()
+    conn.send(rec, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", expect_body)
+    conn.data_received(response)
+    return rec
+
+
+def test_a_response_is_delivered_and_the_connection_pooled() -> None:
+    pool, _ = make_pool()
+    conn, _ = connected(pool)
+    rec = exchange(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert rec.events == [("head", 200, 2, False), ("data", b"ok"), ("end",)]
+    assert pool.idle == [conn]
+
+
+def test_interim_responses_are_skipped() -> None:
+    pool, _ = make_pool()
+    conn, _ = connected(pool)
+    rec = exchange(
+        conn, b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert rec.events == [("head", 201, 0, False), ("end",)]
+
+
+def test_head_response_ends_at_its_headers_and_the_connection_stays_usable() -> None:
+    pool, _ = make_pool()
+    conn, _ = connected(pool)
+    rec = exchange(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", expect_body=False)
+    assert rec.events == [("head", 200, 1000, True), ("end",)]
+    assert pool.idle == [conn]
+    conn = pool.acquire(lambda *a: None)  # type: ignore[assignment]
+    rec = exchange(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
+    assert rec.events[-1] == ("end",)
+
+
+def test_close_delimited_body_ends_at_eof_and_is_not_reused() -> None:
+    pool, _ = make_pool()
+    conn, _ = connected(pool)
+    rec = exchange(conn, b"HTTP/1.1 200 OK\r\n\r\nsome")
+    conn.data_received(b" more")
+    conn.connection_lost(None)
+    assert rec.events == [
+        ("head", 200, None, False),
+        ("data", b"some"),
+        ("data", b" more"),
+        ("end",),
+    ]
+    assert pool.idle == []
+
+
+def test_connection_close_from_the_upstream_is_honoured() -> None:
+    pool, _ = make_pool()
+    conn, transport = connected(pool)
+    exchange(conn, b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+    assert pool.idle == [] and transport.closed
+
+
+def test_a_broken_response_is_a_reset() -> None:
+    pool, _ = make_pool()
+    conn, transport = connected(pool)
+    rec = exchange(conn, b"HTTP/1.1 2x0 OK\r\n\r\n")
+    assert rec.events == [("failure", Outcome.RESET)]
+    assert transport.closed
+
+
+def test_read_timeout_is_swept() -> None:
+    pool, loop = make_pool(read_timeout=5.0)
+    conn, transport = connected(pool)
+    rec = Recorder()
+    conn.send(rec, b"GET / HTTP/1.1\r\n\r\n", True)
+    loop.now += 4.9
+    pool.sweep(loop.now)
+    assert rec.events == []
+    loop.now += 0.2
+    pool.sweep(loop.now)
+    assert rec.events == [("failure", Outcome.TIMEOUT)] and transport.closed
+
+
+def test_max_requests_per_connection() -> None:
+    pool, _ = make_pool(max_requests=2)
+    conn, transport = connected(pool)
+    exchange(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert pool.idle == [conn]
+    pool.idle.clear()
+    exchange(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert pool.idle == [] and transport.closed
+
+
+def test_idle_surplus_above_keepalive_is_trimmed_after_a_while() -> None:
+    pool, loop = make_pool(keepalive=2, idle_timeout=60.0)
+    conns = [connected(pool) for _ in range(5)]
+    for conn, _ in conns:
+        pool.release(conn, True)
+    assert len(pool.idle) == 5  # a burst's connections stay for the next burst...
+    loop.now += TRIM_AFTER / 2
+    pool.sweep(loop.now)
+    assert len(pool.idle) == 5
+    loop.now += TRIM_AFTER
+    pool.sweep(loop.now)
+    assert pool.idle == [conns[3][0], conns[4][0]]  # ...then the oldest surplus goes
+    assert [t.closed for _, t in conns] == [True, True, True, False, False]
+    loop.now += 60.0
+    pool.sweep(loop.now)
+    assert pool.idle == []  # idle timeout
+
+
+def test_waiters_queue_at_max_connections_and_get_released_connections() -> None:
+    pool, loop = make_pool(max_connections=1, connect_timeout=1.0)
+    conn, _ = connected(pool)
+    got: list[Any] = []
+    assert pool.acquire(lambda c, o, m: got.append((c, o))) is None
+    pool.release(conn, True)
+    assert got == [(conn, Outcome.OK)]
+    # A second waiter gives up after connect_timeout.
+    pool.acquire(lambda c, o, m: got.append((c, o)))
+    loop.now += 1.5
+    pool.sweep(loop.now)
+    assert got[-1] == (None, Outcome.CANCELLED)
