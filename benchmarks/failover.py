@@ -80,7 +80,7 @@ VICTIM = "up2"
 BUCKET_S = 0.1  # the client's time resolution
 WARMUP_S = 1.0
 RECONNECT_DELAY_S = 0.01  # after a failed connect
-SHARE_WINDOW_S = 5.0  # the victim's share is measured over the run's last seconds
+SHARE_WINDOW_S = 5.0  # the victim's share: over the run's last seconds, all after the restart
 
 HEAD_END = b"\r\n\r\n"
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
@@ -539,7 +539,7 @@ def result_row(label: str, result: FailoverResult, settings: Settings) -> str:
     window = result.error_window()
     errors_when = "-" if window is None else f"{window[0]:.1f}-{window[1]:.1f} s"
     end = settings.duration
-    last_share = result.share(VICTIM, end - SHARE_WINDOW_S, end)
+    last_share = result.share(VICTIM, max(settings.restart_at, end - SHARE_WINDOW_S), end)
     return (
         f"| {label} | {result.requests:,} | {rate:,.0f} | **{result.client_errors}** "
         f"| {result.non_2xx} / {result.socket_errors} / {result.timeouts} | {errors_when} "
@@ -633,12 +633,12 @@ READING = [
     "`fail_timeout` (10 s), after which live requests try it again (a failure there is retried "
     "on another server and restarts the 10 s). A server restarted within that window is back "
     "about 10 s after the kill; one restarted later, up to 10 s after its restart.",
-    "- WebTorch takes a server back when every state that holds it out has passed: the active "
-    "check (1 s interval, `passes = 1`), passive health (`max_fails = 1`, `fail_timeout = 10`) "
-    "and, on by default, outlier ejection (`consecutive_gateway_failure = 5`, "
-    "`base_ejection_time = 30`, longer for repeat offenders). The row with outlier ejection "
-    "off shows what the active check and passive health alone give; the log lines below name "
-    "the state that held the server out.",
+    "- WebTorch holds a server out on passive health (`max_fails = 1`, `fail_timeout = 10`), "
+    "on outlier ejection (on by default: 5 consecutive gateway failures eject it for "
+    "`base_ejection_time = 30` s, longer for repeat offenders) and on its active check (every "
+    "1 s, `fails = 1`, `passes = 1`). How soon a restarted server is back depends on which of "
+    "these states a passing active check clears: the row with outlier ejection off isolates "
+    "that, and the log lines below name the states each proxy went through.",
 ]
 
 LOG_HEAD, LOG_TAIL = 6, 4  # log lines shown from the start and the end

@@ -665,6 +665,13 @@ def reading_lines(results: dict[str, ProxyRounds]) -> list[str]:
                 f"({direct_rps:,.0f} req/s with CPU {CLIENT_CPU} to itself and wrk)."
             )
         lines.append(text)
+    direct_idle = direct.median(server_idle) if direct is not None else None
+    if direct_idle is not None and direct_idle < 0.9:
+        lines.append(
+            f"- **Disturbed:** while wrk measured the upstream alone, nothing of this benchmark "
+            f"ran on CPU {SERVER_CPU}, yet it was only {direct_idle:.0%} idle (median): other "
+            "work shared the machine during this run."
+        )
     return lines
 
 
@@ -746,10 +753,11 @@ READING = [
     "- CPU per request is the figure to compare: it does not depend on which CPU limited req/s "
     "in a round (see the idle columns), and the noisy machine moves it far less than req/s.",
     "- Both proxies keep at most 32 idle connections to the upstream (nginx `keepalive 32`, "
-    "WebTorch `keepalive = 32`). With 32 client connections every request finds a pooled "
-    "connection; with 64, more requests are in flight than the pool keeps, so both proxies open "
-    "and close upstream connections all the time (the connections column), which costs each "
-    "of them CPU per request.",
+    "WebTorch `keepalive = 32`). With 32 client connections every request can find a pooled "
+    "connection (about 1 new connection per 1k requests: both retire a connection after 1,000 "
+    "requests); with 64, more requests are in flight than the pool keeps idle, and a proxy that "
+    "opens and closes the extra upstream connections pays for it in CPU per request. The "
+    "connections column shows what each proxy did.",
 ]
 
 

@@ -76,6 +76,8 @@ class Policy(ABC):
     """
 
     name: str = ""
+    # Whether observe() learns anything: the proxy skips the call per response when not.
+    learns: bool = False
 
     def __init__(self, group: Sequence[Upstream]) -> None:
         self.group = list(group)

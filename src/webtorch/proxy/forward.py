@@ -117,13 +117,13 @@ class Forward(Exchange, BodySource, BodyConsumer):
     # -- attempts -----------------------------------------------------------------------------
 
     def run(self) -> Pending:
-        self.route.group.budget.record_request(self.started_at)
-        self._next_attempt()
+        now = self.started_at
+        self.route.group.budget.record_request(now)
+        self._next_attempt(now)
         return self.pending
 
-    def _next_attempt(self, same: Upstream | None = None) -> None:
+    def _next_attempt(self, now: float, same: Upstream | None = None) -> None:
         group = self.route.group
-        now = time.monotonic()
         if same is not None:
             upstream = same
         else:
@@ -342,7 +342,7 @@ class Forward(Exchange, BodySource, BodyConsumer):
             upstream = self.upstream
             upstream.inflight -= 1
             self.attempt -= 1
-            self._next_attempt(same=upstream)
+            self._next_attempt(time.monotonic(), same=upstream)
             return
         self._attempt_failed(outcome, None, message)
 
@@ -401,7 +401,7 @@ class Forward(Exchange, BodySource, BodyConsumer):
     def _retry(self, outcome: Outcome) -> None:
         self.route.group.retries += 1
         self.upstream = None
-        self._next_attempt()
+        self._next_attempt(time.monotonic())
 
     def _give_up(self, status: int, message: str) -> None:
         self.upstream = None

@@ -280,9 +280,12 @@ class GroupHealth:
 
         CANCELLED says nothing about the upstream and is ignored.
         """
-        if outcome is Outcome.CANCELLED:
-            return False
         st = self._by_upstream[upstream]
+        if outcome is Outcome.OK:
+            if not (st.fail_times or st.probation or st.c5xx or st.cgw):
+                return False  # the hot path: a success with nothing to reset
+        elif outcome is Outcome.CANCELLED:
+            return False
         out = False
         if self.passive.max_fails:
             out = self._record_passive(st, outcome, now)

@@ -146,7 +146,8 @@ class UpstreamGroup:
                 outcome.value,
                 self.health.state_of(upstream, now),
             )
-        self.policy.observe(upstream, outcome, latency, now)
+        if self.policy.learns:
+            self.policy.observe(upstream, outcome, latency, now)
 
     # -- the clock ----------------------------------------------------------------------------
 
