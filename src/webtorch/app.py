@@ -84,6 +84,7 @@ class App:
         )
         repository.start(loop, router)
         self.proxies = Proxies(loop)
+        self.metrics.sources.append(self.proxies.metric_families)
         self.router = router
         router.replace_user_routes(self._user_routes(self.config))
         return router

@@ -182,3 +182,26 @@ def test_client_disconnect_cancels_the_upstream_request() -> None:
         # The proxy released the attempt before closing the connection the upstream saw close.
         group = running.app.proxies.groups["backend"]  # type: ignore[union-attr]
         assert group.upstreams[0].inflight == 0
+
+
+def test_upstream_metrics_are_exposed() -> None:
+    dead = dead_address()
+    with upstreams("a") as (a,), proxy([dead, a.address]) as running:
+        for _ in range(3):
+            assert request(running, "GET", "/")[0] == 200
+        _, _, body = request(running, "GET", "/metrics")
+        text = body.decode()
+        assert (
+            f'webtorch_upstream_attempts_total{{group="backend",upstream="{a.address}"}} 3.0'
+            in text
+        )
+        assert (
+            f'webtorch_upstream_failures_total{{group="backend",outcome="connect_failed",'
+            f'upstream="{dead}"}} 1.0'
+        ) in text
+        assert (
+            f'webtorch_upstream_state{{group="backend",state="unavailable",upstream="{dead}"}}'
+            in text
+        )
+        assert 'webtorch_upstream_retries_total{group="backend"} 1.0' in text
+        assert "webtorch_upstream_response_seconds_bucket" in text

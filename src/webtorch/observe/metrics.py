@@ -9,7 +9,7 @@ Prometheus metric families when ``/metrics`` is scraped. Exposition stays promet
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
@@ -128,6 +128,8 @@ class Metrics:
         self.latency: dict[str, Histogram] = {}
         self.models: dict[str, ModelStats] = {}
         self.training: dict[str, TrainStats] = {}
+        # Other parts' metric families, made at scrape time (the proxy's upstream groups).
+        self.sources: list[Callable[[], Iterable[Metric]]] = []
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 
@@ -220,6 +222,8 @@ class _Collector:
         yield errors
         yield stages
         yield from _training(m.training)
+        for source in m.sources:
+            yield from source()
 
 
 def _training(training: dict[str, TrainStats]) -> Iterator[Metric]:

@@ -14,8 +14,15 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from webtorch.balance.base import Outcome, Upstream
 from webtorch.balance.registry import make_policy
@@ -23,6 +30,7 @@ from webtorch.balance.sticky import StickyCookie
 from webtorch.config import Config, RouteConfig, UpstreamConfig, parse_listen
 from webtorch.http.client import ConnectionPool, PoolSettings
 from webtorch.http.messages import HandlerResult, Request
+from webtorch.observe.metrics import LATENCY_BUCKETS, Histogram
 from webtorch.proxy.forward import Forward
 from webtorch.proxy.headers import TrustedProxies
 from webtorch.proxy.health import ActiveSettings, GroupHealth, OutlierSettings, PassiveSettings
@@ -37,7 +45,8 @@ class UpstreamStats:
 
     attempts: int = 0
     failures: dict[str, int] = field(default_factory=dict)  # by Outcome value
-    latency_total: float = 0.0
+    # Seconds from sending a request to its response head (or its failure).
+    latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     checks_failed: int = 0
 
 
@@ -135,7 +144,7 @@ class UpstreamGroup:
     def observe(self, upstream: Upstream, outcome: Outcome, latency: float, now: float) -> None:
         stats = self.stats[upstream.index]
         stats.attempts += 1
-        stats.latency_total += latency
+        stats.latency.record(latency)
         if outcome is not Outcome.OK:
             stats.failures[outcome.value] = stats.failures.get(outcome.value, 0) + 1
         if self.health.record(upstream, outcome, now):
@@ -156,6 +165,8 @@ class UpstreamGroup:
         loop_now = self.loop.time()
         for pool in self.pools:
             pool.sweep(loop_now)
+        for stats in self.stats:
+            stats.latency.compact()  # bounds the pending observations between scrapes
         if self.health.active is not None and not self.closed:
             for upstream in self.health.due_checks(now):
                 task = self.loop.create_task(self._check(upstream))
@@ -287,6 +298,66 @@ class Proxies:
                 g for g in self._retired if any(p.busy or p.connecting for p in g.pools)
             ]
         self._schedule()
+
+    def metric_families(self) -> Iterator[Metric]:
+        """The upstream groups' metrics, for /metrics (see the metrics reference)."""
+        labels = ["group", "upstream"]
+        attempts = CounterMetricFamily(
+            "webtorch_upstream_attempts", "Attempts sent to an upstream server", labels=labels
+        )
+        failures = CounterMetricFamily(
+            "webtorch_upstream_failures",
+            "Failed attempts by outcome (server_error, connect_failed, reset, timeout)",
+            labels=[*labels, "outcome"],
+        )
+        inflight = GaugeMetricFamily(
+            "webtorch_upstream_inflight", "Requests in flight to an upstream server", labels=labels
+        )
+        state = GaugeMetricFamily(
+            "webtorch_upstream_state",
+            "1 for the server's current health state (healthy, unavailable, ejected, "
+            "unhealthy, slow_start)",
+            labels=[*labels, "state"],
+        )
+        ejections = CounterMetricFamily(
+            "webtorch_upstream_ejections", "Outlier ejections of a server", labels=labels
+        )
+        checks = CounterMetricFamily(
+            "webtorch_upstream_health_checks_failed", "Failed active health checks", labels=labels
+        )
+        latency = HistogramMetricFamily(
+            "webtorch_upstream_response_seconds",
+            "Seconds from sending a request upstream to its response head",
+            labels=labels,
+        )
+        connections = GaugeMetricFamily(
+            "webtorch_upstream_connections",
+            "Pooled connections to a server, by state (idle, busy)",
+            labels=[*labels, "state"],
+        )
+        retries = CounterMetricFamily(
+            "webtorch_upstream_retries", "Attempts retried on another server", labels=["group"]
+        )
+        now = time.monotonic()
+        for name, group in sorted(self.groups.items()):
+            retries.add_metric([name], group.retries)
+            for upstream, stats, pool in zip(
+                group.upstreams, group.stats, group.pools, strict=True
+            ):
+                key = [name, upstream.address]
+                attempts.add_metric(key, stats.attempts)
+                for outcome, count in sorted(stats.failures.items()):
+                    failures.add_metric([*key, outcome], count)
+                inflight.add_metric(key, upstream.inflight)
+                state.add_metric([*key, group.health.state_of(upstream, now)], 1)
+                ejections.add_metric(key, group.health.ejections_total(upstream))
+                checks.add_metric(key, stats.checks_failed)
+                hist = stats.latency
+                latency.add_metric(key, hist.buckets(), hist.total)
+                connections.add_metric([*key, "idle"], len(pool.idle))
+                connections.add_metric([*key, "busy"], len(pool.busy))
+        yield from (attempts, failures, inflight, state, ejections, checks, latency)
+        yield from (connections, retries)
 
     def close(self) -> None:
         if self._tick is not None:
