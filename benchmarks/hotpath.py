@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import time
 from pathlib import Path
@@ -134,6 +135,10 @@ async def run(path: str, conns: int, rounds: int) -> None:
 
     for _ in range(50):
         await round_()
+    # As App.start does once the server is up (see its comment).
+    gc.freeze()
+    if os.environ.get("GC_THRESHOLD"):
+        gc.set_threshold(int(os.environ["GC_THRESHOLD"]))
     t0 = time.process_time()
     w0 = time.perf_counter()
     for _ in range(rounds):

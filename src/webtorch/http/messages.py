@@ -272,6 +272,7 @@ class Pending:
         if self.response is not None:
             return
         self.response = response
+        self.on_cancel = None  # nothing left to cancel; also breaks the cycle with its owner
         callback = self._callback
         if callback is not None:
             arg = self._arg

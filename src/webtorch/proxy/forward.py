@@ -48,6 +48,7 @@ STREAM_HIGH_WATER = 256 * 1024
 REPLAY_LIMIT = 1024 * 1024
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 _SERVER_ERRORS = frozenset({500, 502, 503, 504})
+_NO_CHUNKS: list[bytes] = []  # never appended to: a placeholder until an attempt starts
 
 
 class Forward(Exchange, BodySource, BodyConsumer):
@@ -58,7 +59,6 @@ class Forward(Exchange, BodySource, BodyConsumer):
         "_ended",
         "_headers",
         "_mode",
-        "_out_length",
         "_source_paused",
         "attached",
         "attempt",
@@ -106,12 +106,11 @@ class Forward(Exchange, BodySource, BodyConsumer):
         self.attached = False  # the request body stream delivers to this forward
         self.chunked_body = False
         self._mode = 0  # 0: awaiting head, 1: buffering the body, 2: streaming it
-        self._buffer: list[bytes] = []
+        self._buffer: list[bytes] = _NO_CHUNKS  # set per attempt by _next_attempt
         self._buffered = 0
         self._ended = 0  # before the sink is there: 1 the body ended, 2 it broke off
         self._ctype: bytes | None = None
         self._headers: Headers = []
-        self._out_length: int | None = None
         self._source_paused = False
 
     # -- attempts -----------------------------------------------------------------------------
@@ -146,9 +145,10 @@ class Forward(Exchange, BodySource, BodyConsumer):
         upstream.inflight += 1
         self.sent_at = now
         self.head_sent = False
-        self._mode = 0
+        if self._mode or self._buffered:  # a retry: forget what the failed attempt read
+            self._mode = 0
+            self._buffered = 0
         self._buffer = []
-        self._buffered = 0
         conn = group.pools[upstream.index].acquire(self._connected)
         if conn is not None:
             self._send(conn)
@@ -272,7 +272,6 @@ class Forward(Exchange, BodySource, BodyConsumer):
             kept.append(cookie)
         self._ctype = ctype
         self._headers = kept
-        self._out_length = content_length
         if bodyless:
             self._finish_response(Response(status, b"", ctype, kept, content_length=content_length))
         elif content_length is not None and content_length <= BUFFER_LIMIT:
@@ -297,9 +296,14 @@ class Forward(Exchange, BodySource, BodyConsumer):
         if upstream is not None:
             upstream.inflight -= 1
         if self._mode == 1:
-            body = b"".join(self._buffer)
-            self._buffer = []
-            self._finish_response(Response(self.status, body, self._ctype, self._headers))
+            # The common case, spelled out: a whole small response, relayed at once.
+            buffer = self._buffer
+            body = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+            if not self.done:
+                self.done = True
+                if self.request.stream is not None:
+                    self._detach_body()
+                self.pending.resolve(Response(self.status, body, self._ctype, self._headers))
         elif self._mode == 2:
             self.done = True
             self._detach_body()

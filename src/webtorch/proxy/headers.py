@@ -63,8 +63,14 @@ class TrustedProxies:
         return trusted
 
 
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close", b"Keep-alive"})
+_METHODS = {m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
+
+
 def _named(value: bytes) -> frozenset[bytes]:
     """The header names a Connection header lists (its keep-alive and close options aside)."""
+    if value in _PLAIN_CONNECTION:
+        return frozenset()  # what almost every Connection header says: no names to drop
     tokens = {t.strip().lower() for t in value.split(b",")}
     return frozenset(tokens - {b"keep-alive", b"close", b""})
 
@@ -88,11 +94,13 @@ def request_head(
     forwarded_for = forwarded_proto = forwarded_host = None
     host = None
     named: frozenset[bytes] = frozenset()
-    parts = [request.method.encode("ascii"), b" ", request.target or b"/", b" HTTP/1.1\r\n"]
+    method = _METHODS.get(request.method) or request.method.encode("ascii")
+    parts = [method, b" ", request.target or b"/", b" HTTP/1.1\r\n"]
     for name, value in request.headers:
         if name in _REQUEST_DROP or name.startswith(b"proxy-"):
             if name == b"connection":
-                named |= _named(value)
+                if value not in _PLAIN_CONNECTION:
+                    named |= _named(value)
             elif believed:
                 if name == b"x-forwarded-for":
                     forwarded_for = (
@@ -117,7 +125,7 @@ def request_head(
         for name, value in request.headers:
             if not (name in _REQUEST_DROP or name in named or name.startswith(b"proxy-")):
                 parts += (name, b": ", value, b"\r\n")
-    client = request.client.encode("ascii", "replace")
+    client = request.client.encode()  # an IP address: ASCII
     if host is None:
         host = default_host
         parts += (b"host: ", host, b"\r\n")
@@ -125,7 +133,7 @@ def request_head(
         b"x-forwarded-for: ",
         client if forwarded_for is None else forwarded_for + b", " + client,
         b"\r\nx-forwarded-proto: ",
-        forwarded_proto or request.scheme.encode("ascii"),
+        forwarded_proto or (b"https" if request.scheme == "https" else b"http"),
         b"\r\nx-forwarded-host: ",
         forwarded_host or host,
         b"\r\n",
@@ -145,7 +153,7 @@ def response_headers(raw: Headers) -> tuple[bytes | None, Headers]:
         if name in _RESPONSE_DROP or name.startswith(b"proxy-"):
             if name == b"content-type":
                 content_type = header[1]
-            elif name == b"connection":
+            elif name == b"connection" and header[1] not in _PLAIN_CONNECTION:
                 named |= _named(header[1])
             continue
         kept.append(header)
