@@ -175,6 +175,11 @@ class App:
         # Everything allocated so far (torch, models, routes) lives as long as the process: move it
         # out of the collector's sight so a generation-2 collection does not walk it mid-request.
         gc.freeze()
+        # A request allocates tens of tracked objects and frees nearly all by reference count,
+        # yet at the default threshold (700) a young-generation collection runs every few
+        # dozen requests, walking everything in flight. Measured on the proxy path: ~8% of its
+        # CPU per request. Cyclic garbage now waits for 20,000 allocations instead of 700.
+        gc.set_threshold(20_000, 10, 10)
         self._compact_metrics()
         self._ready = True
         return self.server
