@@ -189,3 +189,25 @@ def test_sighup_reloads(tmp_path: Path) -> None:
             conn.request("GET", "/")
             assert conn.getresponse().read() == b"b"
             conn.close()
+
+
+def test_reload_endpoint_needs_the_token_when_one_is_set(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.toml"
+    with upstreams("a") as (a,):
+        write_config(path, [a.address])
+        path.write_text(
+            path.read_text().replace("[server]\n", '[server]\ntoken = "s3cret-token-0123456789"\n')
+        )
+        with serve_in_thread(wt_config.load(path), path) as running:
+            status, headers, _ = request(running, "POST", "/admin/reload", body=b"")
+            assert status == 401 and "www-authenticate" in headers
+            status, _, body = request(
+                running,
+                "POST",
+                "/admin/reload",
+                body=b"",
+                headers={"Authorization": "Bearer s3cret-token-0123456789"},
+            )
+            assert status == 200, body
+            # Proxied traffic itself needs no token.
+            assert request(running, "GET", "/")[0] == 200

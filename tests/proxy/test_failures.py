@@ -205,3 +205,12 @@ def test_upstream_metrics_are_exposed() -> None:
         )
         assert 'webtorch_upstream_retries_total{group="backend"} 1.0' in text
         assert "webtorch_upstream_response_seconds_bucket" in text
+
+
+def test_total_timeout_bounds_an_attempt() -> None:
+    # The upstream never answers: the read timeout is long, the total timeout is not.
+    with upstreams("a") as (a,), proxy([a.address], read_timeout=30, total_timeout=0.3) as running:
+        started = time.monotonic()
+        status, _, _ = request(running, "GET", "/hang")
+        assert status == 504
+        assert time.monotonic() - started < 5
