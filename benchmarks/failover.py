@@ -62,6 +62,7 @@ from run import (
     BenchError,
     command_line,
     cpu_model,
+    failure_lines,
     find_tool,
     free_port,
     in_rounds,
@@ -695,17 +696,6 @@ def log_section(results: dict[str, FailoverRounds]) -> list[str]:
 
 def plus_seconds(value: float | None) -> str:
     return "(not done)" if value is None else f"{value:.2f} s"
-
-
-def failure_lines(results: dict[str, FailoverRounds]) -> list[str]:
-    lines = []
-    for rounds in results.values():
-        for number, result in enumerate(rounds.results, 1):
-            if result.error is not None:
-                label = rounds.target.label
-                lines += [f"**{label}** failed in round {number}:", "", "```", result.error, "```"]
-                lines.append("")
-    return lines
 
 
 def method_line(settings: Settings) -> str:

@@ -56,6 +56,7 @@ from run import (
     WrkResult,
     command_line,
     cpu_model,
+    failure_lines,
     find_tool,
     free_port,
     in_rounds,
@@ -672,17 +673,6 @@ def reading_lines(results: dict[str, ProxyRounds]) -> list[str]:
             f"ran on CPU {SERVER_CPU}, yet it was only {direct_idle:.0%} idle (median): other "
             "work shared the machine during this run."
         )
-    return lines
-
-
-def failure_lines(results: dict[str, ProxyRounds]) -> list[str]:
-    lines = []
-    for rounds in results.values():
-        for number, result in enumerate(rounds.results, 1):
-            if result.error is not None:
-                label = rounds.target.label
-                lines += [f"**{label}** failed in round {number}:", "", "```", result.error, "```"]
-                lines.append("")
     return lines
 
 

@@ -32,7 +32,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import metadata
@@ -679,7 +679,9 @@ def target_lines(results: dict[str, Rounds]) -> list[str]:
     ]
 
 
-def failure_lines(results: dict[str, Rounds]) -> list[str]:
+def failure_lines(results: Mapping[str, Any]) -> list[str]:
+    """The error of every failed round, for the report; any benchmark's rounds (each with
+    ``target.label`` and ``results`` whose items have ``error``)."""
     lines = []
     for rounds in results.values():
         for number, result in enumerate(rounds.results, 1):

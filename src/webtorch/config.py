@@ -215,20 +215,6 @@ class HealthCheckConfig(_Strict):
         return path
 
 
-RETRY_CONDITIONS = frozenset(
-    {
-        "error",
-        "timeout",
-        "http_500",
-        "http_502",
-        "http_503",
-        "http_504",
-        "http_429",
-        "non_idempotent",
-    }
-)
-
-
 class RetryConfig(_Strict):
     """nginx's proxy_next_upstream, plus a retry budget so retries cannot amplify an outage."""
 
@@ -242,11 +228,13 @@ class RetryConfig(_Strict):
     @field_validator("on")
     @classmethod
     def _check_on(cls, on: list[str]) -> list[str]:
-        unknown = sorted(set(on) - RETRY_CONDITIONS)
+        from webtorch.proxy.retry import CONDITIONS
+
+        unknown = sorted(set(on) - CONDITIONS)
         if unknown:
             raise ValueError(
                 f"unknown retry condition(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(RETRY_CONDITIONS))}"
+                f"known: {', '.join(sorted(CONDITIONS))}"
             )
         return on
 
