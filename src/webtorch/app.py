@@ -135,6 +135,9 @@ class App:
             log.warning("reload: [server] changes need a restart; kept the running settings")
         new = new.model_copy(update={"server": self.config.server})
         self.router.replace_user_routes(self._user_routes(new))
+        if new.upstreams and self.server is not None:
+            # Proxied routes stream their request bodies (the first upstreams may come now).
+            self.server.state.stream_match = self.router.match_stream
         self.config = new
         message = (
             f"reloaded {self.path}: {len(new.upstreams)} upstream(s), {len(new.routes)} route(s)"

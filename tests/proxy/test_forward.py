@@ -235,3 +235,10 @@ def test_expect_continue_upload_is_streamed() -> None:
         sent = json.loads(data.split(b"\r\n\r\n", 1)[1])
         assert sent["body_bytes"] == 5
         assert not header_values(sent, "expect")
+
+
+def test_streamed_uploads_are_counted_under_their_route() -> None:
+    with upstreams("a") as (a,), proxy([a.address]) as running:
+        assert request(running, "POST", "/echo", body=b"x" * 10)[0] == 200
+        text = request(running, "GET", "/metrics")[2].decode()
+        assert 'webtorch_http_requests_total{method="POST",route="/",status="200"} 1.0' in text

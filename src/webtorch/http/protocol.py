@@ -532,6 +532,7 @@ class HttpProtocol(asyncio.Protocol):
             self._stream = RequestBody(self._set_body_paused)
             request = self._request(slot, b"", self._stream)
             if request is not None:
+                request.route = route.name  # what the router does for the others
                 self._dispatch(slot, request, route.handler)
             else:
                 self._stream = None
