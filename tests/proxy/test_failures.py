@@ -214,3 +214,38 @@ def test_total_timeout_bounds_an_attempt() -> None:
         status, _, _ = request(running, "GET", "/hang")
         assert status == 504
         assert time.monotonic() - started < 5
+
+
+def test_retry_budget_bounds_retries_in_an_outage() -> None:
+    # Every server answers 503: each GET could try all three. The budget (10% of requests, no
+    # reserve) lets about one request in ten retry, so the outage is not tripled.
+    retry = {"tries": 3, "budget_percent": 10, "budget_min_per_second": 0}
+    with upstreams("a", "b", "c") as ups:
+        for up in ups:
+            up.fail_with = 503
+        with proxy(
+            [u.address for u in ups], max_fails=0, retry=retry, outlier={"consecutive_5xx": 0}
+        ) as running:
+            for _ in range(100):
+                assert request(running, "GET", "/")[0] == 503
+            sent = sum(u.hits["/"] for u in ups)
+            assert 100 <= sent <= 112, sent
+
+
+def test_outlier_ejection_routes_around_a_failing_server() -> None:
+    outlier = {"consecutive_5xx": 3, "base_ejection_time": 60}
+    with (
+        upstreams("a", "b") as (a, b),
+        proxy([a.address, b.address], max_fails=0, outlier=outlier) as running,
+    ):
+        a.fail_with = 502
+        # Retried on b (502 is in the default retry conditions), so no client sees it.
+        for _ in range(10):
+            assert request(running, "GET", "/")[0] == 200
+        hits = a.hits["/"]
+        assert hits == 3  # ejected at its third consecutive 5xx
+        for _ in range(10):
+            request(running, "GET", "/")
+        assert a.hits["/"] == hits
+        group = running.app.proxies.groups["backend"]  # type: ignore[union-attr]
+        assert group.health.ejections_total(group.upstreams[0]) == 1

@@ -42,6 +42,7 @@ class TestUpstream:
         self.name = name
         self.port = port
         self.healthy = True
+        self.fail_with: int | None = None  # answer every request with this status (not /health)
         self.hits: Counter[str] = Counter()  # by path
         self.disconnects = 0  # connections closed by the client while a request was on
         self.hanging = threading.Event()  # set when a /hang request arrived
@@ -181,7 +182,13 @@ class TestUpstream:
             await writer.drain()
 
         base = [(b"x-upstream", self.name.encode())]
-        if path == "/echo":
+        if self.fail_with is not None and path != "/health":
+            body = f"failing with {self.fail_with}".encode()
+            headers = [*base, (b"content-length", str(len(body)).encode())]
+            await send(
+                h11.Response(status_code=self.fail_with, headers=headers), h11.Data(data=body)
+            )
+        elif path == "/echo":
             body = json.dumps(
                 {
                     "name": self.name,
