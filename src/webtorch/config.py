@@ -251,6 +251,42 @@ class StickyConfig(_Strict):
     samesite: Literal["Strict", "Lax", "None"] | None = None
 
 
+class PeakEwmaConfig(_Strict):
+    """``policy = "peak_ewma"`` (Finagle / Linkerd)."""
+
+    decay_time: Annotated[float, Field(gt=0)] = 10.0  # seconds for the EWMA to forget a peak
+    # What an upstream with no observation yet is assumed to cost (pessimistic, as Finagle).
+    initial_latency: Annotated[float, Field(gt=0)] = 1.0
+
+
+class PrequalConfig(_Strict):
+    """``policy = "prequal"`` (Google's Prequal, NSDI 2024): probes feed a small pool."""
+
+    probe_path: str = "/v2/health/load"  # WebTorch upstreams answer it; others fall back
+    probes_per_request: Annotated[float, Field(ge=0)] = 1.0  # probe rate per request picked
+    pool_size: Annotated[int, Field(ge=1)] = 16
+    max_age: Annotated[float, Field(gt=0)] = 1.0  # seconds a probe result may be used
+    max_reuse: Annotated[int, Field(ge=1)] = 3  # picks one probe result may serve
+    hot_quantile: Annotated[float, Field(gt=0, lt=1)] = 0.84  # in-flight above it: hot
+    probe_timeout: Annotated[float, Field(gt=0)] = 0.5
+
+
+class LearnedConfig(_Strict):
+    """``policy = "learned"``: a small PyTorch model predicts each candidate's latency and
+    failure probability; it trains online from outcomes, off the request path."""
+
+    # Its weights, kept across restarts; relative to the config's directory; default:
+    # webtorch-state/balancer-<group> in the working directory.
+    state_dir: Path | None = None
+    explore: Annotated[float, Field(ge=0, le=1)] = 0.05  # share of picks that explore
+    sample: Annotated[int, Field(ge=2)] = 3  # candidates scored per pick
+    hidden: Annotated[int, Field(ge=4, le=1024)] = 32
+    learning_rate: Annotated[float, Field(gt=0)] = 3e-3
+    batch: Annotated[int, Field(ge=1)] = 64  # outcomes per training step
+    train_interval: Annotated[float, Field(gt=0)] = 0.25  # seconds between training steps
+    failure_cost: Annotated[float, Field(ge=0)] = 1.0  # seconds a failure is worth in the cost
+
+
 class UpstreamConfig(_Strict):
     """A group of servers that proxy routes forward to, and how to pick and pool them."""
 
@@ -260,6 +296,10 @@ class UpstreamConfig(_Strict):
     hash_key: str | None = None
     hash_balance: Annotated[float, Field(gt=0)] = 0.25  # bounded loads: cap = (1 + this) x avg
     sticky: StickyConfig | None = None
+    # Settings of the adaptive policies (used when `policy` names them).
+    peak_ewma: PeakEwmaConfig = Field(default_factory=PeakEwmaConfig)
+    prequal: PrequalConfig = Field(default_factory=PrequalConfig)
+    learned: LearnedConfig = Field(default_factory=LearnedConfig)
     # Connection pool, per server.
     keepalive: Annotated[int, Field(ge=0)] = 32  # idle connections kept
     max_connections: Annotated[int, Field(ge=0)] = 0  # open at once; 0: no limit

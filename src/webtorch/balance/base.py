@@ -78,6 +78,8 @@ class Policy(ABC):
     name: str = ""
     # Whether observe() learns anything: the proxy skips the call per response when not.
     learns: bool = False
+    # Whether the policy asks for load probes (see probes() and on_probe()).
+    probing: bool = False
 
     def __init__(self, group: Sequence[Upstream]) -> None:
         self.group = list(group)
@@ -86,8 +88,42 @@ class Policy(ABC):
     def pick(self, request: Request, candidates: Sequence[Upstream], now: float) -> Upstream:
         """The upstream this attempt goes to."""
 
-    def observe(self, upstream: Upstream, outcome: Outcome, latency: float, now: float) -> None:
+    def observe(
+        self,
+        upstream: Upstream,
+        outcome: Outcome,
+        latency: float,
+        now: float,
+        request: Request | None = None,
+    ) -> None:
         """An attempt to ``upstream`` ended: ``latency`` is seconds from sending the request to
         the response head (or to the failure). Called once per attempt, never for CANCELLED
-        attempts that had not reached the upstream. The default learns nothing."""
+        attempts that had not reached the upstream; ``request`` is the request the attempt
+        carried (the same object ``pick`` saw), so a policy can join what it knew at the pick
+        with what happened. The default learns nothing; a policy that overrides this sets
+        ``learns = True`` (the proxy skips the call otherwise)."""
         return None
+
+    def probes(self, now: float) -> Sequence[Upstream]:
+        """Upstreams to probe for their load now (asked after every pick when ``probing``).
+        The proxy sends each a ``GET`` of the group's probe path and reports back through
+        :meth:`on_probe`; a probe is never on a request's path."""
+        return ()
+
+    def on_probe(self, upstream: Upstream, load: ProbeResult | None, now: float) -> None:
+        """A probe came back: ``load`` is what the upstream reported, None when it failed or
+        did not answer in time."""
+        return None
+
+    def close(self) -> None:
+        """The group is being replaced or the server stops: persist what should survive."""
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What an upstream says about its own load when probed (WebTorch answers
+    ``GET /v2/health/load`` with these)."""
+
+    inflight: int  # requests it is working on
+    latency: float  # seconds, its recent typical (median) service time; 0.0 when unknown

@@ -8,8 +8,9 @@ config and the proxy build any policy the same way. A new policy adds one entry 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from webtorch.balance.base import Policy, Upstream
 from webtorch.balance.classic import LeastConn, Random2, RoundRobin
@@ -21,6 +22,10 @@ class PolicyOptions:
     hash_key: str | None = None  # a KeySpec string; required by "hash"
     balance: float = 0.25  # the bounded-load epsilon of "hash"
     rng: random.Random | None = None  # None: a fresh unseeded Random per policy
+    # The policy's own config section as a dict ([upstreams.X.peak_ewma], .prequal, .learned;
+    # empty: its defaults), and the group's name (a learned policy's state is per group).
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    group_name: str = ""
 
 
 PolicyFactory = Callable[[Sequence[Upstream], PolicyOptions], Policy]
@@ -47,6 +52,8 @@ def make_policy(
     hash_key: str | None = None,
     balance: float = 0.25,
     rng: random.Random | None = None,
+    settings: Mapping[str, Any] | None = None,
+    group_name: str = "",
 ) -> Policy:
     """A new policy instance for one upstream group; ValueError for an unknown name or a bad or
     missing option (the message names it, for config validation)."""
@@ -54,4 +61,5 @@ def make_policy(
     if factory is None:
         known = ", ".join(sorted(POLICIES))
         raise ValueError(f"unknown balancing policy {name!r}; expected one of: {known}")
-    return factory(group, PolicyOptions(hash_key=hash_key, balance=balance, rng=rng))
+    options = PolicyOptions(hash_key, balance, rng, settings or {}, group_name)
+    return factory(group, options)

@@ -254,7 +254,9 @@ class Forward(Exchange, BodySource, BodyConsumer):
         now = time.monotonic()
         self.status = status
         if status in _SERVER_ERRORS:
-            self.route.group.observe(upstream, Outcome.SERVER_ERROR, now - self.sent_at, now)
+            self.route.group.observe(
+                upstream, Outcome.SERVER_ERROR, now - self.sent_at, now, self.request
+            )
             if self._may_retry(Outcome.SERVER_ERROR, status):
                 # Another upstream gets the request; this answer is dropped. Its connection
                 # could only be reused after reading its body, so it is closed.
@@ -265,7 +267,7 @@ class Forward(Exchange, BodySource, BodyConsumer):
                 self._retry(Outcome.SERVER_ERROR)
                 return
         else:
-            self.route.group.observe(upstream, Outcome.OK, now - self.sent_at, now)
+            self.route.group.observe(upstream, Outcome.OK, now - self.sent_at, now, self.request)
         ctype, kept = response_headers(headers)
         cookie = self.route.group.cookie_for(self.request, upstream)
         if cookie is not None:
@@ -321,7 +323,7 @@ class Forward(Exchange, BodySource, BodyConsumer):
             if upstream is not None:
                 upstream.inflight -= 1
                 now = time.monotonic()
-                self.route.group.observe(upstream, outcome, now - self.sent_at, now)
+                self.route.group.observe(upstream, outcome, now - self.sent_at, now, self.request)
                 self.upstream = None
             self.done = True
             self._detach_body()
@@ -364,7 +366,7 @@ class Forward(Exchange, BodySource, BodyConsumer):
         upstream = self.upstream
         now = time.monotonic()
         if observe and upstream is not None:
-            self.route.group.observe(upstream, outcome, now - self.sent_at, now)
+            self.route.group.observe(upstream, outcome, now - self.sent_at, now, self.request)
         self.conn = None
         if self._may_retry(outcome, status):
             self._retry(outcome)

@@ -23,6 +23,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from pydantic import BaseModel
 
 from webtorch.balance.base import Outcome, Upstream
 from webtorch.balance.registry import make_policy
@@ -66,12 +67,15 @@ class UpstreamGroup:
         for i, server in enumerate(config.servers):
             host, port = parse_listen(server.address)
             self.upstreams.append(Upstream(server.address, host, port, server.weight, index=i))
+        own = getattr(config, config.policy, None)  # [upstreams.X.<policy>], if it has one
         self.policy = make_policy(
             config.policy,
             self.upstreams,
             hash_key=config.hash_key,
             balance=config.hash_balance,
             rng=rng,
+            settings=own.model_dump() if isinstance(own, BaseModel) else None,
+            group_name=name,
         )
         o = config.outlier
         hc = config.health_check
@@ -141,7 +145,14 @@ class UpstreamGroup:
             return None
         return sticky.set_cookie(upstream)
 
-    def observe(self, upstream: Upstream, outcome: Outcome, latency: float, now: float) -> None:
+    def observe(
+        self,
+        upstream: Upstream,
+        outcome: Outcome,
+        latency: float,
+        now: float,
+        request: Request | None = None,
+    ) -> None:
         stats = self.stats[upstream.index]
         stats.attempts += 1
         stats.latency.record(latency)
@@ -156,7 +167,7 @@ class UpstreamGroup:
                 self.health.state_of(upstream, now),
             )
         if self.policy.learns:
-            self.policy.observe(upstream, outcome, latency, now)
+            self.policy.observe(upstream, outcome, latency, now, request)
 
     # -- the clock ----------------------------------------------------------------------------
 
@@ -215,6 +226,11 @@ class UpstreamGroup:
 
     def close(self) -> None:
         """Stop checks, close idle connections; requests in flight finish on theirs."""
+        if not self.closed:
+            try:
+                self.policy.close()
+            except Exception:  # a policy's persistence failing must not block a reload
+                log.exception("policy %s of %s failed to close", self.policy.name, self.name)
         self.closed = True
         for task in list(self._checks):
             task.cancel()
