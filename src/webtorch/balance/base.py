@@ -115,6 +115,11 @@ class Policy(ABC):
         did not answer in time."""
         return None
 
+    def maintain(self, now: float) -> None:
+        """Housekeeping off the request path (training, saving state): the proxy calls it a few
+        times a second."""
+        return None
+
     def close(self) -> None:
         """The group is being replaced or the server stops: persist what should survive."""
         return None

@@ -178,6 +178,11 @@ class UpstreamGroup:
             pool.sweep(loop_now)
         for stats in self.stats:
             stats.latency.compact()  # bounds the pending observations between scrapes
+        if not self.closed:
+            try:
+                self.policy.maintain(now)
+            except Exception:  # a policy's housekeeping failing must not stop the proxy
+                log.exception("policy %s of %s failed in maintain()", self.policy.name, self.name)
         if self.health.active is not None and not self.closed:
             for upstream in self.health.due_checks(now):
                 task = self.loop.create_task(self._check(upstream))
