@@ -211,3 +211,23 @@ def test_reload_endpoint_needs_the_token_when_one_is_set(tmp_path: Path) -> None
             assert status == 200, body
             # Proxied traffic itself needs no token.
             assert request(running, "GET", "/")[0] == 200
+
+
+def test_learned_policy_avoids_a_fast_failing_server_and_keeps_its_weights(
+    tmp_path: Path,
+) -> None:
+    learned = {"state_dir": str(tmp_path / "balancer"), "batch": 16, "train_interval": 0.01}
+    with upstreams("a", "b") as (a, b):
+        b.fail_with = 503  # answers at once, with an error: must not look "fast"
+        with proxy(
+            [a.address, b.address],
+            policy="learned",
+            learned=learned,
+            max_fails=0,
+            outlier={"consecutive_5xx": 0, "consecutive_gateway_failure": 0},
+        ) as running:
+            for _ in range(200):
+                assert request(running, "GET", "/")[0] == 200  # b's 503s are retried on a
+            assert b.hits["/"] < 20, b.hits["/"]
+    # Stopping the server saved what the policy learned.
+    assert (tmp_path / "balancer" / "weights.safetensors").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from webtorch.balance.base import Policy, Upstream
@@ -37,11 +38,25 @@ def _hash(group: Sequence[Upstream], options: PolicyOptions) -> Policy:
     return BoundedLoadHash(group, options.hash_key, balance=options.balance)
 
 
+def _learned(group: Sequence[Upstream], options: PolicyOptions) -> Policy:
+    from webtorch.balance.learned import Learned  # imports torch: only when used
+
+    state_dir = options.settings.get("state_dir")
+    return Learned(
+        group,
+        settings=options.settings,
+        hash_key=options.hash_key,
+        rng=options.rng,
+        state_dir=Path(state_dir) if state_dir is not None else None,
+    )
+
+
 POLICIES: dict[str, PolicyFactory] = {
     "round_robin": lambda group, options: RoundRobin(group),
     "least_conn": lambda group, options: LeastConn(group),
     "random2": lambda group, options: Random2(group, rng=options.rng),
     "hash": _hash,
+    "learned": _learned,
 }
 
 

@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -58,6 +59,7 @@ class UpstreamGroup:
         config: UpstreamConfig,
         loop: asyncio.AbstractEventLoop,
         rng: random.Random | None = None,
+        base_dir: Path | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -68,13 +70,22 @@ class UpstreamGroup:
             host, port = parse_listen(server.address)
             self.upstreams.append(Upstream(server.address, host, port, server.weight, index=i))
         own = getattr(config, config.policy, None)  # [upstreams.X.<policy>], if it has one
+        settings = own.model_dump() if isinstance(own, BaseModel) else None
+        if settings is not None and "state_dir" in settings:
+            # A learned policy's weights: relative to the config's directory; by default under
+            # the working directory, as models' training state is.
+            configured = settings["state_dir"]
+            if configured is None:
+                settings["state_dir"] = Path.cwd() / "webtorch-state" / f"balancer-{name}"
+            elif not Path(configured).is_absolute() and base_dir is not None:
+                settings["state_dir"] = base_dir / configured
         self.policy = make_policy(
             config.policy,
             self.upstreams,
             hash_key=config.hash_key,
             balance=config.hash_balance,
             rng=rng,
-            settings=own.model_dump() if isinstance(own, BaseModel) else None,
+            settings=settings,
             group_name=name,
         )
         o = config.outlier
@@ -114,7 +125,7 @@ class UpstreamGroup:
                 s.cookie, s.expires, s.domain, s.path, s.httponly, s.secure, s.samesite
             )
         )
-        settings = PoolSettings(
+        pool_settings = PoolSettings(
             keepalive=config.keepalive,
             max_connections=config.max_connections,
             idle_timeout=config.idle_timeout,
@@ -123,7 +134,7 @@ class UpstreamGroup:
             read_timeout=config.read_timeout,
             total_timeout=config.total_timeout,
         )
-        self.pools = [ConnectionPool(u, settings, loop) for u in self.upstreams]
+        self.pools = [ConnectionPool(u, pool_settings, loop) for u in self.upstreams]
         self.stats = [UpstreamStats() for _ in self.upstreams]
         self.retries = 0
         self._checks: set[asyncio.Task[None]] = set()
@@ -278,7 +289,10 @@ class Proxies:
     def configure(self, config: Config) -> Callable[[RouteConfig], ProxyRoute]:
         """Build the groups of ``config`` (replacing the current ones, which finish their
         requests in flight) and return what makes a route's handler."""
-        groups = {name: UpstreamGroup(name, uc, self.loop) for name, uc in config.upstreams.items()}
+        groups = {
+            name: UpstreamGroup(name, uc, self.loop, base_dir=config.base_dir)
+            for name, uc in config.upstreams.items()
+        }
         old = self.groups
         self.groups = groups
         self.trusted = TrustedProxies(config.server.trusted_proxies)

@@ -1,0 +1,325 @@
+"""``policy = "learned"``: a small network predicts what each candidate will cost this request.
+
+For every candidate it predicts the request's latency and its failure probability from
+request features (method, body size, route, the affinity key) and the upstream's state
+(in-flight, its peak-EWMA latency, recent errors, time since its last failure, whether it served
+this key recently, i.e. has the model warm) and picks the lowest expected cost,
+
+    cost = predicted latency + failure_cost x predicted failure probability,
+
+among a few sampled candidates, exploring a bounded share of the time. It learns from every
+outcome the proxy reports, in small batches on the proxy's clock (``maintain``), never on a
+request's path.
+
+The prior is built in rather than learned: the network predicts *residuals* over peak-EWMA's
+estimate (``ewma x (inflight + 1)``) and over the upstream's error rate, and its last layer
+starts at zero, so before it has seen anything it behaves exactly as ``peak_ewma`` and it only
+departs from that where data says so. Failures carry their own head, so an upstream that fails
+fast never looks attractive because its (failed) answers are quick.
+
+Inference runs in numpy on a copy of the weights (a handful of array operations per pick, a few
+microseconds); training runs in torch. The weights are saved as safetensors in ``state_dir`` and
+loaded at start, so what was learned survives restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import zlib
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from webtorch.balance.base import Outcome, Policy, Upstream
+from webtorch.balance.hashing import KeySpec
+from webtorch.http.messages import Request
+
+log = logging.getLogger("webtorch.balance")
+
+MAX_UPSTREAMS = 16  # upstream identity features (one-hot); beyond, indexes share slots
+ROUTE_BUCKETS = 4
+FEATURES = 8 + ROUTE_BUCKETS + MAX_UPSTREAMS
+WARM_WINDOW = 60.0  # seconds an upstream counts as having a key warm after serving it
+KEYS_PER_UPSTREAM = 1024  # warm keys remembered per upstream (oldest forgotten)
+ERROR_DECAY = 0.9  # per observation: the error-rate EWMA's memory (~10 outcomes)
+PENDING_LIMIT = 65536  # picks awaiting their outcome; older ones are dropped
+REPLAY = 8192  # outcomes kept for training
+SAVE_EVERY = 60.0  # seconds between weight saves while serving
+
+
+class _Net(nn.Module):
+    """Features -> (log-latency residual, failure-logit residual)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(FEATURES, hidden)
+        self.out = nn.Linear(hidden, 2)
+        # Zero residuals at the start: the policy is peak_ewma until data says otherwise.
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(x)))  # type: ignore[no-any-return]
+
+
+class _State:
+    """What the policy tracks per upstream (kept in ``Upstream.stats["learned"]``)."""
+
+    __slots__ = ("error_rate", "ewma", "last_failure", "last_seen", "warm")
+
+    def __init__(self, initial_latency: float) -> None:
+        self.ewma = initial_latency  # peak-sensitive EWMA of latency, seconds
+        self.last_seen = -math.inf
+        self.error_rate = 0.0
+        self.last_failure = -math.inf
+        self.warm: dict[str, float] = {}  # key -> last time served (insertion-ordered)
+
+
+class Learned(Policy):
+    name = "learned"
+    learns = True
+
+    def __init__(
+        self,
+        group: Sequence[Upstream],
+        *,
+        settings: Mapping[str, Any] | None = None,
+        hash_key: str | None = None,
+        rng: random.Random | None = None,
+        state_dir: Path | None = None,
+    ) -> None:
+        super().__init__(group)
+        s = dict(settings or {})
+        self.explore = float(s.get("explore", 0.05))
+        self.sample = int(s.get("sample", 3))
+        self.batch = int(s.get("batch", 64))
+        self.train_interval = float(s.get("train_interval", 0.25))
+        self.failure_cost = float(s.get("failure_cost", 1.0))
+        self.decay_time = float(s.get("decay_time", 10.0))
+        self.initial_latency = float(s.get("initial_latency", 1.0))
+        self.key = KeySpec.parse(hash_key) if hash_key else None
+        self.rng = rng or random.Random()
+        self.state_dir = state_dir
+        self.net = _Net(int(s.get("hidden", 32)))
+        self.optimizer = torch.optim.Adam(
+            self.net.parameters(), lr=float(s.get("learning_rate", 3e-3))
+        )
+        self._pending: dict[tuple[int, int], np.ndarray] = {}
+        self._replay: deque[tuple[np.ndarray, float, float]] = deque(maxlen=REPLAY)
+        self._fresh = 0  # outcomes since the last training step
+        self._last_train = -math.inf
+        self._last_save = -math.inf
+        self.steps = 0
+        self.prediction_error = 0.0  # EWMA of |predicted - actual| log-latency, chosen upstream
+        self.explored = 0
+        for upstream in self.group:
+            upstream.stats["learned"] = _State(self.initial_latency)
+        self._load()
+        self._sync()
+
+    # -- picking -------------------------------------------------------------------------------
+
+    def pick(self, request: Request, candidates: Sequence[Upstream], now: float) -> Upstream:
+        count = len(candidates)
+        key = self.key.extract(request) if self.key is not None else None
+        if count > self.sample:
+            scored = self.rng.sample(list(candidates), self.sample)
+        else:
+            scored = list(candidates)
+        features = self._features(request, key, scored, now)
+        if count > 1 and self.rng.random() < self.explore:
+            choice = self.rng.randrange(len(scored))
+            self.explored += 1
+        else:
+            costs = self._costs(features)
+            choice = int(np.argmin(costs))
+        upstream = scored[choice]
+        pending = self._pending
+        if len(pending) >= PENDING_LIMIT:
+            pending.pop(next(iter(pending)))  # an outcome that never came (a cancelled attempt)
+        pending[(id(request), upstream.index)] = features[choice]
+        if key is not None:
+            warm = upstream.stats["learned"].warm
+            warm.pop(key, None)
+            warm[key] = now
+            if len(warm) > KEYS_PER_UPSTREAM:
+                warm.pop(next(iter(warm)))
+        return upstream
+
+    def predict(
+        self, request: Request, candidates: Sequence[Upstream], now: float
+    ) -> list[tuple[float, float]]:
+        """(predicted seconds, failure probability) per candidate: for tests and the dashboard."""
+        key = self.key.extract(request) if self.key is not None else None
+        features = self._features(request, key, list(candidates), now)
+        latency, fail = self._heads(features, self._forward(features))
+        return [(float(a), float(b)) for a, b in zip(latency, fail, strict=True)]
+
+    def _features(
+        self, request: Request, key: str | None, scored: Sequence[Upstream], now: float
+    ) -> np.ndarray:
+        x = np.zeros((len(scored), FEATURES), dtype=np.float32)
+        size = len(request.body)
+        if request.stream is not None:
+            declared = request.header(b"content-length")
+            size = int(declared) if declared is not None and declared.isdigit() else 1 << 20
+        route = zlib.crc32(request.path.split("/", 2)[1].encode()) % ROUTE_BUCKETS
+        for i, upstream in enumerate(scored):
+            st: _State = upstream.stats["learned"]
+            row = x[i]
+            row[0] = math.log(max(st.ewma, 1e-4))
+            row[1] = math.log1p(upstream.inflight)
+            row[2] = st.error_rate
+            row[3] = math.log1p(min(now - st.last_failure, 600.0)) / 6.4
+            if key is not None:
+                row[4] = 1.0
+                seen = st.warm.get(key)
+                row[5] = 1.0 if seen is not None and now - seen < WARM_WINDOW else 0.0
+            row[6] = math.log1p(size) / 10.0
+            row[7] = 1.0 if request.method in ("GET", "HEAD") else 0.0
+            row[8 + route] = 1.0
+            row[8 + ROUTE_BUCKETS + upstream.index % MAX_UPSTREAMS] = 1.0
+        return x
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        hidden = np.maximum(x @ self._w1 + self._b1, 0.0)
+        out: np.ndarray = hidden @ self._w2 + self._b2
+        return out
+
+    def _heads(self, x: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Priors: peak-EWMA's queueing estimate and the observed error rate.
+        prior_latency = x[:, 0] + x[:, 1]  # log(ewma) + log(inflight + 1)
+        latency = np.exp(prior_latency + out[:, 0])
+        rate = np.clip(x[:, 2], 0.01, 0.99)
+        fail = 1.0 / (1.0 + np.exp(-(np.log(rate / (1.0 - rate)) + out[:, 1])))
+        return latency, fail
+
+    def _costs(self, x: np.ndarray) -> np.ndarray:
+        latency, fail = self._heads(x, self._forward(x))
+        costs: np.ndarray = latency + self.failure_cost * fail
+        return costs
+
+    # -- learning ------------------------------------------------------------------------------
+
+    def observe(
+        self,
+        upstream: Upstream,
+        outcome: Outcome,
+        latency: float,
+        now: float,
+        request: Request | None = None,
+    ) -> None:
+        st: _State = upstream.stats["learned"]
+        failed = outcome.is_failure
+        # Peak EWMA: a slower observation takes over at once, a faster one is blended in by
+        # how long it has been. A failure counts as slow: it must never make an upstream look
+        # fast.
+        seen = max(latency, self.initial_latency) if failed else latency
+        if seen > st.ewma:
+            st.ewma = seen
+        else:
+            weight = math.exp(-max(now - st.last_seen, 0.0) / self.decay_time)
+            st.ewma = st.ewma * weight + seen * (1.0 - weight)
+        st.last_seen = now
+        st.error_rate = st.error_rate * ERROR_DECAY + (1.0 - ERROR_DECAY) * float(failed)
+        if failed:
+            st.last_failure = now
+        if request is None:
+            return
+        features = self._pending.pop((id(request), upstream.index), None)
+        if features is None:
+            return
+        self._replay.append((features, math.log(max(latency, 1e-4)), float(failed)))
+        self._fresh += 1
+        if not failed:
+            out = self._forward(features[None, :])
+            predicted = float(features[0] + features[1] + out[0, 0])
+            error = abs(predicted - math.log(max(latency, 1e-4)))
+            self.prediction_error = 0.95 * self.prediction_error + 0.05 * error
+
+    def maintain(self, now: float) -> None:
+        if self._fresh >= self.batch and now - self._last_train >= self.train_interval:
+            self.train_step()
+            self._last_train = now
+        if self.state_dir is not None and self.steps and now - self._last_save >= SAVE_EVERY:
+            self._save()
+            self._last_save = now
+
+    def train_step(self) -> float:
+        """One optimizer step on a minibatch of recent outcomes; returns its loss."""
+        replay = self._replay
+        if not replay:
+            return 0.0
+        picks = [
+            replay[self.rng.randrange(len(replay))] for _ in range(min(self.batch, len(replay)))
+        ]
+        x = torch.from_numpy(np.stack([p[0] for p in picks]))
+        log_latency = torch.tensor([p[1] for p in picks])
+        failed = torch.tensor([p[2] for p in picks])
+        out = self.net(x)
+        prior_latency = x[:, 0] + x[:, 1]
+        rate = x[:, 2].clamp(0.01, 0.99)
+        fail_logit = torch.log(rate / (1 - rate)) + out[:, 1]
+        ok = 1.0 - failed
+        # Latency is learned from answers (a failure's time says little about the next answer);
+        # failures from every outcome.
+        latency_loss = (ok * (prior_latency + out[:, 0] - log_latency) ** 2).sum() / ok.sum().clamp(
+            min=1.0
+        )
+        fail_loss = nn.functional.binary_cross_entropy_with_logits(fail_logit, failed)
+        loss = latency_loss + fail_loss
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self._fresh = 0
+        self.steps += 1
+        self._sync()
+        return float(loss.detach())
+
+    def _sync(self) -> None:
+        """Copy the weights to numpy for inference."""
+        with torch.no_grad():
+            self._w1 = self.net.hidden.weight.detach().numpy().T.copy()
+            self._b1 = self.net.hidden.bias.detach().numpy().copy()
+            self._w2 = self.net.out.weight.detach().numpy().T.copy()
+            self._b2 = self.net.out.bias.detach().numpy().copy()
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    @property
+    def _weights_path(self) -> Path | None:
+        return None if self.state_dir is None else self.state_dir / "weights.safetensors"
+
+    def _load(self) -> None:
+        path = self._weights_path
+        if path is None or not path.exists():
+            return
+        try:
+            state = load_file(str(path))
+            self.net.load_state_dict(state)
+        except Exception as exc:  # a damaged or incompatible file: start from the prior
+            log.warning("learned policy: ignoring %s (%s); starting from the prior", path, exc)
+            return
+        log.info("learned policy: loaded weights from %s", path)
+
+    def _save(self) -> None:
+        path = self._weights_path
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        state = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
+        save_file(state, str(tmp))
+        tmp.replace(path)  # atomic: a crash mid-save leaves the previous weights
+
+    def close(self) -> None:
+        if self.steps:
+            self._save()

@@ -1,0 +1,141 @@
+"""The learned policy under a fake clock: its prior, learning from outcomes, affinity, failures,
+and weights that survive a restart."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+from webtorch.balance.base import Outcome, Upstream
+from webtorch.balance.learned import Learned
+from webtorch.http.messages import Request
+
+
+def group(n: int) -> list[Upstream]:
+    return [Upstream(f"10.0.0.{i}:80", f"10.0.0.{i}", 80, index=i) for i in range(n)]
+
+
+def get(key: str | None = None, size: int = 0) -> Request:
+    headers = [(b"x-key", key.encode())] if key is not None else []
+    return Request("POST" if size else "GET", "/api/x", "", headers, b"x" * size)
+
+
+def policy(ups: list[Upstream], **settings: object) -> Learned:
+    return Learned(
+        ups,
+        settings={"explore": 0.0, "batch": 32, **settings},
+        hash_key="header:x-key",
+        rng=random.Random(3),
+    )
+
+
+def serve(
+    p: Learned, ups: list[Upstream], latency_of: object, rounds: int, now: float = 0.0
+) -> tuple[Counter[int], float]:
+    """Send ``rounds`` requests through ``p`` (one at a time), answering each with
+    ``latency_of(upstream, request) -> (outcome, seconds)``, training as the proxy would."""
+    assert callable(latency_of)
+    picked: Counter[int] = Counter()
+    for i in range(rounds):
+        request = get(key=f"k{i % 4}")
+        upstream = p.pick(request, ups, now)
+        picked[upstream.index] += 1
+        outcome, seconds = latency_of(upstream, request)
+        now += 0.01
+        p.observe(upstream, outcome, seconds, now, request)
+        p.maintain(now)
+    return picked, now
+
+
+def test_before_any_data_it_is_peak_ewma() -> None:
+    ups = group(2)
+    p = policy(ups)
+    now = 1.0
+    # One observation each: upstream 1 answered in 200 ms, upstream 0 in 5 ms.
+    for u, seconds in ((ups[0], 0.005), (ups[1], 0.2)):
+        p.observe(u, Outcome.OK, seconds, now)
+    assert all(p.pick(get(), ups, now) is ups[0] for _ in range(20))
+    # In-flight counts too: ewma x (inflight + 1), as peak_ewma.
+    ups[0].inflight = 100
+    assert p.pick(get(), ups, now) is ups[1]
+
+
+def test_a_fast_failing_upstream_does_not_attract_traffic() -> None:
+    ups = group(3)
+    p = policy(ups)
+
+    def answer(u: Upstream, r: Request) -> tuple[Outcome, float]:
+        if u.index == 1:
+            return Outcome.SERVER_ERROR, 0.001  # 503 in a millisecond
+        return Outcome.OK, 0.02
+
+    picked, _ = serve(p, ups, answer, 600)
+    assert picked[1] < 0.05 * 600, picked
+
+
+def test_it_learns_request_dependent_cost() -> None:
+    # Upstream 0 is slow for large requests only; upstream 1 costs the same for all.
+    ups = group(2)
+    p = policy(ups, train_interval=0.0, batch=16, learning_rate=1e-2)
+    rng = random.Random(5)
+    now = 0.0
+    errors = []
+    for i in range(3000):
+        size = 100_000 if rng.random() < 0.5 else 0
+        request = get(size=size)
+        upstream = ups[i % 2]  # both observed equally: a supervised stream
+        p._pending[(id(request), upstream.index)] = p._features(request, None, [upstream], now)[0]
+        seconds = 0.5 if (upstream.index == 0 and size) else 0.02
+        now += 0.01
+        p.observe(upstream, Outcome.OK, seconds, now, request)
+        p.maintain(now)
+        if i % 500 == 499:
+            errors.append(p.prediction_error)
+    assert errors[-1] < errors[0] * 0.8, errors
+    big, small = get(size=100_000), get(size=0)
+    assert p.pick(big, ups, now) is ups[1]  # large requests avoid upstream 0...
+    (slow, _), (fast, _) = p.predict(big, ups, now)
+    assert slow > 2 * fast
+    (a, _), (b, _) = p.predict(small, ups, now)
+    assert a < 3 * b  # ...while small ones cost about the same on both
+
+
+def test_affinity_keeps_a_key_where_it_is_warm() -> None:
+    # A cold upstream pays 200 ms the first time it serves a key (a model load); warm: 10 ms.
+    ups = group(4)
+    p = policy(ups, train_interval=0.0, explore=0.05)
+    warm: set[tuple[int, str]] = set()
+
+    def answer(u: Upstream, r: Request) -> tuple[Outcome, float]:
+        key = r.header(b"x-key")
+        assert key is not None
+        cold = (u.index, key.decode()) not in warm
+        warm.add((u.index, key.decode()))
+        return Outcome.OK, 0.2 if cold else 0.01
+
+    serve(p, ups, answer, 1500)
+    # After learning, each key sticks to a warm upstream: few new cold loads.
+    before = len(warm)
+    serve(p, ups, answer, 400, now=100.0)
+    assert len(warm) - before <= 8, len(warm) - before
+
+
+def test_weights_survive_a_restart(tmp_path: Path) -> None:
+    ups = group(2)
+    p = Learned(
+        ups, settings={"explore": 0.0, "batch": 8}, rng=random.Random(1), state_dir=tmp_path
+    )
+    serve(p, ups, lambda u, r: (Outcome.OK, 0.01 if u.index else 0.05), 200)
+    assert p.steps > 0
+    p.close()
+    assert (tmp_path / "weights.safetensors").exists()
+    again = Learned(group(2), settings={"explore": 0.0}, rng=random.Random(1), state_dir=tmp_path)
+    for name, tensor in p.net.state_dict().items():
+        assert again.net.state_dict()[name].equal(tensor), name
+
+
+def test_a_damaged_weights_file_falls_back_to_the_prior(tmp_path: Path) -> None:
+    (tmp_path / "weights.safetensors").write_bytes(b"not safetensors")
+    p = Learned(group(2), settings={}, state_dir=tmp_path)
+    assert float(p.net.out.weight.detach().abs().sum()) == 0.0
