@@ -373,9 +373,21 @@ class Proxies:
         retries = CounterMetricFamily(
             "webtorch_upstream_retries", "Attempts retried on another server", labels=["group"]
         )
+        prediction = GaugeMetricFamily(
+            "webtorch_balancer_prediction_error",
+            "The learned policy's mean absolute error in predicting log-latency (EWMA)",
+            labels=["group"],
+        )
+        train_steps = CounterMetricFamily(
+            "webtorch_balancer_train_steps", "The learned policy's training steps", labels=["group"]
+        )
         now = time.monotonic()
         for name, group in sorted(self.groups.items()):
             retries.add_metric([name], group.retries)
+            error = getattr(group.policy, "prediction_error", None)
+            if isinstance(error, float):
+                prediction.add_metric([name], error)
+                train_steps.add_metric([name], getattr(group.policy, "steps", 0))
             for upstream, stats, pool in zip(
                 group.upstreams, group.stats, group.pools, strict=True
             ):
@@ -392,7 +404,7 @@ class Proxies:
                 connections.add_metric([*key, "idle"], len(pool.idle))
                 connections.add_metric([*key, "busy"], len(pool.busy))
         yield from (attempts, failures, inflight, state, ejections, checks, latency)
-        yield from (connections, retries)
+        yield from (connections, retries, prediction, train_steps)
 
     def close(self) -> None:
         if self._tick is not None:
