@@ -85,7 +85,8 @@ def test_it_learns_request_dependent_cost() -> None:
         size = 100_000 if rng.random() < 0.5 else 0
         request = get(size=size)
         upstream = ups[i % 2]  # both observed equally: a supervised stream
-        p._pending[(id(request), upstream.index)] = p._features(request, None, [upstream], now)[0]
+        shared = p._request_code(request, None)
+        p._pending[(id(request), upstream.index)] = p._score_inputs(upstream, shared, None, now)
         seconds = 0.5 if (upstream.index == 0 and size) else 0.02
         now += 0.01
         p.observe(upstream, Outcome.OK, seconds, now, request)

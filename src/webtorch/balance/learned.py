@@ -17,8 +17,11 @@ starts at zero, so before it has seen anything it behaves exactly as ``peak_ewma
 departs from that where data says so. Failures carry their own head, so an upstream that fails
 fast never looks attractive because its (failed) answers are quick.
 
-Inference runs in numpy on a copy of the weights (a handful of array operations per pick, a few
-microseconds); training runs in torch. The weights are saved as safetensors in ``state_dir`` and
+The network sees bucketed features (server identity, route, body size, method, key warmth,
+in-flight, time since the last failure, error rate) while the continuous estimates enter through
+the priors, so its answers can be cached per feature combination until the next training step:
+a pick costs a few dictionary lookups and float operations, not a forward pass. Training runs in
+torch. The weights are saved as safetensors in ``state_dir`` and
 loaded at start, so what was learned survives restarts.
 """
 
@@ -44,15 +47,58 @@ from webtorch.http.messages import Request
 
 log = logging.getLogger("webtorch.balance")
 
-MAX_UPSTREAMS = 16  # upstream identity features (one-hot); beyond, indexes share slots
+MAX_UPSTREAMS = 16  # upstream identity (one-hot); beyond, indexes share slots
 ROUTE_BUCKETS = 4
-FEATURES = 8 + ROUTE_BUCKETS + MAX_UPSTREAMS
+# The network sees bucketed features (so its answers can be cached, see Learned._residual):
+# identity, route, body size, method, key warmth, in-flight, time since failure, error rate.
+SIZE_EDGES = (1, 1024, 65536, 1 << 20)  # 0 / <1 KiB / <64 KiB / <1 MiB / larger
+INFLIGHT_EDGES = (1, 2, 3, 5, 9, 17)
+SINCE_FAILURE_EDGES = (1.0, 10.0, 60.0)  # seconds
+ERROR_EDGES = (0.001, 0.05, 0.2)
+_WIDTHS = (
+    MAX_UPSTREAMS,
+    ROUTE_BUCKETS,
+    len(SIZE_EDGES) + 1,
+    2,
+    3,
+    len(INFLIGHT_EDGES) + 1,
+    len(SINCE_FAILURE_EDGES) + 1,
+    len(ERROR_EDGES) + 1,
+)
+_OFFSETS = tuple(sum(_WIDTHS[:i]) for i in range(len(_WIDTHS)))
+FEATURES = sum(_WIDTHS)
 WARM_WINDOW = 60.0  # seconds an upstream counts as having a key warm after serving it
 KEYS_PER_UPSTREAM = 1024  # warm keys remembered per upstream (oldest forgotten)
 ERROR_DECAY = 0.9  # per observation: the error-rate EWMA's memory (~10 outcomes)
 PENDING_LIMIT = 65536  # picks awaiting their outcome; older ones are dropped
 REPLAY = 8192  # outcomes kept for training
 SAVE_EVERY = 60.0  # seconds between weight saves while serving
+CACHE_LIMIT = 4096  # cached network answers (cleared at every training step anyway)
+
+Code = tuple[int, int, int, int, int, int, int, int]
+
+
+def _bucket(value: float, edges: Sequence[float]) -> int:
+    for i, edge in enumerate(edges):
+        if value < edge:
+            return i
+    return len(edges)
+
+
+def one_hot(codes: Sequence[Code]) -> np.ndarray:
+    """The network's input rows for feature codes."""
+    x = np.zeros((len(codes), FEATURES), dtype=np.float32)
+    for row, code in enumerate(codes):
+        for offset, value in zip(_OFFSETS, code, strict=True):
+            x[row, offset + value] = 1.0
+    return x
+
+
+def _sigmoid(z: float) -> float:
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
 
 
 class _Net(nn.Module):
@@ -112,14 +158,17 @@ class Learned(Policy):
         self.optimizer = torch.optim.Adam(
             self.net.parameters(), lr=float(s.get("learning_rate", 3e-3))
         )
-        self._pending: dict[tuple[int, int], np.ndarray] = {}
-        self._replay: deque[tuple[np.ndarray, float, float]] = deque(maxlen=REPLAY)
+        # Per pick awaiting its outcome: the features and the priors it was scored with.
+        self._pending: dict[tuple[int, int], tuple[Code, float, float]] = {}
+        self._replay: deque[tuple[Code, float, float, float, float]] = deque(maxlen=REPLAY)
+        self._cache: dict[Code, tuple[float, float]] = {}
         self._fresh = 0  # outcomes since the last training step
         self._last_train = -math.inf
         self._last_save = -math.inf
         self.steps = 0
         self.prediction_error = 0.0  # EWMA of |predicted - actual| log-latency, chosen upstream
         self.explored = 0
+        self._observed = 0
         for upstream in self.group:
             upstream.stats["learned"] = _State(self.initial_latency)
         self._load()
@@ -128,84 +177,109 @@ class Learned(Policy):
     # -- picking -------------------------------------------------------------------------------
 
     def pick(self, request: Request, candidates: Sequence[Upstream], now: float) -> Upstream:
-        count = len(candidates)
         key = self.key.extract(request) if self.key is not None else None
-        if count > self.sample:
+        if len(candidates) > self.sample:
             scored = self.rng.sample(list(candidates), self.sample)
         else:
             scored = list(candidates)
-        features = self._features(request, key, scored, now)
-        if count > 1 and self.rng.random() < self.explore:
-            choice = self.rng.randrange(len(scored))
+        shared = self._request_code(request, key)
+        best: Upstream | None = None
+        best_cost = math.inf
+        best_entry: tuple[Code, float, float] | None = None
+        explore = len(scored) > 1 and self.rng.random() < self.explore
+        if explore:
             self.explored += 1
-        else:
-            costs = self._costs(features)
-            choice = int(np.argmin(costs))
-        upstream = scored[choice]
+            chosen = scored[self.rng.randrange(len(scored))]
+            scored = [chosen]
+        for upstream in scored:
+            code, prior_latency, prior_logit = self._score_inputs(upstream, shared, key, now)
+            residual_latency, residual_logit = self._residual(code)
+            cost = math.exp(prior_latency + residual_latency) + self.failure_cost * _sigmoid(
+                prior_logit + residual_logit
+            )
+            if cost < best_cost or best is None:
+                best, best_cost = upstream, cost
+                best_entry = (code, prior_latency, prior_logit)
+        assert best is not None and best_entry is not None
         pending = self._pending
         if len(pending) >= PENDING_LIMIT:
             pending.pop(next(iter(pending)))  # an outcome that never came (a cancelled attempt)
-        pending[(id(request), upstream.index)] = features[choice]
+        pending[(id(request), best.index)] = best_entry
         if key is not None:
-            warm = upstream.stats["learned"].warm
+            warm = best.stats["learned"].warm
             warm.pop(key, None)
             warm[key] = now
             if len(warm) > KEYS_PER_UPSTREAM:
                 warm.pop(next(iter(warm)))
-        return upstream
+        return best
 
     def predict(
         self, request: Request, candidates: Sequence[Upstream], now: float
     ) -> list[tuple[float, float]]:
         """(predicted seconds, failure probability) per candidate: for tests and the dashboard."""
         key = self.key.extract(request) if self.key is not None else None
-        features = self._features(request, key, list(candidates), now)
-        latency, fail = self._heads(features, self._forward(features))
-        return [(float(a), float(b)) for a, b in zip(latency, fail, strict=True)]
+        shared = self._request_code(request, key)
+        out = []
+        for upstream in candidates:
+            code, prior_latency, prior_logit = self._score_inputs(upstream, shared, key, now)
+            residual_latency, residual_logit = self._residual(code)
+            out.append(
+                (
+                    math.exp(prior_latency + residual_latency),
+                    _sigmoid(prior_logit + residual_logit),
+                )
+            )
+        return out
 
-    def _features(
-        self, request: Request, key: str | None, scored: Sequence[Upstream], now: float
-    ) -> np.ndarray:
-        x = np.zeros((len(scored), FEATURES), dtype=np.float32)
+    @staticmethod
+    def _request_code(request: Request, key: str | None) -> tuple[int, int, int, int]:
         size = len(request.body)
         if request.stream is not None:
             declared = request.header(b"content-length")
             size = int(declared) if declared is not None and declared.isdigit() else 1 << 20
         route = zlib.crc32(request.path.split("/", 2)[1].encode()) % ROUTE_BUCKETS
-        for i, upstream in enumerate(scored):
-            st: _State = upstream.stats["learned"]
-            row = x[i]
-            row[0] = math.log(max(st.ewma, 1e-4))
-            row[1] = math.log1p(upstream.inflight)
-            row[2] = st.error_rate
-            row[3] = math.log1p(min(now - st.last_failure, 600.0)) / 6.4
-            if key is not None:
-                row[4] = 1.0
-                seen = st.warm.get(key)
-                row[5] = 1.0 if seen is not None and now - seen < WARM_WINDOW else 0.0
-            row[6] = math.log1p(size) / 10.0
-            row[7] = 1.0 if request.method in ("GET", "HEAD") else 0.0
-            row[8 + route] = 1.0
-            row[8 + ROUTE_BUCKETS + upstream.index % MAX_UPSTREAMS] = 1.0
-        return x
+        method = 0 if request.method in ("GET", "HEAD") else 1
+        return route, _bucket(size, SIZE_EDGES), method, 0 if key is None else 1
 
-    def _forward(self, x: np.ndarray) -> np.ndarray:
-        hidden = np.maximum(x @ self._w1 + self._b1, 0.0)
-        out: np.ndarray = hidden @ self._w2 + self._b2
-        return out
+    def _score_inputs(
+        self, upstream: Upstream, shared: tuple[int, int, int, int], key: str | None, now: float
+    ) -> tuple[Code, float, float]:
+        """The network's features for one candidate, and the two priors it corrects: log of
+        peak-EWMA's estimate ``ewma x (inflight + 1)`` and the logit of the error rate."""
+        st: _State = upstream.stats["learned"]
+        route, size, method, has_key = shared
+        warmth = 0
+        if has_key:
+            seen = st.warm.get(key) if key is not None else None
+            warmth = 2 if seen is not None and now - seen < WARM_WINDOW else 1
+        code: Code = (
+            upstream.index % MAX_UPSTREAMS,
+            route,
+            size,
+            method,
+            warmth,
+            _bucket(upstream.inflight, INFLIGHT_EDGES),
+            _bucket(now - st.last_failure, SINCE_FAILURE_EDGES),
+            _bucket(st.error_rate, ERROR_EDGES),
+        )
+        prior_latency = math.log(max(st.ewma, 1e-4)) + math.log1p(upstream.inflight)
+        rate = min(max(st.error_rate, 0.01), 0.99)
+        return code, prior_latency, math.log(rate / (1.0 - rate))
 
-    def _heads(self, x: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # Priors: peak-EWMA's queueing estimate and the observed error rate.
-        prior_latency = x[:, 0] + x[:, 1]  # log(ewma) + log(inflight + 1)
-        latency = np.exp(prior_latency + out[:, 0])
-        rate = np.clip(x[:, 2], 0.01, 0.99)
-        fail = 1.0 / (1.0 + np.exp(-(np.log(rate / (1.0 - rate)) + out[:, 1])))
-        return latency, fail
-
-    def _costs(self, x: np.ndarray) -> np.ndarray:
-        latency, fail = self._heads(x, self._forward(x))
-        costs: np.ndarray = latency + self.failure_cost * fail
-        return costs
+    def _residual(self, code: Code) -> tuple[float, float]:
+        """The network's two corrections for these features. The features are discrete, so
+        answers are cached until the next training step: a pick costs dictionary lookups, not
+        a forward pass."""
+        cached = self._cache.get(code)
+        if cached is None:
+            x = one_hot([code])
+            hidden = np.maximum(x @ self._w1 + self._b1, 0.0)
+            out = hidden @ self._w2 + self._b2
+            cached = (float(out[0, 0]), float(out[0, 1]))
+            if len(self._cache) >= CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[code] = cached
+        return cached
 
     # -- learning ------------------------------------------------------------------------------
 
@@ -234,16 +308,17 @@ class Learned(Policy):
             st.last_failure = now
         if request is None:
             return
-        features = self._pending.pop((id(request), upstream.index), None)
-        if features is None:
+        entry = self._pending.pop((id(request), upstream.index), None)
+        if entry is None:
             return
-        self._replay.append((features, math.log(max(latency, 1e-4)), float(failed)))
+        code, prior_latency, prior_logit = entry
+        log_latency = math.log(max(latency, 1e-4))
+        self._replay.append((code, prior_latency, prior_logit, log_latency, float(failed)))
         self._fresh += 1
         if not failed:
-            out = self._forward(features[None, :])
-            predicted = float(features[0] + features[1] + out[0, 0])
-            error = abs(predicted - math.log(max(latency, 1e-4)))
-            self.prediction_error = 0.95 * self.prediction_error + 0.05 * error
+            predicted = prior_latency + self._residual(code)[0]
+            error = abs(predicted - log_latency)
+            self.prediction_error = 0.98 * self.prediction_error + 0.02 * error
 
     def maintain(self, now: float) -> None:
         if self._fresh >= self.batch and now - self._last_train >= self.train_interval:
@@ -258,23 +333,20 @@ class Learned(Policy):
         replay = self._replay
         if not replay:
             return 0.0
-        picks = [
-            replay[self.rng.randrange(len(replay))] for _ in range(min(self.batch, len(replay)))
-        ]
-        x = torch.from_numpy(np.stack([p[0] for p in picks]))
-        log_latency = torch.tensor([p[1] for p in picks])
-        failed = torch.tensor([p[2] for p in picks])
+        size = min(self.batch, len(replay))
+        picks = [replay[self.rng.randrange(len(replay))] for _ in range(size)]
+        x = torch.from_numpy(one_hot([p[0] for p in picks]))
+        prior_latency = torch.tensor([p[1] for p in picks])
+        prior_logit = torch.tensor([p[2] for p in picks])
+        log_latency = torch.tensor([p[3] for p in picks])
+        failed = torch.tensor([p[4] for p in picks])
         out = self.net(x)
-        prior_latency = x[:, 0] + x[:, 1]
-        rate = x[:, 2].clamp(0.01, 0.99)
-        fail_logit = torch.log(rate / (1 - rate)) + out[:, 1]
         ok = 1.0 - failed
         # Latency is learned from answers (a failure's time says little about the next answer);
         # failures from every outcome.
-        latency_loss = (ok * (prior_latency + out[:, 0] - log_latency) ** 2).sum() / ok.sum().clamp(
-            min=1.0
-        )
-        fail_loss = nn.functional.binary_cross_entropy_with_logits(fail_logit, failed)
+        squared = ok * (prior_latency + out[:, 0] - log_latency) ** 2
+        latency_loss = squared.sum() / ok.sum().clamp(min=1.0)
+        fail_loss = nn.functional.binary_cross_entropy_with_logits(prior_logit + out[:, 1], failed)
         loss = latency_loss + fail_loss
         self.optimizer.zero_grad()
         loss.backward()
@@ -285,12 +357,13 @@ class Learned(Policy):
         return float(loss.detach())
 
     def _sync(self) -> None:
-        """Copy the weights to numpy for inference."""
+        """Copy the weights to numpy for inference; cached answers are stale now."""
         with torch.no_grad():
             self._w1 = self.net.hidden.weight.detach().numpy().T.copy()
             self._b1 = self.net.hidden.bias.detach().numpy().copy()
             self._w2 = self.net.out.weight.detach().numpy().T.copy()
             self._b2 = self.net.out.bias.detach().numpy().copy()
+        self._cache = {}
 
     # -- persistence ---------------------------------------------------------------------------
 
