@@ -26,6 +26,7 @@ from webtorch.http.messages import Handler, HandlerResult, Request, Response, js
 from webtorch.http.router import Route, Router
 from webtorch.http.server import HttpServer
 from webtorch.observe.metrics import Metrics
+from webtorch.proxy.probe import LOAD_PATH, LoadReport
 from webtorch.proxy.upstream import Proxies
 from webtorch.serve.executor import Executor
 from webtorch.serve.model import LoadedModel
@@ -68,6 +69,7 @@ class App:
         models = ModelRoutes(repository.endpoints, self.ready, __version__, extensions)
         builtins: dict[tuple[str, str], Handler] = {
             ("path", "/v2"): models.oip,
+            ("path", LOAD_PATH): LoadReport(lambda: self.server, self.metrics),
             ("prefix", "/v2/"): models.oip,
             ("prefix", "/v2/repository/"): repository.handle,
             ("prefix", "/models/"): models.short,

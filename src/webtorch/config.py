@@ -32,6 +32,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 BUILTIN_ROUTES = frozenset(
     {
         ("path", "/v2"),
+        ("path", "/v2/health/load"),  # load reports for balancers (proxy/probe.py)
         ("path", "/metrics"),
         ("path", "/admin/reload"),
         ("prefix", "/v2/"),

@@ -9,6 +9,7 @@ Behaviour is chosen by path, so one server covers every case:
   /close           close the connection without answering
   /hang            never answer (a black hole) until the client goes away
   /health          200 while ``healthy``, else 503
+  /v2/health/load  ``{"inflight": load_inflight, "latency": load_latency}`` (a load report)
   anything else    200 with the server's name
 Every response carries ``x-upstream: NAME``.
 """
@@ -38,11 +39,14 @@ def pattern_bytes(n: int) -> bytes:
 class TestUpstream:
     __test__ = False  # not a pytest class
 
-    def __init__(self, name: str = "up", port: int = 0) -> None:
+    def __init__(self, name: str = "up", port: int = 0, nodelay: bool = False) -> None:
         self.name = name
         self.port = port
+        self.nodelay = nodelay  # TCP_NODELAY on its connections
         self.healthy = True
         self.fail_with: int | None = None  # answer every request with this status (not /health)
+        self.load_inflight = 0  # what /v2/health/load reports
+        self.load_latency = 0.0
         self.hits: Counter[str] = Counter()  # by path
         self.disconnects = 0  # connections closed by the client while a request was on
         self.hanging = threading.Event()  # set when a /hang request arrived
@@ -114,6 +118,12 @@ class TestUpstream:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         self.connections += 1
+        if self.nodelay:
+            # As real servers do: without it a response's head and body, written apart, meet
+            # the client's delayed ACK and a kept-alive exchange takes ~40 ms (Nagle).
+            sock = writer.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
@@ -182,7 +192,7 @@ class TestUpstream:
             await writer.drain()
 
         base = [(b"x-upstream", self.name.encode())]
-        if self.fail_with is not None and path != "/health":
+        if self.fail_with is not None and path not in ("/health", "/v2/health/load"):
             body = f"failing with {self.fail_with}".encode()
             headers = [*base, (b"content-length", str(len(body)).encode())]
             await send(
@@ -239,6 +249,13 @@ class TestUpstream:
             await reader.read()  # returns b"" when the client goes away
             self._note_disconnect()
             return False
+        elif path == "/v2/health/load":
+            body = json.dumps(
+                {"inflight": self.load_inflight, "latency": self.load_latency}
+            ).encode()
+            headers = [*base, (b"content-type", b"application/json")]
+            headers += [(b"content-length", str(len(body)).encode())]
+            await send(h11.Response(status_code=200, headers=headers), h11.Data(data=body))
         elif path == "/health":
             code = 200 if self.healthy else 503
             headers = [*base, (b"content-length", b"2")]
@@ -260,8 +277,8 @@ class TestUpstream:
 
 
 @contextlib.contextmanager
-def upstreams(*names: str) -> Iterator[list[TestUpstream]]:
-    started = [TestUpstream(name).start() for name in names]
+def upstreams(*names: str, nodelay: bool = False) -> Iterator[list[TestUpstream]]:
+    started = [TestUpstream(name, nodelay=nodelay).start() for name in names]
     try:
         yield started
     finally:

@@ -394,5 +394,7 @@ class Learned(Policy):
         tmp.replace(path)  # atomic: a crash mid-save leaves the previous weights
 
     def close(self) -> None:
+        if self._fresh:
+            self.train_step()  # what came in since the last step is learned before it is saved
         if self.steps:
             self._save()

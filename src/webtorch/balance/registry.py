@@ -16,6 +16,8 @@ from typing import Any
 from webtorch.balance.base import Policy, Upstream
 from webtorch.balance.classic import LeastConn, Random2, RoundRobin
 from webtorch.balance.hashing import BoundedLoadHash
+from webtorch.balance.peak_ewma import PeakEwma
+from webtorch.balance.prequal import Prequal
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,10 @@ POLICIES: dict[str, PolicyFactory] = {
     "least_conn": lambda group, options: LeastConn(group),
     "random2": lambda group, options: Random2(group, rng=options.rng),
     "hash": _hash,
+    "peak_ewma": lambda group, options: PeakEwma.from_settings(
+        group, options.settings, options.rng
+    ),
+    "prequal": lambda group, options: Prequal.from_settings(group, options.settings, options.rng),
     "learned": _learned,
 }
 

@@ -135,6 +135,8 @@ class Forward(Exchange, BodySource, BodyConsumer):
                 return
             upstream = group.choose(self.request, candidates, now)
             tried.append(upstream)
+            if group.probing:
+                group.send_probes(now)
         self.attempt += 1
         self.upstream = upstream
         if self.attached and not self.body_done:

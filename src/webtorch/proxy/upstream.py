@@ -36,6 +36,7 @@ from webtorch.observe.metrics import LATENCY_BUCKETS, Histogram
 from webtorch.proxy.forward import Forward
 from webtorch.proxy.headers import TrustedProxies
 from webtorch.proxy.health import ActiveSettings, GroupHealth, OutlierSettings, PassiveSettings
+from webtorch.proxy.probe import Prober
 from webtorch.proxy.retry import RetryBudget, RetrySettings
 
 log = logging.getLogger("webtorch.proxy")
@@ -139,6 +140,14 @@ class UpstreamGroup:
         self.retries = 0
         self._checks: set[asyncio.Task[None]] = set()
         self.closed = False
+        # Load probes, for a policy that asks for them (prequal): its own settings name the
+        # path and timeout, else [upstreams.X.prequal]'s do.
+        self.prober: Prober | None = None
+        if self.policy.probing:
+            path = getattr(own, "probe_path", config.prequal.probe_path)
+            timeout = getattr(own, "probe_timeout", config.prequal.probe_timeout)
+            self.prober = Prober(self.policy, path, timeout, loop)
+        self.probing = self.prober is not None  # the one check Forward makes per pick
 
     # -- the request path ---------------------------------------------------------------------
 
@@ -148,6 +157,14 @@ class UpstreamGroup:
             if upstream is not None:
                 return upstream
         return self.policy.pick(request, candidates, now)
+
+    def send_probes(self, now: float) -> None:
+        """Start the probes the policy asks for now (after a pick); returns at once."""
+        prober = self.prober
+        if prober is not None and not self.closed:
+            targets = self.policy.probes(now)
+            if targets:
+                prober.send(targets)
 
     def cookie_for(self, request: Request, upstream: Upstream) -> tuple[bytes, bytes] | None:
         """The Set-Cookie a sticky session needs on this response, if any."""
@@ -250,6 +267,8 @@ class UpstreamGroup:
         self.closed = True
         for task in list(self._checks):
             task.cancel()
+        if self.prober is not None:
+            self.prober.close()
         for pool in self.pools:
             pool.close()
 

@@ -1,0 +1,195 @@
+"""Peak-EWMA: the latency-aware balancer of Finagle and Linkerd.
+
+Each upstream carries a latency estimate that jumps to any observation above it (the *peak*: a
+server that slows down is noticed on its first slow response) and otherwise moves toward new
+observations with the weight ``exp(-elapsed / decay_time)`` of the time since its last update.
+Between observations the estimate also decays toward zero at that rate, as Finagle's reads do, so
+an upstream that was avoided after a slow spell is tried again once its old peak has faded.
+
+A pick draws two distinct candidates at random and keeps the cheaper, where::
+
+    cost = estimate(now) * (inflight + 1) / effective_weight
+
+so load in flight multiplies a server's latency (a fast server with a queue is not fast) and a
+server in slow start counts as costlier. A server never measured is pessimistic: each request in
+flight to it counts ``initial_latency`` until its first answer (and, as in Finagle, it costs
+nothing while idle, so that a new server gets one request to be measured by rather than
+starving behind measured ones). The two random choices, rather than the global minimum,
+keep picks spread when estimates are close or stale.
+
+Sans-IO: time comes in as ``now``, randomness from an injected :class:`random.Random`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from webtorch.balance.base import Outcome, Policy, Upstream
+from webtorch.http.messages import Request
+
+# The decayed estimate never goes below this (seconds): after a long idle spell in-flight counts
+# still rank upstreams instead of every cost underflowing to zero.
+FLOOR = 1e-6
+# A failure can push an estimate up to this many times ``initial_latency`` by doubling (a failure
+# that itself took longer counts as long as it took).
+FAILURE_CEILING = 32.0
+
+
+class LatencyEstimate:
+    """One upstream's peak-sensitive, time-decayed latency estimate, in seconds.
+
+    Until its first observation it is the ``initial`` guess, as it is (a guess has no age to
+    decay with); the first observation replaces the guess outright, since a guess is not
+    evidence to average with.
+    """
+
+    __slots__ = ("decay_time", "observed", "stamp", "value")
+
+    def __init__(self, initial: float, decay_time: float) -> None:
+        self.value = initial
+        self.decay_time = decay_time
+        self.stamp = 0.0  # when ``value`` was last set by an observation
+        self.observed = False
+
+    def get(self, now: float) -> float:
+        """The estimate at ``now``: the last value decayed toward zero over the time since."""
+        elapsed = now - self.stamp
+        if not self.observed or elapsed <= 0.0:
+            return self.value
+        return max(self.value * math.exp(-elapsed / self.decay_time), FLOOR)
+
+    def observe(self, latency: float, now: float) -> None:
+        latency = max(latency, 0.0)
+        if not self.observed:
+            self.observed = True
+            self.value = latency
+            self.stamp = now
+            return
+        elapsed = max(now - self.stamp, 0.0)
+        weight = math.exp(-elapsed / self.decay_time)
+        current = self.value * weight  # what get(now) says
+        if latency > current:
+            self.value = latency  # the peak: a slowdown counts at once, in full
+        else:
+            # A faster response moves the estimate toward it, the more so the longer since the
+            # last update; the result stays between the observation and the current estimate.
+            self.value = current * weight + latency * (1.0 - weight)
+        self.stamp = now
+
+
+class PeakEwma(Policy):
+    """Power of two choices over ``latency estimate x (inflight + 1)``; see the module doc.
+
+    Failures: an attempt that failed (5xx, refused, reset, timed out) counts as an observation of
+    ``max(latency, initial_latency, estimate, min(2 x estimate, FAILURE_CEILING x
+    initial_latency))``. A fast failure would otherwise look like a fast server and draw more
+    traffic; this way every failure raises the upstream's cost (doubling it, geometrically, up to
+    the ceiling) and it is tried again only once that penalty has decayed. Cancelled attempts say
+    nothing about the upstream and are ignored.
+    """
+
+    name = "peak_ewma"
+    learns = True
+    KEY = "peak_ewma"  # its key in ``Upstream.stats``
+
+    def __init__(
+        self,
+        group: Sequence[Upstream],
+        *,
+        decay_time: float = 10.0,
+        initial_latency: float = 1.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(group)
+        if not decay_time > 0.0:
+            raise ValueError(f"peak_ewma decay_time must be > 0, got {decay_time!r}")
+        if not initial_latency > 0.0:
+            raise ValueError(f"peak_ewma initial_latency must be > 0, got {initial_latency!r}")
+        self.decay_time = float(decay_time)
+        self.initial_latency = float(initial_latency)
+        self._rng = rng if rng is not None else random.Random()
+        for upstream in self.group:
+            upstream.stats[self.KEY] = LatencyEstimate(self.initial_latency, self.decay_time)
+
+    @classmethod
+    def from_settings(
+        cls,
+        group: Sequence[Upstream],
+        settings: Mapping[str, Any],
+        rng: random.Random | None = None,
+    ) -> PeakEwma:
+        return cls(
+            group,
+            decay_time=float(settings.get("decay_time", 10.0)),
+            initial_latency=float(settings.get("initial_latency", 1.0)),
+            rng=rng,
+        )
+
+    def estimate(self, upstream: Upstream) -> LatencyEstimate:
+        est = upstream.stats.get(self.KEY)
+        if not isinstance(est, LatencyEstimate):
+            # An upstream this policy has not met (a test's own list, a group built later).
+            est = upstream.stats[self.KEY] = LatencyEstimate(self.initial_latency, self.decay_time)
+        return est
+
+    def cost(self, upstream: Upstream, now: float) -> float:
+        est = self.estimate(upstream)
+        if est.observed:
+            cost = est.get(now) * (upstream.inflight + 1)
+        else:
+            # Finagle's rule for a server never measured: free while idle, so that it gets a
+            # first request and is measured, then initial_latency per request in flight, so
+            # that it is not flooded before it has answered once.
+            cost = est.value * upstream.inflight
+        weight = upstream.effective_weight
+        return cost / weight if weight > 0.0 else math.inf
+
+    def pick(self, request: Request, candidates: Sequence[Upstream], now: float) -> Upstream:
+        count = len(candidates)
+        if count == 1:
+            return candidates[0]
+        rng = self._rng
+        first = rng.randrange(count)
+        second = rng.randrange(count - 1)
+        if second >= first:
+            second += 1  # two distinct indices, one draw each
+        a = candidates[first]
+        b = candidates[second]
+        cost_a = self.cost(a, now)
+        cost_b = self.cost(b, now)
+        if cost_a < cost_b:
+            return a
+        if cost_b < cost_a:
+            return b
+        return a if rng.random() < 0.5 else b
+
+    def observe(
+        self,
+        upstream: Upstream,
+        outcome: Outcome,
+        latency: float,
+        now: float,
+        request: Request | None = None,
+    ) -> None:
+        if outcome is Outcome.CANCELLED:
+            return
+        est = self.estimate(upstream)
+        if outcome.is_failure:
+            latency = failure_latency(est.get(now), latency, self.initial_latency)
+        est.observe(latency, now)
+
+    def failure_latency(self, current: float, latency: float) -> float:
+        """What a failed attempt that took ``latency`` counts as, for an upstream currently
+        estimated at ``current`` (see the class doc)."""
+        return failure_latency(current, latency, self.initial_latency)
+
+
+def failure_latency(current: float, latency: float, floor: float) -> float:
+    """The latency a failed attempt counts as: never less than it took, than ``floor``, or than
+    the upstream's ``current`` estimate, and twice that estimate while under
+    ``FAILURE_CEILING x floor``, so that failing fast never makes an upstream look fast."""
+    doubled = min(2.0 * current, FAILURE_CEILING * floor)
+    return max(latency, floor, current, doubled)
