@@ -8,6 +8,8 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import serve_in_thread
 from tests.proxy.test_forward import proxy, request
 from tests.proxy.upstreams import upstreams
@@ -231,3 +233,22 @@ def test_learned_policy_avoids_a_fast_failing_server_and_keeps_its_weights(
             assert b.hits["/"] < 20, b.hits["/"]
     # Stopping the server saved what the policy learned.
     assert (tmp_path / "balancer" / "weights.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "policy", ["round_robin", "least_conn", "random2", "hash", "peak_ewma", "prequal", "learned"]
+)
+def test_every_policy_works_with_health_and_retries(policy: str, tmp_path: Path) -> None:
+    from tests.proxy.test_failures import dead_address
+
+    extra: dict[str, object] = {"policy": policy, "hash_key": "header:x-key"}
+    if policy == "learned":
+        extra["learned"] = {"state_dir": str(tmp_path)}
+    with (
+        upstreams("a", "b") as (a, b),
+        proxy([dead_address(), a.address, b.address], **extra) as running,
+    ):
+        for i in range(30):
+            status, headers, _ = request(running, "GET", "/", headers={"X-Key": f"k{i % 5}"})
+            assert status == 200  # the dead server's refusals are retried, then it is left out
+            assert headers["x-upstream"] in ("a", "b")
