@@ -280,9 +280,14 @@ class LearnedConfig(_Strict):
     # webtorch-state/balancer-<group> in the working directory.
     state_dir: Path | None = None
     explore: Annotated[float, Field(ge=0, le=1)] = 0.05  # share of picks that explore
-    sample: Annotated[int, Field(ge=2)] = 3  # candidates scored per pick
+    sample: Annotated[int, Field(ge=2)] = 16  # candidates scored per pick
+    # A key (hash_key's value, e.g. the model) counts as warm on an upstream while it is among
+    # the last this-many distinct keys that upstream served (about how many models it holds).
+    warm_keys: Annotated[int, Field(ge=1)] = 8
+    # Keyed traffic: no upstream above (1 + this) x its fair share while others have room.
+    key_balance: Annotated[float, Field(gt=0)] = 0.25
     hidden: Annotated[int, Field(ge=4, le=1024)] = 32
-    learning_rate: Annotated[float, Field(gt=0)] = 3e-3
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-2
     batch: Annotated[int, Field(ge=1)] = 64  # outcomes per training step
     train_interval: Annotated[float, Field(gt=0)] = 0.25  # seconds between training steps
     failure_cost: Annotated[float, Field(ge=0)] = 1.0  # seconds a failure is worth in the cost

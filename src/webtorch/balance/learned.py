@@ -68,7 +68,6 @@ _WIDTHS = (
 _OFFSETS = tuple(sum(_WIDTHS[:i]) for i in range(len(_WIDTHS)))
 FEATURES = sum(_WIDTHS)
 WARM_WINDOW = 60.0  # seconds an upstream counts as having a key warm after serving it
-KEYS_PER_UPSTREAM = 1024  # warm keys remembered per upstream (oldest forgotten)
 ERROR_DECAY = 0.9  # per observation: the error-rate EWMA's memory (~10 outcomes)
 PENDING_LIMIT = 65536  # picks awaiting their outcome; older ones are dropped
 REPLAY = 8192  # outcomes kept for training
@@ -94,6 +93,13 @@ def one_hot(codes: Sequence[Code]) -> np.ndarray:
     return x
 
 
+SHARE_WINDOW = 5.0  # seconds: the time constant of the keyed-traffic shares
+
+
+def _decayed(count: float, elapsed: float) -> float:
+    return count * math.exp(-max(elapsed, 0.0) / SHARE_WINDOW)
+
+
 def _sigmoid(z: float) -> float:
     if z >= 0:
         return 1.0 / (1.0 + math.exp(-z))
@@ -116,17 +122,63 @@ class _Net(nn.Module):
         return self.out(torch.relu(self.hidden(x)))  # type: ignore[no-any-return]
 
 
+class _Peak:
+    """A peak-sensitive EWMA of latency (Finagle's): a slower observation takes over at once,
+    a faster one is blended in by how long it has been since the last."""
+
+    __slots__ = ("last", "seen", "value")
+
+    def __init__(self, initial: float) -> None:
+        self.value = initial
+        self.last = -math.inf
+        self.seen = False
+
+    def observe(self, latency: float, now: float, decay_time: float) -> None:
+        if latency > self.value or not self.seen:
+            self.value = latency
+        else:
+            weight = math.exp(-max(now - self.last, 0.0) / decay_time)
+            self.value = self.value * weight + latency * (1.0 - weight)
+        self.last = now
+        self.seen = True
+
+
 class _State:
     """What the policy tracks per upstream (kept in ``Upstream.stats["learned"]``)."""
 
-    __slots__ = ("error_rate", "ewma", "last_failure", "last_seen", "warm")
+    __slots__ = (
+        "cold",
+        "error_rate",
+        "last_failure",
+        "latency",
+        "picked",
+        "picked_at",
+        "warm",
+        "warm_latency",
+    )
 
     def __init__(self, initial_latency: float) -> None:
-        self.ewma = initial_latency  # peak-sensitive EWMA of latency, seconds
-        self.last_seen = -math.inf
+        self.latency = _Peak(initial_latency)  # every answer
+        # Answers to keyed requests, split by whether the key was warm there: a model load
+        # must not make the upstream look slow for the models it has loaded, nor the reverse.
+        self.warm_latency = _Peak(initial_latency)
+        self.cold = _Peak(initial_latency)
         self.error_rate = 0.0
         self.last_failure = -math.inf
-        self.warm: dict[str, float] = {}  # key -> last time served (insertion-ordered)
+        # The keys it served most recently, oldest first (key -> time): "warm" means among the
+        # last ``warm_keys`` distinct keys and within WARM_WINDOW.
+        self.warm: dict[str, float] = {}
+        # Keyed picks, an exponentially decayed count (see Learned._over_share).
+        self.picked = 0.0
+        self.picked_at = 0.0
+
+    def estimate(self, warmth: int) -> float:
+        """Its latency estimate for a request whose key is warm (2), cold (1) or absent (0)."""
+        if warmth == 2 and self.warm_latency.seen:
+            return self.warm_latency.value
+        if warmth == 1 and self.cold.seen:
+            return self.cold.value
+        return self.latency.value
 
 
 class Learned(Policy):
@@ -145,7 +197,13 @@ class Learned(Policy):
         super().__init__(group)
         s = dict(settings or {})
         self.explore = float(s.get("explore", 0.05))
-        self.sample = int(s.get("sample", 3))
+        self.sample = int(s.get("sample", 16))
+        self.warm_keys = int(s.get("warm_keys", 8))
+        self.key_balance = float(s.get("key_balance", 0.25))
+        self._keyed = 0.0  # all keyed picks, decayed like each upstream's count
+        self._keyed_at = 0.0
+        total_weight = sum(u.weight for u in self.group) or 1
+        self._fair = {u.index: u.weight / total_weight for u in self.group}
         self.batch = int(s.get("batch", 64))
         self.train_interval = float(s.get("train_interval", 0.25))
         self.failure_cost = float(s.get("failure_cost", 1.0))
@@ -156,7 +214,7 @@ class Learned(Policy):
         self.state_dir = state_dir
         self.net = _Net(int(s.get("hidden", 32)))
         self.optimizer = torch.optim.Adam(
-            self.net.parameters(), lr=float(s.get("learning_rate", 3e-3))
+            self.net.parameters(), lr=float(s.get("learning_rate", 1e-2))
         )
         # Per pick awaiting its outcome: the features and the priors it was scored with.
         self._pending: dict[tuple[int, int], tuple[Code, float, float]] = {}
@@ -180,9 +238,28 @@ class Learned(Policy):
         key = self.key.extract(request) if self.key is not None else None
         if len(candidates) > self.sample:
             scored = self.rng.sample(list(candidates), self.sample)
+            if key is not None and not any(key in u.stats["learned"].warm for u in scored):
+                # Affinity in the sample: the upstream with this key warm is always scored.
+                for upstream in candidates:
+                    if key in upstream.stats["learned"].warm:
+                        scored[0] = upstream
+                        break
         else:
             scored = list(candidates)
         shared = self._request_code(request, key)
+        if key is not None:
+            # Affinity within bounded loads: a key stays where it is warm, but no upstream takes
+            # more than (1 + key_balance) x its fair share of keyed traffic while others have room
+            # (consistent hashing with bounded loads, applied to the learned choice).
+            # Only upstreams that answer count as room: balancing must never push traffic onto
+            # one that fails.
+            within = [
+                u
+                for u in scored
+                if u.stats["learned"].error_rate < 0.2 and not self._over_share(u, now)
+            ]
+            if within:
+                scored = within
         best: Upstream | None = None
         best_cost = math.inf
         best_entry: tuple[Code, float, float] | None = None
@@ -206,10 +283,15 @@ class Learned(Policy):
             pending.pop(next(iter(pending)))  # an outcome that never came (a cancelled attempt)
         pending[(id(request), best.index)] = best_entry
         if key is not None:
-            warm = best.stats["learned"].warm
+            st_best: _State = best.stats["learned"]
+            st_best.picked = _decayed(st_best.picked, now - st_best.picked_at) + 1.0
+            st_best.picked_at = now
+            self._keyed = _decayed(self._keyed, now - self._keyed_at) + 1.0
+            self._keyed_at = now
+            warm = st_best.warm
             warm.pop(key, None)
             warm[key] = now
-            if len(warm) > KEYS_PER_UPSTREAM:
+            if len(warm) > self.warm_keys:
                 warm.pop(next(iter(warm)))
         return best
 
@@ -230,6 +312,14 @@ class Learned(Policy):
                 )
             )
         return out
+
+    def _over_share(self, upstream: Upstream, now: float) -> bool:
+        st: _State = upstream.stats["learned"]
+        total = _decayed(self._keyed, now - self._keyed_at)
+        if total < 20.0:
+            return False  # too few keyed picks yet to speak of shares
+        share = _decayed(st.picked, now - st.picked_at) / total
+        return share > (1.0 + self.key_balance) * self._fair.get(upstream.index, 0.0)
 
     @staticmethod
     def _request_code(request: Request, key: str | None) -> tuple[int, int, int, int]:
@@ -262,7 +352,8 @@ class Learned(Policy):
             _bucket(now - st.last_failure, SINCE_FAILURE_EDGES),
             _bucket(st.error_rate, ERROR_EDGES),
         )
-        prior_latency = math.log(max(st.ewma, 1e-4)) + math.log1p(upstream.inflight)
+        estimate = st.estimate(warmth)
+        prior_latency = math.log(max(estimate, 1e-4)) + math.log1p(upstream.inflight)
         rate = min(max(st.error_rate, 0.01), 0.99)
         return code, prior_latency, math.log(rate / (1.0 - rate))
 
@@ -293,25 +384,23 @@ class Learned(Policy):
     ) -> None:
         st: _State = upstream.stats["learned"]
         failed = outcome.is_failure
-        # Peak EWMA: a slower observation takes over at once, a faster one is blended in by
-        # how long it has been. A failure counts as slow: it must never make an upstream look
-        # fast.
+        # A failure counts as slow: it must never make an upstream look fast.
         seen = max(latency, self.initial_latency) if failed else latency
-        if seen > st.ewma:
-            st.ewma = seen
-        else:
-            weight = math.exp(-max(now - st.last_seen, 0.0) / self.decay_time)
-            st.ewma = st.ewma * weight + seen * (1.0 - weight)
-        st.last_seen = now
+        st.latency.observe(seen, now, self.decay_time)
         st.error_rate = st.error_rate * ERROR_DECAY + (1.0 - ERROR_DECAY) * float(failed)
         if failed:
             st.last_failure = now
-        if request is None:
-            return
-        entry = self._pending.pop((id(request), upstream.index), None)
+        entry = None
+        if request is not None:
+            entry = self._pending.pop((id(request), upstream.index), None)
         if entry is None:
             return
         code, prior_latency, prior_logit = entry
+        warmth = code[4]
+        if warmth == 2:
+            st.warm_latency.observe(seen, now, self.decay_time)
+        elif warmth == 1:
+            st.cold.observe(seen, now, self.decay_time)
         log_latency = math.log(max(latency, 1e-4))
         self._replay.append((code, prior_latency, prior_logit, log_latency, float(failed)))
         self._fresh += 1
@@ -322,7 +411,11 @@ class Learned(Policy):
 
     def maintain(self, now: float) -> None:
         if self._fresh >= self.batch and now - self._last_train >= self.train_interval:
-            self.train_step()
+            # One step per batch of new outcomes (a few at most per call): the network keeps up
+            # with the traffic instead of learning at a fixed rate.
+            for _ in range(min(self._fresh // self.batch, 4)):
+                self.train_step()
+            self._fresh = 0
             self._last_train = now
         if self.state_dir is not None and self.steps and now - self._last_save >= SAVE_EVERY:
             self._save()
@@ -351,7 +444,7 @@ class Learned(Policy):
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
-        self._fresh = 0
+        self._fresh = max(self._fresh - self.batch, 0)
         self.steps += 1
         self._sync()
         return float(loss.detach())
