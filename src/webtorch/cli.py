@@ -1,4 +1,4 @@
-"""``webtorch serve [CONFIG]`` and ``webtorch check CONFIG``."""
+"""``webtorch serve [CONFIG]``, ``webtorch check CONFIG``, ``webtorch demo``, ``webtorch lab``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from webtorch import __version__, config
 from webtorch import demo as xor_demo
 from webtorch.errors import ConfigError, ModelLoadError
 from webtorch.http.server import HttpServer
+from webtorch.lab import cli as lab_cli
 
 
 def _load(path: str | None) -> config.Config:
@@ -94,6 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train the XOR example over HTTP from concurrent clients")
     xor_demo.add_arguments(demo)
     demo.set_defaults(func=xor_demo.run)
+    lab = sub.add_parser(
+        "lab",
+        help="compare balancers on simulated upstreams under open-loop load",
+        description=lab_cli.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lab_cli.add_arguments(lab)
+    lab.set_defaults(func=lab_cli.run)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
