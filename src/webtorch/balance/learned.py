@@ -197,7 +197,7 @@ class Learned(Policy):
         super().__init__(group)
         s = dict(settings or {})
         self.explore = float(s.get("explore", 0.05))
-        self.sample = int(s.get("sample", 16))
+        self.sample = int(s.get("sample", 3))
         self.warm_keys = int(s.get("warm_keys", 8))
         self.key_balance = float(s.get("key_balance", 0.25))
         self._keyed = 0.0  # all keyed picks, decayed like each upstream's count
