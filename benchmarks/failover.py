@@ -36,7 +36,6 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -60,6 +59,7 @@ from run import (
     ROOT,
     SERVER_CPU,
     BenchError,
+    check_proxy_environment,
     command_line,
     cpu_model,
     failure_lines,
@@ -68,10 +68,10 @@ from run import (
     in_rounds,
     log_tail,
     replace_section,
+    run_main,
     running,
     terminate_on_sigterm,
     tool_version,
-    venv_bin,
 )
 
 MARK_START = "<!-- failover:start -->"
@@ -801,18 +801,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     )
 
 
-def check_environment(targets: list[str]) -> None:
-    for tool in ("nginx", "taskset"):
-        find_tool(tool)
-    if "webtorch" in targets:
-        venv_bin("webtorch")
-    if not {int(SERVER_CPU), int(CLIENT_CPU)} <= os.sched_getaffinity(0):
-        raise SystemExit(f"error: needs CPUs {SERVER_CPU} (proxy) and {CLIENT_CPU} (the rest)")
-
-
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
-    check_environment(settings.targets)
+    check_proxy_environment(("nginx", "taskset"), settings.targets)
     terminate_on_sigterm()
     load_before = Path("/proc/loadavg").read_text().split(" ")[0]
     nproc = len(os.sched_getaffinity(0))
@@ -830,8 +821,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; servers stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

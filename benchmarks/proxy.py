@@ -33,7 +33,6 @@ import platform
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
@@ -54,6 +53,7 @@ from run import (
     START_TIMEOUT,
     BenchError,
     WrkResult,
+    check_proxy_environment,
     command_line,
     cpu_model,
     failure_lines,
@@ -64,6 +64,7 @@ from run import (
     per_round,
     ratio,
     replace_section,
+    run_main,
     run_wrk,
     running,
     session_pids,
@@ -802,18 +803,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     )
 
 
-def check_environment(targets: list[str]) -> None:
-    for tool in ("wrk", "nginx", "taskset"):
-        find_tool(tool)
-    if "webtorch" in targets:
-        venv_bin("webtorch")
-    if not {int(SERVER_CPU), int(CLIENT_CPU)} <= os.sched_getaffinity(0):
-        raise SystemExit(f"error: needs CPUs {SERVER_CPU} (proxy) and {CLIENT_CPU} (the rest)")
-
-
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
-    check_environment(settings.targets)
+    check_proxy_environment(("wrk", "nginx", "taskset"), settings.targets)
     terminate_on_sigterm()
     load_before = Path("/proc/loadavg").read_text().split(" ")[0]
     with tempfile.TemporaryDirectory(prefix="webtorch-proxy-") as tmp:
@@ -828,8 +820,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; servers stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -32,7 +32,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import metadata
@@ -271,6 +271,25 @@ def venv_bin(name: str) -> str:
     if not path.exists():
         raise SystemExit(f"error: {path} is missing; run benchmarks/setup")
     return str(path)
+
+
+def check_proxy_environment(tools: Sequence[str], targets: Sequence[str]) -> None:
+    """What the proxy benchmarks (proxy.py, failover.py) need before they start anything."""
+    for tool in tools:
+        find_tool(tool)
+    if "webtorch" in targets:
+        venv_bin("webtorch")
+    if not {int(SERVER_CPU), int(CLIENT_CPU)} <= os.sched_getaffinity(0):
+        raise SystemExit(f"error: needs CPUs {SERVER_CPU} (proxy) and {CLIENT_CPU} (the rest)")
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Exit with ``main()``'s status; Ctrl-C stops the servers (each runs in a ``with``)."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; servers stopped", file=sys.stderr)
+        sys.exit(130)
 
 
 def check_environment() -> None:
@@ -853,8 +872,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; servers stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

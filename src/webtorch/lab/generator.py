@@ -29,6 +29,7 @@ from typing import Any, cast
 import httptools
 import orjson
 
+from webtorch.lab.procs import reply as answer
 from webtorch.lab.records import Record, Records
 from webtorch.lab.scenario import Scenario
 from webtorch.lab.schedule import KeyChooser, LoadShape, Planned, SizeChooser, plan
@@ -356,17 +357,13 @@ async def serve_commands() -> None:
                 reply = {"error": f"unknown command {command['cmd']!r}"}
         except Exception as exc:  # answered, so the runner can say what went wrong
             reply = {"error": f"{type(exc).__name__}: {exc}"}
-        sys.stdout.buffer.write(orjson.dumps(reply) + b"\n")
-        sys.stdout.flush()
+        answer(reply)
 
 
 def main() -> None:
-    import uvloop
+    from webtorch.lab.procs import serve_helper
 
-    from webtorch.lab.procs import raise_open_files
-
-    raise_open_files()
-    uvloop.run(serve_commands())
+    serve_helper(serve_commands)
 
 
 if __name__ == "__main__":

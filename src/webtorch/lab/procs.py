@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -197,3 +197,17 @@ class Helper:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self._log_file.close()
+
+
+def reply(message: Mapping[str, Any]) -> None:
+    """Answer the runner: one JSON line on stdout (the helper processes' protocol)."""
+    sys.stdout.buffer.write(orjson.dumps(message) + b"\n")
+    sys.stdout.flush()
+
+
+def serve_helper(commands: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """A helper process's main: more open files, then its command loop on uvloop."""
+    import uvloop
+
+    raise_open_files()
+    uvloop.run(commands())

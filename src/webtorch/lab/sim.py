@@ -31,6 +31,7 @@ import httptools
 import orjson
 
 from webtorch.lab import model
+from webtorch.lab.procs import reply as answer
 from webtorch.lab.scenario import Scenario
 
 # Before "start" the clock reads about -1e6 s: every moment counts as warm-up.
@@ -355,17 +356,13 @@ async def serve_commands() -> None:
                 reply = {"error": f"unknown command {command['cmd']!r}"}
         except Exception as exc:  # answered, so the runner can say what went wrong
             reply = {"error": f"{type(exc).__name__}: {exc}"}
-        sys.stdout.buffer.write(orjson.dumps(reply) + b"\n")
-        sys.stdout.flush()
+        answer(reply)
 
 
 def main() -> None:
-    import uvloop
+    from webtorch.lab.procs import serve_helper
 
-    from webtorch.lab.procs import raise_open_files
-
-    raise_open_files()
-    uvloop.run(serve_commands())
+    serve_helper(serve_commands)
 
 
 if __name__ == "__main__":

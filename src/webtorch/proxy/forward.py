@@ -283,7 +283,7 @@ class Forward(Exchange, BodySource, BodyConsumer):
         else:
             self._mode = 2
             self.response_started = True
-            self._relay(Response(status, b"", ctype, kept, self, content_length))
+            self.pending.resolve(Response(status, b"", ctype, kept, self, content_length))
 
     def on_response_data(self, data: bytes) -> None:
         if self._mode == 2 and self.sink is not None:
@@ -421,9 +421,6 @@ class Forward(Exchange, BodySource, BodyConsumer):
             return
         self.done = True
         self._detach_body()
-        self._relay(response)
-
-    def _relay(self, response: Response) -> None:
         self.pending.resolve(response)
 
     def _detach_body(self) -> None:

@@ -68,9 +68,8 @@ _METHODS = {m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPT
 
 
 def _named(value: bytes) -> frozenset[bytes]:
-    """The header names a Connection header lists (its keep-alive and close options aside)."""
-    if value in _PLAIN_CONNECTION:
-        return frozenset()  # what almost every Connection header says: no names to drop
+    """The header names a Connection header lists (its keep-alive and close options aside).
+    Callers skip the plain values (_PLAIN_CONNECTION) before calling: almost every request."""
     tokens = {t.strip().lower() for t in value.split(b",")}
     return frozenset(tokens - {b"keep-alive", b"close", b""})
 
