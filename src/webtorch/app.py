@@ -25,7 +25,9 @@ from webtorch.http.limits import Limits
 from webtorch.http.messages import Handler, HandlerResult, Request, Response, json_response
 from webtorch.http.router import Route, Router
 from webtorch.http.server import HttpServer
-from webtorch.observe.metrics import Metrics
+from webtorch.observe.dashboard import Dashboard
+from webtorch.observe.metrics import Metrics, connection_families
+from webtorch.observe.timeline import Timeline
 from webtorch.proxy.probe import LOAD_PATH, LoadReport
 from webtorch.proxy.upstream import Proxies
 from webtorch.serve.executor import Executor
@@ -51,6 +53,12 @@ class App:
         self._compaction: asyncio.TimerHandle | None = None
         self.proxies: Proxies | None = None
         self.router: Router | None = None
+        self.timeline = Timeline(
+            self.metrics,
+            lambda: self.proxies,
+            lambda: len(self.server.state.connections) if self.server is not None else 0,
+        )
+        self.metrics.sources.append(self.timeline.metric_families)
 
     @property
     def models(self) -> dict[str, LoadedModel]:
@@ -67,6 +75,10 @@ class App:
         repository = self.repository
         extensions = [*EXTENSIONS, *(["model_repository"] if repository.enabled else [])]
         models = ModelRoutes(repository.endpoints, self.ready, __version__, extensions)
+        server = self.config.server
+        dashboard = Dashboard(
+            self.timeline, self.metrics, lambda: self.proxies, server.bearer_token, server.dashboard
+        )
         builtins: dict[tuple[str, str], Handler] = {
             ("path", "/v2"): models.oip,
             ("path", LOAD_PATH): LoadReport(lambda: self.server, self.metrics),
@@ -75,6 +87,8 @@ class App:
             ("prefix", "/models/"): models.short,
             ("path", "/metrics"): self.metrics.handle,
             ("path", "/admin/reload"): self._admin_reload,
+            ("path", "/dashboard"): dashboard,
+            ("prefix", "/dashboard/"): dashboard,
         }
         # config.py refuses user routes that would shadow these; keep the two lists one list.
         assert set(builtins) == BUILTIN_ROUTES
@@ -177,6 +191,10 @@ class App:
             stream_match=self.router.match_stream if self.config.upstreams else None,
         )
         await self.server.start()
+        state = self.server.state
+        self.metrics.sources.append(
+            lambda: connection_families(len(state.connections), state.accepted)
+        )
         # Everything allocated so far (torch, models, routes) lives as long as the process: move it
         # out of the collector's sight so a generation-2 collection does not walk it mid-request.
         gc.freeze()
@@ -190,8 +208,10 @@ class App:
         return self.server
 
     def _compact_metrics(self) -> None:
-        """Fold the hot path's pending metric observations into buckets, once a second."""
+        """Fold the hot path's pending metric observations into buckets, once a second, and
+        take the timeline's sample of that second (the dashboard's, and traffic shares)."""
         self.metrics.compact()
+        self.timeline.sample()  # a few dozen microseconds; also feeds the traffic-share gauge
         loop = asyncio.get_running_loop()
         self._compaction = loop.call_later(1.0, self._compact_metrics)
 

@@ -35,6 +35,8 @@ BUILTIN_ROUTES = frozenset(
         ("path", "/v2/health/load"),  # load reports for balancers (proxy/probe.py)
         ("path", "/metrics"),
         ("path", "/admin/reload"),
+        ("path", "/dashboard"),  # the live dashboard page (observe/dashboard.py)
+        ("prefix", "/dashboard/"),  # its stats endpoint and static files
         ("prefix", "/v2/"),
         ("prefix", "/v2/repository/"),
         ("prefix", "/models/"),
@@ -101,6 +103,9 @@ class ServerConfig(_Strict):
     trusted_proxies: list[str] = []
     # The only directory `POST /v2/repository/models/{m}/load` loads model files ({m}.py) from.
     model_dir: Path | None = None
+    # The live dashboard at /dashboard and its JSON stats at /dashboard/stats; token-protected
+    # when a token is set. It shows traffic, not data, so it is on by default, as /metrics is.
+    dashboard: bool = True
 
     @field_validator("listen")
     @classmethod

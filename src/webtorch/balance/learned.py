@@ -225,6 +225,9 @@ class Learned(Policy):
         self._last_save = -math.inf
         self.steps = 0
         self.prediction_error = 0.0  # EWMA of |predicted - actual| log-latency, chosen upstream
+        # (outcomes compared, sum of predicted seconds, sum of observed seconds): the dashboard
+        # diffs it each second to draw prediction against what happened.
+        self.compared: tuple[int, float, float] = (0, 0.0, 0.0)
         self.explored = 0
         self._observed = 0
         for upstream in self.group:
@@ -408,6 +411,8 @@ class Learned(Policy):
             predicted = prior_latency + self._residual(code)[0]
             error = abs(predicted - log_latency)
             self.prediction_error = 0.98 * self.prediction_error + 0.02 * error
+            n, predicted_sum, observed_sum = self.compared
+            self.compared = (n + 1, predicted_sum + math.exp(predicted), observed_sum + latency)
 
     def maintain(self, now: float) -> None:
         if self._fresh >= self.batch and now - self._last_train >= self.train_interval:

@@ -117,6 +117,7 @@ class ServerState:
         self.scheme = scheme
         self.server_header = b"server: " + server_name + b"\r\n"
         self.connections: set[HttpProtocol] = set()
+        self.accepted = 0  # connections ever accepted (the metrics' counter)
         self.draining = False
         self.date_header = b""
         # Response heads up to "content-length: " by (status, content type); refreshed with Date.
@@ -300,6 +301,7 @@ class HttpProtocol(asyncio.Protocol):
         if isinstance(peer, tuple) and peer:
             self.client = str(peer[0])
         self.state.connections.add(self)
+        self.state.accepted += 1
         # A new connection must send its first request's headers within the header timeout.
         self.deadline = self.loop.time() + self.limits.header_timeout
         if self.state.draining:

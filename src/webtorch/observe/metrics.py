@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -40,7 +40,7 @@ class Histogram:
     :meth:`observe` calls when the list is long, so memory stays bounded either way.
     """
 
-    __slots__ = ("_bounds", "_pending", "bounds", "counts", "record", "total")
+    __slots__ = ("_bounds", "_pending", "bounds", "counts", "record", "total", "window")
 
     COMPACT_AT = 8192
 
@@ -51,6 +51,9 @@ class Histogram:
         self.total = 0.0
         self._pending: list[float] = []
         self.record: Callable[[float], None] = self._pending.append
+        # Raw values compacted since a reader last took them (the dashboard's percentiles over
+        # one second); None, the default, keeps none.
+        self.window: list[np.ndarray] | None = None
 
     def observe(self, value: float) -> None:
         self.record(value)
@@ -71,6 +74,8 @@ class Histogram:
         slots = np.searchsorted(self._bounds, values, side="left")
         self.counts += np.bincount(slots, minlength=len(self.counts))
         self.total += float(values.sum())
+        if self.window is not None:
+            self.window.append(values)
 
     def buckets(self) -> list[tuple[str, float]]:
         self.compact()
@@ -132,6 +137,8 @@ class Metrics:
         self.sources: list[Callable[[], Iterable[Metric]]] = []
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
+        # CPU seconds, resident memory, open file descriptors: prometheus-client reads /proc.
+        ProcessCollector(registry=self.registry)
 
     def model(self, name: str) -> ModelStats:
         stats = self.models.get(name)
@@ -196,6 +203,11 @@ class _Collector:
         for route, hist in sorted(m.latency.items()):
             latency.add_metric([route], hist.buckets(), hist.total)
         yield latency
+        model_requests = CounterMetricFamily(
+            "webtorch_model_requests",
+            "Inference requests that reached a model's queue",
+            labels=["model"],
+        )
         batch = HistogramMetricFamily(
             "webtorch_model_batch_rows", "Rows per forward pass", labels=["model"]
         )
@@ -213,10 +225,12 @@ class _Collector:
         )
         for name, stats in sorted(m.models.items()):
             batch.add_metric([name], stats.batch_rows.buckets(), stats.batch_rows.total)
+            model_requests.add_metric([name], stats.stages["queue"].count)
             batches.add_metric([name], stats.batches)
             errors.add_metric([name], stats.errors)
             for stage, hist in stats.stages.items():
                 stages.add_metric([name, stage], hist.buckets(), hist.total)
+        yield model_requests
         yield batch
         yield batches
         yield errors
@@ -224,6 +238,16 @@ class _Collector:
         yield from _training(m.training)
         for source in m.sources:
             yield from source()
+
+
+def connection_families(open_connections: int, accepted: int) -> Iterator[Metric]:
+    """The server's client connections: a source the app adds once its server exists."""
+    yield GaugeMetricFamily(
+        "webtorch_http_connections", "Client connections open now", value=open_connections
+    )
+    yield CounterMetricFamily(
+        "webtorch_http_connections_accepted", "Client connections accepted", value=accepted
+    )
 
 
 def _training(training: dict[str, TrainStats]) -> Iterator[Metric]:

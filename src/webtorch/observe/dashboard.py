@@ -1,0 +1,178 @@
+"""The live dashboard: its page, its static files and its JSON stats, served by WebTorch itself.
+
+``GET /dashboard`` is one HTML page (``static/dashboard.html``) that polls ``GET
+/dashboard/stats?since=SEQ`` once a second and draws charts with uPlot, vendored under
+``static/vendor/`` so that the page works with no internet. The stats are the
+:class:`~webtorch.observe.timeline.Timeline`'s samples plus a snapshot of the current state.
+
+When the server has a token, every dashboard URL needs it: as ``Authorization: Bearer <token>``,
+or as HTTP Basic credentials with the token as the password (any user name). Basic is what makes
+the page usable in a browser: after one prompt, the browser sends the credentials with the page's
+own ``fetch`` calls too, and the token never appears in a URL (or an access log).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import mimetypes
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from webtorch import __version__
+from webtorch.errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized
+from webtorch.http.messages import JSON, HandlerResult, Request, Response
+from webtorch.observe.metrics import Metrics
+from webtorch.observe.timeline import Timeline
+from webtorch.proxy.upstream import Proxies
+
+STATIC = Path(__file__).parent / "static"
+PAGE = "dashboard.html"
+PREFIX = "/dashboard/static/"
+_NO_STORE = (b"cache-control", b"no-store")
+_CHALLENGE = [(b"www-authenticate", b'Basic realm="webtorch dashboard", charset="UTF-8"')]
+
+
+class Dashboard:
+    """The handler of ``/dashboard`` and ``/dashboard/...``."""
+
+    def __init__(
+        self,
+        timeline: Timeline,
+        metrics: Metrics,
+        proxies: Callable[[], Proxies | None],
+        token: str | None,
+        enabled: bool = True,
+        static: Path = STATIC,
+    ) -> None:
+        self.timeline = timeline
+        self.metrics = metrics
+        self._proxies = proxies
+        self.enabled = enabled
+        self._token = None if token is None else token.encode()
+        # Every file is read once, here: a request can only name one of these, so no path from a
+        # client ever reaches the filesystem.
+        self._files: dict[str, tuple[bytes, bytes]] = {}
+        if static.is_dir():
+            for path in sorted(static.rglob("*")):
+                if path.is_file():
+                    kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+                    if kind.startswith("text/") or kind.endswith("javascript"):
+                        kind += "; charset=utf-8"
+                    relative = path.relative_to(static).as_posix()
+                    self._files[relative] = (path.read_bytes(), kind.encode())
+
+    def __call__(self, request: Request) -> HandlerResult:
+        if not self.enabled:
+            raise NotFound("the dashboard is off (server.dashboard = false)")
+        self._authorize(request)
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}", ("GET",))
+        path = request.path
+        if path in ("/dashboard", "/dashboard/"):
+            return self._file(PAGE)
+        if path == "/dashboard/stats":
+            return self.stats(request)
+        if path.startswith(PREFIX):
+            return self._file(path[len(PREFIX) :])
+        raise NotFound(f"no dashboard resource at {path}")
+
+    def _authorize(self, request: Request) -> None:
+        expected = self._token
+        if expected is None:
+            return
+        given = request.header(b"authorization")
+        if given is not None:
+            scheme, _, credentials = given.partition(b" ")
+            scheme = scheme.lower()
+            if scheme == b"bearer" and hmac.compare_digest(credentials.strip(), expected):
+                return
+            if scheme == b"basic":
+                try:
+                    decoded = base64.b64decode(credentials.strip(), validate=True)
+                except (binascii.Error, ValueError):
+                    decoded = b""
+                password = decoded.partition(b":")[2]
+                if hmac.compare_digest(password, expected):
+                    return
+        raise Unauthorized(
+            "the dashboard needs the server's token: `Authorization: Bearer <token>`, or a "
+            "browser login with the token as the password"
+            if given is None
+            else "wrong credentials for the dashboard",
+            headers=list(_CHALLENGE),
+        )
+
+    def _file(self, name: str) -> Response:
+        found = self._files.get(name)
+        if found is None:
+            raise NotFound(f"no dashboard file {name!r}")
+        body, kind = found
+        return Response(200, body, kind, [_NO_STORE] if name == PAGE else [])
+
+    def stats(self, request: Request) -> Response:
+        since = 0
+        if request.query:
+            for part in request.query.split("&"):
+                key, _, value = part.partition("=")
+                if key == "since":
+                    if not value.isdigit():
+                        raise BadRequest(f"since must be a sample number, not {value!r}")
+                    since = int(value)
+        timeline = self.timeline
+        body: dict[str, Any] = {
+            "version": __version__,
+            "started": timeline.started,
+            "now": timeline.samples[-1]["t"] if timeline.samples else timeline.started,
+            "interval": 1.0,
+            "seq": timeline.seq,
+            "samples": timeline.since(since),
+            "upstreams": self._upstreams(),
+            "models": self._models(),
+            "guard": None,
+        }
+        return Response(200, orjson.dumps(body), JSON, [_NO_STORE])
+
+    def _upstreams(self) -> dict[str, Any]:
+        proxies = self._proxies()
+        if proxies is None:
+            return {}
+        out: dict[str, Any] = {}
+        now = time.monotonic()  # the health machinery's clock
+        for name, group in sorted(proxies.groups.items()):
+            policy = group.policy
+            error = getattr(policy, "prediction_error", None)
+            servers = [
+                {
+                    "address": upstream.address,
+                    "weight": upstream.weight,
+                    "state": group.health.state_of(upstream, now),
+                    "inflight": upstream.inflight,
+                }
+                for upstream in group.upstreams
+            ]
+            out[name] = {
+                "policy": policy.name,
+                "retries": group.retries,
+                "prediction_error": error if isinstance(error, float) else None,
+                "train_steps": getattr(policy, "steps", None) if isinstance(error, float) else None,
+                "servers": servers,
+            }
+        return out
+
+    def _models(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in sorted(set(self.metrics.models) | set(self.metrics.training)):
+            training = self.metrics.training.get(name)
+            loss = training.loss if training is not None else None
+            out[name] = {
+                "trainable": training is not None,
+                "steps": training.steps if training is not None else 0,
+                "loss": loss if loss is not None and loss == loss else None,  # NaN: no step yet
+            }
+        return out
