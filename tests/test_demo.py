@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
+
+from tests.conftest import XOR, serve_in_thread
+from webtorch import config as wt_config
 
 # One table row: input, truth, prediction, rounded (then a mark).
 _ROW = re.compile(r"^\s*\[([01]), ([01])\]\s+([01])\s+(\d\.\d{4})\s+([01])\b", re.MULTILINE)
@@ -27,3 +31,35 @@ def test_demo_learns_xor() -> None:
     summary = re.search(r"(\d+) train requests from 8 clients, (\d+) optimizer steps", proc.stdout)
     assert summary is not None, report
     assert int(summary[1]) >= int(summary[2]) > 0, report
+
+
+def test_demo_trains_a_running_server_that_needs_a_token(tmp_path: Path) -> None:
+    """``--url``: the README's way to watch XOR train on the dashboard of the first command's
+    server. ``--watch`` keeps training after XOR is learned, up to --max-requests."""
+    token = "demo-token-0123456789"
+    cfg = wt_config.from_dict(
+        {
+            "server": {"token": token},
+            "models": {
+                "xor": {"path": str(XOR), "train": {"enabled": True, "state_dir": str(tmp_path)}}
+            },
+        }
+    )
+    with serve_in_thread(cfg) as running:
+        base = [sys.executable, "-m", "webtorch.cli", "demo", "--url", running.url]
+        refused = subprocess.run(
+            [*base, "--clients", "2"], capture_output=True, text=True, timeout=60
+        )
+        assert refused.returncode == 1 and "401" in refused.stderr, refused.stderr
+        proc = subprocess.run(
+            [*base, "--token", token, "--clients", "4", "--watch", "--max-requests", "400"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-3000:]}"
+        assert f"watch at {running.url}/dashboard" in proc.stdout
+        steps = running.app.metrics.training["xor"].steps
+        assert steps > 0
+        summary = re.search(r"(\d+) train requests from 4 clients", proc.stdout)
+        assert summary is not None and int(summary[1]) >= 400  # --watch went on after learning

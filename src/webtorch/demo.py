@@ -24,8 +24,10 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import FrameType
@@ -68,12 +70,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-seconds", type=float, default=120.0, help="give up after S seconds of training")
     add("--seed", type=int, default=0, help="seeds the clients' random examples (0)")
     add("--keep", action="store_true", help="keep the temp dir: config, server log, WAL")
+    add(
+        "--url",
+        help="train the XOR model of a server that is already running (e.g. the README's first "
+        "command at http://127.0.0.1:8080) instead of starting one",
+    )
+    add("--token", help="the server's bearer token, when it has one (with --url)")
+    add(
+        "--watch",
+        action="store_true",
+        help="keep training once XOR is learned, until --max-seconds or Ctrl-C: something to "
+        "watch on the dashboard",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     if args.clients < 1:
         print("error: --clients must be at least 1", file=sys.stderr)
         return 2
+    if args.url is not None:
+        try:
+            with _sigterm_exits():
+                return _train(_remote(args.url), args)
+        except DemoError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
     workdir = Path(tempfile.mkdtemp(prefix="webtorch-demo-"))
     try:
         with ExitStack() as stack:
@@ -82,7 +106,13 @@ def run(args: argparse.Namespace) -> int:
                 resources.as_file(resources.files("webtorch.examples") / "xor.py")
             )
             server = stack.enter_context(_server(workdir, xor_py))
-            return _train(server, args)
+            started = time.perf_counter()
+            host, port = server.wait_ready(READY_TIMEOUT)
+            ready = time.perf_counter() - started
+            target = _Target(
+                host, port, f"untrained XOR served at {_url(host, port)} (ready in {ready:.1f} s)"
+            )
+            return _train(target, args)
     except DemoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -192,9 +222,35 @@ def _server(workdir: Path, xor_py: Path) -> Iterator[_Server]:
             print(f"warning: the server exited with status {status}", file=sys.stderr)
 
 
-def _post(conn: http.client.HTTPConnection, path: str, payload: object) -> Any:
+@dataclass(frozen=True)
+class _Target:
+    """The server to train: one the demo started, or one named by --url."""
+
+    host: str
+    port: int
+    banner: str
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://{host}:{port}"
+
+
+def _remote(url: str) -> _Target:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise DemoError(f"--url {url!r}: give an http://host:port address")
+    port = parts.port or 80
+    return _Target(parts.hostname, port, f"training XOR at {_url(parts.hostname, port)}")
+
+
+def _post(
+    conn: http.client.HTTPConnection, path: str, payload: object, token: str | None = None
+) -> Any:
     body = json.dumps(payload).encode()
-    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    conn.request("POST", path, body=body, headers=headers)
     resp = conn.getresponse()
     data = resp.read()
     if resp.status != 200:
@@ -205,8 +261,11 @@ def _post(conn: http.client.HTTPConnection, path: str, payload: object) -> Any:
 class _Client(threading.Thread):
     """One keep-alive connection sending one random XOR example per train request."""
 
-    def __init__(self, host: str, port: int, seed: str, stop: threading.Event) -> None:
+    def __init__(
+        self, host: str, port: int, seed: str, stop: threading.Event, token: str | None
+    ) -> None:
         super().__init__(name=f"client-{seed}", daemon=True)
+        self.token = token
         self.conn = http.client.HTTPConnection(host, port, timeout=60)
         self.rng = random.Random(seed)
         self.stop = stop
@@ -221,7 +280,10 @@ class _Client(threading.Thread):
             while not self.stop.is_set():
                 a, b = self.rng.randint(0, 1), self.rng.randint(0, 1)
                 answer = _post(
-                    self.conn, "/models/xor/train", {"inputs": [[a, b]], "targets": [[a ^ b]]}
+                    self.conn,
+                    "/models/xor/train",
+                    {"inputs": [[a, b]], "targets": [[a ^ b]]},
+                    self.token,
                 )
                 requests += 1
                 loss_sum += float(answer["loss"])
@@ -244,20 +306,20 @@ def _learned(predictions: list[float]) -> bool:
     return all(abs(p - t) < TOLERANCE for p, t in zip(predictions, TRUTH, strict=True))
 
 
-def _train(server: _Server, args: argparse.Namespace) -> int:
-    started = time.perf_counter()
-    host, port = server.wait_ready(READY_TIMEOUT)
+def _train(target: _Target, args: argparse.Namespace) -> int:
+    host, port = target.host, target.port
     print(
-        f"webtorch demo: untrained XOR served at http://{host}:{port} "
-        f"(ready in {time.perf_counter() - started:.1f} s); "
-        f"training it from {args.clients} clients"
+        f"webtorch demo: {target.banner}; training it from {args.clients} clients "
+        f"(watch at {_url(host, port)}/dashboard)"
     )
     stop = threading.Event()
-    clients = [_Client(host, port, f"{args.seed}/{i}", stop) for i in range(args.clients)]
+    clients = [
+        _Client(host, port, f"{args.seed}/{i}", stop, args.token) for i in range(args.clients)
+    ]
     checker = http.client.HTTPConnection(host, port, timeout=60)
     # (time, requests, loss sum) over the last second, for a loss that moves but does not flicker
     window: collections.deque[tuple[float, int, float]] = collections.deque(maxlen=5)
-    shown, step, learned = 0, 0, False
+    shown, step = 0, 0
     started = time.perf_counter()
     next_check = started + CHECK_EVERY
     try:
@@ -279,8 +341,7 @@ def _train(server: _Server, args: argparse.Namespace) -> int:
                 shown = requests
                 if now >= next_check:
                     next_check = now + CHECK_EVERY
-                    if _learned(_predict(checker)):
-                        learned = True
+                    if not args.watch and _learned(_predict(checker)):
                         break
                 if requests >= args.max_requests or now - started >= args.max_seconds:
                     break
@@ -302,7 +363,7 @@ def _train(server: _Server, args: argparse.Namespace) -> int:
         f"{requests} train requests from {args.clients} clients, {step} optimizer steps, "
         f"{requests / elapsed:.0f} requests/s, {elapsed:.1f} s"
     )
-    if learned and _learned(predictions):
+    if _learned(predictions):  # the model as it ends decides, whenever it was first learned
         return 0
     print(
         f"error: XOR not learned after {requests} requests in {elapsed:.1f} s "
