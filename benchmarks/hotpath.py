@@ -6,7 +6,9 @@ PYTHONPATH pointing at a worktree's src/).
 
     taskset -c 0 .venv/bin/python benchmarks/hotpath.py [--path /models/xor/predict] [--rounds 2000]
 
-NO_OBSERVER=1 leaves out the per-request metrics observer, to see what it costs.
+NO_OBSERVER=1 leaves out the per-request metrics observer, to see what it costs; REQUEST_ID=1
+gives every request an X-Request-Id (server.request_id, on in a served config); ACCESS_LOG=FILE
+writes the access log there (its writer thread's CPU counts too).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import uvloop
 from webtorch import config
 from webtorch.app import App
 from webtorch.http.protocol import HttpProtocol
+from webtorch.observe.access_log import AccessLog
 
 XOR = Path(__file__).resolve().parent.parent / "src" / "webtorch" / "examples" / "xor.py"
 BODIES = {
@@ -101,7 +104,16 @@ async def run(path: str, conns: int, rounds: int) -> None:
     from webtorch.http.protocol import ServerState
 
     observer = None if os.environ.get("NO_OBSERVER") else app.metrics.observe_request
-    state = ServerState(handler, observer=observer)
+    access_log = None
+    if os.environ.get("ACCESS_LOG"):
+        access_log = AccessLog(Path(os.environ["ACCESS_LOG"]))
+        access_log.open()
+    state = ServerState(
+        handler,
+        observer=observer,
+        access_log=access_log.record if access_log is not None else None,
+        request_ids=bool(os.environ.get("REQUEST_ID")),
+    )
     body = BODIES[path]
     raw = (
         b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Type: application/json\r\n"
@@ -143,12 +155,16 @@ async def run(path: str, conns: int, rounds: int) -> None:
     w0 = time.perf_counter()
     for _ in range(rounds):
         await round_()
+    if access_log is not None:
+        access_log.close()  # its last lines are part of the cost
     cpu = time.process_time() - t0
     wall = time.perf_counter() - w0
     n = conns * rounds
     answered = sum(t.written for t in transports) - conns * 50
     assert answered == n, (answered, n)
     print(f"{path}: {1e6 * cpu / n:.2f} us CPU/request, {n / wall:,.0f} req/s (no sockets)")
+    if access_log is not None:
+        print(f"access log: {access_log.lines} lines written, {access_log.dropped} dropped")
 
 
 def main() -> None:

@@ -8,12 +8,13 @@ import gc
 import logging
 import signal
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from webtorch import __version__
 from webtorch import config as config_file
-from webtorch.config import BUILTIN_ROUTES, Config, RouteConfig, parse_listen
+from webtorch.config import BUILTIN_ROUTES, Config, GuardConfig, RouteConfig, parse_listen
 from webtorch.errors import (
     BadRequest,
     ConfigError,
@@ -21,10 +22,15 @@ from webtorch.errors import (
     NotFound,
     ServiceUnavailable,
 )
+from webtorch.guard.core import Guard
+from webtorch.guard.shell import GuardedHandler, make_guard
+from webtorch.guard.shell import metric_families as guard_metrics
 from webtorch.http.limits import Limits
 from webtorch.http.messages import Handler, HandlerResult, Request, Response, json_response
+from webtorch.http.protocol import Observer
 from webtorch.http.router import Route, Router
 from webtorch.http.server import HttpServer
+from webtorch.observe.access_log import AccessLog
 from webtorch.observe.dashboard import Dashboard
 from webtorch.observe.metrics import Metrics, connection_families
 from webtorch.observe.timeline import Timeline
@@ -53,10 +59,13 @@ class App:
         self._compaction: asyncio.TimerHandle | None = None
         self.proxies: Proxies | None = None
         self.router: Router | None = None
+        self.guard: Guard | None = None
+        self.access_log: AccessLog | None = None
         self.timeline = Timeline(
             self.metrics,
             lambda: self.proxies,
             lambda: len(self.server.state.connections) if self.server is not None else 0,
+            guard=lambda: self.guard,
         )
         self.metrics.sources.append(self.timeline.metric_families)
 
@@ -77,7 +86,12 @@ class App:
         models = ModelRoutes(repository.endpoints, self.ready, __version__, extensions)
         server = self.config.server
         dashboard = Dashboard(
-            self.timeline, self.metrics, lambda: self.proxies, server.bearer_token, server.dashboard
+            self.timeline,
+            self.metrics,
+            lambda: self.proxies,
+            server.bearer_token,
+            server.dashboard,
+            guard=lambda: self.guard,
         )
         builtins: dict[tuple[str, str], Handler] = {
             ("path", "/v2"): models.oip,
@@ -181,17 +195,37 @@ class App:
         if problem is not None:
             raise ConfigError(problem)
         assert self.router is not None
+        observer: Observer = self.metrics.observe_request
+        guarded = None
+        if self.config.guard is not None:
+            guarded = self._guard(handler, self.config.guard)
+            handler = guarded
+            observe, answered = self.metrics.observe_request, guarded.answered
+
+            def observer(request: Request, status: int, seconds: float) -> None:
+                observe(request, status, seconds)
+                answered(request, status)
+
+        access_log = self._open_access_log()
         self.server = HttpServer(
             handler,
             host if host is not None else cfg_host,
             port if port is not None else cfg_port,
             limits=Limits(**self.config.server.limits.model_dump()),
-            observer=self.metrics.observe_request,
+            observer=observer,
             ssl_context=self._ssl_context(),
             stream_match=self.router.match_stream if self.config.upstreams else None,
+            access_log=access_log.record if access_log is not None else None,
+            request_ids=self.config.server.request_id,
         )
-        await self.server.start()
+        try:
+            await self.server.start()
+        except BaseException:
+            if access_log is not None:
+                access_log.close()
+            raise
         state = self.server.state
+        state.gate = guarded
         self.metrics.sources.append(
             lambda: connection_families(len(state.connections), state.accepted)
         )
@@ -207,10 +241,41 @@ class App:
         self._ready = True
         return self.server
 
+    def _guard(self, handler: Handler, settings: GuardConfig) -> GuardedHandler:
+        """Every request through the guard before ``handler``; its metrics and stats exposed."""
+        try:
+            guard = make_guard(settings, self.config.base_dir)
+        except OSError as exc:
+            raise ConfigError(f"guard.model: cannot load the detector: {exc}") from None
+        self.guard = guard
+        self.metrics.sources.append(functools.partial(guard_metrics, guard))
+        return GuardedHandler(guard, handler, settings.client_key)
+
+    def _open_access_log(self) -> AccessLog | None:
+        settings = self.config.server.access_log
+        if settings is None:
+            return None
+        path = self.config.access_log_path()
+        access_log = AccessLog(path, sample=settings.sample, buffer=settings.buffer)
+        try:
+            access_log.open()
+        except OSError as exc:
+            raise ConfigError(f"server.access_log.path: cannot open {path}: {exc}") from None
+        self.access_log = access_log
+        self.metrics.sources.append(access_log.metric_families)
+        return access_log
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1: reopen the access log at its path (after logrotate moved the file)."""
+        if self.access_log is not None:
+            self.access_log.reopen()
+
     def _compact_metrics(self) -> None:
         """Fold the hot path's pending metric observations into buckets, once a second, and
         take the timeline's sample of that second (the dashboard's, and traffic shares)."""
         self.metrics.compact()
+        if self.guard is not None:
+            self.guard.expire(time.monotonic())
         self.timeline.sample()  # a few dozen microseconds; also feeds the traffic-share gauge
         loop = asyncio.get_running_loop()
         self._compaction = loop.call_later(1.0, self._compact_metrics)
@@ -232,6 +297,8 @@ class App:
         if self.proxies is not None:
             self.proxies.close()
         await self.repository.close()
+        if self.access_log is not None:  # last: every answered request is in it
+            await asyncio.to_thread(self.access_log.close)
 
     def _reload_on_signal(self) -> None:
         try:
@@ -246,6 +313,7 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+        loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
         server = await self.start()
         if on_ready is not None:
             on_ready(server)

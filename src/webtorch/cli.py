@@ -13,6 +13,7 @@ import uvloop
 from webtorch import __version__, config
 from webtorch import demo as xor_demo
 from webtorch.errors import ConfigError, ModelLoadError
+from webtorch.guard import cli as guard_cli
 from webtorch.http.server import HttpServer
 from webtorch.lab import cli as lab_cli
 
@@ -103,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     lab_cli.add_arguments(lab)
     lab.set_defaults(func=lab_cli.run)
+    guard = sub.add_parser(
+        "guard",
+        help="build the guard's corpus, train its detector, evaluate it against baselines",
+        description=guard_cli.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    guard_cli.add_arguments(guard)
+    guard.set_defaults(func=guard_cli.run)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:

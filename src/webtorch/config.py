@@ -86,6 +86,19 @@ class LimitsConfig(_Strict):
     drain_timeout: Annotated[float, Field(gt=0)] = 30.0
 
 
+class AccessLogConfig(_Strict):
+    """One JSON line per request, written by a background thread (observe/access_log.py)."""
+
+    # A file (relative to the config's directory; reopened on SIGUSR1, for logrotate) or "-"
+    # for standard output.
+    path: Annotated[str, Field(min_length=1)]
+    # The share of requests logged (5xx answers always are).
+    sample: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # Lines queued for the writer at most; beyond, lines are dropped and counted, never waited
+    # for (a slow disk must not slow serving).
+    buffer: Annotated[int, Field(ge=1)] = 10000
+
+
 class ServerConfig(_Strict):
     listen: str = "127.0.0.1:8080"
     tls: TLSConfig | None = None
@@ -106,6 +119,11 @@ class ServerConfig(_Strict):
     # The live dashboard at /dashboard and its JSON stats at /dashboard/stats; token-protected
     # when a token is set. It shows traffic, not data, so it is on by default, as /metrics is.
     dashboard: bool = True
+    # The access log; absent: none.
+    access_log: AccessLogConfig | None = None
+    # Give every request an id (the client's X-Request-Id when sane, else a new one), send it to
+    # upstreams and answer it as X-Request-Id.
+    request_id: bool = True
 
     @field_validator("listen")
     @classmethod
@@ -391,11 +409,66 @@ class RouteConfig(_Strict):
         return self
 
 
+class GuardConfig(_Strict):
+    """[guard]: every request scored for abuse and injection before its handler (guard/)."""
+
+    # "monitor" scores, counts and logs what the guard would do and lets everything through (the
+    # way to roll it out, as ModSecurity's DetectionOnly); "enforce" throttles and blocks.
+    mode: Literal["monitor", "enforce"] = "monitor"
+    # The detector's weights (safetensors, from `webtorch guard train`); default: the model
+    # shipped with WebTorch. "none": no detector, only the lists, bans and limits below.
+    model: str | None = None
+    # Who a client is: its address ("ip"), or a request header such as "header:x-api-key".
+    client_key: str = "ip"
+    # Scores in [0, 1]: an abuse score at `throttle` answers 429; an injection or abuse score at
+    # `block` answers 403.
+    throttle: Annotated[float, Field(ge=0, le=1)] = 0.5
+    block: Annotated[float, Field(ge=0, le=1)] = 0.9
+    # A block bans the client for this many seconds (0: no bans).
+    ban_seconds: Annotated[float, Field(ge=0)] = 0.0
+    # Per-client token bucket (nginx limit_req with nodelay): requests/s, and the bucket's size
+    # (0: rate). 0 turns it off.
+    rate: Annotated[float, Field(ge=0)] = 0.0
+    burst: Annotated[float, Field(ge=0)] = 0.0
+    # Open connections per client address (0: no cap).
+    max_connections: Annotated[int, Field(ge=0)] = 0
+    # Clients whose recent history is kept (least recently seen forgotten first).
+    max_clients: Annotated[int, Field(gt=0)] = 100_000
+    # Addresses or CIDR blocks never checked, and always refused.
+    allow: list[str] = []
+    deny: list[str] = []
+
+    @field_validator("allow", "deny")
+    @classmethod
+    def _check_networks(cls, networks: list[str]) -> list[str]:
+        for cidr in networks:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an IP address or CIDR block") from None
+        return networks
+
+    @field_validator("client_key")
+    @classmethod
+    def _check_key(cls, key: str) -> str:
+        if key != "ip" and not (key.startswith("header:") and len(key) > len("header:")):
+            raise ValueError(f'{key!r}: use "ip" or "header:NAME"')
+        return key
+
+    @model_validator(mode="after")
+    def _check_thresholds(self) -> GuardConfig:
+        if self.throttle > self.block:
+            raise ValueError("throttle must not be above block")
+        return self
+
+
 class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     models: dict[str, ModelConfig] = {}
     upstreams: dict[str, UpstreamConfig] = {}
     routes: list[RouteConfig] = []
+    # The request guard; absent: off.
+    guard: GuardConfig | None = None
     # Directory that relative paths in the file are resolved against.
     base_dir: Path = Field(default=Path("."), exclude=True)
 
@@ -456,6 +529,13 @@ class Config(_Strict):
         if configured is None:
             return Path.cwd() / "webtorch-state" / name
         return self.resolve(configured)
+
+    def access_log_path(self) -> Path | None:
+        """The access log's file, resolved; None for standard output or no access log."""
+        access_log = self.server.access_log
+        if access_log is None or access_log.path == "-":
+            return None
+        return self.resolve(Path(access_log.path))
 
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else self.base_dir / path

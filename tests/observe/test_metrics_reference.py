@@ -8,7 +8,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import XOR, ROOT, serve_in_thread
+from tests.conftest import ROOT, XOR, serve_in_thread
 from tests.proxy.test_forward import request
 from tests.proxy.upstreams import upstreams
 from webtorch import config as wt_config
@@ -33,6 +33,8 @@ def exposed(text: str) -> dict[str, str]:
 
 def rich_config(tmp_path: Path, servers: list[str]) -> wt_config.Config:
     data: dict[str, Any] = {
+        "server": {"access_log": {"path": str(tmp_path / "access.log")}},
+        "guard": {"mode": "monitor"},
         "models": {
             "xor": {"path": str(XOR), "train": {"enabled": True, "state_dir": str(tmp_path)}}
         },

@@ -80,6 +80,10 @@ class Policy(ABC):
     learns: bool = False
     # Whether the policy asks for load probes (see probes() and on_probe()).
     probing: bool = False
+    # Why the last pick chose its upstream, for the access log: set by every pick (one store, no
+    # allocation), the policy's name or a variant of it ("hash_overflow"), or "only_candidate"
+    # when there was no choice to make.
+    last_reason: str = ""
 
     def __init__(self, group: Sequence[Upstream]) -> None:
         self.group = list(group)

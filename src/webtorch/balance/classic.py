@@ -72,7 +72,9 @@ class RoundRobin(Policy):
     def pick(self, request: Request, candidates: Sequence[Upstream], now: float) -> Upstream:
         if len(candidates) == 1:
             # A full pass would add and then subtract the same weight: same state, less work.
+            self.last_reason = "only_candidate"
             return candidates[0]
+        self.last_reason = "round_robin"
         return self._weights.choose(candidates)
 
 
@@ -93,6 +95,7 @@ class LeastConn(Policy):
 
     def pick(self, request: Request, candidates: Sequence[Upstream], now: float) -> Upstream:
         if len(candidates) == 1:
+            self.last_reason = "only_candidate"
             return candidates[0]
         best = candidates[0]
         tied: list[Upstream] = [best]
@@ -105,7 +108,9 @@ class LeastConn(Policy):
             elif left == right:
                 tied.append(upstream)
         if len(tied) == 1:
+            self.last_reason = "least_conn"
             return best
+        self.last_reason = "least_conn_tie"  # the least loaded, by weighted round robin
         return self._weights.choose(tied)
 
 
@@ -127,7 +132,9 @@ class Random2(Policy):
     def pick(self, request: Request, candidates: Sequence[Upstream], now: float) -> Upstream:
         count = len(candidates)
         if count == 1:
+            self.last_reason = "only_candidate"
             return candidates[0]
+        self.last_reason = "random2"
         rng = self._rng
         first = rng.randrange(count)
         # Draw the second from the remaining count - 1 slots, skipping over the first: two

@@ -240,10 +240,16 @@ class BoundedLoadHash(Policy):
     def pick_key(
         self, key: str | None, request: Request, candidates: Sequence[Upstream], now: float
     ) -> Upstream:
-        """:meth:`pick` with the key already extracted (the proxy logs it, so it has it)."""
+        """:meth:`pick` with the key already extracted (the proxy logs it, so it has it).
+
+        ``last_reason``: "hash" (the key's home among the candidates), "hash_overflow" (its
+        home was at the load cap: the next one on the ring), "hash_no_key" (round robin),
+        "hash_least_loaded" (no candidate on the ring) or "only_candidate"."""
         if key is None:
+            self.last_reason = "hash_no_key"
             return self._fallback.pick(request, candidates, now)
         if len(candidates) == 1:
+            self.last_reason = "only_candidate"
             return candidates[0]
         total = 0
         for upstream in candidates:
@@ -253,14 +259,41 @@ class BoundedLoadHash(Policy):
         eligible = {upstream for upstream in candidates if upstream.inflight < cap}
         owners = self._owners
         start = bisect_right(self._points, _hash64(_key_bytes(key)))
+        found = None
         for position in range(start, len(owners)):
             if owners[position] in eligible:
-                return owners[position]
-        for position in range(start):
-            if owners[position] in eligible:
-                return owners[position]
-        # Only when no eligible candidate has a point (weight 0, or not of this group).
-        return min(candidates, key=_inflight)
+                found = owners[position]
+                break
+        else:
+            for position in range(start):
+                if owners[position] in eligible:
+                    found = owners[position]
+                    break
+        if found is None:
+            # Only when no eligible candidate has a point (weight 0, or not of this group).
+            self.last_reason = "hash_least_loaded"
+            return min(candidates, key=_inflight)
+        if len(eligible) == len(candidates):
+            self.last_reason = "hash"  # nobody at the cap: this is the key's home
+        else:
+            self.last_reason = (
+                "hash_overflow" if self._passed_full(key, found, candidates) else "hash"
+            )
+        return found
+
+    def _passed_full(self, key: str, found: Upstream, candidates: Sequence[Upstream]) -> bool:
+        """Whether the ring walk for ``key`` passed a candidate (one at the load cap) before
+        reaching ``found``: the key left its home for load."""
+        owners = self._owners
+        start = bisect_right(self._points, _hash64(_key_bytes(key)))
+        members = set(candidates)
+        for step in range(len(owners)):
+            owner = owners[(start + step) % len(owners)]
+            if owner is found:
+                return False
+            if owner in members:
+                return True
+        return False
 
 
 def _inflight(upstream: Upstream) -> int:

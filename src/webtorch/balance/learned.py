@@ -271,6 +271,11 @@ class Learned(Policy):
             self.explored += 1
             chosen = scored[self.rng.randrange(len(scored))]
             scored = [chosen]
+            self.last_reason = "learned_explore"
+        elif len(candidates) == 1:
+            self.last_reason = "only_candidate"
+        else:
+            self.last_reason = "learned"
         for upstream in scored:
             code, prior_latency, prior_logit = self._score_inputs(upstream, shared, key, now)
             residual_latency, residual_logit = self._residual(code)
@@ -292,7 +297,9 @@ class Learned(Policy):
             self._keyed = _decayed(self._keyed, now - self._keyed_at) + 1.0
             self._keyed_at = now
             warm = st_best.warm
-            warm.pop(key, None)
+            seen = warm.pop(key, None)
+            if seen is not None and now - seen < WARM_WINDOW and self.last_reason == "learned":
+                self.last_reason = "learned_affinity"  # the key was warm where it went
             warm[key] = now
             if len(warm) > self.warm_keys:
                 warm.pop(next(iter(warm)))

@@ -150,7 +150,9 @@ class PeakEwma(Policy):
     def pick(self, request: Request, candidates: Sequence[Upstream], now: float) -> Upstream:
         count = len(candidates)
         if count == 1:
+            self.last_reason = "only_candidate"
             return candidates[0]
+        self.last_reason = "peak_ewma"
         rng = self._rng
         first = rng.randrange(count)
         second = rng.randrange(count - 1)

@@ -162,6 +162,7 @@ class Prequal(Policy):
         if self.probes_per_request:
             self._ask_probes(candidates, now)
         if len(candidates) == 1:
+            self.last_reason = "only_candidate"
             return candidates[0]
         self._expire(now)
         if self.pool:
@@ -169,6 +170,7 @@ class Prequal(Policy):
             usable = [p for p in self.pool if p.upstream in members]
             if usable:
                 return self._pick_pooled(usable)
+        self.last_reason = "prequal_fallback"  # no fresh probe: the proxy's own view
         return self._pick_own(candidates, now)
 
     def _pick_pooled(self, usable: list[PooledProbe]) -> Upstream:
@@ -181,6 +183,9 @@ class Prequal(Policy):
                 best = probe
         if best is None:  # all hot
             best = min(usable, key=lambda p: (p.inflight, p.latency))
+            self.last_reason = "prequal_hot"
+        else:
+            self.last_reason = "prequal_cold"
         best.uses += 1
         best.inflight += 1
         if best.uses >= self.max_reuse:

@@ -38,6 +38,19 @@ class Request:
     stream: RequestBody | None = None
     # "https" when the connection is TLS.
     scheme: str = "http"
+    # The request's id (X-Request-Id): the client's when it sent a sane one, else generated;
+    # b"" when server.request_id is off. Sent upstream and back to the client.
+    request_id: bytes = b""
+    # For the access log: the model that served the request, or the upstream address the proxy
+    # sent it to last, why its policy chose that one, and how many retries went elsewhere first.
+    model: str = ""
+    upstream: str = ""
+    reason: str = ""
+    retries: int = 0
+    # The guard's decision (allow, throttle, block) and its higher score; "" / None: no guard, or
+    # the detector did not run for this request.
+    guard_action: str = ""
+    guard_score: float | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """First value of header ``name`` (lower-case), or None."""

@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable
 from email.utils import formatdate
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import unquote
 
 import httptools
@@ -54,6 +56,20 @@ log = logging.getLogger("webtorch.http")
 
 # Observer of finished requests: (request, status, seconds from last byte in to response ready).
 Observer = Callable[[Request, int, float], None]
+# The access log's hook: (request, status, body bytes sent, seconds from the request's arrival to
+# its response ready, or for a streamed body to its last byte). Called once per request answered,
+# and for requests refused while parsing (with what is known of them).
+AccessLogger = Callable[[Request, int, int, float], None]
+
+
+class ConnectionGate(Protocol):
+    """Who may connect: asked once per connection, told when an admitted one ends."""
+
+    def admit(self, address: str) -> bool: ...
+
+    def release(self, address: str) -> None: ...
+
+
 # The route of a path if its requests are dispatched as soon as their headers are in, the body
 # following as a stream (proxied routes); None for routes that want the whole body first.
 StreamMatch = Callable[[str], Route | None]
@@ -89,6 +105,9 @@ _STATUS_LINES: dict[int, bytes] = {
 }
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUSES = frozenset({204, 304})
+# An X-Request-Id kept as the client sent it: bounded, and token characters (with those of
+# base64 and of URNs) only, so that it is safe in a header, a log line and upstream.
+_SANE_REQUEST_ID = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z/=:@]{1,128}")
 
 
 def status_line(status: int) -> bytes:
@@ -109,14 +128,25 @@ class ServerState:
         server_name: bytes = b"webtorch",
         stream_match: StreamMatch | None = None,
         scheme: str = "http",
+        access_log: AccessLogger | None = None,
+        request_ids: bool = False,
     ) -> None:
         self.handler = handler
         self.limits = limits or Limits()
         self.observer = observer
+        self.access_log = access_log
+        self.request_ids = request_ids
+        # Generated request ids: 16 random hex digits per server, then a 16-digit counter. 32 hex
+        # digits, as nginx's $request_id and a W3C trace id; unique across restarts and workers
+        # without a random draw per request.
+        self._id_prefix = os.urandom(8).hex().encode()
+        self._id_count = 0
         self.stream_match = stream_match
         self.scheme = scheme
         self.server_header = b"server: " + server_name + b"\r\n"
         self.connections: set[HttpProtocol] = set()
+        # Admits or refuses each new connection by its address (the guard's); None: all admitted.
+        self.gate: ConnectionGate | None = None
         self.accepted = 0  # connections ever accepted (the metrics' counter)
         self.draining = False
         self.date_header = b""
@@ -146,6 +176,10 @@ class ServerState:
             if len(self.heads) < 64:  # statuses x content types in use: few; stay bounded
                 self.heads[key] = head
         return head
+
+    def new_request_id(self) -> bytes:
+        self._id_count += 1
+        return b"%s%016x" % (self._id_prefix, self._id_count)
 
     def connection_lost(self, conn: HttpProtocol) -> None:
         self.connections.discard(conn)
@@ -193,15 +227,17 @@ class _Sink(BodySink):
     """Hands a streamed response body to its connection until the body ends or fails; calls
     after that (a source that has not noticed yet) are dropped."""
 
-    __slots__ = ("chunked", "discard", "keep_alive", "protocol")
+    __slots__ = ("chunked", "discard", "keep_alive", "protocol", "sent", "slot")
 
     def __init__(
-        self, protocol: HttpProtocol, chunked: bool, keep_alive: bool, discard: bool
+        self, protocol: HttpProtocol, chunked: bool, keep_alive: bool, discard: bool, slot: _Slot
     ) -> None:
         self.protocol: HttpProtocol | None = protocol
         self.chunked = chunked
         self.keep_alive = keep_alive
         self.discard = discard  # a HEAD request or a status without a body
+        self.slot = slot
+        self.sent = 0  # body bytes written (the access log's)
 
     def write(self, data: bytes) -> None:
         protocol = self.protocol
@@ -210,6 +246,7 @@ class _Sink(BodySink):
         transport = protocol.transport
         if transport is None:
             return
+        self.sent += len(data)
         if self.chunked:
             transport.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
@@ -225,7 +262,7 @@ class _Sink(BodySink):
         protocol = self.protocol
         if protocol is not None:
             self.protocol = None
-            protocol.stream_aborted()
+            protocol.stream_aborted(self)
 
 
 class _Ignore(Exception):
@@ -242,13 +279,14 @@ class _Reject(Exception):
 
 _IDLE, _HEADERS, _BODY, _WAIT = range(4)
 _SLICE = 16384  # bytes parsed between two checks of whether reading should pause
-_CONTENT_TYPE, _CONTENT_LENGTH, _TRANSFER_ENCODING, _EXPECT, _HOST = range(5)
+_CONTENT_TYPE, _CONTENT_LENGTH, _TRANSFER_ENCODING, _EXPECT, _HOST, _REQUEST_ID = range(6)
 _SPECIAL_HEADERS = {
     b"content-type": _CONTENT_TYPE,
     b"content-length": _CONTENT_LENGTH,
     b"transfer-encoding": _TRANSFER_ENCODING,
     b"expect": _EXPECT,
     b"host": _HOST,
+    b"x-request-id": _REQUEST_ID,
 }
 
 
@@ -285,6 +323,8 @@ class HttpProtocol(asyncio.Protocol):
         self._expect_continue = False
         self._content_type: bytes | None = None
         self._has_host = False
+        self._request_id: bytes | None = None  # the first X-Request-Id header received
+        self._admitted = False  # counted by the state's gate, so released when the connection ends
         self._body_limit = self.limits.max_body
         self._stream: RequestBody | None = None  # the body of a request already dispatched
         self._peer_eof = False
@@ -300,8 +340,18 @@ class HttpProtocol(asyncio.Protocol):
         peer: Any = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.client = str(peer[0])
-        self.state.connections.add(self)
         self.state.accepted += 1
+        gate = self.state.gate
+        if gate is not None:
+            if not gate.admit(self.client):
+                # Refused before a byte is read (a denied or banned address, or one over its
+                # connection cap): closing costs less than answering, and tells a flood nothing.
+                self.closing = True
+                self.transport = None
+                cast(asyncio.Transport, transport).abort()
+                return
+            self._admitted = True
+        self.state.connections.add(self)
         # A new connection must send its first request's headers within the header timeout.
         self.deadline = self.loop.time() + self.limits.header_timeout
         if self.state.draining:
@@ -314,16 +364,22 @@ class HttpProtocol(asyncio.Protocol):
         if self._stream is not None:
             self._stream.abort()
             self._stream = None
+        logging_ = self.state.access_log is not None
         if self._streaming is not None:
             response = self._streaming.response
             self._streaming = None
             if self._sink is not None:
                 self._sink.protocol = None
+                if logging_:
+                    self._log_stream(self._sink)  # cut short: the bytes that went out
                 self._sink = None
             if response is not None and response.stream is not None:
                 response.stream.cancel()
         for slot in self.slots:
             _abandon(slot)
+            if logging_ and (slot.response is None or slot.response.stream is not None):
+                # Not logged yet: the client left before its answer (nginx's 499).
+                self._log(slot, 499, 0)
         for fut in list(self.tasks):
             fut.cancel()
         self.tasks.clear()
@@ -333,6 +389,11 @@ class HttpProtocol(asyncio.Protocol):
             self._resume.cancel()
             self._resume = None
         self.state.connection_lost(self)
+        if self._admitted:
+            self._admitted = False
+            gate = self.state.gate
+            if gate is not None:
+                gate.release(self.client)
 
     def data_received(self, data: bytes) -> None:
         if self.closing and self.phase not in (_HEADERS, _BODY):
@@ -454,6 +515,7 @@ class HttpProtocol(asyncio.Protocol):
         self._expect_continue = False
         self._content_type = None
         self._has_host = False
+        self._request_id = None
         self._body_limit = self.limits.max_body
 
     def on_url(self, url: bytes) -> None:
@@ -488,6 +550,9 @@ class HttpProtocol(asyncio.Protocol):
             self._chunked = True
         elif special == _HOST:
             self._has_host = True
+        elif special == _REQUEST_ID:
+            if self._request_id is None:
+                self._request_id = value
         elif value.strip().lower() == b"100-continue":  # Expect
             self._expect_continue = True
         else:
@@ -621,11 +686,43 @@ class HttpProtocol(asyncio.Protocol):
             target[2],
             stream,
             self.state.scheme,
+            self._id() if self.state.request_ids else b"",
         )
         slot.request = request
         # uvloop's loop.time() counts whole milliseconds: fine for deadlines, not for latency.
         slot.started = time.perf_counter()
         return request
+
+    def _id(self) -> bytes:
+        """The request's id: the client's X-Request-Id when it is sane, else a new one."""
+        incoming = self._request_id
+        if incoming is not None and _SANE_REQUEST_ID.fullmatch(incoming):
+            return incoming
+        return self.state.new_request_id()
+
+    def _refused_request(self) -> Request:
+        """What is known of a request refused while it was parsed (for its X-Request-Id and the
+        access log): its method and target when they had arrived."""
+        method = path = query = ""
+        if self.phase in (_HEADERS, _BODY) and self._url:
+            # The target has begun, so the method before it was parsed.
+            method = self.parser.get_method().decode("ascii", "replace")
+            url = self._url[:1024].decode("latin-1")
+            path, _, query = url.partition("?")
+        request = Request(method, path, query, [], b"", client=self.client)
+        if self.state.request_ids:
+            request.request_id = self._id()
+        return request
+
+    def _log(self, slot: _Slot, status: int, sent: int) -> None:
+        access_log = self.state.access_log
+        request = slot.request
+        if access_log is None or request is None:
+            return
+        try:
+            access_log(request, status, sent, time.perf_counter() - slot.started)
+        except Exception:  # a logging bug must not cost the client its response
+            log.exception("access log failed")
 
     def _dispatch(self, slot: _Slot, request: Request, handler: Handler) -> None:
         try:
@@ -681,6 +778,11 @@ class HttpProtocol(asyncio.Protocol):
                 observer(slot.request, response.status, time.perf_counter() - slot.started)
             except Exception:  # a metrics bug must not cost the client its response
                 log.exception("request observer failed")
+        if self.state.access_log is not None and response.stream is None:
+            # A streamed body is logged when it ends, with the bytes that went out.
+            status = response.status
+            empty = slot.head or status in _NO_BODY_STATUSES
+            self._log(slot, status, 0 if empty else len(response.body))
         slots = self.slots
         if (
             len(slots) == 1
@@ -762,7 +864,13 @@ class HttpProtocol(asyncio.Protocol):
             head = state.heads.get((status, response.content_type)) or state.head(
                 status, response.content_type
             )
-            transport.write(b"%s%d\r\n\r\n%s" % (head, len(body), body))
+            if request is not None and request.request_id:
+                transport.write(
+                    b"%s%d\r\nx-request-id: %s\r\n\r\n%s"
+                    % (head, len(body), request.request_id, body)
+                )
+            else:
+                transport.write(b"%s%d\r\n\r\n%s" % (head, len(body), body))
             return
         parts = [status_line(status), self.state.server_header, self.state.date_header]
         if response.content_type is not None:
@@ -772,6 +880,8 @@ class HttpProtocol(asyncio.Protocol):
             parts.append(b"content-length: %d\r\n" % (len(body) if length is None else length))
         for name, value in response.headers:
             parts.append(name + b": " + value + b"\r\n")
+        if request is not None and request.request_id:
+            parts.append(b"x-request-id: " + request.request_id + b"\r\n")
         if not keep_alive:
             parts.append(b"connection: close\r\n")
         elif request is not None and request.http_version == "1.0":
@@ -806,6 +916,9 @@ class HttpProtocol(asyncio.Protocol):
             parts.append(b"transfer-encoding: chunked\r\n")
         for name, value in response.headers:
             parts.append(name + b": " + value + b"\r\n")
+        request = slot.request
+        if request is not None and request.request_id:
+            parts.append(b"x-request-id: " + request.request_id + b"\r\n")
         if not keep_alive:
             parts.append(b"connection: close\r\n")
         elif http10:
@@ -813,7 +926,7 @@ class HttpProtocol(asyncio.Protocol):
         parts.append(b"\r\n")
         transport.write(b"".join(parts))
         self._streaming = slot
-        sink = self._sink = _Sink(self, chunked, keep_alive, discard)
+        sink = self._sink = _Sink(self, chunked, keep_alive, discard, slot)
         assert response.stream is not None
         response.stream.start(sink)
         if self.write_paused and self._sink is sink:
@@ -823,6 +936,8 @@ class HttpProtocol(asyncio.Protocol):
         """A streamed body is complete: finish its framing, go on with the next response."""
         self._streaming = None
         self._sink = None
+        if self.state.access_log is not None:
+            self._log_stream(sink)
         transport = self.transport
         if transport is None:
             return
@@ -837,15 +952,22 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._flush()
 
-    def stream_aborted(self) -> None:
+    def stream_aborted(self, sink: _Sink) -> None:
         """A streamed body broke off: close, so the client sees the truncation (a short
         Content-Length body, or no last chunk) instead of a complete-looking response."""
         self._streaming = None
         self._sink = None
+        if self.state.access_log is not None:
+            self._log_stream(sink)
         self.closing = True
         self.slots.clear()
         if self.transport is not None:
             self.transport.close()
+
+    def _log_stream(self, sink: _Sink) -> None:
+        response = sink.slot.response
+        if response is not None:
+            self._log(sink.slot, response.status, sink.sent)
 
     def _set_body_paused(self, paused: bool) -> None:
         if paused == self.body_paused:
@@ -897,6 +1019,16 @@ class HttpProtocol(asyncio.Protocol):
             _abandon(slot)
         slot.keep_alive = False
         slot.expect_continue = False
+        state = self.state
+        if slot.request is None and (state.request_ids or state.access_log is not None):
+            slot.request = self._refused_request()
+            slot.started = time.perf_counter()
+        if (
+            state.access_log is not None
+            and slot is not self._streaming  # its stream's end logs it
+            and (slot.response is None or slot.response.stream is not None)  # else logged
+        ):
+            self._log(slot, response.status, len(response.body))
         slot.response = response
         self.closing = True
         self.phase = _WAIT

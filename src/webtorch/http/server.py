@@ -8,7 +8,7 @@ import ssl
 
 from webtorch.http.limits import Limits
 from webtorch.http.messages import Handler
-from webtorch.http.protocol import HttpProtocol, Observer, ServerState, StreamMatch
+from webtorch.http.protocol import AccessLogger, HttpProtocol, Observer, ServerState, StreamMatch
 
 log = logging.getLogger("webtorch.http")
 
@@ -24,10 +24,18 @@ class HttpServer:
         observer: Observer | None = None,
         ssl_context: ssl.SSLContext | None = None,
         stream_match: StreamMatch | None = None,
+        access_log: AccessLogger | None = None,
+        request_ids: bool = False,
     ) -> None:
         scheme = "https" if ssl_context is not None else "http"
         self.state = ServerState(
-            handler, limits, observer, stream_match=stream_match, scheme=scheme
+            handler,
+            limits,
+            observer,
+            stream_match=stream_match,
+            scheme=scheme,
+            access_log=access_log,
+            request_ids=request_ids,
         )
         self.host = host
         self.port = port

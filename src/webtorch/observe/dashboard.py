@@ -26,6 +26,7 @@ import orjson
 
 from webtorch import __version__
 from webtorch.errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized
+from webtorch.guard.core import Guard
 from webtorch.http.messages import JSON, HandlerResult, Request, Response
 from webtorch.observe.metrics import Metrics
 from webtorch.observe.timeline import Timeline
@@ -48,11 +49,13 @@ class Dashboard:
         proxies: Callable[[], Proxies | None],
         token: str | None,
         enabled: bool = True,
+        guard: Callable[[], Guard | None] = lambda: None,
         static: Path = STATIC,
     ) -> None:
         self.timeline = timeline
         self.metrics = metrics
         self._proxies = proxies
+        self._guard = guard
         self.enabled = enabled
         self._token = None if token is None else token.encode()
         # Every file is read once, here: a request can only name one of these, so no path from a
@@ -134,7 +137,7 @@ class Dashboard:
             "samples": timeline.since(since),
             "upstreams": self._upstreams(),
             "models": self._models(),
-            "guard": None,
+            "guard": self._guard_now(),
         }
         return Response(200, orjson.dumps(body), JSON, [_NO_STORE])
 
@@ -164,6 +167,20 @@ class Dashboard:
                 "servers": servers,
             }
         return out
+
+    def _guard_now(self) -> dict[str, Any] | None:
+        guard = self._guard()
+        if guard is None:
+            return None
+        return {
+            "mode": guard.settings.mode,
+            "bans": len(guard.bans),
+            "clients": len(guard.clients),
+            "top_blocked": [
+                {"client": client, "blocked": count}
+                for client, count in guard.stats.blocked_clients.most_common(10)
+            ],
+        }
 
     def _models(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from webtorch.guard.core import Guard
 from webtorch.observe.metrics import Histogram, Metrics
 from webtorch.proxy.upstream import Proxies, UpstreamGroup
 
@@ -42,6 +43,8 @@ class _Counts:
     # Per group: reasons' counts; the learned policy's (compared, predicted sum, observed sum).
     reasons: dict[str, dict[str, int]] = field(default_factory=dict)
     predictions: dict[str, tuple[int, float, float]] = field(default_factory=dict)
+    # The guard's decisions by action.
+    guard: dict[str, int] = field(default_factory=dict)
     # Per model: inference requests, batches, rows, train steps, train rows.
     models: dict[str, tuple[int, int, float, int, int]] = field(default_factory=dict)
 
@@ -55,12 +58,14 @@ class Timeline:
         proxies: Callable[[], Proxies | None],
         connections: Callable[[], int],
         history: int = HISTORY,
+        guard: Callable[[], Guard | None] = lambda: None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.metrics = metrics
         self._proxies = proxies
         self._connections = connections
+        self._guard = guard
         self.samples: deque[Sample] = deque(maxlen=history)
         self.seq = 0
         self.started = clock()
@@ -85,7 +90,7 @@ class Timeline:
             "connections": self._connections(),
             "upstreams": self._upstreams(previous, elapsed),
             "models": self._models(previous, elapsed),
-            "guard": None,
+            "guard": self._guard_sample(previous, elapsed),
         }
         self.seq += 1
         self.samples.append(sample)
@@ -190,7 +195,7 @@ class Timeline:
         if total > 0:
             for address, delta in attempts_delta.items():
                 servers[address]["share"] = delta / total
-        reasons_now = dict(getattr(group, "reasons", {}))
+        reasons_now = dict(group.reasons)
         counts.reasons[name] = reasons_now
         reasons_before = previous.reasons.get(name, reasons_now if elapsed is None else {})
         reasons = {
@@ -212,6 +217,20 @@ class Timeline:
             "reasons": reasons,
             "predicted": predicted,
             "observed": observed,
+        }
+
+    def _guard_sample(self, previous: _Counts, elapsed: float | None) -> dict[str, float] | None:
+        """Decisions per second by action (allow, throttle, block); None without a guard."""
+        guard = self._guard()
+        if guard is None:
+            return None
+        now: dict[str, int] = {"allow": 0, "throttle": 0, "block": 0}
+        for (action, _reason), count in guard.stats.decisions.items():
+            now[action] = now.get(action, 0) + count
+        self._counts.guard = now
+        before = previous.guard if elapsed is not None else now
+        return {
+            action: _rate(count - before.get(action, 0), elapsed) for action, count in now.items()
         }
 
     def _models(self, previous: _Counts, elapsed: float | None) -> dict[str, Any]:

@@ -139,6 +139,7 @@ class Forward(Exchange, BodySource, BodyConsumer):
                 group.send_probes(now)
         self.attempt += 1
         self.upstream = upstream
+        self.request.upstream = upstream.address  # for the access log: the last one tried
         if self.attached and not self.body_done:
             # No connection until _send: the rest of the body waits in the client's stream
             # (bounded) rather than here, where it could outgrow the replay buffer.
@@ -270,7 +271,7 @@ class Forward(Exchange, BodySource, BodyConsumer):
                 return
         else:
             self.route.group.observe(upstream, Outcome.OK, now - self.sent_at, now, self.request)
-        ctype, kept = response_headers(headers)
+        ctype, kept = response_headers(headers, bool(self.request.request_id))
         cookie = self.route.group.cookie_for(self.request, upstream)
         if cookie is not None:
             kept.append(cookie)
@@ -408,6 +409,7 @@ class Forward(Exchange, BodySource, BodyConsumer):
 
     def _retry(self, outcome: Outcome) -> None:
         self.route.group.retries += 1
+        self.request.retries += 1
         self.upstream = None
         self._next_attempt(time.monotonic())
 

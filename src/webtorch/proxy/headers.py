@@ -28,13 +28,23 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Request headers the proxy writes itself. Expect: 100-continue was answered to the client
-# already; the upstream gets the body without waiting for its own 100.
+# already; the upstream gets the body without waiting for its own 100. X-Request-Id is the
+# request's id when ids are on (the client's when it was sane), else passed on as it came.
 _REQUEST_OWN = frozenset(
-    {b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+    {
+        b"content-length",
+        b"expect",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-request-id",
+    }
 )
 _REQUEST_DROP = HOP_BY_HOP | _REQUEST_OWN
 # Response headers the server writes itself (as nginx hides the upstream's Server and Date).
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"content-type", b"server", b"date"}
+# With request ids on, the server also answers the X-Request-Id itself.
+_RESPONSE_DROP_ID = _RESPONSE_DROP | {b"x-request-id"}
 
 
 class TrustedProxies:
@@ -90,6 +100,7 @@ def request_head(
     (rare) costs a second pass to drop those.
     """
     believed = request.client in trusted
+    request_id = request.request_id
     forwarded_for = forwarded_proto = forwarded_host = None
     host = None
     named: frozenset[bytes] = frozenset()
@@ -100,6 +111,9 @@ def request_head(
             if name == b"connection":
                 if value not in _PLAIN_CONNECTION:
                     named |= _named(value)
+            elif name == b"x-request-id":
+                if not request_id:  # ids off: the client's header goes on as it is
+                    parts += (name, b": ", value, b"\r\n")
             elif believed:
                 if name == b"x-forwarded-for":
                     forwarded_for = (
@@ -122,12 +136,18 @@ def request_head(
     if named:
         parts = parts[:4]
         for name, value in request.headers:
-            if not (name in _REQUEST_DROP or name in named or name.startswith(b"proxy-")):
+            if name in named:
+                continue
+            if not (name in _REQUEST_DROP or name.startswith(b"proxy-")) or (
+                name == b"x-request-id" and not request_id
+            ):
                 parts += (name, b": ", value, b"\r\n")
     client = request.client.encode()  # an IP address: ASCII
     if host is None:
         host = default_host
         parts += (b"host: ", host, b"\r\n")
+    if request_id:
+        parts += (b"x-request-id: ", request_id, b"\r\n")
     parts += (
         b"x-forwarded-for: ",
         client if forwarded_for is None else forwarded_for + b", " + client,
@@ -142,14 +162,17 @@ def request_head(
     return b"".join(parts)
 
 
-def response_headers(raw: Headers) -> tuple[bytes | None, Headers]:
-    """The upstream response's Content-Type and the headers to pass on to the client."""
+def response_headers(raw: Headers, own_id: bool = False) -> tuple[bytes | None, Headers]:
+    """The upstream response's Content-Type and the headers to pass on to the client;
+    ``own_id``: the server answers the request's X-Request-Id itself (the upstream's is
+    dropped)."""
     content_type = None
     named: frozenset[bytes] = frozenset()
     kept: Headers = []
+    drop = _RESPONSE_DROP_ID if own_id else _RESPONSE_DROP
     for header in raw:
         name = header[0]
-        if name in _RESPONSE_DROP or name.startswith(b"proxy-"):
+        if name in drop or name.startswith(b"proxy-"):
             if name == b"content-type":
                 content_type = header[1]
             elif name == b"connection" and header[1] not in _PLAIN_CONNECTION:

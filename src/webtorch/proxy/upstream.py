@@ -138,6 +138,7 @@ class UpstreamGroup:
         self.pools = [ConnectionPool(u, pool_settings, loop) for u in self.upstreams]
         self.stats = [UpstreamStats() for _ in self.upstreams]
         self.retries = 0
+        self.reasons: dict[str, int] = {}  # picks by the policy's reason (the dashboard's)
         self._checks: set[asyncio.Task[None]] = set()
         self.closed = False
         # Load probes, for a policy that asks for them (prequal): its own settings name the
@@ -152,11 +153,18 @@ class UpstreamGroup:
     # -- the request path ---------------------------------------------------------------------
 
     def choose(self, request: Request, candidates: Sequence[Upstream], now: float) -> Upstream:
-        if self.sticky is not None:
-            upstream = self.sticky.route_of(request, candidates)
-            if upstream is not None:
-                return upstream
-        return self.policy.pick(request, candidates, now)
+        """The upstream for the request's next attempt; ``request.reason`` says why."""
+        sticky = self.sticky
+        upstream = sticky.route_of(request, candidates) if sticky is not None else None
+        if upstream is not None:
+            reason = "sticky_cookie"
+        else:
+            upstream = self.policy.pick(request, candidates, now)
+            reason = self.policy.last_reason
+        request.reason = reason
+        reasons = self.reasons
+        reasons[reason] = reasons.get(reason, 0) + 1
+        return upstream
 
     def send_probes(self, now: float) -> None:
         """Start the probes the policy asks for now (after a pick); returns at once."""

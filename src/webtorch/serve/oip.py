@@ -80,6 +80,7 @@ class ModelEndpoint:
         self._train = TrainForms(model) if self.trainable else None
 
     def predict(self, request: Request) -> HandlerResult:
+        request.model = self.name  # for the access log
         if request.method != "POST":
             _require(request, "POST")
         t0 = time.perf_counter()
@@ -88,6 +89,7 @@ class ModelEndpoint:
         return self.executor.submit(inputs, rows, self._short.encode)
 
     def infer(self, request: Request) -> HandlerResult:
+        request.model = self.name
         if request.method != "POST":
             _require(request, "POST")
         t0 = time.perf_counter()
@@ -110,6 +112,7 @@ class ModelEndpoint:
 
     def train(self, request: Request) -> HandlerResult:
         """``POST /models/{m}/train`` (short form); ``GET`` answers the training status."""
+        request.model = self.name
         forms = self._train_forms(request)
         if request.method != "POST":
             _require(request, "POST", "GET")
@@ -119,6 +122,7 @@ class ModelEndpoint:
         return self.executor.submit_train(decoded, _short_train)
 
     def train_oip(self, request: Request) -> HandlerResult:
+        request.model = self.name
         forms = self._train_forms(request)
         if request.method != "POST":
             _require(request, "POST")

@@ -1,0 +1,1 @@
+"""The request guard: abuse and injection detection, rate limits."""

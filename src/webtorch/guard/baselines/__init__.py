@@ -1,0 +1,1 @@
+"""Baselines the guard is measured against: ModSecurity + OWASP CRS (``crs``). Off the hot path."""

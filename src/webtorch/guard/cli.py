@@ -1,0 +1,102 @@
+"""``webtorch guard``: build the labelled corpus, train the detector, evaluate it against baselines.
+
+webtorch guard corpus DIR            build train.jsonl / test.jsonl (needs the payload packages:
+                                     see guard/corpus/SOURCES.md)
+webtorch guard train DIR --out F     train the detector on DIR/train.jsonl, save safetensors
+webtorch guard eval DIR --model F    score DIR/test.jsonl with the detector, ModSecurity + CRS
+                                     PL1 and PL2 and no defence; write GUARD_RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="guard_command", required=True)
+    corpus = sub.add_parser("corpus", help="build the labelled corpus")
+    corpus.add_argument("out", type=Path)
+    corpus.add_argument("--seed", type=int, default=0)
+    corpus.set_defaults(guard=_corpus)
+    train = sub.add_parser("train", help="train the detector on a corpus")
+    train.add_argument("corpus", type=Path)
+    train.add_argument("--out", type=Path, required=True, help="safetensors file to write")
+    train.add_argument("--epochs", type=int, default=4)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(guard=_train)
+    ev = sub.add_parser("eval", help="evaluate the detector and its baselines")
+    ev.add_argument("corpus", type=Path)
+    ev.add_argument("--model", type=Path, help="detector weights (default: the shipped model)")
+    ev.add_argument("--block", type=float, default=0.9, help="block threshold (0.9)")
+    ev.add_argument("--results", type=Path, default=Path("GUARD_RESULTS.md"))
+    ev.add_argument("--no-crs", action="store_true", help="skip ModSecurity + CRS")
+    ev.set_defaults(guard=_eval)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args.guard(args))
+
+
+def _corpus(args: argparse.Namespace) -> int:
+    from webtorch.guard.corpus.build import build_corpus
+
+    build_corpus(args.out, seed=args.seed)
+    print(f"corpus written to {args.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from webtorch.guard.corpus.records import Sample, read_jsonl
+    from webtorch.guard.dataset import api_examples, augmented, examples
+    from webtorch.guard.detector import save
+    from webtorch.guard.train import encode_all, fit
+
+    started = time.perf_counter()
+    train, samples = examples(read_jsonl(args.corpus / "train.jsonl"))
+    api = api_examples(len(train) // 5, args.seed)
+    # The API's requests are benign hosts for the transplanted attacks too: pass them along as
+    # samples of the benign label.
+    hosts = [Sample("GET", "/", (), b"", 0, "benign", "api", "", 0.0, "train")] * len(api)
+    encoded = encode_all(augmented([*train, *api], [*samples, *hosts], args.seed))
+    net = fit(encoded, epochs=args.epochs, seed=args.seed)
+    save(net, args.out, {"corpus": str(args.corpus), "examples": str(len(encoded))})
+    elapsed = time.perf_counter() - started
+    print(f"trained on {len(encoded)} requests in {elapsed:.1f} s -> {args.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from webtorch.guard import evaluate
+    from webtorch.guard.corpus.records import read_jsonl
+    from webtorch.guard.dataset import examples
+    from webtorch.guard.detector import Scorer
+    from webtorch.guard.shell import DEFAULT_MODEL
+
+    model = args.model or DEFAULT_MODEL
+    test, samples = examples(read_jsonl(args.corpus / "test.jsonl"))
+    thresholds = sorted({0.5, 0.7, args.block, 0.97})
+    detections = [
+        evaluate.nothing(samples),
+        *evaluate.webtorch(Scorer.from_file(model), test, thresholds),
+    ]
+    if not args.no_crs:
+        from webtorch.guard.baselines.crs import unavailable
+
+        problem = unavailable()
+        if problem is not None:
+            print(f"error: ModSecurity + CRS cannot run here: {problem}", file=sys.stderr)
+            return 1
+        for level in (1, 2):
+            print(f"CRS PL{level} on {len(samples)} requests...", file=sys.stderr)
+            detections.append(evaluate.crs(level, samples))
+    command = "webtorch " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    text = evaluate.report(detections, samples)
+    section = f"## Detection on the corpus\n\nCommand: `{command}`\n\n{text}\n"
+    print(section)
+    args.results.write_text(f"# Guard results\n\n{section}")
+    print(f"written to {args.results}", file=sys.stderr)
+    return 0

@@ -1,0 +1,242 @@
+"""The guard's decisions: allow, throttle (429) or block (403), and why. Sans-IO.
+
+Every request passes :meth:`Guard.check` before its handler; every connection passes
+:meth:`Guard.connect`. In order, cheapest and most certain first:
+
+1. the allow-list (trusted networks skip everything) and the deny-list;
+2. an active ban (set by an earlier block, expiring after ``ban_seconds``);
+3. per-client caps that need no model: open connections (``connect``) and a token bucket of
+   ``rate`` requests/s with ``burst`` (nginx's limit_req, with nodelay);
+4. the detector: an **injection** score at or above ``block`` blocks the request (and bans the
+   client when ``ban_seconds`` > 0); an **abuse** score at or above ``block`` blocks and bans,
+   at or above ``throttle`` throttles.
+
+In ``monitor`` mode every decision is made, counted and logged as it would be, and the request is
+let through anyway (``Decision.enforced`` is False): the way to roll a guard out.
+
+The clock is passed in, so policies are tested with a fake one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from webtorch.guard.clients import ClientState, ClientTable
+from webtorch.guard.detector import Scorer
+from webtorch.guard.features import RequestView
+from webtorch.observe.metrics import Histogram
+
+ALLOW, THROTTLE, BLOCK = "allow", "throttle", "block"
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    mode: str = "enforce"  # or "monitor"
+    throttle: float = 0.5  # abuse score that throttles
+    block: float = 0.9  # injection or abuse score that blocks
+    ban_seconds: float = 0.0  # a block bans the client this long (0: no bans)
+    rate: float = 0.0  # token bucket: requests/s per client (0: no limit)
+    burst: float = 0.0  # bucket size (0: max(rate, 1))
+    max_connections: int = 0  # open connections per client (0: no cap)
+    max_clients: int = 100_000  # clients whose history is kept (LRU)
+    allow: Sequence[str] = ()  # CIDR blocks never checked
+    deny: Sequence[str] = ()  # CIDR blocks always refused
+
+
+@dataclass(slots=True)
+class Decision:
+    action: str  # allow, throttle or block: what the guard decided
+    reason: str  # allow_list, deny_list, banned, connections, rate_limit, injection, abuse, ok
+    injection: float | None = None  # scores, when the detector ran
+    abuse: float | None = None
+    retry_after: float = 0.0  # for a throttle: seconds until the client may retry
+    enforced: bool = True  # False in monitor mode: the request goes through regardless
+
+    @property
+    def score(self) -> float | None:
+        """The higher of the two scores (the access log's one number)."""
+        if self.injection is None or self.abuse is None:
+            return None
+        return max(self.injection, self.abuse)
+
+    @property
+    def refused(self) -> bool:
+        return self.enforced and self.action != ALLOW
+
+
+SCORE_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+@dataclass
+class GuardStats:
+    decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # (action, reason)
+    blocked_clients: Counter[str] = field(default_factory=Counter)
+    # The detector's score (the higher head) of each request it scored.
+    scores: Histogram = field(default_factory=lambda: Histogram(SCORE_BUCKETS))
+
+
+class Guard:
+    def __init__(
+        self,
+        settings: GuardSettings,
+        scorer: Scorer | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.scorer = scorer
+        self.clients = ClientTable(settings.max_clients)
+        self.stats = GuardStats()
+        self.bans: dict[str, float] = {}  # client -> ban end
+        self._allow = [ipaddress.ip_network(c, strict=False) for c in settings.allow]
+        self._deny = [ipaddress.ip_network(c, strict=False) for c in settings.deny]
+        self._listed: dict[str, str | None] = {}  # address -> "allow" / "deny" / None, cached
+        self._enforce = settings.mode == "enforce"
+        self._burst = settings.burst or max(settings.rate, 1.0)
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def connect(self, address: str, now: float) -> Decision:
+        """A new connection from ``address``: refused by the lists, a ban or the cap."""
+        listed = self._list_of(address)
+        if listed == "allow":
+            return self._count(Decision(ALLOW, "allow_list"), address)
+        if listed == "deny":
+            return self._count(Decision(BLOCK, "deny_list", enforced=self._enforce), address)
+        if self._banned(address, now):
+            return self._count(Decision(BLOCK, "banned", enforced=self._enforce), address)
+        state = self.clients.get(address, now)
+        cap = self.settings.max_connections
+        if cap and state.connections >= cap:
+            decision = self._count(
+                Decision(THROTTLE, "connections", enforced=self._enforce), address
+            )
+            if decision.refused:
+                return decision
+        else:
+            decision = Decision(ALLOW, "ok")
+        state.connections += 1  # admitted (perhaps only because the guard is monitoring)
+        return decision
+
+    def disconnect(self, address: str) -> None:
+        state = self.clients.peek(address)
+        if state is not None and state.connections > 0:
+            state.connections -= 1
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def check(self, view: RequestView, client: str, now: float) -> Decision:
+        listed = self._list_of(client)
+        if listed == "allow":
+            return Decision(ALLOW, "allow_list")
+        if listed == "deny":
+            return self._count(Decision(BLOCK, "deny_list", enforced=self._enforce), client)
+        if self._banned(client, now):
+            return self._count(Decision(BLOCK, "banned", enforced=self._enforce), client)
+        state = self.clients.get(client, now)
+        state.arrive(view.path, now)
+        throttled = self._bucket(state, now)
+        if throttled is not None:
+            return self._count(throttled, client)
+        if self.scorer is None:
+            return self._count(Decision(ALLOW, "ok"), client)
+        injection, abuse = self.scorer.score_one(view, state.features(now))
+        self.stats.scores.record(max(injection, abuse))
+        s = self.settings
+        if injection >= s.block:
+            decision = Decision(BLOCK, "injection", injection, abuse, enforced=self._enforce)
+        elif abuse >= s.block:
+            decision = Decision(BLOCK, "abuse", injection, abuse, enforced=self._enforce)
+        elif abuse >= s.throttle:
+            decision = Decision(
+                THROTTLE, "abuse", injection, abuse, retry_after=1.0, enforced=self._enforce
+            )
+        else:
+            decision = Decision(ALLOW, "ok", injection, abuse)
+        if decision.action == BLOCK and s.ban_seconds > 0 and self._enforce:
+            self.bans[client] = now + s.ban_seconds
+        return self._count(decision, client)
+
+    def answered(self, client: str, status: int) -> None:
+        """The response's status: a client collecting 4xx is probing."""
+        state = self.clients.peek(client)
+        if state is not None:
+            state.answered(status)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _bucket(self, state: ClientState, now: float) -> Decision | None:
+        rate = self.settings.rate
+        if rate <= 0:
+            return None
+        tokens = state.tokens
+        # The bucket lives on the client's state: refilled lazily, by the time since last seen.
+        if tokens < 0:
+            tokens = self._burst
+        else:
+            tokens = min(self._burst, tokens + (now - state.refilled) * rate)
+        state.refilled = now
+        if tokens >= 1.0 - 1e-9:  # a token refilled over exactly 1/rate s counts as whole
+            state.tokens = max(tokens - 1.0, 0.0)
+            return None
+        state.tokens = tokens
+        wait = (1.0 - tokens) / rate
+        return Decision(THROTTLE, "rate_limit", retry_after=wait, enforced=self._enforce)
+
+    def _banned(self, client: str, now: float) -> bool:
+        until = self.bans.get(client)
+        if until is None:
+            return False
+        if now < until:
+            return True
+        del self.bans[client]
+        return False
+
+    def expire(self, now: float) -> None:
+        """Drop expired bans and fold pending scores (the app calls this once a second)."""
+        self.stats.scores.compact()
+        for client in [c for c, until in self.bans.items() if until <= now]:
+            del self.bans[client]
+
+    def _list_of(self, address: str) -> str | None:
+        if not self._allow and not self._deny:
+            return None
+        try:
+            return self._listed[address]
+        except KeyError:
+            pass
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            listed = None  # a configured key (an API key header), not an address
+        else:
+            listed = (
+                "allow"
+                if any(ip in net for net in self._allow)
+                else "deny"
+                if any(ip in net for net in self._deny)
+                else None
+            )
+        if len(self._listed) >= 65536:
+            self._listed.clear()
+        self._listed[address] = listed
+        return listed
+
+    def _count(self, decision: Decision, client: str) -> Decision:
+        self.stats.decisions[(decision.action, decision.reason)] += 1
+        if decision.action == BLOCK:
+            stats = self.stats.blocked_clients
+            stats[client] += 1
+            if len(stats) > 10_000:  # bounded: keep the heaviest half
+                keep = stats.most_common(5_000)
+                stats.clear()
+                stats.update(dict(keep))
+        return decision
+
+
+def retry_after_header(seconds: float) -> bytes:
+    return str(max(1, math.ceil(seconds))).encode()

@@ -1,0 +1,247 @@
+"""The guard's model: trained with PyTorch, scored in numpy with a per-part cache.
+
+Two heads, because they call for different actions:
+
+- **injection** (the request's content is an attack: SQLi, XSS, command injection, traversal,
+  template injection, ...): an MLP over each field's content (path, query, header block, body
+  prefix), read as the mean and the element-wise max of its hashed byte 3-grams' learned
+  embeddings (a byte-level model with no convolution to pay per request), plus the request's
+  numbers: its shape, each field's byte-class shares and the client's history. Fields are kept
+  apart so that a long header block cannot dilute a short query, and the max pooling means a
+  payload in a 2 KB cookie is not averaged away.
+- **abuse** (the client behaves like a flood or a scan): a smaller MLP over the client's recent
+  history (``clients.py``), the request's shape and its path's content and shares (a scanner's
+  wordlist paths look like nothing a user clicks).
+
+Serving does not call torch. Both heads' first layers are linear, and a field's share of them
+depends on the field's bytes alone, so it is cached by those bytes: a repeated path, header block
+or query costs a dictionary lookup. What remains per request is a few small vector operations.
+Weights travel as safetensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn import functional as F
+
+from webtorch.guard.clients import N_CLIENT
+from webtorch.guard.features import (
+    BUCKETS,
+    FIELDS,
+    N_FLAGS,
+    N_REQUEST,
+    N_STATS,
+    RequestView,
+    field_features,
+    ngram_ids,
+    part_stats,
+    parts,
+    request_flags,
+)
+
+HEADS = ("injection", "abuse")
+N_NUMERIC = N_REQUEST + N_CLIENT  # encode()'s layout: flags, per-field stats, client history
+N_FIELDS = len(FIELDS)
+CACHE_LIMIT = 50_000  # parts cached; cleared whole when full (cheap, and rare)
+
+
+class GuardNet(nn.Module):
+    def __init__(self, dim: int = 16, hidden: int = 64) -> None:
+        super().__init__()
+        self.dim, self.hidden = dim, hidden
+        self.embed = nn.Embedding(BUCKETS, dim)
+        nn.init.normal_(self.embed.weight, std=0.1)
+        self.injection_hidden = nn.Linear(N_FIELDS * 2 * dim + N_NUMERIC, hidden)
+        self.injection_out = nn.Linear(hidden, 1)
+        abuse_in = N_FLAGS + N_CLIENT + 2 * dim + N_STATS
+        self.abuse_hidden = nn.Linear(abuse_in, hidden // 2)
+        self.abuse_out = nn.Linear(hidden // 2, 1)
+        # Standardisation of the numeric features, in encode()'s layout (from the training set).
+        self.mean: torch.Tensor
+        self.scale: torch.Tensor
+        self.register_buffer("mean", torch.zeros(N_NUMERIC))
+        self.register_buffer("scale", torch.ones(N_NUMERIC))
+
+    def forward(
+        self, ids: torch.Tensor, offsets: torch.Tensor, numeric: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (batch x :data:`HEADS`). ``offsets``: where each (request, field) bag starts in
+        ``ids``, request-major; an empty field is an empty bag (zeros)."""
+        batch = numeric.shape[0]
+        weight = self.embed.weight
+        mean = F.embedding_bag(ids, weight, offsets, mode="mean")
+        top = F.embedding_bag(ids, weight, offsets, mode="max")
+        content = torch.cat([mean, top], dim=1).reshape(batch, N_FIELDS, 2 * self.dim)
+        x = (numeric - self.mean) / self.scale
+        injection = self.injection_out(
+            torch.relu(self.injection_hidden(torch.cat([content.flatten(1), x], dim=1)))
+        )
+        flags, client, path_stats = x[:, :N_FLAGS], x[:, N_REQUEST:], x[:, N_FLAGS:][:, :N_STATS]
+        abuse = self.abuse_out(
+            torch.relu(self.abuse_hidden(torch.cat([flags, client, content[:, 0], path_stats], 1)))
+        )
+        return torch.cat([injection, abuse], dim=1)
+
+
+def encode(view: RequestView, client: Sequence[float]) -> tuple[list[np.ndarray], np.ndarray]:
+    """A request as the network's training input: each field's n-gram ids, and its numeric
+    features (flags, each field's :func:`field_features`, the client's history)."""
+    fields = []
+    grams = []
+    for raw in parts(view):
+        stats, text = part_stats(raw)
+        fields.append(field_features(stats))
+        grams.append(ngram_ids(text).astype(np.int64) if raw else np.zeros(0, np.int64))
+    numeric = np.concatenate(
+        [np.asarray(request_flags(view), np.float32), *fields, np.asarray(client, np.float32)]
+    )
+    return grams, numeric
+
+
+def save(net: GuardNet, path: Path, metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    # The embedding is nearly all of the file: half precision halves it (2 MB), and float16's
+    # 3 significant digits are far finer than the detector's thresholds need.
+    tensors["embed.weight"] = tensors["embed.weight"].half()
+    meta = {"dim": str(net.dim), "hidden": str(net.hidden), **(metadata or {})}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_net(path: Path) -> GuardNet:
+    """A saved network, for further training (online adaptation) in torch."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta: dict[str, str] = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    net = GuardNet(int(meta.get("dim", 16)), int(meta.get("hidden", 64)))
+    net.load_state_dict({k: v.float() for k, v in state.items()})
+    return net
+
+
+class Scorer:
+    """Scores requests with a trained :class:`GuardNet`'s weights, in numpy."""
+
+    def __init__(self, weights: dict[str, Any]) -> None:
+        self.load(weights)
+
+    @classmethod
+    def from_file(cls, path: Path) -> Scorer:
+        return cls(load_numpy(str(path)))
+
+    @classmethod
+    def from_net(cls, net: GuardNet) -> Scorer:
+        return cls({k: v.detach().cpu().numpy() for k, v in net.state_dict().items()})
+
+    def load(self, weights: dict[str, Any]) -> None:
+        """Swap in new weights (after online adaptation); the part cache starts over."""
+
+        def w(name: str) -> np.ndarray:
+            return np.ascontiguousarray(weights[name], dtype=np.float32)
+
+        self.embedding = w("embed.weight")
+        dim = self.embedding.shape[1]
+        mean, scale = w("mean"), w("scale")
+        content = N_FIELDS * 2 * dim
+        # Both heads' first layers are linear in their inputs: fold the standardisation in,
+        # (x - mean) / scale @ W == x @ (W / scale) - (mean / scale) @ W, and split the weights
+        # by input so that each field's share can be computed once and cached.
+        i1 = w("injection_hidden.weight").T  # rows: fields' content, then encode()'s numbers
+        numeric = i1[content:] / scale[:, None]
+        self._i_b1 = w("injection_hidden.bias") - (mean / scale) @ i1[content:]
+        self._i_content = [i1[2 * dim * f : 2 * dim * (f + 1)] for f in range(N_FIELDS)]
+        self._i_stats = [
+            numeric[N_FLAGS + f * N_STATS : N_FLAGS + (f + 1) * N_STATS] for f in range(N_FIELDS)
+        ]
+        self._i_flags = np.ascontiguousarray(numeric[:N_FLAGS])
+        self._i_client = np.ascontiguousarray(numeric[N_REQUEST:])
+        self._i_w2, self._i_b2 = w("injection_out.weight")[0], float(w("injection_out.bias")[0])
+        a1 = w("abuse_hidden.weight").T  # rows: flags, client, path content, path stats
+        flags, client = slice(0, N_FLAGS), slice(N_FLAGS, N_FLAGS + N_CLIENT)
+        path_stats = slice(N_FLAGS, N_FLAGS + N_STATS)  # in encode()'s layout
+        history = slice(N_REQUEST, N_NUMERIC)
+        self._a_flags = np.ascontiguousarray(a1[flags] / scale[:N_FLAGS, None])
+        self._a_client = np.ascontiguousarray(a1[client] / scale[history, None])
+        self._a_content = np.ascontiguousarray(
+            a1[N_FLAGS + N_CLIENT : N_FLAGS + N_CLIENT + 2 * dim]
+        )
+        self._a_stats = np.ascontiguousarray(
+            a1[N_FLAGS + N_CLIENT + 2 * dim :] / scale[path_stats, None]
+        )
+        self._a_b1 = (
+            w("abuse_hidden.bias")
+            - (mean[:N_FLAGS] / scale[:N_FLAGS]) @ a1[flags]
+            - (mean[history] / scale[history]) @ a1[client]
+            - (mean[path_stats] / scale[path_stats]) @ a1[N_FLAGS + N_CLIENT + 2 * dim :]
+        )
+        self._a_w2, self._a_b2 = w("abuse_out.weight")[0], float(w("abuse_out.bias")[0])
+        self._cache: dict[tuple[int, bytes], tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def _part(self, field: int, raw: bytes) -> tuple[np.ndarray, np.ndarray | None]:
+        """A field's share of the injection head's first layer, and for the path its share of
+        the abuse head's: both depend on the field's bytes alone, so they are cached by them."""
+        key = (field, raw)
+        cached = self._cache.get(key)
+        if cached is None:
+            counts, text = part_stats(raw)
+            stats = field_features(counts)
+            share = stats @ self._i_stats[field]
+            pooled = None
+            if raw:
+                rows = self.embedding[ngram_ids(text)]
+                pooled = np.concatenate([rows.mean(axis=0), rows.max(axis=0)])
+                share = share + pooled @ self._i_content[field]
+            path = None
+            if field == 0:
+                path = stats @ self._a_stats
+                if pooled is not None:
+                    path = path + pooled @ self._a_content
+            cached = (share, path)
+            if len(self._cache) >= CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[key] = cached
+        return cached
+
+    def score_one(self, view: RequestView, client: list[float]) -> tuple[float, float]:
+        """(injection, abuse) probabilities of one request: the request path's call, written
+        for the fewest numpy calls (each costs about a microsecond at these sizes)."""
+        path, query, headers, body = parts(view)
+        part = self._part
+        path_share, path_abuse = part(0, path)
+        flags = np.asarray(request_flags(view), np.float32)
+        history = np.asarray(client, np.float32)
+        injection = (
+            flags @ self._i_flags
+            + history @ self._i_client
+            + self._i_b1
+            + path_share
+            + part(1, query)[0]
+            + part(2, headers)[0]
+            + part(3, body)[0]
+        )
+        abuse = flags @ self._a_flags + history @ self._a_client + self._a_b1
+        if path_abuse is not None:
+            abuse = abuse + path_abuse
+        i = float(np.maximum(injection, 0.0) @ self._i_w2) + self._i_b2
+        a = float(np.maximum(abuse, 0.0) @ self._a_w2) + self._a_b2
+        return _sigmoid(i), _sigmoid(a)
+
+    def score(self, views: Sequence[RequestView], clients: Sequence[Sequence[float]]) -> np.ndarray:
+        """Probabilities (batch x :data:`HEADS`)."""
+        return np.asarray(
+            [self.score_one(v, list(c)) for v, c in zip(views, clients, strict=True)],
+            dtype=np.float32,
+        ).reshape(len(views), len(HEADS))
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x > -60.0 else 0.0

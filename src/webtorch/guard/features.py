@@ -1,0 +1,170 @@
+"""What the guard's detector sees of a request: its parts as hashed byte 3-grams, and numbers.
+
+Sans-IO and cheap, because it runs for every request before its handler. A request is cut into
+*parts* (the path, the query, each header line, the body prefix), each normalised the way an attack
+means rather than how it is spelled: percent-decoded twice (double encoding is a classic evasion),
+``+`` as space, lower case. Per part we compute:
+
+- hashed byte 3-grams, which the detector reads as a bag (fastText-style): what a byte-level
+  CNN's first layer learns, for a fraction of its cost;
+- byte-class counts (letters, digits, specials, spaces, control or non-ASCII), percent escapes
+  and distinct bytes, with one ``bytes.translate`` + ``count`` per class instead of a Python loop.
+
+Everything about a part depends only on its bytes, so the detector caches it by part: a user
+agent, an Accept header or a cookie that repeats costs a dictionary lookup, not a recomputation.
+Parts combine by sums, which is what makes that cache exact.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
+
+import numpy as np
+
+BUCKETS = 1 << 16  # hashed n-gram ids
+BODY_PREFIX = 1024  # bytes of a body the detector reads
+PART_LIMIT = 2048  # bytes of one normalised part hashed, at most
+# Headers whose values carry nothing a client chose that is worth reading.
+SKIPPED = frozenset({b"host", b"content-length", b"connection", b"accept-encoding"})
+METHODS = ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH")
+CONTENT_TYPES = (
+    b"application/x-www-form-urlencoded",
+    b"application/json",
+    b"multipart/form-data",
+    b"text/plain",
+    b"application/xml",
+    b"text/xml",
+)
+FIELDS = ("path", "query", "headers", "body")
+_PERCENT = re.compile(rb"%[0-9a-fA-F]{2}")
+
+
+def _table(member: set[int]) -> bytes:
+    return bytes(1 if b in member else 0 for b in range(256))
+
+
+_CLASSES = (
+    _table({b for b in range(256) if chr(b).isascii() and chr(b).isalpha()}),
+    _table(set(range(48, 58))),
+    _table(set(b"'\"<>;()`|&$\\{}[]*!#=")),
+    _table(set(b" \t\r\n\x0b\x0c")),
+    _table({b for b in range(256) if b >= 127 or b < 32}),
+)
+STAT_NAMES = ("length", "alpha", "digit", "special", "space", "control", "escapes", "distinct")
+N_STATS = len(STAT_NAMES)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """The parts of a request the guard reads (header names lower-case)."""
+
+    method: str
+    path: str
+    query: str
+    headers: Sequence[tuple[bytes, bytes]]
+    body: bytes = b""
+    # The declared body length, when the body streams past the guard (proxied uploads).
+    body_length: int | None = None
+
+
+def normalise(raw: bytes) -> bytes:
+    """Percent-decode twice, ``+`` as space, lower-case: what an attack means, not its spelling."""
+    text = raw.replace(b"+", b" ")
+    for _ in range(2):
+        if b"%" not in text:
+            break
+        text = unquote_to_bytes(text)
+    return text.lower()
+
+
+def parts(view: RequestView) -> tuple[bytes, bytes, bytes, bytes]:
+    """The request's raw parts, one per field of :data:`FIELDS`: path, query, the header lines
+    the detector reads (one block: a client repeats its headers exactly, so the block caches
+    well), and the body prefix. A missing part is empty."""
+    headers = b"\n".join(
+        name + b": " + value for name, value in view.headers if name not in SKIPPED
+    )
+    return (
+        view.path.encode("utf-8", "surrogateescape"),
+        view.query.encode("utf-8", "surrogateescape"),
+        headers,
+        view.body[:BODY_PREFIX],
+    )
+
+
+def ngram_ids(text: bytes) -> np.ndarray:
+    """Hashed byte 3-grams of ``text``: uint32 ids below :data:`BUCKETS`."""
+    if len(text) < 3:
+        text = text.ljust(3, b"\0")
+    b = np.frombuffer(text, dtype=np.uint8).astype(np.uint32)
+    tri = (b[:-2] << np.uint32(16)) | (b[1:-1] << np.uint32(8)) | b[2:]
+    return (tri * np.uint32(2654435761)) >> np.uint32(16)  # multiplicative hashing, mod 2**32
+
+
+def part_stats(raw: bytes) -> tuple[np.ndarray, bytes]:
+    """A part's counts in :data:`STAT_NAMES` order (of its raw bytes: escapes are counted before
+    decoding) and its normalised text."""
+    stats = np.empty(N_STATS, dtype=np.float32)
+    stats[0] = len(raw)
+    for i, table in enumerate(_CLASSES, start=1):
+        stats[i] = raw.translate(table).count(1)
+    stats[6] = len(_PERCENT.findall(raw))
+    stats[7] = len(set(raw))
+    return stats, normalise(raw)[:PART_LIMIT]
+
+
+def field_features(stats: np.ndarray) -> np.ndarray:
+    """One field's features from its :func:`part_stats` counts: log length, class shares."""
+    length = float(stats[0])
+    out = np.empty(N_STATS, dtype=np.float32)
+    out[0] = np.log1p(length)
+    out[1:] = stats[1:] / max(length, 1.0)
+    out[7] = stats[7] / max(min(length, 256.0), 1.0)  # distinct bytes: of at most 256 possible
+    return out
+
+
+FLAG_FEATURES = (
+    [f"method_{m.lower()}" for m in (*METHODS, "other")]
+    + [f"content_type_{i}" for i in range(len(CONTENT_TYPES) + 1)]
+    + ["path_depth", "body_log_length", "header_count", "has_accept", "has_accept_language"]
+    + ["has_referer", "has_cookie", "has_user_agent"]
+)
+N_FLAGS = len(FLAG_FEATURES)
+REQUEST_FEATURES = FLAG_FEATURES + [f"{f}_{stat}" for f in FIELDS for stat in STAT_NAMES]
+N_REQUEST = len(REQUEST_FEATURES)
+
+
+def request_flags(view: RequestView) -> list[float]:
+    """The features that do not come from parts: method, content type, shape, header presence."""
+    method = [0.0] * (len(METHODS) + 1)
+    try:
+        method[METHODS.index(view.method)] = 1.0
+    except ValueError:
+        method[-1] = 1.0
+    kind = [0.0] * (len(CONTENT_TYPES) + 1)
+    names = set()
+    for name, value in view.headers:
+        names.add(name)
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            try:
+                kind[CONTENT_TYPES.index(media)] = 1.0
+            except ValueError:
+                kind[-1] = 1.0
+    length = view.body_length if view.body_length is not None else len(view.body)
+    return [
+        *method,
+        *kind,
+        float(view.path.count("/")),
+        math.log1p(length),
+        float(len(view.headers)),
+        float(b"accept" in names),
+        float(b"accept-language" in names),
+        float(b"referer" in names),
+        float(b"cookie" in names),
+        float(b"user-agent" in names),
+    ]

