@@ -226,6 +226,7 @@ class App:
             raise
         state = self.server.state
         state.gate = guarded
+        state.sent_observer = self.metrics.observe_sent
         self.metrics.sources.append(
             lambda: connection_families(len(state.connections), state.accepted)
         )

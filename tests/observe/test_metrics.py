@@ -39,3 +39,20 @@ def test_metrics_exposition_counts_requests_by_route_and_status() -> None:
         'webtorch_http_request_duration_seconds_bucket{le="0.0001",route="/models/xor/predict"} 1.0'
         in text
     )
+
+
+def test_body_bytes_are_counted_by_route_once_sent() -> None:
+    from tests.conftest import serve_in_thread, xor_config
+    from tests.proxy.test_forward import request
+
+    with serve_in_thread(xor_config()) as running:
+        body = b'{"inputs": [[0, 1], [1, 1]]}'
+        answers = [request(running, "POST", "/models/xor/predict", body)[2] for _ in range(3)]
+        assert request(running, "HEAD", "/v2")[0] == 200  # HEAD: no body goes out
+        _, _, scrape = request(running, "GET", "/metrics")
+    text = scrape.decode()
+    route = 'route="/models/xor/predict"'
+    sent = sum(len(a) for a in answers)
+    assert f"webtorch_http_response_body_bytes_total{{{route}}} {float(sent)}" in text
+    assert f"webtorch_http_request_body_bytes_total{{{route}}} {3.0 * len(body)}" in text
+    assert 'webtorch_http_response_body_bytes_total{route="/v2"} 0.0' in text

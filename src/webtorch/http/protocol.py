@@ -145,6 +145,8 @@ class ServerState:
         self.scheme = scheme
         self.server_header = b"server: " + server_name + b"\r\n"
         self.connections: set[HttpProtocol] = set()
+        # Told the body bytes of each response once they are sent (the metrics' byte counts).
+        self.sent_observer: Callable[[Request, int], None] | None = None
         # Admits or refuses each new connection by its address (the guard's); None: all admitted.
         self.gate: ConnectionGate | None = None
         self.accepted = 0  # connections ever accepted (the metrics' counter)
@@ -370,7 +372,7 @@ class HttpProtocol(asyncio.Protocol):
             self._streaming = None
             if self._sink is not None:
                 self._sink.protocol = None
-                if logging_:
+                if logging_ or self.state.sent_observer is not None:
                     self._log_stream(self._sink)  # cut short: the bytes that went out
                 self._sink = None
             if response is not None and response.stream is not None:
@@ -778,11 +780,17 @@ class HttpProtocol(asyncio.Protocol):
                 observer(slot.request, response.status, time.perf_counter() - slot.started)
             except Exception:  # a metrics bug must not cost the client its response
                 log.exception("request observer failed")
-        if self.state.access_log is not None and response.stream is None:
-            # A streamed body is logged when it ends, with the bytes that went out.
+        state = self.state
+        if response.stream is None and (
+            state.access_log is not None or state.sent_observer is not None
+        ):
+            # A streamed body is counted and logged when it ends, with the bytes that went out.
             status = response.status
             empty = slot.head or status in _NO_BODY_STATUSES
-            self._log(slot, status, 0 if empty else len(response.body))
+            sent = 0 if empty else len(response.body)
+            if state.sent_observer is not None and slot.request is not None:
+                state.sent_observer(slot.request, sent)
+            self._log(slot, status, sent)
         slots = self.slots
         if (
             len(slots) == 1
@@ -936,7 +944,7 @@ class HttpProtocol(asyncio.Protocol):
         """A streamed body is complete: finish its framing, go on with the next response."""
         self._streaming = None
         self._sink = None
-        if self.state.access_log is not None:
+        if self.state.access_log is not None or self.state.sent_observer is not None:
             self._log_stream(sink)
         transport = self.transport
         if transport is None:
@@ -957,7 +965,7 @@ class HttpProtocol(asyncio.Protocol):
         Content-Length body, or no last chunk) instead of a complete-looking response."""
         self._streaming = None
         self._sink = None
-        if self.state.access_log is not None:
+        if self.state.access_log is not None or self.state.sent_observer is not None:
             self._log_stream(sink)
         self.closing = True
         self.slots.clear()
@@ -967,6 +975,9 @@ class HttpProtocol(asyncio.Protocol):
     def _log_stream(self, sink: _Sink) -> None:
         response = sink.slot.response
         if response is not None:
+            sent_observer = self.state.sent_observer
+            if sent_observer is not None and sink.slot.request is not None:
+                sent_observer(sink.slot.request, sink.sent)
             self._log(sink.slot, response.status, sink.sent)
 
     def _set_body_paused(self, paused: bool) -> None:

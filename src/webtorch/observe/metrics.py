@@ -130,6 +130,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, int], int] = {}
+        # Body bytes by route: received (a streamed upload: as declared) and sent.
+        self.received: dict[str, int] = {}
+        self.sent: dict[str, int] = {}
         self.latency: dict[str, Histogram] = {}
         self.models: dict[str, ModelStats] = {}
         self.training: dict[str, TrainStats] = {}
@@ -162,6 +165,18 @@ class Metrics:
         if hist is None:
             hist = self.latency[route] = Histogram(LATENCY_BUCKETS)
         hist.record(seconds)
+        size = len(request.body)
+        if request.stream is not None:
+            declared = request.header(b"content-length")
+            size = int(declared) if declared is not None and declared.isdigit() else 0
+        if size:
+            received = self.received
+            received[route] = received.get(route, 0) + size
+
+    def observe_sent(self, request: Request, sent: int) -> None:
+        """The protocol's byte observer: a response's body bytes, once they have gone out."""
+        route = request.route or "unmatched"
+        self.sent[route] = self.sent.get(route, 0) + sent
 
     def compact(self) -> None:
         """Fold pending observations into buckets; the app calls this once a second."""
@@ -203,6 +218,20 @@ class _Collector:
         for route, hist in sorted(m.latency.items()):
             latency.add_metric([route], hist.buckets(), hist.total)
         yield latency
+        received = CounterMetricFamily(
+            "webtorch_http_request_body_bytes",
+            "Request body bytes received (a streamed upload counts its declared length)",
+            labels=["route"],
+        )
+        for route, count in sorted(m.received.items()):
+            received.add_metric([route], count)
+        yield received
+        sent = CounterMetricFamily(
+            "webtorch_http_response_body_bytes", "Response body bytes sent", labels=["route"]
+        )
+        for route, count in sorted(m.sent.items()):
+            sent.add_metric([route], count)
+        yield sent
         model_requests = CounterMetricFamily(
             "webtorch_model_requests",
             "Inference requests that reached a model's queue",
