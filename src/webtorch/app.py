@@ -23,8 +23,10 @@ from webtorch.errors import (
     ServiceUnavailable,
 )
 from webtorch.guard.core import Guard
-from webtorch.guard.shell import GuardedHandler, make_guard
+from webtorch.guard.feedback import Feedback
+from webtorch.guard.shell import ADAPTED, GuardedHandler, make_guard, weights_of
 from webtorch.guard.shell import metric_families as guard_metrics
+from webtorch.guard.shell import state_dir as guard_state_dir
 from webtorch.http.limits import Limits
 from webtorch.http.messages import Handler, HandlerResult, Request, Response, json_response
 from webtorch.http.protocol import Observer
@@ -60,6 +62,7 @@ class App:
         self.proxies: Proxies | None = None
         self.router: Router | None = None
         self.guard: Guard | None = None
+        self.feedback: Feedback | None = None
         self.access_log: AccessLog | None = None
         self.timeline = Timeline(
             self.metrics,
@@ -101,6 +104,7 @@ class App:
             ("prefix", "/models/"): models.short,
             ("path", "/metrics"): self.metrics.handle,
             ("path", "/admin/reload"): self._admin_reload,
+            ("path", "/guard/feedback"): self._guard_feedback,
             ("path", "/dashboard"): dashboard,
             ("prefix", "/dashboard/"): dashboard,
         }
@@ -250,7 +254,27 @@ class App:
             raise ConfigError(f"guard.model: cannot load the detector: {exc}") from None
         self.guard = guard
         self.metrics.sources.append(functools.partial(guard_metrics, guard))
-        return GuardedHandler(guard, handler, settings.client_key)
+        weights = weights_of(settings, self.config.base_dir)
+        if settings.feedback and guard.scorer is not None and weights is not None:
+            save_to = guard_state_dir(settings, self.config.base_dir) / ADAPTED
+            self.feedback = Feedback(guard.scorer, weights, save_to, batch=settings.feedback_batch)
+        return GuardedHandler(
+            guard,
+            handler,
+            settings.client_key,
+            feedback=self.feedback,
+            trusted=self.auth.valid if self.config.server.bearer_token is not None else None,
+        )
+
+    def _guard_feedback(self, request: Request) -> HandlerResult:
+        if not self.config.server.management:
+            raise NotFound("the management endpoints are off (server.management = false)")
+        self.auth.check(request)
+        if request.method != "POST":
+            raise MethodNotAllowed("use POST /guard/feedback", ("POST",))
+        if self.feedback is None:
+            raise NotFound("guard feedback is off (guard.feedback = false, or no detector)")
+        return json_response(self.feedback.label(request.body), 202)
 
     def _open_access_log(self) -> AccessLog | None:
         settings = self.config.server.access_log
@@ -298,6 +322,9 @@ class App:
         if self.proxies is not None:
             self.proxies.close()
         await self.repository.close()
+        if self.feedback is not None:  # a fine-tuning round in progress finishes and is saved
+            await self.feedback.wait()
+            await asyncio.to_thread(self.feedback.close)
         if self.access_log is not None:  # last: every answered request is in it
             await asyncio.to_thread(self.access_log.close)
 

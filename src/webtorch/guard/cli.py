@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev = sub.add_parser("eval", help="evaluate the detector and its baselines")
     ev.add_argument("corpus", type=Path)
     ev.add_argument("--model", type=Path, help="detector weights (default: the shipped model)")
-    ev.add_argument("--block", type=float, default=0.9, help="block threshold (0.9)")
+    ev.add_argument("--block", type=float, default=0.97, help="block threshold (0.97)")
     ev.add_argument("--results", type=Path, default=Path("GUARD_RESULTS.md"))
     ev.add_argument("--no-crs", action="store_true", help="skip ModSecurity + CRS")
     ev.set_defaults(guard=_eval)
@@ -78,7 +78,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     model = args.model or DEFAULT_MODEL
     test, samples = examples(read_jsonl(args.corpus / "test.jsonl"))
-    thresholds = sorted({0.5, 0.7, args.block, 0.97})
+    thresholds = sorted({0.5, 0.9, args.block, 0.97, 0.99})
     detections = [
         evaluate.nothing(samples),
         *evaluate.webtorch(Scorer.from_file(model), test, thresholds),

@@ -38,7 +38,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class GuardSettings:
     mode: str = "enforce"  # or "monitor"
     throttle: float = 0.5  # abuse score that throttles
-    block: float = 0.9  # injection or abuse score that blocks
+    block: float = 0.97  # injection or abuse score that blocks
     ban_seconds: float = 0.0  # a block bans the client this long (0: no bans)
     rate: float = 0.0  # token bucket: requests/s per client (0: no limit)
     burst: float = 0.0  # bucket size (0: max(rate, 1))
@@ -92,6 +92,7 @@ class Guard:
         self.clients = ClientTable(settings.max_clients)
         self.stats = GuardStats()
         self.bans: dict[str, float] = {}  # client -> ban end
+        self.last_history: list[float] = []
         self._allow = [ipaddress.ip_network(c, strict=False) for c in settings.allow]
         self._deny = [ipaddress.ip_network(c, strict=False) for c in settings.deny]
         self._listed: dict[str, str | None] = {}  # address -> "allow" / "deny" / None, cached
@@ -144,7 +145,9 @@ class Guard:
             return self._count(throttled, client)
         if self.scorer is None:
             return self._count(Decision(ALLOW, "ok"), client)
-        injection, abuse = self.scorer.score_one(view, state.features(now))
+        history = state.features(now)
+        self.last_history = history  # what the request was scored with (for feedback)
+        injection, abuse = self.scorer.score_one(view, history)
         self.stats.scores.record(max(injection, abuse))
         s = self.settings
         if injection >= s.block:

@@ -6,7 +6,9 @@ Two heads, because they call for different actions:
   template injection, ...): an MLP over each field's content (path, query, header block, body
   prefix), read as the mean and the element-wise max of its hashed byte 3-grams' learned
   embeddings (a byte-level model with no convolution to pay per request), plus the request's
-  numbers: its shape, each field's byte-class shares and the client's history. Fields are kept
+  numbers: its shape and each field's byte-class shares. Not the client's history: injection
+  is a property of the content, and history would let it learn when attacks happened to
+  arrive in its training data. Fields are kept
   apart so that a long header block cannot dilute a short query, and the max pooling means a
   payload in a 2 KB cookie is not averaged away.
 - **abuse** (the client behaves like a flood or a scan): a smaller MLP over the client's recent
@@ -60,7 +62,9 @@ class GuardNet(nn.Module):
         self.dim, self.hidden = dim, hidden
         self.embed = nn.Embedding(BUCKETS, dim)
         nn.init.normal_(self.embed.weight, std=0.1)
-        self.injection_hidden = nn.Linear(N_FIELDS * 2 * dim + N_NUMERIC, hidden)
+        # Injection is a property of the content: this head does not see the client's history
+        # (which would let it learn when, in its training data, attacks happened to arrive).
+        self.injection_hidden = nn.Linear(N_FIELDS * 2 * dim + N_REQUEST, hidden)
         self.injection_out = nn.Linear(hidden, 1)
         abuse_in = N_FLAGS + N_CLIENT + 2 * dim + N_STATS
         self.abuse_hidden = nn.Linear(abuse_in, hidden // 2)
@@ -83,7 +87,9 @@ class GuardNet(nn.Module):
         content = torch.cat([mean, top], dim=1).reshape(batch, N_FIELDS, 2 * self.dim)
         x = (numeric - self.mean) / self.scale
         injection = self.injection_out(
-            torch.relu(self.injection_hidden(torch.cat([content.flatten(1), x], dim=1)))
+            torch.relu(
+                self.injection_hidden(torch.cat([content.flatten(1), x[:, :N_REQUEST]], dim=1))
+            )
         )
         flags, client, path_stats = x[:, :N_FLAGS], x[:, N_REQUEST:], x[:, N_FLAGS:][:, :N_STATS]
         abuse = self.abuse_out(
@@ -155,15 +161,15 @@ class Scorer:
         # Both heads' first layers are linear in their inputs: fold the standardisation in,
         # (x - mean) / scale @ W == x @ (W / scale) - (mean / scale) @ W, and split the weights
         # by input so that each field's share can be computed once and cached.
-        i1 = w("injection_hidden.weight").T  # rows: fields' content, then encode()'s numbers
-        numeric = i1[content:] / scale[:, None]
-        self._i_b1 = w("injection_hidden.bias") - (mean / scale) @ i1[content:]
+        i1 = w("injection_hidden.weight").T  # rows: fields' content, flags, fields' stats
+        request = slice(0, N_REQUEST)
+        numeric = i1[content:] / scale[request, None]
+        self._i_b1 = w("injection_hidden.bias") - (mean[request] / scale[request]) @ i1[content:]
         self._i_content = [i1[2 * dim * f : 2 * dim * (f + 1)] for f in range(N_FIELDS)]
         self._i_stats = [
             numeric[N_FLAGS + f * N_STATS : N_FLAGS + (f + 1) * N_STATS] for f in range(N_FIELDS)
         ]
         self._i_flags = np.ascontiguousarray(numeric[:N_FLAGS])
-        self._i_client = np.ascontiguousarray(numeric[N_REQUEST:])
         self._i_w2, self._i_b2 = w("injection_out.weight")[0], float(w("injection_out.bias")[0])
         a1 = w("abuse_hidden.weight").T  # rows: flags, client, path content, path stats
         flags, client = slice(0, N_FLAGS), slice(N_FLAGS, N_FLAGS + N_CLIENT)
@@ -221,7 +227,6 @@ class Scorer:
         history = np.asarray(client, np.float32)
         injection = (
             flags @ self._i_flags
-            + history @ self._i_client
             + self._i_b1
             + path_share
             + part(1, query)[0]

@@ -22,6 +22,7 @@ from webtorch.config import GuardConfig
 from webtorch.guard.core import BLOCK, Decision, Guard, GuardSettings, retry_after_header
 from webtorch.guard.detector import Scorer
 from webtorch.guard.features import RequestView
+from webtorch.guard.feedback import Feedback
 from webtorch.http.messages import Handler, HandlerResult, Request, error_response
 
 DEFAULT_MODEL = Path(__file__).parent / "guard.safetensors"
@@ -35,11 +36,29 @@ _MESSAGES = {
 }
 
 
+ADAPTED = "guard.safetensors"  # the adapted weights' name in the guard's state directory
+
+
+def state_dir(config: GuardConfig, base_dir: Path) -> Path:
+    if config.state_dir is None:
+        return Path.cwd() / "webtorch-state" / "guard"
+    return base_dir / config.state_dir
+
+
+def weights_of(config: GuardConfig, base_dir: Path) -> Path | None:
+    """The detector's weights: adapted ones from an earlier run's feedback if there are any,
+    else the configured model, else the shipped one; None for model = "none"."""
+    if config.model == "none":
+        return None
+    adapted = state_dir(config, base_dir) / ADAPTED
+    if config.feedback and adapted.is_file():
+        return adapted
+    return DEFAULT_MODEL if config.model is None else base_dir / config.model
+
+
 def make_guard(config: GuardConfig, base_dir: Path) -> Guard:
-    scorer = None
-    if config.model != "none":
-        path = DEFAULT_MODEL if config.model is None else base_dir / config.model
-        scorer = Scorer.from_file(path)
+    weights = weights_of(config, base_dir)
+    scorer = None if weights is None else Scorer.from_file(weights)
     settings = GuardSettings(
         mode=config.mode,
         throttle=config.throttle,
@@ -64,9 +83,15 @@ class GuardedHandler:
         handler: Handler,
         client_key: str = "ip",
         clock: Callable[[], float] = time.monotonic,
+        feedback: Feedback | None = None,
+        trusted: Callable[[Request], bool] | None = None,
     ) -> None:
         self.guard = guard
         self.handler = handler
+        self.feedback = feedback
+        # Requests that skip the guard: those bearing the server's token (operators, whose
+        # feedback would otherwise be scored as the attacks it quotes).
+        self._trusted = trusted
         self._header = client_key[len("header:") :].lower().encode() if client_key != "ip" else None
         self._clock = clock
 
@@ -78,6 +103,9 @@ class GuardedHandler:
         return request.client
 
     def __call__(self, request: Request) -> HandlerResult:
+        if self._trusted is not None and self._trusted(request):
+            request.guard_action = "allow"
+            return self.handler(request)
         declared = None
         if request.stream is not None:
             length = request.header(b"content-length")
@@ -88,7 +116,9 @@ class GuardedHandler:
         client = self.client_of(request)
         decision = self.guard.check(view, client, self._clock())
         request.guard_action = decision.action
-        request.guard_score = decision.score
+        score = request.guard_score = decision.score
+        if self.feedback is not None and score is not None:
+            self.feedback.remember(request.request_id, view, self.guard.last_history, score)
         if decision.refused:
             return refusal(decision)
         return self.handler(request)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from webtorch.guard.detector import HEADS, N_NUMERIC, GuardNet, encode
+from webtorch.guard.detector import HEADS, GuardNet, encode
 from webtorch.guard.features import N_FLAGS, N_REQUEST, RequestView
 
 
@@ -99,10 +99,11 @@ def fit(
         # yet its weights still hold their random start: in service, where it may vary, they
         # would only add noise.
         abuse = torch.cat([constant[:N_FLAGS], constant[N_REQUEST:]]).nonzero().flatten()
-        content = net.injection_hidden.in_features - N_NUMERIC
+        content = net.injection_hidden.in_features - N_REQUEST
         with torch.no_grad():
             net.abuse_hidden.weight[:, abuse] = 0.0
-            net.injection_hidden.weight[:, content + constant.nonzero().flatten()] = 0.0
+            injection = constant[:N_REQUEST].nonzero().flatten()
+            net.injection_hidden.weight[:, content + injection] = 0.0
     net.eval()
     return net
 

@@ -35,6 +35,12 @@ class Auth:
     def __init__(self, token: str | None) -> None:
         self._expected = None if token is None else b"Bearer " + token.encode()
 
+    def valid(self, request: Request) -> bool:
+        """Whether the request bears the token (False when none is configured)."""
+        given = request.header(b"authorization")
+        expected = self._expected
+        return expected is not None and given is not None and hmac.compare_digest(given, expected)
+
     def check(self, request: Request) -> None:
         if self._expected is None:
             return
