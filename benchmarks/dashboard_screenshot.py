@@ -61,6 +61,13 @@ weights = false  # from its initial weights, so that the loss curve has somewher
 enabled = true
 max_batch = 64
 durability = "none"
+
+# The guard watching (it decides and counts, and refuses nothing), with a per-client budget the
+# lab's single load generator outruns: the guard panel shows what enforcing would have done.
+[guard]
+mode = "monitor"
+rate = 100
+burst = 200
 """
 
 

@@ -179,12 +179,16 @@ class App:
         log.info("%s", message)
         return message
 
-    def _admin_reload(self, request: Request) -> HandlerResult:
+    def _management(self, request: Request) -> None:
+        """A management endpoint's checks: on by config, the token, POST."""
         if not self.config.server.management:
             raise NotFound("the management endpoints are off (server.management = false)")
         self.auth.check(request)
         if request.method != "POST":
-            raise MethodNotAllowed("use POST /admin/reload", ("POST",))
+            raise MethodNotAllowed(f"use POST {request.path}", ("POST",))
+
+    def _admin_reload(self, request: Request) -> HandlerResult:
+        self._management(request)
         try:
             message = self.reload()
         except ConfigError as exc:
@@ -267,11 +271,7 @@ class App:
         )
 
     def _guard_feedback(self, request: Request) -> HandlerResult:
-        if not self.config.server.management:
-            raise NotFound("the management endpoints are off (server.management = false)")
-        self.auth.check(request)
-        if request.method != "POST":
-            raise MethodNotAllowed("use POST /guard/feedback", ("POST",))
+        self._management(request)
         if self.feedback is None:
             raise NotFound("guard feedback is off (guard.feedback = false, or no detector)")
         return json_response(self.feedback.label(request.body), 202)

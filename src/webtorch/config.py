@@ -100,6 +100,16 @@ class AccessLogConfig(_Strict):
     buffer: Annotated[int, Field(ge=1)] = 10000
 
 
+def _networks(networks: list[str]) -> list[str]:
+    """``networks`` if each is an address or CIDR block; else the error names the bad one."""
+    for cidr in networks:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ValueError(f"{cidr!r} is not an IP address or CIDR block") from None
+    return networks
+
+
 class ServerConfig(_Strict):
     listen: str = "127.0.0.1:8080"
     tls: TLSConfig | None = None
@@ -135,12 +145,7 @@ class ServerConfig(_Strict):
     @field_validator("trusted_proxies")
     @classmethod
     def _check_proxies(cls, proxies: list[str]) -> list[str]:
-        for cidr in proxies:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise ValueError(f"{cidr!r} is not an IP address or CIDR block") from None
-        return proxies
+        return _networks(proxies)
 
     @model_validator(mode="after")
     def _check_token(self) -> ServerConfig:
@@ -450,12 +455,7 @@ class GuardConfig(_Strict):
     @field_validator("allow", "deny")
     @classmethod
     def _check_networks(cls, networks: list[str]) -> list[str]:
-        for cidr in networks:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise ValueError(f"{cidr!r} is not an IP address or CIDR block") from None
-        return networks
+        return _networks(networks)
 
     @field_validator("client_key")
     @classmethod

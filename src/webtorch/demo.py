@@ -88,20 +88,24 @@ def run(args: argparse.Namespace) -> int:
     if args.clients < 1:
         print("error: --clients must be at least 1", file=sys.stderr)
         return 2
-    if args.url is not None:
-        try:
-            with _sigterm_exits():
+    try:
+        with _sigterm_exits():
+            if args.url is not None:
                 return _train(_remote(args.url), args)
-        except DemoError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
+            return _serve_and_train(args)
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _serve_and_train(args: argparse.Namespace) -> int:
+    """Start an untrained XOR server in a temporary directory, train it, stop it."""
     workdir = Path(tempfile.mkdtemp(prefix="webtorch-demo-"))
     try:
         with ExitStack() as stack:
-            stack.enter_context(_sigterm_exits())
             xor_py = stack.enter_context(
                 resources.as_file(resources.files("webtorch.examples") / "xor.py")
             )
@@ -113,12 +117,6 @@ def run(args: argparse.Namespace) -> int:
                 host, port, f"untrained XOR served at {_url(host, port)} (ready in {ready:.1f} s)"
             )
             return _train(target, args)
-    except DemoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     finally:
         if args.keep:
             print(f"kept {workdir} (config.toml, server.log, state/)")
