@@ -5,6 +5,9 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import struct
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -116,3 +119,43 @@ def test_a_banned_address_cannot_connect() -> None:
             assert closed(sock)
         finally:
             sock.close()
+
+
+def test_a_client_leaving_mid_prediction_releases_its_connection_slot() -> None:
+    """A prediction still queued when its client goes away must not break the connection's
+    clean-up: the guard's per-address count is given back, so the address can connect again."""
+    with serve_in_thread(guarded(mode="enforce", model="none", max_connections=1)) as running:
+        executor = running.app.executors["xor"]
+        running.loop.call_soon_threadsafe(executor.hold)
+        sock = socket.create_connection((running.host, running.port))
+        body = b'{"inputs": [[0, 1]]}'
+        sock.sendall(
+            b"POST /models/xor/predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        state = running.app.server.state if running.app.server is not None else None
+        assert state is not None
+        wait_for(lambda: executor_queued(running) == 1)
+        # Reset, not a half-close: a half-closed client would still be sent its answer.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        wait_for(lambda: not state.connections)
+        running.loop.call_soon_threadsafe(executor.release)
+        again = socket.create_connection((running.host, running.port))
+        try:
+            again.sendall(b"GET /v2 HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert again.recv(4096).startswith(b"HTTP/1.1 200")
+        finally:
+            again.close()
+
+
+def executor_queued(running: Running) -> int:
+    executor = running.app.executors["xor"]
+    return len(executor.scheduler)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)  # polling a condition with a deadline, not sleeping for an outcome

@@ -5,6 +5,8 @@ webtorch guard corpus DIR            build train.jsonl / test.jsonl (needs the p
 webtorch guard train DIR --out F     train the detector on DIR/train.jsonl, save safetensors
 webtorch guard eval DIR --model F    score DIR/test.jsonl with the detector, ModSecurity + CRS
                                      PL1 and PL2 and no defence; write GUARD_RESULTS.md
+webtorch guard eval DIR --live       and live attacks on real servers (guard/live.py, ~5 min);
+                  --live-only        only those: replace that section of GUARD_RESULTS.md
 """
 
 from __future__ import annotations
@@ -29,11 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(guard=_train)
     ev = sub.add_parser("eval", help="evaluate the detector and its baselines")
-    ev.add_argument("corpus", type=Path)
+    ev.add_argument("corpus", type=Path, nargs="?", help="corpus directory (not with --live-only)")
     ev.add_argument("--model", type=Path, help="detector weights (default: the shipped model)")
     ev.add_argument("--block", type=float, default=0.97, help="block threshold (0.97)")
     ev.add_argument("--results", type=Path, default=Path("GUARD_RESULTS.md"))
     ev.add_argument("--no-crs", action="store_true", help="skip ModSecurity + CRS")
+    ev.add_argument(
+        "--live", action="store_true", help="also attack live servers (floods, slow attacks, cost)"
+    )
+    ev.add_argument(
+        "--live-only",
+        action="store_true",
+        help="only the live attacks; the results file's other sections are kept",
+    )
     ev.set_defaults(guard=_eval)
 
 
@@ -76,6 +86,12 @@ def _eval(args: argparse.Namespace) -> int:
     from webtorch.guard.detector import Scorer
     from webtorch.guard.shell import DEFAULT_MODEL
 
+    if args.live_only:
+        results: Path = args.results
+        return _live(args, results.read_text() if results.exists() else "# Guard results\n")
+    if args.corpus is None:
+        print("error: a corpus directory is needed (or --live-only)", file=sys.stderr)
+        return 2
     model = args.model or DEFAULT_MODEL
     test, samples = examples(read_jsonl(args.corpus / "test.jsonl"))
     thresholds = sorted({0.5, 0.9, args.block, 0.97, 0.99})
@@ -97,6 +113,25 @@ def _eval(args: argparse.Namespace) -> int:
     text = evaluate.report(detections, samples)
     section = f"## Detection on the corpus\n\nCommand: `{command}`\n\n{text}\n"
     print(section)
-    args.results.write_text(f"# Guard results\n\n{section}")
+    text = f"# Guard results\n\n{section}"
+    if args.results.exists():  # the live section of an earlier --live run is kept
+        from webtorch.guard.live import carry_live_section
+
+        text = carry_live_section(args.results.read_text(), text)
+    args.results.write_text(text)
+    print(f"written to {args.results}", file=sys.stderr)
+    if args.live:
+        return _live(args, text)
+    return 0
+
+
+def _live(args: argparse.Namespace, text: str) -> int:
+    """Run the live attacks; write ``text`` with its live section replaced by theirs."""
+    from webtorch.guard import live
+
+    command = "webtorch " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    section = live.live_report(live.run_live(), command)
+    print(section)
+    args.results.write_text(live.merge_section(text, section))
     print(f"written to {args.results}", file=sys.stderr)
     return 0

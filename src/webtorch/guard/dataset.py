@@ -15,7 +15,11 @@ Labels: an attack of the ``scan`` family is **abuse** (a behaviour), any other a
 
 from __future__ import annotations
 
+import base64
+import random
+import uuid
 from collections.abc import Iterable, Sequence
+from urllib.parse import quote, quote_plus
 
 from webtorch.guard.clients import ClientTable
 from webtorch.guard.corpus.records import Sample
@@ -77,8 +81,6 @@ def augmented(data: Sequence[Example], samples: Sequence[Sample], seed: int = 0)
     Without them the detector learns its training site's context as a shortcut: that SQL words
     are benign on /search, say, because the site's users search for "union jack" there, and it
     then waves through an injection into /search, or flags a JSON API it never saw."""
-    import random
-
     rng = random.Random(seed)
     benign = [e for e, s in zip(data, samples, strict=True) if s.label == 0]
     out = list(data)
@@ -134,6 +136,57 @@ _AGENTS = (
 )
 
 
+_NAMES = (
+    "id", "uid", "item", "ref", "src", "source", "page", "p", "offset", "limit", "per_page",
+    "sort", "order", "dir", "filter", "category", "tag", "lang", "locale", "hl", "tz", "ts", "t",
+    "v", "version", "session", "sid", "token", "state", "nonce", "code", "cb", "callback",
+    "format", "fields", "expand", "include", "debug", "mode", "view", "tab", "step", "next",
+    "return_to", "redirect_uri", "utm_source", "utm_medium", "utm_campaign", "utm_content",
+    "gclid", "fbclid", "msclkid", "q", "query", "search", "name", "email", "country", "currency",
+)  # fmt: skip
+_WORDS = (
+    "spring", "launch", "newsletter", "cpc", "email", "social", "banner", "summer-sale",
+    "en", "de", "fr", "pt-BR", "ja", "asc", "desc", "price", "name", "recent", "json", "csv",
+    "true", "false", "grid", "list", "all", "none", "red shoes", "o'reilly books", "a&b",
+)  # fmt: skip
+_HOSTS = ("example.com", "shop.example.org", "news.example.net", "localhost:3000", "t.co")
+
+
+def _value(rng: random.Random) -> str:
+    """One ordinary parameter value, as web clients send them (percent-encoded)."""
+    kind = rng.randrange(9)
+    if kind == 0:
+        return str(rng.randrange(10 ** rng.randint(1, 10)))
+    if kind == 1:
+        return rng.randbytes(rng.choice([4, 8, 12, 16, 20, 32])).hex()
+    if kind == 2:
+        raw = base64.urlsafe_b64encode(rng.randbytes(rng.choice([9, 12, 18, 24])))
+        return raw.decode().rstrip("=")
+    if kind == 3:
+        return str(uuid.UUID(bytes=rng.randbytes(16)))
+    if kind == 4:
+        return str(rng.randrange(1_600_000_000, 1_900_000_000) * rng.choice([1, 1000]))
+    if kind == 5:
+        path = "/".join(rng.choice(_WORDS).replace(" ", "-") for _ in range(rng.randint(0, 3)))
+        url = f"{rng.choice(['https', 'http'])}://{rng.choice(_HOSTS)}/{path}"
+        if rng.random() < 0.4:
+            url += f"?{rng.choice(_NAMES)}={rng.randrange(100)}"
+        return quote(url, safe="") if rng.random() < 0.8 else quote(url, safe=":/")
+    if kind == 6:
+        return quote_plus(rng.choice(_WORDS))
+    if kind == 7:
+        return f"{rng.randint(2020, 2027)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+    return rng.choice(["1", "0", "true", "false", "yes", "v2", "1.4.2", "-1", "10.5"])
+
+
+def ordinary_query(rng: random.Random) -> str:
+    """An ordinary query string: one to five common parameters with everyday values (ids,
+    tokens, timestamps, tracking tags, return URLs, words). A detector that has seen none of
+    these calls them attacks because they are unfamiliar, not because they are hostile."""
+    names = rng.sample(_NAMES, rng.randint(1, 5))
+    return "&".join(f"{name}={_value(rng)}" for name in names)
+
+
 def api_examples(n: int, seed: int = 0) -> list[Example]:
     """Benign traffic of WebTorch's own API (inference and training in the short and Open
     Inference Protocol forms, model metadata, health, metrics, the dashboard), from clients of
@@ -141,7 +194,6 @@ def api_examples(n: int, seed: int = 0) -> list[Example]:
     JSON tensors must read as the ordinary traffic they are; the payload lists' attacks are
     transplanted into them too (:func:`augmented`)."""
     import json
-    import random
 
     rng = random.Random(f"api:{seed}")
     table = ClientTable()
@@ -204,6 +256,8 @@ def api_examples(n: int, seed: int = 0) -> list[Example]:
             path = rng.choice(["/dashboard", "/dashboard/stats", "/dashboard/static/dashboard.js"])
             if path == "/dashboard/stats" and rng.random() < 0.8:
                 query = f"since={rng.randrange(1, 5000)}"
+        if not query and rng.random() < 0.6:
+            query = ordinary_query(rng)
         headers = [
             (b"host", b"127.0.0.1:8080"),
             (b"user-agent", rng.choice(_AGENTS)),

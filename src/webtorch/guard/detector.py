@@ -61,7 +61,9 @@ class GuardNet(nn.Module):
         super().__init__()
         self.dim, self.hidden = dim, hidden
         self.embed = nn.Embedding(BUCKETS, dim)
-        nn.init.normal_(self.embed.weight, std=0.1)
+        # Near zero: an n-gram training never saw must read as nothing, not as the random
+        # vector it started with (the max pooling would pick that noise up).
+        nn.init.normal_(self.embed.weight, std=0.001)
         # Injection is a property of the content: this head does not see the client's history
         # (which would let it learn when, in its training data, attacks happened to arrive).
         self.injection_hidden = nn.Linear(N_FIELDS * 2 * dim + N_REQUEST, hidden)

@@ -67,6 +67,7 @@ class Job(Pending):
         self.response = None
         self._callback = None
         self._arg = None
+        self.on_cancel = None
         self.inputs = inputs
         self.rows = rows
         self.encode = encode
@@ -81,6 +82,7 @@ class TrainJob(Pending):
         self.response = None
         self._callback = None
         self._arg = None
+        self.on_cancel = None
         self.request = request
         self.encode = encode
         self.arrived = arrived
