@@ -192,28 +192,39 @@ class Scorer:
             - (mean[path_stats] / scale[path_stats]) @ a1[N_FLAGS + N_CLIENT + 2 * dim :]
         )
         self._a_w2, self._a_b2 = w("abuse_out.weight")[0], float(w("abuse_out.bias")[0])
-        self._cache: dict[tuple[int, bytes], tuple[np.ndarray, np.ndarray | None]] = {}
+        # Both heads as one: hidden units [injection | abuse]. A request's flags, its client's
+        # history and a constant 1 (the biases) go through one matrix, each field adds its
+        # cached share, and one more matrix gives both logits: a handful of numpy calls.
+        hi, ha = self._i_b1.shape[0], self._a_b1.shape[0]
+        self._hidden_injection = hi
+        w_in = np.zeros((N_FLAGS + N_CLIENT + 1, hi + ha), dtype=np.float32)
+        w_in[:N_FLAGS, :hi] = self._i_flags
+        w_in[:N_FLAGS, hi:] = self._a_flags
+        w_in[N_FLAGS : N_FLAGS + N_CLIENT, hi:] = self._a_client
+        w_in[-1, :hi], w_in[-1, hi:] = self._i_b1, self._a_b1
+        self._w_in = w_in
+        w_out = np.zeros((hi + ha, 2), dtype=np.float32)
+        w_out[:hi, 0], w_out[hi:, 1] = self._i_w2, self._a_w2
+        self._w_out = w_out
+        self._b_out = np.asarray([self._i_b2, self._a_b2], dtype=np.float32)
+        self._cache: dict[tuple[int, bytes], np.ndarray] = {}
 
-    def _part(self, field: int, raw: bytes) -> tuple[np.ndarray, np.ndarray | None]:
-        """A field's share of the injection head's first layer, and for the path its share of
-        the abuse head's: both depend on the field's bytes alone, so they are cached by them."""
+    def _part(self, field: int, raw: bytes) -> np.ndarray:
+        """A field's share of both heads' hidden units (the abuse head's from the path only).
+        It depends on the field's bytes alone, so it is cached by them."""
         key = (field, raw)
         cached = self._cache.get(key)
         if cached is None:
             counts, text = part_stats(raw)
             stats = field_features(counts)
-            share = stats @ self._i_stats[field]
-            pooled = None
-            if raw:
-                rows = self.embedding[ngram_ids(text)]
-                pooled = np.concatenate([rows.mean(axis=0), rows.max(axis=0)])
-                share = share + pooled @ self._i_content[field]
-            path = None
+            cached = np.zeros(self._w_in.shape[1], dtype=np.float32)
+            hi = self._hidden_injection
+            cached[:hi] = stats @ self._i_stats[field]
+            rows = self.embedding[ngram_ids(text)]
+            pooled = np.concatenate([rows.mean(axis=0), rows.max(axis=0)])
+            cached[:hi] += pooled @ self._i_content[field]
             if field == 0:
-                path = stats @ self._a_stats
-                if pooled is not None:
-                    path = path + pooled @ self._a_content
-            cached = (share, path)
+                cached[hi:] = stats @ self._a_stats + pooled @ self._a_content
             if len(self._cache) >= CACHE_LIMIT:
                 self._cache.clear()
             self._cache[key] = cached
@@ -224,23 +235,18 @@ class Scorer:
         for the fewest numpy calls (each costs about a microsecond at these sizes)."""
         path, query, headers, body = parts(view)
         part = self._part
-        path_share, path_abuse = part(0, path)
-        flags = np.asarray(request_flags(view), np.float32)
-        history = np.asarray(client, np.float32)
-        injection = (
-            flags @ self._i_flags
-            + self._i_b1
-            + path_share
-            + part(1, query)[0]
-            + part(2, headers)[0]
-            + part(3, body)[0]
-        )
-        abuse = flags @ self._a_flags + history @ self._a_client + self._a_b1
-        if path_abuse is not None:
-            abuse = abuse + path_abuse
-        i = float(np.maximum(injection, 0.0) @ self._i_w2) + self._i_b2
-        a = float(np.maximum(abuse, 0.0) @ self._a_w2) + self._a_b2
-        return _sigmoid(i), _sigmoid(a)
+        pre = np.asarray([*request_flags(view), *client, 1.0], np.float32) @ self._w_in
+        if path:
+            pre += part(0, path)
+        if query:
+            pre += part(1, query)
+        if headers:
+            pre += part(2, headers)
+        if body:
+            pre += part(3, body)
+        np.maximum(pre, 0.0, out=pre)
+        injection, abuse = (pre @ self._w_out + self._b_out).tolist()
+        return _sigmoid(injection), _sigmoid(abuse)
 
     def score(self, views: Sequence[RequestView], clients: Sequence[Sequence[float]]) -> np.ndarray:
         """Probabilities (batch x :data:`HEADS`)."""

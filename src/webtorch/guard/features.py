@@ -58,9 +58,11 @@ STAT_NAMES = ("length", "alpha", "digit", "special", "space", "control", "escape
 N_STATS = len(STAT_NAMES)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestView:
-    """The parts of a request the guard reads (header names lower-case)."""
+    """The parts of a request the guard reads (header names lower-case). Not frozen: a frozen
+    dataclass's ``__init__`` sets each field through ``object.__setattr__``, and one is made for
+    every request."""
 
     method: str
     path: str
