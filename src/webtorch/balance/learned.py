@@ -333,10 +333,9 @@ class Learned(Policy):
 
     @staticmethod
     def _request_code(request: Request, key: str | None) -> tuple[int, int, int, int]:
-        size = len(request.body)
-        if request.stream is not None:
-            declared = request.header(b"content-length")
-            size = int(declared) if declared is not None and declared.isdigit() else 1 << 20
+        size = request.body_length()
+        if size is None:
+            size = 1 << 20  # a chunked upload of unknown length: count it as large
         route = zlib.crc32(request.path.split("/", 2)[1].encode()) % ROUTE_BUCKETS
         method = 0 if request.method in ("GET", "HEAD") else 1
         return route, _bucket(size, SIZE_EDGES), method, 0 if key is None else 1

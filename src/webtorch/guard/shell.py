@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import fields
 from pathlib import Path
 
 from prometheus_client.core import (
@@ -59,18 +60,8 @@ def weights_of(config: GuardConfig, base_dir: Path) -> Path | None:
 def make_guard(config: GuardConfig, base_dir: Path) -> Guard:
     weights = weights_of(config, base_dir)
     scorer = None if weights is None else Scorer.from_file(weights)
-    settings = GuardSettings(
-        mode=config.mode,
-        throttle=config.throttle,
-        block=config.block,
-        ban_seconds=config.ban_seconds,
-        rate=config.rate,
-        burst=config.burst,
-        max_connections=config.max_connections,
-        max_clients=config.max_clients,
-        allow=tuple(config.allow),
-        deny=tuple(config.deny),
-    )
+    # GuardSettings holds the decision policy's share of the config, under the same names.
+    settings = GuardSettings(**{f.name: getattr(config, f.name) for f in fields(GuardSettings)})
     return Guard(settings, scorer)
 
 
@@ -106,10 +97,7 @@ class GuardedHandler:
         if self._trusted is not None and self._trusted(request):
             request.guard_action = "allow"
             return self.handler(request)
-        declared = None
-        if request.stream is not None:
-            length = request.header(b"content-length")
-            declared = int(length) if length is not None and length.isdigit() else None
+        declared = request.body_length() if request.stream is not None else None
         view = RequestView(
             request.method, request.path, request.query, request.headers, request.body, declared
         )

@@ -52,6 +52,14 @@ class Request:
     guard_action: str = ""
     guard_score: float | None = None
 
+    def body_length(self) -> int | None:
+        """The body's length: received, or for a body still streaming in its declared
+        Content-Length (None when it has none: chunked)."""
+        if self.stream is None:
+            return len(self.body)
+        declared = self.header(b"content-length")
+        return int(declared) if declared is not None and declared.isdigit() else None
+
     def header(self, name: bytes) -> bytes | None:
         """First value of header ``name`` (lower-case), or None."""
         for key, value in self.headers:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import math
 import mimetypes
 import time
 from collections.abc import Callable
@@ -190,6 +191,6 @@ class Dashboard:
             out[name] = {
                 "trainable": training is not None,
                 "steps": training.steps if training is not None else 0,
-                "loss": loss if loss is not None and loss == loss else None,  # NaN: no step yet
+                "loss": loss if loss is not None and math.isfinite(loss) else None,  # NaN: no step
             }
         return out

@@ -165,10 +165,7 @@ class Metrics:
         if hist is None:
             hist = self.latency[route] = Histogram(LATENCY_BUCKETS)
         hist.record(seconds)
-        size = len(request.body)
-        if request.stream is not None:
-            declared = request.header(b"content-length")
-            size = int(declared) if declared is not None and declared.isdigit() else 0
+        size = request.body_length()
         if size:
             received = self.received
             received[route] = received.get(route, 0) + size
