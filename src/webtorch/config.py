@@ -309,7 +309,11 @@ class LearnedConfig(_Strict):
     # webtorch-state/balancer-<group> in the working directory.
     state_dir: Path | None = None
     explore: Annotated[float, Field(ge=0, le=1)] = 0.05  # share of picks that explore
-    sample: Annotated[int, Field(ge=2)] = 3  # candidates scored per pick
+    # An exploring pick takes another candidate predicted to cost at most this x the best.
+    explore_margin: Annotated[float, Field(ge=1)] = 2.0
+    # Candidates scored per pick (a random sample of them when there are more): every one in
+    # groups up to this size.
+    sample: Annotated[int, Field(ge=2)] = 16
     # A key (hash_key's value, e.g. the model) counts as warm on an upstream while it is among
     # the last this-many distinct keys that upstream served (about how many models it holds).
     warm_keys: Annotated[int, Field(ge=1)] = 8

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from webtorch.balance.base import Outcome, Upstream
+from webtorch.balance.hashing import hash64
 from webtorch.balance.learned import Learned
 from webtorch.http.messages import Request
 
@@ -120,6 +121,63 @@ def test_affinity_keeps_a_key_where_it_is_warm() -> None:
     before = len(warm)
     serve(p, ups, answer, 400, now=100.0)
     assert len(warm) - before <= 8, len(warm) - before
+
+
+def test_it_scores_every_candidate_and_finds_the_one_fast_upstream() -> None:
+    # One fast upstream among ten: a sample of a few would miss it on most picks.
+    ups = group(10)
+    p = policy(ups)
+    for u in ups:
+        p.observe(u, Outcome.OK, 0.001 if u.index == 7 else 0.1, 0.0)
+    picks = Counter(p.pick(get(), ups, 0.01).index for _ in range(100))
+    assert picks == Counter({7: 100}), picks
+
+
+def test_exploration_stays_near_the_best() -> None:
+    ups = group(4)
+    p = policy(ups, explore=1.0, explore_margin=2.0)
+    for u, seconds in zip(ups, (0.010, 0.015, 0.5, 1.0), strict=True):
+        p.observe(u, Outcome.OK, seconds, 0.0)
+    picks = Counter(p.pick(get(), ups, 0.0).index for _ in range(200))
+    # Every pick explores: always the one other candidate within 2x of the best, never the
+    # ones that would cost a client a slow answer.
+    assert set(picks) == {1}, picks
+    assert p.last_reason == "learned_explore"
+
+
+def test_an_avoided_upstream_is_tried_again_once_its_slow_answers_age() -> None:
+    ups = group(2)
+    p = policy(ups, decay_time=1.0)
+    p.observe(ups[0], Outcome.OK, 0.010, 0.0)
+    p.observe(ups[1], Outcome.OK, 2.0, 0.0)  # a slow spell
+    assert p.pick(get(), ups, 0.1) is ups[0]
+    # Nothing is sent to it, so nothing new is learnt about it: its estimate decays (as
+    # peak_ewma's) until it is the cheaper one and one request finds out.
+    now = 0.1
+    while p.pick(get(), ups, now) is ups[0]:
+        p.observe(ups[0], Outcome.OK, 0.010, now)
+        now += 0.1
+        assert now < 10.0, "never tried again"
+    assert 4.0 < now < 10.0, now  # ln(2.0 / 0.010) x decay_time = 5.3 s
+
+
+def test_a_new_key_goes_to_its_home_and_cold_loads_are_priced() -> None:
+    ups = group(4)
+    p = policy(ups)
+    for u in ups:
+        p.observe(u, Outcome.OK, 0.01, 0.0)
+    # Warm nowhere: every candidate costs the same, and each key goes to its rendezvous home.
+    homes = {k: p.pick(get(k), ups, 0.0) for k in ("a", "b", "c", "d", "e", "f")}
+    for k, home in homes.items():
+        assert home is max(ups, key=lambda u: hash64(f"{k}@{u.address}".encode())), k
+    assert p.cold_penalty == p.initial_latency  # the prior: sticky before anything is known
+    request = get("g")
+    cold = p.pick(request, ups, 0.0)
+    p.observe(cold, Outcome.OK, 0.21, 0.1, request)  # a model load: 200 ms over 10 ms
+    assert abs(p.cold_penalty - 0.2) < 0.01
+    # Its warm latency stays that of the model it has loaded.
+    (warm, _), *_ = p.predict(get("g"), [cold], 0.1)
+    assert warm < 0.05, warm
 
 
 def test_weights_survive_a_restart(tmp_path: Path) -> None:

@@ -157,7 +157,7 @@ def _query_argument(query: str, name: str) -> str | None:
     return None
 
 
-def _hash64(data: bytes) -> int:
+def hash64(data: bytes) -> int:
     # blake2b, not hash(): the ring must place keys the same in every worker process and after
     # every restart (PYTHONHASHSEED randomises str hashes per process).
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
@@ -216,7 +216,7 @@ class BoundedLoadHash(Policy):
         ring: list[tuple[int, int, Upstream]] = []
         for upstream in self.group:
             for replica in range(vnodes * max(upstream.weight, 0)):
-                point = _hash64(f"{upstream.address}#{replica}".encode())
+                point = hash64(f"{upstream.address}#{replica}".encode())
                 ring.append((point, upstream.index, upstream))
         # Ties on a point (2**-64 odds) are ordered by index so every process builds one ring.
         ring.sort(key=lambda entry: (entry[0], entry[1]))
@@ -231,7 +231,7 @@ class BoundedLoadHash(Policy):
         """The upstream owning ``key`` on the ring, loads and health aside (None: empty ring)."""
         if not self._points:
             return None
-        start = bisect_right(self._points, _hash64(_key_bytes(key)))
+        start = bisect_right(self._points, hash64(_key_bytes(key)))
         return self._owners[start % len(self._owners)]
 
     def pick(self, request: Request, candidates: Sequence[Upstream], now: float) -> Upstream:
@@ -258,7 +258,7 @@ class BoundedLoadHash(Policy):
         # Non-empty: the least loaded holds at most total / n < (total + 1) / n <= cap.
         eligible = {upstream for upstream in candidates if upstream.inflight < cap}
         owners = self._owners
-        start = bisect_right(self._points, _hash64(_key_bytes(key)))
+        start = bisect_right(self._points, hash64(_key_bytes(key)))
         found = None
         for position in range(start, len(owners)):
             if owners[position] in eligible:
@@ -285,7 +285,7 @@ class BoundedLoadHash(Policy):
         """Whether the ring walk for ``key`` passed a candidate (one at the load cap) before
         reaching ``found``: the key left its home for load."""
         owners = self._owners
-        start = bisect_right(self._points, _hash64(_key_bytes(key)))
+        start = bisect_right(self._points, hash64(_key_bytes(key)))
         members = set(candidates)
         for step in range(len(owners)):
             owner = owners[(start + step) % len(owners)]

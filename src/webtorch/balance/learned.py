@@ -42,7 +42,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from webtorch.balance.base import Outcome, Policy, Upstream
-from webtorch.balance.hashing import KeySpec
+from webtorch.balance.hashing import KeySpec, hash64
+from webtorch.balance.peak_ewma import LatencyEstimate
 from webtorch.http.messages import Request
 
 log = logging.getLogger("webtorch.balance")
@@ -73,6 +74,7 @@ PENDING_LIMIT = 65536  # picks awaiting their outcome; older ones are dropped
 REPLAY = 8192  # outcomes kept for training
 SAVE_EVERY = 60.0  # seconds between weight saves while serving
 CACHE_LIMIT = 4096  # cached network answers (cleared at every training step anyway)
+COLD_WEIGHT = 0.1  # the cold-load penalty's EWMA weight per cold load
 
 Code = tuple[int, int, int, int, int, int, int, int]
 
@@ -100,6 +102,10 @@ def _decayed(count: float, elapsed: float) -> float:
     return count * math.exp(-max(elapsed, 0.0) / SHARE_WINDOW)
 
 
+def _first(entry: tuple[float, Upstream, tuple[Code, float, float]]) -> float:
+    return entry[0]
+
+
 def _sigmoid(z: float) -> float:
     if z >= 0:
         return 1.0 / (1.0 + math.exp(-z))
@@ -122,32 +128,10 @@ class _Net(nn.Module):
         return self.out(torch.relu(self.hidden(x)))  # type: ignore[no-any-return]
 
 
-class _Peak:
-    """A peak-sensitive EWMA of latency (Finagle's): a slower observation takes over at once,
-    a faster one is blended in by how long it has been since the last."""
-
-    __slots__ = ("last", "seen", "value")
-
-    def __init__(self, initial: float) -> None:
-        self.value = initial
-        self.last = -math.inf
-        self.seen = False
-
-    def observe(self, latency: float, now: float, decay_time: float) -> None:
-        if latency > self.value or not self.seen:
-            self.value = latency
-        else:
-            weight = math.exp(-max(now - self.last, 0.0) / decay_time)
-            self.value = self.value * weight + latency * (1.0 - weight)
-        self.last = now
-        self.seen = True
-
-
 class _State:
     """What the policy tracks per upstream (kept in ``Upstream.stats["learned"]``)."""
 
     __slots__ = (
-        "cold",
         "error_rate",
         "last_failure",
         "latency",
@@ -157,12 +141,15 @@ class _State:
         "warm_latency",
     )
 
-    def __init__(self, initial_latency: float) -> None:
-        self.latency = _Peak(initial_latency)  # every answer
-        # Answers to keyed requests, split by whether the key was warm there: a model load
-        # must not make the upstream look slow for the models it has loaded, nor the reverse.
-        self.warm_latency = _Peak(initial_latency)
-        self.cold = _Peak(initial_latency)
+    def __init__(self, initial_latency: float, decay_time: float) -> None:
+        # Peak-EWMA's estimates, decaying between answers as there: an upstream avoided after a
+        # slow spell looks cheaper as its last answer ages, until one request finds out whether
+        # it recovered. Picking the best of every candidate needs that, where random sampling
+        # would try it by chance.
+        # Every answer but those to keyed requests the upstream had cold: a model load must not
+        # make it look slow for the models it has loaded (Learned.cold_penalty holds that cost).
+        self.latency = LatencyEstimate(initial_latency, decay_time)
+        self.warm_latency = LatencyEstimate(initial_latency, decay_time)  # keys it had warm
         self.error_rate = 0.0
         self.last_failure = -math.inf
         # The keys it served most recently, oldest first (key -> time): "warm" means among the
@@ -172,13 +159,13 @@ class _State:
         self.picked = 0.0
         self.picked_at = 0.0
 
-    def estimate(self, warmth: int) -> float:
+    def estimate(self, warmth: int, now: float, cold_penalty: float) -> float:
         """Its latency estimate for a request whose key is warm (2), cold (1) or absent (0)."""
-        if warmth == 2 and self.warm_latency.seen:
-            return self.warm_latency.value
-        if warmth == 1 and self.cold.seen:
-            return self.cold.value
-        return self.latency.value
+        if warmth == 2 and self.warm_latency.observed:
+            return self.warm_latency.get(now)
+        if warmth == 1:
+            return self.latency.get(now) + cold_penalty
+        return self.latency.get(now)
 
 
 class Learned(Policy):
@@ -197,7 +184,8 @@ class Learned(Policy):
         super().__init__(group)
         s = dict(settings or {})
         self.explore = float(s.get("explore", 0.05))
-        self.sample = int(s.get("sample", 3))
+        self.sample = int(s.get("sample", 16))
+        self.explore_margin = float(s.get("explore_margin", 2.0))
         self.warm_keys = int(s.get("warm_keys", 8))
         self.key_balance = float(s.get("key_balance", 0.25))
         self._keyed = 0.0  # all keyed picks, decayed like each upstream's count
@@ -229,9 +217,14 @@ class Learned(Policy):
         # diffs it each second to draw prediction against what happened.
         self.compared: tuple[int, float, float] = (0, 0.0, 0.0)
         self.explored = 0
-        self._observed = 0
+        # Seconds a cold key costs beyond a warm answer (a model load): an EWMA over every cold
+        # load in the group, without decay in time, since a load costs what it costs however
+        # long ago the last one was.
+        # Until one is seen, it is the pessimistic prior: keys are sticky from the start.
+        self.cold_penalty = self.initial_latency
+        self.cold_loads = 0
         for upstream in self.group:
-            upstream.stats["learned"] = _State(self.initial_latency)
+            upstream.stats["learned"] = _State(self.initial_latency, self.decay_time)
         self._load()
         self._sync()
 
@@ -263,29 +256,39 @@ class Learned(Policy):
             ]
             if within:
                 scored = within
-        best: Upstream | None = None
-        best_cost = math.inf
-        best_entry: tuple[Code, float, float] | None = None
-        explore = len(scored) > 1 and self.rng.random() < self.explore
-        if explore:
-            self.explored += 1
-            chosen = scored[self.rng.randrange(len(scored))]
-            scored = [chosen]
-            self.last_reason = "learned_explore"
-        elif len(candidates) == 1:
+        if len(candidates) == 1:
             self.last_reason = "only_candidate"
         else:
             self.last_reason = "learned"
+        costs: list[tuple[float, Upstream, tuple[Code, float, float]]] = []
         for upstream in scored:
             code, prior_latency, prior_logit = self._score_inputs(upstream, shared, key, now)
             residual_latency, residual_logit = self._residual(code)
             cost = math.exp(prior_latency + residual_latency) + self.failure_cost * _sigmoid(
                 prior_logit + residual_logit
             )
-            if cost < best_cost or best is None:
-                best, best_cost = upstream, cost
-                best_entry = (code, prior_latency, prior_logit)
-        assert best is not None and best_entry is not None
+            costs.append((cost, upstream, (code, prior_latency, prior_logit)))
+        best_cost, best, best_entry = min(costs, key=_first)
+        if key is not None and len(costs) > 1 and not any(c[2][0][4] == 2 for c in costs):
+            # A key warm nowhere goes to its home, the candidate first in its rendezvous-hash
+            # order, unless that is predicted to cost more than explore_margin x the best.
+            # Requests for a new model arriving together then load it once, in one place,
+            # rather than wherever in-flight counts happened to point each of them.
+            home = max(costs, key=lambda c: hash64(f"{key}@{c[1].address}".encode()))
+            if home[1] is not best and home[0] <= self.explore_margin * best_cost:
+                best_cost, best, best_entry = home
+                self.last_reason = "learned_home"
+        if len(costs) > 1 and self.rng.random() < self.explore:
+            # Exploration stays near the best: among the others predicted to cost at most
+            # explore_margin x the best. Trying one that is surely worse teaches little (its
+            # estimate says so already, and it ages until a request tries it again) and would
+            # cost a client a slow answer, or a cold model load, every time.
+            limit = self.explore_margin * best_cost
+            near = [c for c in costs if c[1] is not best and c[0] <= limit]
+            if near:
+                _, best, best_entry = near[self.rng.randrange(len(near))]
+                self.explored += 1
+                self.last_reason = "learned_explore"
         pending = self._pending
         if len(pending) >= PENDING_LIMIT:
             pending.pop(next(iter(pending)))  # an outcome that never came (a cancelled attempt)
@@ -361,7 +364,14 @@ class Learned(Policy):
             _bucket(now - st.last_failure, SINCE_FAILURE_EDGES),
             _bucket(st.error_rate, ERROR_EDGES),
         )
-        estimate = st.estimate(warmth)
+        if st.latency.observed:
+            estimate = st.estimate(warmth, now, self.cold_penalty)
+        else:
+            # Never measured: free while idle, so that it gets a request to be measured by,
+            # and pessimistic while that request is out (as peak_ewma).
+            estimate = self.initial_latency if upstream.inflight else 1e-4
+            if warmth == 1:
+                estimate += self.cold_penalty
         prior_latency = math.log(max(estimate, 1e-4)) + math.log1p(upstream.inflight)
         rate = min(max(st.error_rate, 0.01), 0.99)
         return code, prior_latency, math.log(rate / (1.0 - rate))
@@ -395,21 +405,28 @@ class Learned(Policy):
         failed = outcome.is_failure
         # A failure counts as slow: it must never make an upstream look fast.
         seen = max(latency, self.initial_latency) if failed else latency
-        st.latency.observe(seen, now, self.decay_time)
         st.error_rate = st.error_rate * ERROR_DECAY + (1.0 - ERROR_DECAY) * float(failed)
         if failed:
             st.last_failure = now
         entry = None
         if request is not None:
             entry = self._pending.pop((id(request), upstream.index), None)
+        warmth = entry[0][4] if entry is not None else 0
+        if warmth == 1 and not failed:
+            # A cold load: what it cost beyond a warm answer is the model's, not the upstream's.
+            extra = max(latency - st.estimate(2, now, 0.0), 0.0)
+            if self.cold_loads:
+                self.cold_penalty += COLD_WEIGHT * (extra - self.cold_penalty)
+            else:
+                self.cold_penalty = extra
+            self.cold_loads += 1
+        else:
+            st.latency.observe(seen, now)
+            if warmth == 2:
+                st.warm_latency.observe(seen, now)
         if entry is None:
             return
         code, prior_latency, prior_logit = entry
-        warmth = code[4]
-        if warmth == 2:
-            st.warm_latency.observe(seen, now, self.decay_time)
-        elif warmth == 1:
-            st.cold.observe(seen, now, self.decay_time)
         log_latency = math.log(max(latency, 1e-4))
         self._replay.append((code, prior_latency, prior_logit, log_latency, float(failed)))
         self._fresh += 1
