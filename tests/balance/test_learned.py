@@ -166,10 +166,14 @@ def test_a_new_key_goes_to_its_home_and_cold_loads_are_priced() -> None:
     p = policy(ups)
     for u in ups:
         p.observe(u, Outcome.OK, 0.01, 0.0)
-    # Warm nowhere: every candidate costs the same, and each key goes to its rendezvous home.
-    homes = {k: p.pick(get(k), ups, 0.0) for k in ("a", "b", "c", "d", "e", "f")}
-    for k, home in homes.items():
-        assert home is max(ups, key=lambda u: hash64(f"{k}@{u.address}".encode())), k
+    # Warm nowhere, every candidate costs the same: the first key goes to its rendezvous home,
+    # and each next new key to the first in its rendezvous order of those still below their
+    # fair share of keyed picks: four new keys, four upstreams.
+    homes = [p.pick(get(k), ups, 0.0) for k in ("a", "b", "c", "d")]
+    assert homes[0] is max(ups, key=lambda u: hash64(f"a@{u.address}".encode()))
+    assert len({u.index for u in homes}) == 4
+    # A key asked for again stays where it went.
+    assert [p.pick(get(k), ups, 0.0) for k in ("a", "b", "c", "d")] == homes
     assert p.cold_penalty == p.initial_latency  # the prior: sticky before anything is known
     request = get("g")
     cold = p.pick(request, ups, 0.0)

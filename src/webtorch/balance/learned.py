@@ -75,6 +75,7 @@ REPLAY = 8192  # outcomes kept for training
 SAVE_EVERY = 60.0  # seconds between weight saves while serving
 CACHE_LIMIT = 4096  # cached network answers (cleared at every training step anyway)
 COLD_WEIGHT = 0.1  # the cold-load penalty's EWMA weight per cold load
+WARM_SMOOTHING = 1.0  # seconds: the time constant of an upstream's latency for keys it has warm
 
 Code = tuple[int, int, int, int, int, int, int, int]
 
@@ -149,7 +150,12 @@ class _State:
         # Every answer but those to keyed requests the upstream had cold: a model load must not
         # make it look slow for the models it has loaded (Learned.cold_penalty holds that cost).
         self.latency = LatencyEstimate(initial_latency, decay_time)
-        self.warm_latency = LatencyEstimate(initial_latency, decay_time)  # keys it had warm
+        # Answers to keys it had warm, smoothed rather than peak-sensitive: such an answer is
+        # often slow only for having queued behind a model load, and a peak would make every
+        # model it holds look as slow as a cold load elsewhere, scattering them (each move a
+        # new load). A real slowdown still shows, here within a second or so, and at once in
+        # ``latency``, failures and the error rate.
+        self.warm_latency = LatencyEstimate(initial_latency, WARM_SMOOTHING, peak=False)
         self.error_rate = 0.0
         self.last_failure = -math.inf
         # The keys it served most recently, oldest first (key -> time): "warm" means among the
@@ -244,18 +250,7 @@ class Learned(Policy):
             scored = list(candidates)
         shared = self._request_code(request, key)
         if key is not None:
-            # Affinity within bounded loads: a key stays where it is warm, but no upstream takes
-            # more than (1 + key_balance) x its fair share of keyed traffic while others have room
-            # (consistent hashing with bounded loads, applied to the learned choice).
-            # Only upstreams that answer count as room: balancing must never push traffic onto
-            # one that fails.
-            within = [
-                u
-                for u in scored
-                if u.stats["learned"].error_rate < 0.2 and not self._over_share(u, now)
-            ]
-            if within:
-                scored = within
+            scored = self._keyed_candidates(key, scored, now)
         if len(candidates) == 1:
             self.last_reason = "only_candidate"
         else:
@@ -269,12 +264,28 @@ class Learned(Policy):
             )
             costs.append((cost, upstream, (code, prior_latency, prior_logit)))
         best_cost, best, best_entry = min(costs, key=_first)
-        if key is not None and len(costs) > 1 and not any(c[2][0][4] == 2 for c in costs):
-            # A key warm nowhere goes to its home, the candidate first in its rendezvous-hash
-            # order, unless that is predicted to cost more than explore_margin x the best.
-            # Requests for a new model arriving together then load it once, in one place,
-            # rather than wherever in-flight counts happened to point each of them.
-            home = max(costs, key=lambda c: hash64(f"{key}@{c[1].address}".encode()))
+        warm_here = [c for c in costs if c[2][0][4] == 2] if key is not None else []
+        if len(warm_here) > 1:
+            # Warm in several places: the one it went to last, unless it is predicted to cost
+            # more than a model load over the best. A key that spilled off an upstream over
+            # its share then moves whole and stays, rather than following in-flight counts
+            # back and forth (which multiply small differences: ratios of costs say little
+            # here) and leaving the upstream it spilled to with the odd request of many keys,
+            # more than it holds, each one a load that pushes another model out.
+            latest = max(warm_here, key=lambda c: c[1].stats["learned"].warm[key])
+            if latest[1] is not best and latest[0] <= best_cost + self.cold_penalty:
+                best_cost, best, best_entry = latest
+        elif key is not None and len(costs) > 1 and not warm_here:
+            # A key warm nowhere goes to its home: of the candidates below their fair share of
+            # keyed traffic (all, if none is), the first in the key's rendezvous-hash order;
+            # unless that is predicted to cost more than explore_margin x the best. A model is
+            # then loaded in one place, not wherever in-flight counts pointed each of its first
+            # requests, and new keys fill the emptiest upstreams: models tend to appear most
+            # popular first, so this packs them as longest-first scheduling does, leaving little
+            # to spill later under key_balance. Shares count from the first keyed pick here,
+            # since most keys are first asked for within the first few dozen requests.
+            roomy = [c for c in costs if self._keyed_load(c[1], now, least=1.0) < 1.0] or costs
+            home = max(roomy, key=lambda c: hash64(f"{key}@{c[1].address}".encode()))
             if home[1] is not best and home[0] <= self.explore_margin * best_cost:
                 best_cost, best, best_entry = home
                 self.last_reason = "learned_home"
@@ -308,6 +319,31 @@ class Learned(Policy):
                 warm.pop(next(iter(warm)))
         return best
 
+    def _keyed_candidates(self, key: str, scored: list[Upstream], now: float) -> list[Upstream]:
+        """Affinity within bounded loads: a key stays where it is warm, but no upstream takes
+        more than (1 + key_balance) x its fair share of keyed traffic while others have room
+        (consistent hashing with bounded loads, applied to the learned choice). Only upstreams
+        that answer count as room: balancing must never push traffic onto one that fails."""
+        within = [
+            u
+            for u in scored
+            if u.stats["learned"].error_rate < 0.2 and not self._over_share(u, now)
+        ]
+        if not within:
+            return scored
+        warm = [u for u in scored if key in u.stats["learned"].warm]
+        if warm:
+            latest = max(warm, key=lambda u: u.stats["learned"].warm[key])
+            if latest not in within:
+                # The key's upstream is over its share: it spills to one with real room, below
+                # its fair share (warm there if it can be). Spilling merely to wherever is
+                # under the cap would shuffle popular keys among the upstreams at the cap and
+                # leave one below its share for good, taking only the odd spilled request,
+                # each a model load.
+                room = [u for u in within if self._keyed_load(u, now) < 1.0]
+                return [u for u in room if u in warm] or room or within
+        return within
+
     def predict(
         self, request: Request, candidates: Sequence[Upstream], now: float
     ) -> list[tuple[float, float]]:
@@ -326,13 +362,18 @@ class Learned(Policy):
             )
         return out
 
-    def _over_share(self, upstream: Upstream, now: float) -> bool:
+    def _keyed_load(self, upstream: Upstream, now: float, least: float = 20.0) -> float:
+        """Its share of recent keyed picks over its fair share (1.0: exactly its part);
+        0.0 while there are fewer than ``least`` keyed picks to speak of shares."""
         st: _State = upstream.stats["learned"]
         total = _decayed(self._keyed, now - self._keyed_at)
-        if total < 20.0:
-            return False  # too few keyed picks yet to speak of shares
+        if total < least:
+            return 0.0
         share = _decayed(st.picked, now - st.picked_at) / total
-        return share > (1.0 + self.key_balance) * self._fair.get(upstream.index, 0.0)
+        return share / max(self._fair.get(upstream.index, 0.0), 1e-9)
+
+    def _over_share(self, upstream: Upstream, now: float) -> bool:
+        return self._keyed_load(upstream, now) > 1.0 + self.key_balance
 
     @staticmethod
     def _request_code(request: Request, key: str | None) -> tuple[int, int, int, int]:
@@ -414,12 +455,18 @@ class Learned(Policy):
         warmth = entry[0][4] if entry is not None else 0
         if warmth == 1 and not failed:
             # A cold load: what it cost beyond a warm answer is the model's, not the upstream's.
-            extra = max(latency - st.estimate(2, now, 0.0), 0.0)
+            measured = st.latency.observed
+            extra = max(latency - (st.estimate(2, now, 0.0) if measured else 0.0), 0.0)
             if self.cold_loads:
                 self.cold_penalty += COLD_WEIGHT * (extra - self.cold_penalty)
             else:
                 self.cold_penalty = extra
             self.cold_loads += 1
+            if not measured:
+                # Its first answers may all be loads: what is left of one without the load is
+                # its first measure (else it would stay "never measured", pessimistic while
+                # busy, and be starved of the keys it holds).
+                st.latency.observe(max(latency - self.cold_penalty, 1e-4), now)
         else:
             st.latency.observe(seen, now)
             if warmth == 2:

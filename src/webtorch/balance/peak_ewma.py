@@ -46,11 +46,12 @@ class LatencyEstimate:
     evidence to average with.
     """
 
-    __slots__ = ("decay_time", "observed", "stamp", "value")
+    __slots__ = ("decay_time", "observed", "peak", "stamp", "value")
 
-    def __init__(self, initial: float, decay_time: float) -> None:
+    def __init__(self, initial: float, decay_time: float, peak: bool = True) -> None:
         self.value = initial
         self.decay_time = decay_time
+        self.peak = peak  # False: a slower observation is blended in like a faster one
         self.stamp = 0.0  # when ``value`` was last set by an observation
         self.observed = False
 
@@ -71,7 +72,7 @@ class LatencyEstimate:
         elapsed = max(now - self.stamp, 0.0)
         weight = math.exp(-elapsed / self.decay_time)
         current = self.value * weight  # what get(now) says
-        if latency > current:
+        if latency > current and self.peak:
             self.value = latency  # the peak: a slowdown counts at once, in full
         else:
             # A faster response moves the estimate toward it, the more so the longer since the
