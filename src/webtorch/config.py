@@ -318,7 +318,7 @@ class LearnedConfig(_Strict):
     # the last this-many distinct keys that upstream served (about how many models it holds).
     warm_keys: Annotated[int, Field(ge=1)] = 8
     # Keyed traffic: no upstream above (1 + this) x its fair share while others have room.
-    key_balance: Annotated[float, Field(gt=0)] = 0.25
+    key_balance: Annotated[float, Field(gt=0)] = 0.2
     hidden: Annotated[int, Field(ge=4, le=1024)] = 32
     learning_rate: Annotated[float, Field(gt=0)] = 1e-2
     batch: Annotated[int, Field(ge=1)] = 64  # outcomes per training step

@@ -193,7 +193,7 @@ class Learned(Policy):
         self.sample = int(s.get("sample", 16))
         self.explore_margin = float(s.get("explore_margin", 2.0))
         self.warm_keys = int(s.get("warm_keys", 8))
-        self.key_balance = float(s.get("key_balance", 0.25))
+        self.key_balance = float(s.get("key_balance", 0.2))
         self._keyed = 0.0  # all keyed picks, decayed like each upstream's count
         self._keyed_at = 0.0
         total_weight = sum(u.weight for u in self.group) or 1
