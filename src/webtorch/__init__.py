@@ -1,6 +1,21 @@
 """WebTorch: one Python process that is both an HTTP server and a PyTorch runtime."""
 
-from webtorch.serve.model import Model, TensorSpec
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from webtorch.serve.model import Model, TensorSpec
 
 __all__ = ["Model", "TensorSpec", "__version__"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Model and TensorSpec come with torch (~180 MiB resident, ~1 s to import): loaded when a
+    # model file asks for them, so that a server that only proxies never pays for torch.
+    if name in ("Model", "TensorSpec"):
+        from webtorch.serve import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'webtorch' has no attribute {name!r}")

@@ -11,6 +11,7 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from webtorch import __version__
 from webtorch import config as config_file
@@ -22,11 +23,6 @@ from webtorch.errors import (
     NotFound,
     ServiceUnavailable,
 )
-from webtorch.guard.core import Guard
-from webtorch.guard.feedback import Feedback
-from webtorch.guard.shell import ADAPTED, GuardedHandler, make_guard, weights_of
-from webtorch.guard.shell import metric_families as guard_metrics
-from webtorch.guard.shell import state_dir as guard_state_dir
 from webtorch.http.limits import Limits
 from webtorch.http.messages import Handler, HandlerResult, Request, Response, json_response
 from webtorch.http.protocol import Observer
@@ -38,10 +34,18 @@ from webtorch.observe.metrics import Metrics, connection_families
 from webtorch.observe.timeline import Timeline
 from webtorch.proxy.probe import LOAD_PATH, LoadReport
 from webtorch.proxy.upstream import Proxies
-from webtorch.serve.executor import Executor
-from webtorch.serve.model import LoadedModel
-from webtorch.serve.oip import EXTENSIONS, Auth, ModelEndpoint, ModelRoutes
+from webtorch.serve.oip import EXTENSIONS, Auth, ModelRoutes
 from webtorch.serve.repository import ModelRepository
+
+if TYPE_CHECKING:
+    # These bring torch (the guard's network, models and executors): imported where a config
+    # uses them, so that a server that only proxies and serves fixed answers never loads torch.
+    from webtorch.guard.core import Guard
+    from webtorch.guard.feedback import Feedback
+    from webtorch.guard.shell import GuardedHandler
+    from webtorch.serve.endpoint import ModelEndpoint
+    from webtorch.serve.executor import Executor
+    from webtorch.serve.model import LoadedModel
 
 log = logging.getLogger("webtorch")
 
@@ -252,6 +256,11 @@ class App:
 
     def _guard(self, handler: Handler, settings: GuardConfig) -> GuardedHandler:
         """Every request through the guard before ``handler``; its metrics and stats exposed."""
+        from webtorch.guard.feedback import Feedback
+        from webtorch.guard.shell import ADAPTED, GuardedHandler, make_guard, weights_of
+        from webtorch.guard.shell import metric_families as guard_metrics
+        from webtorch.guard.shell import state_dir as guard_state_dir
+
         try:
             guard = make_guard(settings, self.config.base_dir)
         except OSError as exc:

@@ -21,17 +21,19 @@ import mimetypes
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from webtorch import __version__
 from webtorch.errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized
-from webtorch.guard.core import Guard
 from webtorch.http.messages import JSON, HandlerResult, Request, Response
 from webtorch.observe.metrics import Metrics
 from webtorch.observe.timeline import Timeline
 from webtorch.proxy.upstream import Proxies
+
+if TYPE_CHECKING:
+    from webtorch.guard.core import Guard  # torch: loaded only when the guard is on
 
 STATIC = Path(__file__).parent / "static"
 PAGE = "dashboard.html"

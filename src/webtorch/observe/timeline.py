@@ -18,14 +18,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from webtorch.guard.core import Guard
 from webtorch.observe.metrics import Histogram, Metrics
 from webtorch.proxy.upstream import Proxies, UpstreamGroup
+
+if TYPE_CHECKING:
+    from webtorch.guard.core import Guard  # torch: loaded only when the guard is on
 
 HISTORY = 300  # samples kept: five minutes at one a second
 Sample = dict[str, Any]

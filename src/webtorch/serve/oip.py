@@ -3,7 +3,9 @@
 OIP: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``GET /v2/models/{m}[/versions/{v}]``,
 ``.../ready``, ``POST .../infer`` and WebTorch's extension ``POST .../train``. Short form:
 ``POST /models/{m}/predict``, ``POST /models/{m}/train`` and ``GET /models/{m}[/train]``.
-Handlers return the executor's Pending, so no task is created per request.
+Handlers return the executor's Pending, so no task is created per request. Each model's own
+endpoint is in ``endpoint.py``; this module routes to them and needs no torch, so a server
+without models never loads it.
 
 Training changes the model, so its endpoints need the server's bearer token when one is configured
 (``config.py`` refuses to expose training beyond loopback without one).
@@ -11,19 +13,16 @@ Training changes the model, so its endpoints need the server's bearer token when
 
 from __future__ import annotations
 
-import functools
 import hmac
-import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from webtorch.errors import MethodNotAllowed, NotFound, Unauthorized
-from webtorch.http.messages import HandlerResult, Request, Response, json_response
-from webtorch.observe.metrics import ModelStats
-from webtorch.serve import codecs
-from webtorch.serve.executor import Executor
-from webtorch.serve.model import LoadedModel
-from webtorch.train.forms import TrainForms, TrainRequest
+from webtorch.http.messages import HandlerResult, Request, json_response
+
+if TYPE_CHECKING:
+    # One served model's endpoint (endpoint.py) brings torch; routing to it does not.
+    from webtorch.serve.endpoint import ModelEndpoint
 
 SERVER_NAME = "webtorch"
 EXTENSIONS = ["binary_tensor_data", "train"]
@@ -55,7 +54,7 @@ class Auth:
             )
 
 
-def _require(request: Request, *methods: str) -> None:
+def require_method(request: Request, *methods: str) -> None:
     if request.method not in methods:
         if request.method == "HEAD" and "GET" in methods:
             return
@@ -63,86 +62,6 @@ def _require(request: Request, *methods: str) -> None:
             f"{request.method} is not allowed on {request.path}; use {' or '.join(methods)}",
             methods,
         )
-
-
-class ModelEndpoint:
-    """One served model: decode a request, queue it on the executor, encode its outputs."""
-
-    def __init__(
-        self, model: LoadedModel, executor: Executor, stats: ModelStats, auth: Auth | None = None
-    ) -> None:
-        self.model = model
-        self.executor = executor
-        self.stats = stats
-        self.name = model.name
-        self.version = model.spec.version
-        self._inputs = {t.name: t for t in model.inputs}
-        self._outputs = model.outputs
-        self._record_decode = stats.stages["decode"].record
-        self._short = codecs.ShortForm(model.inputs, model.outputs, model.name)
-        self._oip = codecs.OIPForm(model.inputs, model.outputs, model.name, self.version)
-        self.auth = auth or Auth(None)
-        self.trainable = executor.trainer is not None
-        self._train = TrainForms(model) if self.trainable else None
-
-    def predict(self, request: Request) -> HandlerResult:
-        request.model = self.name  # for the access log
-        if request.method != "POST":
-            _require(request, "POST")
-        t0 = time.perf_counter()
-        inputs, rows = self._short.decode(request.body, request.content_type)
-        self._record_decode(time.perf_counter() - t0)
-        return self.executor.submit(inputs, rows, self._short.encode)
-
-    def infer(self, request: Request) -> HandlerResult:
-        request.model = self.name
-        if request.method != "POST":
-            _require(request, "POST")
-        t0 = time.perf_counter()
-        decoded = self._oip.decode(
-            request.body, request.content_type, request.header(b"inference-header-content-length")
-        )
-        self._record_decode(time.perf_counter() - t0)
-        return self.executor.submit(
-            decoded.inputs, decoded.rows, functools.partial(self._oip.encode, decoded)
-        )
-
-    def _train_forms(self, request: Request) -> TrainForms:
-        if self._train is None:
-            raise NotFound(
-                f"model {self.name!r} does not accept training "
-                f"(enable it with [models.{self.name}.train] enabled = true)"
-            )
-        self.auth.check(request)
-        return self._train
-
-    def train(self, request: Request) -> HandlerResult:
-        """``POST /models/{m}/train`` (short form); ``GET`` answers the training status."""
-        request.model = self.name
-        forms = self._train_forms(request)
-        if request.method != "POST":
-            _require(request, "POST", "GET")
-            assert self.executor.trainer is not None
-            return json_response(self.executor.trainer.status())
-        decoded = forms.decode_short(request.body, request.content_type)
-        return self.executor.submit_train(decoded, _short_train)
-
-    def train_oip(self, request: Request) -> HandlerResult:
-        request.model = self.name
-        forms = self._train_forms(request)
-        if request.method != "POST":
-            _require(request, "POST")
-        decoded = forms.decode_oip(
-            request.body, request.content_type, request.header(b"inference-header-content-length")
-        )
-        return self.executor.submit_train(decoded, forms.encode_oip)
-
-    def metadata(self) -> dict[str, Any]:
-        return self.model.metadata()
-
-
-def _short_train(request: TrainRequest, loss: float, step: int) -> Response:
-    return TrainForms.encode_short(loss, step)
 
 
 class ModelRoutes:
@@ -171,12 +90,12 @@ class ModelRoutes:
         parts = [p for p in request.path.split("/") if p]  # ["v2", ...]
         rest = parts[1:]
         if not rest:
-            _require(request, "GET")
+            require_method(request, "GET")
             return json_response(
                 {"name": SERVER_NAME, "version": self.version, "extensions": self.extensions}
             )
         if rest[0] == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
-            _require(request, "GET")
+            require_method(request, "GET")
             request.route = f"/v2/health/{rest[1]}"
             if rest[1] == "live":
                 return json_response({"live": True})
@@ -193,11 +112,11 @@ class ModelRoutes:
                     )
                 tail = tail[2:]
             if not tail:
-                _require(request, "GET")
+                require_method(request, "GET")
                 request.route = f"/v2/models/{endpoint.name}"
                 return json_response(endpoint.metadata())
             if tail == ["ready"]:
-                _require(request, "GET")
+                require_method(request, "GET")
                 request.route = f"/v2/models/{endpoint.name}/ready"
                 ready = self.ready()
                 return json_response({"name": endpoint.name, "ready": ready}, 200 if ready else 503)
@@ -214,7 +133,7 @@ class ModelRoutes:
         if len(parts) >= 2:
             endpoint = self._endpoint(parts[1])
             if len(parts) == 2:
-                _require(request, "GET")
+                require_method(request, "GET")
                 request.route = f"/models/{endpoint.name}"
                 return json_response(endpoint.metadata())
             if parts[2:] == ["predict"]:

@@ -23,7 +23,7 @@ import functools
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -32,10 +32,15 @@ from webtorch.errors import BadRequest, MethodNotAllowed, NotFound, WebTorchErro
 from webtorch.http.messages import HandlerResult, Request, Response, json_response
 from webtorch.http.router import Route, Router
 from webtorch.observe.metrics import Metrics
-from webtorch.serve.executor import Executor
-from webtorch.serve.model import LoadedModel, load_model
-from webtorch.serve.oip import Auth, ModelEndpoint
-from webtorch.train.trainer import Trainer
+from webtorch.serve.oip import Auth
+
+if TYPE_CHECKING:
+    # torch comes with these: imported when a first model is loaded (a server without models,
+    # e.g. a plain proxy, never loads torch).
+    from webtorch.serve.endpoint import ModelEndpoint
+    from webtorch.serve.executor import Executor
+    from webtorch.serve.model import LoadedModel
+    from webtorch.train.trainer import Trainer
 
 log = logging.getLogger("webtorch.repository")
 
@@ -105,6 +110,9 @@ class ModelRepository:
 
     def prepare(self, name: str, settings: ModelConfig, *, recover: bool) -> Prepared:
         """Import and build a model and its trainer (blocking: a thread at runtime)."""
+        from webtorch.serve.model import load_model
+        from webtorch.train.trainer import Trainer
+
         cfg = self.config
         model = load_model(name, cfg.resolve(settings.path), settings.device, cfg.weights(settings))
         trainer = None
@@ -117,6 +125,8 @@ class ModelRepository:
         return Prepared(settings, model, trainer)
 
     def _executor(self, prepared: Prepared) -> Executor:
+        from webtorch.serve.executor import Executor
+
         s = prepared.settings
         return Executor(
             prepared.model,
@@ -140,6 +150,8 @@ class ModelRepository:
         self._initial.clear()
 
     def _install(self, name: str, prepared: Prepared, executor: Executor) -> None:
+        from webtorch.serve.endpoint import ModelEndpoint
+
         endpoint = ModelEndpoint(prepared.model, executor, executor.stats, self.auth)
         self.served[name] = Served(
             prepared.settings, prepared.model, prepared.trainer, executor, endpoint

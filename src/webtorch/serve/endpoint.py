@@ -1,0 +1,97 @@
+"""One served model's HTTP endpoint: decode a request, queue it on the model's executor, encode
+its outputs (``oip.py`` routes requests here by model name)."""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+from webtorch.errors import NotFound
+from webtorch.http.messages import HandlerResult, Request, Response, json_response
+from webtorch.observe.metrics import ModelStats
+from webtorch.serve import codecs
+from webtorch.serve.executor import Executor
+from webtorch.serve.model import LoadedModel
+from webtorch.serve.oip import Auth, require_method
+from webtorch.train.forms import TrainForms, TrainRequest
+
+
+class ModelEndpoint:
+    """One served model: decode a request, queue it on the executor, encode its outputs."""
+
+    def __init__(
+        self, model: LoadedModel, executor: Executor, stats: ModelStats, auth: Auth | None = None
+    ) -> None:
+        self.model = model
+        self.executor = executor
+        self.stats = stats
+        self.name = model.name
+        self.version = model.spec.version
+        self._inputs = {t.name: t for t in model.inputs}
+        self._outputs = model.outputs
+        self._record_decode = stats.stages["decode"].record
+        self._short = codecs.ShortForm(model.inputs, model.outputs, model.name)
+        self._oip = codecs.OIPForm(model.inputs, model.outputs, model.name, self.version)
+        self.auth = auth or Auth(None)
+        self.trainable = executor.trainer is not None
+        self._train = TrainForms(model) if self.trainable else None
+
+    def predict(self, request: Request) -> HandlerResult:
+        request.model = self.name  # for the access log
+        if request.method != "POST":
+            require_method(request, "POST")
+        t0 = time.perf_counter()
+        inputs, rows = self._short.decode(request.body, request.content_type)
+        self._record_decode(time.perf_counter() - t0)
+        return self.executor.submit(inputs, rows, self._short.encode)
+
+    def infer(self, request: Request) -> HandlerResult:
+        request.model = self.name
+        if request.method != "POST":
+            require_method(request, "POST")
+        t0 = time.perf_counter()
+        decoded = self._oip.decode(
+            request.body, request.content_type, request.header(b"inference-header-content-length")
+        )
+        self._record_decode(time.perf_counter() - t0)
+        return self.executor.submit(
+            decoded.inputs, decoded.rows, functools.partial(self._oip.encode, decoded)
+        )
+
+    def _train_forms(self, request: Request) -> TrainForms:
+        if self._train is None:
+            raise NotFound(
+                f"model {self.name!r} does not accept training "
+                f"(enable it with [models.{self.name}.train] enabled = true)"
+            )
+        self.auth.check(request)
+        return self._train
+
+    def train(self, request: Request) -> HandlerResult:
+        """``POST /models/{m}/train`` (short form); ``GET`` answers the training status."""
+        request.model = self.name
+        forms = self._train_forms(request)
+        if request.method != "POST":
+            require_method(request, "POST", "GET")
+            assert self.executor.trainer is not None
+            return json_response(self.executor.trainer.status())
+        decoded = forms.decode_short(request.body, request.content_type)
+        return self.executor.submit_train(decoded, _short_train)
+
+    def train_oip(self, request: Request) -> HandlerResult:
+        request.model = self.name
+        forms = self._train_forms(request)
+        if request.method != "POST":
+            require_method(request, "POST")
+        decoded = forms.decode_oip(
+            request.body, request.content_type, request.header(b"inference-header-content-length")
+        )
+        return self.executor.submit_train(decoded, forms.encode_oip)
+
+    def metadata(self) -> dict[str, Any]:
+        return self.model.metadata()
+
+
+def _short_train(request: TrainRequest, loss: float, step: int) -> Response:
+    return TrainForms.encode_short(loss, step)
