@@ -64,6 +64,7 @@ from run import (
     per_round,
     ratio,
     replace_section,
+    rss_kib,
     run_main,
     run_wrk,
     running,
@@ -376,6 +377,7 @@ class ProxyResult:
     processes: int = 0
     cores: dict[str, CoreUse] = dataclasses.field(default_factory=dict)  # during the wrk run
     upstream_connections: int | None = None  # the upstream accepted during the wrk run
+    rss_mib: float | None = None  # VmRSS summed over the proxy's processes after the run
     error: str | None = None
 
     @property
@@ -453,6 +455,10 @@ def connections_per_1k(r: ProxyResult) -> float | None:
     return r.connections_per_1k
 
 
+def rss(r: ProxyResult) -> float | None:
+    return r.rss_mib
+
+
 @dataclass(frozen=True)
 class Settings:
     duration: int
@@ -495,6 +501,7 @@ def measure(case: Case, settings: Settings) -> ProxyResult:
                 result.load = run_wrk(url, lua, connections, settings.duration)
                 result.wall_s = time.monotonic() - start
                 cpu_after, result.processes = session_cpu(proc.pid)
+                result.rss_mib = sum(rss_kib(pid) for pid in session_pids(proc.pid)) / 1024
                 result.cores = core_use(cores_before, core_ticks())
                 result.cpu_s = cpu_after - cpu_before
                 accepts_after = upstream_accepts(upstream_port)
@@ -560,13 +567,13 @@ def table(results: dict[str, ProxyRounds]) -> list[str]:
     rows = [
         "| Target | req/s | req/s per round | p50 | p99 | proxy CPU / request "
         f"| proxy CPU use | CPU {SERVER_CPU} idle / steal | CPU {CLIENT_CPU} idle "
-        "| upstream connections / 1k requests | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| upstream connections / 1k requests | proxy RSS | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for rounds in results.values():
         median_rps = rounds.median(rps)
         if median_rps is None:
-            rows.append(f"| {rounds.target.name} | failed (see below) | | | | | | | | | |")
+            rows.append(f"| {rounds.target.name} | failed (see below) | | | | | | | | | | |")
             continue
         proxied = rounds.target.target.command is not None
         rows.append(
@@ -579,6 +586,7 @@ def table(results: dict[str, ProxyRounds]) -> list[str]:
             f"/ {fmt(rounds.median(server_steal), '.0%')} "
             f"| {fmt(rounds.median(client_idle), '.0%')} "
             f"| {fmt(rounds.median(connections_per_1k), '.1f') if proxied else '-'} "
+            f"| {fmt(rounds.median(rss), '.0f', ' MiB') if proxied else '-'} "
             f"| {rounds.errors} |"
         )
     return rows
@@ -696,7 +704,8 @@ def method_line(settings: Settings) -> str:
         "session (nginx: master + worker), read before and after the measured wrk run and "
         "divided by wrk's completed requests; CPU use is that time over the run's wall time; "
         "idle (with iowait) and steal are each CPU's share of the run from /proc/stat; upstream "
-        "connections are those the upstream accepted during the run (its `stub_status`). "
+        "connections are those the upstream accepted during the run (its `stub_status`); "
+        "proxy RSS is VmRSS summed over the proxy's processes just after the run. "
         f"All targets ran in {rounds}{order}, each with a fresh upstream; the table shows each "
         "figure's median over the rounds; errors (wrk's non-2xx and socket errors) are summed."
     )
