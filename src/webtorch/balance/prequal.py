@@ -55,24 +55,26 @@ PROBE_BACKOFF_MAX = 30.0
 
 @dataclass(eq=False, slots=True)
 class PooledProbe:
-    """One probe result in the pool; ``inflight`` grows by one per pick it serves, counting the
-    requests this proxy sent since the upstream reported."""
+    """One probe result in the pool: what the upstream reported, and (``sent``) how many
+    requests this policy had sent it by then, so that a pick can add those sent since."""
 
     upstream: Upstream
     inflight: int
     latency: float
     received: float
+    sent: int = 0  # the upstream's pick count (_Own.picks) when this result arrived
     uses: int = 0
 
 
 class _Own:
     """The policy's per-upstream state (kept in ``Upstream.stats["prequal"]``)."""
 
-    __slots__ = ("estimate", "probe_failures")
+    __slots__ = ("estimate", "picks", "probe_failures")
 
     def __init__(self) -> None:
         self.estimate = LatencyEstimate(0.0, OWN_DECAY_TIME)
         self.probe_failures = 0
+        self.picks = 0  # requests this policy sent it, ever
 
 
 def hot_threshold(inflights: Sequence[int], quantile: float) -> float:
@@ -174,20 +176,26 @@ class Prequal(Policy):
         return self._pick_own(candidates, now)
 
     def _pick_pooled(self, usable: list[PooledProbe]) -> Upstream:
-        threshold = hot_threshold([p.inflight for p in self.pool], self.hot_quantile)
+        # A result's in-flight count is what the upstream reported plus every request sent to
+        # it since, through any of its results: counting only the result's own uses (the
+        # paper's increment) lets a pool holding several results of one fast upstream send it
+        # max_reuse requests on each, all priced at the same stale count: a herd, measured at
+        # a p99 of ~460 ms against least_conn's ~80 ms in capacity 1:2:4 (lab/offline.py).
+        rif = {id(p): p.inflight + self._own(p.upstream).picks - p.sent for p in self.pool}
+        threshold = hot_threshold(list(rif.values()), self.hot_quantile)
         best: PooledProbe | None = None
+        best_key = (0.0, 0)
         for probe in usable:
-            if probe.inflight <= threshold and (
-                best is None or (probe.latency, probe.inflight) < (best.latency, best.inflight)
-            ):
-                best = probe
+            count = rif[id(probe)]
+            if count <= threshold and (best is None or (probe.latency, count) < best_key):
+                best, best_key = probe, (probe.latency, count)
         if best is None:  # all hot
-            best = min(usable, key=lambda p: (p.inflight, p.latency))
+            best = min(usable, key=lambda p: (rif[id(p)], p.latency))
             self.last_reason = "prequal_hot"
         else:
             self.last_reason = "prequal_cold"
         best.uses += 1
-        best.inflight += 1
+        self._own(best.upstream).picks += 1
         if best.uses >= self.max_reuse:
             self.pool.remove(best)
         return best.upstream
@@ -267,7 +275,11 @@ class Prequal(Policy):
         pool = self.pool
         if len(pool) >= self.pool_size:
             del pool[0]  # the oldest makes room
-        pool.append(PooledProbe(upstream, max(load.inflight, 0), max(load.latency, 0.0), now))
+        pool.append(
+            PooledProbe(
+                upstream, max(load.inflight, 0), max(load.latency, 0.0), now, sent=own.picks
+            )
+        )
 
     def _drop(self, upstream: Upstream) -> None:
         """Forget every pooled result of ``upstream``."""

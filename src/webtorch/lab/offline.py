@@ -16,12 +16,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from webtorch.balance.base import Outcome, Policy, Upstream
+from webtorch.balance.base import Outcome, Policy, ProbeResult, Upstream
 from webtorch.http.messages import Request
 from webtorch.lab.model import Respond, UpstreamModel
 from webtorch.lab.schedule import Planned
 
-_ARRIVE, _DONE = 0, 1  # event kinds; at equal times an answer is handled before an arrival
+_DONE, _PROBE, _ARRIVE = 0, 1, 2  # event kinds, in the order handled at equal times
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,12 @@ def run_offline(
     *,
     key_header: bytes = b"x-key",
     maintain_every: float = 0.1,
+    probe_delay: float = 0.001,
 ) -> OfflineResult:
     """Send every planned request through ``policy`` to the upstream models; ``upstreams[i]``
-    is served by ``models[i]``. Black holes (requests never answered) stay in flight."""
+    is served by ``models[i]``. Black holes (requests never answered) stay in flight. A probing
+    policy's probes are answered with the upstream model's load report ``probe_delay`` seconds
+    after they are asked for."""
     events: list[tuple[float, int, int]] = [(p.t, _ARRIVE, i) for i, p in enumerate(load)]
     heapq.heapify(events)
     picked: dict[int, tuple[Request, Upstream, float]] = {}
@@ -70,6 +73,11 @@ def run_offline(
         if now >= next_maintain:
             policy.maintain(now)
             next_maintain = now + maintain_every
+        if kind == _PROBE:
+            probed = upstreams[rid]
+            inflight, latency = models[probed.index].load()
+            policy.on_probe(probed, ProbeResult(inflight, latency), now)
+            continue
         if kind == _ARRIVE:
             planned = load[rid]
             headers = [(key_header, planned.key.encode())] if planned.key is not None else []
@@ -78,6 +86,9 @@ def run_offline(
             upstream = policy.pick(request, upstreams, now)
             upstream.inflight += 1
             picked[rid] = (request, upstream, now)
+            if policy.probing:
+                for probed in policy.probes(now):
+                    heapq.heappush(events, (now + probe_delay, _PROBE, probed.index))
             action = models[upstream.index].arrive(rid, now, planned.key, planned.size)
             if isinstance(action, Respond):
                 schedule(action)
