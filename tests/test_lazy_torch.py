@@ -42,6 +42,28 @@ def test_a_proxy_only_server_never_imports_torch() -> None:
     assert "torch" not in modules
 
 
+def test_the_guard_scores_without_torch() -> None:
+    # Its network trains in torch, but serving scores in numpy: torch only comes with online
+    # adaptation (feedback), which fine-tunes.
+    modules = _modules_after(
+        """
+        from webtorch import config
+        from webtorch.guard.clients import N_CLIENT
+        from webtorch.guard.features import RequestView
+        from webtorch.guard.shell import GuardedHandler, make_guard
+
+        cfg = config.from_dict({"guard": {"mode": "enforce"}})
+        guard = make_guard(cfg.guard, cfg.base_dir)
+        assert guard.scorer is not None
+        view = RequestView("GET", "/search", "q=1' OR '1'='1", [(b"host", b"x")], b"")
+        injection, abuse = guard.scorer.score_one(view, [0.0] * N_CLIENT)
+        assert injection > 0.5, injection
+        """
+    )
+    assert "webtorch.guard.scorer" in modules
+    assert "torch" not in modules
+
+
 def test_a_model_file_still_finds_webtorch_model() -> None:
     modules = _modules_after(
         """

@@ -256,7 +256,6 @@ class App:
 
     def _guard(self, handler: Handler, settings: GuardConfig) -> GuardedHandler:
         """Every request through the guard before ``handler``; its metrics and stats exposed."""
-        from webtorch.guard.feedback import Feedback
         from webtorch.guard.shell import ADAPTED, GuardedHandler, make_guard, weights_of
         from webtorch.guard.shell import metric_families as guard_metrics
         from webtorch.guard.shell import state_dir as guard_state_dir
@@ -269,6 +268,8 @@ class App:
         self.metrics.sources.append(functools.partial(guard_metrics, guard))
         weights = weights_of(settings, self.config.base_dir)
         if settings.feedback and guard.scorer is not None and weights is not None:
+            from webtorch.guard.feedback import Feedback  # fine-tuning: torch
+
             save_to = guard_state_dir(settings, self.config.base_dir) / ADAPTED
             self.feedback = Feedback(guard.scorer, weights, save_to, batch=settings.feedback_batch)
         return GuardedHandler(

@@ -83,7 +83,7 @@ def _eval(args: argparse.Namespace) -> int:
     from webtorch.guard import evaluate
     from webtorch.guard.corpus.records import read_jsonl
     from webtorch.guard.dataset import examples
-    from webtorch.guard.detector import Scorer
+    from webtorch.guard.scorer import Scorer
     from webtorch.guard.shell import DEFAULT_MODEL
 
     if args.live_only:

@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from webtorch.guard.clients import ClientState, ClientTable
-from webtorch.guard.detector import Scorer
 from webtorch.guard.features import RequestView
+from webtorch.guard.scorer import Scorer
 from webtorch.observe.metrics import Histogram
 
 ALLOW, THROTTLE, BLOCK = "allow", "throttle", "block"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from webtorch.guard.corpus.records import Sample
-from webtorch.guard.detector import Scorer
+from webtorch.guard.scorer import Scorer
 from webtorch.guard.train import Example
 
 CRS_SITE_SETUP = """

@@ -32,8 +32,9 @@ from typing import Any
 import orjson
 
 from webtorch.errors import BadRequest
-from webtorch.guard.detector import GuardNet, Scorer, load_net, save
+from webtorch.guard.detector import GuardNet, load_net, save
 from webtorch.guard.features import BODY_PREFIX, RequestView
+from webtorch.guard.scorer import Scorer
 
 log = logging.getLogger("webtorch.guard")
 

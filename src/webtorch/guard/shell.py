@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -21,10 +22,12 @@ from prometheus_client.core import (
 
 from webtorch.config import GuardConfig
 from webtorch.guard.core import BLOCK, Decision, Guard, GuardSettings, retry_after_header
-from webtorch.guard.detector import Scorer
 from webtorch.guard.features import RequestView
-from webtorch.guard.feedback import Feedback
+from webtorch.guard.scorer import Scorer
 from webtorch.http.messages import Handler, HandlerResult, Request, error_response
+
+if TYPE_CHECKING:
+    from webtorch.guard.feedback import Feedback  # torch: only with online adaptation on
 
 DEFAULT_MODEL = Path(__file__).parent / "guard.safetensors"
 _MESSAGES = {
