@@ -31,6 +31,7 @@ import logging
 import math
 import random
 import zlib
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -81,10 +82,8 @@ Code = tuple[int, int, int, int, int, int, int, int]
 
 
 def _bucket(value: float, edges: Sequence[float]) -> int:
-    for i, edge in enumerate(edges):
-        if value < edge:
-            return i
-    return len(edges)
+    """The index of the first edge above ``value`` (len(edges) when none is)."""
+    return bisect_right(edges, value)
 
 
 def one_hot(codes: Sequence[Code]) -> np.ndarray:
@@ -133,6 +132,8 @@ class _State:
     """What the policy tracks per upstream (kept in ``Upstream.stats["learned"]``)."""
 
     __slots__ = (
+        "error_bucket",
+        "error_logit",
         "error_rate",
         "last_failure",
         "latency",
@@ -157,6 +158,10 @@ class _State:
         # ``latency``, failures and the error rate.
         self.warm_latency = LatencyEstimate(initial_latency, WARM_SMOOTHING, peak=False)
         self.error_rate = 0.0
+        # What a pick needs of the error rate, kept with it (it changes only on an outcome):
+        # its bucket among the features and the logit of its clamped value, the prior.
+        self.error_bucket = 0
+        self.error_logit = math.log(0.01 / 0.99)
         self.last_failure = -math.inf
         # The keys it served most recently, oldest first (key -> time): "warm" means among the
         # last ``warm_keys`` distinct keys and within WARM_WINDOW.
@@ -401,9 +406,9 @@ class Learned(Policy):
             size,
             method,
             warmth,
-            _bucket(upstream.inflight, INFLIGHT_EDGES),
-            _bucket(now - st.last_failure, SINCE_FAILURE_EDGES),
-            _bucket(st.error_rate, ERROR_EDGES),
+            bisect_right(INFLIGHT_EDGES, upstream.inflight),
+            bisect_right(SINCE_FAILURE_EDGES, now - st.last_failure),
+            st.error_bucket,
         )
         if st.latency.observed:
             estimate = st.estimate(warmth, now, self.cold_penalty)
@@ -413,9 +418,8 @@ class Learned(Policy):
             estimate = self.initial_latency if upstream.inflight else 1e-4
             if warmth == 1:
                 estimate += self.cold_penalty
-        prior_latency = math.log(max(estimate, 1e-4)) + math.log1p(upstream.inflight)
-        rate = min(max(st.error_rate, 0.01), 0.99)
-        return code, prior_latency, math.log(rate / (1.0 - rate))
+        prior_latency = math.log(max(estimate, 1e-4) * (upstream.inflight + 1))
+        return code, prior_latency, st.error_logit
 
     def _residual(self, code: Code) -> tuple[float, float]:
         """The network's two corrections for these features. The features are discrete, so
@@ -446,7 +450,10 @@ class Learned(Policy):
         failed = outcome.is_failure
         # A failure counts as slow: it must never make an upstream look fast.
         seen = max(latency, self.initial_latency) if failed else latency
-        st.error_rate = st.error_rate * ERROR_DECAY + (1.0 - ERROR_DECAY) * float(failed)
+        st.error_rate = rate = st.error_rate * ERROR_DECAY + (1.0 - ERROR_DECAY) * float(failed)
+        st.error_bucket = _bucket(rate, ERROR_EDGES)
+        clamped = min(max(rate, 0.01), 0.99)
+        st.error_logit = math.log(clamped / (1.0 - clamped))
         if failed:
             st.last_failure = now
         entry = None
