@@ -34,6 +34,7 @@ import zlib
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ MAX_UPSTREAMS = 16  # upstream identity (one-hot); beyond, indexes share slots
 ROUTE_BUCKETS = 4
 # The network sees bucketed features (so its answers can be cached, see Learned._residual):
 # identity, route, body size, method, key warmth, in-flight, time since failure, error rate.
+# A value's bucket is bisect_right(edges, value): bucket i holds values below edges[i].
 SIZE_EDGES = (1, 1024, 65536, 1 << 20)  # 0 / <1 KiB / <64 KiB / <1 MiB / larger
 INFLIGHT_EDGES = (1, 2, 3, 5, 9, 17)
 SINCE_FAILURE_EDGES = (1.0, 10.0, 60.0)  # seconds
@@ -81,11 +83,6 @@ WARM_SMOOTHING = 1.0  # seconds: the time constant of an upstream's latency for 
 Code = tuple[int, int, int, int, int, int, int, int]
 
 
-def _bucket(value: float, edges: Sequence[float]) -> int:
-    """The index of the first edge above ``value`` (len(edges) when none is)."""
-    return bisect_right(edges, value)
-
-
 def one_hot(codes: Sequence[Code]) -> np.ndarray:
     """The network's input rows for feature codes."""
     x = np.zeros((len(codes), FEATURES), dtype=np.float32)
@@ -100,10 +97,6 @@ SHARE_WINDOW = 5.0  # seconds: the time constant of the keyed-traffic shares
 
 def _decayed(count: float, elapsed: float) -> float:
     return count * math.exp(-max(elapsed, 0.0) / SHARE_WINDOW)
-
-
-def _first(entry: tuple[float, Upstream, tuple[Code, float, float]]) -> float:
-    return entry[0]
 
 
 def _sigmoid(z: float) -> float:
@@ -144,12 +137,12 @@ class _State:
     )
 
     def __init__(self, initial_latency: float, decay_time: float) -> None:
-        # Peak-EWMA's estimates, decaying between answers as there: an upstream avoided after a
+        # Peak-EWMA's estimate, decaying between answers as there: an upstream avoided after a
         # slow spell looks cheaper as its last answer ages, until one request finds out whether
-        # it recovered. Picking the best of every candidate needs that, where random sampling
-        # would try it by chance.
-        # Every answer but those to keyed requests the upstream had cold: a model load must not
-        # make it look slow for the models it has loaded (Learned.cold_penalty holds that cost).
+        # it recovered (picking the best of every candidate needs that; random sampling would
+        # try it by chance). Of every answer but those to keyed requests the upstream had cold:
+        # a model load must not make it look slow for the models it has loaded
+        # (Learned.cold_penalty holds that cost).
         self.latency = LatencyEstimate(initial_latency, decay_time)
         # Answers to keys it had warm, smoothed rather than peak-sensitive: such an answer is
         # often slow only for having queued behind a model load, and a peak would make every
@@ -157,11 +150,7 @@ class _State:
         # new load). A real slowdown still shows, here within a second or so, and at once in
         # ``latency``, failures and the error rate.
         self.warm_latency = LatencyEstimate(initial_latency, WARM_SMOOTHING, peak=False)
-        self.error_rate = 0.0
-        # What a pick needs of the error rate, kept with it (it changes only on an outcome):
-        # its bucket among the features and the logit of its clamped value, the prior.
-        self.error_bucket = 0
-        self.error_logit = math.log(0.01 / 0.99)
+        self.set_error_rate(0.0)
         self.last_failure = -math.inf
         # The keys it served most recently, oldest first (key -> time): "warm" means among the
         # last ``warm_keys`` distinct keys and within WARM_WINDOW.
@@ -169,6 +158,14 @@ class _State:
         # Keyed picks, an exponentially decayed count (see Learned._over_share).
         self.picked = 0.0
         self.picked_at = 0.0
+
+    def set_error_rate(self, rate: float) -> None:
+        """The error rate, and what a pick needs of it, kept with it (it changes only on an
+        outcome): its bucket among the features and the logit of its clamped value, the prior."""
+        self.error_rate = rate
+        self.error_bucket = bisect_right(ERROR_EDGES, rate)
+        clamped = min(max(rate, 0.01), 0.99)
+        self.error_logit = math.log(clamped / (1.0 - clamped))
 
     def estimate(self, warmth: int, now: float, cold_penalty: float) -> float:
         """Its latency estimate for a request whose key is warm (2), cold (1) or absent (0)."""
@@ -268,7 +265,7 @@ class Learned(Policy):
                 prior_logit + residual_logit
             )
             costs.append((cost, upstream, (code, prior_latency, prior_logit)))
-        best_cost, best, best_entry = min(costs, key=_first)
+        best_cost, best, best_entry = min(costs, key=itemgetter(0))
         warm_here = [c for c in costs if c[2][0][4] == 2] if key is not None else []
         if len(warm_here) > 1:
             # Warm in several places: the one it went to last, unless it is predicted to cost
@@ -387,7 +384,7 @@ class Learned(Policy):
             size = 1 << 20  # a chunked upload of unknown length: count it as large
         route = zlib.crc32(request.path.split("/", 2)[1].encode()) % ROUTE_BUCKETS
         method = 0 if request.method in ("GET", "HEAD") else 1
-        return route, _bucket(size, SIZE_EDGES), method, 0 if key is None else 1
+        return route, bisect_right(SIZE_EDGES, size), method, 0 if key is None else 1
 
     def _score_inputs(
         self, upstream: Upstream, shared: tuple[int, int, int, int], key: str | None, now: float
@@ -450,10 +447,7 @@ class Learned(Policy):
         failed = outcome.is_failure
         # A failure counts as slow: it must never make an upstream look fast.
         seen = max(latency, self.initial_latency) if failed else latency
-        st.error_rate = rate = st.error_rate * ERROR_DECAY + (1.0 - ERROR_DECAY) * float(failed)
-        st.error_bucket = _bucket(rate, ERROR_EDGES)
-        clamped = min(max(rate, 0.01), 0.99)
-        st.error_logit = math.log(clamped / (1.0 - clamped))
+        st.set_error_rate(st.error_rate * ERROR_DECAY + (1.0 - ERROR_DECAY) * float(failed))
         if failed:
             st.last_failure = now
         entry = None
