@@ -22,29 +22,16 @@ safetensors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
 from webtorch.guard.clients import N_CLIENT
-from webtorch.guard.features import (
-    BUCKETS,
-    N_FLAGS,
-    N_REQUEST,
-    N_STATS,
-    RequestView,
-    field_features,
-    ngram_ids,
-    part_stats,
-    parts,
-    request_flags,
-)
-from webtorch.guard.scorer import HEADS, N_FIELDS, N_NUMERIC, Scorer
+from webtorch.guard.features import BUCKETS, N_FLAGS, N_REQUEST, N_STATS
+from webtorch.guard.scorer import HEADS, N_FIELDS, N_NUMERIC, Scorer, encode
 
 __all__ = ["HEADS", "GuardNet", "Scorer", "encode", "load_net", "save"]
 
@@ -91,21 +78,6 @@ class GuardNet(nn.Module):
             torch.relu(self.abuse_hidden(torch.cat([flags, client, content[:, 0], path_stats], 1)))
         )
         return torch.cat([injection, abuse], dim=1)
-
-
-def encode(view: RequestView, client: Sequence[float]) -> tuple[list[np.ndarray], np.ndarray]:
-    """A request as the network's training input: each field's n-gram ids, and its numeric
-    features (flags, each field's :func:`field_features`, the client's history)."""
-    fields = []
-    grams = []
-    for raw in parts(view):
-        stats, text = part_stats(raw)
-        fields.append(field_features(stats))
-        grams.append(ngram_ids(text).astype(np.int64) if raw else np.zeros(0, np.int64))
-    numeric = np.concatenate(
-        [np.asarray(request_flags(view), np.float32), *fields, np.asarray(client, np.float32)]
-    )
-    return grams, numeric
 
 
 def save(net: GuardNet, path: Path, metadata: dict[str, str] | None = None) -> None:

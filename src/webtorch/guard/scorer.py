@@ -3,7 +3,9 @@ weights, scored in numpy with a per-part cache, without torch.
 
 Both heads' first layers are linear, and a field's share of them depends on the field's bytes
 alone, so it is cached by those bytes: a repeated path, header block or query costs a dictionary
-lookup. What remains per request is a few small vector operations.
+lookup. What remains per request is a few small vector operations. :func:`encode` (a request as
+the network's training input) lives here too: it is numpy, and it fixes the numeric layout the
+scorer reads.
 """
 
 from __future__ import annotations
@@ -37,6 +39,21 @@ HEADS = ("injection", "abuse")
 N_NUMERIC = N_REQUEST + N_CLIENT  # encode()'s layout: flags, per-field stats, client history
 N_FIELDS = len(FIELDS)
 CACHE_LIMIT = 50_000  # parts cached; cleared whole when full (cheap, and rare)
+
+
+def encode(view: RequestView, client: Sequence[float]) -> tuple[list[np.ndarray], np.ndarray]:
+    """A request as the network's training input: each field's n-gram ids, and its numeric
+    features (flags, each field's :func:`field_features`, the client's history)."""
+    fields = []
+    grams = []
+    for raw in parts(view):
+        stats, text = part_stats(raw)
+        fields.append(field_features(stats))
+        grams.append(ngram_ids(text).astype(np.int64) if raw else np.zeros(0, np.int64))
+    numeric = np.concatenate(
+        [np.asarray(request_flags(view), np.float32), *fields, np.asarray(client, np.float32)]
+    )
+    return grams, numeric
 
 
 class Scorer:
