@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -39,17 +38,9 @@ from webtorch.lab.procs import Helper, Pinning
 from webtorch.lab.scenario import BalancerSpec, find, load
 
 ROOT = Path(__file__).resolve().parent.parent
-# As the browser tests launch it (tests/browser/conftest.py): no sandbox (root), no GPU, and no
-# background connections to Google's hosts, which a closed network only refuses.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+sys.path.insert(0, str(ROOT))  # launched as the browser tests launch it: tests/browser/chromium.py
+from tests.browser.chromium import CHROMIUM_ARGS, chromium_path  # noqa: E402
+
 VIEWPORT = {"width": 1366, "height": 768}  # a laptop screen
 
 XOR_SECTION = """
@@ -79,7 +70,7 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="keep the logs and configs in this directory")
     args = parser.parse_args()
 
-    chromium = os.environ.get("WEBTORCH_CHROMIUM") or shutil.which("chromium")
+    chromium = chromium_path()
     if chromium is None:
         sys.exit("needs Debian's Chromium: apt-get install chromium (or WEBTORCH_CHROMIUM=...)")
     from playwright.sync_api import sync_playwright
