@@ -8,7 +8,11 @@ PYTHONPATH pointing at a worktree's src/).
 
 NO_OBSERVER=1 leaves out the per-request metrics observer, to see what it costs; REQUEST_ID=1
 gives every request an X-Request-Id (server.request_id, on in a served config); ACCESS_LOG=FILE
-writes the access log there (its writer thread's CPU counts too).
+writes the access log there (its writer thread's CPU counts too). GUARD=bucket puts the guard's
+token bucket in front (no detector), GUARD=full the bucket and the shipped detector (enforcing),
+GUARD=monitor the same in monitor mode; each connection is its own client address, and the
+request carries a browser's headers and a fresh query string (as the live benign mix does), so
+the detector's per-part cache hits on the headers and misses on the query.
 """
 
 from __future__ import annotations
@@ -48,14 +52,15 @@ UPSTREAM_RESPONSE = (
 
 
 class FakeTransport:
-    def __init__(self) -> None:
+    def __init__(self, peer: str = "127.0.0.1") -> None:
         self.written = 0
+        self.peer = peer
 
     def write(self, data: bytes) -> None:
         self.written += 1
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 5555) if name == "peername" else default
+        return (self.peer, 5555) if name == "peername" else default
 
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
@@ -76,6 +81,17 @@ class FakeUpstreamTransport(FakeTransport):
         self.loop.call_soon(self.conn.data_received, UPSTREAM_RESPONSE)
 
 
+def guard_config(kind: str) -> dict[str, Any]:
+    if kind in ("", "none"):
+        return {}
+    # A rate no client of this loop reaches: the bucket's bookkeeping runs, nothing is refused.
+    guard: dict[str, Any] = {"mode": "enforce", "rate": 1e9, "burst": 1e9, "model": "none"}
+    if kind in ("full", "monitor"):
+        del guard["model"]
+        guard["mode"] = "enforce" if kind == "full" else "monitor"
+    return {"guard": guard}
+
+
 async def run(path: str, conns: int, rounds: int) -> None:
     cfg = config.from_dict(
         {
@@ -92,6 +108,7 @@ async def run(path: str, conns: int, rounds: int) -> None:
                     "max_requests_per_connection": 0,
                 }
             },
+            **guard_config(os.environ.get("GUARD", "")),
             "routes": [
                 {"path": "/fixed", "return": 200, "body": "{}"},
                 {"path": "/proxy", "upstream": "backend"},
@@ -104,6 +121,18 @@ async def run(path: str, conns: int, rounds: int) -> None:
     from webtorch.http.protocol import ServerState
 
     observer = None if os.environ.get("NO_OBSERVER") else app.metrics.observe_request
+    guarded = None
+    if cfg.guard is not None:
+        # As App.start wires it: the guard in front of the handler, responses to its observer.
+        guarded = app._guard(handler, cfg.guard)
+        handler = guarded
+        observe = observer
+
+        def observer(request: Any, status: int, seconds: float) -> None:
+            if observe is not None:
+                observe(request, status, seconds)
+            guarded.answered(request, status)
+
     access_log = None
     if os.environ.get("ACCESS_LOG"):
         access_log = AccessLog(Path(os.environ["ACCESS_LOG"]))
@@ -134,14 +163,31 @@ async def run(path: str, conns: int, rounds: int) -> None:
     transports = []
     for _ in range(conns):
         proto = HttpProtocol(state, loop)
-        tr = FakeTransport()
+        tr = FakeTransport(f"127.1.{len(protos) // 250}.{len(protos) % 250 + 1}")
         proto.connection_made(tr)  # type: ignore[arg-type]
         protos.append(proto)
         transports.append(tr)
 
+    browser = bool(os.environ.get("GUARD"))  # GUARD=none: the same requests, no guard
+    sent = 0
+
+    def request() -> bytes:
+        if not browser:
+            return raw
+        nonlocal sent
+        sent += 1
+        return (
+            b"POST %s?session=%08x&ts=%d HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+            b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+            b"Chrome/131.0 Safari/537.36\r\nAccept: application/json\r\n"
+            b"Accept-Language: en-US,en;q=0.9\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s"
+            % (path.encode(), sent * 2654435761 % 2**32, 1_764_000_000 + sent, len(body), body)
+        )
+
     async def round_() -> None:
         for proto in protos:
-            proto.data_received(raw)
+            proto.data_received(request())
         for _ in range(4):  # let call_soon batches run
             await asyncio.sleep(0)
 

@@ -11,9 +11,9 @@ import torch
 
 from webtorch.guard.clients import ClientTable
 from webtorch.guard.core import ALLOW, BLOCK, THROTTLE, Guard, GuardSettings
-from webtorch.guard.detector import GuardNet, Scorer
-from webtorch.guard.features import RequestView, normalise
-from webtorch.guard.train import Example, _batch, encode_all, fit, predict
+from webtorch.guard.detector import GuardNet, Scorer, merge
+from webtorch.guard.features import RequestView, ngram_ids, normalise, part_features
+from webtorch.guard.train import Example, _batch, calibrate, encode_all, fit, predict
 
 UA = (b"user-agent", b"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120.0")
 
@@ -95,7 +95,7 @@ class _AlwaysInjection(Scorer):
         pass
 
     def score_one(self, view: RequestView, client: list[float]) -> tuple[float, float]:
-        return 0.99, 0.0
+        return 0.999, 0.0
 
 
 ATTACKS = [
@@ -154,3 +154,43 @@ def test_saved_weights_score_the_same(tmp_path: object) -> None:
         abs=1e-3,  # the file's float16 embedding
     )
     assert load_net(path).state_dict().keys() == net.state_dict().keys()
+
+
+def test_word_bigrams_tell_word_order_apart() -> None:
+    # The same words in another order: the same byte 3-grams (nearly), other bigrams.
+    attack, review = ngram_ids(b"1 union select 2"), ngram_ids(b"1 select union 2")
+    assert len(attack) == len(review) == 14 + 3  # 14 byte 3-grams, 4 words -> 3 bigrams
+    assert set(attack[14:].tolist()).isdisjoint(review[14:].tolist())
+    assert ngram_ids(b"ab").tolist() == ngram_ids(b"ab\0").tolist()  # short text: padded
+    assert all(0 <= i < 1 << 16 for i in attack.tolist())
+
+
+def test_part_features_are_shares_of_the_raw_bytes() -> None:
+    stats, text = part_features(b"A%2527b")
+    assert text == b"a'b"  # decoded twice, lower case
+    length, alpha, digit, special, space, control, escapes, distinct = stats.tolist()
+    assert length == pytest.approx(np.log1p(7))
+    assert (alpha, digit, escapes) == pytest.approx((2 / 7, 4 / 7, 1 / 7))
+    assert (special, space, control) == (0.0, 0.0, 0.0)
+    assert distinct == pytest.approx(6 / 7)
+
+
+def test_a_merged_ensemble_scores_the_mean_of_its_members_logits() -> None:
+    rng = random.Random(2)
+    data = encode_all(synthetic(rng, 300))
+    members = [fit(data, epochs=1, seed=s) for s in range(3)]
+    merged = Scorer.from_net(merge(members))
+    scorers = [Scorer.from_net(m) for m in members]
+    for example in synthetic(rng, 20):
+        probabilities = np.array([s.score_one(example.view, [0.0] * 9) for s in scorers])
+        logits = np.log(probabilities / (1 - probabilities)).mean(axis=0)
+        expected = 1 / (1 + np.exp(-logits))
+        assert merged.score_one(example.view, [0.0] * 9) == pytest.approx(expected, abs=1e-5)
+
+
+def test_calibrated_threshold_keeps_false_positives_within_the_target() -> None:
+    scores = [i / 1000 for i in range(1000)]  # 0.000 .. 0.999
+    block = calibrate(scores, 0.005)  # at most 5 of 1,000 at or above it
+    assert sum(s >= block for s in scores) == 5
+    assert calibrate([0.1, 0.2], 0.0) == 0.5  # never below 0.5
+    assert calibrate([0.99999], 0.0) == 0.999  # nor above 0.999

@@ -29,11 +29,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--out", type=Path, required=True, help="safetensors file to write")
     train.add_argument("--epochs", type=int, default=4)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--members", type=int, default=3, help="networks in the ensemble, folded into one (3)"
+    )
+    train.add_argument(
+        "--holdout",
+        type=float,
+        default=0.2,
+        help="share of the benign clients held out of training to calibrate the block threshold",
+    )
+    train.add_argument(
+        "--target-fp",
+        type=float,
+        default=0.001,
+        help="benign false-positive share per request the block threshold is calibrated to",
+    )
     train.set_defaults(guard=_train)
     ev = sub.add_parser("eval", help="evaluate the detector and its baselines")
     ev.add_argument("corpus", type=Path, nargs="?", help="corpus directory (not with --live-only)")
     ev.add_argument("--model", type=Path, help="detector weights (default: the shipped model)")
-    ev.add_argument("--block", type=float, default=0.97, help="block threshold (0.97)")
+    ev.add_argument(
+        "--block", type=float, help="block threshold (default: the config's, [guard] block)"
+    )
     ev.add_argument("--results", type=Path, default=Path("GUARD_RESULTS.md"))
     ev.add_argument("--no-crs", action="store_true", help="skip ModSecurity + CRS")
     ev.add_argument(
@@ -60,22 +77,51 @@ def _corpus(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import zlib
+
     from webtorch.guard.corpus.records import Sample, read_jsonl
     from webtorch.guard.dataset import api_examples, augmented, examples
     from webtorch.guard.detector import save
-    from webtorch.guard.train import encode_all, fit
+    from webtorch.guard.scorer import Scorer
+    from webtorch.guard.train import calibrate, encode_all, fit_ensemble
 
     started = time.perf_counter()
-    train, samples = examples(read_jsonl(args.corpus / "train.jsonl"))
-    api = api_examples(len(train) // 5, args.seed)
-    # The API's requests are benign hosts for the transplanted attacks too: pass them along as
-    # samples of the benign label.
-    hosts = [Sample("GET", "/", (), b"", 0, "benign", "api", "", 0.0, "train")] * len(api)
-    encoded = encode_all(augmented([*train, *api], [*samples, *hosts], args.seed))
-    net = fit(encoded, epochs=args.epochs, seed=args.seed)
-    save(net, args.out, {"corpus": str(args.corpus), "examples": str(len(encoded))})
+    everything, all_samples = examples(read_jsonl(args.corpus / "train.jsonl"))
+    # Whole benign clients held out (never requests of a client on both sides), to calibrate
+    # the block threshold on traffic the detector did not train on; every attack trains.
+    cut = int(args.holdout * 100)
+
+    def held_out(sample: Sample) -> bool:
+        return sample.label == 0 and zlib.crc32(sample.client.encode()) % 100 < cut
+
+    train = [e for e, s in zip(everything, all_samples, strict=True) if not held_out(s)]
+    samples = [s for s in all_samples if not held_out(s)]
+    check = [e for e, s in zip(everything, all_samples, strict=True) if held_out(s)]
+    datasets = []
+    for member in range(args.members):
+        # Each member its own draw of the API traffic and of the augmentation: members that saw
+        # different transplants disagree where the data is thin, which is what averaging fixes.
+        api = api_examples(len(train) // 5, args.seed + member)
+        # The API's requests are benign hosts for the transplanted attacks too: pass them along
+        # as samples of the benign label.
+        hosts = [Sample("GET", "/", (), b"", 0, "benign", "api", "", 0.0, "train")] * len(api)
+        datasets.append(
+            encode_all(augmented([*train, *api], [*samples, *hosts], args.seed + member))
+        )
+    net = fit_ensemble(datasets, epochs=args.epochs, seed=args.seed)
+    metadata = {"corpus": str(args.corpus), "examples": str(sum(map(len, datasets)))}
+    if check:
+        scorer = Scorer.from_net(net)
+        scores = [max(scorer.score_one(e.view, list(e.client))) for e in check]
+        block = calibrate(scores, args.target_fp)
+        metadata.update(block=f"{block:.4f}", calibrated_on=f"{len(check)} held-out requests")
+        print(
+            f"block threshold for <= {args.target_fp:.2%} false positives on {len(check)} "
+            f"held-out benign requests: {block:.4f}"
+        )
+    save(net, args.out, metadata)
     elapsed = time.perf_counter() - started
-    print(f"trained on {len(encoded)} requests in {elapsed:.1f} s -> {args.out}")
+    print(f"trained on {metadata['examples']} requests in {elapsed:.1f} s -> {args.out}")
     return 0
 
 
@@ -94,7 +140,10 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
     model = args.model or DEFAULT_MODEL
     test, samples = examples(read_jsonl(args.corpus / "test.jsonl"))
-    thresholds = sorted({0.5, 0.9, args.block, 0.97, 0.99})
+    from webtorch.config import GuardConfig
+
+    block = GuardConfig().block if args.block is None else args.block
+    thresholds = sorted({0.5, 0.9, 0.97, 0.99, block})
     detections = [
         evaluate.nothing(samples),
         *evaluate.webtorch(Scorer.from_file(model), test, thresholds),

@@ -42,6 +42,7 @@ class ClientState:
         "distinct",
         "distinct_since",
         "error_share",
+        "first",
         "gap_mean",
         "gap_var",
         "last",
@@ -54,6 +55,7 @@ class ClientState:
 
     def __init__(self, now: float) -> None:
         self.rates = [0.0, 0.0, 0.0]  # decayed counts, one per window; rate = count / window
+        self.first = now  # first seen (since its last eviction)
         self.last = now
         self.requests = 0
         self.gap_mean = 0.0  # EWMA of log inter-arrival seconds

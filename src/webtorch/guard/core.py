@@ -7,6 +7,11 @@ Every request passes :meth:`Guard.check` before its handler; every connection pa
 2. an active ban (set by an earlier block, expiring after ``ban_seconds``);
 3. per-client caps that need no model: open connections (``connect``) and a token bucket of
    ``rate`` requests/s with ``burst`` (nginx's limit_req, with nodelay);
+3b. during a surge of the server's whole request rate (``surge.py``), clients first seen less
+   than ``SURGE_GRACE`` seconds before it began, or during it, get a bucket of ``surge_rate``
+   requests/s (and a second's worth of burst) instead: a flood spread over many new addresses
+   is throttled within a fraction of a second of its start, while the clients that were here
+   before it keep their usual allowance;
 4. the detector: an **injection** score at or above ``block`` blocks the request (and bans the
    client when ``ban_seconds`` > 0); an **abuse** score at or above ``block`` blocks and bans,
    at or above ``throttle`` throttles.
@@ -28,9 +33,13 @@ from dataclasses import dataclass, field
 from webtorch.guard.clients import ClientState, ClientTable
 from webtorch.guard.features import RequestView
 from webtorch.guard.scorer import Scorer
+from webtorch.guard.surge import SurgeDetector
 from webtorch.observe.metrics import Histogram
 
 ALLOW, THROTTLE, BLOCK = "allow", "throttle", "block"
+# A client first seen less than this long before a surge began counts as part of it: a flood
+# is detected a few tens of milliseconds after its first requests, not before.
+SURGE_GRACE = 1.0
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -38,11 +47,14 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class GuardSettings:
     mode: str = "enforce"  # or "monitor"
     throttle: float = 0.5  # abuse score that throttles
-    block: float = 0.97  # injection or abuse score that blocks
+    block: float = 0.996  # injection or abuse score that blocks (see config.GuardConfig)
     ban_seconds: float = 0.0  # a block bans the client this long (0: no bans)
     rate: float = 0.0  # token bucket: requests/s per client (0: no limit)
     burst: float = 0.0  # bucket size (0: max(rate, 1))
     max_connections: int = 0  # open connections per client (0: no cap)
+    surge_rate: float = 0.0  # requests/s per new client during a surge (0: no surge defence)
+    surge_factor: float = 4.0  # a surge: the server's rate above this x its baseline ...
+    surge_min_rate: float = 1000.0  # ... and above this many requests/s
     max_clients: int = 100_000  # clients whose history is kept (LRU)
     allow: Sequence[str] = ()  # CIDR blocks never checked
     deny: Sequence[str] = ()  # CIDR blocks always refused
@@ -51,7 +63,8 @@ class GuardSettings:
 @dataclass(slots=True)
 class Decision:
     action: str  # allow, throttle or block: what the guard decided
-    reason: str  # allow_list, deny_list, banned, connections, rate_limit, injection, abuse, ok
+    # allow_list, deny_list, banned, connections, rate_limit, surge, injection, abuse, ok
+    reason: str
     injection: float | None = None  # scores, when the detector ran
     abuse: float | None = None
     retry_after: float = 0.0  # for a throttle: seconds until the client may retry
@@ -98,6 +111,9 @@ class Guard:
         self._listed: dict[str, str | None] = {}  # address -> "allow" / "deny" / None, cached
         self._enforce = settings.mode == "enforce"
         self._burst = settings.burst or max(settings.rate, 1.0)
+        self.surge: SurgeDetector | None = None
+        if settings.surge_rate > 0:
+            self.surge = SurgeDetector(settings.surge_factor, settings.surge_min_rate)
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -140,7 +156,13 @@ class Guard:
             return self._count(Decision(BLOCK, "banned", enforced=self._enforce), client)
         state = self.clients.get(client, now)
         state.arrive(view.path, now)
-        throttled = self._bucket(state, now)
+        surge = self.surge
+        began = surge.began if surge is not None and surge.arrive(now) else None
+        if began is not None and state.first > began - SURGE_GRACE:
+            rate = self.settings.surge_rate
+            throttled = self._bucket(state, now, rate, max(rate, 1.0), "surge")
+        else:
+            throttled = self._bucket(state, now, self.settings.rate, self._burst, "rate_limit")
         if throttled is not None:
             return self._count(throttled, client)
         if self.scorer is None:
@@ -172,23 +194,21 @@ class Guard:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _bucket(self, state: ClientState, now: float) -> Decision | None:
-        rate = self.settings.rate
+    def _bucket(
+        self, state: ClientState, now: float, rate: float, burst: float, reason: str
+    ) -> Decision | None:
         if rate <= 0:
             return None
         tokens = state.tokens
         # The bucket lives on the client's state: refilled lazily, by the time since last seen.
-        if tokens < 0:
-            tokens = self._burst
-        else:
-            tokens = min(self._burst, tokens + (now - state.refilled) * rate)
+        tokens = burst if tokens < 0 else min(burst, tokens + (now - state.refilled) * rate)
         state.refilled = now
         if tokens >= 1.0 - 1e-9:  # a token refilled over exactly 1/rate s counts as whole
             state.tokens = max(tokens - 1.0, 0.0)
             return None
         state.tokens = tokens
         wait = (1.0 - tokens) / rate
-        return Decision(THROTTLE, "rate_limit", retry_after=wait, enforced=self._enforce)
+        return Decision(THROTTLE, reason, retry_after=wait, enforced=self._enforce)
 
     def _banned(self, client: str, now: float) -> bool:
         until = self.bans.get(client)

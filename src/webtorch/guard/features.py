@@ -7,6 +7,12 @@ means rather than how it is spelled: percent-decoded twice (double encoding is a
 
 - hashed byte 3-grams, which the detector reads as a bag (fastText-style): what a byte-level
   CNN's first layer learns, for a fraction of its cost;
+- hashed word bigrams (a word: a run of letters, digits and ``_``; every other non-space byte
+  is a word of its own), in the same bag. A bag of 3-grams knows that ``union`` and ``select``
+  both occur, not in what order or next to what: ``union select``, ``' or`` and ``sleep (``
+  are attacks, "I select this over the union brand" is a product review. Adding them took the
+  detector from 74 % to 79-86 % of the test split's injections at <= 0.1 % benign false
+  positives (three seeds, same corpus);
 - byte-class counts (letters, digits, specials, spaces, control or non-ASCII), percent escapes
   and distinct bytes, with one ``bytes.translate`` + ``count`` per class instead of a Python loop.
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
@@ -98,35 +105,45 @@ def parts(view: RequestView) -> tuple[bytes, bytes, bytes, bytes]:
     )
 
 
+_WORD = re.compile(rb"[a-z0-9_]+|[^a-z0-9_\s]")
+_U32 = np.dtype("<u4")
+_GOLDEN = np.uint32(2654435761)  # Knuth's multiplicative hash constant, 2**32 / phi
+_SHIFT = np.uint32(16)  # 32 - log2(BUCKETS)
+
+
 def ngram_ids(text: bytes) -> np.ndarray:
-    """Hashed byte 3-grams of ``text``: uint32 ids below :data:`BUCKETS`."""
+    """The bag a part is read as: its hashed byte 3-grams, then its hashed word bigrams; uint32
+    ids below :data:`BUCKETS`. Numpy throughout, because a part the detector has not cached
+    (a fresh session id in a query, say) pays for this on the request's path."""
     if len(text) < 3:
         text = text.ljust(3, b"\0")
-    b = np.frombuffer(text, dtype=np.uint8).astype(np.uint32)
-    tri = (b[:-2] << np.uint32(16)) | (b[1:-1] << np.uint32(8)) | b[2:]
-    return (tri * np.uint32(2654435761)) >> np.uint32(16)  # multiplicative hashing, mod 2**32
+    # Every byte offset's little-endian 4-byte word, as one strided view of the text (one pad
+    # byte for the last), masked to its low 3 bytes: all 3-grams without a Python loop.
+    words = np.ndarray((len(text) - 2,), _U32, text + b"\0", 0, (1,))
+    grams = ((words & np.uint32(0xFFFFFF)) * _GOLDEN) >> _SHIFT
+    tokens = _WORD.findall(text)
+    if len(tokens) < 2:
+        return grams
+    # A bigram's id from its words' CRC-32s (zlib's C loop, one call per word): the second word
+    # mixed into the first's golden-ratio multiple, then hashed down as the 3-grams are.
+    h = np.fromiter(map(zlib.crc32, tokens), _U32, len(tokens))
+    bigrams = (((h[:-1] * _GOLDEN) ^ h[1:]) * _GOLDEN) >> _SHIFT
+    return np.concatenate((grams, bigrams))
 
 
-def part_stats(raw: bytes) -> tuple[np.ndarray, bytes]:
-    """A part's counts in :data:`STAT_NAMES` order (of its raw bytes: escapes are counted before
-    decoding) and its normalised text."""
-    stats = np.empty(N_STATS, dtype=np.float32)
-    stats[0] = len(raw)
-    for i, table in enumerate(_CLASSES, start=1):
-        stats[i] = raw.translate(table).count(1)
-    stats[6] = len(_PERCENT.findall(raw))
-    stats[7] = len(set(raw))
-    return stats, normalise(raw)[:PART_LIMIT]
-
-
-def field_features(stats: np.ndarray) -> np.ndarray:
-    """One field's features from its :func:`part_stats` counts: log length, class shares."""
-    length = float(stats[0])
-    out = np.empty(N_STATS, dtype=np.float32)
-    out[0] = np.log1p(length)
-    out[1:] = stats[1:] / max(length, 1.0)
-    out[7] = stats[7] / max(min(length, 256.0), 1.0)  # distinct bytes: of at most 256 possible
-    return out
+def part_features(raw: bytes) -> tuple[np.ndarray, bytes]:
+    """A part's features in :data:`STAT_NAMES` order, of its raw bytes (escapes are counted
+    before decoding): log length, then each byte class's share, the percent escapes' share and
+    the share of distinct bytes (of at most 256 possible); and its normalised text."""
+    length = len(raw)
+    per = 1.0 / max(length, 1)
+    stats = [
+        math.log1p(length),
+        *[raw.translate(table).count(1) * per for table in _CLASSES],
+        raw.count(b"%") and len(_PERCENT.findall(raw)) * per,
+        len(set(raw)) / max(min(length, 256), 1),
+    ]
+    return np.asarray(stats, dtype=np.float32), normalise(raw)[:PART_LIMIT]
 
 
 FLAG_FEATURES = (

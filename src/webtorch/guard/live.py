@@ -98,6 +98,11 @@ class LiveSettings:
     # Bans after a block, for the full guard (0, its default: none; a false positive would
     # otherwise lock a benign client out).
     ban_seconds: float = 0.0
+    # The full guard's surge defence: during a surge (the server's rate above 4x its baseline
+    # and above 1,000 requests/s, about 5x this benign load's), a client new to the server gets
+    # 5 requests/s, a benign client's highest rate.
+    surge_rate: float = 5.0
+    surge_min_rate: float = 1000.0
 
 
 def config_toml(name: str, settings: LiveSettings) -> str:
@@ -116,7 +121,10 @@ def config_toml(name: str, settings: LiveSettings) -> str:
         return text + 'model = "none"\n'
     if name == "monitor":
         text = text.replace('mode = "enforce"', 'mode = "monitor"')
-    return text + f"ban_seconds = {s.ban_seconds}\n"
+    return text + (
+        f"ban_seconds = {s.ban_seconds}\nsurge_rate = {s.surge_rate}\n"
+        f"surge_min_rate = {s.surge_min_rate}\n"
+    )
 
 
 # -- processes ------------------------------------------------------------------------------------

@@ -82,7 +82,10 @@ def report(results: LiveResults, command: str) -> str:
         "this load.",
         "- **guard**: the same plus the shipped detector (its default thresholds: throttle "
         f"{GuardConfig().throttle:g}, block {GuardConfig().block:g}; "
-        f"ban_seconds {s.ban_seconds:g}).",
+        f"ban_seconds {s.ban_seconds:g}) and the surge defence (`surge_rate = "
+        f"{s.surge_rate:g}`, `surge_min_rate = {s.surge_min_rate:g}`, `surge_factor = "
+        f"{GuardConfig().surge_factor:g}`: while the server's whole rate is above both, a client "
+        "first seen within 1 s before the surge or during it gets that many requests/s).",
         f"- The harness's own scraper ({SCRAPER}: /metrics every 0.25 s, health) is allow-listed.",
         "",
         f"Benign load: {s.benign_clients} clients, each its own address (127.{BENIGN_BLOCK}.0.x),"

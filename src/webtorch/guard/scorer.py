@@ -25,9 +25,8 @@ from webtorch.guard.features import (
     N_REQUEST,
     N_STATS,
     RequestView,
-    field_features,
     ngram_ids,
-    part_stats,
+    part_features,
     parts,
     request_flags,
 )
@@ -43,12 +42,12 @@ CACHE_LIMIT = 50_000  # parts cached; cleared whole when full (cheap, and rare)
 
 def encode(view: RequestView, client: Sequence[float]) -> tuple[list[np.ndarray], np.ndarray]:
     """A request as the network's training input: each field's n-gram ids, and its numeric
-    features (flags, each field's :func:`field_features`, the client's history)."""
+    features (flags, each field's :func:`part_features`, the client's history)."""
     fields = []
     grams = []
     for raw in parts(view):
-        stats, text = part_stats(raw)
-        fields.append(field_features(stats))
+        stats, text = part_features(raw)
+        fields.append(stats)
         grams.append(ngram_ids(text).astype(np.int64) if raw else np.zeros(0, np.int64))
     numeric = np.concatenate(
         [np.asarray(request_flags(view), np.float32), *fields, np.asarray(client, np.float32)]
@@ -127,24 +126,30 @@ class Scorer:
         w_out[:hi, 0], w_out[hi:, 1] = self._i_w2, self._a_w2
         self._w_out = w_out
         self._b_out = np.asarray([self._i_b2, self._a_b2], dtype=np.float32)
+        # Each field's share from one vector, [mean of its bag's rows, their max, its stats],
+        # through one matrix: its injection columns, and the abuse head's for the path.
+        self._w_part = []
+        for f in range(N_FIELDS):
+            part = np.zeros((2 * dim + N_STATS, hi + ha), dtype=np.float32)
+            part[: 2 * dim, :hi] = self._i_content[f]
+            part[2 * dim :, :hi] = self._i_stats[f]
+            if f == 0:
+                part[: 2 * dim, hi:] = self._a_content
+                part[2 * dim :, hi:] = self._a_stats
+            self._w_part.append(part)
         self._cache: dict[tuple[int, bytes], np.ndarray] = {}
 
     def _part(self, field: int, raw: bytes) -> np.ndarray:
         """A field's share of both heads' hidden units (the abuse head's from the path only).
-        It depends on the field's bytes alone, so it is cached by them."""
+        It depends on the field's bytes alone, so it is cached by them. A miss (a fresh session
+        id in a query, say) is on the request's path: a handful of numpy calls."""
         key = (field, raw)
         cached = self._cache.get(key)
         if cached is None:
-            counts, text = part_stats(raw)
-            stats = field_features(counts)
-            cached = np.zeros(self._w_in.shape[1], dtype=np.float32)
-            hi = self._hidden_injection
-            cached[:hi] = stats @ self._i_stats[field]
+            stats, text = part_features(raw)
             rows = self.embedding[ngram_ids(text)]
-            pooled = np.concatenate([rows.mean(axis=0), rows.max(axis=0)])
-            cached[:hi] += pooled @ self._i_content[field]
-            if field == 0:
-                cached[hi:] = stats @ self._a_stats + pooled @ self._a_content
+            pooled = (np.add.reduce(rows) * (1.0 / len(rows)), np.maximum.reduce(rows), stats)
+            cached = np.concatenate(pooled) @ self._w_part[field]
             if len(self._cache) >= CACHE_LIMIT:
                 self._cache.clear()
             self._cache[key] = cached

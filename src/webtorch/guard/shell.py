@@ -34,6 +34,7 @@ _MESSAGES = {
     "deny_list": "this address is not allowed here",
     "banned": "this client is banned for a while after an earlier blocked request",
     "rate_limit": "too many requests from this client; slow down",
+    "surge": "the server is under a surge of traffic from new clients; slow down",
     "connections": "too many connections from this client",
     "injection": "the request looks like an attack (injection) and was blocked",
     "abuse": "this client's traffic looks abusive",
@@ -154,6 +155,17 @@ def metric_families(guard: Guard) -> Iterator[Metric]:
     scores.add_metric([], stats.scores.buckets(), stats.scores.total)
     yield scores
     yield GaugeMetricFamily("webtorch_guard_bans", "Clients banned now", value=len(guard.bans))
+    if guard.surge is not None:
+        surge = guard.surge
+        yield GaugeMetricFamily(
+            "webtorch_guard_surge", "1 while a surge is under way", value=float(surge.active)
+        )
+        yield CounterMetricFamily("webtorch_guard_surges", "Surges seen", value=surge.surges)
+        yield GaugeMetricFamily(
+            "webtorch_guard_surge_baseline_rate",
+            "The server's request rate the surge detector takes as normal (requests/s)",
+            value=surge.baseline,
+        )
     yield GaugeMetricFamily(
         "webtorch_guard_clients", "Clients whose recent history is kept", value=len(guard.clients)
     )

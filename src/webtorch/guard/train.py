@@ -7,12 +7,13 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from webtorch.guard.detector import HEADS, GuardNet, encode
+from webtorch.guard.detector import HEADS, GuardNet, encode, merge
 from webtorch.guard.features import N_FLAGS, N_REQUEST, RequestView
 
 
@@ -58,9 +59,11 @@ def fit(
     lr: float = 3e-3,
     seed: int = 0,
     pos_weight: Sequence[float] | None = None,
+    standardise: Sequence[Encoded] | None = None,
 ) -> GuardNet:
     """Train ``net`` (a new one when None) on ``data``. A new network takes its feature
-    standardisation from the data; a network being adapted keeps its own."""
+    standardisation from ``standardise`` (default: the data); a network being adapted keeps
+    its own."""
     if not data:
         raise ValueError("no examples to train on")
     torch.manual_seed(seed)
@@ -68,7 +71,7 @@ def fit(
     constant = None
     if net is None:
         net = GuardNet()
-        numeric = torch.from_numpy(np.stack([item.numeric for item in data]))
+        numeric = torch.from_numpy(np.stack([item.numeric for item in standardise or data]))
         spread = numeric.std(0)
         constant = spread < 1e-6
         net.mean.copy_(numeric.mean(0))
@@ -106,6 +109,30 @@ def fit(
             net.injection_hidden.weight[:, content + injection] = 0.0
     net.eval()
     return net
+
+
+def fit_ensemble(datasets: Sequence[Sequence[Encoded]], seed: int = 0, **kwargs: Any) -> GuardNet:
+    """A network per dataset (each its own draw of the augmentation, and seed ``seed + m``),
+    folded into one (``detector.merge``: the mean of their logits, for the cost of one
+    network). All take their feature standardisation from the first dataset, which ``merge``
+    needs."""
+    nets = [
+        fit(data, seed=seed + m, standardise=datasets[0], **kwargs)
+        for m, data in enumerate(datasets)
+    ]
+    return nets[0] if len(nets) == 1 else merge(nets)
+
+
+def calibrate(scores: Sequence[float], false_positives: float) -> float:
+    """The block threshold at which at most a ``false_positives`` share of ``scores`` (benign
+    requests held out of training) would be blocked: just above the highest score it must
+    not reach. Bounded to [0.5, 0.999], so that a tiny or odd held-out set cannot make it
+    absurd."""
+    ordered = sorted(scores, reverse=True)
+    allowed = int(false_positives * len(ordered))
+    if allowed >= len(ordered):
+        return 0.5
+    return min(max(ordered[allowed] + 1e-6, 0.5), 0.999)
 
 
 def predict(net: GuardNet, data: Sequence[Encoded], batch_size: int = 512) -> np.ndarray:
