@@ -147,6 +147,19 @@ class Guard:
     # -- requests ------------------------------------------------------------------------------
 
     def check(self, view: RequestView, client: str, now: float) -> Decision:
+        """The whole decision for one request: :meth:`rules`, then the detector's score."""
+        decided = self.rules(view, client, now)
+        if isinstance(decided, Decision):
+            return decided
+        assert self.scorer is not None
+        injection, abuse = self.scorer.score_one(view, decided)
+        return self.decide(client, injection, abuse, now)
+
+    def rules(self, view: RequestView, client: str, now: float) -> Decision | list[float]:
+        """Everything but the detector: the lists, bans, buckets and the surge defence. Returns
+        the final decision when they settle it (or there is no detector), else the client's
+        history features to score the request with; then :meth:`decide` finishes it. Split so
+        that the I/O shell can score many requests at once between the two."""
         listed = self._list_of(client)
         if listed == "allow":
             return Decision(ALLOW, "allow_list")
@@ -169,7 +182,10 @@ class Guard:
             return self._count(Decision(ALLOW, "ok"), client)
         history = state.features(now)
         self.last_history = history  # what the request was scored with (for feedback)
-        injection, abuse = self.scorer.score_one(view, history)
+        return history
+
+    def decide(self, client: str, injection: float, abuse: float, now: float) -> Decision:
+        """The decision for a request the rules let through, from the detector's scores."""
         self.stats.scores.record(max(injection, abuse))
         s = self.settings
         if injection >= s.block:

@@ -7,6 +7,9 @@ says why, as every WebTorch error does. The decision is noted on the request for
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import fields
@@ -21,14 +24,24 @@ from prometheus_client.core import (
 )
 
 from webtorch.config import GuardConfig
+from webtorch.errors import HTTPError
 from webtorch.guard.core import BLOCK, Decision, Guard, GuardSettings, retry_after_header
 from webtorch.guard.features import RequestView
 from webtorch.guard.scorer import Scorer
-from webtorch.http.messages import Handler, HandlerResult, Request, error_response
+from webtorch.http.messages import (
+    Handler,
+    HandlerResult,
+    Pending,
+    Request,
+    Response,
+    error_response,
+    response_for_error,
+)
 
 if TYPE_CHECKING:
     from webtorch.guard.feedback import Feedback  # torch: only with online adaptation on
 
+log = logging.getLogger("webtorch.guard")
 DEFAULT_MODEL = Path(__file__).parent / "guard.safetensors"
 _MESSAGES = {
     "deny_list": "this address is not allowed here",
@@ -89,6 +102,8 @@ class GuardedHandler:
         self._trusted = trusted
         self._header = client_key[len("header:") :].lower().encode() if client_key != "ip" else None
         self._clock = clock
+        self._batch: list[_Waiting] = []  # scored at the end of this loop turn
+        self._tasks: set[asyncio.Future[Response]] = set()  # coroutine handlers' results
 
     def client_of(self, request: Request) -> str:
         if self._header is not None:
@@ -106,11 +121,59 @@ class GuardedHandler:
             request.method, request.path, request.query, request.headers, request.body, declared
         )
         client = self.client_of(request)
-        decision = self.guard.check(view, client, self._clock())
-        request.guard_action = decision.action
-        score = request.guard_score = decision.score
+        now = self._clock()
+        decided = self.guard.rules(view, client, now)
+        if isinstance(decided, Decision):
+            return self._decided(request, decided)
+        scorer = self.guard.scorer
+        assert scorer is not None
+        if request.stream is not None:
+            # A streaming body's handler must take the stream as it is handed over, not a loop
+            # turn later: scored alone, at once.
+            injection, abuse = scorer.score_one(view, decided)
+            decision = self.guard.decide(client, injection, abuse, now)
+            self._remember(request, view, decided, decision)
+            return self._decided(request, decision)
+        # Scored with the requests that arrive in the same loop turn, in one numpy pass (see
+        # Scorer.score): the handler runs a turn later, from _flush.
+        pending = Pending()
+        waiting = _Waiting(request, view, client, decided, pending)
+        pending.on_cancel = waiting.cancel
+        if not self._batch:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._batch.append(waiting)
+        return pending
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        scorer = self.guard.scorer
+        assert scorer is not None
+        try:
+            scores = scorer.score([w.view for w in batch], [w.history for w in batch]).tolist()
+        except Exception:  # a scoring bug must not leave requests hanging
+            log.exception("guard scoring failed; letting the batch through")
+            scores = [[0.0, 0.0]] * len(batch)
+        now = self._clock()
+        for waiting, (injection, abuse) in zip(batch, scores, strict=True):
+            decision = self.guard.decide(waiting.client, injection, abuse, now)
+            if waiting.cancelled:
+                continue  # the client went away (the decision still counts)
+            self._remember(waiting.request, waiting.view, waiting.history, decision)
+            waiting.forward(
+                functools.partial(self._decided, waiting.request, decision), self._tasks
+            )
+
+    def _remember(
+        self, request: Request, view: RequestView, history: list[float], decision: Decision
+    ) -> None:
+        score = decision.score
         if self.feedback is not None and score is not None:
-            self.feedback.remember(request.request_id, view, self.guard.last_history, score)
+            self.feedback.remember(request.request_id, view, history, score)
+
+    def _decided(self, request: Request, decision: Decision) -> HandlerResult:
+        """Note ``decision`` on the request; its refusal, or its handler's result."""
+        request.guard_action = decision.action
+        request.guard_score = decision.score
         if decision.refused:
             return refusal(decision)
         return self.handler(request)
@@ -126,6 +189,76 @@ class GuardedHandler:
     def answered(self, request: Request, status: int) -> None:
         """The server's observer: responses feed the client's 4xx share."""
         self.guard.answered(self.client_of(request), status)
+
+
+class _Waiting:
+    """A request waiting for its batch's scores, and the Pending its client waits on."""
+
+    __slots__ = ("cancelled", "client", "history", "inner", "pending", "request", "view")
+
+    def __init__(
+        self,
+        request: Request,
+        view: RequestView,
+        client: str,
+        history: list[float],
+        pending: Pending,
+    ) -> None:
+        self.request, self.view, self.client, self.history = request, view, client, history
+        self.pending = pending
+        self.cancelled = False
+        self.inner: Pending | asyncio.Future[Response] | None = None  # the handler's, once run
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.inner is not None:
+            self.inner.cancel()
+
+    def forward(
+        self, run: Callable[[], HandlerResult], tasks: set[asyncio.Future[Response]]
+    ) -> None:
+        """Run the handler (or the refusal) and pass its response on to the client's Pending,
+        with the errors the server's own dispatch would turn into answers."""
+        pending = self.pending
+        try:
+            result = run()
+        except HTTPError as exc:
+            pending.resolve(response_for_error(exc))
+            return
+        except Exception:
+            log.exception("handler failed for %s %s", self.request.method, self.request.path)
+            pending.resolve(error_response(500, "internal server error"))
+            return
+        if isinstance(result, Response):
+            pending.resolve(result)
+        elif isinstance(result, Pending):
+            self.inner = result
+            result.subscribe(_resolve, pending)
+        else:
+            future = asyncio.ensure_future(result)
+            self.inner = future
+            tasks.add(future)
+            future.add_done_callback(functools.partial(_finished, pending, tasks))
+
+
+def _resolve(pending: Pending, response: Response) -> None:
+    pending.resolve(response)
+
+
+def _finished(
+    pending: Pending, tasks: set[asyncio.Future[Response]], future: asyncio.Future[Response]
+) -> None:
+    tasks.discard(future)
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if exc is None:
+        pending.resolve(future.result())
+    elif isinstance(exc, HTTPError):
+        pending.resolve(response_for_error(exc))
+    else:
+        log.error("handler failed", exc_info=exc)
+        pending.resolve(error_response(500, "internal server error"))
 
 
 def refusal(decision: Decision) -> HandlerResult:
