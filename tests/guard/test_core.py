@@ -12,7 +12,7 @@ import torch
 from webtorch.guard.clients import ClientTable
 from webtorch.guard.core import ALLOW, BLOCK, THROTTLE, Guard, GuardSettings
 from webtorch.guard.detector import GuardNet, Scorer, merge
-from webtorch.guard.features import RequestView, ngram_ids, normalise, part_features
+from webtorch.guard.features import RequestView, bags, ngram_ids, normalise, part_features
 from webtorch.guard.train import Example, _batch, calibrate, encode_all, fit, predict
 
 UA = (b"user-agent", b"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120.0")
@@ -194,3 +194,36 @@ def test_calibrated_threshold_keeps_false_positives_within_the_target() -> None:
     assert sum(s >= block for s in scores) == 5
     assert calibrate([0.1, 0.2], 0.0) == 0.5  # never below 0.5
     assert calibrate([0.99999], 0.0) == 0.999  # nor above 0.999
+
+
+def test_bags_of_many_texts_are_each_texts_ngram_ids() -> None:
+    rng = random.Random(3)
+    alphabet = b"ab' =(),;/<>\0 selectunion12"
+    for _ in range(50):
+        texts = [
+            bytes(rng.choice(alphabet) for _ in range(rng.choice([0, 1, 2, 3, 5, 20, 80])))
+            for _ in range(rng.randint(1, 8))
+        ]
+        ids, counts = bags(texts)
+        assert counts.tolist() == [len(ngram_ids(t)) for t in texts]
+        start = 0
+        for text, count in zip(texts, counts.tolist(), strict=True):
+            assert sorted(ids[start : start + count].tolist()) == sorted(ngram_ids(text).tolist())
+            start += count
+
+
+def test_a_batch_scores_as_its_requests_do_one_by_one() -> None:
+    rng = random.Random(4)
+    net = fit(encode_all(synthetic(rng, 200)), epochs=1)
+    examples = synthetic(rng, 40)
+    examples.append(Example(RequestView("GET", "", "", [], b""), [0.0] * 9, 0.0, 0.0))
+    views = [e.view for e in examples]
+    clients = [[0.1 * i] * 9 for i in range(len(views))]
+    fresh = Scorer.from_net(net)  # every part a miss: computed together
+    batch = fresh.score(views, clients)
+    again = fresh.score(views, clients)  # every part cached
+    alone = Scorer.from_net(net)
+    for i, view in enumerate(views):
+        expected = alone.score_one(view, clients[i])
+        assert batch[i].tolist() == pytest.approx(expected, abs=1e-5)
+        assert again[i].tolist() == pytest.approx(expected, abs=1e-5)

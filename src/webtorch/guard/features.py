@@ -23,6 +23,7 @@ Parts combine by sums, which is what makes that cache exact.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import zlib
@@ -131,7 +132,42 @@ def ngram_ids(text: bytes) -> np.ndarray:
     return np.concatenate((grams, bigrams))
 
 
-def part_features(raw: bytes) -> tuple[np.ndarray, bytes]:
+def bags(texts: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`ngram_ids` of several texts at once: their ids grouped by text, in order (within a
+    text in another order than ``ngram_ids``'s; a bag's order means nothing), and each text's
+    count. The numpy calls are made once for all the texts, on their concatenation, dropping
+    the 3-grams and bigrams that would straddle two texts: the parts a batch of requests misses
+    in the scorer's cache cost a few microseconds each instead of a dozen calls each."""
+    padded = [t if len(t) >= 3 else t.ljust(3, b"\0") for t in texts]
+    n = len(padded)
+    lengths = np.fromiter(map(len, padded), np.int64, n)
+    ends = np.cumsum(lengths)
+    words = np.ndarray((int(ends[-1]) - 2,), _U32, b"".join(padded) + b"\0", 0, (1,))
+    keep = np.ones(len(words), dtype=bool)
+    keep[ends[:-1] - 2] = keep[ends[:-1] - 1] = False  # windows that run into the next text
+    grams = ((words[keep] & np.uint32(0xFFFFFF)) * _GOLDEN) >> _SHIFT
+    gram_counts = lengths - 2
+    tokens = [_WORD.findall(t) for t in padded]
+    token_counts = np.fromiter(map(len, tokens), np.int64, n)
+    pair_counts = np.maximum(token_counts - 1, 0)
+    total = int(token_counts.sum())
+    if total >= 2:
+        h = np.fromiter(map(zlib.crc32, itertools.chain.from_iterable(tokens)), _U32, total)
+        pairs = (((h[:-1] * _GOLDEN) ^ h[1:]) * _GOLDEN) >> _SHIFT
+        # Pair p joins tokens p and p + 1; it straddles two texts where p + 1 starts a text.
+        firsts = np.cumsum(token_counts)[:-1]
+        firsts = firsts[(firsts > 0) & (firsts < total)]
+        keep = np.ones(len(pairs), dtype=bool)
+        keep[firsts - 1] = False
+        bigrams = pairs[keep]
+    else:
+        bigrams = np.zeros(0, _U32)
+    ids = np.concatenate((grams, bigrams))
+    owner = np.repeat(np.tile(np.arange(n), 2), np.concatenate((gram_counts, pair_counts)))
+    return ids[np.argsort(owner, kind="stable")], gram_counts + pair_counts
+
+
+def part_stats(raw: bytes) -> tuple[list[float], bytes]:
     """A part's features in :data:`STAT_NAMES` order, of its raw bytes (escapes are counted
     before decoding): log length, then each byte class's share, the percent escapes' share and
     the share of distinct bytes (of at most 256 possible); and its normalised text."""
@@ -143,7 +179,13 @@ def part_features(raw: bytes) -> tuple[np.ndarray, bytes]:
         raw.count(b"%") and len(_PERCENT.findall(raw)) * per,
         len(set(raw)) / max(min(length, 256), 1),
     ]
-    return np.asarray(stats, dtype=np.float32), normalise(raw)[:PART_LIMIT]
+    return stats, normalise(raw)[:PART_LIMIT]
+
+
+def part_features(raw: bytes) -> tuple[np.ndarray, bytes]:
+    """:func:`part_stats` as an array."""
+    stats, text = part_stats(raw)
+    return np.asarray(stats, dtype=np.float32), text
 
 
 FLAG_FEATURES = (

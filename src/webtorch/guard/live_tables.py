@@ -340,7 +340,9 @@ def _cost_section(results: LiveResults) -> list[str]:
         f"instead (cheaper than a prediction). Every config has its own server, all started "
         f"together and measured in turn ({', '.join(configs)}), {s.cost_rounds} rounds, "
         "after a 1 s warm-up each. The wrk of the design notes is not used: it sends from one "
-        "address, which the bucket would throttle.",
+        "address, which the bucket would throttle. The surge defence is off here: the "
+        "saturation run (thousands of new addresses at full speed) is a surge by its "
+        "definition, and refusing it would price 429s, not the scoring of benign traffic.",
         "",
     ]
     out += _table(

@@ -25,8 +25,10 @@ from webtorch.guard.features import (
     N_REQUEST,
     N_STATS,
     RequestView,
+    bags,
     ngram_ids,
     part_features,
+    part_stats,
     parts,
     request_flags,
 )
@@ -176,28 +178,72 @@ class Scorer:
 
     def score(self, views: Sequence[RequestView], clients: Sequence[Sequence[float]]) -> np.ndarray:
         """Probabilities (batch x :data:`HEADS`), the batch scored at once: the numpy calls
-        :meth:`score_one` makes per request are made once for the batch, so what is left per
-        request is building its row and looking its parts up (the server scores the requests
-        that arrive together this way)."""
-        part = self._part
+        :meth:`score_one` makes per request are made once for the batch, and so are those for
+        the parts missing from the cache (:meth:`_parts`). What is left per request is building
+        its row and looking its parts up (the server scores the requests that arrive together
+        this way)."""
+        cache = self._cache
         rows: list[list[float]] = []
-        shares: list[np.ndarray] = []
+        shares: list[np.ndarray | None] = []
         starts: list[int] = []
+        misses: list[tuple[int, int, bytes]] = []  # (index in shares, field, raw)
         for view, client in zip(views, clients, strict=True):
             rows.append([*request_flags(view), *client, 1.0])
             starts.append(len(shares))
             for field, raw in enumerate(parts(view)):
                 if raw:
-                    shares.append(part(field, raw))
+                    share = cache.get((field, raw))
+                    if share is None:
+                        misses.append((len(shares), field, raw))
+                    shares.append(share)
             if len(shares) == starts[-1]:  # no part at all: a zero share keeps the rows aligned
                 shares.append(self._no_part)
+        if misses:
+            computed = self._parts([(field, raw) for _, field, raw in misses])
+            for (index, _, _), share in zip(misses, computed, strict=True):
+                shares[index] = share
         pre = np.asarray(rows, np.float32) @ self._w_in
-        pre += np.add.reduceat(np.stack(shares), starts, axis=0)
+        pre += np.add.reduceat(np.stack(shares), starts, axis=0)  # type: ignore[arg-type]
         np.maximum(pre, 0.0, out=pre)
         logits = pre @ self._w_out + self._b_out
         np.clip(logits, -60.0, 60.0, out=logits)
         probabilities: np.ndarray = 1.0 / (1.0 + np.exp(-logits))
         return probabilities
+
+    def _parts(self, items: Sequence[tuple[int, bytes]]) -> list[np.ndarray]:
+        """:meth:`_part` of several (field, raw) parts not in the cache, computed together (and
+        cached): their bags by :func:`bags`, pooled by ``reduceat``, then one product per field
+        present."""
+        stats = []
+        texts = []
+        for _, raw in items:
+            numbers, text = part_stats(raw)
+            stats.append(numbers)
+            texts.append(text)
+        ids, counts = bags(texts)
+        rows = self.embedding[ids]
+        offsets = np.cumsum(counts) - counts
+        pooled = np.concatenate(
+            (
+                np.add.reduceat(rows, offsets, axis=0) / counts[:, None],
+                np.maximum.reduceat(rows, offsets, axis=0),
+                np.asarray(stats, np.float32),
+            ),
+            axis=1,
+        )
+        n = len(items)
+        fields = np.fromiter((field for field, _ in items), np.int64, n)
+        shares = np.empty((n, self._w_in.shape[1]), dtype=np.float32)
+        for field in np.unique(fields).tolist():
+            rows_of = fields == field
+            shares[rows_of] = pooled[rows_of] @ self._w_part[field]
+        out = list(shares)
+        cache = self._cache
+        if len(cache) + n > CACHE_LIMIT:
+            cache.clear()
+        for key, share in zip(items, out, strict=True):
+            cache[key] = share
+        return out
 
 
 def _sigmoid(x: float) -> float:

@@ -149,10 +149,14 @@ class GuardedHandler:
         scorer = self.guard.scorer
         assert scorer is not None
         try:
-            scores = scorer.score([w.view for w in batch], [w.history for w in batch]).tolist()
+            if len(batch) == 1:  # a lone request: the per-request path has fewer numpy calls
+                scores = [scorer.score_one(batch[0].view, batch[0].history)]
+            else:
+                views, histories = [w.view for w in batch], [w.history for w in batch]
+                scores = [(i, a) for i, a in scorer.score(views, histories).tolist()]
         except Exception:  # a scoring bug must not leave requests hanging
             log.exception("guard scoring failed; letting the batch through")
-            scores = [[0.0, 0.0]] * len(batch)
+            scores = [(0.0, 0.0)] * len(batch)
         now = self._clock()
         for waiting, (injection, abuse) in zip(batch, scores, strict=True):
             decision = self.guard.decide(waiting.client, injection, abuse, now)
