@@ -26,7 +26,6 @@ GUARD_RESULTS.md.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import re
