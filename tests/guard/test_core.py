@@ -12,7 +12,15 @@ import torch
 from webtorch.guard.clients import ClientTable
 from webtorch.guard.core import ALLOW, BLOCK, THROTTLE, Guard, GuardSettings
 from webtorch.guard.detector import GuardNet, Scorer, merge
-from webtorch.guard.features import RequestView, bags, ngram_ids, normalise, part_features
+from webtorch.guard.features import (
+    FIELDS,
+    RequestView,
+    bags,
+    ngram_ids,
+    normalise,
+    part_features,
+    parts,
+)
 from webtorch.guard.train import Example, _batch, calibrate, encode_all, fit, predict
 
 UA = (b"user-agent", b"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120.0")
@@ -227,3 +235,30 @@ def test_a_batch_scores_as_its_requests_do_one_by_one() -> None:
         expected = alone.score_one(view, clients[i])
         assert batch[i].tolist() == pytest.approx(expected, abs=1e-5)
         assert again[i].tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_cookies_and_the_referer_are_fields_of_their_own() -> None:
+    headers = [
+        (b"host", b"shop"),
+        (b"user-agent", b"Mozilla/5.0"),
+        (b"cookie", b"sid=abc"),
+        (b"referer", b"https://shop/search?q=x"),
+        (b"cookie", b"lang=en"),
+    ]
+    got = dict(zip(FIELDS, parts(RequestView("GET", "/p", "q=1", headers)), strict=True))
+    assert got["headers"] == b"user-agent: Mozilla/5.0"  # host is skipped
+    assert got["cookie"] == b"sid=abc; lang=en"
+    assert got["referer"] == b"https://shop/search?q=x"
+    assert (got["path"], got["query"], got["body"]) == (b"/p", b"q=1", b"")
+
+
+def test_fresh_cookies_redraw_long_values_only() -> None:
+    from webtorch.guard.dataset import _fresh_cookies
+
+    headers = [(b"cookie", b"sid=Ab3dEf9hIj; lang=en; _ga=GA1.1.12345678")]
+    ((name, value),) = _fresh_cookies(headers, random.Random(0))
+    pairs = dict(p.split("=", 1) for p in value.decode().split("; "))
+    assert name == b"cookie" and pairs["lang"] == "en"
+    assert pairs["sid"] != "Ab3dEf9hIj" and len(pairs["sid"]) == 10
+    assert [c.isdigit() for c in pairs["sid"]] == [c.isdigit() for c in "Ab3dEf9hIj"]
+    assert pairs["_ga"].count(".") == 3 - 1  # GA1.1.12345678: two dots, kept

@@ -35,7 +35,7 @@ def view_of(sample: Sample) -> RequestView:
     return RequestView(sample.method, path, query, headers, sample.body)
 
 
-# Which field of RequestView a payload position lands in (features.FIELDS order).
+# Which part of RequestView a payload position lands in (0 path, 1 query, 2 headers, 3 body).
 _FIELD_OF = {
     "path": 0,
     "query": 1,
@@ -99,6 +99,50 @@ def augmented(data: Sequence[Example], samples: Sequence[Sample], seed: int = 0)
             (_with_field(host.view, keep, view), host.client),
         ):
             out.append(Example(variant, client, example.injection, example.abuse))
+        if sample.label == 0 and any(name == b"cookie" for name, _ in view.headers):
+            fresh = RequestView(
+                view.method, view.path, view.query, _fresh_cookies(view.headers, rng), view.body
+            )
+            out.append(Example(fresh, example.client, 0.0, example.abuse))
+    return out
+
+
+_DIGITS, _LETTERS = "0123456789", "abcdefghijklmnopqrstuvwxyz"
+
+
+def _fresh_token(value: str, rng: random.Random) -> str:
+    """``value`` with every digit and letter redrawn (same class, same case)."""
+    out = []
+    for ch in value:
+        if ch.isdigit():
+            out.append(rng.choice(_DIGITS))
+        elif ch.isascii() and ch.isalpha():
+            letter = rng.choice(_LETTERS)
+            out.append(letter.upper() if ch.isupper() else letter)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _fresh_cookies(
+    headers: Sequence[tuple[bytes, bytes]], rng: random.Random
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` with the long values of their cookies (session ids, analytics ids: 8
+    characters or more) redrawn. A corpus has a few hundred clients, each with one session
+    id: without this the detector learns those ids' n-grams as what a benign cookie looks
+    like, and a new client's id reads as unfamiliar (the first model with a cookie field of its
+    own blocked benign requests for exactly that)."""
+    out = []
+    for name, value in headers:
+        if name == b"cookie":
+            pairs = []
+            for pair in value.decode("latin-1").split("; "):
+                key, sep, token = pair.partition("=")
+                if len(token) >= 8:
+                    token = _fresh_token(token, rng)
+                pairs.append(key + sep + token)
+            value = "; ".join(pairs).encode("latin-1")
+        out.append((name, value))
     return out
 
 

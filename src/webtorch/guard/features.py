@@ -47,7 +47,7 @@ CONTENT_TYPES = (
     b"application/xml",
     b"text/xml",
 )
-FIELDS = ("path", "query", "headers", "body")
+FIELDS = ("path", "query", "headers", "body", "cookie", "referer")
 _PERCENT = re.compile(rb"%[0-9a-fA-F]{2}")
 
 
@@ -91,18 +91,32 @@ def normalise(raw: bytes) -> bytes:
     return text.lower()
 
 
-def parts(view: RequestView) -> tuple[bytes, bytes, bytes, bytes]:
+def parts(view: RequestView) -> tuple[bytes, ...]:
     """The request's raw parts, one per field of :data:`FIELDS`: path, query, the header lines
     the detector reads (one block: a client repeats its headers exactly, so the block caches
-    well), and the body prefix. A missing part is empty."""
-    headers = b"\n".join(
-        name + b": " + value for name, value in view.headers if name not in SKIPPED
-    )
+    well), the body prefix, and the cookies and the referer apart from the other headers. A
+    missing part is empty.
+
+    Why cookies and the referer get fields of their own: in one block with a browser's long
+    User-Agent and Accept lines, a payload in a cookie or a referer's query was averaged into
+    them and read as ordinary, and the detector found fewer than half of the test split's
+    injections there against 94 % of those in a query string."""
+    lines = []
+    cookie = referer = b""
+    for name, value in view.headers:
+        if name == b"cookie":
+            cookie = cookie + b"; " + value if cookie else value
+        elif name == b"referer":
+            referer = value
+        elif name not in SKIPPED:
+            lines.append(name + b": " + value)
     return (
         view.path.encode("utf-8", "surrogateescape"),
         view.query.encode("utf-8", "surrogateescape"),
-        headers,
+        b"\n".join(lines),
         view.body[:BODY_PREFIX],
+        cookie,
+        referer,
     )
 
 
