@@ -82,6 +82,11 @@ class Decision:
         return self.enforced and self.action != ALLOW
 
 
+# What the rules answer when they let a request through and there is no detector: one shared
+# instance (nothing changes a Decision once made), counted under this key.
+_ALLOW_OK = (ALLOW, "ok")
+_ALLOWED = Decision(*_ALLOW_OK)
+
 SCORE_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
@@ -168,7 +173,9 @@ class Guard:
         if self._banned(client, now):
             return self._count(Decision(BLOCK, "banned", enforced=self._enforce), client)
         state = self.clients.get(client, now)
-        state.arrive(view.path, now)
+        scorer = self.scorer
+        if scorer is not None:  # the history is the detector's input; the rules need none of it
+            state.arrive(view.path, now)
         surge = self.surge
         began = surge.began if surge is not None and surge.arrive(now) else None
         if began is not None and state.first > began - SURGE_GRACE:
@@ -178,8 +185,9 @@ class Guard:
             throttled = self._bucket(state, now, self.settings.rate, self._burst, "rate_limit")
         if throttled is not None:
             return self._count(throttled, client)
-        if self.scorer is None:
-            return self._count(Decision(ALLOW, "ok"), client)
+        if scorer is None:
+            self.stats.decisions[_ALLOW_OK] += 1
+            return _ALLOWED
         history = state.features(now)
         self.last_history = history  # what the request was scored with (for feedback)
         return history
@@ -203,7 +211,9 @@ class Guard:
         return self._count(decision, client)
 
     def answered(self, client: str, status: int) -> None:
-        """The response's status: a client collecting 4xx is probing."""
+        """The response's status: a client collecting 4xx is probing (a detector's input)."""
+        if self.scorer is None:
+            return
         state = self.clients.peek(client)
         if state is not None:
             state.answered(status)
