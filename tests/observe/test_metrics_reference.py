@@ -34,7 +34,7 @@ def exposed(text: str) -> dict[str, str]:
 def rich_config(tmp_path: Path, servers: list[str]) -> wt_config.Config:
     data: dict[str, Any] = {
         "server": {"access_log": {"path": str(tmp_path / "access.log")}},
-        "guard": {"mode": "monitor"},
+        "guard": {"mode": "monitor", "surge_rate": 5},
         "models": {
             "xor": {"path": str(XOR), "train": {"enabled": True, "state_dir": str(tmp_path)}}
         },
