@@ -47,7 +47,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class GuardSettings:
     mode: str = "enforce"  # or "monitor"
     throttle: float = 0.5  # abuse score that throttles
-    block: float = 0.999  # injection or abuse score that blocks (see config.GuardConfig)
+    block: float = 0.9986  # injection or abuse score that blocks (see config.GuardConfig)
     ban_seconds: float = 0.0  # a block bans the client this long (0: no bans)
     rate: float = 0.0  # token bucket: requests/s per client (0: no limit)
     burst: float = 0.0  # bucket size (0: max(rate, 1))
