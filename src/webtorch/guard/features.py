@@ -136,6 +136,19 @@ _GOLDEN = np.uint32(2654435761)  # Knuth's multiplicative hash constant, 2**32 /
 _SHIFT = np.uint32(16)  # 32 - log2(BUCKETS)
 
 
+def _hash_grams(words: np.ndarray) -> np.ndarray:
+    """3-gram ids from little-endian 4-byte words: the low 3 bytes, hashed down to BUCKETS."""
+    grams: np.ndarray = ((words & np.uint32(0xFFFFFF)) * _GOLDEN) >> _SHIFT
+    return grams
+
+
+def _hash_pairs(h: np.ndarray) -> np.ndarray:
+    """Bigram ids from consecutive words' CRC-32s: the second word mixed into the first's
+    golden-ratio multiple, then hashed down as the 3-grams are."""
+    pairs: np.ndarray = (((h[:-1] * _GOLDEN) ^ h[1:]) * _GOLDEN) >> _SHIFT
+    return pairs
+
+
 def ngram_ids(text: bytes) -> np.ndarray:
     """The bag a part is read as: its hashed byte 3-grams, then its hashed word bigrams; uint32
     ids below :data:`BUCKETS`. Numpy throughout, because a part the detector has not cached
@@ -144,16 +157,13 @@ def ngram_ids(text: bytes) -> np.ndarray:
         text = text.ljust(3, b"\0")
     # Every byte offset's little-endian 4-byte word, as one strided view of the text (one pad
     # byte for the last), masked to its low 3 bytes: all 3-grams without a Python loop.
-    words = np.ndarray((len(text) - 2,), _U32, text + b"\0", 0, (1,))
-    grams = ((words & np.uint32(0xFFFFFF)) * _GOLDEN) >> _SHIFT
+    grams = _hash_grams(np.ndarray((len(text) - 2,), _U32, text + b"\0", 0, (1,)))
     tokens = _WORD.findall(text)
     if len(tokens) < 2:
         return grams
-    # A bigram's id from its words' CRC-32s (zlib's C loop, one call per word): the second word
-    # mixed into the first's golden-ratio multiple, then hashed down as the 3-grams are.
+    # Words' CRC-32s: zlib's C loop, one call per word.
     h = np.fromiter(map(zlib.crc32, tokens), _U32, len(tokens))
-    bigrams = (((h[:-1] * _GOLDEN) ^ h[1:]) * _GOLDEN) >> _SHIFT
-    return np.concatenate((grams, bigrams))
+    return np.concatenate((grams, _hash_pairs(h)))
 
 
 def bags(texts: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +179,7 @@ def bags(texts: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
     words = np.ndarray((int(ends[-1]) - 2,), _U32, b"".join(padded) + b"\0", 0, (1,))
     keep = np.ones(len(words), dtype=bool)
     keep[ends[:-1] - 2] = keep[ends[:-1] - 1] = False  # windows that run into the next text
-    grams = ((words[keep] & np.uint32(0xFFFFFF)) * _GOLDEN) >> _SHIFT
+    grams = _hash_grams(words[keep])
     gram_counts = lengths - 2
     tokens = [_WORD.findall(t) for t in padded]
     token_counts = np.fromiter(map(len, tokens), np.int64, n)
@@ -177,7 +187,7 @@ def bags(texts: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
     total = int(token_counts.sum())
     if total >= 2:
         h = np.fromiter(map(zlib.crc32, itertools.chain.from_iterable(tokens)), _U32, total)
-        pairs = (((h[:-1] * _GOLDEN) ^ h[1:]) * _GOLDEN) >> _SHIFT
+        pairs = _hash_pairs(h)
         # Pair p joins tokens p and p + 1; it straddles two texts where p + 1 starts a text.
         firsts = np.cumsum(token_counts)[:-1]
         firsts = firsts[(firsts > 0) & (firsts < total)]
