@@ -91,20 +91,21 @@ def _train(args: argparse.Namespace) -> int:
     # the block threshold on traffic the detector did not train on; every attack trains.
     cut = int(args.holdout * 100)
 
-    def held_out(sample: Sample) -> bool:
-        return sample.label == 0 and zlib.crc32(sample.client.encode()) % 100 < cut
-
-    train = [e for e, s in zip(everything, all_samples, strict=True) if not held_out(s)]
-    samples = [s for s in all_samples if not held_out(s)]
-    check = [e for e, s in zip(everything, all_samples, strict=True) if held_out(s)]
+    train, samples, check = [], [], []
+    for example, sample in zip(everything, all_samples, strict=True):
+        if sample.label == 0 and zlib.crc32(sample.client.encode()) % 100 < cut:
+            check.append(example)
+        else:
+            train.append(example)
+            samples.append(sample)
+    # The API's requests are benign hosts for the transplanted attacks too: they go along as
+    # samples of the benign label.
+    hosts = [Sample("GET", "/", (), b"", 0, "benign", "api", "", 0.0, "train")] * (len(train) // 5)
     datasets = []
     for member in range(args.members):
         # Each member its own draw of the API traffic and of the augmentation: members that saw
         # different transplants disagree where the data is thin, which is what averaging fixes.
-        api = api_examples(len(train) // 5, args.seed + member)
-        # The API's requests are benign hosts for the transplanted attacks too: pass them along
-        # as samples of the benign label.
-        hosts = [Sample("GET", "/", (), b"", 0, "benign", "api", "", 0.0, "train")] * len(api)
+        api = api_examples(len(hosts), args.seed + member)
         datasets.append(
             encode_all(augmented([*train, *api], [*samples, *hosts], args.seed + member))
         )
@@ -126,6 +127,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from webtorch.config import GuardConfig
     from webtorch.guard import evaluate
     from webtorch.guard.corpus.records import read_jsonl
     from webtorch.guard.dataset import examples
@@ -140,8 +142,6 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
     model = args.model or DEFAULT_MODEL
     test, samples = examples(read_jsonl(args.corpus / "test.jsonl"))
-    from webtorch.config import GuardConfig
-
     block = GuardConfig().block if args.block is None else args.block
     thresholds = sorted({0.5, 0.9, 0.97, 0.99, block})
     detections = [
