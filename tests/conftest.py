@@ -24,6 +24,22 @@ from webtorch import config as wt_config
 from webtorch.app import App
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # An extension built from an older source would be what the tests exercise (see
+    # webtorch/compiled.py): refuse rather than pass or fail on code that is not there.
+    from webtorch import compiled
+
+    outdated = compiled.stale()
+    if outdated:
+        pytest.exit(
+            f"compiled modules older than their sources: {', '.join(outdated)}; run "
+            "scripts/compile (or scripts/compile --clean to test the pure-Python modules)",
+            returncode=2,
+        )
+
+
 XOR = ROOT / "src" / "webtorch" / "examples" / "xor.py"
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import uvloop
 
-from webtorch import __version__, config
+from webtorch import __version__, compiled, config
 from webtorch import demo as xor_demo
 from webtorch.errors import ConfigError, ModelLoadError
 from webtorch.guard import cli as guard_cli
@@ -37,6 +37,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     problem = cfg.exposure_problem(config.parse_listen(cfg.server.listen)[0])
     if problem is not None:
         raise ConfigError(problem)  # before any model or state directory is touched
+    outdated = compiled.stale()
+    if outdated:
+        logging.getLogger("webtorch").warning(
+            "compiled modules older than their sources run instead of them: %s "
+            "(scripts/compile rebuilds them, scripts/compile --clean removes them)",
+            ", ".join(outdated),
+        )
     app = App(cfg, Path(args.config) if args.config else None)
 
     def ready(server: HttpServer) -> None:

@@ -20,7 +20,12 @@ class ModelLoadError(WebTorchError):
 
 
 class HTTPError(WebTorchError):
-    """An error answered to the client with ``status`` and ``{"error": message}``."""
+    """An error answered to the client with ``status`` and ``{"error": message}``.
+
+    Subclasses live here, not in the compiled modules (webtorch/compiled.py): there, a class
+    attribute such as ``status`` would become an instance default that the base class's
+    ``status`` shadows.
+    """
 
     status = 500
 
@@ -51,6 +56,20 @@ class MethodNotAllowed(HTTPError):
 
 class RequestTimeout(HTTPError):
     status = 408
+
+
+class ExpectationFailed(HTTPError):
+    status = 417
+
+
+class ModelFailed(HTTPError):
+    """The model raised on this request's input after validation passed."""
+
+    status = 422
+
+
+class VersionNotSupported(HTTPError):
+    status = 505
 
 
 class PayloadTooLarge(HTTPError):

@@ -7,6 +7,8 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 from webtorch.balance.base import Outcome, Upstream
 from webtorch.balance.hashing import hash64
 from webtorch.balance.learned import Learned
@@ -23,6 +25,9 @@ def get(key: str | None = None, size: int = 0) -> Request:
 
 
 def policy(ups: list[Upstream], **settings: object) -> Learned:
+    # The network's first layer starts from torch's global generator: seeded here, so that a
+    # test does not depend on which tests ran before it.
+    torch.manual_seed(0)
     return Learned(
         ups,
         settings={"explore": 0.0, "batch": 32, **settings},

@@ -8,7 +8,6 @@ from webtorch.balance.base import Outcome, Upstream
 from webtorch.http.client import (
     TRIM_AFTER,
     ConnectionPool,
-    Exchange,
     PoolSettings,
     UpstreamConnection,
 )
@@ -38,7 +37,9 @@ class FakeTransport:
     def resume_reading(self) -> None: ...
 
 
-class Recorder(Exchange):
+class Recorder:
+    """An Exchange (structurally: a compiled Protocol cannot be subclassed from here)."""
+
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
 

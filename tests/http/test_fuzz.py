@@ -10,17 +10,22 @@ against a real listening server.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
 import re
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import closing
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import webtorch.http
 from tests.conftest import Running, serve_in_thread, xor_config
 from tests.http.test_conformance import assert_serving
 from tests.http.test_protocol import (
@@ -33,7 +38,7 @@ from tests.http.test_protocol import (
 from webtorch.errors import NotFound
 from webtorch.http.limits import Limits
 from webtorch.http.messages import HandlerResult, Request, Response
-from webtorch.http.protocol import HttpProtocol, ServerState
+from webtorch.http.protocol import ServerState
 
 FUZZ = settings(
     max_examples=1500,
@@ -121,7 +126,24 @@ def mutated(draw: st.DrawFn) -> bytes:
 requests = mutated() | st.binary(max_size=300)
 
 
-class RecordingProtocol(HttpProtocol):
+def _interpreted_protocol() -> ModuleType:
+    """``protocol.py`` run by the interpreter, whatever scripts/compile built: RecordingProtocol
+    below overrides a method, which a compiled class does not allow (webtorch/compiled.py).
+    The compiled build gets the same inputs in ``test_compiled_protocol_survives_any_input``."""
+    name = "tests.http._protocol_interpreted"
+    path = Path(webtorch.http.__file__).with_name("protocol.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+interpreted = _interpreted_protocol()
+
+
+class RecordingProtocol(interpreted.HttpProtocol):  # type: ignore[misc,name-defined]
     """Notes whether each written response answers a HEAD (no body), for the h11 parse."""
 
     def __init__(self, state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
@@ -168,7 +190,7 @@ def check_output(conn: Conn, methods: list[str]) -> None:
 def test_protocol_survives_any_input(
     loop: asyncio.AbstractEventLoop, data: bytes, cuts: list[int]
 ) -> None:
-    state = ServerState(handler, LIMITS)
+    state = interpreted.ServerState(handler, LIMITS)
     conn = Conn(state, loop, protocol_class=RecordingProtocol)
     protocol = conn.protocol
     assert isinstance(protocol, RecordingProtocol)
@@ -188,11 +210,36 @@ def test_protocol_survives_any_input(
     assert conn.transport.closed
 
     # And the server still serves a well-behaved client.
-    fresh = Conn(state, loop)
+    fresh = Conn(state, loop, protocol_class=interpreted.HttpProtocol)
     fresh.send(req("GET", "/ok"))
     [resp] = fresh.responses()
     assert resp.status == 200
     assert fresh.transport.errors == []
+
+
+@FUZZ
+@given(data=requests, cuts=st.lists(st.integers(0, 400), max_size=4))
+def test_compiled_protocol_survives_any_input(
+    loop: asyncio.AbstractEventLoop, data: bytes, cuts: list[int]
+) -> None:
+    """The module as it runs in the server (compiled when scripts/compile built it): never
+    raises, never writes after closing, ends every connection, and keeps serving."""
+    state = ServerState(handler, LIMITS)
+    conn = Conn(state, loop)
+    points = sorted({c for c in cuts if c < len(data)} | {0, len(data)})
+    for start, end in itertools.pairwise(points):
+        conn.send(data[start:end])
+    settle(loop)
+    state.tick(loop.time() + 1000.0)
+    settle(loop)
+    state.tick(loop.time() + 2000.0)
+    settle(loop)
+    assert conn.transport.errors == []
+    assert conn.transport.closed
+    fresh = Conn(state, loop)
+    fresh.send(req("GET", "/ok"))
+    [resp] = fresh.responses()
+    assert resp.status == 200
 
 
 # -- a few examples against a real server ----------------------------------------------------

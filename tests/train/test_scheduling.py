@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -84,10 +83,10 @@ def test_a_failing_log_stops_training_and_keeps_inference(tmp_path: Path) -> Non
         trainer = running.app.repository.served["xor"].trainer
         assert trainer is not None
 
-        def broken(records: Any) -> float:
-            raise OSError(28, "No space left on device")
-
-        trainer.log = broken  # type: ignore[method-assign]
+        assert trainer.wal is not None
+        # The next record goes to a full disk: every write to /dev/full fails with ENOSPC.
+        full = open("/dev/full", "r+b", buffering=0)  # noqa: SIM115 (closed below)
+        trainer.wal._file = full
         body = {"inputs": [[0, 1]], "targets": [[1]]}
         reply = call(running, "POST", "/models/xor/train", body)
         assert reply.status == 503
@@ -96,6 +95,7 @@ def test_a_failing_log_stops_training_and_keeps_inference(tmp_path: Path) -> Non
         assert again.status == 503 and "training stopped" in again.json()["error"]
         assert predict(running, "xor", [[0, 1]]).status == 200  # inference goes on
         assert call(running, "GET", "/models/xor/train").json()["step"] == 0
+    full.close()
 
 
 @pytest.mark.parametrize("durability", ["none", "wal"])

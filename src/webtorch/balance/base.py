@@ -12,7 +12,9 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from mypy_extensions import mypyc_attr
 
 from webtorch.http.messages import Request
 
@@ -66,6 +68,8 @@ class Upstream:
         return self.weight * self.weight_factor
 
 
+# Policies may be written outside the compiled core (see scripts/compile), by users too.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Policy(ABC):
     """Chooses the upstream for one attempt. One instance per upstream group.
 
@@ -75,11 +79,13 @@ class Policy(ABC):
     that an ejection moves only that upstream's keys).
     """
 
-    name: str = ""
+    # Class-level (ClassVar): compiled code reads them from the class, so that a subclass's
+    # own value holds whether it is compiled or not.
+    name: ClassVar[str] = ""
     # Whether observe() learns anything: the proxy skips the call per response when not.
-    learns: bool = False
+    learns: ClassVar[bool] = False
     # Whether the policy asks for load probes (see probes() and on_probe()).
-    probing: bool = False
+    probing: ClassVar[bool] = False
     # Why the last pick chose its upstream, for the access log: set by every pick (one store, no
     # allocation), the policy's name or a variant of it ("hash_overflow"), or "only_candidate"
     # when there was no choice to make.

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 import httptools
 
@@ -38,32 +37,24 @@ class PoolSettings:
     total_timeout: float = 0.0  # a whole exchange; 0: none
 
 
-class Exchange(ABC):
+class Exchange(Protocol):
     """One request's use of a connection: what the connection reports to."""
 
-    __slots__ = ()
-
-    @abstractmethod
     def on_response_head(
         self, status: int, headers: Headers, content_length: int | None, bodyless: bool
     ) -> None:
         """The status line and headers arrived; ``bodyless``: no body follows (HEAD, 204...)."""
 
-    @abstractmethod
     def on_response_data(self, data: bytes) -> None: ...
 
-    @abstractmethod
     def on_response_end(self) -> None: ...
 
-    @abstractmethod
     def on_failure(self, outcome: Outcome, message: str) -> None:
         """The exchange cannot complete (RESET or TIMEOUT); the connection is closed."""
 
-    @abstractmethod
     def on_upstream_paused(self) -> None:
         """The upstream is not reading the request body as fast as it is sent."""
 
-    @abstractmethod
     def on_upstream_resumed(self) -> None: ...
 
 
@@ -72,7 +63,7 @@ class _Stop(Exception):
     (a HEAD response announces a body it does not send)."""
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
     """One pooled connection to one upstream."""
 
     def __init__(self, pool: ConnectionPool) -> None:
@@ -328,7 +319,10 @@ class ConnectionPool:
         conn = UpstreamConnection(self)
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
-                await self.loop.create_connection(lambda: conn, upstream.host, upstream.port)
+                # A native class (compiled) cannot subclass asyncio.Protocol: the loop only
+                # calls the connection's methods.
+                protocol = cast(asyncio.Protocol, conn)
+                await self.loop.create_connection(lambda: protocol, upstream.host, upstream.port)
         except TimeoutError:
             waiter(None, Outcome.CONNECT_FAILED, f"upstream {upstream.address}: connect timeout")
             return

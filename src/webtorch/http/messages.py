@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -98,42 +97,31 @@ class Response:
     content_length: int | None = None
 
 
-class BodySink(ABC):
+class BodySink(Protocol):
     """Where a streamed response body goes: the client connection."""
 
-    __slots__ = ()
-
-    @abstractmethod
     def write(self, data: bytes) -> None: ...
 
-    @abstractmethod
     def end(self) -> None:
         """The body is complete."""
 
-    @abstractmethod
     def abort(self) -> None:
         """The body cannot be completed (the upstream broke): the client must see a truncation."""
 
 
-class BodySource(ABC):
+class BodySource(Protocol):
     """A streamed response body: started once the response's turn to be written has come.
 
     Flow control runs backwards: the sink calls :meth:`pause` when the client stops reading and
     :meth:`resume` when it reads again, and the source stops and restarts its own input.
     """
 
-    __slots__ = ()
-
-    @abstractmethod
     def start(self, sink: BodySink) -> None: ...
 
-    @abstractmethod
     def pause(self) -> None: ...
 
-    @abstractmethod
     def resume(self) -> None: ...
 
-    @abstractmethod
     def cancel(self) -> None:
         """The client went away: release whatever feeds the body."""
 
@@ -148,7 +136,7 @@ class RequestBody:
     client stops (``set_paused``).
     """
 
-    HIGH_WATER = 256 * 1024
+    HIGH_WATER: Final = 256 * 1024
 
     __slots__ = (
         "_consumer",
@@ -250,18 +238,13 @@ class RequestBody:
                 self._consumer.on_body_abort()
 
 
-class BodyConsumer(ABC):
+class BodyConsumer(Protocol):
     """What a :class:`RequestBody` delivers to."""
 
-    __slots__ = ()
-
-    @abstractmethod
     def on_body_data(self, data: bytes) -> None: ...
 
-    @abstractmethod
     def on_body_end(self) -> None: ...
 
-    @abstractmethod
     def on_body_abort(self) -> None: ...
 
 

@@ -33,14 +33,16 @@ import httptools
 
 from webtorch.errors import (
     BadRequest,
+    ExpectationFailed,
     HeaderFieldsTooLarge,
     HTTPError,
     PayloadTooLarge,
+    RequestTimeout,
     URITooLong,
+    VersionNotSupported,
 )
 from webtorch.http.limits import Limits
 from webtorch.http.messages import (
-    BodySink,
     Handler,
     HandlerResult,
     Pending,
@@ -225,7 +227,7 @@ class _Slot:
         self.expect_continue = False
 
 
-class _Sink(BodySink):
+class _Sink:
     """Hands a streamed response body to its connection until the body ends or fails; calls
     after that (a source that has not noticed yet) are dropped."""
 
@@ -292,7 +294,7 @@ _SPECIAL_HEADERS = {
 }
 
 
-class HttpProtocol(asyncio.Protocol):
+class HttpProtocol:
     """One client connection."""
 
     def __init__(self, state: ServerState, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -456,6 +458,14 @@ class HttpProtocol(asyncio.Protocol):
                 self.closing and self.phase not in (_HEADERS, _BODY)
             ):
                 pass  # input after a request that closes the connection (llhttp refuses it)
+            elif isinstance(exc, httptools.HttpParserCallbackError) and cause is not None:
+                # A bug of ours in a callback, not the client's doing: logged, and the
+                # connection closed, since its request may be half registered (answering
+                # after it could leave an answer waiting forever for one that never comes).
+                log.error("request handling failed", exc_info=cause)
+                self.closing = True
+                if self.transport is not None:
+                    self.transport.close()
             else:
                 self._fail(BadRequest(f"malformed HTTP request: {_describe(exc)}"))
         else:
@@ -558,7 +568,7 @@ class HttpProtocol(asyncio.Protocol):
         elif value.strip().lower() == b"100-continue":  # Expect
             self._expect_continue = True
         else:
-            raise _Reject(_ExpectationFailed())
+            raise _Reject(ExpectationFailed("only 'Expect: 100-continue' is supported"))
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -569,7 +579,7 @@ class HttpProtocol(asyncio.Protocol):
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             # llhttp parses "HTTP/2.0" or "HTTP/0.9" request lines; we speak 1.x only (as nginx).
-            raise _Reject(_VersionNotSupported(f"HTTP/{version} is not supported; use HTTP/1.1"))
+            raise _Reject(VersionNotSupported(f"HTTP/{version} is not supported; use HTTP/1.1"))
         if not self._has_host and version == "1.1":
             raise _Reject(BadRequest("HTTP/1.1 request without a Host header"))  # RFC 9112 3.2
         length = 0
@@ -659,7 +669,12 @@ class HttpProtocol(asyncio.Protocol):
                 except httptools.HttpParserError:
                     # llhttp lets through targets that parse_url refuses (a bad port, say).
                     return BadRequest("invalid absolute request target")
-                path_b, query_b = parsed.path or b"/", parsed.query or b""
+                # httptools is untyped: say what its fields may hold, so that compiled code
+                # (webtorch/compiled.py) checks for None here, not for bytes.
+                parsed_path: bytes | None = parsed.path
+                parsed_query: bytes | None = parsed.query
+                path_b = parsed_path or b"/"
+                query_b = parsed_query or b""
                 target = path_b + b"?" + query_b if query_b else path_b
             elif path_b != b"*":
                 return BadRequest("request target must start with '/'")
@@ -1060,7 +1075,7 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.close()
         elif self.phase in (_HEADERS, _BODY):
             what = "headers" if self.phase == _HEADERS else "body"
-            self._fail(_Timeout(f"request {what} not received in time"))
+            self._fail(RequestTimeout(f"request {what} not received in time"))
         elif not self.slots and self.transport is not None:
             self.closing = True
             self.transport.close()
@@ -1094,21 +1109,6 @@ def _abandon(slot: _Slot) -> None:
     response = slot.response
     if response is not None and response.stream is not None:
         response.stream.cancel()
-
-
-class _Timeout(HTTPError):
-    status = 408
-
-
-class _VersionNotSupported(HTTPError):
-    status = 505
-
-
-class _ExpectationFailed(HTTPError):
-    status = 417
-
-    def __init__(self) -> None:
-        super().__init__("only 'Expect: 100-continue' is supported")
 
 
 def _describe(exc: Exception) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from typing import cast
 
 from webtorch.http.limits import Limits
 from webtorch.http.messages import Handler
@@ -48,7 +49,9 @@ class HttpServer:
         loop = self._loop = asyncio.get_running_loop()
         state = self.state
         self._server = await loop.create_server(
-            lambda: HttpProtocol(state, loop),
+            # HttpProtocol is compiled to a native class, which cannot subclass
+            # asyncio.Protocol; the loop only calls its methods.
+            lambda: cast(asyncio.Protocol, HttpProtocol(state, loop)),
             self.host,
             self.port,
             ssl=self.ssl_context,

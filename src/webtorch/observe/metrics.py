@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Final
 
 import numpy as np
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -42,7 +43,7 @@ class Histogram:
 
     __slots__ = ("_bounds", "_pending", "bounds", "counts", "record", "total", "window")
 
-    COMPACT_AT = 8192
+    COMPACT_AT: Final = 8192
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = tuple(bounds)

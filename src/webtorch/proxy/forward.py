@@ -22,11 +22,9 @@ import time
 from typing import TYPE_CHECKING
 
 from webtorch.balance.base import Outcome, Upstream
-from webtorch.http.client import Exchange, UpstreamConnection
+from webtorch.http.client import UpstreamConnection
 from webtorch.http.messages import (
-    BodyConsumer,
     BodySink,
-    BodySource,
     Headers,
     Pending,
     Request,
@@ -51,7 +49,7 @@ _SERVER_ERRORS = frozenset({500, 502, 503, 504})
 _NO_CHUNKS: list[bytes] = []  # never appended to: a placeholder until an attempt starts
 
 
-class Forward(Exchange, BodySource, BodyConsumer):
+class Forward:
     __slots__ = (
         "_buffer",
         "_buffered",

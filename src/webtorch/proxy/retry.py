@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Final
 
 from webtorch.balance.base import Outcome
 
@@ -175,7 +176,7 @@ class RetryBudget:
     between ``budget_window x (1 - 1/_BUCKETS)`` and ``budget_window`` seconds after it happened.
     """
 
-    _BUCKETS = 20
+    _BUCKETS: Final = 20
 
     def __init__(self, settings: RetrySettings) -> None:
         self.settings = settings

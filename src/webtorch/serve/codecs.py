@@ -17,7 +17,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from math import prod
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import orjson
@@ -600,7 +600,7 @@ class OIPForm:
     (``{"inputs": [{"name", "shape", "datatype", "data"}]}``, all outputs as JSON). Requests
     using the binary extension, requested outputs or parameters take :func:`decode_oip`."""
 
-    _FAST_KEYS = frozenset({"id", "inputs"})
+    _FAST_KEYS: Final = frozenset({"id", "inputs"})
 
     def __init__(
         self, inputs: list[TensorSpec], outputs: list[TensorSpec], model: str, version: str

@@ -35,7 +35,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch
 
-from webtorch.errors import BadRequest, HTTPError, NotFound, ServiceUnavailable
+from webtorch.errors import BadRequest, HTTPError, ModelFailed, NotFound, ServiceUnavailable
 from webtorch.http.messages import Pending, Response, error_response, response_for_error
 from webtorch.observe.metrics import ModelStats
 from webtorch.serve import codecs
@@ -102,12 +102,6 @@ class _Step:
 # Micro-batches logged with one fsync, at most (more than one only when more than train.max_batch
 # rows are queued): bounds a group's memory and latency.
 MAX_GROUP = 256
-
-
-class ModelFailed(HTTPError):
-    """The model raised on this request's input after validation passed."""
-
-    status = 422
 
 
 class Executor:

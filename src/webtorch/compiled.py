@@ -1,0 +1,119 @@
+"""The compiled core: which modules ``scripts/compile`` builds with mypyc, and whether the builds
+in the tree are current.
+
+Every request crosses the HTTP protocol, the router, a codec or the proxy's forwarding, dozens of
+Python calls each time. mypyc (part of mypy) compiles these modules, unchanged and as typed as
+the rest (``mypy --strict``), to C extensions: their classes become native (attributes in C
+structs, methods called through a vtable), which measured 20-40% less CPU per request (see
+BENCHMARKS.md). The extensions land next to the sources, where they win on import; the
+``.py`` files stay the reference and run as they are when nothing is compiled.
+
+That is also the trap: an edited source behind a stale extension runs the old code. So
+``scripts/compile`` writes a stamp with each source's hash, and :func:`stale` compares: the
+test suite refuses to run on stale builds and ``webtorch serve`` warns.
+
+Rules the compiled modules keep (mypyc's): a compiled class cannot subclass an interpreted one
+(so ``HttpProtocol`` is not an ``asyncio.Protocol`` subclass: the loop only calls its methods),
+an interpreted class cannot subclass a compiled one unless it allows it
+(``@mypyc_attr(allow_interpreted_subclasses=True)``, as ``Policy`` does), and instances of
+compiled classes take no new attributes or method overrides at runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from importlib import machinery
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+SRC = PACKAGE.parent
+STAMP = PACKAGE / "compiled.json"
+
+# The request path, from the bytes on the socket to the model and back, and the proxy's. Paths
+# are relative to src/. Not here: anything that runs once per process or per second (config,
+# CLI, health probes' scheduling), the guard (numpy does its work), and serve/batcher.py (mypyc
+# 2.4 builds its generic classes into a module that fails to import).
+MODULES = [
+    "webtorch/http/protocol.py",
+    "webtorch/http/messages.py",
+    "webtorch/http/client.py",
+    "webtorch/http/router.py",
+    "webtorch/proxy/forward.py",
+    "webtorch/proxy/headers.py",
+    "webtorch/proxy/retry.py",
+    "webtorch/proxy/upstream.py",
+    "webtorch/proxy/health.py",
+    "webtorch/balance/base.py",
+    "webtorch/balance/classic.py",
+    "webtorch/observe/metrics.py",
+    "webtorch/serve/codecs.py",
+    "webtorch/serve/executor.py",
+    "webtorch/serve/endpoint.py",
+    "webtorch/serve/oip.py",
+    "webtorch/train/trainer.py",
+    "webtorch/train/wal.py",
+    "webtorch/train/forms.py",
+]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def extension(module: str) -> Path | None:
+    """The built extension of ``module`` (a path relative to src/), if there is one."""
+    base = SRC / module
+    for suffix in machinery.EXTENSION_SUFFIXES:
+        candidate = base.with_suffix(suffix)
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def built() -> list[str]:
+    """The modules that have an extension in the tree (whatever its age)."""
+    return [m for m in MODULES if extension(m) is not None]
+
+
+def stale() -> list[str]:
+    """Modules whose extension does not match the source beside it (edited since the build, or
+    built by another module list): importing them would run something else than the source."""
+    try:
+        stamp: dict[str, str] = json.loads(STAMP.read_text())
+    except (OSError, ValueError):
+        stamp = {}
+    return [m for m in built() if stamp.get(m) != _digest(SRC / m)]
+
+
+def current() -> bool:
+    """Every module in MODULES is compiled from its present source."""
+    return len(built()) == len(MODULES) and not stale()
+
+
+def write_stamp() -> None:
+    STAMP.write_text(json.dumps({m: _digest(SRC / m) for m in MODULES}, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="The compiled core's module list and state.")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--list", action="store_true", help="print the modules, one per line")
+    action.add_argument(
+        "--current", action="store_true", help="exit 0 if all are built and current"
+    )
+    action.add_argument("--stamp", action="store_true", help="record the sources just compiled")
+    args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(MODULES))
+        return 0
+    if args.stamp:
+        write_stamp()
+        return 0
+    return 0 if current() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
