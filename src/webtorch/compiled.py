@@ -34,8 +34,7 @@ STAMP = PACKAGE / "compiled.json"
 
 # The request path, from the bytes on the socket to the model and back, and the proxy's. Paths
 # are relative to src/. Not here: anything that runs once per process or per second (config,
-# CLI, health probes' scheduling), the guard (numpy does its work), and serve/batcher.py (mypyc
-# 2.4 builds its generic classes into a module that fails to import).
+# CLI, health probes' scheduling) and the guard (numpy does its work).
 MODULES = [
     "webtorch/http/protocol.py",
     "webtorch/http/messages.py",
@@ -50,6 +49,7 @@ MODULES = [
     "webtorch/balance/classic.py",
     "webtorch/observe/metrics.py",
     "webtorch/serve/codecs.py",
+    "webtorch/serve/batcher.py",
     "webtorch/serve/executor.py",
     "webtorch/serve/endpoint.py",
     "webtorch/serve/oip.py",

@@ -12,7 +12,7 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from mypy_extensions import mypyc_attr
 
@@ -40,8 +40,8 @@ class Outcome(enum.Enum):
         return self in _GATEWAY_FAILURES
 
 
-_GATEWAY_FAILURES = frozenset({Outcome.CONNECT_FAILED, Outcome.RESET, Outcome.TIMEOUT})
-_FAILURES = _GATEWAY_FAILURES | {Outcome.SERVER_ERROR}
+_GATEWAY_FAILURES: Final = frozenset({Outcome.CONNECT_FAILED, Outcome.RESET, Outcome.TIMEOUT})
+_FAILURES: Final = _GATEWAY_FAILURES | {Outcome.SERVER_ERROR}
 
 
 @dataclass(eq=False, slots=True)

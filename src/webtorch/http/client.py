@@ -16,14 +16,14 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 import httptools
 
 from webtorch.balance.base import Outcome, Upstream
 from webtorch.http.messages import Headers
 
-log = logging.getLogger("webtorch.proxy")
+log: Final = logging.getLogger("webtorch.proxy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +255,7 @@ class UpstreamConnection:
 
 
 # Idle connections above ``keepalive`` are closed once they have been idle this long.
-TRIM_AFTER = 1.0
+TRIM_AFTER: Final = 1.0
 
 # What waits for a connection: called with one, or with None and why not.
 Waiter = Callable[["UpstreamConnection | None", Outcome, str], None]

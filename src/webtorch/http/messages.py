@@ -12,7 +12,7 @@ from webtorch.errors import HTTPError
 
 Headers = list[tuple[bytes, bytes]]
 
-JSON = b"application/json"
+JSON: Final = b"application/json"
 
 
 @dataclass(slots=True, eq=False)
@@ -80,7 +80,7 @@ class Request:
         return media
 
 
-_MEDIA_TYPES: dict[bytes, bytes] = {}
+_MEDIA_TYPES: Final[dict[bytes, bytes]] = {}
 
 
 @dataclass(slots=True, eq=False)

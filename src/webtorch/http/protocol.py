@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from email.utils import formatdate
-from typing import Any, Protocol, cast
+from typing import Any, Final, Protocol, cast
 from urllib.parse import unquote
 
 import httptools
@@ -54,7 +54,7 @@ from webtorch.http.messages import (
 )
 from webtorch.http.router import Route
 
-log = logging.getLogger("webtorch.http")
+log: Final = logging.getLogger("webtorch.http")
 
 # Observer of finished requests: (request, status, seconds from last byte in to response ready).
 Observer = Callable[[Request, int, float], None]
@@ -76,7 +76,7 @@ class ConnectionGate(Protocol):
 # following as a stream (proxied routes); None for routes that want the whole body first.
 StreamMatch = Callable[[str], Route | None]
 
-_REASONS: dict[int, bytes] = {
+_REASONS: Final[dict[int, bytes]] = {
     100: b"Continue",
     200: b"OK",
     201: b"Created",
@@ -102,14 +102,14 @@ _REASONS: dict[int, bytes] = {
     504: b"Gateway Timeout",
     505: b"HTTP Version Not Supported",
 }
-_STATUS_LINES: dict[int, bytes] = {
+_STATUS_LINES: Final[dict[int, bytes]] = {
     code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()
 }
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_NO_BODY_STATUSES = frozenset({204, 304})
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_BODY_STATUSES: Final = frozenset({204, 304})
 # An X-Request-Id kept as the client sent it: bounded, and token characters (with those of
 # base64 and of URNs) only, so that it is safe in a header, a log line and upstream.
-_SANE_REQUEST_ID = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z/=:@]{1,128}")
+_SANE_REQUEST_ID: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z/=:@]{1,128}")
 
 
 def status_line(status: int) -> bytes:
@@ -281,10 +281,18 @@ class _Reject(Exception):
         self.error = error
 
 
-_IDLE, _HEADERS, _BODY, _WAIT = range(4)
-_SLICE = 16384  # bytes parsed between two checks of whether reading should pause
-_CONTENT_TYPE, _CONTENT_LENGTH, _TRANSFER_ENCODING, _EXPECT, _HOST, _REQUEST_ID = range(6)
-_SPECIAL_HEADERS = {
+_IDLE: Final = 0
+_HEADERS: Final = 1
+_BODY: Final = 2
+_WAIT: Final = 3
+_SLICE: Final = 16384  # bytes parsed between two checks of whether reading should pause
+_CONTENT_TYPE: Final = 0
+_CONTENT_LENGTH: Final = 1
+_TRANSFER_ENCODING: Final = 2
+_EXPECT: Final = 3
+_HOST: Final = 4
+_REQUEST_ID: Final = 5
+_SPECIAL_HEADERS: Final = {
     b"content-type": _CONTENT_TYPE,
     b"content-length": _CONTENT_LENGTH,
     b"transfer-encoding": _TRANSFER_ENCODING,

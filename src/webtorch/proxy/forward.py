@@ -19,7 +19,7 @@ Content-Length; anything else streams, and once its head is relayed no retry can
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from webtorch.balance.base import Outcome, Upstream
 from webtorch.http.client import UpstreamConnection
@@ -39,14 +39,14 @@ if TYPE_CHECKING:
 
 # Responses up to this size are read whole before the client sees a byte, so a failure while
 # reading them can still be retried elsewhere; larger ones stream.
-BUFFER_LIMIT = 64 * 1024
+BUFFER_LIMIT: Final = 64 * 1024
 # A streamed response buffers at most this much before its client is ready to take it.
-STREAM_HIGH_WATER = 256 * 1024
+STREAM_HIGH_WATER: Final = 256 * 1024
 # A request body is kept for a retry up to this size; beyond it, a failed upload is not retried.
-REPLAY_LIMIT = 1024 * 1024
-_NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
-_SERVER_ERRORS = frozenset({500, 502, 503, 504})
-_NO_CHUNKS: list[bytes] = []  # never appended to: a placeholder until an attempt starts
+REPLAY_LIMIT: Final = 1024 * 1024
+_NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
+_SERVER_ERRORS: Final = frozenset({500, 502, 503, 504})
+_NO_CHUNKS: Final[list[bytes]] = []  # never appended to: a placeholder until an attempt starts
 
 
 class Forward:

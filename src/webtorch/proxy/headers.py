@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from typing import Final
 
 from webtorch.http.messages import Headers, Request
 
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -30,7 +31,7 @@ HOP_BY_HOP = frozenset(
 # Request headers the proxy writes itself. Expect: 100-continue was answered to the client
 # already; the upstream gets the body without waiting for its own 100. X-Request-Id is the
 # request's id when ids are on (the client's when it was sane), else passed on as it came.
-_REQUEST_OWN = frozenset(
+_REQUEST_OWN: Final = frozenset(
     {
         b"content-length",
         b"expect",
@@ -40,11 +41,11 @@ _REQUEST_OWN = frozenset(
         b"x-request-id",
     }
 )
-_REQUEST_DROP = HOP_BY_HOP | _REQUEST_OWN
+_REQUEST_DROP: Final = HOP_BY_HOP | _REQUEST_OWN
 # Response headers the server writes itself (as nginx hides the upstream's Server and Date).
-_RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"content-type", b"server", b"date"}
+_RESPONSE_DROP: Final = HOP_BY_HOP | {b"content-length", b"content-type", b"server", b"date"}
 # With request ids on, the server also answers the X-Request-Id itself.
-_RESPONSE_DROP_ID = _RESPONSE_DROP | {b"x-request-id"}
+_RESPONSE_DROP_ID: Final = _RESPONSE_DROP | {b"x-request-id"}
 
 
 class TrustedProxies:
@@ -73,8 +74,12 @@ class TrustedProxies:
         return trusted
 
 
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close", b"Keep-alive"})
-_METHODS = {m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
+_PLAIN_CONNECTION: Final = frozenset(
+    {b"keep-alive", b"close", b"Keep-Alive", b"Close", b"Keep-alive"}
+)
+_METHODS: Final = {
+    m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")
+}
 
 
 def _named(value: bytes) -> frozenset[bytes]:

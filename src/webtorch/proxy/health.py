@@ -26,21 +26,22 @@ import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from webtorch.balance.base import Outcome, Upstream
 
 # Slow start begins at this fraction of the weight rather than 0: weight_factor must stay in
 # (0, 1] for the weighted policies (a zero weight is never picked, so a recovering upstream would
 # get no traffic and no evidence that it recovered), and a tenth still lets caches and JITs warm.
-SLOW_START_FLOOR = 0.1
+SLOW_START_FLOOR: Final = 0.1
 
-_NEVER = -math.inf  # a timer that has always expired
+_NEVER: Final = -math.inf  # a timer that has always expired
 
-HEALTHY = "healthy"
-UNAVAILABLE = "unavailable"  # passive: max_fails within fail_timeout
-EJECTED = "ejected"  # outlier detection
-UNHEALTHY = "unhealthy"  # active checks
-SLOW_START = "slow_start"
+HEALTHY: Final = "healthy"
+UNAVAILABLE: Final = "unavailable"  # passive: max_fails within fail_timeout
+EJECTED: Final = "ejected"  # outlier detection
+UNHEALTHY: Final = "unhealthy"  # active checks
+SLOW_START: Final = "slow_start"
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from typing import Final
 from webtorch.balance.base import Outcome
 
 # nginx's proxy_next_upstream vocabulary, the part that applies here.
-CONDITIONS = frozenset(
+CONDITIONS: Final = frozenset(
     {
         "error",
         "timeout",
@@ -27,23 +27,28 @@ CONDITIONS = frozenset(
         "non_idempotent",
     }
 )
-_SERVER_ERROR_CONDITIONS = {500: "http_500", 502: "http_502", 503: "http_503", 504: "http_504"}
+_SERVER_ERROR_CONDITIONS: Final = {
+    500: "http_500",
+    502: "http_502",
+    503: "http_503",
+    504: "http_504",
+}
 
 # RFC 9110 section 9.2.2 (nginx treats POST, LOCK and PATCH as the non-idempotent ones; listing
 # the safe side instead keeps unknown or extension methods on the cautious side).
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 # Reasons not to retry, as the access log records them. A retry's reason is its condition name.
-NO_RETRY_SUCCESS = "success"
-NO_RETRY_CANCELLED = "cancelled"
-NO_RETRY_RESPONSE_STARTED = "response_started"
-NO_RETRY_TRIES = "tries_exhausted"
-NO_RETRY_TIMEOUT = "retry_timeout"
-NO_RETRY_NOT_ENABLED = "not_enabled"
-NO_RETRY_NON_IDEMPOTENT = "non_idempotent"
-NO_RETRY_UNKNOWN_STATUS = "unknown_status"
+NO_RETRY_SUCCESS: Final = "success"
+NO_RETRY_CANCELLED: Final = "cancelled"
+NO_RETRY_RESPONSE_STARTED: Final = "response_started"
+NO_RETRY_TRIES: Final = "tries_exhausted"
+NO_RETRY_TIMEOUT: Final = "retry_timeout"
+NO_RETRY_NOT_ENABLED: Final = "not_enabled"
+NO_RETRY_NON_IDEMPOTENT: Final = "non_idempotent"
+NO_RETRY_UNKNOWN_STATUS: Final = "unknown_status"
 
-_DEFAULT_ON = frozenset({"error", "timeout", "http_502", "http_503", "http_504"})
+_DEFAULT_ON: Final = frozenset({"error", "timeout", "http_502", "http_503", "http_504"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -39,7 +40,7 @@ from webtorch.proxy.health import ActiveSettings, GroupHealth, OutlierSettings, 
 from webtorch.proxy.probe import Prober
 from webtorch.proxy.retry import RetryBudget, RetrySettings
 
-log = logging.getLogger("webtorch.proxy")
+log: Final = logging.getLogger("webtorch.proxy")
 
 
 @dataclass(slots=True)

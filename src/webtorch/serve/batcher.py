@@ -12,7 +12,6 @@ timer for :meth:`wake_at`; it never decides anything itself.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -22,11 +21,15 @@ class QueueFull(Exception):
     """The queue holds ``max_queue`` rows already; the caller should shed load (503)."""
 
 
-@dataclass(slots=True)
 class Queued(Generic[T]):
-    item: T
-    rows: int
-    arrived: float
+    # A plain class, not a dataclass: mypyc (webtorch/compiled.py) builds a generic dataclass
+    # into a module that fails to import.
+    __slots__ = ("arrived", "item", "rows")
+
+    def __init__(self, item: T, rows: int, arrived: float) -> None:
+        self.item = item
+        self.rows = rows
+        self.arrived = arrived
 
 
 class BatchScheduler(Generic[T]):

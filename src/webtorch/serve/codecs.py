@@ -27,11 +27,11 @@ from webtorch.http.messages import JSON, Response
 from webtorch.serve.datatypes import DATATYPES, Datatype
 from webtorch.serve.model import TensorSpec
 
-OCTET = b"application/octet-stream"
+OCTET: Final = b"application/octet-stream"
 # curl -d sends form-urlencoded and many clients send text/plain: both are accepted as JSON so a
 # first `curl` works; anything clearly not JSON is refused with 415.
-JSON_TYPES = frozenset({b"", JSON, b"application/x-www-form-urlencoded", b"text/plain"})
-_NUMPY_OPTS = orjson.OPT_SERIALIZE_NUMPY
+JSON_TYPES: Final = frozenset({b"", JSON, b"application/x-www-form-urlencoded", b"text/plain"})
+_NUMPY_OPTS: Final = orjson.OPT_SERIALIZE_NUMPY
 
 # A decoded input: an array, or (short form, fixed-width float rows) the JSON rows themselves.
 InputData = np.ndarray | list[Any]

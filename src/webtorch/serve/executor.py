@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Final, Literal, cast
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ from webtorch.train.forms import TrainRequest, settle
 from webtorch.train.trainer import Batch, Prepared, StepResult, Trainer, UncheckedRows
 from webtorch.train.wal import delete_segments
 
-log = logging.getLogger("webtorch.serve")
+log: Final = logging.getLogger("webtorch.serve")
 
 ComputeMode = Literal["loop", "thread"]
 Priority = Literal["inference", "fifo"]
@@ -101,7 +101,7 @@ class _Step:
 
 # Micro-batches logged with one fsync, at most (more than one only when more than train.max_batch
 # rows are queued): bounds a group's memory and latency.
-MAX_GROUP = 256
+MAX_GROUP: Final = 256
 
 
 class Executor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from webtorch.errors import MethodNotAllowed, NotFound, Unauthorized
 from webtorch.http.messages import HandlerResult, Request, json_response
@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     # One served model's endpoint (endpoint.py) brings torch; routing to it does not.
     from webtorch.serve.endpoint import ModelEndpoint
 
-SERVER_NAME = "webtorch"
-EXTENSIONS = ["binary_tensor_data", "train"]
+SERVER_NAME: Final = "webtorch"
+EXTENSIONS: Final = ["binary_tensor_data", "train"]
 
 
 class Auth:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import numpy as np
 import torch
@@ -45,11 +45,11 @@ from webtorch.serve.model import LoadedModel, Tensors, TensorSpec
 from webtorch.train import checkpoint as ckpt
 from webtorch.train.wal import WalCorrupt, WriteAheadLog, encode_record
 
-log = logging.getLogger("webtorch.train")
+log: Final = logging.getLogger("webtorch.train")
 
-INPUT = "inputs."
-TARGET = "targets."
-ROWS = "rows"
+INPUT: Final = "inputs."
+TARGET: Final = "targets."
+ROWS: Final = "rows"
 
 
 @dataclass(slots=True)

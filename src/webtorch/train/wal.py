@@ -31,18 +31,18 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Final
 
 import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError
 
-logger = logging.getLogger(__name__)
+logger: Final = logging.getLogger(__name__)
 
-MAGIC = b"WTW1"
-_HEADER = struct.Struct("<4sIIQ")
-_SEQ = struct.Struct("<Q")
-_SEGMENT_NAME = re.compile(r"wal-(\d{16})\.log")
+MAGIC: Final = b"WTW1"
+_HEADER: Final = struct.Struct("<4sIIQ")
+_SEQ: Final = struct.Struct("<Q")
+_SEGMENT_NAME: Final = re.compile(r"wal-(\d{16})\.log")
 
 
 class WalCorrupt(Exception):
