@@ -4,7 +4,7 @@ in the tree are current.
 Every request crosses the HTTP protocol, the router, a codec or the proxy's forwarding, dozens of
 Python calls each time. mypyc (part of mypy) compiles these modules, unchanged and as typed as
 the rest (``mypy --strict``), to C extensions: their classes become native (attributes in C
-structs, methods called through a vtable), which measured 20-40% less CPU per request (see
+structs, methods called through a vtable), which measured 25-40% less CPU per request (see
 BENCHMARKS.md). The extensions land next to the sources, where they win on import; the
 ``.py`` files stay the reference and run as they are when nothing is compiled.
 
