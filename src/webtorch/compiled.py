@@ -16,7 +16,12 @@ Rules the compiled modules keep (mypyc's): a compiled class cannot subclass an i
 (so ``HttpProtocol`` is not an ``asyncio.Protocol`` subclass: the loop only calls its methods),
 an interpreted class cannot subclass a compiled one unless it allows it
 (``@mypyc_attr(allow_interpreted_subclasses=True)``, as ``Policy`` does), and instances of
-compiled classes take no new attributes or method overrides at runtime.
+compiled classes take no new attributes or method overrides at runtime. A class attribute of a
+compiled class is an instance default unless it is ``ClassVar`` or ``Final`` (so HTTP errors,
+whose ``status`` is per class, live in the interpreted ``errors.py``); module constants are
+``Final`` (C statics, not dict lookups), except tuples of constants, which mypyc 2.4 leaves
+unset; and a value from an untyped library gets a declared type saying what it may be
+(``bytes | None``), because compiled code checks declared types when it assigns.
 """
 
 from __future__ import annotations
