@@ -83,19 +83,22 @@ def built() -> list[str]:
     return [m for m in MODULES if extension(m) is not None]
 
 
-def stale() -> list[str]:
-    """Modules whose extension does not match the source beside it (edited since the build, or
-    built by another module list): importing them would run something else than the source."""
+def stale(modules: list[str] | None = None) -> list[str]:
+    """Of ``modules`` (default: those built), those whose extension does not match the source
+    beside it (edited since the build, or built by another module list): importing them would
+    run something else than the source."""
     try:
         stamp: dict[str, str] = json.loads(STAMP.read_text())
     except (OSError, ValueError):
         stamp = {}
-    return [m for m in built() if stamp.get(m) != _digest(SRC / m)]
+    checked = built() if modules is None else modules
+    return [m for m in checked if stamp.get(m) != _digest(SRC / m)]
 
 
 def current() -> bool:
     """Every module in MODULES is compiled from its present source."""
-    return len(built()) == len(MODULES) and not stale()
+    have = built()
+    return len(have) == len(MODULES) and not stale(have)
 
 
 def write_stamp() -> None:

@@ -38,7 +38,7 @@ from tests.http.test_protocol import (
 from webtorch.errors import NotFound
 from webtorch.http.limits import Limits
 from webtorch.http.messages import HandlerResult, Request, Response
-from webtorch.http.protocol import ServerState
+from webtorch.http.protocol import HttpProtocol, ServerState
 
 FUZZ = settings(
     max_examples=1500,
@@ -185,6 +185,32 @@ def check_output(conn: Conn, methods: list[str]) -> None:
             assert "error" in resp.json()
 
 
+def send_in_pieces(
+    conn: Conn, loop: asyncio.AbstractEventLoop, data: bytes, cuts: list[int]
+) -> None:
+    """``data`` in reads split at ``cuts``, then whatever those reads scheduled."""
+    points = sorted({c for c in cuts if c < len(data)} | {0, len(data)})
+    for start, end in itertools.pairwise(points):
+        conn.send(data[start:end])
+    settle(loop)
+
+
+def expire_deadlines(state: Any, loop: asyncio.AbstractEventLoop) -> None:
+    """Every deadline passes, then those a lingering close sets."""
+    state.tick(loop.time() + 1000.0)
+    settle(loop)
+    state.tick(loop.time() + 2000.0)
+    settle(loop)
+
+
+def assert_still_serves(state: Any, loop: asyncio.AbstractEventLoop, protocol_class: Any) -> None:
+    fresh = Conn(state, loop, protocol_class=protocol_class)
+    fresh.send(req("GET", "/ok"))
+    [resp] = fresh.responses()
+    assert resp.status == 200
+    assert fresh.transport.errors == []
+
+
 @FUZZ
 @given(data=requests, cuts=st.lists(st.integers(0, 400), max_size=4))
 def test_protocol_survives_any_input(
@@ -195,26 +221,16 @@ def test_protocol_survives_any_input(
     protocol = conn.protocol
     assert isinstance(protocol, RecordingProtocol)
 
-    points = sorted({c for c in cuts if c < len(data)} | {0, len(data)})
-    for start, end in itertools.pairwise(points):
-        conn.send(data[start:end])
-    settle(loop)
+    send_in_pieces(conn, loop, data, cuts)
     check_output(conn, protocol.methods)
 
     # Whatever state it was left in, the deadlines end it (at worst after a lingering close).
-    state.tick(loop.time() + 1000.0)
-    settle(loop)
-    state.tick(loop.time() + 2000.0)
-    settle(loop)
+    expire_deadlines(state, loop)
     check_output(conn, protocol.methods)
     assert conn.transport.closed
 
     # And the server still serves a well-behaved client.
-    fresh = Conn(state, loop, protocol_class=interpreted.HttpProtocol)
-    fresh.send(req("GET", "/ok"))
-    [resp] = fresh.responses()
-    assert resp.status == 200
-    assert fresh.transport.errors == []
+    assert_still_serves(state, loop, interpreted.HttpProtocol)
 
 
 @FUZZ
@@ -226,20 +242,11 @@ def test_compiled_protocol_survives_any_input(
     raises, never writes after closing, ends every connection, and keeps serving."""
     state = ServerState(handler, LIMITS)
     conn = Conn(state, loop)
-    points = sorted({c for c in cuts if c < len(data)} | {0, len(data)})
-    for start, end in itertools.pairwise(points):
-        conn.send(data[start:end])
-    settle(loop)
-    state.tick(loop.time() + 1000.0)
-    settle(loop)
-    state.tick(loop.time() + 2000.0)
-    settle(loop)
+    send_in_pieces(conn, loop, data, cuts)
+    expire_deadlines(state, loop)
     assert conn.transport.errors == []
     assert conn.transport.closed
-    fresh = Conn(state, loop)
-    fresh.send(req("GET", "/ok"))
-    [resp] = fresh.responses()
-    assert resp.status == 200
+    assert_still_serves(state, loop, HttpProtocol)
 
 
 # -- a few examples against a real server ----------------------------------------------------

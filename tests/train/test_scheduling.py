@@ -79,13 +79,14 @@ def test_fifo_serves_the_older_queue_first(tmp_path: Path) -> None:
 
 
 def test_a_failing_log_stops_training_and_keeps_inference(tmp_path: Path) -> None:
-    with serve_in_thread(train_config(tmp_path)) as running:
+    # The next record goes to a full disk: every write to /dev/full fails with ENOSPC.
+    with (
+        open("/dev/full", "r+b", buffering=0) as full,
+        serve_in_thread(train_config(tmp_path)) as running,
+    ):
         trainer = running.app.repository.served["xor"].trainer
         assert trainer is not None
-
         assert trainer.wal is not None
-        # The next record goes to a full disk: every write to /dev/full fails with ENOSPC.
-        full = open("/dev/full", "r+b", buffering=0)  # noqa: SIM115 (closed below)
         trainer.wal._file = full
         body = {"inputs": [[0, 1]], "targets": [[1]]}
         reply = call(running, "POST", "/models/xor/train", body)
@@ -95,7 +96,6 @@ def test_a_failing_log_stops_training_and_keeps_inference(tmp_path: Path) -> Non
         assert again.status == 503 and "training stopped" in again.json()["error"]
         assert predict(running, "xor", [[0, 1]]).status == 200  # inference goes on
         assert call(running, "GET", "/models/xor/train").json()["step"] == 0
-    full.close()
 
 
 @pytest.mark.parametrize("durability", ["none", "wal"])
