@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from math import prod
 from typing import Any, Final
 
@@ -37,18 +36,28 @@ _NUMPY_OPTS: Final = orjson.OPT_SERIALIZE_NUMPY
 InputData = np.ndarray | list[Any]
 
 
-@dataclass(slots=True)
 class Decoded:
-    """A decoded request: arrays keyed by input name, all with the same batch size ``rows``."""
+    """A decoded request: arrays keyed by input name, all with the same batch size ``rows``.
+    (Not a dataclass, so that its ``__init__`` compiles: see
+    :class:`webtorch.http.messages.Request`.)"""
 
-    inputs: dict[str, InputData]
-    rows: int
-    id: str | None = None
-    # Output names to return (None: all) and which of them go back as binary data.
-    requested: list[str] | None = None
-    # A frozenset until some output asks for binary (no set allocated per plain request).
-    binary: frozenset[str] | set[str] = frozenset()
-    binary_default: bool = False
+    def __init__(
+        self,
+        inputs: dict[str, InputData],
+        rows: int,
+        id: str | None = None,
+        requested: list[str] | None = None,
+        binary: frozenset[str] | set[str] = frozenset(),
+        binary_default: bool = False,
+    ) -> None:
+        self.inputs = inputs
+        self.rows = rows
+        self.id = id
+        # Output names to return (None: all) and which of them go back as binary data.
+        self.requested = requested
+        # A frozenset until some output asks for binary (no set allocated per plain request).
+        self.binary = binary
+        self.binary_default = binary_default
 
 
 def check_json_content_type(content_type: bytes) -> None:

@@ -29,7 +29,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
 
 import numpy as np
@@ -88,15 +87,16 @@ class TrainJob(Pending):
         self.arrived = arrived
 
 
-@dataclass(slots=True, eq=False)
 class _Step:
-    """A train micro-batch in flight: computed, logged, then applied."""
+    """A train micro-batch in flight: computed, logged, then applied. (Not a dataclass, so
+    that its ``__init__`` compiles: see :class:`webtorch.http.messages.Request`.)"""
 
-    jobs: list[TrainJob]
-    batch: Batch
-    preparing: bool = False
-    prepared: Prepared | None = None  # gradients computed
-    logged: bool = False  # durable (or nothing to log)
+    def __init__(self, jobs: list[TrainJob], batch: Batch) -> None:
+        self.jobs = jobs
+        self.batch = batch
+        self.preparing = False
+        self.prepared: Prepared | None = None  # gradients computed
+        self.logged = False  # durable (or nothing to log)
 
 
 # Micro-batches logged with one fsync, at most (more than one only when more than train.max_batch

@@ -15,7 +15,6 @@ anyway, and a malformed example must be refused before it can reach the log.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -28,15 +27,23 @@ from webtorch.serve.codecs import InputData
 from webtorch.serve.model import LoadedModel, TensorSpec
 
 
-@dataclass(slots=True)
 class TrainRequest:
     """A decoded train request. The short form's fast path leaves fixed-width float rows as JSON
-    lists, converted for the whole micro-batch at once; :func:`settle` checks one request's."""
+    lists, converted for the whole micro-batch at once; :func:`settle` checks one request's.
+    (Not a dataclass, so that its ``__init__`` compiles: see
+    :class:`webtorch.http.messages.Request`.)"""
 
-    inputs: dict[str, InputData]
-    targets: dict[str, InputData]
-    rows: int
-    id: str | None = None
+    def __init__(
+        self,
+        inputs: dict[str, InputData],
+        targets: dict[str, InputData],
+        rows: int,
+        id: str | None = None,
+    ) -> None:
+        self.inputs = inputs
+        self.targets = targets
+        self.rows = rows
+        self.id = id
 
 
 def settle(request: TrainRequest, inputs: list[TensorSpec], targets: list[TensorSpec]) -> None:

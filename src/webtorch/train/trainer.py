@@ -25,7 +25,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -52,36 +51,53 @@ TARGET: Final = "targets."
 ROWS: Final = "rows"
 
 
-@dataclass(slots=True)
+# Batch, Prepared and StepResult are written-out classes, not dataclasses, so that their
+# ``__init__`` compiles (see :class:`webtorch.http.messages.Request`).
+
+
 class Batch:
     """One micro-batch as the WAL stores it: ``inputs.<name>``, ``targets.<name>`` and ``rows``
     (each request's row count, in order), with its step number ``seq``."""
 
-    tensors: dict[str, np.ndarray]
-    rows: list[int]
-    seq: int
+    def __init__(self, tensors: dict[str, np.ndarray], rows: list[int], seq: int) -> None:
+        self.tensors = tensors
+        self.rows = rows
+        self.seq = seq
 
 
-@dataclass(slots=True)
 class Prepared:
     """A computed step waiting for its optimizer step: which requests are in it (``good``),
-    their losses, and why the others were left out."""
+    their losses, and why the others were left out; ``seconds``: the time prepare took."""
 
-    batch: Batch
-    good: list[int]
-    losses: list[float]
-    errors: list[str | None]
-    seconds: float  # the time prepare took
+    def __init__(
+        self,
+        batch: Batch,
+        good: list[int],
+        losses: list[float],
+        errors: list[str | None],
+        seconds: float,
+    ) -> None:
+        self.batch = batch
+        self.good = good
+        self.losses = losses
+        self.errors = errors
+        self.seconds = seconds
 
 
-@dataclass(slots=True)
 class StepResult:
     """What a step did for each request of its batch: a loss, or the error that excluded it."""
 
-    step: int
-    losses: list[float | None]
-    errors: list[str | None]
-    snapshot: tuple[int, ckpt.Snapshot] | None = None
+    def __init__(
+        self,
+        step: int,
+        losses: list[float | None],
+        errors: list[str | None],
+        snapshot: tuple[int, ckpt.Snapshot] | None = None,
+    ) -> None:
+        self.step = step
+        self.losses = losses
+        self.errors = errors
+        self.snapshot = snapshot
 
 
 class Trainer:
