@@ -45,6 +45,7 @@ MODULES = [
     "webtorch/http/messages.py",
     "webtorch/http/client.py",
     "webtorch/http/router.py",
+    "webtorch/http/limits.py",
     "webtorch/proxy/forward.py",
     "webtorch/proxy/headers.py",
     "webtorch/proxy/retry.py",

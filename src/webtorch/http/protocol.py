@@ -302,6 +302,10 @@ _SPECIAL_HEADERS: Final = {
 }
 
 
+# Bound once: a compiled module reads a Final name from a C static, not a module attribute.
+_clock: Final = time.perf_counter
+
+
 class HttpProtocol:
     """One client connection."""
 
@@ -309,6 +313,8 @@ class HttpProtocol:
         self.state = state
         self.limits = state.limits
         self.loop = loop or asyncio.get_event_loop()
+        # Bound once: per request, calling it saves a method lookup on the (uvloop) loop.
+        self._time: Callable[[], float] = self.loop.time
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.client = ""
@@ -343,6 +349,10 @@ class HttpProtocol:
         self._unparsed = b""  # input held back while reading is paused (see _feed_slices)
         self._resume: asyncio.Handle | None = None
         self._slot: _Slot | None = None
+        # The request line's method and version, read from the parser once per request (its
+        # getters build a new object on every call; get_http_version formats a string).
+        self._method = b""
+        self._version = ""
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -365,7 +375,7 @@ class HttpProtocol:
             self._admitted = True
         self.state.connections.add(self)
         # A new connection must send its first request's headers within the header timeout.
-        self.deadline = self.loop.time() + self.limits.header_timeout
+        self.deadline = self._time() + self.limits.header_timeout
         if self.state.draining:
             self.drain()
 
@@ -505,7 +515,7 @@ class HttpProtocol:
             # client as long as a body may take to read again (a slow-read attack ends there).
             assert streaming.response.stream is not None
             streaming.response.stream.pause()
-            self.deadline = self.loop.time() + self.limits.body_timeout
+            self.deadline = self._time() + self.limits.body_timeout
         self._update_reading()
 
     def resume_writing(self) -> None:
@@ -523,7 +533,7 @@ class HttpProtocol:
         if self.closing:
             raise _Ignore
         self.phase = _HEADERS
-        self.deadline = self.loop.time() + self.limits.header_timeout
+        self.deadline = self._time() + self.limits.header_timeout
         self._url = b""
         self._headers = []
         self._header_bytes = 0
@@ -582,9 +592,10 @@ class HttpProtocol:
     def on_headers_complete(self) -> None:
         self.phase = _BODY
         self._header_bytes = 0
-        self.deadline = self.loop.time() + self.limits.body_timeout
+        self.deadline = self._time() + self.limits.body_timeout
         parser = self.parser
-        version = parser.get_http_version()
+        version = self._version = parser.get_http_version()
+        method = self._method = parser.get_method()
         if version != "1.1" and version != "1.0":
             # llhttp parses "HTTP/2.0" or "HTTP/0.9" request lines; we speak 1.x only (as nginx).
             raise _Reject(VersionNotSupported(f"HTTP/{version} is not supported; use HTTP/1.1"))
@@ -606,7 +617,7 @@ class HttpProtocol:
         if length > self._body_limit:
             raise _Reject(PayloadTooLarge(f"request body is larger than {self._body_limit} bytes"))
         keep_alive = bool(parser.should_keep_alive()) and not self.closing
-        slot = _Slot(parser.get_method() == b"HEAD", keep_alive, 0.0)
+        slot = _Slot(method == b"HEAD", keep_alive, 0.0)
         self._slot = slot
         self.slots.append(slot)
         if self._expect_continue and version == "1.1":
@@ -633,7 +644,7 @@ class HttpProtocol:
             stream.feed(body)
             if not self.body_paused:
                 # A streamed body may take long; what must not is the gap between two reads.
-                self.deadline = self.loop.time() + self.limits.body_timeout
+                self.deadline = self._time() + self.limits.body_timeout
             return
         self._body.append(body)
 
@@ -696,14 +707,13 @@ class HttpProtocol:
         if isinstance(target, HTTPError):
             self._finish_with_error(slot, target)
             return None
-        parser = self.parser
         request = Request(
-            parser.get_method().decode("ascii"),
+            self._method.decode("ascii"),
             target[0],
             target[1],
             self._headers,
             body,
-            parser.get_http_version(),
+            self._version,
             slot.keep_alive,
             self.client,
             "",
@@ -715,7 +725,7 @@ class HttpProtocol:
         )
         slot.request = request
         # uvloop's loop.time() counts whole milliseconds: fine for deadlines, not for latency.
-        slot.started = time.perf_counter()
+        slot.started = _clock()
         return request
 
     def _id(self) -> bytes:
@@ -745,7 +755,7 @@ class HttpProtocol:
         if access_log is None or request is None:
             return
         try:
-            access_log(request, status, sent, time.perf_counter() - slot.started)
+            access_log(request, status, sent, _clock() - slot.started)
         except Exception:  # a logging bug must not cost the client its response
             log.exception("access log failed")
 
@@ -800,7 +810,7 @@ class HttpProtocol:
         observer = self.state.observer
         if observer is not None and slot.request is not None:
             try:
-                observer(slot.request, response.status, time.perf_counter() - slot.started)
+                observer(slot.request, response.status, _clock() - slot.started)
             except Exception:  # a metrics bug must not cost the client its response
                 log.exception("request observer failed")
         state = self.state
@@ -828,7 +838,7 @@ class HttpProtocol:
             slots.popleft()
             self._write(self.transport, response, slot, True)
             self.phase = _IDLE
-            self.deadline = self.loop.time() + self.limits.keepalive_timeout
+            self.deadline = self._time() + self.limits.keepalive_timeout
         else:
             stream = self._stream
             if stream is not None and slot.request is not None and slot.request.stream is stream:
@@ -872,7 +882,7 @@ class HttpProtocol:
                     self._linger(transport)
             elif self.phase == _WAIT:
                 self.phase = _IDLE
-                self.deadline = self.loop.time() + self.limits.keepalive_timeout
+                self.deadline = self._time() + self.limits.keepalive_timeout
         if self.read_paused:
             self._update_reading()
 
@@ -1009,7 +1019,7 @@ class HttpProtocol:
         self.body_paused = paused
         if self.phase == _BODY:
             # Waiting for the consumer is not the client's delay: no body deadline meanwhile.
-            self.deadline = None if paused else self.loop.time() + self.limits.body_timeout
+            self.deadline = None if paused else self._time() + self.limits.body_timeout
         self._update_reading()
 
     def _linger(self, transport: asyncio.Transport) -> None:
@@ -1021,7 +1031,7 @@ class HttpProtocol:
         elif transport.can_write_eof():
             transport.write_eof()
             self.phase = _WAIT
-            self.deadline = self.loop.time() + 2.0
+            self.deadline = self._time() + 2.0
             self._update_reading()
         else:
             transport.close()
@@ -1043,7 +1053,7 @@ class HttpProtocol:
     def _fail_response(self, response: Response) -> None:
         slot = self._slot
         if slot is None:
-            slot = _Slot(False, False, time.perf_counter())
+            slot = _Slot(False, False, _clock())
             self.slots.append(slot)
         self._slot = None
         if self._stream is not None:
@@ -1056,7 +1066,7 @@ class HttpProtocol:
         state = self.state
         if slot.request is None and (state.request_ids or state.access_log is not None):
             slot.request = self._refused_request()
-            slot.started = time.perf_counter()
+            slot.started = _clock()
         if (
             state.access_log is not None
             and slot is not self._streaming  # its stream's end logs it

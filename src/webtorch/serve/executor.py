@@ -47,6 +47,9 @@ from webtorch.train.forms import TrainRequest, settle
 from webtorch.train.trainer import Batch, Prepared, StepResult, Trainer, UncheckedRows
 from webtorch.train.wal import delete_segments
 
+# Bound once: a compiled module reads a Final name from a C static, not a module attribute.
+_clock: Final = time.perf_counter
+
 log: Final = logging.getLogger("webtorch.serve")
 
 ComputeMode = Literal["loop", "thread"]
@@ -163,7 +166,7 @@ class Executor:
             )
         job = Job(inputs, rows, encode)
         try:
-            self.scheduler.add(job, rows, time.perf_counter())
+            self.scheduler.add(job, rows, _clock())
         except QueueFull:
             raise ServiceUnavailable(f"model {self.model.name!r} queue is full") from None
         if not self._scheduled and not self._busy:
@@ -184,7 +187,7 @@ class Executor:
                 f"{request.rows} examples exceed model {self.model.name!r}'s train.max_batch "
                 f"{queue.max_batch}"
             )
-        now = time.perf_counter()
+        now = _clock()
         job = TrainJob(request, encode, now)
         try:
             queue.add(job, request.rows, now)
@@ -216,7 +219,7 @@ class Executor:
         if self._busy or self._held:
             return
         # The scheduler's clock is perf_counter: uvloop's loop.time() has 1 ms resolution.
-        now = time.perf_counter()
+        now = _clock()
         steps = self._steps
         if steps and steps[0].prepared is not None and steps[0].logged:
             self._begin_apply(steps[0])  # finishing a step never waits for inference
@@ -541,7 +544,7 @@ class Executor:
         items = list(outputs.items())
         single = items[0] if len(items) == 1 else None
         start = 0
-        clock = time.perf_counter()
+        clock = _clock()
         for i, job in zip(group, members, strict=True):
             end = start + job.rows
             try:
@@ -554,7 +557,7 @@ class Executor:
                 responses[i] = response_for_error(exc)
             except Exception as exc:
                 responses[i] = _internal(exc)
-            now = time.perf_counter()
+            now = _clock()
             record_encode(now - clock)
             clock = now
             start = end
@@ -582,12 +585,12 @@ class Executor:
                 inputs[name] = to_torch(array, dt).to(device, non_blocking=True)
         stages = stats.stages
         with torch.inference_mode():
-            t0 = time.perf_counter()
+            t0 = _clock()
             if spec.preprocess is not None:
                 inputs = spec.preprocess(inputs)
-            t1 = time.perf_counter()
+            t1 = _clock()
             raw = model.network(*(inputs[name] for name, _ in self._specs))
-            t2 = time.perf_counter()
+            t2 = _clock()
             named = model._name_outputs(raw)
             if spec.postprocess is not None:
                 named = spec.postprocess(named)
@@ -605,7 +608,7 @@ class Executor:
                         f"output {name!r} has shape {list(array.shape)}, expected {rows} rows"
                     )
                 outputs[name] = array
-            t3 = time.perf_counter()
+            t3 = _clock()
         stages["preprocess"].observe(t1 - t0)
         stages["network"].observe(t2 - t1)
         stages["postprocess"].observe(t3 - t2)
