@@ -455,6 +455,33 @@ def test_other_http_versions_get_505(make: MakeConn, version: str) -> None:
     assert conn.finished
 
 
+@pytest.mark.parametrize("version", ["2.0", "0.9", "1.0"])
+def test_connection_keep_alive_does_not_pass_for_http11(make: MakeConn, version: str) -> None:
+    """The version is inferred from llhttp's keep-alive verdict only when no Connection header
+    was sent: with one, an HTTP/1.0 (or 2.0, 0.9) request asking to be kept alive is still read
+    as the version it is."""
+    conn = make()
+    conn.send(f"GET / HTTP/{version}\r\nHost: t\r\nConnection: keep-alive\r\n\r\n".encode())
+    data = bytes(conn.transport.data)
+    if version == "1.0":
+        [resp] = conn.responses()
+        assert resp.json()["version"] == "1.0"
+        assert resp.headers[b"connection"] == b"keep-alive"
+        assert not conn.finished
+    else:
+        assert data.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n")
+
+
+def test_http11_with_connection_header_is_http11(make: MakeConn) -> None:
+    conn = make()
+    conn.send(req("GET", "/", [("Connection", "keep-alive")]))
+    conn.send(req("GET", "/", [("Connection", "close")]))
+    first, second = conn.responses()
+    assert first.json()["version"] == "1.1" and first.json()["keep_alive"] is True
+    assert second.json()["version"] == "1.1" and second.json()["keep_alive"] is False
+    assert conn.finished
+
+
 def test_half_closed_client_still_gets_its_pending_answers(
     make: MakeConn, loop: asyncio.AbstractEventLoop
 ) -> None:

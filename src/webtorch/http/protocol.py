@@ -292,6 +292,7 @@ _TRANSFER_ENCODING: Final = 2
 _EXPECT: Final = 3
 _HOST: Final = 4
 _REQUEST_ID: Final = 5
+_CONNECTION: Final = 6
 _SPECIAL_HEADERS: Final = {
     b"content-type": _CONTENT_TYPE,
     b"content-length": _CONTENT_LENGTH,
@@ -299,6 +300,7 @@ _SPECIAL_HEADERS: Final = {
     b"expect": _EXPECT,
     b"host": _HOST,
     b"x-request-id": _REQUEST_ID,
+    b"connection": _CONNECTION,
 }
 
 
@@ -341,6 +343,7 @@ class HttpProtocol:
         self._expect_continue = False
         self._content_type: bytes | None = None
         self._has_host = False
+        self._has_connection = False  # a Connection header was received (see on_headers_complete)
         self._request_id: bytes | None = None  # the first X-Request-Id header received
         self._admitted = False  # counted by the state's gate, so released when the connection ends
         self._body_limit = self.limits.max_body
@@ -353,6 +356,9 @@ class HttpProtocol:
         # getters build a new object on every call; get_http_version formats a string).
         self._method = b""
         self._version = ""
+        # The loop's time when the read being parsed arrived: the parser callbacks' deadlines
+        # start from it (one clock read per read, not two per request).
+        self._now = 0.0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -454,6 +460,7 @@ class HttpProtocol:
             # A separate count from on_header's: these reads may also carry the request line and,
             # in the read that ends the block, body bytes, which must not count as header bytes.
             self._head_raw += len(data)
+        self._now = self._time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -533,7 +540,7 @@ class HttpProtocol:
         if self.closing:
             raise _Ignore
         self.phase = _HEADERS
-        self.deadline = self._time() + self.limits.header_timeout
+        self.deadline = self._now + self.limits.header_timeout
         self._url = b""
         self._headers = []
         self._header_bytes = 0
@@ -545,6 +552,7 @@ class HttpProtocol:
         self._expect_continue = False
         self._content_type = None
         self._has_host = False
+        self._has_connection = False
         self._request_id = None
         self._body_limit = self.limits.max_body
 
@@ -583,6 +591,8 @@ class HttpProtocol:
         elif special == _REQUEST_ID:
             if self._request_id is None:
                 self._request_id = value
+        elif special == _CONNECTION:
+            self._has_connection = True
         elif value.strip().lower() == b"100-continue":  # Expect
             self._expect_continue = True
         else:
@@ -592,9 +602,17 @@ class HttpProtocol:
     def on_headers_complete(self) -> None:
         self.phase = _BODY
         self._header_bytes = 0
-        self.deadline = self._time() + self.limits.body_timeout
+        self.deadline = self._now + self.limits.body_timeout
         parser = self.parser
-        version = self._version = parser.get_http_version()
+        parsed_keep_alive = bool(parser.should_keep_alive())
+        if parsed_keep_alive and not self._has_connection:
+            # llhttp keeps a connection alive by default only for HTTP/1.1 (major and minor both
+            # above 0, of the versions it parses: 0.9, 1.0, 1.1, 2.0), so this is 1.1, known
+            # without get_http_version(), which formats a new string each call (0.18 us).
+            version = "1.1"
+        else:
+            version = parser.get_http_version()
+        self._version = version
         method = self._method = parser.get_method()
         if version != "1.1" and version != "1.0":
             # llhttp parses "HTTP/2.0" or "HTTP/0.9" request lines; we speak 1.x only (as nginx).
@@ -616,7 +634,7 @@ class HttpProtocol:
                     self._body_limit = route.max_body
         if length > self._body_limit:
             raise _Reject(PayloadTooLarge(f"request body is larger than {self._body_limit} bytes"))
-        keep_alive = bool(parser.should_keep_alive()) and not self.closing
+        keep_alive = parsed_keep_alive and not self.closing
         slot = _Slot(method == b"HEAD", keep_alive, 0.0)
         self._slot = slot
         self.slots.append(slot)
@@ -644,7 +662,7 @@ class HttpProtocol:
             stream.feed(body)
             if not self.body_paused:
                 # A streamed body may take long; what must not is the gap between two reads.
-                self.deadline = self._time() + self.limits.body_timeout
+                self.deadline = self._now + self.limits.body_timeout
             return
         self._body.append(body)
 

@@ -316,6 +316,43 @@ class ShortForm:
             return Response(200, b'{"outputs":%s}' % data, JSON)
         return encode_short(outputs, self.outputs)
 
+    def encode_batch(
+        self, outputs: dict[str, np.ndarray], counts: list[int]
+    ) -> list[Response] | None:
+        """The responses of a whole batch whose requests hold ``counts`` rows each, in order, from
+        one ``orjson.dumps`` of the batch's output: a request's response is its rows' slice of
+        that JSON text. Serialising each request's slice of the array on its own costs about
+        five times as much (a numpy view and an orjson call per request); the bytes are the
+        same. None where the shortcut does not apply (several outputs, more than two dimensions,
+        an array orjson cannot take): the caller then encodes request by request."""
+        if not self._plain_output:
+            return None
+        array = outputs[self.outputs[0].name]
+        if array.ndim == 2:
+            # "[[r0],[r1],...]": orjson writes no whitespace, and a number holds no bracket.
+            opening, separator, closing = b'{"outputs":[[', b"],[", b"]]}"
+            strip = 2
+        elif array.ndim == 1:
+            opening, separator, closing = b'{"outputs":[', b",", b"]}"
+            strip = 1
+        else:
+            return None
+        try:
+            text = orjson.dumps(array, option=_NUMPY_OPTS)
+        except orjson.JSONEncodeError:
+            return None
+        rows = text[strip:-strip].split(separator)
+        if len(rows) != len(array) or len(array) == 0:
+            return None
+        responses: list[Response] = []
+        start = 0
+        for count in counts:
+            end = start + count
+            part = rows[start] if count == 1 else separator.join(rows[start:end])
+            responses.append(Response(200, opening + part + closing, JSON))
+            start = end
+        return responses
+
 
 def rows_array(parts: list[list[Any]], spec: TensorSpec) -> np.ndarray | None:
     """Several requests' JSON rows (each already of the spec's width) as one array of the spec's

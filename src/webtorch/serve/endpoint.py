@@ -47,7 +47,7 @@ class ModelEndpoint:
         t0 = _clock()
         inputs, rows = self._short.decode(request.body, request.content_type)
         self._record_decode(_clock() - t0)
-        return self.executor.submit(inputs, rows, self._short.encode)
+        return self.executor.submit(inputs, rows, self._short.encode, self._short)
 
     def infer(self, request: Request) -> HandlerResult:
         request.model = self.name

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal, Protocol, cast
 
 import numpy as np
 import torch
@@ -55,15 +55,33 @@ log: Final = logging.getLogger("webtorch.serve")
 ComputeMode = Literal["loop", "thread"]
 Priority = Literal["inference", "fifo"]
 Encoder = Callable[[dict[str, np.ndarray]], Response]
+
+
+class BatchEncoder(Protocol):
+    """Encodes the responses of several requests at once (see ``ShortForm.encode_batch``):
+    given the batch's outputs and each request's row count, one response per request, or None
+    where it cannot, and the requests are then encoded one by one."""
+
+    def encode_batch(
+        self, outputs: dict[str, np.ndarray], counts: list[int]
+    ) -> list[Response] | None: ...
+
+
 TrainEncoder = Callable[[TrainRequest, float, int], Response]
 
 
 class Job(Pending):
     """One request's work, and the Pending its handler returned: one allocation per request."""
 
-    __slots__ = ("encode", "inputs", "rows")
+    __slots__ = ("encode", "inputs", "rows", "together")
 
-    def __init__(self, inputs: dict[str, InputData], rows: int, encode: Encoder) -> None:
+    def __init__(
+        self,
+        inputs: dict[str, InputData],
+        rows: int,
+        encode: Encoder,
+        together: BatchEncoder | None = None,
+    ) -> None:
         # Pending's fields, set here rather than through super().__init__(): a call saved per
         # request on the hot path.
         self.response = None
@@ -73,6 +91,8 @@ class Job(Pending):
         self.inputs = inputs
         self.rows = rows
         self.encode = encode
+        # Encodes this job's response with those of the other jobs of its batch that share it.
+        self.together = together
 
 
 class TrainJob(Pending):
@@ -156,7 +176,13 @@ class Executor:
             if trainer.durability != "none":
                 self._checkpoint_io = ThreadPoolExecutor(1, f"webtorch-{model.name}-checkpoint")
 
-    def submit(self, inputs: dict[str, InputData], rows: int, encode: Encoder) -> Pending:
+    def submit(
+        self,
+        inputs: dict[str, InputData],
+        rows: int,
+        encode: Encoder,
+        together: BatchEncoder | None = None,
+    ) -> Pending:
         if self._closed:
             raise ServiceUnavailable(f"model {self.model.name!r} is shutting down")
         if rows > self.scheduler.max_batch:
@@ -164,7 +190,7 @@ class Executor:
                 f"batch of {rows} rows exceeds model {self.model.name!r}'s max_batch "
                 f"{self.scheduler.max_batch}"
             )
-        job = Job(inputs, rows, encode)
+        job = Job(inputs, rows, encode, together)
         try:
             self.scheduler.add(job, rows, _clock())
         except QueueFull:
@@ -540,6 +566,8 @@ class Executor:
                 ModelFailed(f"model {self.model.name!r} could not process this input: {exc}")
             )
             return
+        if len(members) > 1 and self._encode_together(members, group, outputs, responses):
+            return
         record_encode = self.stats.stages["encode"].record
         items = list(outputs.items())
         single = items[0] if len(items) == 1 else None
@@ -561,6 +589,36 @@ class Executor:
             record_encode(now - clock)
             clock = now
             start = end
+
+    def _encode_together(
+        self,
+        members: list[Job],
+        group: list[int],
+        outputs: dict[str, np.ndarray],
+        responses: list[Response | None],
+    ) -> bool:
+        """Encode the group's responses in one call when all its jobs share a batch encoder;
+        False when they do not or it declines. Each request's encode time is its share."""
+        together = members[0].together
+        if together is None:
+            return False
+        for job in members:  # a loop: all() of a generator costs more
+            if job.together is not together:
+                return False
+        t0 = _clock()
+        try:
+            encoded = together.encode_batch(outputs, [job.rows for job in members])
+        except Exception:  # a bug there must not fail the batch: encode one by one instead
+            log.exception("batch encoding failed for model %s", self.model.name)
+            return False
+        if encoded is None or len(encoded) != len(members):
+            return False
+        share = (_clock() - t0) / len(members)
+        record_encode = self.stats.stages["encode"].record
+        for i, response in zip(group, encoded, strict=True):
+            responses[i] = response
+            record_encode(share)
+        return True
 
     def _forward(self, jobs: list[Job]) -> dict[str, np.ndarray]:
         model = self.model
