@@ -127,15 +127,49 @@ class TrainStats:
         self.replayed = 0
 
 
+class Count:
+    """One counter: a native int field, so counting allocates nothing (a dict of ints makes a
+    new int object per increment)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+class RouteCounts:
+    """What is counted per route: requests by (method, status), latency, body bytes."""
+
+    __slots__ = ("_last", "_last_method", "_last_status", "latency", "received", "sent", "statuses")
+
+    def __init__(self) -> None:
+        self.statuses: dict[tuple[str, int], Count] = {}
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.received = 0
+        self.sent = 0
+        # The counter last incremented: a route's requests mostly share one method and status,
+        # and comparing two short strings costs less than building and hashing a tuple key.
+        self._last = Count()
+        self._last_method = ""
+        self._last_status = -1
+
+    def answered(self, method: str, status: int) -> None:
+        if status == self._last_status and method == self._last_method:
+            self._last.value += 1
+            return
+        key = (method, status)
+        cell = self.statuses.get(key)
+        if cell is None:
+            cell = self.statuses[key] = Count()
+        cell.value += 1
+        self._last, self._last_method, self._last_status = cell, method, status
+
+
 class Metrics:
     """Everything WebTorch counts, and the ``/metrics`` handler that exposes it."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, int], int] = {}
-        # Body bytes by route: received (a streamed upload: as declared) and sent.
-        self.received: dict[str, int] = {}
-        self.sent: dict[str, int] = {}
-        self.latency: dict[str, Histogram] = {}
+        self.routes: dict[str, RouteCounts] = {}
         self.models: dict[str, ModelStats] = {}
         self.training: dict[str, TrainStats] = {}
         # Other parts' metric families, made at scrape time (the proxy's upstream groups).
@@ -157,30 +191,59 @@ class Metrics:
             stats = self.training[name] = TrainStats()
         return stats
 
+    def route(self, name: str) -> RouteCounts:
+        counts = self.routes.get(name)
+        if counts is None:
+            counts = self.routes[name] = RouteCounts()
+        return counts
+
     def observe_request(self, request: Request, status: int, seconds: float) -> None:
         """The HTTP protocol's observer: one call per answered request."""
         route = request.route or "unmatched"
-        key = (route, request.method, status)
-        requests = self.requests
-        requests[key] = requests.get(key, 0) + 1
-        hist = self.latency.get(route)
-        if hist is None:
-            hist = self.latency[route] = Histogram(LATENCY_BUCKETS)
-        hist.record(seconds)
+        counts = self.routes.get(route)
+        if counts is None:
+            counts = self.route(route)
+        counts.answered(request.method, status)
+        counts.latency.record(seconds)
         size = request.body_length()
         if size:
-            received = self.received
-            received[route] = received.get(route, 0) + size
+            counts.received += size
 
     def observe_sent(self, request: Request, sent: int) -> None:
         """The protocol's byte observer: a response's body bytes, once they have gone out."""
         route = request.route or "unmatched"
-        self.sent[route] = self.sent.get(route, 0) + sent
+        counts = self.routes.get(route)
+        if counts is None:
+            counts = self.route(route)
+        counts.sent += sent
+
+    @property
+    def requests(self) -> dict[tuple[str, str, int], int]:
+        """Requests answered by (route, method, status)."""
+        return {
+            (route, method, status): cell.value
+            for route, counts in self.routes.items()
+            for (method, status), cell in counts.statuses.items()
+        }
+
+    @property
+    def latency(self) -> dict[str, Histogram]:
+        return {route: counts.latency for route, counts in self.routes.items()}
+
+    @property
+    def received(self) -> dict[str, int]:
+        """Request body bytes by route (a streamed upload: as declared)."""
+        return {route: c.received for route, c in self.routes.items()}
+
+    @property
+    def sent(self) -> dict[str, int]:
+        """Response body bytes sent, by route."""
+        return {route: c.sent for route, c in self.routes.items()}
 
     def compact(self) -> None:
         """Fold pending observations into buckets; the app calls this once a second."""
-        for hist in self.latency.values():
-            hist.compact()
+        for counts in self.routes.values():
+            counts.latency.compact()
         for training in self.training.values():
             training.log_seconds.compact()
             training.step_seconds.compact()
