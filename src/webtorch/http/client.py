@@ -97,7 +97,7 @@ class UpstreamConnection:
         self.requests += 1
         self.received_any = False
         self._expect_body = expect_body
-        self._headers = []
+        self._begin()
         self.deadline = now + settings.read_timeout
         self.total_deadline = now + settings.total_timeout if settings.total_timeout else None
         assert self.transport is not None
@@ -179,7 +179,10 @@ class UpstreamConnection:
 
     # -- httptools callbacks ------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
+    # No on_message_begin: a callback per response saved. Each response's state is reset when
+    # its exchange starts (send), and after an interim (1xx) response for the one that follows.
+
+    def _begin(self) -> None:
         self._headers = []
         self._informational = False
         self._length = None
@@ -199,6 +202,7 @@ class UpstreamConnection:
         if 100 <= status < 200:
             # 100 Continue and friends: interim, never relayed (the client's Expect was
             # answered by the server already); the real response follows.
+            self._begin()
             self._informational = True
             return
         exchange = self.exchange
