@@ -106,6 +106,7 @@ _STATUS_LINES: Final[dict[int, bytes]] = {
     code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()
 }
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_HEX_BYTES: Final = [b"%02x" % n for n in range(256)]
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
 # An X-Request-Id kept as the client sent it: bounded, and token characters (with those of
 # base64 and of URNs) only, so that it is safe in a header, a log line and upstream.
@@ -143,6 +144,10 @@ class ServerState:
         # without a random draw per request.
         self._id_prefix = os.urandom(8).hex().encode()
         self._id_count = 0
+        # The id's first 28 hex digits (prefix and the counter's high digits), remade once every
+        # 256 ids: the last two digits come from a table, so an id costs one concatenation
+        # instead of a %x formatting (which mypyc cannot compile: 0.15 us per request).
+        self._id_high = b""
         self.stream_match = stream_match
         self.scheme = scheme
         self.server_header = b"server: " + server_name + b"\r\n"
@@ -188,8 +193,11 @@ class ServerState:
         return head
 
     def new_request_id(self) -> bytes:
-        self._id_count += 1
-        return b"%s%016x" % (self._id_prefix, self._id_count)
+        count = self._id_count = self._id_count + 1
+        low = count & 0xFF
+        if low == 0 or not self._id_high:
+            self._id_high = b"%s%014x" % (self._id_prefix, count >> 8)
+        return b"%s%s" % (self._id_high, _HEX_BYTES[low])
 
     def connection_lost(self, conn: HttpProtocol) -> None:
         self.connections.discard(conn)
