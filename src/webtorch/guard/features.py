@@ -49,6 +49,7 @@ CONTENT_TYPES = (
 )
 FIELDS = ("path", "query", "headers", "body", "cookie", "referer")
 _PERCENT = re.compile(rb"%[0-9a-fA-F]{2}")
+_PERCENT_BYTE = ord("%")
 
 
 def _table(member: set[int]) -> bytes:
@@ -92,7 +93,7 @@ def normalise(raw: bytes) -> bytes:
     87 % (block 0.99), the largest single gain of any change tried."""
     text = raw.replace(b"+", b" ")
     for _ in range(2):
-        if b"%" not in text:
+        if _PERCENT_BYTE not in text:  # an int needle: a bytes one first fails as an int (0.1 us)
             break
         text = unquote_to_bytes(text)
     return text.lower().translate(_ZERO_DIGITS)

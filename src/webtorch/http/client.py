@@ -21,7 +21,7 @@ from typing import Final, Protocol, cast
 import httptools
 
 from webtorch.balance.base import Outcome, Upstream
-from webtorch.http.messages import Headers
+from webtorch.http.messages import Headers, lower_name
 
 log: Final = logging.getLogger("webtorch.proxy")
 
@@ -189,7 +189,7 @@ class UpstreamConnection:
         self._chunked = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
+        name = lower_name(name)
         self._headers.append((name, value))
         if name == b"content-length":
             # llhttp has refused a length that is not all digits, or two different ones.

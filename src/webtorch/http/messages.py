@@ -11,6 +11,25 @@ from webtorch.errors import HTTPError
 
 Headers = list[tuple[bytes, bytes]]
 
+# Header names as received -> lower case. Clients and upstreams send the same few names on every
+# message, so a lookup (the name's hash is computed once either way) replaces a bytes.lower() call,
+# which mypyc cannot compile (a method looked up by name each time), and the lowered name comes
+# back as the one cached object. Bounded: names are the peer's to choose.
+_LOWERED: Final[dict[bytes, bytes]] = {}
+_LOWERED_MAX: Final = 1024
+_LOWERED_LONGEST: Final = 64
+
+
+def lower_name(name: bytes) -> bytes:
+    """``name.lower()``, from a cache for the names seen before."""
+    lowered = _LOWERED.get(name)
+    if lowered is None:
+        lowered = name.lower()
+        if len(_LOWERED) < _LOWERED_MAX and len(name) <= _LOWERED_LONGEST:
+            _LOWERED[name] = lowered
+    return lowered
+
+
 JSON: Final = b"application/json"
 
 
