@@ -69,7 +69,8 @@ class UpstreamConnection:
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self._send: Callable[[bytes], None] | None = None  # the transport's write, bound
+        self._new_parser()
         self.exchange: Exchange | None = None
         self.requests = 0
         self.deadline: float | None = None  # read deadline while an exchange is on
@@ -87,12 +88,16 @@ class UpstreamConnection:
         self._length: int | None = None
         self._chunked = False
 
+    def _new_parser(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self._feed_data: Callable[[bytes], None] = self.parser.feed_data  # bound, as pool.time
+
     # -- used by the exchange -----------------------------------------------------------------
 
     def send(self, exchange: Exchange, data: bytes, expect_body: bool) -> None:
         """Start an exchange: write the request head (and a body already at hand)."""
         settings = self.pool.settings
-        now = self.pool.loop.time()
+        now = self.pool.time()
         self.exchange = exchange
         self.requests += 1
         self.received_any = False
@@ -100,8 +105,8 @@ class UpstreamConnection:
         self._begin()
         self.deadline = now + settings.read_timeout
         self.total_deadline = now + settings.total_timeout if settings.total_timeout else None
-        assert self.transport is not None
-        self.transport.write(data)
+        assert self._send is not None
+        self._send(data)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
@@ -118,7 +123,7 @@ class UpstreamConnection:
     def resume_reading(self) -> None:
         if self.reading_paused and self.transport is not None:
             self.reading_paused = False
-            self.deadline = self.pool.loop.time() + self.pool.settings.read_timeout
+            self.deadline = self.pool.time() + self.pool.settings.read_timeout
             self.transport.resume_reading()
 
     def abandon(self) -> None:
@@ -136,6 +141,7 @@ class UpstreamConnection:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self._send = self.transport.write
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -157,12 +163,12 @@ class UpstreamConnection:
             return
         self.received_any = True
         if self.deadline is not None:
-            self.deadline = self.pool.loop.time() + self.pool.settings.read_timeout
+            self.deadline = self.pool.time() + self.pool.settings.read_timeout
         try:
-            self.parser.feed_data(data)
+            self._feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _Stop):
-                self.parser = httptools.HttpResponseParser(self)
+                self._new_parser()
                 self._finish()
             else:
                 raise
@@ -287,6 +293,9 @@ class ConnectionPool:
         self.waiters: deque[tuple[float, Waiter]] = deque()
         self.closed = False
         self.opened = 0  # connections opened in this pool's life (metrics, tests)
+        # Bound once: compiled code calls a method of a non-native object by name, looking it
+        # up each time; these run several times per proxied request.
+        self.time: Callable[[], float] = loop.time
 
     @property
     def open_count(self) -> int:
@@ -360,7 +369,7 @@ class ConnectionPool:
         # Parked even above ``keepalive``: the sweep trims the surplus once it has stayed idle
         # for TRIM_AFTER. nginx closes it at once, which under bursty load means closing
         # connections that the next burst has to open again.
-        conn.idle_since = self.loop.time()
+        conn.idle_since = self.time()
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:

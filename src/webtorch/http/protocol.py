@@ -343,7 +343,11 @@ class HttpProtocol:
         # would be an allocation per request).
         self._answer: Callable[[_Slot, Response], None] = self._deliver
         self.parser = httptools.HttpRequestParser(self)
+        # Bound once, as _time: compiled code calls a method of a non-native object by name,
+        # looking it up on every call.
+        self._feed_data: Callable[[bytes], None] = self.parser.feed_data
         self.transport: asyncio.Transport | None = None
+        self._send: Callable[[bytes], None] = _unconnected
         self.client = ""
         self.deadline: float | None = None
         self.phase = _IDLE
@@ -393,6 +397,7 @@ class HttpProtocol:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; they implement its interface.
         self.transport = cast(asyncio.Transport, transport)
+        self._send = self.transport.write
         peer: Any = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.client = str(peer[0])
@@ -490,7 +495,7 @@ class HttpProtocol:
             self._head_raw += len(data)
         self._now = self._time()
         try:
-            self.parser.feed_data(data)
+            self._feed_data(data)
         except httptools.HttpParserUpgrade:
             # llhttp stops after the upgrade request's on_message_complete, by when the handler
             # may have answered already (phase back to _IDLE): that answer must be the only one.
@@ -968,13 +973,13 @@ class HttpProtocol:
                 head = state.head(status, ctype)
             size = len(body)
             if request is not None and request.request_id:
-                transport.write(
+                self._send(
                     b"%s%d\r\nx-request-id: %s\r\n\r\n%s" % (head, size, request.request_id, body)
                 )
             else:
                 # One allocation: mypyc compiles bytes %-formatting of bytes and ints into a
                 # single build, with no format string parsed at run time.
-                transport.write(b"%s%d\r\n\r\n%s" % (head, size, body))
+                self._send(b"%s%d\r\n\r\n%s" % (head, size, body))
             return
         parts = [status_line(status), self.state.server_header, self.state.date_header]
         if response.content_type is not None:
@@ -1181,6 +1186,10 @@ class HttpProtocol:
             if self._unparsed and self._resume is None:
                 # Not now: this may run inside a parser callback, and the parser is not reentrant.
                 self._resume = self.loop.call_soon(self._feed_unparsed)
+
+
+def _unconnected(data: bytes) -> None:
+    raise RuntimeError("no transport yet")
 
 
 def _abandon(slot: _Slot) -> None:
