@@ -34,6 +34,9 @@ from webtorch.http.messages import (
 from webtorch.proxy.headers import request_head, response_headers
 from webtorch.proxy.retry import should_retry
 
+# Bound once: a compiled module reads a Final name from a C static, not a module attribute.
+_clock: Final = time.monotonic
+
 if TYPE_CHECKING:
     from webtorch.proxy.upstream import ProxyRoute
 
@@ -89,7 +92,7 @@ class Forward:
         self.attempt = 0
         self.upstream: Upstream | None = None
         self.conn: UpstreamConnection | None = None
-        self.started_at = time.monotonic()
+        self.started_at = _clock()
         self.sent_at = 0.0
         self.done = False
         self.head_sent = False  # the current attempt wrote (part of) the request
@@ -252,7 +255,7 @@ class Forward:
     ) -> None:
         upstream = self.upstream
         assert upstream is not None
-        now = time.monotonic()
+        now = _clock()
         self.status = status
         if status in _SERVER_ERRORS:
             self.route.group.observe(
@@ -323,7 +326,7 @@ class Forward:
             upstream = self.upstream
             if upstream is not None:
                 upstream.inflight -= 1
-                now = time.monotonic()
+                now = _clock()
                 self.route.group.observe(upstream, outcome, now - self.sent_at, now, self.request)
                 self.upstream = None
             self.done = True
@@ -349,7 +352,7 @@ class Forward:
             upstream = self.upstream
             upstream.inflight -= 1
             self.attempt -= 1
-            self._next_attempt(time.monotonic(), same=upstream)
+            self._next_attempt(_clock(), same=upstream)
             return
         self._attempt_failed(outcome, None, message)
 
@@ -365,7 +368,7 @@ class Forward:
         self, outcome: Outcome, status: int | None, message: str, *, observe: bool
     ) -> None:
         upstream = self.upstream
-        now = time.monotonic()
+        now = _clock()
         if observe and upstream is not None:
             self.route.group.observe(upstream, outcome, now - self.sent_at, now, self.request)
         self.conn = None
@@ -394,13 +397,13 @@ class Forward:
             request_sent=sent,
             response_started=self.response_started,
             attempt=self.attempt,
-            elapsed=time.monotonic() - self.started_at,
+            elapsed=_clock() - self.started_at,
             settings=group.retry,
             route_allows_non_idempotent=self.route.retry_non_idempotent,
         )
         if not decision.retry:
             return False
-        now = time.monotonic()
+        now = _clock()
         if not any(u not in self.tried for u in group.health.eligible(now)):
             return False  # nowhere else to go: the client gets this failure, not a 503
         return group.budget.try_withdraw(now)
@@ -409,7 +412,7 @@ class Forward:
         self.route.group.retries += 1
         self.request.retries += 1
         self.upstream = None
-        self._next_attempt(time.monotonic())
+        self._next_attempt(_clock())
 
     def _give_up(self, status: int, message: str) -> None:
         self.upstream = None

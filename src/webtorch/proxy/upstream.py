@@ -40,6 +40,9 @@ from webtorch.proxy.health import ActiveSettings, GroupHealth, OutlierSettings, 
 from webtorch.proxy.probe import Prober
 from webtorch.proxy.retry import RetryBudget, RetrySettings
 
+# Bound once: a compiled module reads a Final name from a C static, not a module attribute.
+_clock: Final = time.monotonic
+
 log: Final = logging.getLogger("webtorch.proxy")
 
 
@@ -255,7 +258,7 @@ class UpstreamGroup:
                 writer.close()
         if self.closed:
             return
-        now = time.monotonic()
+        now = _clock()
         if not ok:
             self.stats[upstream.index].checks_failed += 1
         if self.health.record_check(upstream, ok, now):
@@ -351,7 +354,7 @@ class Proxies:
         self._tick = self.loop.call_later(self._interval, self._on_tick)
 
     def _on_tick(self) -> None:
-        now = time.monotonic()
+        now = _clock()
         for group in self.groups.values():
             group.tick(now)
         if self._retired:
@@ -409,7 +412,7 @@ class Proxies:
         train_steps = CounterMetricFamily(
             "webtorch_balancer_train_steps", "The learned policy's training steps", labels=["group"]
         )
-        now = time.monotonic()
+        now = _clock()
         for name, group in sorted(self.groups.items()):
             retries.add_metric([name], group.retries)
             error = getattr(group.policy, "prediction_error", None)
