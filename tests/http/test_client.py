@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from webtorch.balance.base import Outcome, Upstream
@@ -17,9 +18,19 @@ from webtorch.http.messages import Headers
 class FakeLoop:
     def __init__(self) -> None:
         self.now = 100.0
+        self.soon: list[Callable[[], None]] = []
 
     def time(self) -> float:
         return self.now
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        self.soon.append(callback)
+
+    def run_soon(self) -> None:
+        """One loop turn: the callbacks scheduled so far (the pool's write flush)."""
+        soon, self.soon = self.soon, []
+        for callback in soon:
+            callback()
 
 
 class FakeTransport:
@@ -78,8 +89,35 @@ def connected(pool: ConnectionPool) -> tuple[UpstreamConnection, FakeTransport]:
 def exchange(conn: UpstreamConnection, response: bytes, expect_body: bool = True) -> Recorder:
     rec = Recorder()
     conn.send(rec, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", expect_body)
+    conn.pool.loop.run_soon()  # type: ignore[attr-defined]
     conn.data_received(response)
     return rec
+
+
+def test_requests_queued_in_one_loop_turn_are_written_together_in_order() -> None:
+    """Writes wait for the pool's flush at the next loop turn (one wake-up of the upstream for
+    all of them); a connection keeps its own order, and one closed meanwhile writes nothing."""
+    pool, loop = make_pool()
+    (a, ta), (b, tb), (c, tc) = connected(pool), connected(pool), connected(pool)
+    a.send(Recorder(), b"head-a", True)
+    a.write(b"body-a")
+    b.send(Recorder(), b"head-b", True)
+    c.send(Recorder(), b"head-c", True)
+    c.abandon()
+    assert ta.written == tb.written == tc.written == []
+    assert len(loop.soon) == 1  # one flush for the turn, whatever the number of writes
+    loop.run_soon()
+    assert ta.written == [b"head-abody-a"]
+    assert tb.written == [b"head-b"]
+    assert tc.written == [] and tc.closed
+
+
+def test_closing_writes_what_was_queued_first() -> None:
+    pool, _ = make_pool()
+    conn, transport = connected(pool)
+    conn.send(Recorder(), b"request", True)
+    conn.close()
+    assert transport.written == [b"request"] and transport.closed
 
 
 def test_a_response_is_delivered_and_the_connection_pooled() -> None:
