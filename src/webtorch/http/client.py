@@ -183,8 +183,6 @@ class UpstreamConnection:
             self.close()
             return
         self.received_any = True
-        if self.deadline is not None:
-            self.deadline = self.pool.time() + self.pool.settings.read_timeout
         try:
             self._feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -195,6 +193,11 @@ class UpstreamConnection:
                 raise
         except httptools.HttpParserError as exc:
             self._fail(Outcome.RESET, f"invalid response: {str(exc) or type(exc).__name__}")
+        else:
+            if self.deadline is not None and self.exchange is not None:
+                # The response goes on: the read deadline counts from this read. (After the
+                # parse, so a response complete in this read, most of them, reads no clock.)
+                self.deadline = self.pool.time() + self.pool.settings.read_timeout
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
