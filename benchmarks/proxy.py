@@ -760,13 +760,17 @@ READING = [
     "while WebTorch parks the surplus and trims it only after a second idle, so it keeps "
     "reusing them. The connections column shows what each proxy did; the 32-connection table is "
     "the like-for-like comparison of the two proxies' cost per request.",
-    "- Where the CPU goes (utime and stime read apart, 32 connections, 2026-11-24): the kernel's "
-    "share is about the same for both proxies, 12-19 us per request (the two socket reads and two "
-    "writes per proxied request, and waking the peers on CPU 1, which idle more behind a slower "
-    "proxy); the difference is user time: nginx ~3-4 us, a 60-line uvloop+httptools forwarding "
-    "prototype ~5 us, WebTorch ~22 us interpreted and ~15 us with the compiled core "
-    "(`scripts/compile`), spread over some 45 calls per request (parse, route, pick, pool, "
-    "header rewrite, relay, health, retry budget, metrics) with none above a few percent.",
+    "- Where the CPU goes (utime and stime read apart, 32 connections, 2026-11-24, later "
+    "session): nginx ~3 us of user and 12-15 us of kernel time per request; WebTorch 8.5-9.5 us "
+    "of user time (compiled core) and 13-17 us of kernel time. Both make the same syscalls "
+    "(two reads, two writes per proxied request, the same TCP segments); the kernel time above "
+    "nginx's is mostly waking the peers on CPU 1 (wrk, the upstream), which idle more behind a "
+    "slower proxy and are then woken across cores, dearer on these VMs than the write itself. "
+    "Writing the requests to the upstreams once per loop iteration (`http/client.py`, "
+    "`Flusher`) instead of one write per request in uvloop's eager `transport.write` cut it "
+    "from 17-19 us to 13-14 us. User time is spread over some 45 calls per request (parse, "
+    "route, pick, pool, header rewrite, relay, health, retry budget, metrics), none above a few "
+    "percent.",
 ]
 
 

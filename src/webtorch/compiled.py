@@ -24,7 +24,10 @@ unset; and a value from an untyped library gets a declared type saying what it m
 (``bytes | None``), because compiled code checks declared types when it assigns. And a class
 built per request is a written-out class, not a dataclass: compiled, a dataclass keeps the
 ``__init__`` the dataclasses module generates, which is interpreted bytecode (0.6 us for a
-``Request``); dataclasses stay fine for what is built once (``Limits``, ``Route``).
+``Request``); dataclasses stay fine for what is built once (``Limits``, ``Route``). On the hot
+path: methods of non-native objects are looked up by name on each call (bind the per-request
+ones once), bytes ``%`` formatting with ``%s``/``%d`` compiles into one allocation (``+`` chains
+and ``%x`` do not), and ``b"?" in data`` tries its needle as an int first (use ``ord("?")``).
 """
 
 from __future__ import annotations
