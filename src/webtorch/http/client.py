@@ -69,7 +69,6 @@ class UpstreamConnection:
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self._send: Callable[[bytes], None] | None = None  # the transport's write, bound
         self._out: list[bytes] | None = None  # written at the pool flusher's next run
         self._new_parser()
         self.exchange: Exchange | None = None
@@ -127,8 +126,8 @@ class UpstreamConnection:
         if out is None:
             return
         self._out = None
-        if self._send is not None and self.transport is not None and not self.closed:
-            self._send(out[0] if len(out) == 1 else b"".join(out))
+        if self.transport is not None and not self.closed:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def pause_reading(self) -> None:
         """The client is not reading the response: stop reading it from the upstream. The read
@@ -161,7 +160,6 @@ class UpstreamConnection:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self._send = self.transport.write
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -31,6 +31,9 @@ def lower_name(name: bytes) -> bytes:
 
 
 JSON: Final = b"application/json"
+# The methods nearly every request uses: the protocol and the proxy keep their str and bytes
+# forms made once, instead of decoding or encoding one per request.
+COMMON_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")
 
 
 class Request:

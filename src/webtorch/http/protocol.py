@@ -43,6 +43,7 @@ from webtorch.errors import (
 )
 from webtorch.http.limits import Limits
 from webtorch.http.messages import (
+    COMMON_METHODS,
     Handler,
     HandlerResult,
     Pending,
@@ -112,9 +113,7 @@ _QUESTION: Final = ord("?")
 _PERCENT: Final = ord("%")
 # Request methods as str, made once: no decode per request, and the handlers' comparisons with
 # the same constants hit on identity.
-_METHOD_NAMES: Final = {
-    m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")
-}
+_METHOD_NAMES: Final = {m.encode(): m for m in COMMON_METHODS}
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
 # An X-Request-Id kept as the client sent it: bounded, and token characters (with those of
 # base64 and of URNs) only, so that it is safe in a header, a log line and upstream.

@@ -191,10 +191,9 @@ class Metrics:
             stats = self.training[name] = TrainStats()
         return stats
 
-    def route(self, name: str) -> RouteCounts:
-        counts = self.routes.get(name)
-        if counts is None:
-            counts = self.routes[name] = RouteCounts()
+    def _add_route(self, name: str) -> RouteCounts:
+        """A route's first request: its counts start (callers looked it up already)."""
+        counts = self.routes[name] = RouteCounts()
         return counts
 
     def observe_request(self, request: Request, status: int, seconds: float) -> None:
@@ -202,7 +201,7 @@ class Metrics:
         route = request.route or "unmatched"
         counts = self.routes.get(route)
         if counts is None:
-            counts = self.route(route)
+            counts = self._add_route(route)
         counts.answered(request.method, status)
         counts.latency.record(seconds)
         size = request.body_length()
@@ -214,7 +213,7 @@ class Metrics:
         route = request.route or "unmatched"
         counts = self.routes.get(route)
         if counts is None:
-            counts = self.route(route)
+            counts = self._add_route(route)
         counts.sent += sent
 
     @property

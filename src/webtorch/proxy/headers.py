@@ -13,7 +13,7 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Final
 
-from webtorch.http.messages import Headers, Request
+from webtorch.http.messages import COMMON_METHODS, Headers, Request
 
 HOP_BY_HOP: Final = frozenset(
     {
@@ -77,9 +77,7 @@ class TrustedProxies:
 _PLAIN_CONNECTION: Final = frozenset(
     {b"keep-alive", b"close", b"Keep-Alive", b"Close", b"Keep-alive"}
 )
-_METHODS: Final = {
-    m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")
-}
+_METHODS: Final = {m: m.encode() for m in COMMON_METHODS}
 
 
 def _named(value: bytes) -> frozenset[bytes]:
