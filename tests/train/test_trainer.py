@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from webtorch.config import TrainConfig
 from webtorch.serve.model import load_model
@@ -17,6 +18,7 @@ from webtorch.train.trainer import Trainer
 MODES_PY = """
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 import webtorch
 
 SEEN = []
@@ -99,6 +101,7 @@ def test_a_module_overriding_train_is_called(tmp_path: Path) -> None:
 GRADS_PY = """
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 import webtorch
 
 HOOKED = []
@@ -172,3 +175,32 @@ def test_gradients_match_backward_and_non_finite_ones_are_refused(
     hooked = __import__(type(net).__module__).HOOKED
     # Every backward ran it: 1, 1, then 4 (together, each alone, the good one again).
     assert len(hooked) == (6 if hook else 0)
+
+
+def test_optimizer_hooks_run_and_the_wrapper_is_left_out_only_without_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = trainer_for(tmp_path, frozen=False)
+    optimizer = trainer.optimizer
+    wrapped: list[int] = []  # torch.optim's step wrapper calls this (empty: a profiler anchor)
+    monkeypatch.setattr(optimizer, "_optimizer_step_code", lambda: wrapped.append(1))
+    step(trainer)
+    assert wrapped == []  # no hook, no profiler: the bare step ran
+    calls: list[str] = []
+    pre = optimizer.register_step_pre_hook(lambda *_: calls.append("pre"))
+    post = register_optimizer_step_post_hook(lambda *_: calls.append("global post"))
+    try:
+        step(trainer)
+    finally:
+        pre.remove()
+        post.remove()
+    assert calls == ["pre", "global post"] and wrapped == [1]
+    # An instance attribute replacing step (what an LR scheduler does) is called.
+    plain = optimizer.step
+    monkeypatch.setattr(optimizer, "step", lambda: calls.append("instance") or plain())
+    step(trainer)
+    assert calls[-1] == "instance" and wrapped == [1, 1]
+    monkeypatch.undo()
+    with torch.profiler.profile() as prof:
+        step(trainer)
+    assert any(e.name.startswith("Optimizer.step#SGD") for e in prof.events())
