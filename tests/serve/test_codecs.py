@@ -797,6 +797,13 @@ def test_short_form_keeps_float_rows_as_json_lists_for_the_batch() -> None:
     assert rows_array([[[0, 1]], [[1, "x"]]], model["v"]) is None
     assert rows_array([[[0, None]]], model["v"]) is None
     assert rows_array([[[True, False]]], model["v"]) is None  # booleans are not FP32 numbers
+    # A nested list among the numbers, first or later, in one request of several.
+    assert rows_array([[[0, 1]], [[[1], 2]]], model["v"]) is None
+    assert rows_array([[[0, 1]], [[1, [2]]]], model["v"]) is None
+    assert rows_array([[[[0, 1], [2, 3]]]], model["v"]) is None
+    several = rows_array([[[0, 1], [2, 3.5]], [[4, 5]]], model["v"])
+    assert several is not None and several.dtype == np.float32
+    assert several.tolist() == [[0, 1], [2, 3.5], [4, 5]]
     bad(lambda: strict_array(model["v"], [[1, "x"]]), match="must be FP32 numbers")
     # a wrong width never takes the list path
     bad(lambda: short.decode(b'{"inputs": [[0, 1, 2]]}', JSON), match="shape")

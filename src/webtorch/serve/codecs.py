@@ -355,17 +355,24 @@ class ShortForm:
 
 
 def rows_array(parts: list[list[Any]], spec: TensorSpec) -> np.ndarray | None:
-    """Several requests' JSON rows (each already of the spec's width) as one array of the spec's
-    dtype, converted in one call; None when any element is not a plain number, so the caller
-    converts request by request with :func:`strict_array` and answers the bad ones 400."""
-    rows = parts[0] if len(parts) == 1 else [row for part in parts for row in part]
+    """Several requests' JSON rows as one array of the spec's dtype, converted in one call; None
+    when any element is not a plain number, so the caller converts request by request with
+    :func:`strict_array` and answers the bad ones 400. The spec is 2-D of a fixed width and every
+    row is a list of that width (the decoders' fast paths check it).
+
+    The numbers go to numpy as one flat list: numpy converts a flat list of 110 numbers in
+    ~2.8 us here but 55 rows of two in ~7.5 us (it discovers the shape and dtype row by row), and
+    the flattening costs less than the difference."""
+    width = spec.shape[1]  # positive: TensorSpec checks
+    values = [value for part in parts for row in part for value in row]
     try:
-        array = np.array(rows)
+        array = np.array(values)
     except (ValueError, TypeError):
         return None
-    if array.dtype.kind not in "iuf" or array.ndim != len(spec.shape):
+    # A nested list among the numbers makes numpy fail (ragged) or add a dimension.
+    if array.dtype.kind not in "iuf" or array.ndim != 1:
         return None
-    return _narrow(array, spec.dtype.numpy)
+    return _narrow(array.reshape(-1, width), spec.dtype.numpy)
 
 
 def strict_array(spec: TensorSpec, data: Any, kind: str = "input") -> np.ndarray:

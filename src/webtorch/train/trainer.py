@@ -57,8 +57,9 @@ ROWS: Final = "rows"
 
 
 class Batch:
-    """One micro-batch as the WAL stores it: ``inputs.<name>``, ``targets.<name>`` and ``rows``
-    (each request's row count, in order), with its step number ``seq``."""
+    """One micro-batch: ``inputs.<name>`` and ``targets.<name>`` tensors, each request's row
+    count in order (``rows``; the WAL stores them as a tensor of that name beside the others:
+    :meth:`Trainer.encode`), and its step number ``seq``."""
 
     def __init__(self, tensors: dict[str, np.ndarray], rows: list[int], seq: int) -> None:
         self.tensors = tensors
@@ -120,8 +121,11 @@ class Trainer:
         self.loss_fn: Callable[[Tensors, Tensors], torch.Tensor] = spec.loss
         self.optimizer = spec.optimizer(model.network.parameters())
         self._bare_step = _bare_step(self.optimizer)
-        self._parameters = [p for p in model.network.parameters() if p.requires_grad]
+        self._parameters = tuple(p for p in model.network.parameters() if p.requires_grad)
         self._cpu = model.device.type == "cpu"
+        # On CPU the autograd engine runs backward in the calling thread: see _gradients.
+        self._run_backward = _RUN_BACKWARD if self._cpu else None
+        self._one = torch.ones(())  # d loss / d loss, for the engine
         # Hooks that run when a gradient is accumulated (registered by the model file, which
         # runs before this) need loss.backward(): see _gradients.
         self._accumulate = any(
@@ -137,6 +141,10 @@ class Trainer:
         self.checkpoint_dir = state_dir / "checkpoints"
         self.wal = WriteAheadLog(state_dir / "wal") if self.durability == "wal" else None
         self._inputs = [(t.name, t.dtype) for t in model.inputs]
+        # Where each tensor of a micro-batch comes from: (0: inputs, 1: targets), name, key.
+        self._layout = [(0, t.name, INPUT + t.name, t) for t in model.inputs] + [
+            (1, t.name, TARGET + t.name, t) for t in model.targets
+        ]
         self._targets = [(t.name, t.dtype) for t in model.targets]
         self._outputs = [t.name for t in model.outputs]
         self._row_losses: Callable[[Tensors, Tensors], torch.Tensor] | None = vmap(self._row_loss)
@@ -203,19 +211,18 @@ class Trainer:
         :class:`UncheckedRows` if some request's JSON rows are not all numbers (see
         ``forms.settle``); nothing is numbered then."""
         tensors: dict[str, np.ndarray] = {}
-        groups = ((INPUT, self.model.inputs), (TARGET, self.model.targets))
-        for index, (prefix, specs) in enumerate(groups):
-            for spec in specs:
-                parts = [request[index][spec.name] for request in requests]
-                tensors[prefix + spec.name] = _concatenate(parts, spec)
-        tensors[ROWS] = np.asarray(rows, dtype=np.int64)
+        for index, name, key, spec in self._layout:
+            tensors[key] = _concatenate([request[index][name] for request in requests], spec)
         seq = self._next_seq
         self._next_seq += 1
         return Batch(tensors, rows, seq)
 
     def encode(self, batch: Batch) -> bytes:
-        """The batch's WAL record (loop thread: Python work stays off the I/O thread)."""
-        return encode_record(batch.seq, batch.tensors)
+        """The batch's WAL record, with each request's row count (loop thread: Python work stays
+        off the I/O thread)."""
+        tensors = dict(batch.tensors)
+        tensors[ROWS] = np.asarray(batch.rows, dtype=np.int64)
+        return encode_record(batch.seq, tensors)
 
     def log(self, records: Sequence[tuple[int, bytes]]) -> float:
         """Append records (seq, bytes) to the WAL and make them durable with one fsync (I/O
@@ -351,6 +358,8 @@ class Trainer:
         if len(rows) == 1:
             return [value]
         if per_row is not None:
+            if self._cpu and per_row.dtype in _NUMPY_FLOATS:
+                return _per_request(per_row.numpy(), rows)  # tolist() gives the same floats
             return _per_request(per_row.double().cpu().numpy(), rows)
         with torch.no_grad():
             detached = {name: outputs[name].detach() for name in self._outputs if name in outputs}
@@ -366,13 +375,27 @@ class Trainer:
         wrapper, ``zero_grad``'s profiler scope, and AccumulateGrad nodes), about 1 us per
         request of a micro-batch. Parameters with post-accumulate-grad hooks need AccumulateGrad
         to run: then ``backward`` it is.
+
+        On CPU, the engine's ``run_backward`` directly, as ``torch.autograd.grad`` ends up
+        calling it: the wrapper's argument normalisation, ``ones_like`` for the seed and a copy
+        of the contextvars context stashed for device threads (which a CPU backward does not
+        use) cost ~35 us of the ~170 us a small model's backward takes here.
         """
         parameters = self._parameters
+        run_backward = self._run_backward
         if self._accumulate:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             grads: Sequence[torch.Tensor | None] = [p.grad for p in parameters]
             assign = False
+        elif run_backward is not None:
+            one = self._one
+            if one.dtype is not loss.dtype or loss.dim() != 0:
+                one = torch.ones_like(loss)
+            # (outputs, their gradients, keep graph, create graph, inputs, allow unused,
+            # accumulate into .grad)
+            grads = run_backward((loss,), (one,), False, False, parameters, True, False)
+            assign = True
         else:
             grads = torch.autograd.grad(loss, parameters, allow_unused=True)
             assign = True
@@ -462,8 +485,10 @@ class Trainer:
         device: torch.device,
     ) -> Tensors:
         out: Tensors = {}
+        cpu = device.type == "cpu"
         for name, dt in specs:
-            out[name] = to_torch(tensors[prefix + name], dt).to(device, non_blocking=True)
+            tensor = to_torch(tensors[prefix + name], dt)
+            out[name] = tensor if cpu else tensor.to(device, non_blocking=True)
         return out
 
     def _row_loss(self, outputs: Tensors, targets: Tensors) -> torch.Tensor:
@@ -503,6 +528,13 @@ _GLOBAL_POST_HOOKS: Final[dict[Any, Any] | None] = getattr(
 )
 _profiler_enabled: Final = torch._C._autograd._profiler_enabled
 
+# The autograd engine's entry point, which torch.autograd.grad and backward end in (see
+# Trainer._gradients); None if this torch has it elsewhere, and then torch.autograd.grad runs.
+_RUN_BACKWARD: Final[Callable[..., tuple[torch.Tensor | None, ...]] | None] = getattr(
+    getattr(torch.autograd.Variable, "_execution_engine", None), "run_backward", None
+)
+_NUMPY_FLOATS: Final = (torch.float32, torch.float64)
+
 
 def _bare_step(optimizer: torch.optim.Optimizer) -> Callable[[torch.optim.Optimizer], Any] | None:
     """The optimizer class's own ``step``, under the profiling and hook wrapper torch.optim puts
@@ -519,13 +551,16 @@ class UncheckedRows(Exception):
 
 
 def _concatenate(parts: list[InputData], spec: TensorSpec) -> np.ndarray:
-    kinds = set(map(type, parts))  # C-level: this runs for every tensor of every step
-    if kinds == {list}:
+    lists = 0
+    for part in parts:
+        if type(part) is list:
+            lists += 1
+    if lists == len(parts):
         array = codecs.rows_array(parts, spec)  # type: ignore[arg-type]
         if array is None:
             raise UncheckedRows
         return array
-    if list in kinds:
+    if lists:
         raise UncheckedRows  # rows beside arrays: settle the rows first
     arrays = cast(list[np.ndarray], parts)
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
