@@ -163,3 +163,20 @@ def test_queued_snapshot_and_drain() -> None:
     assert [q.item for q in drained] == ["a", "b"]
     assert len(sched) == 0 and sched.queued_rows == 0
     assert sched.poll(2.0) is None
+
+
+def test_growing_while_arrivals_continue_below_max_batch() -> None:
+    sched: BatchScheduler[str] = BatchScheduler(max_batch=4)
+    assert not sched.growing()  # empty
+    sched.add("a", 1, 0.0)
+    assert sched.growing()  # a first arrival: another turn may bring more
+    sched.add("b", 1, 0.1)
+    assert sched.growing()  # it grew since
+    assert not sched.growing()  # a turn without arrivals: cut now
+    assert items(sched.poll(0.2)) == ["a", "b"]
+    sched.finish()
+    sched.add("c", 1, 0.3)
+    assert sched.growing()  # the next batch starts afresh
+    sched.add("d", 3, 0.4)
+    assert not sched.growing()  # full: waiting cannot add to it
+    assert items(sched.poll(0.5)) == ["c", "d"]

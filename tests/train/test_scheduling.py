@@ -108,3 +108,41 @@ def test_training_is_answered_in_step_order(tmp_path: Path, durability: str) -> 
             for _ in range(5)
         ]
         assert steps == [1, 2, 3, 4, 5]
+
+
+def test_train_requests_arriving_over_loop_turns_join_one_step(tmp_path: Path) -> None:
+    # One request now, then one more on each of the next loop turns (as answers of the last
+    # step come back as new requests): the step waits for them while they keep coming.
+    loop = asyncio.new_event_loop()
+    model = load_model("xor", XOR)
+    cfg = TrainConfig(enabled=True, durability="none", max_batch=8)
+    executor = Executor(
+        model, ModelStats(), max_batch=8, loop=loop, trainer=Trainer(model, cfg, tmp_path)
+    )
+    steps: list[int] = []
+    answered = {4: asyncio.Event(), 5: asyncio.Event()}
+    x = np.array([[0, 1]], dtype=np.float32)
+    y = np.array([[1]], dtype=np.float32)
+
+    def encode(request: TrainRequest, loss: float, step: int) -> Response:
+        steps.append(step)
+        if len(steps) in answered:
+            answered[len(steps)].set()
+        return Response()
+
+    def submit(more: int) -> None:
+        executor.submit_train(TrainRequest({"x": x}, {"y": y}, 1), encode)
+        if more:
+            loop.call_soon(submit, more - 1)
+
+    async def drive() -> None:
+        submit(3)
+        await answered[4].wait()
+        # Then a lone request: it waits one turn, finds nothing more, and goes alone.
+        submit(0)
+        await answered[5].wait()
+        await executor.close()
+
+    loop.run_until_complete(drive())
+    loop.close()
+    assert steps == [1, 1, 1, 1, 2]

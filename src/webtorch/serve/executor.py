@@ -14,7 +14,10 @@ runs them on one worker thread while the loop keeps accepting. For small models 
 Training (``train/trainer.py``) goes through the same executor, so no inference ever sees a
 half-updated model and no two steps race. When no step is in flight, the queued train requests
 become a group of micro-batches of up to ``train.max_batch`` rows each (usually one: every request
-that arrived while the previous step ran). With a WAL the group is written and fsynced on an I/O
+that arrived while the previous step ran). While that queue still grows from one loop turn to the
+next, below ``train.max_batch``, the group waits another turn (``BatchScheduler.growing``): the
+answers of the last step are coming back as new requests, and a step's torch cost hardly depends
+on its rows. With a WAL the group is written and fsynced on an I/O
 thread (group commit: one fsync for all of it) while the model computes the first micro-batch's
 gradients, so the disk's latency hides behind the compute. Each micro-batch's optimizer step
 follows once it is computed and logged, in log order, and only then are its requests answered.
@@ -255,6 +258,8 @@ class Executor:
             self._yielded = False
             if steps:
                 self._begin_prepare(steps[0])
+            elif self.train_scheduler is not None and self.train_scheduler.growing():
+                self._kick()  # one more loop turn: its poll adds the train requests arriving
             else:
                 self._begin_group(now)
             return
