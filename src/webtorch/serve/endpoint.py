@@ -14,7 +14,7 @@ from webtorch.serve import codecs
 from webtorch.serve.executor import Executor
 from webtorch.serve.model import LoadedModel
 from webtorch.serve.oip import Auth, require_method
-from webtorch.train.forms import TrainForms, TrainRequest
+from webtorch.train.forms import TrainForms, TrainRequest, encode_short_batch
 
 # Bound once: a compiled module reads a Final name from a C static, not a module attribute.
 _clock: Final = time.perf_counter
@@ -80,7 +80,7 @@ class ModelEndpoint:
             assert self.executor.trainer is not None
             return json_response(self.executor.trainer.status())
         decoded = forms.decode_short(request.body, request.content_type)
-        return self.executor.submit_train(decoded, _short_train)
+        return self.executor.submit_train(decoded, _short_train, encode_short_batch)
 
     def train_oip(self, request: Request) -> HandlerResult:
         request.model = self.name

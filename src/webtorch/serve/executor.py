@@ -71,6 +71,9 @@ class BatchEncoder(Protocol):
 
 
 TrainEncoder = Callable[[TrainRequest, float, int], Response]
+# The responses of a whole step's requests at once, from their losses and the step number (see
+# ``forms.encode_short_batch``).
+TrainBatchEncoder = Callable[[list[float], int], list[Response]]
 
 
 class Job(Pending):
@@ -101,9 +104,15 @@ class Job(Pending):
 class TrainJob(Pending):
     """One train request's work and its Pending."""
 
-    __slots__ = ("arrived", "encode", "request")
+    __slots__ = ("arrived", "encode", "request", "together")
 
-    def __init__(self, request: TrainRequest, encode: TrainEncoder, arrived: float) -> None:
+    def __init__(
+        self,
+        request: TrainRequest,
+        encode: TrainEncoder,
+        arrived: float,
+        together: TrainBatchEncoder | None = None,
+    ) -> None:
         self.response = None
         self._callback = None
         self._arg = None
@@ -111,6 +120,8 @@ class TrainJob(Pending):
         self.request = request
         self.encode = encode
         self.arrived = arrived
+        # Encodes this job's response with those of its step's other jobs that share it.
+        self.together = together
 
 
 class _Step:
@@ -203,7 +214,12 @@ class Executor:
             self.loop.call_soon(self._run)
         return job
 
-    def submit_train(self, request: TrainRequest, encode: TrainEncoder) -> Pending:
+    def submit_train(
+        self,
+        request: TrainRequest,
+        encode: TrainEncoder,
+        together: TrainBatchEncoder | None = None,
+    ) -> Pending:
         queue = self.train_scheduler
         if queue is None:
             raise NotFound(f"model {self.model.name!r} does not accept training")
@@ -217,7 +233,7 @@ class Executor:
                 f"{queue.max_batch}"
             )
         now = _clock()
-        job = TrainJob(request, encode, now)
+        job = TrainJob(request, encode, now, together)
         try:
             queue.add(job, request.rows, now)
         except QueueFull:
@@ -468,7 +484,39 @@ class Executor:
             return
         assert self._steps[0] is step
         self._steps.popleft()
-        for job, loss, error in zip(step.jobs, result.losses, result.errors, strict=True):
+        if not self._answer_together(step.jobs, result):
+            self._answer(step.jobs, result)
+        if result.snapshot is not None:
+            self._write_checkpoint(*result.snapshot)
+        self._kick()
+
+    def _answer_together(self, jobs: list[TrainJob], result: StepResult) -> bool:
+        """Answer a step's requests with one call when all share a batch encoder and none
+        failed; False when they do not (then :meth:`_answer` does, request by request)."""
+        together = jobs[0].together
+        if together is None:
+            return False
+        for job in jobs:  # a loop: all() of a generator costs more
+            if job.together is not together:
+                return False
+        losses: list[float] = []
+        for loss in result.losses:
+            if loss is None:
+                return False
+            losses.append(loss)
+        try:
+            responses = together(losses, result.step)
+        except Exception:  # a bug there must not lose the answers: encode one by one instead
+            log.exception("batch encoding of train answers failed for model %s", self.model.name)
+            return False
+        if len(responses) != len(jobs):
+            return False
+        for job, response in zip(jobs, responses, strict=True):
+            job.resolve(response)
+        return True
+
+    def _answer(self, jobs: list[TrainJob], result: StepResult) -> None:
+        for job, loss, error in zip(jobs, result.losses, result.errors, strict=True):
             if error is not None:
                 self.stats.errors += 1
                 response = response_for_error(
@@ -483,9 +531,6 @@ class Executor:
                 except Exception as err:
                     response = _internal(err)
             job.resolve(response)
-        if result.snapshot is not None:
-            self._write_checkpoint(*result.snapshot)
-        self._kick()
 
     def _fail_training(self, reason: str, exc: BaseException | None) -> None:
         self._train_failure = f"model {self.model.name!r}: training stopped: {reason}"

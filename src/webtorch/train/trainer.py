@@ -326,9 +326,8 @@ class Trainer:
         """Forward, loss and backward: gradients ready, weights untouched. Returns each
         request's own loss."""
         network = self.model.network
-        device = self.model.device
-        inputs = self._tensors(tensors, INPUT, self._inputs, device)
-        targets = self._tensors(tensors, TARGET, self._targets, device)
+        inputs = self._tensors(tensors, INPUT, self._inputs)
+        targets = self._tensors(tensors, TARGET, self._targets)
         spec = self.model.spec
         self._set_training(True)
         try:
@@ -477,15 +476,12 @@ class Trainer:
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    @staticmethod
     def _tensors(
-        tensors: Mapping[str, np.ndarray],
-        prefix: str,
-        specs: list[tuple[str, Any]],
-        device: torch.device,
+        self, tensors: Mapping[str, np.ndarray], prefix: str, specs: list[tuple[str, Any]]
     ) -> Tensors:
         out: Tensors = {}
-        cpu = device.type == "cpu"
+        device = self.model.device
+        cpu = self._cpu  # device.type is a call into torch each time
         for name, dt in specs:
             tensor = to_torch(tensors[prefix + name], dt)
             out[name] = tensor if cpu else tensor.to(device, non_blocking=True)
