@@ -30,9 +30,9 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final, Literal, Protocol, cast
+from typing import Any, Final, Literal, Protocol, TypeVar, cast
 
 import numpy as np
 import torch
@@ -54,6 +54,7 @@ from webtorch.train.wal import delete_segments
 _clock: Final = time.perf_counter
 
 log: Final = logging.getLogger("webtorch.serve")
+_E = TypeVar("_E")
 
 ComputeMode = Literal["loop", "thread"]
 Priority = Literal["inference", "fifo"]
@@ -493,12 +494,9 @@ class Executor:
     def _answer_together(self, jobs: list[TrainJob], result: StepResult) -> bool:
         """Answer a step's requests with one call when all share a batch encoder and none
         failed; False when they do not (then :meth:`_answer` does, request by request)."""
-        together = jobs[0].together
+        together = _shared(job.together for job in jobs)
         if together is None:
             return False
-        for job in jobs:  # a loop: all() of a generator costs more
-            if job.together is not together:
-                return False
         losses: list[float] = []
         for loss in result.losses:
             if loss is None:
@@ -649,12 +647,9 @@ class Executor:
     ) -> bool:
         """Encode the group's responses in one call when all its jobs share a batch encoder;
         False when they do not or it declines. Each request's encode time is its share."""
-        together = members[0].together
+        together = _shared(job.together for job in members)
         if together is None:
             return False
-        for job in members:  # a loop: all() of a generator costs more
-            if job.together is not together:
-                return False
         t0 = _clock()
         try:
             encoded = together.encode_batch(outputs, [job.rows for job in members])
@@ -793,6 +788,17 @@ def _rows_array(parts: list[InputData], spec: TensorSpec) -> np.ndarray:
     if array is None:
         raise _UncheckedRows
     return array
+
+
+def _shared(encoders: Iterator[_E | None]) -> _E | None:
+    """The batch encoder all of a batch's jobs share; None if one has none or another."""
+    first = next(encoders, None)
+    if first is None:
+        return None
+    for encoder in encoders:
+        if encoder is not first:
+            return None
+    return first
 
 
 def _no_encode(outputs: dict[str, np.ndarray]) -> Response:
