@@ -18,7 +18,6 @@ from webtorch.train.trainer import Trainer
 MODES_PY = """
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 import webtorch
 
 SEEN = []
@@ -101,7 +100,6 @@ def test_a_module_overriding_train_is_called(tmp_path: Path) -> None:
 GRADS_PY = """
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 import webtorch
 
 HOOKED = []
