@@ -312,10 +312,8 @@ class Trainer:
             or "step" in optimizer.__dict__  # replaced on the instance (an LR scheduler's counter)
             or optimizer._optimizer_step_pre_hooks
             or optimizer._optimizer_step_post_hooks
-            or _GLOBAL_PRE_HOOKS is None
-            or _GLOBAL_POST_HOOKS is None
-            or len(_GLOBAL_PRE_HOOKS)
-            or len(_GLOBAL_POST_HOOKS)
+            or _GLOBAL_PRE_HOOKS
+            or _GLOBAL_POST_HOOKS
             or _profiler_enabled()
         ):
             optimizer.step()
@@ -515,7 +513,7 @@ class Trainer:
 
 
 # torch.optim's registries of hooks for every optimizer's step (see Trainer._optimizer_step);
-# None if this torch keeps them elsewhere, and then the wrapper always runs.
+# None if this torch keeps them elsewhere, and then there is no bare step (_bare_step).
 _GLOBAL_PRE_HOOKS: Final[dict[Any, Any] | None] = getattr(
     optim_base, "_global_optimizer_pre_hooks", None
 )
@@ -535,8 +533,10 @@ _NUMPY_FLOATS: Final = (torch.float32, torch.float64)
 def _bare_step(optimizer: torch.optim.Optimizer) -> Callable[[torch.optim.Optimizer], Any] | None:
     """The optimizer class's own ``step``, under the profiling and hook wrapper torch.optim puts
     on it (``Optimizer.profile_hook_step``, marked ``hooked``); None where there is no such
-    wrapper to leave out."""
+    wrapper to leave out, or no registry of global hooks to check before leaving it out."""
     step = getattr(type(optimizer), "step", None)
+    if _GLOBAL_PRE_HOOKS is None or _GLOBAL_POST_HOOKS is None:
+        return None
     if not getattr(step, "hooked", False):
         return None
     return cast(Callable[[torch.optim.Optimizer], Any] | None, getattr(step, "__wrapped__", None))
