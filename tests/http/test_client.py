@@ -170,11 +170,11 @@ def test_connection_close_from_the_upstream_is_honoured() -> None:
     assert pool.idle == [] and transport.closed
 
 
-def test_a_broken_response_is_a_reset() -> None:
+def test_a_broken_response_is_an_invalid_response() -> None:
     pool, _ = make_pool()
     conn, transport = connected(pool)
     rec = exchange(conn, b"HTTP/1.1 2x0 OK\r\n\r\n")
-    assert rec.events == [("failure", Outcome.RESET)]
+    assert rec.events == [("failure", Outcome.INVALID_RESPONSE)]
     assert transport.closed
 
 
