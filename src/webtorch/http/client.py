@@ -81,7 +81,7 @@ class _Invalid(Exception):
 _KEEP: Final = 1
 _DROP: Final = 2
 # An upstream's problems (invalid responses, limits) are logged at most once per this many
-# seconds each: a misbehaving upstream must not flood the log.
+# seconds per upstream, the rest counted: a misbehaving upstream must not flood the log.
 WARN_INTERVAL: Final = 60.0
 
 
