@@ -154,3 +154,25 @@ def test_forwarding_headers_from_a_trusted_proxy_are_kept_and_extended() -> None
             assert header_values(sent, "x-forwarded-for") == [
                 "1.1.1.1, 2.2.2.2, 127.0.0.5, 127.0.0.1"
             ]
+
+
+def test_an_upgrade_request_reaches_the_upstream_as_plain_http() -> None:
+    """Until WebSocket proxying lands: a request that asks to switch protocols is answered as
+    plain HTTP/1.1 (RFC 9110 7.8 lets a server ignore Upgrade), so the upstream never sees the
+    intent (and cannot answer 101), and the connection closes after the answer."""
+    with upstreams("a") as (a,), proxy([a.address]) as running:
+        head = (
+            b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        status, body = raw(running, head)
+        assert status == 200
+        names = {k for k, _ in json.loads(body)["headers"]}
+        assert "upgrade" not in names and "connection" not in names
+
+
+def test_proxy_connection_and_te_are_not_forwarded() -> None:
+    with upstreams("a") as (a,), proxy([a.address]) as running:
+        sent = echo(running, headers={"Proxy-Connection": "keep-alive", "TE": "trailers"})
+        names = {k for k, _ in sent["headers"]}
+        assert "proxy-connection" not in names and "te" not in names
