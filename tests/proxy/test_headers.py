@@ -176,3 +176,15 @@ def test_proxy_connection_and_te_are_not_forwarded() -> None:
         sent = echo(running, headers={"Proxy-Connection": "keep-alive", "TE": "trailers"})
         names = {k for k, _ in sent["headers"]}
         assert "proxy-connection" not in names and "te" not in names
+
+
+@pytest.mark.parametrize(
+    ("peer", "node"), [("::1", b'for="[::1]"'), ("10.0.0.1", b"for=10.0.0.1"), ("", b"for=unknown")]
+)
+def test_forwarded_node_forms(peer: str, node: bytes) -> None:
+    from webtorch.http.messages import Request
+    from webtorch.proxy.headers import TrustedProxies, request_head
+
+    request = Request("GET", "/", "", [(b"host", b"h:1")], b"", "1.1", True, peer, target=b"/")
+    head = request_head(request, TrustedProxies([]), b"", b"up:1")
+    assert b'\r\nforwarded: %s;host="h:1";proto=http\r\n' % node in head

@@ -185,8 +185,11 @@ def _real_client(chain: bytes, trusted: TrustedProxies) -> bytes | None:
 
 
 def _node(address: bytes) -> bytes:
-    """An address as a Forwarded ``for=`` node (RFC 7239 6): IPv6 in quoted brackets."""
-    return b'"[%s]"' % address if _COLON in address else address
+    """An address as a Forwarded ``for=`` node (RFC 7239 6): IPv6 in quoted brackets, and
+    ``unknown`` when there is none (a Unix socket's peer)."""
+    if _COLON in address:
+        return b'"[%s]"' % address
+    return address or b"unknown"
 
 
 def request_head(
