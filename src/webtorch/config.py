@@ -349,6 +349,10 @@ class UpstreamConfig(_Strict):
     connect_timeout: Annotated[float, Field(gt=0)] = 5.0
     read_timeout: Annotated[float, Field(gt=0)] = 60.0
     total_timeout: Annotated[float, Field(ge=0)] = 0.0
+    # Bounds on a response's head (status line, headers and interim 1xx heads), nginx's
+    # proxy_buffer_size: above either the client gets a 502 and the upstream is logged.
+    max_response_header_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
+    max_response_headers: Annotated[int, Field(gt=0)] = 100
     # Passive health, nginx's max_fails / fail_timeout (max_fails = 0: off).
     max_fails: Annotated[int, Field(ge=0)] = 1
     fail_timeout: Annotated[float, Field(gt=0)] = 10.0
