@@ -281,3 +281,68 @@ def test_truncate_through_deletes_whole_old_segments(tmp_path: Path) -> None:
     wal, records = open_log(tmp_path)
     assert_batches(records, [7, 8])
     wal.close()
+
+
+# --- a torn tail versus damage in the middle (issue 19, item 8) ---
+
+
+def ten_records(directory: Path) -> tuple[Path, list[int]]:
+    """One segment of ten real records, synced; returns it and each record's offset."""
+    wal, _ = open_log(directory)
+    offsets = [0]
+    for seq in range(1, 11):
+        offsets.append(offsets[-1] + wal.append(seq, batch(seq)))
+        wal.sync()
+    wal.close()
+    (path,) = directory.glob("wal-*.log")
+    return path, offsets[:-1]
+
+
+@pytest.mark.parametrize("where", ["payload", "length"])
+def test_damage_before_intact_records_refuses_and_leaves_the_file(
+    tmp_path: Path, where: str
+) -> None:
+    path, offsets = ten_records(tmp_path)
+    data = bytearray(path.read_bytes())
+    if where == "payload":
+        data[offsets[4] + 40] ^= 0xFF  # a byte inside record 5's payload
+    else:
+        data[offsets[4] + 7] = 0x7F  # record 5's length now runs past the end of the file
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(WalCorrupt) as caught:
+        open_log(tmp_path)
+    message = str(caught.value)
+    assert f"{path}: offset {offsets[4]}: " in message
+    assert f"intact record follows at offset {offsets[5]}" in message
+    assert "not a torn tail" in message
+    assert path.read_bytes() == bytes(data)  # nothing cut: the records after it survive
+
+
+def test_damage_in_the_last_record_is_a_torn_tail(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, offsets = ten_records(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    with caplog.at_level(logging.WARNING, logger="webtorch.train.wal"):
+        wal, records = open_log(tmp_path)
+    assert_batches(records, list(range(1, 10)))
+    assert f"cutting torn WAL tail: {path} at offset {offsets[9]}" in caplog.text
+    assert path.stat().st_size == offsets[9]
+    wal.close()
+
+
+def test_a_torn_group_of_records_is_cut_whole(tmp_path: Path) -> None:
+    # A crash in the middle of one write of several records: the first is cut short, the
+    # others never reached the disk. Bytes of the half-written record that look like a frame
+    # header but fail the crc are no intact record.
+    path, offsets = ten_records(tmp_path)
+    torn = encode_record(11, batch(11))
+    with path.open("ab") as f:
+        f.write(torn[: len(torn) // 2] + torn[:24])
+    wal, records = open_log(tmp_path)
+    assert [r.seq for r in records] == list(range(1, 11))
+    wal.close()

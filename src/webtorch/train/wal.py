@@ -16,8 +16,10 @@ file shell: a directory of segments ``wal-{first_seq:016d}.log``. Appends are wr
 and :meth:`WriteAheadLog.sync` makes everything appended so far durable with one fsync (group
 commit: one sync per request, however many micro-batches it holds). A crash can therefore leave a
 half-written record at the end of the last segment; :meth:`WriteAheadLog.recover` cuts such a torn
-tail, since nothing in it was ever acknowledged. A bad record anywhere else was synced once and is
-real corruption, which is never silently dropped. Whole segments are deleted once a checkpoint
+tail, since nothing in it was ever acknowledged. A torn tail is a bad record in the last segment
+with no intact record after it (:func:`valid_frame_after`). A bad record anywhere else, or one
+followed by an intact record, was synced once and is real corruption, which is never silently
+dropped: recovery raises :class:`WalCorrupt` naming the segment and offset and changes nothing. Whole segments are deleted once a checkpoint
 covers them, which is why :meth:`WriteAheadLog.rotate` exists.
 """
 
@@ -110,6 +112,31 @@ def decode_records(data: bytes | memoryview) -> ScanResult:
     return ScanResult(records, offset, error)
 
 
+def valid_frame_after(data: bytes, offset: int) -> int | None:
+    """The offset of the first intact record (magic, a length that fits, matching crc) that
+    starts after ``offset``, or None.
+
+    Tells a torn tail from damage in the middle: a crash mid-write leaves at most the records of
+    the last write, half-written, with nothing intact after the tear; an intact record after a
+    bad one means acknowledged records follow the damage. Only checks frames, not payloads: a
+    crc match on garbage is a 1-in-2**32 chance. (A training example could embed a crafted frame
+    in its own payload; if that record is then torn, start is refused: safe, never lossy.)
+    """
+    view = memoryview(data)
+    position = offset + 1
+    while (start := data.find(MAGIC, position)) >= 0:
+        position = start + 1
+        if len(view) - start < _HEADER.size:
+            return None
+        _, length, crc, seq = _HEADER.unpack_from(view, start)
+        body = start + _HEADER.size
+        if len(view) - body < length:
+            continue
+        if zlib.crc32(view[body : body + length], zlib.crc32(_SEQ.pack(seq))) == crc:
+            return start
+    return None
+
+
 def delete_segments(paths: list[Path]) -> None:
     """Unlink segments :meth:`WriteAheadLog.detach_through` let go, durably."""
     for path in paths:
@@ -166,9 +193,17 @@ class WriteAheadLog:
         expected: int | None = None
         scan = ScanResult([], 0, None)
         for i, (first_seq, path) in enumerate(found):
-            scan = decode_records(path.read_bytes())
+            data = path.read_bytes()
+            scan = decode_records(data)
             if scan.error is not None and i < len(found) - 1:
                 raise WalCorrupt(f"{path}: offset {scan.valid_bytes}: {scan.error}")
+            if scan.error is not None and (
+                after := valid_frame_after(data, scan.valid_bytes)
+            ) is not None:
+                raise WalCorrupt(
+                    f"{path}: offset {scan.valid_bytes}: {scan.error}, but an intact record "
+                    f"follows at offset {after}: damage in the middle, not a torn tail"
+                )
             if expected is not None and first_seq != expected:
                 raise WalCorrupt(f"{path}: offset 0: segment starts at {first_seq}, not {expected}")
             expected = first_seq
