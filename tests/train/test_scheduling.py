@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import XOR, serve_in_thread
 from tests.serve.test_server_models import call, predict
 from tests.train.test_endpoints import train_config
+from tests.train.test_wal import FullDisk
 from webtorch.config import TrainConfig
 from webtorch.http.messages import Response
 from webtorch.observe.metrics import ModelStats
@@ -79,23 +80,30 @@ def test_fifo_serves_the_older_queue_first(tmp_path: Path) -> None:
 
 
 def test_a_failing_log_stops_training_and_keeps_inference(tmp_path: Path) -> None:
-    # The next record goes to a full disk: every write to /dev/full fails with ENOSPC.
-    with (
-        open("/dev/full", "r+b", buffering=0) as full,
-        serve_in_thread(train_config(tmp_path)) as running,
-    ):
+    cfg = train_config(tmp_path)
+    body = {"inputs": [[0, 1]], "targets": [[1]]}
+    with serve_in_thread(cfg) as running:
+        assert call(running, "POST", "/models/xor/train", body).status == 200
+        after_one = predict(running, "xor", [[0, 1]]).json()
         trainer = running.app.repository.served["xor"].trainer
-        assert trainer is not None
-        assert trainer.wal is not None
-        trainer.wal._file = full
-        body = {"inputs": [[0, 1]], "targets": [[1]]}
-        reply = call(running, "POST", "/models/xor/train", body)
-        assert reply.status == 503
-        assert "write-ahead log failed" in reply.json()["error"]
-        again = call(running, "POST", "/models/xor/train", body)
-        assert again.status == 503 and "training stopped" in again.json()["error"]
-        assert predict(running, "xor", [[0, 1]]).status == 200  # inference goes on
-        assert call(running, "GET", "/models/xor/train").json()["step"] == 0
+        assert trainer is not None and trainer.wal is not None
+        # The disk fills (every write: ENOSPC), then space returns before shutdown.
+        with FullDisk(trainer.wal):
+            reply = call(running, "POST", "/models/xor/train", body)
+            assert reply.status == 503
+            assert "write-ahead log failed" in reply.json()["error"]
+            again = call(running, "POST", "/models/xor/train", body)
+            assert again.status == 503 and "training stopped" in again.json()["error"]
+            assert predict(running, "xor", [[0, 1]]).json() == after_one  # not applied
+            assert predict(running, "xor", [[0, 1]]).status == 200  # inference goes on
+            status = call(running, "GET", "/models/xor/train").json()
+            assert (status["step"], status["examples"]) == (1, 1)
+    # The example answered 503 was never applied, and a restart must not apply it either: its
+    # client will retry it.
+    with serve_in_thread(cfg) as running:
+        status = call(running, "GET", "/models/xor/train").json()
+        assert (status["step"], status["examples"]) == (1, 1)
+        assert predict(running, "xor", [[0, 1]]).json() == after_one
 
 
 @pytest.mark.parametrize("durability", ["none", "wal"])

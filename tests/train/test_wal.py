@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -339,10 +341,97 @@ def test_a_torn_group_of_records_is_cut_whole(tmp_path: Path) -> None:
     # A crash in the middle of one write of several records: the first is cut short, the
     # others never reached the disk. Bytes of the half-written record that look like a frame
     # header but fail the crc are no intact record.
-    path, offsets = ten_records(tmp_path)
+    path, _ = ten_records(tmp_path)
     torn = encode_record(11, batch(11))
     with path.open("ab") as f:
         f.write(torn[: len(torn) // 2] + torn[:24])
     wal, records = open_log(tmp_path)
     assert [r.seq for r in records] == list(range(1, 11))
     wal.close()
+
+
+# --- a failed write or sync rolls back what was not acknowledged (issue 19, item 9) ---
+
+
+class FullDisk:
+    """Points the WAL's segment descriptor at /dev/full (every write: ENOSPC) until the block
+    ends, then gives it its file back: the disk fills, and space returns."""
+
+    def __init__(self, wal: WriteAheadLog) -> None:
+        self.wal = wal
+
+    def __enter__(self) -> None:
+        self.saved = os.dup(self.wal._fd)
+        full = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, self.wal._fd)
+        os.close(full)
+
+    def __exit__(self, *exc: object) -> None:
+        os.dup2(self.saved, self.wal._fd)
+        os.close(self.saved)
+
+
+def test_a_failed_sync_drops_the_unsynced_records(tmp_path: Path) -> None:
+    wal, _ = open_log(tmp_path)
+    wal.append(1, batch(1))
+    wal.append(2, batch(2))
+    wal.sync()
+    wal.append(3, batch(3))
+    with FullDisk(wal), pytest.raises(OSError, match="No space left"):
+        wal.sync()
+    with pytest.raises(RuntimeError, match="restart and recover"):
+        wal.append(4, batch(4))
+    wal.close()  # space is back: closing must not write record 3 after all
+    assert_batches(open_log(tmp_path)[1], [1, 2])
+
+
+def test_a_failed_group_is_rolled_back_across_a_rotation(tmp_path: Path) -> None:
+    # Record 3 reached the old segment, durably, when record 4 began a new one; the group
+    # failed, so neither was acknowledged and neither may be replayed.
+    wal, _ = open_log(tmp_path)
+    for seq in (1, 2):
+        wal.append(seq, batch(seq))
+    wal.sync()
+    size = (tmp_path / "wal-0000000000000001.log").stat().st_size
+    wal.append(3, batch(3))
+    wal.rotate()
+    wal.append(4, batch(4))
+    assert segments(tmp_path) == ["wal-0000000000000001.log", "wal-0000000000000004.log"]
+    with FullDisk(wal), pytest.raises(OSError):
+        wal.sync()
+    assert segments(tmp_path) == ["wal-0000000000000001.log"]
+    assert (tmp_path / "wal-0000000000000001.log").stat().st_size == size
+    wal.close()
+    wal, records = open_log(tmp_path)
+    assert_batches(records, [1, 2])
+    wal.append(3, batch(3))  # the log goes on from the last acknowledged record
+    wal.close()
+    assert_batches(open_log(tmp_path)[1], [1, 2, 3])
+
+
+# --- permissions (issue 19, item 7) ---
+
+
+def test_segments_and_created_directories_are_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        wal, _ = open_log(tmp_path / "state" / "wal")
+        wal.append(1, batch(1))
+        wal.rotate()
+        wal.append(2, batch(2))
+        wal.close()
+    finally:
+        os.umask(old)
+    for directory in (tmp_path / "state", tmp_path / "state" / "wal"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    for path in (tmp_path / "state" / "wal").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_recovery_makes_old_world_readable_segments_private(tmp_path: Path) -> None:
+    path = tmp_path / "wal-0000000000000001.log"
+    path.write_bytes(encode_record(1, batch(1)))
+    path.chmod(0o644)
+    wal, _ = open_log(tmp_path)
+    wal.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from webtorch.train.wal import fsync_directory
+from webtorch.train.wal import fsync_directory, make_private_dir
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def write_checkpoint(
         "optimizer": snap.optimizer_json,
         "crc32": _crc32(snap.tensors),
     }
-    directory.mkdir(parents=True, exist_ok=True)
+    make_private_dir(directory)  # 0700, like the temp file mkstemp makes 0600
     fd, name = tempfile.mkstemp(dir=directory, prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX)
     os.close(fd)
     temp = Path(name)
