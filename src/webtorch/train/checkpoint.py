@@ -28,7 +28,7 @@ import re
 import tempfile
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ class Snapshot:
 
     tensors: dict[str, torch.Tensor]
     optimizer_json: str
+    extra: dict[str, str] = field(default_factory=dict)
+    """Metadata entries the caller adds (the trainer's counters), written with the tensors."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,7 +92,7 @@ def write_checkpoint(
     directory: Path, step: int, snap: Snapshot, extra: Mapping[str, str] | None = None
 ) -> Path:
     """Write ``snap`` as the checkpoint for ``step``, atomically; returns its path."""
-    extra = dict(extra or {})
+    extra = {**snap.extra, **(extra or {})}
     if clash := _RESERVED & extra.keys():
         raise ValueError(f"reserved checkpoint metadata keys: {sorted(clash)}")
     metadata = {
@@ -158,6 +160,11 @@ def prune(directory: Path, keep: int = 2) -> list[Path]:
     if doomed:
         fsync_directory(directory)
     return doomed
+
+
+def steps(directory: Path) -> list[int]:
+    """The steps of the checkpoints in ``directory``, oldest first."""
+    return sorted(step for step, _ in _checkpoints(directory)) if directory.is_dir() else []
 
 
 def _checkpoints(directory: Path) -> Iterator[tuple[int, Path]]:
