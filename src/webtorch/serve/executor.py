@@ -21,6 +21,9 @@ on its rows. With a WAL the group is written and fsynced on an I/O
 thread (group commit: one fsync for all of it) while the model computes the first micro-batch's
 gradients, so the disk's latency hides behind the compute. Each micro-batch's optimizer step
 follows once it is computed and logged, in log order, and only then are its requests answered.
+A train request repeating the idempotency key of one applied already is answered as that one was
+(:meth:`Trainer.answered`); one repeating a key queued or in flight waits for its answer. Neither
+is applied again.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Atomic training checkpoints: weights plus optimizer state in one safetensors file.
 
-A checkpoint is ``checkpoint-{step:016d}.safetensors``, where ``step`` is the last optimizer step it
+A checkpoint is ``checkpoint-{step:016d}.safetensors``, where ``step`` is the last micro-batch it
 includes, i.e. its position in the write-ahead log: recovery loads it and replays the WAL from
-``step + 1``. Inside:
+``step + 1``. (The trainer's own counters, optimizer steps taken among them, are extra entries.)
+Inside:
 
 - tensors ``model.{key}`` (``network.state_dict()``) and ``optim.{param_id}.{key}`` (the tensors
   in ``optimizer.state_dict()["state"]``);

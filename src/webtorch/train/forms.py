@@ -155,7 +155,10 @@ class TrainForms:
                 f"{len(body) - offset} bytes of binary data are not claimed by any tensor"
             )
         raw_id = doc.get("id")
-        return self._request(inputs, targets, None if raw_id is None else str(raw_id))
+        if raw_id is not None and type(raw_id) is not str:
+            # Echoed back: str() of an object would answer a Python repr.
+            raise BadRequest(f"'id' must be a string, got {type(raw_id).__name__}")
+        return self._request(inputs, targets, raw_id)
 
     @staticmethod
     def encode_short(loss: float, step: int) -> Response:

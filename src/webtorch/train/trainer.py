@@ -14,9 +14,18 @@ So an acknowledged example is in the log, and recovery replays logged micro-batc
 same two phases in the same order, which reproduces the weights bit for bit on CPU. A logged
 micro-batch may hold a request that breaks the model; ``prepare`` isolates it by a rule that
 depends only on the batch (each request alone, then the good ones together), so replay makes the
-same decision. Checkpoints (weights, optimizer state, the step they include) bound the replay and
-let old log segments go. Without a WAL (``"checkpoint"``), a crash loses the steps since the last
-checkpoint; ``"none"`` persists nothing.
+same decision. Checkpoints (weights, optimizer state, the micro-batch they include, the counters
+and the remembered idempotency answers) bound the replay and let old log segments go: those
+before the oldest kept checkpoint. Without a WAL (``"checkpoint"``), a crash loses the steps since
+the last checkpoint; ``"none"`` persists nothing.
+
+Micro-batches are numbered by ``seq``, their position in the log. ``step`` counts optimizer
+steps: a micro-batch whose every request was refused takes a seq (it was logged before that was
+known) but no step.
+
+A request with an idempotency key is applied once: its key goes into the micro-batch's log record,
+and :meth:`Trainer.apply` remembers its answer (the newest ``train.idempotency_keys`` of them),
+which replay rebuilds, so a retry after a restart finds it too (:meth:`Trainer.answered`).
 """
 
 from __future__ import annotations
