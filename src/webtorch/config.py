@@ -183,7 +183,7 @@ class TrainConfig(_Strict):
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2  # the WAL is kept from the oldest on
     # Train requests with an Idempotency-Key header answered (and applied) once: a retry gets
     # the first answer. The newest this many keys are remembered (in checkpoints and the WAL).
-    idempotency_keys: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    idempotency_keys: Annotated[int, Field(ge=1, le=100_000)] = 10_000
     # inference: a queued inference batch runs before a ready training step (which then waits for
     # at most one inference batch, so training slows under load but never stops); fifo: the
     # older of the two goes first.

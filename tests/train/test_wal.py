@@ -435,3 +435,21 @@ def test_recovery_makes_old_world_readable_segments_private(tmp_path: Path) -> N
     wal, _ = open_log(tmp_path)
     wal.close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_discard_after_cuts_logged_records_that_were_never_applied(tmp_path: Path) -> None:
+    wal, _ = open_log(tmp_path)
+    wal.append(1, batch(1))
+    wal.sync()
+    size = (tmp_path / "wal-0000000000000001.log").stat().st_size
+    wal.append(2, batch(2))  # one group: 2 in the old segment, 3 in a new one
+    wal.rotate()
+    wal.append(3, batch(3))
+    wal.sync()
+    wal.discard_after(1)  # step 2 failed: neither 2 nor 3 was applied
+    with pytest.raises(RuntimeError, match="restart and recover"):
+        wal.append(4, batch(4))
+    wal.close()
+    assert segments(tmp_path) == ["wal-0000000000000001.log"]
+    assert (tmp_path / "wal-0000000000000001.log").stat().st_size == size
+    assert_batches(open_log(tmp_path)[1], [1])

@@ -606,9 +606,26 @@ class Executor:
         for followers in self._keyed.values():
             jobs += followers
         self._keyed.clear()
+        trainer = self.trainer
+        if self._wal_io is not None and trainer is not None:
+            # What was logged but not applied is answered 503 below: it must not be replayed
+            # after a restart (a client retrying its 503 would be trained on twice). After the
+            # log call in flight, on the same thread.
+            cut = self.loop.run_in_executor(self._wal_io, trainer.discard_unapplied, trainer.seq)
+            cut.add_done_callback(self._discarded)
         for job in jobs:
             job.resolve(response)
         self._kick()
+
+    def _discarded(self, fut: asyncio.Future[None]) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            log.error(
+                "model %s: could not cut the unapplied steps from the WAL: a restart may apply "
+                "requests that were answered 503",
+                self.model.name,
+                exc_info=exc,
+            )
 
     def _write_checkpoint(self, number: int, snap: Snapshot) -> None:
         task = self.loop.create_task(self._checkpoint(number, snap))

@@ -68,7 +68,9 @@ KEY_LENGTHS: Final = "key_lengths"
 STEPS_META: Final = "steps"
 EXAMPLES_META: Final = "examples"
 ANSWERS_META: Final = "idempotency"
-MAX_ERROR_KEPT: Final = 500  # characters of a remembered error answer
+# Characters of a remembered error answer: the answers go into checkpoint metadata, which
+# safetensors caps at 100 MB (100,000 keys of 128 characters plus this fit well within it).
+MAX_ERROR_KEPT: Final = 200
 
 Answer = tuple[int, float | None, str | None]
 """A keyed request's answer: the step after it, and its loss or the error that refused it."""
@@ -557,6 +559,12 @@ class Trainer:
         assert self.wal is not None
         self.wal.rotate()
         return self.wal.detach_through(seq)
+
+    def discard_unapplied(self, seq: int) -> None:
+        """Cut the micro-batches after ``seq`` from the WAL (WAL thread): training stopped with
+        them logged but not applied, and their requests answered with an error."""
+        if self.wal is not None:
+            self.wal.discard_after(seq)
 
     def close(self) -> None:
         if self.wal is not None:

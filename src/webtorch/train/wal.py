@@ -212,6 +212,12 @@ class WriteAheadLog:
         # begun since: what a failure rolls back to.
         self._synced: tuple[Path, int] | None = None
         self._begun: list[Path] = []
+        # Where each record of the last synced group and of the pending one starts (seq,
+        # segment, offset): :meth:`discard_after` cuts records that were logged but never
+        # applied. Only the newest group can hold such records: a group is logged only once
+        # every step of the one before it was applied.
+        self._synced_group: list[tuple[int, Path, int]] = []
+        self._group: list[tuple[int, Path, int]] = []
         self._last_seq: int | None = None
         self._synced_seq: int | None = None
         self._rotate_pending = False
@@ -270,6 +276,8 @@ class WriteAheadLog:
         self._pending = []
         self._begun = []
         self._synced = None
+        self._synced_group = []
+        self._group = []
         if found:
             path = found[-1][1]
             if scan.error is not None:
@@ -308,6 +316,7 @@ class WriteAheadLog:
             except BaseException:
                 self._fail()
                 raise
+        self._group.append((seq, segments[-1][1], self._size))
         self._pending.append(record)
         self._size += len(record)
         self._last_seq = seq
@@ -333,6 +342,9 @@ class WriteAheadLog:
         self._synced = (segments[-1][1], self._size)
         self._begun = []
         self._synced_seq = self._last_seq
+        if self._group:
+            self._synced_group = self._group
+            self._group = []
 
     def rotate(self) -> None:
         """Start a new segment at the next append, so older ones can later be deleted whole."""
@@ -354,6 +366,35 @@ class WriteAheadLog:
         while len(segments) > 1 and segments[1][0] <= seq + 1:
             detached.append(segments.pop(0)[1])
         return detached
+
+    def discard_after(self, seq: int) -> None:
+        """Cut every record after ``seq`` and refuse further use: their steps failed, so their
+        requests were answered with an error, and a replay must not apply them after all.
+
+        Works after a failed sync too (which rolled back only what it had not synced)."""
+        segments = self._segments
+        if segments is None:
+            raise RuntimeError("the write-ahead log is not open: call recover() first")
+        self._failed = True
+        self._pending = []
+        cut = next((p for p in self._synced_group + self._group if p[0] > seq), None)
+        self._synced_group = []
+        self._group = []
+        if cut is None:
+            return
+        _, path, offset = cut
+        while segments and segments[-1][1] != path:
+            segments.pop()[1].unlink(missing_ok=True)  # begun by the records cut
+        os.truncate(path, offset)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_directory(self._dir)
+        logger.warning(
+            "WAL %s cut at offset %d: records after %d were never applied", path, offset, seq
+        )
 
     def close(self) -> None:
         """Sync (unless a write failed) and close; :meth:`recover` reopens the log."""
@@ -405,6 +446,7 @@ class WriteAheadLog:
         it had then (by path: the descriptor may be what failed)."""
         self._failed = True
         self._pending = []
+        self._group = []
         self._last_seq = self._synced_seq
         segments = self._segments
         try:
