@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from tests.conftest import serve_in_thread
 from tests.serve.test_server_models import Reply, call, predict, read_reply, send_together
@@ -281,3 +282,9 @@ def test_training_state_is_private(tmp_path: Path) -> None:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
     assert {p.parent.name for p in root.rglob("*.*")} == {"wal", "checkpoints"}
+
+
+@pytest.mark.parametrize("count", [0, 100_001])
+def test_idempotency_keys_is_bounded(count: int) -> None:
+    with pytest.raises(ValidationError, match="idempotency_keys"):
+        TrainConfig(enabled=True, idempotency_keys=count)
