@@ -118,6 +118,21 @@ def test_keep_checkpoints_2_falls_back_to_the_older_one(tmp_path: Path) -> None:
     assert again.stats.replayed == 4
     assert state(again) == expected
 
+    # The damaged one is set aside, so it does not take a kept fallback's place: after the next
+    # checkpoint, the one at 6 is still a fallback with its WAL.
+    assert sorted(p.name for p in (tmp_path / "s" / "checkpoints").iterdir()) == [
+        "checkpoint-0000000000000006.safetensors",
+        "checkpoint-0000000000000008.safetensors.damaged",
+    ]
+    step(again, 1.5)
+    checkpoint(again)
+    step(again, 1.625)
+    expected = state(again)
+    again.close()
+    damage(tmp_path / "s" / "checkpoints" / "checkpoint-0000000000000011.safetensors")
+    third = fragile_trainer(tmp_path, keep_checkpoints=2)
+    assert third.stats.replayed == 6 and state(third) == expected
+
 
 def test_the_whole_log_is_kept_until_keep_checkpoints_exist(tmp_path: Path) -> None:
     # One checkpoint and keep_checkpoints = 2: the fallback is the initial weights.

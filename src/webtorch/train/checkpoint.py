@@ -46,6 +46,7 @@ FORMAT = "webtorch-checkpoint-1"
 _RESERVED = frozenset({"format", "step", "optimizer", "crc32"})
 _NAME = re.compile(r"checkpoint-(\d{16})\.safetensors")
 _TEMP_PREFIX, _TEMP_SUFFIX = ".checkpoint-", ".tmp"
+DAMAGED_SUFFIX = ".damaged"
 _TUPLE = "__tuple__"  # JSON has no tuples; optimizers compare and unpack them, so keep them
 
 
@@ -121,15 +122,28 @@ def write_checkpoint(
     return final
 
 
-def load_latest(directory: Path) -> Checkpoint | None:
-    """The newest checkpoint that loads and validates; damaged ones are skipped with a warning."""
+def load_latest(directory: Path, *, set_aside: bool = False) -> Checkpoint | None:
+    """The newest checkpoint that loads and validates; damaged ones are skipped with a warning.
+
+    With ``set_aside``, a damaged one is renamed ``<name>.damaged`` (kept as evidence): left in
+    place it would count as one of the ``keep`` newest when pruning, and the WAL is kept only
+    from the oldest kept checkpoint on, so a damaged one would take a real fallback's place.
+    """
     if not directory.is_dir():
         return None
     for step, path in sorted(_checkpoints(directory), reverse=True):
         try:
             return _load(step, path)
-        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        except OSError as exc:  # perhaps passing (EIO, permissions): not set aside
             logger.warning("skipping unreadable checkpoint %s: %s", path, exc)
+        except (ValueError, KeyError, TypeError, SafetensorError) as exc:
+            if set_aside:
+                aside = path.with_name(path.name + DAMAGED_SUFFIX)
+                os.replace(path, aside)
+                fsync_directory(directory)
+                logger.warning("damaged checkpoint %s set aside as %s: %s", path, aside.name, exc)
+            else:
+                logger.warning("skipping damaged checkpoint %s: %s", path, exc)
     return None
 
 

@@ -199,7 +199,7 @@ class Trainer:
         """Load the newest valid checkpoint, then replay the WAL records after it, in order."""
         if self.durability == "none":
             return
-        checkpoint = ckpt.load_latest(self.checkpoint_dir)
+        checkpoint = ckpt.load_latest(self.checkpoint_dir, set_aside=True)
         # The counters start from the checkpoint's (the stats object outlives a reload).
         self.stats.examples = self.stats.steps = self.stats.checkpoint_step = 0
         if checkpoint is not None:
