@@ -2,8 +2,9 @@
 
 Sans-IO and cheap, because it runs for every request before its handler. A request is cut into
 *parts* (the path, the query, each header line, the body prefix), each normalised the way an attack
-means rather than how it is spelled: percent-decoded twice (double encoding is a classic evasion),
-``+`` as space, lower case. Per part we compute:
+means rather than how it is spelled: percent escapes (``%u`` too) and HTML character references
+decoded layer by layer to a fixpoint (double and triple encoding are classic evasions), ``+`` as
+space, lower case. Per part we compute:
 
 - hashed byte 3-grams, which the detector reads as a bag (fastText-style): what a byte-level
   CNN's first layer learns, for a fraction of its cost;
@@ -83,8 +84,16 @@ class RequestView:
 
 
 def normalise(raw: bytes) -> bytes:
-    """Percent-decode twice, ``+`` as space, lower-case, every digit as ``0``: what an attack
-    means, not its spelling.
+    """Decode what a client may have encoded, then ``+`` as space, lower-case, every digit as
+    ``0``: what an attack means, not its spelling.
+
+    Decoding runs to a fixpoint, at most :data:`DECODE_ROUNDS` rounds, each undoing one layer
+    of percent escapes (``%27``, and IIS's ``%u0027``) and of HTML character references
+    (``&#39;``, ``&#x27;``, ``&quot;``): double, triple and ``%u`` encoding are classic
+    evasions, and a layer the detector does not undo is a layer the payload hides under.
+    Bounded, because each round costs a pass over the part. The first two rounds are what the
+    shipped detector was trained with; later rounds only change parts that are still encoded
+    after two (benign traffic almost never is).
 
     Digits, because which number a request carries is noise to the detector: sqlmap's
     ``AND 8745=8745`` and fray's ``OR 1=1`` are one shape, and a session id, a price or a
@@ -92,11 +101,52 @@ def normalise(raw: bytes) -> bytes:
     With it, detection on the test split at 0.066 % benign false positives went from 81 % to
     87 % (block 0.99), the largest single gain of any change tried."""
     text = raw.replace(b"+", b" ")
-    for _ in range(2):
-        if _PERCENT_BYTE not in text:  # an int needle: a bytes one first fails as an int (0.1 us)
+    for _ in range(DECODE_ROUNDS):
+        # Int needles: a bytes needle first fails as an int (0.1 us); the common part (no
+        # escape, no reference) costs two scans.
+        escaped = _PERCENT_BYTE in text
+        if not escaped and _AMP_BYTE not in text:
             break
-        text = unquote_to_bytes(text)
+        decoded = text
+        if escaped:
+            if b"%u" in decoded or b"%U" in decoded:
+                decoded = _U_ESCAPE.sub(_u_char, decoded)
+            decoded = unquote_to_bytes(decoded)
+        if _AMP_BYTE in decoded and _SEMI_OR_HASH.search(decoded) is not None:
+            decoded = _ENTITY.sub(_entity_char, decoded)
+        if decoded == text:
+            break
+        text = decoded
     return text.lower().translate(_ZERO_DIGITS)
+
+
+DECODE_ROUNDS = 4  # layers of encoding undone, at most
+_AMP_BYTE = ord("&")
+_U_ESCAPE = re.compile(rb"%[uU]([0-9a-fA-F]{4})")
+# Numeric references (the ``;`` is optional for browsers) and the named ones that spell the
+# characters attacks need.
+_ENTITY = re.compile(rb"&(?:#([0-9]{1,7});?|#[xX]([0-9a-fA-F]{1,6});?|(lt|gt|quot|apos|amp);)")
+_SEMI_OR_HASH = re.compile(rb"&(?:#|[a-z]{2,4};)")
+_NAMED = {b"lt": b"<", b"gt": b">", b"quot": b'"', b"apos": b"'", b"amp": b"&"}
+
+
+def _char(code: int) -> bytes:
+    if code > 0x10FFFF:
+        return b"?"
+    return chr(code).encode("utf-8", "replace")
+
+
+def _u_char(match: re.Match[bytes]) -> bytes:
+    return _char(int(match.group(1), 16))
+
+
+def _entity_char(match: re.Match[bytes]) -> bytes:
+    decimal, hexadecimal, name = match.groups()
+    if decimal is not None:
+        return _char(int(decimal))
+    if hexadecimal is not None:
+        return _char(int(hexadecimal, 16))
+    return _NAMED[name]
 
 
 _ZERO_DIGITS = bytes.maketrans(b"123456789", b"000000000")
