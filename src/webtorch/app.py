@@ -278,6 +278,7 @@ class App:
             settings.client_key,
             feedback=self.feedback,
             trusted=self.auth.valid if self.config.server.bearer_token is not None else None,
+            trusted_proxies=self.config.server.trusted_proxies,
         )
 
     def _guard_feedback(self, request: Request) -> HandlerResult:

@@ -453,8 +453,14 @@ class GuardConfig(_Strict):
     surge_rate: Annotated[float, Field(ge=0)] = 0.0
     surge_factor: Annotated[float, Field(gt=1)] = 4.0
     surge_min_rate: Annotated[float, Field(gt=0)] = 1000.0
-    # Clients whose recent history is kept (least recently seen forgotten first).
+    # Clients whose recent history is kept (least recently seen forgotten first); also the
+    # most bans held at once.
     max_clients: Annotated[int, Field(gt=0)] = 100_000
+    # With client_key = "header:...": client keys new to the guard per second from one address,
+    # and their burst (a token bucket of the address). Past it, requests bearing new keys get
+    # 429: rotating keys cannot dodge `rate` nor grow the client table.
+    new_keys_rate: Annotated[float, Field(gt=0)] = 10.0
+    new_keys_burst: Annotated[float, Field(ge=1)] = 100.0
     # Addresses or CIDR blocks never checked, and always refused.
     allow: list[str] = []
     deny: list[str] = []

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import ipaddress
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +39,7 @@ from webtorch.http.messages import (
     error_response,
     response_for_error,
 )
+from webtorch.proxy.headers import TrustedProxies
 
 if TYPE_CHECKING:
     from webtorch.guard.feedback import Feedback  # torch: only with online adaptation on
@@ -47,6 +50,7 @@ _MESSAGES = {
     "deny_list": "this address is not allowed here",
     "banned": "this client is banned for a while after an earlier blocked request",
     "rate_limit": "too many requests from this client; slow down",
+    "new_keys": "too many new client keys from this address; slow down",
     "surge": "the server is under a surge of traffic from new clients; slow down",
     "connections": "too many connections from this client",
     "injection": "the request looks like an attack (injection) and was blocked",
@@ -55,6 +59,11 @@ _MESSAGES = {
 
 
 ADAPTED = "guard.safetensors"  # the adapted weights' name in the guard's state directory
+# A client key (client_key = "header:...") longer than this is kept as its digest: the client
+# table's bytes stay bounded whatever keys clients send.
+KEY_LIMIT = 64
+# X-Forwarded-For entries read from the right, at most: a chain of trusted proxies is short.
+FORWARDED_HOPS = 16
 
 
 def state_dir(config: GuardConfig, base_dir: Path) -> Path:
@@ -93,6 +102,7 @@ class GuardedHandler:
         clock: Callable[[], float] = time.monotonic,
         feedback: Feedback | None = None,
         trusted: Callable[[Request], bool] | None = None,
+        trusted_proxies: Iterable[str] = (),
     ) -> None:
         self.guard = guard
         self.handler = handler
@@ -101,16 +111,72 @@ class GuardedHandler:
         # feedback would otherwise be scored as the attacks it quotes).
         self._trusted = trusted
         self._header = client_key[len("header:") :].lower().encode() if client_key != "ip" else None
+        # Behind these, a request's client is the address they forwarded it for (server.
+        # trusted_proxies): decisions and bans apply to it, never to the proxy.
+        self._proxies = TrustedProxies(trusted_proxies)
+        self._addresses: dict[bytes, str | None] = {}  # X-Forwarded-For entry -> canonical
         self._clock = clock
         self._batch: list[_Waiting] = []  # scored at the end of this loop turn
         self._tasks: set[asyncio.Future[Response]] = set()  # coroutine handlers' results
 
+    def address_of(self, request: Request) -> str:
+        """The client's address: the peer's, or behind trusted proxies the right-most address
+        in X-Forwarded-For that is not a trusted proxy's (nginx's real_ip_recursive). Entries
+        left of it are the client's to write, so they are never believed."""
+        peer = request.client
+        if peer not in self._proxies:
+            return peer
+        values = [v for n, v in request.headers if n == b"x-forwarded-for"]
+        if not values:
+            return peer
+        entries = b",".join(values).rsplit(b",", FORWARDED_HOPS)
+        found = peer
+        for entry in reversed(entries[-FORWARDED_HOPS:]):
+            address = self._canonical(entry.strip())
+            if address is None:
+                break  # not an address: nothing left of it can be told apart from a forgery
+            found = address
+            if address not in self._proxies:
+                break
+        return found
+
+    def _canonical(self, entry: bytes) -> str | None:
+        """An X-Forwarded-For entry as an address in canonical form (so that one client is
+        one key however its address is spelled), port or brackets dropped; None if it is
+        not one. Cached: a proxy forwards for the same clients again and again."""
+        cache = self._addresses
+        if entry in cache:
+            return cache[entry]
+        text = entry.decode("latin-1")
+        if text.startswith("[") and "]" in text:  # [v6]:port
+            text = text[1 : text.index("]")]
+        elif text.count(":") == 1:  # v4:port
+            text = text.split(":", 1)[0]
+        try:
+            address: str | None = str(ipaddress.ip_address(text))
+        except ValueError:
+            address = None
+        if len(cache) >= 4096:
+            cache.clear()
+        cache[entry] = address
+        return address
+
+    def key_of(self, request: Request) -> str | None:
+        """The configured client key (a header's value), if the request has one. Prefixed, so
+        that a key is never taken for an address (nor its ban for an address's), and beyond
+        KEY_LIMIT bytes replaced by its digest."""
+        if self._header is None:
+            return None
+        value = request.header(self._header)
+        if value is None:
+            return None
+        if len(value) > KEY_LIMIT:
+            return "key#" + hashlib.blake2b(value, digest_size=16).hexdigest()
+        return "key:" + value.decode("latin-1")
+
     def client_of(self, request: Request) -> str:
-        if self._header is not None:
-            value = request.header(self._header)
-            if value is not None:
-                return value.decode("latin-1")
-        return request.client
+        key = self.key_of(request)
+        return key if key is not None else self.address_of(request)
 
     def __call__(self, request: Request) -> HandlerResult:
         if self._trusted is not None and self._trusted(request):
@@ -120,9 +186,12 @@ class GuardedHandler:
         view = RequestView(
             request.method, request.path, request.query, request.headers, request.body, declared
         )
-        client = self.client_of(request)
+        address = self.address_of(request)
+        key = self.key_of(request)
+        client = address if key is None else key
+        keyed = None if key is None else address  # the address a keyed client pays from
         now = self._clock()
-        decided = self.guard.rules(view, client, now)
+        decided = self.guard.rules(view, client, now, keyed)
         if isinstance(decided, Decision):
             return self._decided(request, decided)
         scorer = self.guard.scorer
@@ -131,13 +200,13 @@ class GuardedHandler:
             # A streaming body's handler must take the stream as it is handed over, not a loop
             # turn later: scored alone, at once.
             injection, abuse = scorer.score_one(view, decided)
-            decision = self.guard.decide(client, injection, abuse, now)
+            decision = self.guard.decide(client, injection, abuse, now, keyed)
             self._remember(request, view, decided, decision)
             return self._decided(request, decision)
         # Scored with the requests that arrive in the same loop turn, in one numpy pass (see
         # Scorer.score): the handler runs a turn later, from _flush.
         pending = Pending()
-        waiting = _Waiting(request, view, client, decided, pending)
+        waiting = _Waiting(request, view, client, keyed, decided, pending)
         pending.on_cancel = waiting.cancel
         if not self._batch:
             asyncio.get_running_loop().call_soon(self._flush)
@@ -159,7 +228,7 @@ class GuardedHandler:
             scores = [(0.0, 0.0)] * len(batch)
         now = self._clock()
         for waiting, (injection, abuse) in zip(batch, scores, strict=True):
-            decision = self.guard.decide(waiting.client, injection, abuse, now)
+            decision = self.guard.decide(waiting.client, injection, abuse, now, waiting.keyed)
             if waiting.cancelled:
                 continue  # the client went away (the decision still counts)
             self._remember(waiting.request, waiting.view, waiting.history, decision)
@@ -185,10 +254,15 @@ class GuardedHandler:
     # -- the server's connection gate ----------------------------------------------------------
 
     def admit(self, address: str) -> bool:
+        # A trusted proxy's connections carry everyone behind it: a ban or a cap of one of
+        # them is answered per request (403, 429), never by cutting the proxy off.
+        if address in self._proxies:
+            return True
         return not self.guard.connect(address, self._clock()).refused
 
     def release(self, address: str) -> None:
-        self.guard.disconnect(address)
+        if address not in self._proxies:
+            self.guard.disconnect(address)
 
     def answered(self, request: Request, status: int) -> None:
         """The server's observer: responses feed the client's 4xx share."""
@@ -198,17 +272,28 @@ class GuardedHandler:
 class _Waiting:
     """A request waiting for its batch's scores, and the Pending its client waits on."""
 
-    __slots__ = ("cancelled", "client", "history", "inner", "pending", "request", "view")
+    __slots__ = (
+        "cancelled",
+        "client",
+        "history",
+        "inner",
+        "keyed",
+        "pending",
+        "request",
+        "view",
+    )
 
     def __init__(
         self,
         request: Request,
         view: RequestView,
         client: str,
+        keyed: str | None,
         history: list[float],
         pending: Pending,
     ) -> None:
         self.request, self.view, self.client, self.history = request, view, client, history
+        self.keyed = keyed
         self.pending = pending
         self.cancelled = False
         self.inner: Pending | asyncio.Future[Response] | None = None  # the handler's, once run
@@ -230,7 +315,8 @@ class _Waiting:
             pending.resolve(response_for_error(exc))
             return
         except Exception:
-            log.exception("handler failed for %s %s", self.request.method, self.request.path)
+            # %r: the path is the client's, decoded; it may hold line breaks.
+            log.exception("handler failed for %s %r", self.request.method, self.request.path)
             pending.resolve(error_response(500, "internal server error"))
             return
         if isinstance(result, Response):
