@@ -60,6 +60,10 @@ class GuardSettings:
     # and their burst; what stops one address from rotating keys past every per-key limit.
     new_keys_rate: float = 10.0
     new_keys_burst: float = 100.0
+    # Bytes of each request body scanned for parameters to score on their own (see
+    # features.BodyScanner), and what happens to a longer body: "stop" scanning, or "refuse".
+    body_scan_bytes: int = 65536
+    body_scan_over: str = "stop"
     allow: Sequence[str] = ()  # CIDR blocks never checked
     deny: Sequence[str] = ()  # CIDR blocks always refused
 
@@ -253,6 +257,11 @@ class Guard:
             while len(bans) >= self.settings.max_clients:
                 del bans[next(iter(bans))]
         bans[client] = now + self.settings.ban_seconds
+
+    def refuse(self, client: str, reason: str, now: float) -> Decision:
+        """A block for ``reason`` found outside the rules and the detector (a body past the
+        scanning budget, with body_scan_over = "refuse"); no ban."""
+        return self._count(Decision(BLOCK, reason, enforced=self._enforce), client)
 
     def answered(self, client: str, status: int) -> None:
         """The response's status: a client collecting 4xx is probing (a detector's input)."""

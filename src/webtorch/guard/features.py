@@ -314,3 +314,218 @@ def request_flags(view: RequestView) -> list[float]:
         float(b"cookie" in names),
         float(b"user-agent" in names),
     ]
+
+
+# -- probes: values scored on their own ----------------------------------------------------------
+#
+# The detector reads a request field by field, and its query field is by far its best-trained
+# one: a payload it blocks there at once could pass in a path segment, a custom header, or past
+# the body prefix it reads, averaged into benign bytes or never seen. So the values a client
+# chose elsewhere are also scored as a query of their own (a *probe*): path segments, header
+# values, cookie values, the referer's query, and every parameter of the body (a form's pairs,
+# JSON's strings, multipart fields, XML text), as the body streams and up to a budget. Only
+# values with a byte an attack needs are probed (a product id or an ordinary user agent is
+# not), so the common request costs a regular-expression scan or two.
+
+PROBE_LIMIT = 256  # bytes of one probe (values are grouped up to it, longer ones windowed)
+_PROBE_STRIDE = PROBE_LIMIT // 2  # a long value's windows overlap by half: a payload shorter
+# than the stride is whole in one of them
+HEAD_PROBES = 16  # probes of the path and headers, at most
+# Bytes and pairs that attacks need and plain values lack.
+SUSPICIOUS = re.compile(rb"['\"<>`$|\\;=()%*{}]|\.\.|--|&#")
+# For header values, without what every browser's User-Agent holds: ( ) ;
+_SUSPICIOUS_HEADER = re.compile(rb"['\"<>`$|\\=%*{}]|\.\.|--|&#")
+# Headers whose values are structure, credentials or fields of their own, not values to probe.
+_NOT_PROBED = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"connection",
+        b"accept",
+        b"accept-encoding",
+        b"accept-language",
+        b"authorization",
+        b"content-type",
+        b"cookie",
+        b"referer",
+        b"if-none-match",
+        b"if-match",
+        b"x-forwarded-for",
+        b"x-request-id",
+        b"transfer-encoding",
+        b"expect",
+    }
+)
+
+
+def head_probes(view: RequestView) -> list[bytes]:
+    """Probes of the request's path segments, header values, cookie values and referer query:
+    each a value with an attack's bytes in it, at most :data:`HEAD_PROBES`."""
+    values: list[bytes] = []
+    path = view.path.encode("utf-8", "surrogateescape")
+    if SUSPICIOUS.search(path) is not None:
+        values.extend(s for s in path.split(b"/") if SUSPICIOUS.search(s) is not None)
+    for name, value in view.headers:
+        if name in _NOT_PROBED:
+            if name == b"cookie" and _SUSPICIOUS_HEADER.search(value.replace(b"=", b"")):
+                values.extend(c.partition(b"=")[2] for c in value.split(b";"))
+            elif name == b"referer" and SUSPICIOUS.search(value) is not None:
+                values.append(value.partition(b"?")[2] or value)
+        elif _SUSPICIOUS_HEADER.search(value) is not None:
+            values.append(value)
+    if not values:
+        return values
+    return group(values)[:HEAD_PROBES]
+
+
+def group(values: Sequence[bytes], suspicious: re.Pattern[bytes] = SUSPICIOUS) -> list[bytes]:
+    """The suspicious ones of ``values`` as probes: consecutive values joined by ``&`` (as the
+    parameters of a query) up to :data:`PROBE_LIMIT` bytes, longer ones in overlapping
+    windows."""
+    probes: list[bytes] = []
+    current = b""
+    for value in values:
+        if not value or suspicious.search(value) is None:
+            continue
+        if len(value) > PROBE_LIMIT:
+            last = len(value) - PROBE_LIMIT
+            starts = [*range(0, last, _PROBE_STRIDE), last]
+            probes.extend(value[i : i + PROBE_LIMIT] for i in starts)
+            continue
+        if current and len(current) + 1 + len(value) > PROBE_LIMIT:
+            probes.append(current)
+            current = b""
+        current = current + b"&" + value if current else value
+    if current:
+        probes.append(current)
+    return probes
+
+
+FORM, JSON, MULTIPART, TEXT = "form", "json", "multipart", "text"
+_DELIMITERS = {
+    FORM: re.compile(rb"[&\n]"),
+    JSON: re.compile(rb'["\n]'),
+    MULTIPART: re.compile(rb"\n"),
+    TEXT: re.compile(rb"[<\n]"),
+}
+# What lies between JSON's strings: structure, numbers and literals, never a parameter. (Not
+# told apart by counting quotes, which an escaped backslash can throw off: anything else
+# between two quotes is probed, in or out of a string.)
+_JSON_STRUCTURE = re.compile(rb"(?:[\s{}\[\]:,0-9.eE+\-]|true|false|null)*")
+_JSON_ESCAPE = re.compile(rb"\\(?:u([0-9a-fA-F]{4})|(.))", re.DOTALL)
+
+
+def _json_unescape(match: re.Match[bytes]) -> bytes:
+    code, other = match.groups()
+    if code is not None:
+        return _char(int(code, 16))
+    return {b"n": b"\n", b"t": b"\t", b"r": b"\r", b"b": b"", b"f": b""}.get(other, other)
+
+
+def body_kind(headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, bytes] | None:
+    """How a body with these headers carries parameters, and a multipart body's boundary; None
+    for bodies that carry none the detector can read (images, tensors, archives)."""
+    for name, value in headers:
+        if name == b"content-type":
+            media, _, params = value.partition(b";")
+            media = media.strip().lower()
+            if media == b"application/x-www-form-urlencoded":
+                return FORM, b""
+            if media == b"application/json" or media.endswith(b"+json"):
+                return JSON, b""
+            if media == b"multipart/form-data":
+                _, found, boundary = params.partition(b"boundary=")
+                return (MULTIPART, b"--" + boundary.strip().strip(b'"')) if found else None
+            if media.startswith(b"text/") or media.endswith((b"/xml", b"+xml")):
+                return TEXT, b""
+            return None
+    return None
+
+
+class BodyScanner:
+    """A body's parameters as probes, found as it streams: each chunk is split on its kind's
+    delimiters, and the values complete so far are probed at once, with the incomplete one at
+    its end as it stands (its bytes go on before the rest of it arrives; it is probed again
+    when longer). Memory: the incomplete value, at most :data:`PROBE_LIMIT` bytes. Work: at
+    most ``budget`` bytes scanned per body; past it :attr:`over` is set and nothing more is
+    read."""
+
+    __slots__ = (
+        "_boundary",
+        "_delimiter",
+        "_file",
+        "_headers",
+        "_tail",
+        "budget",
+        "kind",
+        "over",
+        "scanned",
+    )
+
+    def __init__(self, kind: str, budget: int, boundary: bytes = b"") -> None:
+        self.kind = kind
+        self.budget = budget
+        self.scanned = 0
+        self.over = False
+        self._delimiter = _DELIMITERS[kind]
+        self._tail = b""
+        self._boundary = boundary
+        self._headers = False  # multipart: in a part's headers
+        self._file = False  # multipart: in a file's content (not a parameter)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        room = self.budget - self.scanned
+        if room <= 0 or not data:
+            self.over = self.over or bool(data)
+            return []
+        if len(data) > room:
+            data = data[:room]
+            self.over = True
+        self.scanned += len(data)
+        text = self._tail + data if self._tail else data
+        values = self._delimiter.split(text)
+        tail = values[-1]
+        if len(tail) > PROBE_LIMIT:
+            # A value too long to wait for whole: its windows so far, keeping the last stride
+            # to join what follows.
+            self._tail = tail[-_PROBE_STRIDE:]
+        else:
+            self._tail = tail
+        if self.kind == MULTIPART:
+            values = self._fields(values)
+        elif self.kind == JSON:
+            values = [
+                _JSON_ESCAPE.sub(_json_unescape, v) if b"\\" in v else v
+                for v in values
+                if _JSON_STRUCTURE.fullmatch(v) is None
+            ]
+        elif self.kind == TEXT:
+            # Split at each "<": a tag (its name and attributes: markup) and the text after it.
+            values = [v.partition(b">")[2] if b">" in v else v for v in values]
+        return group(values)
+
+    def _fields(self, lines: list[bytes]) -> list[bytes]:
+        """A multipart body's lines that are field values: not boundaries, not part headers,
+        not a file's content. The last line (incomplete) is judged as it stands, and its
+        state kept for when it is seen whole."""
+        values = []
+        headers, file = self._headers, self._file
+        last = len(lines) - 1
+        for i, line in enumerate(lines):
+            stripped = line.rstrip(b"\r")
+            if stripped.startswith(self._boundary) and self._boundary:
+                state = (True, False)
+            elif headers:
+                if not stripped:
+                    state = (False, file)
+                else:
+                    disposition = stripped.lower().startswith(b"content-disposition")
+                    state = (True, file or (disposition and b"filename=" in stripped.lower()))
+            else:
+                if not file:
+                    values.append(stripped)
+                state = (False, file)
+            if i < last:
+                headers, file = state
+        self._headers, self._file = headers, file
+        return values
