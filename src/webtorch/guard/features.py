@@ -378,19 +378,24 @@ def head_probes(view: RequestView) -> list[bytes]:
     return group(values)[:HEAD_PROBES]
 
 
-def group(values: Sequence[bytes], suspicious: re.Pattern[bytes] = SUSPICIOUS) -> list[bytes]:
+def group(values: Sequence[bytes], pairs: bool = False) -> list[bytes]:
     """The suspicious ones of ``values`` as probes: consecutive values joined by ``&`` (as the
-    parameters of a query) up to :data:`PROBE_LIMIT` bytes, longer ones in overlapping
-    windows."""
+    parameters of a query) up to :data:`PROBE_LIMIT` bytes, longer ones in overlapping windows
+    (each window judged on its own: a long blob with one quote in it is one probe, not all of
+    its windows). ``pairs``: the values are ``name=value`` (a form's), whose first ``=`` is
+    structure, not an attack's."""
     probes: list[bytes] = []
     current = b""
     for value in values:
-        if not value or suspicious.search(value) is None:
+        if not value:
             continue
         if len(value) > PROBE_LIMIT:
             last = len(value) - PROBE_LIMIT
-            starts = [*range(0, last, _PROBE_STRIDE), last]
-            probes.extend(value[i : i + PROBE_LIMIT] for i in starts)
+            windows = (value[i : i + PROBE_LIMIT] for i in [*range(0, last, _PROBE_STRIDE), last])
+            probes.extend(w for w in windows if SUSPICIOUS.search(w) is not None)
+            continue
+        judged = value.replace(b"=", b"", 1) if pairs else value
+        if SUSPICIOUS.search(judged) is None:
             continue
         if current and len(current) + 1 + len(value) > PROBE_LIMIT:
             probes.append(current)
@@ -502,7 +507,7 @@ class BodyScanner:
         elif self.kind == TEXT:
             # Split at each "<": a tag (its name and attributes: markup) and the text after it.
             values = [v.partition(b">")[2] if b">" in v else v for v in values]
-        return group(values)
+        return group(values, self.kind == FORM)
 
     def _fields(self, lines: list[bytes]) -> list[bytes]:
         """A multipart body's lines that are field values: not boundaries, not part headers,
