@@ -54,14 +54,18 @@ def test_rotating_keys_pay_their_address_a_token_each() -> None:
     assert guard.check(view(), "key:new2", 101.0, "10.0.0.1").action == ALLOW  # refilled
 
 
-def test_a_keyed_clients_block_bans_its_address_too() -> None:
+def test_a_keyed_clients_block_bans_the_key_and_fresh_keys_meet_the_address_limit() -> None:
     class Always:
         def score_one(self, view: RequestView, client: list[float]) -> tuple[float, float]:
             return 1.0, 0.0
 
-    guard = Guard(GuardSettings(ban_seconds=30), Always())  # type: ignore[arg-type]
+    settings = GuardSettings(ban_seconds=30, new_keys_rate=0.001, new_keys_burst=3)
+    guard = Guard(settings, Always())  # type: ignore[arg-type]
     assert guard.check(view(), "key:a", 0.0, "10.0.0.1").action == BLOCK
-    assert guard.check(view(), "key:fresh", 1.0, "10.0.0.1").reason == "banned"
+    assert set(guard.bans) == {"key:a"}  # not the address: others may share it
+    assert guard.check(view(), "key:a", 1.0, "10.0.0.1").reason == "banned"
+    fresh = [guard.check(view(), f"key:{i}", 1.0, "10.0.0.1").reason for i in range(4)]
+    assert fresh == ["injection", "injection", "new_keys", "new_keys"]
 
 
 def test_the_shell_limits_rotating_keys_and_bounds_what_it_keeps() -> None:

@@ -226,8 +226,9 @@ class Guard:
         self, client: str, injection: float, abuse: float, now: float, address: str | None = None
     ) -> Decision:
         """The decision for a request the rules let through, from the detector's scores. A
-        block bans the client, and its address too when the client is a key (``address``, as
-        for :meth:`rules`): a banned key is otherwise swapped for a fresh one."""
+        block bans the client: a key, not its address (``address``, as for :meth:`rules`),
+        which others may share (a NAT, a gateway). A banned key swapped for fresh ones meets
+        its address's allowance of new keys."""
         self.stats.scores.record(max(injection, abuse))
         s = self.settings
         if injection >= s.block:
@@ -242,8 +243,6 @@ class Guard:
             decision = Decision(ALLOW, "ok", injection, abuse)
         if decision.action == BLOCK and s.ban_seconds > 0 and self._enforce:
             self.ban(client, now)
-            if address is not None:
-                self.ban(address, now)
         return self._count(decision, client)
 
     def ban(self, client: str, now: float) -> None:
