@@ -8,7 +8,10 @@ import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import quote
+
+import pytest
 
 from tests.conftest import XOR, Running, serve_in_thread
 from tests.proxy.test_forward import request
@@ -173,3 +176,33 @@ def test_without_trusted_proxies_the_forwarded_header_is_not_believed() -> None:
             except ConnectionResetError:
                 answered = b""
             assert answered == b""
+
+
+def test_the_detectors_cache_keeps_long_parts_as_digests() -> None:
+    from webtorch.guard.scorer import KEY_BYTES, Scorer
+    from webtorch.guard.shell import DEFAULT_MODEL
+
+    scorer = Scorer.from_file(DEFAULT_MODEL)
+    views = [
+        RequestView("GET", "/", "", [(b"host", b"h"), (b"x-pad", b"%05d" % i + b"p" * 30_000)])
+        for i in range(20)
+    ]
+    alone = [scorer.score_one(v, [0.0] * 9) for v in views[:10]]
+    together = scorer.score(views, [[0.0] * 9] * len(views)).tolist()
+    assert max(len(raw) for _, raw in scorer._cache) <= KEY_BYTES
+    for one, batch in zip(alone, together, strict=False):
+        assert batch == pytest.approx(one, abs=1e-5)
+    # Cached by digest, scored the same: a second pass hits.
+    assert scorer.score_one(views[3], [0.0] * 9) == pytest.approx(alone[3], abs=1e-6)
+
+
+def test_feedback_remembers_no_oversized_request(tmp_path: Path) -> None:
+    from webtorch.guard.feedback import REMEMBER_LIMIT, Feedback
+    from webtorch.guard.scorer import Scorer
+    from webtorch.guard.shell import DEFAULT_MODEL
+
+    feedback = Feedback(Scorer.from_file(DEFAULT_MODEL), DEFAULT_MODEL, tmp_path / "g")
+    big = RequestView("GET", "/", "", [(b"x-pad", b"p" * REMEMBER_LIMIT)])
+    feedback.remember(b"id-1", big, [0.0] * 9, 0.1)
+    feedback.remember(b"id-2", view(), [0.0] * 9, 0.1)
+    assert list(feedback.seen) == [b"id-2"]

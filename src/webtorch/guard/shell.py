@@ -160,6 +160,8 @@ class GuardedHandler:
         """An X-Forwarded-For entry as an address in canonical form (so that one client is
         one key however its address is spelled), port or brackets dropped; None if it is
         not one. Cached: a proxy forwards for the same clients again and again."""
+        if len(entry) > 64:  # longer than any address with a port: not one (and not cached)
+            return None
         cache = self._addresses
         if entry in cache:
             return cache[entry]
