@@ -70,6 +70,11 @@ def test_a_proxied_request_with_a_body_passes_the_guard() -> None:
             b"a=" + b"x" * 1000 + b"&q=blue+shoes",
             FORM,
         ),
+        (  # a password is read where the detector reads a body's first KiB, not alone
+            b"username=admin&password=" + quote("' OR '1'='1' --", safe="").encode(),
+            b"username=ren%C3%A9e&password=T%5Eyv%5DiHc%24t%28%5B%28%2F%22T",
+            FORM,
+        ),
         (
             b"<search><q>1&#39; OR &#39;1&#39;=&#39;1</q></search>",
             b"<search><q>blue shoes</q></search>",

@@ -335,6 +335,8 @@ HEAD_PROBES = 16  # probes of the path and headers, at most
 SUSPICIOUS = re.compile(rb"['\"<>`$|\\;=()%*{}]|\.\.|--|&#")
 # For header values, without what every browser's User-Agent holds: ( ) ;
 _SUSPICIOUS_HEADER = re.compile(rb"['\"<>`$|\\=%*{}]|\.\.|--|&#")
+# For cookies, without their structure: = and ;
+_SUSPICIOUS_COOKIE = re.compile(rb"['\"<>`$|\\%*{}()]|\.\.|--|&#")
 # Headers whose values are structure, credentials or fields of their own, not values to probe.
 _NOT_PROBED = frozenset(
     {
@@ -360,32 +362,40 @@ _NOT_PROBED = frozenset(
 
 def head_probes(view: RequestView) -> list[bytes]:
     """Probes of the request's path segments, header values, cookie values and referer query:
-    each a value with an attack's bytes in it, at most :data:`HEAD_PROBES`."""
+    each a value with an attack's bytes in it, at most :data:`HEAD_PROBES`. On every request's
+    path: a few regular-expression scans when there is nothing to probe."""
     values: list[bytes] = []
-    path = view.path.encode("utf-8", "surrogateescape")
-    if SUSPICIOUS.search(path) is not None:
-        values.extend(s for s in path.split(b"/") if SUSPICIOUS.search(s) is not None)
+    suspicious = SUSPICIOUS.search
+    in_header = _SUSPICIOUS_HEADER.search
+    path = view.path
+    if suspicious(path.encode("utf-8", "surrogateescape")) is not None:
+        segments = path.encode("utf-8", "surrogateescape").split(b"/")
+        values.extend(s for s in segments if suspicious(s) is not None)
     for name, value in view.headers:
-        if name in _NOT_PROBED:
-            if name == b"cookie" and _SUSPICIOUS_HEADER.search(value.replace(b"=", b"")):
+        if name not in _NOT_PROBED:
+            if in_header(value) is not None:
+                values.append(value)
+        elif name == b"cookie":
+            if _SUSPICIOUS_COOKIE.search(value) is not None:
                 values.extend(c.partition(b"=")[2] for c in value.split(b";"))
-            elif name == b"referer" and SUSPICIOUS.search(value) is not None:
-                values.append(value.partition(b"?")[2] or value)
-        elif _SUSPICIOUS_HEADER.search(value) is not None:
-            values.append(value)
+        elif name == b"referer" and suspicious(value) is not None:
+            values.append(value.partition(b"?")[2] or value)
     if not values:
         return values
     return group(values)[:HEAD_PROBES]
 
 
 def group(values: Sequence[bytes], pairs: bool = False) -> list[bytes]:
-    """The suspicious ones of ``values`` as probes: consecutive values joined by ``&`` (as the
-    parameters of a query) up to :data:`PROBE_LIMIT` bytes, longer ones in overlapping windows
-    (each window judged on its own: a long blob with one quote in it is one probe, not all of
-    its windows). ``pairs``: the values are ``name=value`` (a form's), whose first ``=`` is
-    structure, not an attack's."""
+    """Probes of ``values``: consecutive values joined by ``&`` (as the parameters of a query,
+    the field the detector knows best) up to :data:`PROBE_LIMIT` bytes, each group kept if a
+    value in it is suspicious; values longer than that in overlapping windows, each window
+    judged on its own (a long blob with one quote in it is one probe, not all its windows).
+    Plain values stay in their group, as the other parameters of a query would: read alone,
+    a random password's symbols look more like an attack than they do among its neighbours.
+    ``pairs``: the values are ``name=value`` (a form's), whose first ``=`` is structure."""
     probes: list[bytes] = []
     current = b""
+    flagged = False
     for value in values:
         if not value:
             continue
@@ -394,14 +404,14 @@ def group(values: Sequence[bytes], pairs: bool = False) -> list[bytes]:
             windows = (value[i : i + PROBE_LIMIT] for i in [*range(0, last, _PROBE_STRIDE), last])
             probes.extend(w for w in windows if SUSPICIOUS.search(w) is not None)
             continue
-        judged = value.replace(b"=", b"", 1) if pairs else value
-        if SUSPICIOUS.search(judged) is None:
-            continue
         if current and len(current) + 1 + len(value) > PROBE_LIMIT:
-            probes.append(current)
-            current = b""
+            if flagged:
+                probes.append(current)
+            current, flagged = b"", False
         current = current + b"&" + value if current else value
-    if current:
+        judged = value.replace(b"=", b"", 1) if pairs else value
+        flagged = flagged or SUSPICIOUS.search(judged) is not None
+    if current and flagged:
         probes.append(current)
     return probes
 
@@ -417,6 +427,7 @@ _DELIMITERS = {
 # told apart by counting quotes, which an escaped backslash can throw off: anything else
 # between two quotes is probed, in or out of a string.)
 _JSON_STRUCTURE = re.compile(rb"(?:[\s{}\[\]:,0-9.eE+\-]|true|false|null)*")
+_SECRET = re.compile(rb"(?:[^=]*[_.-])?(?:pass|passwd|password|pwd|secret)(?:\[\])?=", re.I)
 _JSON_ESCAPE = re.compile(rb"\\(?:u([0-9a-fA-F]{4})|(.))", re.DOTALL)
 
 
@@ -496,7 +507,12 @@ class BodyScanner:
             self._tail = tail[-_PROBE_STRIDE:]
         else:
             self._tail = tail
-        if self.kind == MULTIPART:
+        if self.kind == FORM:
+            # A password is chosen to look random: its symbols, read alone, look like an
+            # attack's (random passwords were most of the benign corpus's false positives).
+            # It is still read where the detector reads the body's first KiB.
+            values = [v for v in values if _SECRET.match(v) is None]
+        elif self.kind == MULTIPART:
             values = self._fields(values)
         elif self.kind == JSON:
             values = [

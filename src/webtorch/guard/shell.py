@@ -29,6 +29,7 @@ from webtorch.config import GuardConfig
 from webtorch.errors import HTTPError
 from webtorch.guard.core import BLOCK, Decision, Guard, GuardSettings, retry_after_header
 from webtorch.guard.features import (
+    BODY_PREFIX,
     MULTIPART,
     SUSPICIOUS,
     BodyScanner,
@@ -231,7 +232,7 @@ class GuardedHandler:
             if decision.refused or kind is None:
                 return self._decided(request, decision, handler)
             scanner = BodyScanner(kind[0], self._scan_bytes, kind[1])
-            watch = _BodyWatch(self, request, stream, scanner, client, keyed, decided)
+            watch = _BodyWatch(self, view, request, stream, scanner, client, keyed, decided)
             stream.inspect = watch.feed
             return watch.run(self._decided(request, decision, handler))
         probes = head_probes(view)
@@ -440,6 +441,7 @@ class _BodyWatch:
 
     __slots__ = (
         "client",
+        "head",
         "history",
         "inner",
         "keyed",
@@ -456,6 +458,7 @@ class _BodyWatch:
     def __init__(
         self,
         shell: GuardedHandler,
+        head: RequestView,
         request: Request,
         stream: RequestBody,
         scanner: BodyScanner,
@@ -466,6 +469,9 @@ class _BodyWatch:
         self.shell, self.request, self.stream, self.scanner = shell, request, stream, scanner
         self.client, self.keyed, self.history = client, keyed, history
         self.view = RequestView("GET", request.path, "", request.headers)
+        # The request as scored at its head; its body's first KiB fills in as it arrives, and
+        # is scored as the detector reads a body it is given whole.
+        self.head = head
         self.outer = Pending()
         self.inner: Pending | None = None
         self.source: BodySource | None = None
@@ -492,8 +498,12 @@ class _BodyWatch:
         probes = scanner.feed(data)
         shell = self.shell
         guard = shell.guard
-        if probes:
-            views = _probe_views(self.view, probes)
+        views = _probe_views(self.view, probes) if probes else []
+        head = self.head
+        if len(head.body) < BODY_PREFIX:
+            head.body += data[: BODY_PREFIX - len(head.body)]
+            views.append(head)
+        if views:
             assert guard.scorer is not None
             try:
                 scores = guard.scorer.score(views, [self.history] * len(views))
