@@ -153,12 +153,16 @@ def test_a_model_routes_body_is_read_past_its_first_kib() -> None:
         assert request(running, "POST", "/v2/models/xor/infer", body, JSON_TYPE)[0] == 403
 
 
+UNION = "' UNION SELECT username, password FROM users--"
+
+
+# Each passed the detector before it read these values on their own (scores 0.0004-0.02).
 @pytest.mark.parametrize(
     ("target", "headers"),
     [
-        ("/api/item/" + quote(SQLI, safe=""), BROWSER),  # a path segment
-        ("/api/search", {"User-Agent": "' UNION SELECT username, password FROM users--"}),
-        ("/api/search", {**BROWSER, "Referer": "https://shop/?q=" + quote(SQLI, safe="")}),
+        ("/api/item/" + quote(UNION, safe=""), BROWSER),  # a path segment
+        ("/api/search", {**BROWSER, "User-Agent": BROWSER["User-Agent"] + " " + SQLI}),
+        ("/api/search", {**BROWSER, "Referer": "https://shop/?q=" + quote(UNION, safe="")}),
         ("/api/search", {**BROWSER, "X-Custom": "1' AND SLEEP(5)--"}),
     ],
 )
