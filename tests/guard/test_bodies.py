@@ -189,9 +189,17 @@ def test_the_scanner_finds_values_across_chunks_in_bounded_memory() -> None:
     assert not any(b"binary" in p for p in probes)  # a file's content is not a parameter
     long = BodyScanner("form", 1 << 20)
     for _ in range(100):
-        long.feed(b"'" * 10_000)  # one endless value
-    assert len(long._tail) <= PROBE_LIMIT  # what waits for the rest stays bounded
-    assert long.scanned == 1_000_000
+        long.feed(b"x'" * 5_000)  # one endless value
+        assert len(long._tail) <= PROBE_LIMIT  # what waits for the rest stays bounded
+    # Each window of it is a probe: the probe budget runs out before the byte budget.
+    assert long.over and long.probes == 0 and long.scanned == 10_000
+    plain = BodyScanner("form", 1 << 20)
+    assert all(plain.feed(b"x" * 10_000) == [] for _ in range(100))  # plain bytes: no probes
+    assert not plain.over and plain.scanned == 1_000_000
+    # A value arriving a byte at a time is probed as it grows, not at every byte.
+    slow = BodyScanner("form", 1 << 20)
+    made = [p for b in b"q=" + b"'" * 1000 for p in slow.feed(bytes([b]))]
+    assert 0 < len(made) <= 24  # about two windows per stride, not one probe per byte
     capped = BodyScanner("form", 1000)
     capped.feed(b"x" * 999)
     assert not capped.over and capped.feed(b"yy") == [] and capped.over

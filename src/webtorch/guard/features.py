@@ -331,6 +331,11 @@ PROBE_LIMIT = 256  # bytes of one probe (values are grouped up to it, longer one
 _PROBE_STRIDE = PROBE_LIMIT // 2  # a long value's windows overlap by half: a payload shorter
 # than the stride is whole in one of them
 HEAD_PROBES = 16  # probes of the path and headers, at most
+# Probes of one request, at most (head and body). A probe the cache has not seen costs about
+# 0.25 ms (its n-grams' embedding rows), so this bounds what one request can make the guard
+# spend (about 10 ms); a body with more suspicious values than that is past its budget, as
+# one longer than body_scan_bytes is. Plain values cost a split, not a probe.
+PROBE_BUDGET = 40
 # Bytes and pairs that attacks need and plain values lack.
 SUSPICIOUS = re.compile(rb"['\"<>`$|\\;=()%*{}]|\.\.|--|&#")
 # For header values, without what every browser's User-Agent holds: ( ) ;
@@ -463,8 +468,8 @@ class BodyScanner:
     delimiters, and the values complete so far are probed at once, with the incomplete one at
     its end as it stands (its bytes go on before the rest of it arrives; it is probed again
     when longer). Memory: the incomplete value, at most :data:`PROBE_LIMIT` bytes. Work: at
-    most ``budget`` bytes scanned per body; past it :attr:`over` is set and nothing more is
-    read."""
+    most ``budget`` bytes scanned and ``probes`` probes made per body; past either
+    :attr:`over` is set and nothing more is read."""
 
     __slots__ = (
         "_boundary",
@@ -472,26 +477,44 @@ class BodyScanner:
         "_file",
         "_headers",
         "_tail",
+        "_tail_probed",
         "budget",
         "kind",
         "over",
+        "probes",
         "scanned",
     )
 
-    def __init__(self, kind: str, budget: int, boundary: bytes = b"") -> None:
+    def __init__(
+        self, kind: str, budget: int, boundary: bytes = b"", probes: int = PROBE_BUDGET
+    ) -> None:
         self.kind = kind
         self.budget = budget
+        self.probes = probes  # probes left to make
         self.scanned = 0
         self.over = False
         self._delimiter = _DELIMITERS[kind]
         self._tail = b""
+        self._tail_probed = 0  # the incomplete value's length when last probed
         self._boundary = boundary
         self._headers = False  # multipart: in a part's headers
         self._file = False  # multipart: in a file's content (not a parameter)
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes, final: bool = False) -> list[bytes]:
+        """The probes of ``data``, the body's next chunk; ``final``: the body ends with it
+        (``data`` may be empty then)."""
+        found = self._values(data, final)
+        if len(found) > self.probes:
+            found = found[: self.probes]
+            self.over = True
+        self.probes -= len(found)
+        if self.probes <= 0:
+            self.budget = self.scanned  # nothing more can be probed: read no further
+        return found
+
+    def _values(self, data: bytes, final: bool) -> list[bytes]:
         room = self.budget - self.scanned
-        if room <= 0 or not data:
+        if room <= 0:
             self.over = self.over or bool(data)
             return []
         if len(data) > room:
@@ -500,20 +523,34 @@ class BodyScanner:
         self.scanned += len(data)
         text = self._tail + data if self._tail else data
         values = self._delimiter.split(text)
-        tail = values[-1]
+        tail = values.pop()
+        if values:
+            self._tail_probed = 0  # a delimiter came: the incomplete value is a new one
+        probe_tail = True
         if len(tail) > PROBE_LIMIT:
             # A value too long to wait for whole: its windows so far, keeping the last stride
             # to join what follows.
             self._tail = tail[-_PROBE_STRIDE:]
+            self._tail_probed = 0
+        elif final or len(tail) - self._tail_probed >= _PROBE_STRIDE:
+            # The incomplete value, probed as it stands: its bytes go on before the rest of it
+            # arrives. Not on every chunk (a client sending a byte at a time would spend the
+            # probe budget), but every stride of growth, and at the body's end, before the
+            # upstream has it whole.
+            self._tail = tail
+            self._tail_probed = len(tail)
         else:
             self._tail = tail
+            probe_tail = False
+        if self.kind == MULTIPART:
+            return group(self._fields(values, tail if probe_tail else None))
+        if probe_tail:
+            values.append(tail)
         if self.kind == FORM:
             # A password is chosen to look random: its symbols, read alone, look like an
             # attack's (random passwords were most of the benign corpus's false positives).
             # It is still read where the detector reads the body's first KiB.
             values = [v for v in values if _SECRET.match(v) is None]
-        elif self.kind == MULTIPART:
-            values = self._fields(values)
         elif self.kind == JSON:
             values = [
                 _JSON_ESCAPE.sub(_json_unescape, v) if b"\\" in v else v
@@ -525,13 +562,15 @@ class BodyScanner:
             values = [v.partition(b">")[2] if b">" in v else v for v in values]
         return group(values, self.kind == FORM)
 
-    def _fields(self, lines: list[bytes]) -> list[bytes]:
+    def _fields(self, lines: list[bytes], tail: bytes | None) -> list[bytes]:
         """A multipart body's lines that are field values: not boundaries, not part headers,
-        not a file's content. The last line (incomplete) is judged as it stands, and its
-        state kept for when it is seen whole."""
+        not a file's content. ``tail``, the incomplete last line if it is to be probed, is
+        judged as it stands, and the state is kept for when it is seen whole."""
         values = []
         headers, file = self._headers, self._file
-        last = len(lines) - 1
+        last = len(lines)
+        if tail is not None:
+            lines = [*lines, tail]
         for i, line in enumerate(lines):
             stripped = line.rstrip(b"\r")
             if stripped.startswith(self._boundary) and self._boundary:

@@ -30,7 +30,9 @@ from webtorch.errors import HTTPError
 from webtorch.guard.core import BLOCK, Decision, Guard, GuardSettings, retry_after_header
 from webtorch.guard.features import (
     BODY_PREFIX,
+    HEAD_PROBES,
     MULTIPART,
+    PROBE_BUDGET,
     SUSPICIOUS,
     BodyScanner,
     RequestView,
@@ -231,7 +233,8 @@ class GuardedHandler:
             kind = body_kind(request.headers) if self._scan_bytes else None
             if decision.refused or kind is None:
                 return self._decided(request, decision, handler)
-            scanner = BodyScanner(kind[0], self._scan_bytes, kind[1])
+            budget = PROBE_BUDGET - HEAD_PROBES
+            scanner = BodyScanner(kind[0], self._scan_bytes, kind[1], budget)
             watch = _BodyWatch(self, view, request, stream, scanner, client, keyed, decided)
             stream.inspect = watch.feed
             return watch.run(self._decided(request, decision, handler))
@@ -260,8 +263,8 @@ class GuardedHandler:
         body = request.body
         if kind[0] != MULTIPART and SUSPICIOUS.search(body, 0, budget) is None:
             return len(body) > budget  # nothing an attack needs: no value to probe (common)
-        scanner = BodyScanner(kind[0], budget, kind[1])
-        probes += scanner.feed(body)
+        scanner = BodyScanner(kind[0], budget, kind[1], PROBE_BUDGET - len(probes))
+        probes += scanner.feed(body, True)
         return scanner.over
 
     def _score_alone(
@@ -495,12 +498,17 @@ class _BodyWatch:
 
     def feed(self, data: bytes) -> None:
         scanner = self.scanner
-        probes = scanner.feed(data)
+        stream = self.stream
+        # The body's end: the chunk that completes its declared length, or a chunked body's
+        # end (RequestBody.finish inspects b""): probed whole before the upstream has it.
+        declared = self.head.body_length
+        final = not data or (declared is not None and stream.received >= declared)
+        probes = scanner.feed(data, final)
         shell = self.shell
         guard = shell.guard
         views = _probe_views(self.view, probes) if probes else []
         head = self.head
-        if len(head.body) < BODY_PREFIX:
+        if data and len(head.body) < BODY_PREFIX:
             head.body += data[: BODY_PREFIX - len(head.body)]
             views.append(head)
         if views:

@@ -247,6 +247,9 @@ class RequestBody:
             self._set_paused(True)
 
     def finish(self) -> None:
+        inspect = self.inspect
+        if inspect is not None:
+            inspect(b"")  # the end, before the consumer hears of it
         self.complete = True
         if self._consumer is not None and not self._waiting:
             self._consumer.on_body_end()
