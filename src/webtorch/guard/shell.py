@@ -12,6 +12,7 @@ import functools
 import hashlib
 import ipaddress
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
@@ -135,6 +136,7 @@ class GuardedHandler:
         settings = guard.settings
         self._scan_bytes = settings.body_scan_bytes if guard.scorer is not None else 0
         self._refuse_over = settings.body_scan_over == "refuse"
+        self._over_logged = -math.inf  # when a body last went past the budget, logged
         self._batch: list[_Waiting] = []  # scored at the end of this loop turn
         self._tasks: set[asyncio.Future[Response]] = set()  # coroutine handlers' results
 
@@ -239,10 +241,10 @@ class GuardedHandler:
             stream.inspect = watch.feed
             return watch.run(self._decided(request, decision, handler))
         probes = head_probes(view)
-        if request.body and self._scan_bytes:
-            over = self._scan_body(request, probes)
-            if over and self._refuse_over:
-                return self._decided(request, self._over_budget(client, now), handler)
+        if request.body and self._scan_bytes and self._scan_body(request, probes):
+            refused = self._over_budget(client, now)
+            if refused is not None:
+                return self._decided(request, refused, handler)
         # Scored with the requests that arrive in the same loop turn, in one numpy pass (see
         # Scorer.score): the handler runs a turn later, from _flush.
         pending = Pending()
@@ -279,7 +281,21 @@ class GuardedHandler:
         scores = scorer.score(views, [history] * len(views))
         return float(scores[:, 0].max()), float(scores[0, 1])
 
-    def _over_budget(self, client: str, now: float) -> Decision:
+    def _over_budget(self, client: str, now: float) -> Decision | None:
+        """A body past the scanning budget: the refusal with body_scan_over = "refuse", else
+        None (the rest goes unread). Logged at most once a minute either way."""
+        if now >= self._over_logged + 60.0:
+            self._over_logged = now
+            log.warning(
+                "guard: a request body from %r went past the scanning budget (%d bytes, "
+                "or %d suspicious values); %s (guard.body_scan_over)",
+                client,
+                self._scan_bytes,
+                PROBE_BUDGET,
+                "refused" if self._refuse_over else "the rest went unread",
+            )
+        if not self._refuse_over:
+            return None
         return self.guard.refuse(client, "body_budget", now)
 
     def _flush(self) -> None:
@@ -526,8 +542,9 @@ class _BodyWatch:
                 return
         if scanner.over:
             self.stream.inspect = None  # the budget is spent: the rest goes on unread
-            if shell._refuse_over:
-                self.refuse(shell._over_budget(self.client, shell._clock()))
+            refused = shell._over_budget(self.client, shell._clock())
+            if refused is not None:
+                self.refuse(refused)
 
     def refuse(self, decision: Decision) -> None:
         request = self.request
