@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -221,3 +222,67 @@ def test_probing_leaves_ordinary_requests_alone() -> None:
         ],
     )
     assert head_probes(browser) == []  # nothing to probe: no extra work per request
+
+
+class EarlyUpstream:
+    """An upstream that answers as soon as it has a request's head (a streamed response that
+    never ends) and then reads what comes: it tells whether the request body was cut."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.received = b""
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            while b"\r\n\r\n" not in self.received:
+                self.received += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except ConnectionError:
+                    break
+                if not data:
+                    break
+                self.received += data
+        self.closed.set()
+
+
+def test_an_attack_after_the_response_began_cuts_both_sides() -> None:
+    upstream = EarlyUpstream()
+    cfg = wt_config.from_dict(
+        {
+            "upstreams": {"backend": {"servers": [f"127.0.0.1:{upstream.port}"]}},
+            "routes": [{"prefix": "/api/", "upstream": "backend"}],
+            "guard": {"mode": "enforce"},
+        }
+    )
+    head = (
+        b"POST /api/search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0\r\nAccept: */*\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n\r\n"
+    )
+    with serve_in_thread(cfg) as running:
+        with socket.create_connection((running.host, running.port), timeout=30) as sock:
+            sock.sendall(head + b"6\r\na=1&b=\r\n")
+            answer = b""
+            while b"hello" not in answer:  # the response has begun
+                answer += sock.recv(65536)
+            attack = b"q=" + quote(SQLI, safe="").encode()
+            sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(attack), attack))
+            while True:  # the client's response is cut short: no last chunk, then the end
+                try:
+                    data = sock.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not data:
+                    break
+                answer += data
+        assert answer.startswith(b"HTTP/1.1 200") and not answer.endswith(b"0\r\n\r\n")
+        assert upstream.closed.wait(10)  # the upstream request was abandoned
+        assert b"OR" not in upstream.received and b"0\r\n\r\n" not in upstream.received
