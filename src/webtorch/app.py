@@ -66,6 +66,7 @@ class App:
         self.proxies: Proxies | None = None
         self.router: Router | None = None
         self.guard: Guard | None = None
+        self.guarded: GuardedHandler | None = None
         self.feedback: Feedback | None = None
         self.access_log: AccessLog | None = None
         self.timeline = Timeline(
@@ -141,10 +142,13 @@ class App:
                 handler = functools.partial(_predict, self.repository.endpoints, rc.model)
             elif rc.upstream is not None:
                 limit = rc.max_body if rc.max_body is not None else config.server.limits.max_body
+                handler = proxy_route(rc)
+                if config.guard is not None:
+                    handler = functools.partial(self._guard_streamed, handler)
                 routes.append(
                     Route(
                         where,
-                        proxy_route(rc),
+                        handler,
                         where,
                         prefix=rc.prefix is not None,
                         stream=True,
@@ -158,6 +162,16 @@ class App:
                 handler = _fixed(Response(rc.return_, rc.body.encode(), rc.content_type.encode()))
             routes.append(Route(where, handler, where, prefix=rc.prefix is not None, user=True))
         return routes
+
+    def _guard_streamed(self, handler: Handler, request: Request) -> HandlerResult:
+        """A proxied route's handler behind the guard. The server hands a request with a body
+        for a proxied route to the route's handler as soon as its headers are in (the body
+        follows as a stream), not to the server's handler: the guard is asked here. Without a
+        body the request came through the server's handler, the guard included, already."""
+        guarded = self.guarded
+        if guarded is None or request.stream is None:
+            return handler(request)
+        return guarded.around(request, handler)
 
     def reload(self) -> str:
         """Re-read the config file and swap in its upstreams and routes without dropping a
@@ -211,7 +225,7 @@ class App:
         guarded = None
         if self.config.guard is not None:
             guarded = self._guard(handler, self.config.guard)
-            handler = guarded
+            self.guarded = handler = guarded
             observe, answered = self.metrics.observe_request, guarded.answered
 
             def observer(request: Request, status: int, seconds: float) -> None:
@@ -278,6 +292,7 @@ class App:
             settings.client_key,
             feedback=self.feedback,
             trusted=self.auth.valid if self.config.server.bearer_token is not None else None,
+            trusted_proxies=self.config.server.trusted_proxies,
         )
 
     def _guard_feedback(self, request: Request) -> HandlerResult:

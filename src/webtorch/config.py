@@ -460,8 +460,20 @@ class GuardConfig(_Strict):
     surge_rate: Annotated[float, Field(ge=0)] = 0.0
     surge_factor: Annotated[float, Field(gt=1)] = 4.0
     surge_min_rate: Annotated[float, Field(gt=0)] = 1000.0
-    # Clients whose recent history is kept (least recently seen forgotten first).
+    # Clients whose recent history is kept (least recently seen forgotten first); also the
+    # most bans held at once.
     max_clients: Annotated[int, Field(gt=0)] = 100_000
+    # With client_key = "header:...": client keys new to the guard per second from one address,
+    # and their burst (a token bucket of the address). Past it, requests bearing new keys get
+    # 429: rotating keys cannot dodge `rate` nor grow the client table.
+    new_keys_rate: Annotated[float, Field(gt=0)] = 10.0
+    new_keys_burst: Annotated[float, Field(ge=1)] = 100.0
+    # Request bodies that carry parameters (forms, JSON, multipart fields, text and XML), proxied
+    # ones included as they stream, are scanned value by value up to this many bytes each
+    # (0: only the first KiB the detector reads); past it the rest is let through unread
+    # ("stop") or the request is refused with 403 ("refuse").
+    body_scan_bytes: Annotated[int, Field(ge=0, le=1 << 30)] = 65536
+    body_scan_over: Literal["stop", "refuse"] = "stop"
     # Addresses or CIDR blocks never checked, and always refused.
     allow: list[str] = []
     deny: list[str] = []

@@ -108,7 +108,8 @@ def test_a_ban_outlasts_the_blocked_request() -> None:
         _, _, stats = request(running, "GET", "/dashboard/stats")
         guard = json.loads(stats)["guard"]
         assert guard["bans"] == 1
-        assert guard["top_blocked"] == [{"client": "k-attacker", "blocked": 2}]
+        # Keys are told apart from addresses (a key "10.0.0.5" is not that address's ban).
+        assert guard["top_blocked"] == [{"client": "key:k-attacker", "blocked": 2}]
 
 
 def test_a_banned_address_cannot_connect() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from array import array
 from collections import OrderedDict
 
 WINDOWS = (1.0, 10.0, 60.0)  # seconds: the decay times of the rate counters
@@ -62,7 +63,9 @@ class ClientState:
         self.gap_var = 0.0
         self.connections = 0
         self.error_share = 0.0
-        self.distinct: set[int] = set()
+        # Path hashes as 4-byte words, not a set of ints (~60 bytes each): at most 1 KiB a
+        # client, so the table's bytes are bounded with its entries. Searched in C.
+        self.distinct = array("I")
         self.distinct_since = now
         self.window_requests = 0
         self.tokens = -1.0  # the guard's token bucket (negative: not started)
@@ -81,12 +84,15 @@ class ClientState:
         self.requests += 1
         self.last = now
         if now - self.distinct_since > DISTINCT_WINDOW:
-            self.distinct.clear()
+            del self.distinct[:]
             self.distinct_since = now
             self.window_requests = 0
         self.window_requests += 1
-        if len(self.distinct) < DISTINCT_LIMIT:
-            self.distinct.add(zlib.crc32(path.encode("utf-8", "surrogateescape")))
+        distinct = self.distinct
+        if len(distinct) < DISTINCT_LIMIT:
+            digest = zlib.crc32(path.encode("utf-8", "surrogateescape"))
+            if digest not in distinct:
+                distinct.append(digest)
 
     def answered(self, status: int) -> None:
         error = 1.0 if 400 <= status < 500 else 0.0
@@ -136,3 +142,6 @@ class ClientTable:
 
     def peek(self, key: str) -> ClientState | None:
         return self._states.get(key)
+
+    def keys(self) -> list[str]:
+        return list(self._states)

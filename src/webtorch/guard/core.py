@@ -56,6 +56,14 @@ class GuardSettings:
     surge_factor: float = 4.0  # a surge: the server's rate above this x its baseline ...
     surge_min_rate: float = 1000.0  # ... and above this many requests/s
     max_clients: int = 100_000  # clients whose history is kept (LRU)
+    # Keyed clients (client_key = "header:..."): keys new to the table per second per address,
+    # and their burst; what stops one address from rotating keys past every per-key limit.
+    new_keys_rate: float = 10.0
+    new_keys_burst: float = 100.0
+    # Bytes of each request body scanned for parameters to score on their own (see
+    # features.BodyScanner), and what happens to a longer body: "stop" scanning, or "refuse".
+    body_scan_bytes: int = 65536
+    body_scan_over: str = "stop"
     allow: Sequence[str] = ()  # CIDR blocks never checked
     deny: Sequence[str] = ()  # CIDR blocks always refused
 
@@ -63,7 +71,8 @@ class GuardSettings:
 @dataclass(slots=True)
 class Decision:
     action: str  # allow, throttle or block: what the guard decided
-    # allow_list, deny_list, banned, connections, rate_limit, surge, injection, abuse, ok
+    # allow_list, deny_list, banned, connections, rate_limit, new_keys, surge, injection,
+    # abuse, ok
     reason: str
     injection: float | None = None  # scores, when the detector ran
     abuse: float | None = None
@@ -108,8 +117,12 @@ class Guard:
         self.settings = settings
         self.scorer = scorer
         self.clients = ClientTable(settings.max_clients)
+        # Keyed clients' addresses: each pays here for the keys it brings (new_keys_rate).
+        self.addresses = ClientTable(settings.max_clients)
         self.stats = GuardStats()
-        self.bans: dict[str, float] = {}  # client -> ban end
+        # client (or address) -> ban end; at most max_clients (a client rotating keys
+        # through blocks must not grow it without bound).
+        self.bans: dict[str, float] = {}
         self.last_history: list[float] = []
         self._allow = [ipaddress.ip_network(c, strict=False) for c in settings.allow]
         self._deny = [ipaddress.ip_network(c, strict=False) for c in settings.deny]
@@ -151,27 +164,44 @@ class Guard:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def check(self, view: RequestView, client: str, now: float) -> Decision:
+    def check(
+        self, view: RequestView, client: str, now: float, address: str | None = None
+    ) -> Decision:
         """The whole decision for one request: :meth:`rules`, then the detector's score."""
-        decided = self.rules(view, client, now)
+        decided = self.rules(view, client, now, address)
         if isinstance(decided, Decision):
             return decided
         assert self.scorer is not None
         injection, abuse = self.scorer.score_one(view, decided)
-        return self.decide(client, injection, abuse, now)
+        return self.decide(client, injection, abuse, now, address)
 
-    def rules(self, view: RequestView, client: str, now: float) -> Decision | list[float]:
+    def rules(
+        self, view: RequestView, client: str, now: float, address: str | None = None
+    ) -> Decision | list[float]:
         """Everything but the detector: the lists, bans, buckets and the surge defence. Returns
         the final decision when they settle it (or there is no detector), else the client's
         history features to score the request with; then :meth:`decide` finishes it. Split so
-        that the I/O shell can score many requests at once between the two."""
-        listed = self._list_of(client)
+        that the I/O shell can score many requests at once between the two.
+
+        ``address``: the client's address when ``client`` is another key (an API-key header).
+        The lists are about addresses, so they apply to it; a ban of either refuses; and a key
+        new to the table costs its address a token of ``new_keys_rate``, so that rotating keys
+        (a fresh one per request) neither dodges the limits nor grows the table."""
+        where = client if address is None else address
+        listed = self._list_of(where)
         if listed == "allow":
             return Decision(ALLOW, "allow_list")
         if listed == "deny":
             return self._count(Decision(BLOCK, "deny_list", enforced=self._enforce), client)
-        if self._banned(client, now):
+        if self._banned(client, now) or (address is not None and self._banned(address, now)):
             return self._count(Decision(BLOCK, "banned", enforced=self._enforce), client)
+        state = self.clients.peek(client)
+        if state is None and address is not None:
+            s = self.settings
+            payer = self.addresses.get(address, now)
+            refused = self._bucket(payer, now, s.new_keys_rate, s.new_keys_burst, "new_keys")
+            if refused is not None:
+                return self._count(refused, client)
         state = self.clients.get(client, now)
         scorer = self.scorer
         if scorer is not None:  # the history is the detector's input; the rules need none of it
@@ -192,8 +222,13 @@ class Guard:
         self.last_history = history  # what the request was scored with (for feedback)
         return history
 
-    def decide(self, client: str, injection: float, abuse: float, now: float) -> Decision:
-        """The decision for a request the rules let through, from the detector's scores."""
+    def decide(
+        self, client: str, injection: float, abuse: float, now: float, address: str | None = None
+    ) -> Decision:
+        """The decision for a request the rules let through, from the detector's scores. A
+        block bans the client: a key, not its address (``address``, as for :meth:`rules`),
+        which others may share (a NAT, a gateway). A banned key swapped for fresh ones meets
+        its address's allowance of new keys."""
         self.stats.scores.record(max(injection, abuse))
         s = self.settings
         if injection >= s.block:
@@ -207,8 +242,25 @@ class Guard:
         else:
             decision = Decision(ALLOW, "ok", injection, abuse)
         if decision.action == BLOCK and s.ban_seconds > 0 and self._enforce:
-            self.bans[client] = now + s.ban_seconds
+            self.ban(client, now)
         return self._count(decision, client)
+
+    def ban(self, client: str, now: float) -> None:
+        """Ban ``client`` for ``ban_seconds`` from ``now``, within ``max_clients`` bans: when
+        full, expired bans go first, then the oldest (all bans last as long, so the oldest is
+        the one that ends soonest)."""
+        bans = self.bans
+        bans.pop(client, None)  # re-inserted last: the dict stays in order of ban end
+        if len(bans) >= self.settings.max_clients:
+            self.expire(now)
+            while len(bans) >= self.settings.max_clients:
+                del bans[next(iter(bans))]
+        bans[client] = now + self.settings.ban_seconds
+
+    def refuse(self, client: str, reason: str, now: float) -> Decision:
+        """A block for ``reason`` found outside the rules and the detector (a body past the
+        scanning budget, with body_scan_over = "refuse"); no ban."""
+        return self._count(Decision(BLOCK, reason, enforced=self._enforce), client)
 
     def answered(self, client: str, status: int) -> None:
         """The response's status: a client collecting 4xx is probing (a detector's input)."""

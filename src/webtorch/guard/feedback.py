@@ -39,6 +39,9 @@ from webtorch.guard.scorer import Scorer
 log = logging.getLogger("webtorch.guard")
 
 REMEMBERED = 10_000  # recent scored requests that can be labelled
+# A request whose target and headers are larger than this is not remembered (it cannot be
+# labelled): REMEMBERED of them stay within REMEMBERED x this many bytes, whatever clients send.
+REMEMBER_LIMIT = 8 * 1024
 CALM = 0.05  # a remembered request scored below this on both heads counts as benign
 LABELS = {"attack": 1.0, "benign": 0.0}
 
@@ -85,6 +88,9 @@ class Feedback:
         self, request_id: bytes, view: RequestView, client: list[float], score: float
     ) -> None:
         if not request_id:
+            return
+        size = len(view.path) + len(view.query) + sum(len(n) + len(v) for n, v in view.headers)
+        if size > REMEMBER_LIMIT:
             return
         if len(view.body) > BODY_PREFIX:
             # Keep what the detector reads, not a whole upload.

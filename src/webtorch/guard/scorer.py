@@ -10,6 +10,7 @@ scorer reads.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,9 @@ HEADS = ("injection", "abuse")
 N_NUMERIC = N_REQUEST + N_CLIENT  # encode()'s layout: flags, per-field stats, client history
 N_FIELDS = len(FIELDS)
 CACHE_LIMIT = 50_000  # parts cached; cleared whole when full (cheap, and rare)
+# A part longer than this is cached by its digest, not its bytes: the cache's memory is bounded
+# by its entries (a header block may be tens of KiB, and a client chooses it).
+KEY_BYTES = 256
 BATCH_MISSES = 8  # cache misses in one batch from which they are computed together
 
 
@@ -135,7 +139,7 @@ class Scorer:
         """A field's share of both heads' hidden units (the abuse head's from the path only).
         It depends on the field's bytes alone, so it is cached by them. A miss (a fresh session
         id in a query, say) is on the request's path: a handful of numpy calls."""
-        key = (field, raw)
+        key = _key(field, raw)
         cached = self._cache.get(key)
         if cached is None:
             stats, text = part_features(raw)
@@ -175,7 +179,7 @@ class Scorer:
             starts.append(len(shares))
             for field, raw in enumerate(parts(view)):
                 if raw:
-                    share = cache.get((field, raw))
+                    share = cache.get(_key(field, raw))
                     if share is None:
                         misses.append((len(shares), field, raw))
                     shares.append(share)
@@ -228,9 +232,17 @@ class Scorer:
         cache = self._cache
         if len(cache) + n > CACHE_LIMIT:
             cache.clear()
-        for key, share in zip(items, out, strict=True):
-            cache[key] = share
+        for (field, raw), share in zip(items, out, strict=True):
+            cache[_key(field, raw)] = share
         return out
+
+
+def _key(field: int, raw: bytes) -> tuple[int, bytes]:
+    """A part's cache key: its bytes, or past KEY_BYTES their digest (under another field
+    number, so that no short part's bytes can equal a long one's digest)."""
+    if len(raw) <= KEY_BYTES:
+        return field, raw
+    return field + N_FIELDS, hashlib.blake2b(raw, digest_size=16).digest()
 
 
 def _sigmoid(x: float) -> float:

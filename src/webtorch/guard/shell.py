@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import ipaddress
 import logging
+import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,17 +29,31 @@ from prometheus_client.core import (
 from webtorch.config import GuardConfig
 from webtorch.errors import HTTPError
 from webtorch.guard.core import BLOCK, Decision, Guard, GuardSettings, retry_after_header
-from webtorch.guard.features import RequestView
+from webtorch.guard.features import (
+    BODY_PREFIX,
+    HEAD_PROBES,
+    MULTIPART,
+    PROBE_BUDGET,
+    SUSPICIOUS,
+    BodyScanner,
+    RequestView,
+    body_kind,
+    head_probes,
+)
 from webtorch.guard.scorer import Scorer
 from webtorch.http.messages import (
+    BodySink,
+    BodySource,
     Handler,
     HandlerResult,
     Pending,
     Request,
+    RequestBody,
     Response,
     error_response,
     response_for_error,
 )
+from webtorch.proxy.headers import TrustedProxies
 
 if TYPE_CHECKING:
     from webtorch.guard.feedback import Feedback  # torch: only with online adaptation on
@@ -47,14 +64,21 @@ _MESSAGES = {
     "deny_list": "this address is not allowed here",
     "banned": "this client is banned for a while after an earlier blocked request",
     "rate_limit": "too many requests from this client; slow down",
+    "new_keys": "too many new client keys from this address; slow down",
     "surge": "the server is under a surge of traffic from new clients; slow down",
     "connections": "too many connections from this client",
     "injection": "the request looks like an attack (injection) and was blocked",
+    "body_budget": "the request body is longer than the guard inspects (guard.body_scan_bytes)",
     "abuse": "this client's traffic looks abusive",
 }
 
 
 ADAPTED = "guard.safetensors"  # the adapted weights' name in the guard's state directory
+# A client key (client_key = "header:...") longer than this is kept as its digest: the client
+# table's bytes stay bounded whatever keys clients send.
+KEY_LIMIT = 64
+# X-Forwarded-For entries read from the right, at most: a chain of trusted proxies is short.
+FORWARDED_HOPS = 16
 
 
 def state_dir(config: GuardConfig, base_dir: Path) -> Path:
@@ -93,6 +117,7 @@ class GuardedHandler:
         clock: Callable[[], float] = time.monotonic,
         feedback: Feedback | None = None,
         trusted: Callable[[Request], bool] | None = None,
+        trusted_proxies: Iterable[str] = (),
     ) -> None:
         self.guard = guard
         self.handler = handler
@@ -101,48 +126,177 @@ class GuardedHandler:
         # feedback would otherwise be scored as the attacks it quotes).
         self._trusted = trusted
         self._header = client_key[len("header:") :].lower().encode() if client_key != "ip" else None
+        # Behind these, a request's client is the address they forwarded it for (server.
+        # trusted_proxies): decisions and bans apply to it, never to the proxy.
+        self._proxies = TrustedProxies(trusted_proxies)
+        self._addresses: dict[bytes, str | None] = {}  # X-Forwarded-For entry -> canonical
         self._clock = clock
+        # Bytes of a body scanned for parameters to probe (0: only the prefix the detector
+        # reads), and whether a body longer than that is refused rather than let through.
+        settings = guard.settings
+        self._scan_bytes = settings.body_scan_bytes if guard.scorer is not None else 0
+        self._refuse_over = settings.body_scan_over == "refuse"
+        self._over_logged = -math.inf  # when a body last went past the budget, logged
         self._batch: list[_Waiting] = []  # scored at the end of this loop turn
         self._tasks: set[asyncio.Future[Response]] = set()  # coroutine handlers' results
 
+    def address_of(self, request: Request) -> str:
+        """The client's address: the peer's, or behind trusted proxies the right-most address
+        in X-Forwarded-For that is not a trusted proxy's (nginx's real_ip_recursive). Entries
+        left of it are the client's to write, so they are never believed."""
+        peer = request.client
+        if peer not in self._proxies:
+            return peer
+        values = [v for n, v in request.headers if n == b"x-forwarded-for"]
+        if not values:
+            return peer
+        entries = b",".join(values).rsplit(b",", FORWARDED_HOPS)
+        found = peer
+        for entry in reversed(entries[-FORWARDED_HOPS:]):
+            address = self._canonical(entry.strip())
+            if address is None:
+                break  # not an address: nothing left of it can be told apart from a forgery
+            found = address
+            if address not in self._proxies:
+                break
+        return found
+
+    def _canonical(self, entry: bytes) -> str | None:
+        """An X-Forwarded-For entry as an address in canonical form (so that one client is
+        one key however its address is spelled), port or brackets dropped; None if it is
+        not one. Cached: a proxy forwards for the same clients again and again."""
+        if len(entry) > 64:  # longer than any address with a port: not one (and not cached)
+            return None
+        cache = self._addresses
+        if entry in cache:
+            return cache[entry]
+        text = entry.decode("latin-1")
+        if text.startswith("[") and "]" in text:  # [v6]:port
+            text = text[1 : text.index("]")]
+        elif text.count(":") == 1:  # v4:port
+            text = text.split(":", 1)[0]
+        try:
+            address: str | None = str(ipaddress.ip_address(text))
+        except ValueError:
+            address = None
+        if len(cache) >= 4096:
+            cache.clear()
+        cache[entry] = address
+        return address
+
+    def key_of(self, request: Request) -> str | None:
+        """The configured client key (a header's value), if the request has one. Prefixed, so
+        that a key is never taken for an address (nor its ban for an address's), and beyond
+        KEY_LIMIT bytes replaced by its digest."""
+        if self._header is None:
+            return None
+        value = request.header(self._header)
+        if value is None:
+            return None
+        if len(value) > KEY_LIMIT:
+            return "key#" + hashlib.blake2b(value, digest_size=16).hexdigest()
+        return "key:" + value.decode("latin-1")
+
     def client_of(self, request: Request) -> str:
-        if self._header is not None:
-            value = request.header(self._header)
-            if value is not None:
-                return value.decode("latin-1")
-        return request.client
+        key = self.key_of(request)
+        return key if key is not None else self.address_of(request)
 
     def __call__(self, request: Request) -> HandlerResult:
+        return self.around(request, self.handler)
+
+    def around(self, request: Request, handler: Handler) -> HandlerResult:
+        """``request`` through the guard, then ``handler``. The server's handler for most
+        requests; a proxied route's own, for the requests the server dispatches to their
+        route as soon as their headers are in (their bodies stream: see app.py)."""
         if self._trusted is not None and self._trusted(request):
             request.guard_action = "allow"
-            return self.handler(request)
-        declared = request.body_length() if request.stream is not None else None
+            return handler(request)
+        stream = request.stream
+        declared = request.body_length() if stream is not None else None
         view = RequestView(
             request.method, request.path, request.query, request.headers, request.body, declared
         )
-        client = self.client_of(request)
+        address = self.address_of(request)
+        key = self.key_of(request)
+        client = address if key is None else key
+        keyed = None if key is None else address  # the address a keyed client pays from
         now = self._clock()
-        decided = self.guard.rules(view, client, now)
+        decided = self.guard.rules(view, client, now, keyed)
         if isinstance(decided, Decision):
-            return self._decided(request, decided)
+            return self._decided(request, decided, handler)
         scorer = self.guard.scorer
         assert scorer is not None
-        if request.stream is not None:
+        if stream is not None:
             # A streaming body's handler must take the stream as it is handed over, not a loop
-            # turn later: scored alone, at once.
-            injection, abuse = scorer.score_one(view, decided)
-            decision = self.guard.decide(client, injection, abuse, now)
+            # turn later: scored alone, at once; the body is scanned as it arrives.
+            injection, abuse = self._score_alone(view, head_probes(view), decided)
+            decision = self.guard.decide(client, injection, abuse, now, keyed)
             self._remember(request, view, decided, decision)
-            return self._decided(request, decision)
+            kind = body_kind(request.headers) if self._scan_bytes else None
+            if decision.refused or kind is None:
+                return self._decided(request, decision, handler)
+            budget = PROBE_BUDGET - HEAD_PROBES
+            scanner = BodyScanner(kind[0], self._scan_bytes, kind[1], budget)
+            watch = _BodyWatch(self, view, request, stream, scanner, client, keyed, decided)
+            stream.inspect = watch.feed
+            return watch.run(self._decided(request, decision, handler))
+        probes = head_probes(view)
+        if request.body and self._scan_bytes and self._scan_body(request, probes):
+            refused = self._over_budget(client, now)
+            if refused is not None:
+                return self._decided(request, refused, handler)
         # Scored with the requests that arrive in the same loop turn, in one numpy pass (see
         # Scorer.score): the handler runs a turn later, from _flush.
         pending = Pending()
-        waiting = _Waiting(request, view, client, decided, pending)
+        waiting = _Waiting(request, view, client, keyed, decided, pending, probes, handler)
         pending.on_cancel = waiting.cancel
         if not self._batch:
             asyncio.get_running_loop().call_soon(self._flush)
         self._batch.append(waiting)
         return pending
+
+    def _scan_body(self, request: Request, probes: list[bytes]) -> bool:
+        """Add the probes of a whole ``body`` (its parameters, up to the budget) to ``probes``;
+        whether the budget ran out before the body did."""
+        kind = body_kind(request.headers)
+        if kind is None:
+            return False
+        budget = self._scan_bytes
+        body = request.body
+        if kind[0] != MULTIPART and SUSPICIOUS.search(body, 0, budget) is None:
+            return len(body) > budget  # nothing an attack needs: no value to probe (common)
+        scanner = BodyScanner(kind[0], budget, kind[1], PROBE_BUDGET - len(probes))
+        probes += scanner.feed(body, True)
+        return scanner.over
+
+    def _score_alone(
+        self, view: RequestView, probes: list[bytes], history: list[float]
+    ) -> tuple[float, float]:
+        """(injection, abuse) of one request and its probes (the higher injection of all)."""
+        scorer = self.guard.scorer
+        assert scorer is not None
+        if not probes:
+            return scorer.score_one(view, history)
+        views = [view, *_probe_views(view, probes)]
+        scores = scorer.score(views, [history] * len(views))
+        return float(scores[:, 0].max()), float(scores[0, 1])
+
+    def _over_budget(self, client: str, now: float) -> Decision | None:
+        """A body past the scanning budget: the refusal with body_scan_over = "refuse", else
+        None (the rest goes unread). Logged at most once a minute either way."""
+        if now >= self._over_logged + 60.0:
+            self._over_logged = now
+            log.warning(
+                "guard: a request body from %r went past the scanning budget (%d bytes, "
+                "or %d suspicious values); %s (guard.body_scan_over)",
+                client,
+                self._scan_bytes,
+                PROBE_BUDGET,
+                "refused" if self._refuse_over else "the rest went unread",
+            )
+        if not self._refuse_over:
+            return None
+        return self.guard.refuse(client, "body_budget", now)
 
     def _flush(self) -> None:
         batch, self._batch = self._batch, []
@@ -150,22 +304,45 @@ class GuardedHandler:
         assert scorer is not None
         try:
             if len(batch) == 1:  # a lone request: the per-request path has fewer numpy calls
-                scores = [scorer.score_one(batch[0].view, batch[0].history)]
+                lone = batch[0]
+                scores = [self._score_alone(lone.view, lone.probes, lone.history)]
             else:
-                views, histories = [w.view for w in batch], [w.history for w in batch]
-                scores = [(i, a) for i, a in scorer.score(views, histories).tolist()]
+                scores = self._score_batch(batch)
         except Exception:  # a scoring bug must not leave requests hanging
             log.exception("guard scoring failed; letting the batch through")
             scores = [(0.0, 0.0)] * len(batch)
         now = self._clock()
         for waiting, (injection, abuse) in zip(batch, scores, strict=True):
-            decision = self.guard.decide(waiting.client, injection, abuse, now)
+            decision = self.guard.decide(waiting.client, injection, abuse, now, waiting.keyed)
             if waiting.cancelled:
                 continue  # the client went away (the decision still counts)
             self._remember(waiting.request, waiting.view, waiting.history, decision)
             waiting.forward(
-                functools.partial(self._decided, waiting.request, decision), self._tasks
+                functools.partial(self._decided, waiting.request, decision, waiting.handler),
+                self._tasks,
             )
+
+    def _score_batch(self, batch: list[_Waiting]) -> list[tuple[float, float]]:
+        """Each request's (injection, abuse), its probes scored in the same numpy pass."""
+        scorer = self.guard.scorer
+        assert scorer is not None
+        views: list[RequestView] = []
+        histories: list[list[float]] = []
+        for waiting in batch:
+            views.append(waiting.view)
+            histories.append(waiting.history)
+            if waiting.probes:
+                views += _probe_views(waiting.view, waiting.probes)
+                histories += [waiting.history] * len(waiting.probes)
+        rows = scorer.score(views, histories).tolist()
+        scores = []
+        at = 0
+        for waiting in batch:
+            n = 1 + len(waiting.probes)
+            injection = max(row[0] for row in rows[at : at + n])
+            scores.append((injection, rows[at][1]))
+            at += n
+        return scores
 
     def _remember(
         self, request: Request, view: RequestView, history: list[float], decision: Decision
@@ -174,21 +351,26 @@ class GuardedHandler:
         if self.feedback is not None and score is not None:
             self.feedback.remember(request.request_id, view, history, score)
 
-    def _decided(self, request: Request, decision: Decision) -> HandlerResult:
+    def _decided(self, request: Request, decision: Decision, handler: Handler) -> HandlerResult:
         """Note ``decision`` on the request; its refusal, or its handler's result."""
         request.guard_action = decision.action
         request.guard_score = decision.score
         if decision.refused:
             return refusal(decision)
-        return self.handler(request)
+        return handler(request)
 
     # -- the server's connection gate ----------------------------------------------------------
 
     def admit(self, address: str) -> bool:
+        # A trusted proxy's connections carry everyone behind it: a ban or a cap of one of
+        # them is answered per request (403, 429), never by cutting the proxy off.
+        if address in self._proxies:
+            return True
         return not self.guard.connect(address, self._clock()).refused
 
     def release(self, address: str) -> None:
-        self.guard.disconnect(address)
+        if address not in self._proxies:
+            self.guard.disconnect(address)
 
     def answered(self, request: Request, status: int) -> None:
         """The server's observer: responses feed the client's 4xx share."""
@@ -198,17 +380,34 @@ class GuardedHandler:
 class _Waiting:
     """A request waiting for its batch's scores, and the Pending its client waits on."""
 
-    __slots__ = ("cancelled", "client", "history", "inner", "pending", "request", "view")
+    __slots__ = (
+        "cancelled",
+        "client",
+        "handler",
+        "history",
+        "inner",
+        "keyed",
+        "pending",
+        "probes",
+        "request",
+        "view",
+    )
 
     def __init__(
         self,
         request: Request,
         view: RequestView,
         client: str,
+        keyed: str | None,
         history: list[float],
         pending: Pending,
+        probes: list[bytes],
+        handler: Handler,
     ) -> None:
         self.request, self.view, self.client, self.history = request, view, client, history
+        self.keyed = keyed
+        self.probes = probes  # values scored on their own (features.head_probes, BodyScanner)
+        self.handler = handler
         self.pending = pending
         self.cancelled = False
         self.inner: Pending | asyncio.Future[Response] | None = None  # the handler's, once run
@@ -230,7 +429,8 @@ class _Waiting:
             pending.resolve(response_for_error(exc))
             return
         except Exception:
-            log.exception("handler failed for %s %s", self.request.method, self.request.path)
+            # %r: the path is the client's, decoded; it may hold line breaks.
+            log.exception("handler failed for %s %r", self.request.method, self.request.path)
             pending.resolve(error_response(500, "internal server error"))
             return
         if isinstance(result, Response):
@@ -243,6 +443,153 @@ class _Waiting:
             self.inner = future
             tasks.add(future)
             future.add_done_callback(functools.partial(_finished, pending, tasks))
+
+
+def _probe_views(view: RequestView, probes: list[bytes]) -> list[RequestView]:
+    """Each probe as the query of a plain GET to the request's path with its headers: the
+    detector's best-read field, and the headers' and path's shares come from its cache."""
+    return [RequestView("GET", view.path, p.decode("latin-1"), view.headers) for p in probes]
+
+
+class _BodyWatch:
+    """A streamed body's scan: each chunk's values probed as it arrives, before the chunk goes
+    anywhere (RequestBody.inspect). A body that turns out to be an attack stops: its
+    upstream request is abandoned mid-body (never completed) and the client gets 403, or, if
+    its response has begun, sees that response cut short. Also the response's body source
+    while the scan may still refuse, to reach the client's side for that."""
+
+    __slots__ = (
+        "client",
+        "head",
+        "history",
+        "inner",
+        "keyed",
+        "outer",
+        "request",
+        "scanner",
+        "shell",
+        "sink",
+        "source",
+        "stream",
+        "view",
+    )
+
+    def __init__(
+        self,
+        shell: GuardedHandler,
+        head: RequestView,
+        request: Request,
+        stream: RequestBody,
+        scanner: BodyScanner,
+        client: str,
+        keyed: str | None,
+        history: list[float],
+    ) -> None:
+        self.shell, self.request, self.stream, self.scanner = shell, request, stream, scanner
+        self.client, self.keyed, self.history = client, keyed, history
+        self.view = RequestView("GET", request.path, "", request.headers)
+        # The request as scored at its head; its body's first KiB fills in as it arrives, and
+        # is scored as the detector reads a body it is given whole.
+        self.head = head
+        self.outer = Pending()
+        self.inner: Pending | None = None
+        self.source: BodySource | None = None
+        self.sink: BodySink | None = None
+
+    def run(self, result: HandlerResult) -> HandlerResult:
+        """The handler's ``result``, watched: a Pending the scan can still answer first."""
+        if not isinstance(result, Pending):
+            self.stream.inspect = None  # answered already (or a coroutine: not proxied)
+            return result
+        self.inner = result
+        self.outer.on_cancel = result.cancel
+        result.subscribe(_relay, self)
+        return self.outer
+
+    def answered(self, response: Response) -> None:
+        if response.stream is not None and self.stream.inspect is not None:
+            self.source = response.stream
+            response.stream = self
+        self.outer.resolve(response)
+
+    def feed(self, data: bytes) -> None:
+        scanner = self.scanner
+        stream = self.stream
+        # The body's end: the chunk that completes its declared length, or a chunked body's
+        # end (RequestBody.finish inspects b""): probed whole before the upstream has it.
+        declared = self.head.body_length
+        final = not data or (declared is not None and stream.received >= declared)
+        probes = scanner.feed(data, final)
+        shell = self.shell
+        guard = shell.guard
+        views = _probe_views(self.view, probes) if probes else []
+        head = self.head
+        if data and len(head.body) < BODY_PREFIX:
+            head.body += data[: BODY_PREFIX - len(head.body)]
+            views.append(head)
+        if views:
+            assert guard.scorer is not None
+            try:
+                scores = guard.scorer.score(views, [self.history] * len(views))
+                injection = float(scores[:, 0].max())
+            except Exception:  # a scoring bug must not break the upload
+                log.exception("guard scoring failed; the body goes on unscanned")
+                self.stream.inspect = None
+                return
+            if injection >= guard.settings.block:
+                now = shell._clock()
+                self.refuse(guard.decide(self.client, injection, 0.0, now, self.keyed))
+                return
+        if scanner.over:
+            self.stream.inspect = None  # the budget is spent: the rest goes on unread
+            refused = shell._over_budget(self.client, shell._clock())
+            if refused is not None:
+                self.refuse(refused)
+
+    def refuse(self, decision: Decision) -> None:
+        request = self.request
+        request.guard_action = decision.action
+        request.guard_score = decision.score
+        if not decision.refused:
+            return  # monitor mode: counted, let through
+        self.stream.inspect = None
+        if self.outer.response is None:
+            if self.inner is not None:
+                self.inner.cancel()  # the upstream request is abandoned, its body detached
+            response = refusal(decision)
+            assert isinstance(response, Response)
+            self.outer.resolve(response)
+            return
+        # The response has begun: stop its source and make the client see a truncation.
+        source, sink = self.source, self.sink
+        if source is not None:
+            source.cancel()
+        if sink is not None:
+            sink.abort()
+
+    # -- the response body's source, relayed ----------------------------------------------
+
+    def start(self, sink: BodySink) -> None:
+        self.sink = sink
+        assert self.source is not None
+        self.source.start(sink)
+
+    def pause(self) -> None:
+        assert self.source is not None
+        self.source.pause()
+
+    def resume(self) -> None:
+        assert self.source is not None
+        self.source.resume()
+
+    def cancel(self) -> None:
+        self.stream.inspect = None
+        assert self.source is not None
+        self.source.cancel()
+
+
+def _relay(watch: _BodyWatch, response: Response) -> None:
+    watch.answered(response)
 
 
 def _resolve(pending: Pending, response: Response) -> None:

@@ -210,6 +210,7 @@ class RequestBody:
         "_waiting_bytes",
         "aborted",
         "complete",
+        "inspect",
         "received",
     )
 
@@ -223,11 +224,17 @@ class RequestBody:
         self.received = 0
         self.complete = False
         self.aborted = False
+        # Reads each chunk as it arrives, before it goes anywhere (the guard's body scan); it
+        # may refuse the body, which detaches the consumer. None once the consumer is done.
+        self.inspect: Callable[[bytes], None] | None = None
 
     # -- the connection's side ---------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
         self.received += len(data)
+        inspect = self.inspect
+        if inspect is not None:
+            inspect(data)
         if self._discarding:
             return
         consumer = self._consumer
@@ -240,6 +247,9 @@ class RequestBody:
             self._set_paused(True)
 
     def finish(self) -> None:
+        inspect = self.inspect
+        if inspect is not None:
+            inspect(b"")  # the end, before the consumer hears of it
         self.complete = True
         if self._consumer is not None and not self._waiting:
             self._consumer.on_body_end()
@@ -264,6 +274,7 @@ class RequestBody:
         the client can finish sending and the connection stays usable."""
         self._consumer = None
         self._discarding = True
+        self.inspect = None
         self._waiting = []
         self._waiting_bytes = 0
         self._paused_by_consumer = False
