@@ -63,7 +63,9 @@ def is_loopback(host: str) -> bool:
 
 
 # A web origin as browsers send it in `Origin` (no path, no trailing slash, no userinfo).
-_ORIGIN = re.compile(r"https?://(?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+_ORIGIN = re.compile(
+    r"https?://(?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?", re.IGNORECASE
+)
 
 # Model names become URL path segments and file names in the model directory.
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")

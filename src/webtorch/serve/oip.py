@@ -133,8 +133,8 @@ class Auth:
             )
         if site not in (b"same-origin", b"none"):
             raise Forbidden(
-                f"Sec-Fetch-Site: {(site or b'').decode('latin-1')} with no allowed Origin: "
-                "a page elsewhere may not change state here"
+                f"Sec-Fetch-Site: {(site or b'').decode('latin-1')} and no Origin from "
+                "server.allowed_origins: a page elsewhere may not change state here"
             )
 
 
