@@ -74,11 +74,17 @@ def check_json_content_type(content_type: bytes) -> None:
 
 
 def shown(value: Any) -> str:
-    """A client's value for an error message, bounded: an error must not echo megabytes."""
-    if isinstance(value, list | dict) and len(value) > 8:
-        return f"{'an object' if isinstance(value, dict) else 'a list'} of {len(value)} items"
-    text = repr(value)  # a scalar, or a short list or object (of scalars: JSON's depth is small)
-    return text if len(text) <= 64 else text[:64] + "..."
+    """A client's value for an error message, bounded in size and in the work it costs: an error
+    must not echo (or even repr) megabytes."""
+    if isinstance(value, str):
+        return repr(value[:64]) + ("..." if len(value) > 64 else "")
+    if isinstance(value, dict):
+        return f"an object of {len(value)} entries"
+    if isinstance(value, list):
+        if len(value) <= 8 and all(v is None or isinstance(v, (bool, int, float)) for v in value):
+            return repr(value)
+        return f"a list of {len(value)} items"
+    return repr(value)  # None, a bool or a number (orjson bounds integers to 64 bits)
 
 
 def request_id(doc: dict[str, Any]) -> str | None:
@@ -97,9 +103,7 @@ def parameters_of(holder: dict[str, Any], what: str) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise BadRequest(f"{what}: parameters must be an object, not {shown(params)}")
     if len(params) > MAX_PARAMETERS:
-        raise BadRequest(
-            f"{what}: parameters has {len(params)} entries; at most {MAX_PARAMETERS}"
-        )
+        raise BadRequest(f"{what}: parameters has {len(params)} entries; at most {MAX_PARAMETERS}")
     return params
 
 

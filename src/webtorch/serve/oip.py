@@ -104,7 +104,7 @@ class Auth:
                 binary = True
         if not (content_type in _CHANGE_TYPES or content_type.endswith(b"+json") or binary):
             shown = (
-                f"the content type {content_type.decode('latin-1')!r}"
+                f"the content type {content_type[:100].decode('latin-1')!r}"
                 if content_type
                 else "a request without Content-Type"
             )
@@ -127,13 +127,13 @@ class Auth:
             if host is not None and authority and authority.lower() == host.lower():
                 return  # the server's own page
             raise Forbidden(
-                f"Origin {origin.decode('latin-1')!r} is not this server "
-                f"(Host {(host or b'').decode('latin-1')!r}) and not in server.allowed_origins: "
-                f"a page elsewhere may not change state here"
+                f"Origin {origin[:100].decode('latin-1')!r} is not this server "
+                f"(Host {(host or b'')[:100].decode('latin-1')!r}) and not in "
+                "server.allowed_origins: a page elsewhere may not change state here"
             )
         if site not in (b"same-origin", b"none"):
             raise Forbidden(
-                f"Sec-Fetch-Site: {(site or b'').decode('latin-1')} and no Origin from "
+                f"Sec-Fetch-Site: {(site or b'')[:40].decode('latin-1')} and no Origin from "
                 "server.allowed_origins: a page elsewhere may not change state here"
             )
 
