@@ -203,3 +203,21 @@ def test_allowed_origins_must_be_origins() -> None:
             wt_config.from_dict({"server": {"allowed_origins": [bad]}})
     cfg = wt_config.from_dict({"server": {"allowed_origins": ["HTTPS://App.Example:8443"]}})
     assert cfg.server.allowed_origins == ["https://app.example:8443"]
+
+
+def test_a_dns_name_matching_the_host_is_not_enough(running: Running) -> None:
+    """DNS rebinding: evil.example resolves to 127.0.0.1 once its page has loaded, and its
+    requests are then same-origin (Origin and Host both evil.example). Only an IP literal or
+    localhost (which no one else can point elsewhere) or a listed origin may change state."""
+    start = step(running)
+    for name in ("evil.example", "app.example"):
+        host = f"{name}:{running.port}"
+        rebound = {"Host": host, "Origin": f"http://{host}", "Sec-Fetch-Site": "same-origin"}
+        reply = send(running, "/models/xor/train", TRAIN, "application/json", **rebound)
+        assert reply.status == 403 and "DNS rebinding" in reply.json()["error"], reply
+    assert step(running) == start
+    for host in (f"localhost:{running.port}", f"[::1]:{running.port}", f"127.0.0.1:{running.port}"):
+        own = {"Host": host, "Origin": f"http://{host}"}
+        assert send(running, "/models/xor/train", TRAIN, "application/json", **own).status == 200
+    listed = {"Host": "app.example", "Origin": "https://app.example"}
+    assert send(running, "/models/xor/train", TRAIN, "application/json", **listed).status == 200

@@ -125,7 +125,15 @@ class Auth:
             host = request.header(b"host")
             authority = origin.partition(b"://")[2]
             if host is not None and authority and authority.lower() == host.lower():
-                return  # the server's own page
+                if _literal_host(host):
+                    return  # the server's own page
+                # A DNS name can be rebound to 127.0.0.1 by whoever owns it: its pages would be
+                # "same-origin" with a loopback server that has no token.
+                raise Forbidden(
+                    f"Origin {origin[:100].decode('latin-1')!r} names this server by a DNS name "
+                    "(DNS rebinding is possible): list it in server.allowed_origins to let its "
+                    "pages change state here"
+                )
             raise Forbidden(
                 f"Origin {origin[:100].decode('latin-1')!r} is not this server "
                 f"(Host {(host or b'')[:100].decode('latin-1')!r}) and not in "
@@ -136,6 +144,16 @@ class Auth:
                 f"Sec-Fetch-Site: {(site or b'')[:40].decode('latin-1')} and no Origin from "
                 "server.allowed_origins: a page elsewhere may not change state here"
             )
+
+
+def _literal_host(host: bytes) -> bool:
+    """Whether a Host names the server by an IP address or ``localhost``: names no one else can
+    point elsewhere (not a DNS name, which its owner can rebind)."""
+    if host.startswith(b"["):
+        return True  # an IPv6 literal
+    name = host.rpartition(b":")[0] if b":" in host else host
+    name = name.lower()
+    return name == b"localhost" or (bool(name) and not name.strip(b"0123456789."))
 
 
 def require_method(request: Request, *methods: str) -> None:
