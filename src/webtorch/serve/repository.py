@@ -280,16 +280,18 @@ class ModelRepository:
             request.route = f"/v2/repository/models/{{model}}/{rest[2]}"
             # Even with no body: Content-Type: application/json, which no page sends cross-site.
             self.auth.check_change(request)
-            _check_body(request.body)
+            _check_body(request.body, unload=rest[2] == "unload")
             action = self.load if rest[2] == "load" else self.unload
             return _answer(action(rest[1]))
         self.auth.check(request)
         raise NotFound(f"no model repository endpoint at {request.path}")
 
 
-def _check_body(body: bytes) -> None:
+def _check_body(body: bytes, unload: bool = False) -> None:
     """Triton's load accepts ``parameters`` that carry a config or model files; WebTorch loads
-    only what the operator configured or put in model_dir, so any such parameter is refused."""
+    only what the operator configured or put in model_dir, so any such parameter is refused.
+    Unload's ``unload_dependents`` (which tritonclient always sends) is accepted: WebTorch has
+    no ensembles, so a model has no dependents to unload."""
     if not body.strip():
         return
     try:
@@ -299,6 +301,8 @@ def _check_body(body: bytes) -> None:
     if not isinstance(doc, dict):
         raise BadRequest("the request body must be empty or a JSON object")
     params = doc.get("parameters") or {}
+    if unload and isinstance(params, dict) and isinstance(params.get("unload_dependents"), bool):
+        params = {k: v for k, v in params.items() if k != "unload_dependents"}
     if params:
         raise BadRequest(
             "load parameters (config overrides, model files) are not accepted: models come "
