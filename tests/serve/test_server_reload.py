@@ -141,3 +141,17 @@ def test_sighup_logs_an_error_naming_the_keys_that_need_a_restart(tmp_path: Path
             if b"reloaded" in line:
                 break
         assert call(running, "GET", "/hello").body == b"after"
+
+
+def test_a_reload_cannot_drop_the_token_of_a_server_exposed_beyond_loopback(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "webtorch.toml"
+    write(path, token=OLD, management=True)
+    with serve_in_thread(wt_config.load(path), path) as running:
+        # As if `serve --listen 0.0.0.0:PORT` had started it (the file says loopback).
+        running.app._host = "0.0.0.0"
+        write(path, management=True)
+        reply = reload(running, OLD)
+        assert reply.status == 400 and "server.token" in reply.json()["error"], reply
+        assert uses(running, OLD)[0] == 200  # the token still guards training
