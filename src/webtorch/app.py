@@ -95,6 +95,7 @@ class App:
         # One Auth for every endpoint that checks the token (and CSRF): a reload reconfigures it.
         self.auth = Auth(config.server.bearer_token, config.server.allowed_origins)
         self.dashboard: Dashboard | None = None
+        self._extensions: list[str] = []  # /v2's extensions, made with the routes
         self.repository = ModelRepository(config, self.metrics, self.auth)
         self.server: HttpServer | None = None
         self._ready = False
