@@ -15,10 +15,18 @@ from typing import TYPE_CHECKING
 
 from webtorch import __version__
 from webtorch import config as config_file
-from webtorch.config import BUILTIN_ROUTES, Config, GuardConfig, RouteConfig, parse_listen
+from webtorch.config import (
+    BUILTIN_ROUTES,
+    Config,
+    GuardConfig,
+    RouteConfig,
+    ServerConfig,
+    parse_listen,
+)
 from webtorch.errors import (
     BadRequest,
     ConfigError,
+    Conflict,
     MethodNotAllowed,
     NotFound,
     ServiceUnavailable,
@@ -49,16 +57,45 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("webtorch")
 
+# The [server] keys a reload applies to the running server; a change to any other key (listen,
+# tls, access_log, trusted_proxies, and keys added later unless listed here) needs a restart, and
+# a reload that finds one refuses the whole file rather than half-apply it.
+RELOADABLE: frozenset[str] = frozenset(
+    {
+        "token",  # token and token_env: the one Auth every endpoint, the dashboard and the
+        "token_env",  # guard share is reconfigured in place
+        "allowed_origins",
+        "management",
+        "dashboard",
+        "limits",  # new connections get the new limits (open ones keep theirs)
+        "request_id",
+        "model_dir",
+    }
+)
+
+
+class RestartRequired(ConfigError):
+    """A reloaded file changes [server] settings that only a restart applies."""
+
 
 class App:
     """Models are loaded at construction (errors surface before any socket opens); executors,
     routes and the server are made in :meth:`start`, on the running loop."""
 
-    def __init__(self, config: Config, path: Path | None = None) -> None:
+    def __init__(
+        self, config: Config, path: Path | None = None, *, listen_from_cli: bool = False
+    ) -> None:
         self.config = config
         self.path = path  # the file a reload re-reads (None: reload refused)
+        # `serve --listen` overrode the file's listen: a reload keeps the command line's, as
+        # the start did, instead of seeing a change that needs a restart.
+        self.listen_from_cli = listen_from_cli
+        self._host: str | None = None  # the address served, once started
         self.metrics = Metrics()
-        self.auth = Auth(config.server.bearer_token)
+        # One Auth for every endpoint that checks the token (and CSRF): a reload reconfigures it.
+        self.auth = Auth(config.server.bearer_token, config.server.allowed_origins)
+        self.dashboard: Dashboard | None = None
+        self._extensions: list[str] = []  # /v2's extensions, made with the routes
         self.repository = ModelRepository(config, self.metrics, self.auth)
         self.server: HttpServer | None = None
         self._ready = False
@@ -90,17 +127,19 @@ class App:
 
     def build_handler(self, loop: asyncio.AbstractEventLoop) -> Handler:
         repository = self.repository
-        extensions = [*EXTENSIONS, *(["model_repository"] if repository.enabled else [])]
-        models = ModelRoutes(repository.endpoints, self.ready, __version__, extensions)
+        # A list ModelRoutes keeps: a reload that turns management on or off edits it in place.
+        self._extensions = [*EXTENSIONS, *(["model_repository"] if repository.enabled else [])]
+        models = ModelRoutes(repository.endpoints, self.ready, __version__, self._extensions)
         server = self.config.server
         dashboard = Dashboard(
             self.timeline,
             self.metrics,
             lambda: self.proxies,
-            server.bearer_token,
+            self.auth,
             server.dashboard,
             guard=lambda: self.guard,
         )
+        self.dashboard = dashboard
         builtins: dict[tuple[str, str], Handler] = {
             ("path", "/v2"): models.oip,
             ("path", LOAD_PATH): LoadReport(lambda: self.server, self.metrics),
@@ -175,40 +214,80 @@ class App:
 
     def reload(self) -> str:
         """Re-read the config file and swap in its upstreams and routes without dropping a
-        connection: requests in flight finish on the groups they started with. Models and
-        server settings stay as they are (models change through the repository API)."""
+        connection: requests in flight finish on the groups they started with. [server] keys in
+        RELOADABLE (the token above all) apply at once; a change to any other [server] key
+        raises RestartRequired and nothing is swapped. Models stay as they are (models change
+        through the repository API)."""
         if self.path is None or self.router is None:
             raise ConfigError("no config file to reload (serving the embedded default)")
         new = config_file.load(self.path)
         missing = _missing_models(new.routes, self.repository.endpoints)
         if missing:
             raise ConfigError(f"{self.path}: routes name models that are not loaded: {missing}")
-        if new.server.model_dump() != self.config.server.model_dump():
-            log.warning("reload: [server] changes need a restart; kept the running settings")
-        new = new.model_copy(update={"server": self.config.server})
+        server = new.server
+        if self.listen_from_cli:
+            server = server.model_copy(update={"listen": self.config.server.listen})
+        changed = server_changes(self.config.server, server)
+        restart = [key for key in changed if key not in RELOADABLE]
+        if restart:
+            raise RestartRequired(
+                f"{self.path}: [server] {', '.join(restart)} changed, which only a restart "
+                "applies; nothing was reloaded (restart, or undo the change and reload)"
+            )
+        new = new.model_copy(update={"server": server})
+        problem = new.exposure_problem(
+            self._host if self._host is not None else parse_listen(server.listen)[0]
+        )
+        if problem is not None:
+            raise ConfigError(problem)
         self.router.replace_user_routes(self._user_routes(new))
         if new.upstreams and self.server is not None:
             # Proxied routes stream their request bodies (the first upstreams may come now).
             self.server.state.stream_match = self.router.match_stream
+        self._apply_server(server)
         self.config = new
         message = (
             f"reloaded {self.path}: {len(new.upstreams)} upstream(s), {len(new.routes)} route(s)"
         )
+        if changed:
+            message += f"; applied [server] {', '.join(changed)}"
         log.info("%s", message)
         return message
 
+    def _apply_server(self, server: ServerConfig) -> None:
+        """The RELOADABLE [server] settings, into the objects that read them per request."""
+        self.auth.configure(server.bearer_token, server.allowed_origins)
+        repository = self.repository
+        repository.enabled = server.management
+        repository.config = repository.config.model_copy(update={"server": server})
+        extension = "model_repository"
+        if server.management and extension not in self._extensions:
+            self._extensions.append(extension)
+        elif not server.management and extension in self._extensions:
+            self._extensions.remove(extension)
+        if self.dashboard is not None:
+            self.dashboard.enabled = server.dashboard
+        if self.server is not None:
+            state = self.server.state
+            state.limits = Limits(**server.limits.model_dump())
+            state.request_ids = server.request_id
+
     def _management(self, request: Request) -> None:
-        """A management endpoint's checks: on by config, the token, POST."""
+        """A management endpoint's checks: on by config, POST, not sendable by a page elsewhere
+        (CSRF), the token."""
         if not self.config.server.management:
             raise NotFound("the management endpoints are off (server.management = false)")
-        self.auth.check(request)
         if request.method != "POST":
+            self.auth.check(request)
             raise MethodNotAllowed(f"use POST {request.path}", ("POST",))
+        self.auth.check_change(request)
 
     def _admin_reload(self, request: Request) -> HandlerResult:
         self._management(request)
         try:
             message = self.reload()
+        except RestartRequired as exc:
+            raise Conflict(str(exc)) from None
         except ConfigError as exc:
             raise BadRequest(str(exc)) from None
         return json_response({"reloaded": True, "message": message})
@@ -217,7 +296,8 @@ class App:
         loop = asyncio.get_running_loop()
         handler = self.build_handler(loop)
         cfg_host, cfg_port = parse_listen(self.config.server.listen)
-        problem = self.config.exposure_problem(host if host is not None else cfg_host)
+        self._host = host if host is not None else cfg_host
+        problem = self.config.exposure_problem(self._host)
         if problem is not None:
             raise ConfigError(problem)
         assert self.router is not None
@@ -291,7 +371,7 @@ class App:
             handler,
             settings.client_key,
             feedback=self.feedback,
-            trusted=self.auth.valid if self.config.server.bearer_token is not None else None,
+            trusted=self.auth.valid,  # False while no token is set (a reload may set one)
             trusted_proxies=self.config.server.trusted_proxies,
         )
 
@@ -373,6 +453,16 @@ class App:
         await stop.wait()
         log.info("shutting down: draining %d connection(s)", len(server.state.connections))
         await self.stop()
+
+
+def server_changes(old: ServerConfig, new: ServerConfig) -> list[str]:
+    """The [server] keys whose values differ (token_env by the token it names)."""
+    changed = [
+        name for name in ServerConfig.model_fields if getattr(old, name) != getattr(new, name)
+    ]
+    if "token_env" not in changed and old.bearer_token != new.bearer_token:
+        changed.append("token_env")
+    return sorted(changed)
 
 
 def _missing_models(routes: list[RouteConfig], endpoints: dict[str, ModelEndpoint]) -> list[str]:

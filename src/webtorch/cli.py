@@ -44,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "(scripts/compile rebuilds them, scripts/compile --clean removes them)",
             ", ".join(outdated),
         )
-    app = App(cfg, Path(args.config) if args.config else None)
+    app = App(cfg, Path(args.config) if args.config else None, listen_from_cli=bool(args.listen))
 
     def ready(server: HttpServer) -> None:
         scheme = "https" if cfg.server.tls else "http"

@@ -62,6 +62,11 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+# A web origin as browsers send it in `Origin` (no path, no trailing slash, no userinfo).
+_ORIGIN = re.compile(
+    r"https?://(?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?", re.IGNORECASE
+)
+
 # Model names become URL path segments and file names in the model directory.
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
@@ -122,6 +127,10 @@ class ServerConfig(_Strict):
     # POST /admin/reload (re-read the config's upstreams and routes); off unless enabled,
     # token-protected when a token is set.
     management: bool = False
+    # Web origins (scheme://host[:port]) whose pages may train and manage, like the server's own
+    # pages. From any other origin a state-changing request is refused (403): CSRF protection,
+    # token or not. Needed only for a browser app served from elsewhere.
+    allowed_origins: list[str] = []
     # Proxies whose X-Forwarded-For / -Proto / -Host are believed (addresses or CIDR blocks);
     # from anyone else those headers are replaced, never extended.
     trusted_proxies: list[str] = []
@@ -141,6 +150,19 @@ class ServerConfig(_Strict):
     def _check_listen(cls, listen: str) -> str:
         parse_listen(listen)  # a field validator, so the error names server.listen
         return listen
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _check_origins(cls, origins: list[str]) -> list[str]:
+        normalized = []
+        for origin in origins:
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not a web origin: scheme://host[:port], no path "
+                    "(e.g. https://app.example.com)"
+                )
+            normalized.append(origin.lower())
+        return normalized
 
     @field_validator("trusted_proxies")
     @classmethod

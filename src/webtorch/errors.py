@@ -43,6 +43,10 @@ class Unauthorized(HTTPError):
     status = 401
 
 
+class Forbidden(HTTPError):
+    status = 403
+
+
 class NotFound(HTTPError):
     status = 404
 
@@ -56,6 +60,10 @@ class MethodNotAllowed(HTTPError):
 
 class RequestTimeout(HTTPError):
     status = 408
+
+
+class Conflict(HTTPError):
+    status = 409
 
 
 class ExpectationFailed(HTTPError):

@@ -43,7 +43,8 @@ def get(running: Running, query: str) -> tuple[int, str]:
 
 def feedback(running: Running, labels: list[dict[str, str]] | str) -> tuple[int, Any]:
     body = labels if isinstance(labels, str) else json.dumps({"labels": labels})
-    status, _, answer = request(running, "POST", "/guard/feedback", body.encode(), AUTH)
+    headers = {**AUTH, "Content-Type": "application/json"}
+    status, _, answer = request(running, "POST", "/guard/feedback", body.encode(), headers)
     return status, json.loads(answer)
 
 
@@ -82,7 +83,9 @@ def test_feedback_is_a_management_endpoint(tmp_path: Path) -> None:
         status, body = feedback(running, [{"request_id": "x", "label": "attack"}])
         assert status == 404 and "management" in body["error"]
     with serve_in_thread(config(tmp_path)) as running:
-        status, _, _ = request(running, "POST", "/guard/feedback", b"{}")
+        status, _, _ = request(
+            running, "POST", "/guard/feedback", b"{}", {"Content-Type": "application/json"}
+        )
         assert status == 401
         assert feedback(running, "not json")[0] == 400
         status, body = feedback(running, [{"request_id": "x", "label": "maybe"}])

@@ -59,7 +59,8 @@ def test_every_exposed_metric_is_documented_and_every_documented_one_exposed(
     ):
         assert request(running, "POST", "/models/xor/predict", b'{"inputs": [[0, 1]]}')[0] == 200
         body = b'{"inputs": [[0, 1]], "targets": [[1]]}'
-        assert request(running, "POST", "/models/xor/train", body)[0] == 200
+        json_type = {"Content-Type": "application/json"}
+        assert request(running, "POST", "/models/xor/train", body, json_type)[0] == 200
         assert request(running, "GET", "/api/x")[0] == 200
         status, _, scrape = request(running, "GET", "/metrics")
         assert status == 200

@@ -15,6 +15,9 @@ from tests.proxy.test_forward import proxy, request
 from tests.proxy.upstreams import upstreams
 from webtorch import config as wt_config
 
+# Management requests say JSON, even with no body: what no web page sends cross-site (CSRF).
+JSON_TYPE = {"Content-Type": "application/json"}
+
 
 def test_weighted_round_robin_shares_by_weight() -> None:
     with upstreams("a", "b") as (a, b):
@@ -139,7 +142,11 @@ def test_reload_under_load_drops_nothing(tmp_path: Path) -> None:
             assert a.wait_for_hits("/", 50)
             write_config(path, [b.address])
             status, _, body = request(
-                running, "POST", "/admin/reload", body=b"", headers={"Content-Length": "0"}
+                running,
+                "POST",
+                "/admin/reload",
+                body=b"",
+                headers={**JSON_TYPE, "Content-Length": "0"},
             )
             assert status == 200, body
             assert b.wait_for_hits("/", 50), "traffic never moved to the new upstream"
@@ -158,7 +165,7 @@ def test_reload_with_a_bad_file_keeps_serving(tmp_path: Path) -> None:
         write_config(path, [a.address])
         with serve_in_thread(wt_config.load(path), path) as running:
             path.write_text("[upstreams.backend]\nservers = []\n")
-            status, _, body = request(running, "POST", "/admin/reload", body=b"")
+            status, _, body = request(running, "POST", "/admin/reload", body=b"", headers=JSON_TYPE)
             assert status == 400 and b"servers" in body
             assert request(running, "GET", "/")[2] == b"a"
 
@@ -201,14 +208,14 @@ def test_reload_endpoint_needs_the_token_when_one_is_set(tmp_path: Path) -> None
             path.read_text().replace("[server]\n", '[server]\ntoken = "s3cret-token-0123456789"\n')
         )
         with serve_in_thread(wt_config.load(path), path) as running:
-            status, headers, _ = request(running, "POST", "/admin/reload", body=b"")
+            status, headers, _ = request(running, "POST", "/admin/reload", b"", JSON_TYPE)
             assert status == 401 and "www-authenticate" in headers
             status, _, body = request(
                 running,
                 "POST",
                 "/admin/reload",
                 body=b"",
-                headers={"Authorization": "Bearer s3cret-token-0123456789"},
+                headers={**JSON_TYPE, "Authorization": "Bearer s3cret-token-0123456789"},
             )
             assert status == 200, body
             # Proxied traffic itself needs no token.

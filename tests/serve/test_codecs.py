@@ -333,8 +333,9 @@ def _x_binary(size: Any, blob: bytes, header_length: bytes | None = None) -> Any
         (_x_binary(8, b"\x00" * 4), "binary_data_size exceeds the body"),
         (_x_binary(4, b"\x00" * 4), "binary_data_size 4 != 2 x 4 bytes for FP32 [1, 2]"),
         (_x_binary(8, b"\x00" * 12), "4 bytes of binary data are not claimed"),
-        (_x_binary(-8, b"\x00" * 8), "binary_data_size exceeds the body"),
-        (_x_binary("8", b"\x00" * 8), "binary_data_size exceeds the body"),
+        (_x_binary(-8, b"\x00" * 8), "binary_data_size must be a non-negative integer, not -8"),
+        (_x_binary("8", b"\x00" * 8), "binary_data_size must be a non-negative integer, not '8'"),
+        (_x_binary(True, b"\x00" * 8), "binary_data_size must be a non-negative integer, not True"),
         (_x_binary(8, b"\x00" * 8, b"abc"), "not an integer"),
         (_x_binary(8, b"\x00" * 8, b"100000"), "exceeds the body"),
         (_x_binary(8, b"\x00" * 8, b"-1"), "exceeds the body"),
@@ -384,9 +385,12 @@ def test_binary_bytes_length_prefixed() -> None:
 @pytest.mark.parametrize(
     ("blob", "shape", "match"),
     [
-        (b"\x05\x00", [1, 1], "truncated BYTES element length"),
+        (struct.pack("<I", 3) + b"abc\x05\x00", [2, 1], "truncated BYTES element length"),
         (struct.pack("<I", 10) + b"abc", [1, 1], "truncated BYTES element"),
-        (bytes_blob([b"a", b"b"]), [3, 1], "2 BYTES elements do not fill [3, 1]"),
+        (bytes_blob([b"abc", b"def"]), [3, 1], "2 BYTES elements do not fill [3, 1]"),
+        # Counted against the shape before and while splitting, not after (issue 19, item 13).
+        (b"\x05\x00", [1, 1], "binary_data_size 2 cannot hold the 1 BYTES elements"),
+        (bytes_blob([b""] * 5), [2, 1], "more BYTES elements than its shape holds (2)"),
     ],
 )
 def test_binary_bytes_errors(blob: bytes, shape: list[int], match: str) -> None:
@@ -775,7 +779,7 @@ def test_fast_paths_decode_like_the_general_decoders(
     same(converted, general.inputs)
     assert rows == general.rows
     array = np.array(data)
-    body = oip({"name": "v", "datatype": name, "shape": list(array.shape), "data": data}, id=3)
+    body = oip({"name": "v", "datatype": name, "shape": list(array.shape), "data": data}, id="3")
     fast = form.decode(body, JSON, None)
     slow = decode_json(body, model)
     same(

@@ -59,6 +59,8 @@ def running(tmp_path: Path) -> Iterator[Running]:
 
 
 def post(running: Running, path: str, body: Any = None, **headers: str) -> Reply:
+    """A management POST as clients send it: JSON, even with no body (see test_csrf.py)."""
+    headers = {"Content-Type": "application/json", **headers}
     return call(running, "POST", path, body if body is not None else b"", headers)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,3 +131,22 @@ def test_wrong_datatype_and_unknown_model(client: InferenceServerClient) -> None
     ok = httpclient.InferInput("x", [4, 2], "FP32")
     ok.set_data_from_numpy(XOR_IN)
     assert_xor(client.infer("xor", [ok]).as_numpy("y"))
+
+
+def test_model_repository_with_the_json_content_type(tmp_path: Path) -> None:
+    """tritonclient sends load/unload without a Content-Type, which a web page could send too
+    (CSRF): WebTorch refuses it, and the client's ``headers`` argument is the way."""
+    from tests.serve.test_repository import repo_config
+
+    with serve_in_thread(repo_config(tmp_path)) as running:
+        c = InferenceServerClient(f"{running.host}:{running.port}", connection_timeout=30)
+        try:
+            with pytest.raises(InferenceServerException, match="Content-Type: application/json"):
+                c.load_model("scale")
+            json_type = {"Content-Type": "application/json"}
+            c.load_model("scale", headers=json_type)
+            assert c.is_model_ready("scale")
+            c.unload_model("scale", headers=json_type)
+            assert not c.is_model_ready("scale")
+        finally:
+            c.close()

@@ -31,6 +31,7 @@ from webtorch.http.messages import JSON, HandlerResult, Request, Response
 from webtorch.observe.metrics import Metrics
 from webtorch.observe.timeline import Timeline
 from webtorch.proxy.upstream import Proxies
+from webtorch.serve.oip import Auth
 
 if TYPE_CHECKING:
     from webtorch.guard.core import Guard  # torch: loaded only when the guard is on
@@ -50,7 +51,7 @@ class Dashboard:
         timeline: Timeline,
         metrics: Metrics,
         proxies: Callable[[], Proxies | None],
-        token: str | None,
+        auth: Auth,
         enabled: bool = True,
         guard: Callable[[], Guard | None] = lambda: None,
         static: Path = STATIC,
@@ -60,7 +61,7 @@ class Dashboard:
         self._proxies = proxies
         self._guard = guard
         self.enabled = enabled
-        self._token = None if token is None else token.encode()
+        self._auth = auth  # its token is read per request: a reload may rotate it
         # Every file is read once, here: a request can only name one of these, so no path from a
         # client ever reaches the filesystem.
         self._files: dict[str, tuple[bytes, bytes]] = {}
@@ -89,7 +90,7 @@ class Dashboard:
         raise NotFound(f"no dashboard resource at {path}")
 
     def _authorize(self, request: Request) -> None:
-        expected = self._token
+        expected = self._auth.token
         if expected is None:
             return
         given = request.header(b"authorization")

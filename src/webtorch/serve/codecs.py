@@ -31,6 +31,11 @@ OCTET: Final = b"application/octet-stream"
 # first `curl` works; anything clearly not JSON is refused with 415.
 JSON_TYPES: Final = frozenset({b"", JSON, b"application/x-www-form-urlencoded", b"text/plain"})
 _NUMPY_OPTS: Final = orjson.OPT_SERIALIZE_NUMPY
+# Bounds on what one request may ask for, checked before the work they would cost (a request
+# naming one output a million times, or a million BYTES elements for a shape of four, is refused
+# at the count, not after the work).
+MAX_ID: Final = 256  # characters of an OIP request id (it is echoed back)
+MAX_PARAMETERS: Final = 64  # entries in any "parameters" object
 
 # A decoded input: an array, or (short form, fixed-width float rows) the JSON rows themselves.
 InputData = np.ndarray | list[Any]
@@ -66,6 +71,40 @@ def check_json_content_type(content_type: bytes) -> None:
             f"unsupported content type {content_type.decode('latin-1')!r}; "
             "send application/json (or the binary tensor extension)"
         )
+
+
+def shown(value: Any) -> str:
+    """A client's value for an error message, bounded in size and in the work it costs: an error
+    must not echo (or even repr) megabytes."""
+    if isinstance(value, str):
+        return repr(value[:64]) + ("..." if len(value) > 64 else "")
+    if isinstance(value, dict):
+        return f"an object of {len(value)} entries"
+    if isinstance(value, list):
+        if len(value) <= 8 and all(v is None or isinstance(v, (bool, int, float)) for v in value):
+            return repr(value)
+        return f"a list of {len(value)} items"
+    return repr(value)  # None, a bool or a number (orjson bounds integers to 64 bits)
+
+
+def request_id(doc: dict[str, Any]) -> str | None:
+    """An OIP request's ``id``, echoed in the answer: a string of at most MAX_ID characters."""
+    raw = doc.get("id")
+    if raw is None or (type(raw) is str and len(raw) <= MAX_ID):
+        return raw
+    raise BadRequest(f'"id" must be a string of at most {MAX_ID} characters, not {shown(raw)}')
+
+
+def parameters_of(holder: dict[str, Any], what: str) -> dict[str, Any]:
+    """``holder["parameters"]``: an object of at most MAX_PARAMETERS entries ({} when absent)."""
+    params = holder.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise BadRequest(f"{what}: parameters must be an object, not {shown(params)}")
+    if len(params) > MAX_PARAMETERS:
+        raise BadRequest(f"{what}: parameters has {len(params)} entries; at most {MAX_PARAMETERS}")
+    return params
 
 
 def _loads(body: bytes, what: str) -> Any:
@@ -160,7 +199,7 @@ def _spec_for(
     spec = specs.get(name) if isinstance(name, str) else None
     if spec is None:
         raise BadRequest(
-            f"unknown {kind} {name!r} for model {model!r}; expected {', '.join(specs)}"
+            f"unknown {kind} {shown(name)} for model {model!r}; expected {', '.join(specs)}"
         )
     return spec
 
@@ -453,14 +492,20 @@ def oip_tensors(
     body: bytes,
     offset: int,
     binary: bool,
+    max_rows: int | None = None,
 ) -> tuple[dict[str, np.ndarray], int]:
     """Decode the tensor list ``doc[key]`` ("inputs", or "targets" for training) against
     ``specs``; binary data is read from ``body`` at ``offset``, in order. Returns the arrays and
-    the offset after the binary data they claimed."""
+    the offset after the binary data they claimed. ``max_rows``: the most rows a tensor may
+    have (the model's max_batch), refused from the shape before any data is decoded."""
     kind = key.removesuffix("s")
     raw = doc.get(key)
     if not isinstance(raw, list) or not raw:
         raise BadRequest(f'request needs a non-empty "{key}" list')
+    if len(raw) > len(specs):  # each may be named once: more is refused before any is decoded
+        raise BadRequest(
+            f'"{key}" lists {len(raw)} tensors; model {model!r} has {len(specs)} {kind}(s)'
+        )
     view = memoryview(body)
     arrays: dict[str, np.ndarray] = {}
     for entry in raw:
@@ -473,20 +518,13 @@ def oip_tensors(
         datatype = entry.get("datatype")
         if datatype != spec.datatype:
             known = (
-                datatype if isinstance(datatype, str) and datatype in DATATYPES else repr(datatype)
+                datatype if isinstance(datatype, str) and datatype in DATATYPES else shown(datatype)
             )
             raise BadRequest(
                 f"{kind} {name!r}: datatype {known} does not match the model's {spec.datatype}"
             )
-        shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
-            raise BadRequest(f"{kind} {name!r}: shape must be a list of non-negative integers")
-        _check_shape(spec, tuple(shape), kind)
-        params = entry.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise BadRequest(f"{kind} {name!r}: parameters must be an object")
+        shape = _shape_of(entry, spec, kind, max_rows)
+        params = parameters_of(entry, f"{kind} {name!r}")
         size = params.get("binary_data_size")
         if size is not None:
             if not binary:
@@ -494,15 +532,24 @@ def oip_tensors(
                     f"{kind} {name!r} has binary_data_size but the request has no "
                     "Inference-Header-Content-Length"
                 )
-            if not isinstance(size, int) or size < 0 or offset + size > len(body):
+            if type(size) is not int or size < 0:
+                raise BadRequest(
+                    f"{kind} {name!r}: binary_data_size must be a non-negative integer, "
+                    f"not {shown(size)}"
+                )
+            if offset + size > len(body):
                 raise BadRequest(f"{kind} {name!r}: binary_data_size exceeds the body")
             array = _binary_array(name, view[offset : offset + size], spec.dtype, shape, kind)
             offset += size
         else:
             if "data" not in entry:
                 raise BadRequest(f"{kind} {name!r} has neither data nor binary_data_size")
-            array = _json_array(name, entry["data"], spec.dtype, kind)
+            data = entry["data"]
             count = prod(shape)
+            # Flat data (the protocol's form) is counted before it is converted.
+            if type(data) is list and data and type(data[0]) is not list and len(data) != count:
+                raise BadRequest(f"{kind} {name!r}: {len(data)} elements do not fill shape {shape}")
+            array = _json_array(name, data, spec.dtype, kind)
             if array.size != count:
                 raise BadRequest(
                     f"{kind} {name!r}: {array.size} elements do not fill shape {shape}"
@@ -512,48 +559,92 @@ def oip_tensors(
     return arrays, offset
 
 
+def _shape_of(
+    entry: dict[str, Any], spec: TensorSpec, kind: str, max_rows: int | None
+) -> list[int]:
+    """A tensor entry's ``shape``, checked against the spec: its rank before its dimensions, so a
+    shape of millions of dimensions is refused at its length."""
+    shape = entry.get("shape")
+    if not isinstance(shape, list):
+        raise BadRequest(f"{kind} {spec.name!r}: shape must be a list of non-negative integers")
+    if len(shape) != len(spec.shape):
+        plain = len(shape) <= 32 and all(type(d) is int for d in shape)
+        raise BadRequest(
+            f"{kind} {spec.name!r}: shape {list(shape) if plain else f'of {len(shape)} entries'} "
+            f"does not match the model's {list(spec.shape)}"
+        )
+    if not all(type(d) is int and d >= 0 for d in shape):
+        raise BadRequest(f"{kind} {spec.name!r}: shape must be a list of non-negative integers")
+    _check_shape(spec, tuple(shape), kind)
+    if max_rows is not None and shape and shape[0] > max_rows:
+        raise BadRequest(
+            f"{kind} {spec.name!r}: shape {shape} has {shape[0]} rows; the model takes at most "
+            f"{max_rows} per request (max_batch)"
+        )
+    return shape
+
+
 def decode_oip(
     body: bytes,
     content_type: bytes,
     header_length: bytes | None,
     specs: dict[str, TensorSpec],
     model: str,
+    outputs: list[TensorSpec] | None = None,
+    max_rows: int | None = None,
 ) -> Decoded:
+    """``outputs``: the model's, which bound and check the requested outputs here, before the
+    inputs are decoded (without them, :func:`validate_requested` checks the names later)."""
     doc, offset = oip_document(body, content_type, header_length)
+    req_id = request_id(doc)
+    parameters = parameters_of(doc, "request")
+    binary_default = parameters.get("binary_data_output") is True
+    requested, binary = _requested_outputs(doc.get("outputs"), binary_default, outputs, model)
     inputs, offset = oip_tensors(
-        doc, "inputs", specs, model, body, offset, header_length is not None
+        doc, "inputs", specs, model, body, offset, header_length is not None, max_rows
     )
     if offset != len(body):
         raise BadRequest(f"{len(body) - offset} bytes of binary data are not claimed by any input")
-    decoded = Decoded(dict(inputs), rows_of(inputs, specs, model))
-    req_id = doc.get("id")
-    if req_id is not None:
-        decoded.id = str(req_id)
-    parameters = doc.get("parameters") or {}
-    if isinstance(parameters, dict) and parameters.get("binary_data_output") is True:
-        decoded.binary_default = True
-    _requested_outputs(doc.get("outputs"), decoded)
+    decoded = Decoded(dict(inputs), rows_of(inputs, specs, model), req_id)
+    decoded.binary_default = binary_default
+    if requested is not None:
+        decoded.requested = requested
+        decoded.binary = binary
     return decoded
 
 
-def _requested_outputs(raw: Any, decoded: Decoded) -> None:
+def _requested_outputs(
+    raw: Any, binary_default: bool, outputs: list[TensorSpec] | None, model: str
+) -> tuple[list[str] | None, set[str]]:
+    """The requested output names (None: all) and which go back binary. Each name once, and no
+    more of them than the model has: the answer's size must not be the client's to multiply."""
+    binary: set[str] = set()
     if raw is None:
-        return
+        return None, binary
     if not isinstance(raw, list):
         raise BadRequest('"outputs" must be a list of {"name": ...} objects')
+    known = None if outputs is None else {t.name for t in outputs}
+    if known is not None and len(raw) > len(known):
+        raise BadRequest(f'"outputs" requests {len(raw)} outputs; model {model!r} has {len(known)}')
     names: list[str] = []
-    binary: set[str] = set()
+    seen: set[str] = set()
     for entry in raw:
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str):
             raise BadRequest('each requested output needs a "name"')
-        names.append(entry["name"])
-        params = entry.get("parameters") or {}
-        if isinstance(params, dict):
-            flag = params.get("binary_data")
-            if flag is True or (flag is None and decoded.binary_default):
-                binary.add(entry["name"])
-    decoded.requested = names
-    decoded.binary = binary
+        if known is not None and name not in known:
+            raise BadRequest(
+                f"unknown output {shown(name)} for model {model!r}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        if name in seen:
+            raise BadRequest(f"output {shown(name)} is requested twice")
+        seen.add(name)
+        names.append(name)
+        flag = parameters_of(entry, f"output {shown(name)}").get("binary_data")
+        if flag is True or (flag is None and binary_default):
+            binary.add(name)
+    return names, binary
 
 
 def _binary_array(
@@ -561,7 +652,14 @@ def _binary_array(
 ) -> np.ndarray:
     count = prod(shape)
     if dt.name == "BYTES":
-        items = _split_bytes(name, data, kind)
+        # Each element takes 4 bytes of length at least: a count the data cannot hold is
+        # refused before splitting, and the split stops at the count.
+        if count * 4 > len(data):
+            raise BadRequest(
+                f"{kind} {name!r}: binary_data_size {len(data)} cannot hold the {count} BYTES "
+                f"elements of shape {shape}"
+            )
+        items = _split_bytes(name, data, count, kind)
         if len(items) != count:
             raise BadRequest(f"{kind} {name!r}: {len(items)} BYTES elements do not fill {shape}")
         out = np.empty(count, dtype=object)
@@ -576,11 +674,14 @@ def _binary_array(
     return np.frombuffer(data, dtype=dt.numpy.newbyteorder("<"), count=count).reshape(shape)
 
 
-def _split_bytes(name: str, data: memoryview, kind: str = "input") -> list[bytes]:
+def _split_bytes(name: str, data: memoryview, count: int, kind: str = "input") -> list[bytes]:
+    """The length-prefixed elements of ``data``, ``count`` at most (more: BadRequest)."""
     items: list[bytes] = []
     pos = 0
     end = len(data)
     while pos < end:
+        if len(items) == count:
+            raise BadRequest(f"{kind} {name!r}: more BYTES elements than its shape holds ({count})")
         if pos + 4 > end:
             raise BadRequest(f"{kind} {name!r}: truncated BYTES element length")
         (length,) = struct.unpack_from("<I", data, pos)
@@ -656,10 +757,16 @@ class OIPForm:
     _FAST_KEYS: Final = frozenset({"id", "inputs"})
 
     def __init__(
-        self, inputs: list[TensorSpec], outputs: list[TensorSpec], model: str, version: str
+        self,
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec],
+        model: str,
+        version: str,
+        max_rows: int | None = None,
     ) -> None:
         self.model = model
         self.version = version
+        self.max_rows = max_rows  # the model's max_batch: larger shapes are refused undecoded
         self.specs = {t.name: t for t in inputs}
         self.outputs = outputs
         self._checks = {t.name: TensorCheck(t) for t in inputs}
@@ -677,9 +784,15 @@ class OIPForm:
             fast = self._decode_fast(loads_or_none(body))
             if fast is not None:
                 return fast
-        decoded = decode_oip(body, content_type, header_length, self.specs, self.model)
-        validate_requested(decoded, self.outputs, self.model)
-        return decoded
+        return decode_oip(
+            body,
+            content_type,
+            header_length,
+            self.specs,
+            self.model,
+            self.outputs,
+            self.max_rows,
+        )
 
     def _decode_fast(self, doc: Any) -> Decoded | None:
         if type(doc) is not dict or not self._FAST_KEYS.issuperset(doc):
@@ -730,8 +843,7 @@ class OIPForm:
                 return None
             rows = shaped.shape[0]
             inputs[check.name] = shaped
-        req_id = doc.get("id")
-        return Decoded(inputs, rows, None if req_id is None else str(req_id))
+        return Decoded(inputs, rows, request_id(doc))
 
     def encode(self, decoded: Decoded, outputs: dict[str, np.ndarray]) -> Response:
         if self._plain_output and decoded.requested is None and not decoded.binary_default:

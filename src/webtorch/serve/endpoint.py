@@ -35,7 +35,13 @@ class ModelEndpoint:
         self._outputs = model.outputs
         self._record_decode = stats.stages["decode"].record
         self._short = codecs.ShortForm(model.inputs, model.outputs, model.name)
-        self._oip = codecs.OIPForm(model.inputs, model.outputs, model.name, self.version)
+        self._oip = codecs.OIPForm(
+            model.inputs,
+            model.outputs,
+            model.name,
+            self.version,
+            max_rows=executor.scheduler.max_batch,
+        )
         self.auth = auth or Auth(None)
         self.trainable = executor.trainer is not None
         self._train = TrainForms(model) if self.trainable else None
@@ -68,7 +74,6 @@ class ModelEndpoint:
                 f"model {self.name!r} does not accept training "
                 f"(enable it with [models.{self.name}.train] enabled = true)"
             )
-        self.auth.check(request)
         return self._train
 
     def train(self, request: Request) -> HandlerResult:
@@ -76,9 +81,11 @@ class ModelEndpoint:
         request.model = self.name
         forms = self._train_forms(request)
         if request.method != "POST":
+            self.auth.check(request)
             require_method(request, "POST", "GET")
             assert self.executor.trainer is not None
             return json_response(self.executor.trainer.status())
+        self.auth.check_change(request)  # training changes the model: no cross-site sender
         decoded = forms.decode_short(request.body, request.content_type)
         key = request.header(b"idempotency-key")
         if key is not None:
@@ -89,7 +96,9 @@ class ModelEndpoint:
         request.model = self.name
         forms = self._train_forms(request)
         if request.method != "POST":
+            self.auth.check(request)
             require_method(request, "POST")
+        self.auth.check_change(request)
         decoded = forms.decode_oip(
             request.body, request.content_type, request.header(b"inference-header-content-length")
         )

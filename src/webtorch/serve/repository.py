@@ -3,7 +3,9 @@
 ``POST /v2/repository/index`` lists the models WebTorch knows: the configured ones and the model
 files in ``server.model_dir``, with their state. ``POST /v2/repository/models/{m}/load`` loads a
 model, or reloads it if it is served; ``.../unload`` stops serving it. These endpoints exist only
-with ``server.management = true`` and need the server's token when one is configured.
+with ``server.management = true`` and need the server's token when one is configured; load and
+unload also need ``Content-Type: application/json`` (an empty body is fine) and no cross-site
+``Origin`` (CSRF: see :meth:`webtorch.serve.oip.Auth.check_change`).
 
 Models are loaded only from the configuration or from ``{model_dir}/{m}.py``, by a name that must
 be a plain file name: a request never names a path, a URL or a config of its own (TorchServe's
@@ -266,24 +268,30 @@ class ModelRepository:
                 "the model repository endpoints are off; enable them with "
                 "[server] management = true"
             )
-        self.auth.check(request)
         if request.method != "POST":
+            self.auth.check(request)
             raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}", ("POST",))
         rest = parts[2:]
         if rest == ["index"]:
+            self.auth.check(request)  # reads only (a page elsewhere cannot read the answer)
             request.route = "/v2/repository/index"
             return json_response(self.index())
         if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
             request.route = f"/v2/repository/models/{{model}}/{rest[2]}"
-            _check_body(request.body)
+            # Even with no body: Content-Type: application/json, which no page sends cross-site.
+            self.auth.check_change(request)
+            _check_body(request.body, unload=rest[2] == "unload")
             action = self.load if rest[2] == "load" else self.unload
             return _answer(action(rest[1]))
+        self.auth.check(request)
         raise NotFound(f"no model repository endpoint at {request.path}")
 
 
-def _check_body(body: bytes) -> None:
+def _check_body(body: bytes, unload: bool = False) -> None:
     """Triton's load accepts ``parameters`` that carry a config or model files; WebTorch loads
-    only what the operator configured or put in model_dir, so any such parameter is refused."""
+    only what the operator configured or put in model_dir, so any such parameter is refused.
+    Unload's ``unload_dependents`` (which tritonclient always sends) is accepted: WebTorch has
+    no ensembles, so a model has no dependents to unload."""
     if not body.strip():
         return
     try:
@@ -293,6 +301,8 @@ def _check_body(body: bytes) -> None:
     if not isinstance(doc, dict):
         raise BadRequest("the request body must be empty or a JSON object")
     params = doc.get("parameters") or {}
+    if unload and isinstance(params, dict) and isinstance(params.get("unload_dependents"), bool):
+        params = {k: v for k, v in params.items() if k != "unload_dependents"}
     if params:
         raise BadRequest(
             "load parameters (config overrides, model files) are not accepted: models come "

@@ -143,6 +143,7 @@ class TrainForms:
         self, body: bytes, content_type: bytes, header_length: bytes | None
     ) -> TrainRequest:
         doc, offset = codecs.oip_document(body, content_type, header_length)
+        req_id = codecs.request_id(doc)  # refused before any tensor is decoded
         binary = header_length is not None
         inputs, offset = codecs.oip_tensors(
             doc, "inputs", self.inputs, self.model, body, offset, binary
@@ -154,11 +155,7 @@ class TrainForms:
             raise BadRequest(
                 f"{len(body) - offset} bytes of binary data are not claimed by any tensor"
             )
-        raw_id = doc.get("id")
-        if raw_id is not None and type(raw_id) is not str:
-            # Echoed back: str() of an object would answer a Python repr.
-            raise BadRequest(f"'id' must be a string, got {type(raw_id).__name__}")
-        return self._request(inputs, targets, raw_id)
+        return self._request(inputs, targets, req_id)
 
     @staticmethod
     def encode_short(loss: float, step: int) -> Response:
