@@ -8,6 +8,7 @@ HTTP implementation, so a framing mistake (a wrong content-length, a body after 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from webtorch.errors import BadRequest, NotFound
 from webtorch.http.limits import Limits
 from webtorch.http.messages import Handler, HandlerResult, Request, Response, json_response
 from webtorch.http.protocol import HttpProtocol, ServerState
+from webtorch.http.router import Route
 
 # -- fakes and helpers ------------------------------------------------------------------------
 
@@ -1105,3 +1107,84 @@ def test_invalid_absolute_form_target_gets_400(make: MakeConn, target: str) -> N
     assert resp.status == 400
     assert conn.finished
     assert conn.protocol.slots == deque()
+
+
+# Every form a request target takes (RFC 9112 3.2), with its parts: what the handler sees, or
+# the refusal. Absolute-form targets without a query crashed the compiled build (issue 19: its
+# URL parser's stub types the missing parts bytes; they are None): these run against the
+# compiled module whenever scripts/compile built it.
+TARGET_FORMS = [
+    ("GET", "http://h/v2", 200, "/v2", ""),
+    ("GET", "http://h/v2?x=1", 200, "/v2", "x=1"),
+    ("GET", "http://h", 200, "/", ""),
+    ("GET", "http://h/", 200, "/", ""),
+    ("GET", "http://h?x=1", 200, "/", "x=1"),
+    ("GET", "http://h:8080/a/b%20c", 200, "/a/b c", ""),
+    ("GET", "https://h/a?q=1#frag", 200, "/a", "q=1"),
+    ("GET", "http://h/a#frag", 200, "/a", ""),
+    ("GET", "HTTP://h/up", 200, "/up", ""),
+    ("GET", "http://[::1]:80/six", 200, "/six", ""),
+    ("OPTIONS", "http://h/v2", 200, "/v2", ""),
+    ("OPTIONS", "*", 200, "*", ""),
+    ("GET", "*", 400, "", ""),
+    ("OPTIONS", "*?x", 400, "", ""),
+    ("GET", "http://user:pw@h/a", 400, "", ""),
+    ("GET", "h:80", 400, "", ""),
+    ("GET", "ftp://h/a", 400, "", ""),
+    ("CONNECT", "h:80", 405, "", ""),
+    ("CONNECT", "http://h/v2", 405, "", ""),
+    ("CONNECT", "/v2", 405, "", ""),
+]
+
+
+@pytest.mark.parametrize(("method", "target", "status", "path", "query"), TARGET_FORMS)
+def test_request_target_forms(
+    make: MakeConn,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    target: str,
+    status: int,
+    path: str,
+    query: str,
+) -> None:
+    conn = make()
+    with caplog.at_level(logging.ERROR, logger="webtorch"):
+        conn.send(req(method, target) + req("GET", "/next"))
+        settle(conn.loop)
+    assert caplog.records == []  # the compiled build logged a traceback and hung up
+    responses = conn.responses()
+    assert [r.status for r in responses][:1] == [status]
+    first = responses[0]
+    if status == 200:
+        assert (first.json()["path"], first.json()["query"]) == (path, query)
+        assert [r.json()["path"] for r in responses[1:]] == ["/next"]
+        assert not conn.finished
+    else:
+        assert "error" in first.json()
+        assert conn.finished
+    if status == 405:
+        assert b"GET" in first.headers[b"allow"]
+
+
+def test_absolute_form_target_on_a_streamed_route(
+    make: MakeConn, loop: asyncio.AbstractEventLoop
+) -> None:
+    """A route that takes its body as a stream (a proxied one) is matched at the headers, by
+    the same target parsing."""
+    seen: list[Request] = []
+
+    def handler(request: Request) -> Response:
+        seen.append(request)
+        return json_response({"path": request.path, "target": request.target.decode()})
+
+    route = Route("/up/", handler, "up", prefix=True, stream=True)
+    state = ServerState(
+        echo, Limits(), stream_match=lambda p: route if p.startswith("/up/") else None
+    )
+    conn = make(state=state)
+    conn.send(req("POST", "http://h/up/load", body=b"abc") + req("GET", "http://h/other"))
+    settle(loop)
+    assert [r.status for r in conn.responses()] == [200, 200]
+    [request] = seen
+    assert (request.path, request.target) == ("/up/load", b"/up/load")
+    assert request.stream is not None and request.stream.received == 3

@@ -36,6 +36,7 @@ from webtorch.errors import (
     ExpectationFailed,
     HeaderFieldsTooLarge,
     HTTPError,
+    MethodNotAllowed,
     PayloadTooLarge,
     RequestTimeout,
     URITooLong,
@@ -744,34 +745,41 @@ class HttpProtocol:
         path_b, _, query_b = url.partition(b"?")
         target = url
         if not path_b.startswith(b"/"):
-            if path_b.startswith((b"http://", b"https://")):
-                try:
-                    parsed = httptools.parse_url(url)
-                except httptools.HttpParserError:
-                    # llhttp lets through targets that parse_url refuses (a bad port, say).
-                    return BadRequest("invalid absolute request target")
-                # httptools is untyped: say what its fields may hold, so that compiled code
-                # (webtorch/compiled.py) checks for None here, not for bytes.
-                parsed_path: bytes | None = parsed.path
-                parsed_query: bytes | None = parsed.query
-                path_b = parsed_path or b"/"
-                query_b = parsed_query or b""
+            if path_b[:8].lower().startswith((b"http://", b"https://")):
+                absolute = _absolute_form(url)
+                if isinstance(absolute, HTTPError):
+                    return absolute
+                path_b, query_b = absolute
                 target = path_b + b"?" + query_b if query_b else path_b
-            elif path_b != b"*":
-                return BadRequest("request target must start with '/'")
+            elif path_b != b"*" or query_b:
+                # Authority-form (CONNECT's) and anything else: no route takes them.
+                return BadRequest("request target must start with '/' (origin form)")
+            elif self._method != b"OPTIONS":
+                return BadRequest("the '*' request target is for OPTIONS only")
         path = path_b.decode("latin-1")
         if "%" in path:
             path = unquote(path)
         return path, query_b.decode("latin-1"), target
 
     def _request(self, slot: _Slot, body: bytes, stream: RequestBody | None) -> Request | None:
+        method = self._method
+        name = _METHOD_NAMES.get(method)
+        if name is None:
+            if method == b"CONNECT":
+                # A tunnel is not something WebTorch makes; a 2xx here would tell a client that
+                # one is open (nginx answers 405 too).
+                error = MethodNotAllowed(
+                    "CONNECT is not supported (not a forward proxy)", COMMON_METHODS
+                )
+                self._finish_with_error(slot, error)
+                return None
+            name = method.decode("ascii")
         target = self._target()
         if isinstance(target, HTTPError):
             self._finish_with_error(slot, target)
             return None
-        method = self._method
         request = Request(
-            _METHOD_NAMES.get(method) or method.decode("ascii"),
+            name,
             target[0],
             target[1],
             self._headers,
@@ -1185,6 +1193,29 @@ class HttpProtocol:
             if self._unparsed and self._resume is None:
                 # Not now: this may run inside a parser callback, and the parser is not reentrant.
                 self._resume = self.loop.call_soon(self._feed_unparsed)
+
+
+def _absolute_form(url: bytes) -> tuple[bytes, bytes] | HTTPError:
+    """(path, query) of an absolute-form target (``http://host/path?query``, RFC 9112 3.2.2),
+    or what is wrong with it."""
+    try:
+        # Any, not httptools' type: its stub declares the URL's fields bytes (port int), but a
+        # part missing from the target is None, and compiled code checks a value against its
+        # declared type when it reads it: ``http://h/v2``, with no query, raised TypeError
+        # there and the connection was dropped with a traceback logged (issue 19).
+        parsed: Any = httptools.parse_url(url)
+    except httptools.HttpParserError:
+        # llhttp lets through targets that parse_url refuses (a bad port, say).
+        return BadRequest("invalid absolute request target")
+    userinfo: bytes | None = parsed.userinfo
+    if userinfo is not None:
+        # RFC 9110 4.2.4: userinfo in an http(s) URI is an error (and a way to disguise the
+        # real host).
+        return BadRequest("userinfo ('user@') in the request target is not allowed")
+    path: bytes | None = parsed.path
+    query: bytes | None = parsed.query
+    # The fragment, if any, is dropped: it is never sent on to anyone (RFC 9110 4.2.5).
+    return path or b"/", query or b""
 
 
 def _unconnected(data: bytes) -> None:
