@@ -1188,3 +1188,64 @@ def test_absolute_form_target_on_a_streamed_route(
     [request] = seen
     assert (request.path, request.target) == ("/up/load", b"/up/load")
     assert request.stream is not None and request.stream.received == 3
+
+
+class EndlessClient(FakeTransport):
+    """A client that pipelines without end: whenever the server reads the socket again, another
+    ``chunk`` has arrived (up to ``reads`` of them), as the kernel's buffer would hold it."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, protocol: HttpProtocol, chunk: bytes, reads: int
+    ) -> None:
+        super().__init__(loop, protocol)
+        self.chunk = chunk
+        self.reads_left = reads
+        self.reads = 0
+
+    def resume_reading(self) -> None:
+        super().resume_reading()
+        self.loop.call_soon(self._arrive)
+
+    def _arrive(self) -> None:
+        if self.reading and self.reads_left and not self.closed:  # no read while paused
+            self.reads_left -= 1
+            self.reads += 1
+            self.protocol.data_received(self.chunk)
+
+
+def held(protocol: HttpProtocol) -> int:
+    """Input read from the socket and not parsed yet."""
+    return len(protocol._unparsed) - protocol._unparsed_at
+
+
+def test_pipelined_input_is_parsed_before_the_socket_is_read_again(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Issue 19: with answers pending (a model batch), parsing pauses within a read; when the
+    answers went out, reading resumed at once, so each pause added a read to what was held and
+    each resume copied all of it (44-77 MB per connection, quadratic work). Held input must be
+    parsed before the socket is read again: at most one read is ever held."""
+    handler = Deferred(loop)
+    state = ServerState(handler, Limits(max_pipeline=8))
+    protocol = HttpProtocol(state, loop)
+    one = req("GET", "/p")
+    chunk = one * (2 * 16384 // len(one) + 1)  # a read of three slices' worth of requests
+    transport = EndlessClient(loop, protocol, chunk, reads=3)
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+
+    transport.reading = True
+    protocol.data_received(chunk)
+    most_held = held(protocol)
+    answered = 0
+    while answered < len(handler.calls):
+        while answered < len(handler.calls):  # the batch completes
+            handler.answer(answered)
+            answered += 1
+        settle(loop)
+        most_held = max(most_held, held(protocol))
+        assert held(protocol) == 0 or not transport.reading
+    assert transport.reads == 3
+    assert answered == 4 * chunk.count(b"GET ")
+    assert most_held < len(chunk)
+    assert transport.errors == []
+    assert transport.data.count(b"HTTP/1.1 200 OK\r\n") == answered

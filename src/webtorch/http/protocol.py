@@ -354,7 +354,11 @@ class HttpProtocol:
         self.slots: deque[_Slot] = deque()
         self.tasks: set[asyncio.Future[Response]] = set()
         self.closing = False  # no more requests are read; close after the last response
+        # Parsing is paused: the client is not reading its answers, too many requests await
+        # theirs, or a streamed body's consumer lags. The socket is paused meanwhile, and
+        # also while input already read waits in _unparsed (see _update_reading).
         self.read_paused = False
+        self._socket_paused = False
         self.write_paused = False
         self.body_paused = False  # a streamed request body's consumer is not keeping up
         # The response whose body is being streamed: later responses wait for it to end.
@@ -381,7 +385,10 @@ class HttpProtocol:
         self._body_limit = self.limits.max_body
         self._stream: RequestBody | None = None  # the body of a request already dispatched
         self._peer_eof = False
-        self._unparsed = b""  # input held back while reading is paused (see _feed_slices)
+        # Input held back while parsing is paused: a read, and how far into it parsing got
+        # (an offset, so that resuming copies nothing: see _feed_slices).
+        self._unparsed = b""
+        self._unparsed_at = 0
         self._resume: asyncio.Handle | None = None
         self._slot: _Slot | None = None
         # The request line's method and version, read from the parser once per request (its
@@ -446,6 +453,7 @@ class HttpProtocol:
         self.tasks.clear()
         self.slots.clear()
         self._unparsed = b""
+        self._unparsed_at = 0
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
@@ -461,21 +469,29 @@ class HttpProtocol:
             # Closing: no new request is read, but one already being received (when a graceful
             # drain began) is read to its end and answered.
             return
-        if self._unparsed or len(data) > _SLICE:
-            self._feed_slices(self._unparsed + data if self._unparsed else data)
+        if self._unparsed:
+            # Not expected: the socket stays paused while held input waits (_update_reading).
+            # Should a transport deliver anyway, nothing is lost or reordered.
+            data = self._unparsed[self._unparsed_at :] + data
+            self._unparsed = b""
+            self._unparsed_at = 0
+        if len(data) > _SLICE:
+            self._feed_slices(data, 0)
         else:
             self._feed(data)
 
-    def _feed_slices(self, data: bytes) -> None:
-        """Parse a large read a slice at a time. pause_reading() only stops *future* reads, and a
-        read can hold hundreds of pipelined requests: checking between slices makes a pause
-        (client not reading, too many answers pending) take effect within the read. The rest
-        waits in ``_unparsed`` until reading resumes."""
-        self._unparsed = b""
-        pos = 0
-        while pos < len(data):
+    def _feed_slices(self, data: bytes, pos: int) -> None:
+        """Parse a large read from ``pos`` a slice at a time. pause_reading() only stops *future*
+        reads, and a read can hold hundreds of pipelined requests: checking between slices makes
+        a pause (client not reading, too many answers pending) take effect within the read. The
+        rest waits in ``_unparsed`` (the read itself and an offset: no copy) until parsing
+        resumes; the socket is not read meanwhile, so what a connection holds stays one read,
+        and each byte is copied once (a slice), however many pauses it waits through."""
+        end = len(data)
+        while pos < end:
             if self.read_paused:
-                self._unparsed = data[pos:]
+                self._unparsed = data
+                self._unparsed_at = pos
                 return
             if self.closing and self.phase not in (_HEADERS, _BODY):
                 return
@@ -484,8 +500,14 @@ class HttpProtocol:
 
     def _feed_unparsed(self) -> None:
         self._resume = None
-        if self._unparsed and not self.read_paused and self.transport is not None:
-            self.data_received(b"")
+        data, pos = self._unparsed, self._unparsed_at
+        if not data or self.read_paused or self.transport is None:
+            return
+        self._unparsed = b""
+        self._unparsed_at = 0
+        self._feed_slices(data, pos)
+        if not self._unparsed:
+            self._update_reading()  # all of it parsed: the socket may be read again
 
     def _feed(self, data: bytes) -> None:
         if self.phase == _HEADERS:
@@ -1184,15 +1206,21 @@ class HttpProtocol:
         if transport is None:
             return
         pause = self.write_paused or self.body_paused or len(self.slots) >= self.limits.max_pipeline
-        if pause and not self.read_paused:
-            self.read_paused = True
-            transport.pause_reading()
-        elif not pause and self.read_paused:
-            self.read_paused = False
-            transport.resume_reading()
-            if self._unparsed and self._resume is None:
-                # Not now: this may run inside a parser callback, and the parser is not reentrant.
-                self._resume = self.loop.call_soon(self._feed_unparsed)
+        self.read_paused = pause
+        # The socket is read only once held input is parsed: resuming it at once would let a
+        # client that pipelines without end grow what is held by a read per pause (issue 19:
+        # 44-77 MB per connection, and a copy of it all on each resume).
+        unparsed = bool(self._unparsed)
+        socket_pause = pause or unparsed
+        if socket_pause != self._socket_paused:
+            self._socket_paused = socket_pause
+            if socket_pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+        if not pause and unparsed and self._resume is None:
+            # Not now: this may run inside a parser callback, and the parser is not reentrant.
+            self._resume = self.loop.call_soon(self._feed_unparsed)
 
 
 def _absolute_form(url: bytes) -> tuple[bytes, bytes] | HTTPError:
