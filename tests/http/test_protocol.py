@@ -1249,3 +1249,56 @@ def test_pipelined_input_is_parsed_before_the_socket_is_read_again(
     assert most_held < len(chunk)
     assert transport.errors == []
     assert transport.data.count(b"HTTP/1.1 200 OK\r\n") == answered
+
+
+# -- the connection cap (issue 19: idle sockets exhausted the descriptors, silently) -----------
+
+
+def test_connection_cap_closes_the_idle_connection_nearest_its_timeout(
+    make: MakeConn, loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = ServerState(echo, Limits(max_connections=3, keepalive_timeout=75.0))
+    kept = make(state=state)
+    kept.send(req("GET", "/served"))  # answered: idle, kept alive for 75 s
+    silent = make(state=state)  # no request yet: idle, closed after the header timeout (10 s)
+    busy = make(state=state)
+    busy.send(b"GET /half HTTP/1.1\r\n")  # a request on its way: never taken
+    assert len(state.connections) == 3
+    with caplog.at_level(logging.WARNING, logger="webtorch.http"):
+        newcomer = make(state=state)
+    assert silent.transport.closed  # nearest its timeout of the idle two
+    assert not kept.transport.closed and not busy.transport.closed
+    assert state.connections == {kept.protocol, busy.protocol, newcomer.protocol}
+    assert state.reclaimed == 1
+    assert "connection cap reached" in caplog.text
+    newcomer.send(req("GET", "/new"))
+    assert [r.status for r in newcomer.responses()] == [200]
+    settle(loop)
+
+    # Next, the kept-alive one goes; then none is idle, and a newcomer gets a 503 at once.
+    make(state=state).send(b"GET /half HTTP/1.1\r\n")
+    assert kept.transport.closed
+    newcomer.send(b"GET /half HTTP/1.1\r\n")
+    refused = make(state=state)
+    assert refused.transport.closed
+    [resp] = refused.responses()
+    assert resp.status == 503
+    assert resp.headers[b"connection"] == b"close"
+    assert "error" in resp.json()
+    assert len(state.connections) == 3
+    assert (state.reclaimed, state.refused) == (2, 1)
+    settle(loop)  # connection_lost of the refused and reclaimed ones
+    assert len(state.connections) == 3
+
+
+def test_connection_cap_log_is_rate_limited(
+    make: MakeConn, loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = ServerState(echo, Limits(max_connections=1))
+    make(state=state).send(b"GET /half HTTP/1.1\r\n")
+    with caplog.at_level(logging.WARNING, logger="webtorch.http"):
+        for _ in range(5):
+            make(state=state)
+    assert state.refused == 5
+    assert caplog.text.count("connection cap reached") == 1
+    settle(loop)

@@ -109,6 +109,15 @@ _STATUS_LINES: Final[dict[int, bytes]] = {
     code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()
 }
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BUSY_BODY: Final = b'{"error":"too many connections open; retry shortly"}'
+# The answer to a connection over the cap with none idle to make room: before its request is
+# read, so it says close.
+_AT_CAPACITY: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nretry-after: 1\r\nconnection: close\r\n\r\n%s"
+) % (len(_BUSY_BODY), _BUSY_BODY)
+# Seconds between two log lines about the connection cap (each counts what happened since).
+_CAP_LOG_INTERVAL: Final = 60.0
 _HEX_BYTES: Final = [b"%02x" % n for n in range(256)]
 _QUESTION: Final = ord("?")
 _PERCENT: Final = ord("%")
@@ -165,6 +174,14 @@ class ServerState:
         # Admits or refuses each new connection by its address (the guard's); None: all admitted.
         self.gate: ConnectionGate | None = None
         self.accepted = 0  # connections ever accepted (the metrics' counter)
+        # Client connections open at once: limits.max_connections, which HttpServer lowers to
+        # what the file descriptor limit leaves room for. Running out of descriptors locks
+        # every client out (issue 19: 1,500 idle sockets did, silently); this cap bites first.
+        self.max_connections = self.limits.max_connections
+        self.reclaimed = 0  # idle connections closed at the cap to make room (ever)
+        self.refused = 0  # connections refused at the cap (ever)
+        self._cap_counts = [0, 0]  # reclaimed, refused: since the cap's last log line
+        self._cap_log_at = 0.0  # the loop's time before which that line waits
         self.draining = False
         self.date_header = b""
         # Response heads up to "content-length: " by (status, content type); refreshed with Date.
@@ -206,6 +223,42 @@ class ServerState:
         if low == 0 or not self._id_high:
             self._id_high = b"%s%014x" % (self._id_prefix, count >> 8)
         return b"%s%s" % (self._id_high, _HEX_BYTES[low])
+
+    def make_room(self, now: float) -> bool:
+        """At the connection cap: close the idle connection nearest its timeout (the one that
+        would go first anyway), so that a new one fits; False when none is idle. nginx reuses
+        idle keep-alive connections the same way when worker_connections run out. Scans the
+        connections, but only at the cap, never per request."""
+        victim: HttpProtocol | None = None
+        nearest = (0.0, 0)
+        for conn in self.connections:
+            deadline = conn.deadline
+            if deadline is not None and conn.idle():
+                # The older connection first among equal deadlines (uvloop's clock counts ms).
+                key = (deadline, conn.serial)
+                if victim is None or key < nearest:
+                    victim, nearest = conn, key
+        counts = self._cap_counts
+        if victim is not None:
+            victim.reclaim()
+            self.connections.discard(victim)  # now, not when the loop reports it closed
+            self.reclaimed += 1
+            counts[0] += 1
+        else:
+            self.refused += 1
+            counts[1] += 1
+        if now >= self._cap_log_at:
+            self._cap_log_at = now + _CAP_LOG_INTERVAL
+            log.warning(
+                "connection cap reached: %d open (server.limits.max_connections, lowered to "
+                "what ulimit -n allows); since the last report, %d idle connection(s) closed "
+                "for new ones, %d new one(s) refused with 503",
+                self.max_connections,
+                counts[0],
+                counts[1],
+            )
+            counts[0] = counts[1] = 0
+        return victim is not None
 
     def connection_lost(self, conn: HttpProtocol) -> None:
         self.connections.discard(conn)
@@ -349,6 +402,7 @@ class HttpProtocol:
         self.transport: asyncio.Transport | None = None
         self._send: Callable[[bytes], None] = _unconnected
         self.client = ""
+        self.serial = 0  # the connection's place in accept order (see ServerState.make_room)
         self.deadline: float | None = None
         self.phase = _IDLE
         self.slots: deque[_Slot] = deque()
@@ -408,7 +462,16 @@ class HttpProtocol:
         peer: Any = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.client = str(peer[0])
-        self.state.accepted += 1
+        state = self.state
+        state.accepted += 1
+        self.serial = state.accepted
+        if len(state.connections) >= state.max_connections and not state.make_room(self._time()):
+            # At the cap, none idle: a quick, clear refusal, nothing read.
+            self.closing = True
+            self.transport = None
+            cast(asyncio.Transport, transport).write(_AT_CAPACITY)
+            transport.close()
+            return
         gate = self.state.gate
         if gate is not None:
             if not gate.admit(self.client):
@@ -463,6 +526,25 @@ class HttpProtocol:
             gate = self.state.gate
             if gate is not None:
                 gate.release(self.client)
+
+    def idle(self) -> bool:
+        """Waiting for a request with nothing owed (kept alive, or new and silent so far):
+        closing it loses no work."""
+        return (
+            self.phase == _IDLE
+            and not self.slots
+            and not self.closing
+            and self._streaming is None
+            and not self._unparsed
+            and self.transport is not None
+        )
+
+    def reclaim(self) -> None:
+        """Closed to make room for a new connection (the cap: see ServerState.make_room)."""
+        self.closing = True
+        self.deadline = None
+        if self.transport is not None:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.closing and self.phase not in (_HEADERS, _BODY):
