@@ -1302,3 +1302,28 @@ def test_connection_cap_log_is_rate_limited(
     assert state.refused == 5
     assert caplog.text.count("connection cap reached") == 1
     settle(loop)
+
+
+def test_connection_refused_at_the_cap_is_released_by_the_gate(
+    make: MakeConn, loop: asyncio.AbstractEventLoop
+) -> None:
+    """The guard's per-address counts stay right for a connection the cap refuses."""
+
+    class Gate:
+        def __init__(self) -> None:
+            self.open = 0
+
+        def admit(self, address: str) -> bool:
+            self.open += 1
+            return True
+
+        def release(self, address: str) -> None:
+            self.open -= 1
+
+    state = ServerState(echo, Limits(max_connections=1))
+    state.gate = gate = Gate()
+    make(state=state).send(b"GET /half HTTP/1.1\r\n")
+    refused = make(state=state)
+    settle(loop)
+    assert refused.transport.closed
+    assert gate.open == 1

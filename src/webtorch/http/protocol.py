@@ -465,14 +465,7 @@ class HttpProtocol:
         state = self.state
         state.accepted += 1
         self.serial = state.accepted
-        if len(state.connections) >= state.max_connections and not state.make_room(self._time()):
-            # At the cap, none idle: a quick, clear refusal, nothing read.
-            self.closing = True
-            self.transport = None
-            cast(asyncio.Transport, transport).write(_AT_CAPACITY)
-            transport.close()
-            return
-        gate = self.state.gate
+        gate = state.gate
         if gate is not None:
             if not gate.admit(self.client):
                 # Refused before a byte is read (a denied or banned address, or one over its
@@ -482,6 +475,15 @@ class HttpProtocol:
                 cast(asyncio.Transport, transport).abort()
                 return
             self._admitted = True
+        # After the gate: a refused address must not cost an idle client its connection.
+        if len(state.connections) >= state.max_connections and not state.make_room(self._time()):
+            # At the cap, none idle: a quick, clear refusal, nothing read (the gate, if it
+            # admitted it, is told in connection_lost, as for any other).
+            self.closing = True
+            self.transport = None
+            cast(asyncio.Transport, transport).write(_AT_CAPACITY)
+            transport.close()
+            return
         self.state.connections.add(self)
         # A new connection must send its first request's headers within the header timeout.
         self.deadline = self._time() + self.limits.header_timeout
