@@ -18,7 +18,7 @@ import h11
 import orjson
 import pytest
 
-from webtorch.errors import BadRequest, NotFound
+from webtorch.errors import BadRequest, NotFound, Unauthorized
 from webtorch.http.limits import Limits
 from webtorch.http.messages import Handler, HandlerResult, Request, Response, json_response
 from webtorch.http.protocol import HttpProtocol, ServerState
@@ -1327,3 +1327,48 @@ def test_connection_refused_at_the_cap_is_released_by_the_gate(
     settle(loop)
     assert refused.transport.closed
     assert gate.open == 1
+
+
+def test_expect_check_refusal_comes_without_100_and_after_earlier_answers(
+    make: MakeConn, loop: asyncio.AbstractEventLoop
+) -> None:
+    handler = Deferred(loop)
+    state = ServerState(handler, Limits())
+
+    def check(request: Request) -> None:
+        if request.path == "/locked":
+            raise Unauthorized("no token")
+
+    state.expect_check = check
+    conn = make(state=state)
+    expect = [("Expect", "100-continue"), ("Content-Length", "3")]
+    conn.send(req("GET", "/first") + req("POST", "/locked", expect))
+    assert conn.transport.data == b""  # the refusal waits for /first's answer
+    handler.answer(0)
+    settle(loop)
+    first, refused = conn.responses()
+    assert (first.status, refused.status) == (200, 401)
+    assert refused.informational == []
+    assert b"100 Continue" not in conn.transport.data
+    assert conn.finished
+    assert [r.path for r, _ in handler.calls] == ["/first"]
+
+
+def test_expect_check_that_fails_lets_the_request_go_on(
+    make: MakeConn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in a check is logged; the client still gets its 100 and its handler's answer."""
+    state = ServerState(echo, Limits())
+
+    def broken(request: Request) -> None:
+        raise RuntimeError("bug")
+
+    state.expect_check = broken
+    conn = make(state=state)
+    with caplog.at_level(logging.ERROR, logger="webtorch.http"):
+        conn.send(req("POST", "/p", [("Expect", "100-continue"), ("Content-Length", "3")]))
+        assert conn.transport.data == b"HTTP/1.1 100 Continue\r\n\r\n"
+        conn.send(b"abc")
+    [resp] = conn.responses()
+    assert (resp.informational, resp.status, resp.json()["body"]) == ([100], 200, "abc")
+    assert "pre-body check failed" in caplog.text

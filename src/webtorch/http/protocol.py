@@ -75,6 +75,9 @@ class ConnectionGate(Protocol):
     def release(self, address: str) -> None: ...
 
 
+# Raises the HTTPError that would refuse a request, seen before its body is read (a client
+# waiting for 100 Continue): Router.precheck.
+ExpectCheck = Callable[[Request], None]
 # The route of a path if its requests are dispatched as soon as their headers are in, the body
 # following as a stream (proxied routes); None for routes that want the whole body first.
 StreamMatch = Callable[[str], Route | None]
@@ -156,6 +159,8 @@ class ServerState:
         self.observer = observer
         self.access_log = access_log
         self.request_ids = request_ids
+        # Asked before a 100 Continue goes out; None: every request gets one.
+        self.expect_check: ExpectCheck | None = None
         # Generated request ids: 16 random hex digits per server, then a 16-digit counter. 32 hex
         # digits, as nginx's $request_id and a W3C trace id; unique across restarts and workers
         # without a random draw per request.
@@ -774,6 +779,12 @@ class HttpProtocol:
                     self._body_limit = route.max_body
         if length > self._body_limit:
             raise _Reject(PayloadTooLarge(f"request body is larger than {self._body_limit} bytes"))
+        if self._expect_continue and version == "1.1" and self.state.expect_check is not None:
+            refusal = self._refusal()
+            if refusal is not None:
+                # Its final answer, not 100 Continue: the client need not send the body. The
+                # connection closes after it (the body may come anyway: RFC 9110 10.1.1).
+                raise _Reject(refusal)
         keep_alive = parsed_keep_alive and not self.closing
         slot = _Slot(method == b"HEAD", keep_alive, 0.0)
         self._slot = slot
@@ -866,6 +877,38 @@ class HttpProtocol:
         if "%" in path:
             path = unquote(path)
         return path, query_b.decode("latin-1"), target
+
+    def _refusal(self) -> HTTPError | None:
+        """What would refuse the request whose headers are in, asked of the state's
+        expect_check before a 100 Continue invites its body: the interim answer goes out only
+        once the request is routed, its route takes the method, and auth passes."""
+        check = self.state.expect_check
+        if check is None:
+            return None
+        target = self._target()
+        if isinstance(target, HTTPError):
+            return target
+        method = self._method
+        request = Request(
+            _METHOD_NAMES.get(method) or method.decode("ascii", "replace"),
+            target[0],
+            target[1],
+            self._headers,
+            b"",
+            self._version,
+            False,
+            self.client,
+            raw_content_type=self._content_type,
+            target=target[2],
+            scheme=self.state.scheme,
+        )
+        try:
+            check(request)
+        except HTTPError as exc:
+            return exc
+        except Exception:  # a bug of ours: the request goes on, and its handler decides
+            log.exception("pre-body check failed for %s %s", request.method, request.path)
+        return None
 
     def _request(self, slot: _Slot, body: bytes, stream: RequestBody | None) -> Request | None:
         method = self._method
