@@ -778,6 +778,9 @@ def test_malformed_request_gets_400_then_close(make: MakeConn, data: bytes) -> N
         [("Content-Length", "5"), ("Content-Length", "6")],
         [("Content-Length", "5, 6")],
         [("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "identity")],
+        [("Transfer-Encoding", "identity")],
+        [("Transfer-Encoding", "chunked, gzip")],
+        [("Host", "other")],  # a second Host: which one is the target's?
     ],
 )
 def test_request_smuggling_attempts_get_400(make: MakeConn, headers: list[tuple[str, str]]) -> None:
@@ -1372,3 +1375,15 @@ def test_expect_check_that_fails_lets_the_request_go_on(
     [resp] = conn.responses()
     assert (resp.informational, resp.status, resp.json()["body"]) == ([100], 200, "abc")
     assert "pre-body check failed" in caplog.text
+
+
+def test_transfer_coding_other_than_chunked_gets_501(make: MakeConn) -> None:
+    """llhttp takes "gzip, chunked" and hands on the body still gzipped, as if plain."""
+    conn = make()
+    conn.send(
+        req("POST", "/p", [("Transfer-Encoding", "gzip, chunked")]) + b"3\r\nabc\r\n0\r\n\r\n"
+    )
+    [resp] = conn.responses()
+    assert resp.status == 501
+    assert "chunked" in resp.json()["error"]
+    assert conn.finished

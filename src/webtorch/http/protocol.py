@@ -34,6 +34,7 @@ import httptools
 from webtorch.errors import (
     BadRequest,
     ExpectationFailed,
+    FeatureNotImplemented,
     HeaderFieldsTooLarge,
     HTTPError,
     MethodNotAllowed,
@@ -730,8 +731,22 @@ class HttpProtocol:
         elif special == _TRANSFER_ENCODING:
             if self._content_length is not None:
                 raise _Reject(BadRequest("both Content-Length and Transfer-Encoding"))
+            codings = value.strip().lower()
+            if codings != b"chunked":
+                if codings.rpartition(b",")[2].strip() != b"chunked":
+                    # No way to tell where the body ends (RFC 9112 6.3).
+                    raise _Reject(BadRequest("Transfer-Encoding must end with 'chunked'"))
+                # llhttp takes "gzip, chunked" and hands on the body still gzipped, as if plain
+                # (a proxied route would forward it without its coding): refused, as nginx
+                # does (RFC 9112 6.1).
+                raise _Reject(
+                    FeatureNotImplemented("only 'Transfer-Encoding: chunked' is supported")
+                )
             self._chunked = True
         elif special == _HOST:
+            if self._has_host:
+                # Which one names the target? Proxies and routes could disagree (RFC 9112 3.2).
+                raise _Reject(BadRequest("more than one Host header"))
             self._has_host = True
         elif special == _REQUEST_ID:
             if self._request_id is None:
