@@ -52,6 +52,7 @@ MODULES = [
     "webtorch/http/client.py",
     "webtorch/http/router.py",
     "webtorch/http/limits.py",
+    "webtorch/http/authority.py",
     "webtorch/proxy/forward.py",
     "webtorch/proxy/headers.py",
     "webtorch/proxy/retry.py",

@@ -183,7 +183,10 @@ class TrainConfig(_Strict):
     # Bound the replay after a crash: it reruns every step since the last checkpoint.
     checkpoint_every_steps: Annotated[int, Field(ge=0)] = 10000  # 0: not by steps
     checkpoint_every_seconds: Annotated[float, Field(ge=0)] = 60.0  # 0: not by time
-    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
+    keep_checkpoints: Annotated[int, Field(ge=1)] = 2  # the WAL is kept from the oldest on
+    # Train requests with an Idempotency-Key header answered (and applied) once: a retry gets
+    # the first answer. The newest this many keys are remembered (in checkpoints and the WAL).
+    idempotency_keys: Annotated[int, Field(ge=1, le=100_000)] = 10_000
     # inference: a queued inference batch runs before a ready training step (which then waits for
     # at most one inference batch, so training slows under load but never stops); fifo: the
     # older of the two goes first.
@@ -352,6 +355,10 @@ class UpstreamConfig(_Strict):
     connect_timeout: Annotated[float, Field(gt=0)] = 5.0
     read_timeout: Annotated[float, Field(gt=0)] = 60.0
     total_timeout: Annotated[float, Field(ge=0)] = 0.0
+    # Bounds on a response's head (status line, headers and interim 1xx heads), nginx's
+    # proxy_buffer_size: above either the client gets a 502 and the upstream is logged.
+    max_response_header_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
+    max_response_headers: Annotated[int, Field(gt=0)] = 100
     # Passive health, nginx's max_fails / fail_timeout (max_fails = 0: off).
     max_fails: Annotated[int, Field(ge=0)] = 1
     fail_timeout: Annotated[float, Field(gt=0)] = 10.0

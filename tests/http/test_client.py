@@ -170,11 +170,11 @@ def test_connection_close_from_the_upstream_is_honoured() -> None:
     assert pool.idle == [] and transport.closed
 
 
-def test_a_broken_response_is_a_reset() -> None:
+def test_a_broken_response_is_an_invalid_response() -> None:
     pool, _ = make_pool()
     conn, transport = connected(pool)
     rec = exchange(conn, b"HTTP/1.1 2x0 OK\r\n\r\n")
-    assert rec.events == [("failure", Outcome.RESET)]
+    assert rec.events == [("failure", Outcome.INVALID_RESPONSE)]
     assert transport.closed
 
 
@@ -231,3 +231,26 @@ def test_waiters_queue_at_max_connections_and_get_released_connections() -> None
     loop.now += 1.5
     pool.sweep(loop.now)
     assert got[-1] == (None, Outcome.CANCELLED)
+
+
+def test_an_oversized_head_fails_the_exchange_before_it_is_buffered_whole() -> None:
+    pool, _ = make_pool(max_header_bytes=1024)
+    conn, transport = connected(pool)
+    rec = exchange(conn, b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 600)
+    assert rec.events == []  # still under the limit: the head may yet end
+    conn.data_received(b"a" * 600)
+    assert rec.events == [("failure", Outcome.INVALID_RESPONSE)] and transport.closed
+
+
+def test_upstream_problems_are_logged_once_per_interval(caplog: Any) -> None:
+    from webtorch.http.client import WARN_INTERVAL
+
+    pool, loop = make_pool()
+    for _ in range(3):
+        pool.warn("upstream 127.0.0.1:9 misbehaved")
+    loop.now += WARN_INTERVAL
+    pool.warn("upstream 127.0.0.1:9 misbehaved again")
+    assert [r.getMessage() for r in caplog.records] == [
+        "upstream 127.0.0.1:9 misbehaved",
+        "upstream 127.0.0.1:9 misbehaved again (and 2 more problems not logged)",
+    ]

@@ -56,6 +56,8 @@ TABLE = [
     (Outcome.OK, 404, True, False, False, False, "success"),
     (Outcome.OK, 429, True, False, False, False, "not_enabled"),
     (Outcome.CANCELLED, None, True, False, False, False, "cancelled"),
+    # nginx's invalid_header: not among the default conditions.
+    (Outcome.INVALID_RESPONSE, None, True, False, False, False, "not_enabled"),
     # Once a response byte reached the client nothing is retried, whatever happened.
     (Outcome.RESET, None, True, True, False, False, "response_started"),
     (Outcome.TIMEOUT, None, True, True, False, False, "response_started"),
@@ -86,6 +88,13 @@ def test_rules_table(
         assert d.reason == "non_idempotent"
     else:
         assert d.reason == why
+
+
+def test_invalid_responses_are_retried_when_listed() -> None:
+    settings = RetrySettings(on=frozenset({"invalid_header"}))
+    d = decide("GET", Outcome.INVALID_RESPONSE, settings=settings)
+    assert d.retry and d.reason == "invalid_header"
+    assert not decide("POST", Outcome.INVALID_RESPONSE, settings=settings)
 
 
 def test_method_case_does_not_matter() -> None:

@@ -23,7 +23,7 @@ import json
 import socket
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -284,3 +284,83 @@ def upstreams(*names: str, nodelay: bool = False) -> Iterator[list[TestUpstream]
     finally:
         for up in started:
             up.stop()
+
+
+class RawUpstream:
+    """A misbehaving upstream: a blocking socket server in a thread that reads each request's
+    head and answers with ``respond(head)``'s bytes, written piece by piece as the iterable
+    yields them, exactly as given (no HTTP library to refuse a broken response). After the
+    answer it keeps the connection and reads until the proxy closes it, recording that in
+    ``closed`` (a threading.Event per connection, in order) and how much it had written in
+    ``sent``. A write the proxy refuses by closing ends the answer early."""
+
+    __test__ = False
+
+    def __init__(self, respond: Callable[[bytes], Iterable[bytes]]) -> None:
+        self.respond = respond
+        self.requests: list[bytes] = []  # the heads received, in order
+        self.closed: list[threading.Event] = []
+        self.sent: list[int] = []
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = self._sock.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+        self._conns: list[socket.socket] = []
+        accept = threading.Thread(target=self._accept, daemon=True)
+        accept.start()
+        self._threads.append(accept)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            index = len(self.closed)
+            self.closed.append(threading.Event())
+            self.sent.append(0)
+            thread = threading.Thread(target=self._serve, args=(conn, index), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _serve(self, conn: socket.socket, index: int) -> None:
+        buffer = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, buffer = buffer.split(b"\r\n\r\n", 1)
+                self.requests.append(head)
+                for piece in self.respond(head):
+                    conn.sendall(piece)
+                    self.sent[index] += len(piece)
+        except OSError:
+            return
+        finally:
+            self.closed[index].set()
+            conn.close()
+
+    def close(self) -> None:
+        self._sock.close()
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+@contextlib.contextmanager
+def raw_upstream(respond: Callable[[bytes], Iterable[bytes]]) -> Iterator[RawUpstream]:
+    server = RawUpstream(respond)
+    try:
+        yield server
+    finally:
+        server.close()

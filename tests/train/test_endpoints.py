@@ -360,3 +360,16 @@ def test_a_model_without_loss_cannot_enable_training(tmp_path: Path) -> None:
     )
     with pytest.raises(ModelLoadError, match="defines no `loss` and `optimizer`"):
         App(cfg)
+
+
+@pytest.mark.parametrize("bad_id", [{"a": 1}, 7, ["r1"]])
+def test_oip_train_id_must_be_a_string(trainer: Running, bad_id: Any) -> None:
+    # It is echoed in the answer: str() of it would answer a Python repr (issue 19, item 7).
+    body = {
+        "id": bad_id,
+        "inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [0, 1]}],
+        "targets": [{"name": "y", "shape": [1, 1], "datatype": "FP32", "data": [1]}],
+    }
+    reply = call(trainer, "POST", "/v2/models/xor/train", body)
+    assert reply.status == 400 and "'id' must be a string" in reply.json()["error"]
+    assert call(trainer, "GET", "/models/xor/train").json()["step"] == 0

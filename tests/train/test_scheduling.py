@@ -16,6 +16,8 @@ import pytest
 from tests.conftest import XOR, serve_in_thread
 from tests.serve.test_server_models import call, predict
 from tests.train.test_endpoints import train_config
+from tests.train.test_wal import FullDisk
+from webtorch import config as wt_config
 from webtorch.config import TrainConfig
 from webtorch.http.messages import Response
 from webtorch.observe.metrics import ModelStats
@@ -79,23 +81,84 @@ def test_fifo_serves_the_older_queue_first(tmp_path: Path) -> None:
 
 
 def test_a_failing_log_stops_training_and_keeps_inference(tmp_path: Path) -> None:
-    # The next record goes to a full disk: every write to /dev/full fails with ENOSPC.
-    with (
-        open("/dev/full", "r+b", buffering=0) as full,
-        serve_in_thread(train_config(tmp_path)) as running,
-    ):
+    cfg = train_config(tmp_path)
+    body = {"inputs": [[0, 1]], "targets": [[1]]}
+    with serve_in_thread(cfg) as running:
+        assert call(running, "POST", "/models/xor/train", body).status == 200
+        after_one = predict(running, "xor", [[0, 1]]).json()
         trainer = running.app.repository.served["xor"].trainer
-        assert trainer is not None
-        assert trainer.wal is not None
-        trainer.wal._file = full
-        body = {"inputs": [[0, 1]], "targets": [[1]]}
-        reply = call(running, "POST", "/models/xor/train", body)
-        assert reply.status == 503
-        assert "write-ahead log failed" in reply.json()["error"]
-        again = call(running, "POST", "/models/xor/train", body)
-        assert again.status == 503 and "training stopped" in again.json()["error"]
-        assert predict(running, "xor", [[0, 1]]).status == 200  # inference goes on
-        assert call(running, "GET", "/models/xor/train").json()["step"] == 0
+        assert trainer is not None and trainer.wal is not None
+        # The disk fills (every write: ENOSPC), then space returns before shutdown.
+        with FullDisk(trainer.wal):
+            reply = call(running, "POST", "/models/xor/train", body)
+            assert reply.status == 503
+            assert "write-ahead log failed" in reply.json()["error"]
+            again = call(running, "POST", "/models/xor/train", body)
+            assert again.status == 503 and "training stopped" in again.json()["error"]
+            assert predict(running, "xor", [[0, 1]]).json() == after_one  # not applied
+            assert predict(running, "xor", [[0, 1]]).status == 200  # inference goes on
+            status = call(running, "GET", "/models/xor/train").json()
+            assert (status["step"], status["examples"]) == (1, 1)
+    # The example answered 503 was never applied, and a restart must not apply it either: its
+    # client will retry it.
+    with serve_in_thread(cfg) as running:
+        status = call(running, "GET", "/models/xor/train").json()
+        assert (status["step"], status["examples"]) == (1, 1)
+        assert predict(running, "xor", [[0, 1]]).json() == after_one
+
+
+# An optimizer whose step fails (a device error, say) while the file ``fail`` beside it exists.
+FLAKY_PY = """
+import pathlib
+import torch
+from torch import nn
+import webtorch
+
+FLAG = pathlib.Path(__file__).with_name("fail")
+
+
+class Flaky(torch.optim.SGD):
+    def step(self, closure=None):
+        if FLAG.exists():
+            raise RuntimeError("device lost")
+        return super().step(closure)
+
+
+model = webtorch.Model(
+    network=lambda: nn.Linear(1, 1),
+    inputs=[webtorch.TensorSpec("x", "FP32", (-1, 1))],
+    outputs=[webtorch.TensorSpec("y", "FP32", (-1, 1))],
+    loss=lambda out, tgt: ((out["y"] - tgt["y"]) ** 2).mean(),
+    optimizer=lambda params: Flaky(params, lr=0.1),
+)
+"""
+
+
+def test_a_step_that_fails_after_logging_is_not_replayed(tmp_path: Path) -> None:
+    # The micro-batch was logged and fsynced, then its optimizer step failed: its requests get a
+    # 503, so a restart must not apply it (a client retrying the 503 would train twice).
+    (tmp_path / "flaky.py").write_text(FLAKY_PY)
+    cfg = wt_config.from_dict(
+        {
+            "models": {
+                "flaky": {
+                    "path": str(tmp_path / "flaky.py"),
+                    "weights": False,
+                    "train": {"enabled": True, "state_dir": str(tmp_path / "state")},
+                }
+            }
+        }
+    )
+    body = {"inputs": [[1.0]], "targets": [[2.0]]}
+    with serve_in_thread(cfg) as running:
+        assert call(running, "POST", "/models/flaky/train", body).status == 200
+        (tmp_path / "fail").touch()
+        reply = call(running, "POST", "/models/flaky/train", body)
+        assert reply.status == 503 and "optimizer step failed" in reply.json()["error"]
+        (tmp_path / "fail").unlink()
+    with serve_in_thread(cfg) as running:
+        status = call(running, "GET", "/models/flaky/train").json()
+        assert (status["step"], status["examples"]) == (1, 1)
 
 
 @pytest.mark.parametrize("durability", ["none", "wal"])

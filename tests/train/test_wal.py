@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -281,3 +283,173 @@ def test_truncate_through_deletes_whole_old_segments(tmp_path: Path) -> None:
     wal, records = open_log(tmp_path)
     assert_batches(records, [7, 8])
     wal.close()
+
+
+# --- a torn tail versus damage in the middle (issue 19, item 8) ---
+
+
+def ten_records(directory: Path) -> tuple[Path, list[int]]:
+    """One segment of ten real records, synced; returns it and each record's offset."""
+    wal, _ = open_log(directory)
+    offsets = [0]
+    for seq in range(1, 11):
+        offsets.append(offsets[-1] + wal.append(seq, batch(seq)))
+        wal.sync()
+    wal.close()
+    (path,) = directory.glob("wal-*.log")
+    return path, offsets[:-1]
+
+
+@pytest.mark.parametrize("where", ["payload", "length"])
+def test_damage_before_intact_records_refuses_and_leaves_the_file(
+    tmp_path: Path, where: str
+) -> None:
+    path, offsets = ten_records(tmp_path)
+    data = bytearray(path.read_bytes())
+    if where == "payload":
+        data[offsets[4] + 40] ^= 0xFF  # a byte inside record 5's payload
+    else:
+        data[offsets[4] + 7] = 0x7F  # record 5's length now runs past the end of the file
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(WalCorrupt) as caught:
+        open_log(tmp_path)
+    message = str(caught.value)
+    assert f"{path}: offset {offsets[4]}: " in message
+    assert f"intact record follows at offset {offsets[5]}" in message
+    assert "not a torn tail" in message
+    assert path.read_bytes() == bytes(data)  # nothing cut: the records after it survive
+
+
+def test_damage_in_the_last_record_is_a_torn_tail(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, offsets = ten_records(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    with caplog.at_level(logging.WARNING, logger="webtorch.train.wal"):
+        wal, records = open_log(tmp_path)
+    assert_batches(records, list(range(1, 10)))
+    assert f"cutting torn WAL tail: {path} at offset {offsets[9]}" in caplog.text
+    assert path.stat().st_size == offsets[9]
+    wal.close()
+
+
+def test_a_torn_group_of_records_is_cut_whole(tmp_path: Path) -> None:
+    # A crash in the middle of one write of several records: the first is cut short, the
+    # others never reached the disk. Bytes of the half-written record that look like a frame
+    # header but fail the crc are no intact record.
+    path, _ = ten_records(tmp_path)
+    torn = encode_record(11, batch(11))
+    with path.open("ab") as f:
+        f.write(torn[: len(torn) // 2] + torn[:24])
+    wal, records = open_log(tmp_path)
+    assert [r.seq for r in records] == list(range(1, 11))
+    wal.close()
+
+
+# --- a failed write or sync rolls back what was not acknowledged (issue 19, item 9) ---
+
+
+class FullDisk:
+    """Points the WAL's segment descriptor at /dev/full (every write: ENOSPC) until the block
+    ends, then gives it its file back: the disk fills, and space returns."""
+
+    def __init__(self, wal: WriteAheadLog) -> None:
+        self.wal = wal
+
+    def __enter__(self) -> None:
+        self.saved = os.dup(self.wal._fd)
+        full = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, self.wal._fd)
+        os.close(full)
+
+    def __exit__(self, *exc: object) -> None:
+        os.dup2(self.saved, self.wal._fd)
+        os.close(self.saved)
+
+
+def test_a_failed_sync_drops_the_unsynced_records(tmp_path: Path) -> None:
+    wal, _ = open_log(tmp_path)
+    wal.append(1, batch(1))
+    wal.append(2, batch(2))
+    wal.sync()
+    wal.append(3, batch(3))
+    with FullDisk(wal), pytest.raises(OSError, match="No space left"):
+        wal.sync()
+    with pytest.raises(RuntimeError, match="restart and recover"):
+        wal.append(4, batch(4))
+    wal.close()  # space is back: closing must not write record 3 after all
+    assert_batches(open_log(tmp_path)[1], [1, 2])
+
+
+def test_a_failed_group_is_rolled_back_across_a_rotation(tmp_path: Path) -> None:
+    # Record 3 reached the old segment, durably, when record 4 began a new one; the group
+    # failed, so neither was acknowledged and neither may be replayed.
+    wal, _ = open_log(tmp_path)
+    for seq in (1, 2):
+        wal.append(seq, batch(seq))
+    wal.sync()
+    size = (tmp_path / "wal-0000000000000001.log").stat().st_size
+    wal.append(3, batch(3))
+    wal.rotate()
+    wal.append(4, batch(4))
+    assert segments(tmp_path) == ["wal-0000000000000001.log", "wal-0000000000000004.log"]
+    with FullDisk(wal), pytest.raises(OSError):
+        wal.sync()
+    assert segments(tmp_path) == ["wal-0000000000000001.log"]
+    assert (tmp_path / "wal-0000000000000001.log").stat().st_size == size
+    wal.close()
+    wal, records = open_log(tmp_path)
+    assert_batches(records, [1, 2])
+    wal.append(3, batch(3))  # the log goes on from the last acknowledged record
+    wal.close()
+    assert_batches(open_log(tmp_path)[1], [1, 2, 3])
+
+
+# --- permissions (issue 19, item 7) ---
+
+
+def test_segments_and_created_directories_are_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        wal, _ = open_log(tmp_path / "state" / "wal")
+        wal.append(1, batch(1))
+        wal.rotate()
+        wal.append(2, batch(2))
+        wal.close()
+    finally:
+        os.umask(old)
+    for directory in (tmp_path / "state", tmp_path / "state" / "wal"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    for path in (tmp_path / "state" / "wal").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_recovery_makes_old_world_readable_segments_private(tmp_path: Path) -> None:
+    path = tmp_path / "wal-0000000000000001.log"
+    path.write_bytes(encode_record(1, batch(1)))
+    path.chmod(0o644)
+    wal, _ = open_log(tmp_path)
+    wal.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_discard_after_cuts_logged_records_that_were_never_applied(tmp_path: Path) -> None:
+    wal, _ = open_log(tmp_path)
+    wal.append(1, batch(1))
+    wal.sync()
+    size = (tmp_path / "wal-0000000000000001.log").stat().st_size
+    wal.append(2, batch(2))  # one group: 2 in the old segment, 3 in a new one
+    wal.rotate()
+    wal.append(3, batch(3))
+    wal.sync()
+    wal.discard_after(1)  # step 2 failed: neither 2 nor 3 was applied
+    with pytest.raises(RuntimeError, match="restart and recover"):
+        wal.append(4, batch(4))
+    wal.close()
+    assert segments(tmp_path) == ["wal-0000000000000001.log"]
+    assert (tmp_path / "wal-0000000000000001.log").stat().st_size == size
+    assert_batches(open_log(tmp_path)[1], [1])

@@ -25,7 +25,10 @@ class Outcome(enum.Enum):
     OK = "ok"  # a response the upstream meant (1xx-4xx, and 5xx other than below)
     SERVER_ERROR = "server_error"  # a 500, 502, 503 or 504 from the upstream itself: alive, unwell
     CONNECT_FAILED = "connect_failed"  # refused, unreachable or connect timeout: no byte sent
-    RESET = "reset"  # the connection broke or the response was not valid HTTP
+    RESET = "reset"  # the connection broke
+    # The response was not valid HTTP, broke a limit (max_response_header_bytes...) or was one
+    # the proxy cannot relay (101 Switching Protocols): nginx's "invalid_header".
+    INVALID_RESPONSE = "invalid_response"
     TIMEOUT = "timeout"  # no (complete) response within the read or total timeout
     CANCELLED = "cancelled"  # the client went away first: says nothing about the upstream
 
@@ -40,7 +43,9 @@ class Outcome(enum.Enum):
         return self in _GATEWAY_FAILURES
 
 
-_GATEWAY_FAILURES: Final = frozenset({Outcome.CONNECT_FAILED, Outcome.RESET, Outcome.TIMEOUT})
+_GATEWAY_FAILURES: Final = frozenset(
+    {Outcome.CONNECT_FAILED, Outcome.RESET, Outcome.TIMEOUT, Outcome.INVALID_RESPONSE}
+)
 _FAILURES: Final = _GATEWAY_FAILURES | {Outcome.SERVER_ERROR}
 
 

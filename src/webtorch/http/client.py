@@ -35,6 +35,11 @@ class PoolSettings:
     connect_timeout: float = 5.0
     read_timeout: float = 60.0  # between two reads while a response is awaited or arriving
     total_timeout: float = 0.0  # a whole exchange; 0: none
+    # A response's head (status line, headers, and any interim 1xx heads before it) is refused
+    # (502) above these: nginx's proxy_buffer_size. Without them an upstream could make the
+    # proxy hold any amount of memory before a byte of body arrives.
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
 
 
 class Exchange(Protocol):
@@ -63,6 +68,23 @@ class _Stop(Exception):
     (a HEAD response announces a body it does not send)."""
 
 
+class _Invalid(Exception):
+    """Raised in a parser callback: the response cannot be relayed (it breaks HTTP, a limit, or
+    is one the proxy does not support); ``what`` says why, after the upstream's address."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+# What _finish leaves for data_received to do with the connection once the read is parsed.
+_KEEP: Final = 1
+_DROP: Final = 2
+# An upstream's problems (invalid responses, limits) are logged at most once per this many
+# seconds per upstream, the rest counted: a misbehaving upstream must not flood the log.
+WARN_INTERVAL: Final = 60.0
+
+
 class UpstreamConnection:
     """One pooled connection to one upstream."""
 
@@ -87,6 +109,15 @@ class UpstreamConnection:
         self._keep_alive = False
         self._length: int | None = None
         self._chunked = False
+        self._connection = False  # the response has a Connection header
+        # The response head so far: raw bytes read, bytes of its header lines. Both count
+        # across interim (1xx) responses, so an endless stream of them is bounded too.
+        self._in_head = False
+        self._head_raw = 0
+        self._header_bytes = 0
+        self._max_header_bytes = pool.settings.max_header_bytes
+        self._max_headers = pool.settings.max_headers
+        self._release = 0  # _KEEP or _DROP: a response ended; the pool gets it after the read
 
     def _new_parser(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
@@ -102,7 +133,10 @@ class UpstreamConnection:
         self.requests += 1
         self.received_any = False
         self._expect_body = expect_body
-        self._begin()
+        self._informational = False
+        self._in_head = True
+        self._head_raw = 0
+        self._header_bytes = 0
         self.deadline = now + settings.read_timeout
         self.total_deadline = now + settings.total_timeout if settings.total_timeout else None
         self._queue(data)
@@ -172,8 +206,8 @@ class UpstreamConnection:
         if self._in_body and self._close_delimited:
             exchange.on_response_end()  # the close is what ends such a body
         else:
-            reason = str(exc) if exc is not None else "closed the connection"
-            exchange.on_failure(Outcome.RESET, f"upstream {self.pool.upstream.address}: {reason}")
+            address = self.pool.upstream.address
+            exchange.on_failure(Outcome.RESET, f"upstream {address}: {_reason(exc)}")
 
     def data_received(self, data: bytes) -> None:
         if self.exchange is None:
@@ -181,21 +215,53 @@ class UpstreamConnection:
             self.close()
             return
         self.received_any = True
+        if self._in_head:
+            # Bound the unfinished head before httptools buffers all of it (a header line is
+            # only reported once whole): checked after the parse, while the head goes on.
+            self._head_raw += len(data)
         try:
             self._feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _Stop):
+            cause = exc.__context__
+            if isinstance(cause, _Stop):
                 self._new_parser()
                 self._finish()
+            elif isinstance(cause, _Invalid):
+                self._invalid(cause.what)
             else:
-                raise
+                # A bug of ours (or of the exchange's callbacks), not the upstream's doing:
+                # logged with its traceback once, and the exchange ends as a clear 502 instead
+                # of escaping to the event loop ("Fatal error on transport").
+                log.error(
+                    "relaying a response of upstream %s failed",
+                    self.pool.upstream.address,
+                    exc_info=cause,
+                )
+                self._fail(
+                    Outcome.RESET,
+                    f"upstream {self.pool.upstream.address}: the response could not be relayed",
+                )
+        except httptools.HttpParserUpgrade:
+            # llhttp stops at a 101 (on_headers_complete refuses those first) or a 2xx it takes
+            # for the answer to a CONNECT: either way a protocol switch the proxy cannot follow.
+            self._invalid("switched protocols; only HTTP/1.1 responses can be relayed")
         except httptools.HttpParserError as exc:
-            self._fail(Outcome.RESET, f"invalid response: {str(exc) or type(exc).__name__}")
+            self._invalid(f"sent an invalid response: {_reason(exc)}")
         else:
-            if self.deadline is not None and self.exchange is not None:
+            if self._in_head:
+                if self._head_raw > self._max_header_bytes and self.exchange is not None:
+                    self._invalid(self._too_large())
+            elif self.deadline is not None and self.exchange is not None:
                 # The response goes on: the read deadline counts from this read. (After the
                 # parse, so a response complete in this read, most of them, reads no clock.)
                 self.deadline = self.pool.time() + self.pool.settings.read_timeout
+        release = self._release
+        if release:
+            # Only now, after the whole read is parsed: bytes after the response in the same
+            # read (a body longer than announced, a second response) must find no exchange,
+            # so that they close the connection instead of answering the next request.
+            self._release = 0
+            self.pool.release(self, release == _KEEP)
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
@@ -207,38 +273,68 @@ class UpstreamConnection:
 
     # -- httptools callbacks ------------------------------------------------------------------
 
-    # No on_message_begin: a callback per response saved. Each response's state is reset when
-    # its exchange starts (send), and after an interim (1xx) response for the one that follows.
-
-    def _begin(self) -> None:
+    def on_message_begin(self) -> None:
+        if self.exchange is None:
+            # A response nobody asked for (after the one that was: a body longer than its
+            # Content-Length, say). Relayed to the next request, it would answer the wrong
+            # client: the connection is closed instead.
+            raise _Invalid("sent more than one response to a request")
         self._headers = []
-        self._informational = False
         self._length = None
         self._chunked = False
+        self._connection = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = lower_name(name)
-        self._headers.append((name, value))
+        headers = self._headers
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self._max_header_bytes:
+            raise _Invalid(self._too_large())
+        if len(headers) >= self._max_headers:
+            raise _Invalid(
+                f"sent more than {self._max_headers} response headers (max_response_headers)"
+            )
+        headers.append((name, value))
         if name == b"content-length":
-            # llhttp has refused a length that is not all digits, or two different ones.
+            # llhttp has refused a length that is not all digits, or two of them.
             self._length = int(value)
         elif name == b"transfer-encoding":
+            # Only chunked can be relayed (the proxy frames the body anew for its client; a
+            # gzip or unknown coding would reach it undeclared), and only once: as nginx.
+            if self._chunked or value.strip().lower() != b"chunked":
+                raise _Invalid("sent a Transfer-Encoding other than chunked")
             self._chunked = True
+        elif name == b"connection":
+            self._connection = True
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if 100 <= status < 200:
-            # 100 Continue and friends: interim, never relayed (the client's Expect was
-            # answered by the server already); the real response follows.
-            self._begin()
+        if status < 200 or status > 599:
+            if status == 101:
+                raise _Invalid(
+                    "answered 101 Switching Protocols; WebSocket proxying is not supported"
+                )
+            if status < 100 or status > 599:
+                raise _Invalid(f"sent an invalid status code {status}")
+            # 100 Continue, 103 Early Hints and friends: interim, never relayed (the client's
+            # Expect was answered by the server already); the real response follows.
             self._informational = True
             return
         exchange = self.exchange
         if exchange is None:
             return
+        self._in_head = False
         length = self._length
         chunked = self._chunked
-        self._keep_alive = bool(self.parser.should_keep_alive())
+        keep_alive = bool(self.parser.should_keep_alive())
+        if not keep_alive or self._connection:
+            # llhttp keeps a connection alive by default only for HTTP/1.1, so the common case
+            # (kept alive, no Connection header) is 1.1 without formatting the version; it
+            # parses 0.9 and 2.0 status lines too, which no HTTP/1.1 upstream sends.
+            version: str = self.parser.get_http_version()
+            if version != "1.1" and version != "1.0":
+                raise _Invalid(f"answered with HTTP/{version}; only HTTP/1.x is relayed")
+        self._keep_alive = keep_alive
         bodyless = not self._expect_body or status in (204, 304)
         self._in_body = not bodyless
         self._close_delimited = not bodyless and length is None and not chunked
@@ -271,8 +367,22 @@ class UpstreamConnection:
             and not self._close_delimited
             and (not settings.max_requests or self.requests < settings.max_requests)
         )
+        self._release = _KEEP if reusable else _DROP  # data_received releases it
         exchange.on_response_end()
-        self.pool.release(self, reusable)
+
+    def _too_large(self) -> str:
+        return (
+            f"sent a response head larger than {self._max_header_bytes} bytes"
+            " (max_response_header_bytes)"
+        )
+
+    def _invalid(self, what: str) -> None:
+        """The upstream's response cannot be relayed: the exchange fails (502 unless the retry
+        conditions name invalid_header), the connection closes, and the operator hears of it
+        (at most once per WARN_INTERVAL per upstream)."""
+        message = f"upstream {self.pool.upstream.address} {what}"
+        self.pool.warn(message)
+        self._fail(Outcome.INVALID_RESPONSE, message)
 
     def _fail(self, outcome: Outcome, message: str) -> None:
         exchange, self.exchange = self.exchange, None
@@ -284,6 +394,19 @@ class UpstreamConnection:
         total = self.total_deadline is not None and now >= self.total_deadline
         what = "total timeout" if total else "read timeout"
         self._fail(Outcome.TIMEOUT, f"upstream {self.pool.upstream.address}: {what}")
+
+
+def _reason(exc: BaseException | None) -> str:
+    """Why a connection or parse failed, in words: never a bare repr such as httptools' byte
+    offsets or an errno tuple."""
+    if exc is None:
+        return "closed the connection"
+    if isinstance(exc, OSError):
+        return (exc.strerror or type(exc).__name__).lower()
+    text = str(exc).strip()
+    if not text or text.isdigit():
+        return type(exc).__name__
+    return text
 
 
 class Flusher:
@@ -356,6 +479,21 @@ class ConnectionPool:
         # up each time; these run several times per proxied request.
         self.time: Callable[[], float] = loop.time
         self.flusher = Flusher(loop)
+        self._warn_after = 0.0  # see warn()
+        self._unwarned = 0
+
+    def warn(self, message: str) -> None:
+        """Log an upstream's problem, at most once per WARN_INTERVAL (counting the rest)."""
+        now = self.time()
+        if now < self._warn_after:
+            self._unwarned += 1
+            return
+        self._warn_after = now + WARN_INTERVAL
+        unwarned, self._unwarned = self._unwarned, 0
+        if unwarned:
+            log.warning("%s (and %d more problems not logged)", message, unwarned)
+        else:
+            log.warning("%s", message)
 
     @property
     def open_count(self) -> int:

@@ -43,6 +43,7 @@ from webtorch.errors import (
     URITooLong,
     VersionNotSupported,
 )
+from webtorch.http.authority import host_problem
 from webtorch.http.limits import Limits
 from webtorch.http.messages import (
     COMMON_METHODS,
@@ -744,9 +745,11 @@ class HttpProtocol:
                 )
             self._chunked = True
         elif special == _HOST:
-            if self._has_host:
-                # Which one names the target? Proxies and routes could disagree (RFC 9112 3.2).
+            if self._has_host:  # which one would an upstream believe? (RFC 9112 3.2: 400)
                 raise _Reject(BadRequest("more than one Host header"))
+            problem = host_problem(value)
+            if problem is not None:
+                raise _Reject(BadRequest(problem))
             self._has_host = True
         elif special == _REQUEST_ID:
             if self._request_id is None:

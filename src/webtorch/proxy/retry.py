@@ -19,6 +19,7 @@ CONDITIONS: Final = frozenset(
     {
         "error",
         "timeout",
+        "invalid_header",
         "http_500",
         "http_502",
         "http_503",
@@ -153,6 +154,10 @@ def _condition(outcome: Outcome, status: int | None) -> str | None:
         return "error"
     if outcome is Outcome.TIMEOUT:
         return "timeout"
+    if outcome is Outcome.INVALID_RESPONSE:
+        # Not in the default conditions (as nginx): an upstream that answers garbage or an
+        # oversized head will likely do it again, and the request did reach it.
+        return "invalid_header"
     if outcome is Outcome.SERVER_ERROR:
         return _SERVER_ERROR_CONDITIONS.get(status) if status is not None else None
     # OK: an answer the upstream meant. Only a 429 is worth another upstream, and only to an

@@ -138,6 +138,8 @@ class UpstreamGroup:
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
             total_timeout=config.total_timeout,
+            max_header_bytes=config.max_response_header_bytes,
+            max_headers=config.max_response_headers,
         )
         self.pools = [ConnectionPool(u, pool_settings, loop) for u in self.upstreams]
         self.stats = [UpstreamStats() for _ in self.upstreams]

@@ -14,7 +14,7 @@ from webtorch.serve import codecs
 from webtorch.serve.executor import Executor
 from webtorch.serve.model import LoadedModel
 from webtorch.serve.oip import Auth, require_method
-from webtorch.train.forms import TrainForms, TrainRequest, encode_short_batch
+from webtorch.train.forms import TrainForms, TrainRequest, encode_short_batch, idempotency_key
 
 # Bound once: a compiled module reads a Final name from a C static, not a module attribute.
 _clock: Final = time.perf_counter
@@ -91,6 +91,9 @@ class ModelEndpoint:
             assert self.executor.trainer is not None
             return json_response(self.executor.trainer.status())
         decoded = forms.decode_short(request.body, request.content_type)
+        key = request.header(b"idempotency-key")
+        if key is not None:
+            decoded.key = idempotency_key(key)
         return self.executor.submit_train(decoded, _short_train, encode_short_batch)
 
     def train_oip(self, request: Request) -> HandlerResult:
@@ -101,6 +104,9 @@ class ModelEndpoint:
         decoded = forms.decode_oip(
             request.body, request.content_type, request.header(b"inference-header-content-length")
         )
+        key = request.header(b"idempotency-key")
+        if key is not None:
+            decoded.key = idempotency_key(key)
         return self.executor.submit_train(decoded, forms.encode_oip)
 
     def metadata(self) -> dict[str, Any]:

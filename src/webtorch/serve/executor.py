@@ -21,6 +21,9 @@ on its rows. With a WAL the group is written and fsynced on an I/O
 thread (group commit: one fsync for all of it) while the model computes the first micro-batch's
 gradients, so the disk's latency hides behind the compute. Each micro-batch's optimizer step
 follows once it is computed and logged, in log order, and only then are its requests answered.
+A train request repeating the idempotency key of one applied already is answered as that one was
+(:meth:`Trainer.answered`); one repeating a key queued or in flight waits for its answer. Neither
+is applied again.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from webtorch.serve.datatypes import to_numpy, to_torch
 from webtorch.serve.model import LoadedModel, Tensors, TensorSpec
 from webtorch.train.checkpoint import Snapshot
 from webtorch.train.forms import TrainRequest, settle
-from webtorch.train.trainer import Batch, Prepared, StepResult, Trainer, UncheckedRows
+from webtorch.train.trainer import Answer, Batch, Prepared, StepResult, Trainer, UncheckedRows
 from webtorch.train.wal import delete_segments
 
 # Bound once: a compiled module reads a Final name from a C static, not a module attribute.
@@ -182,6 +185,9 @@ class Executor:
         self._checkpoint_io: ThreadPoolExecutor | None = None
         self._checkpoints: set[asyncio.Task[None]] = set()
         self._train_failure: str | None = None
+        # Idempotency keys of train requests queued or in flight, each with the requests that
+        # repeat it meanwhile (answered with it, never applied themselves).
+        self._keyed: dict[str, list[TrainJob]] = {}
         if trainer is not None:
             cfg = trainer.config
             self.train_scheduler = BatchScheduler(cfg.max_batch, 0.0, cfg.max_queue)
@@ -226,6 +232,11 @@ class Executor:
             raise NotFound(f"model {self.model.name!r} does not accept training")
         if self._closed:
             raise ServiceUnavailable(f"model {self.model.name!r} is shutting down")
+        now = _clock()
+        job = TrainJob(request, encode, now, together)
+        key = request.key
+        if key is not None and self._repeat(job, key):
+            return job
         if self._train_failure is not None:
             raise ServiceUnavailable(self._train_failure)
         if request.rows > queue.max_batch:
@@ -233,14 +244,63 @@ class Executor:
                 f"{request.rows} examples exceed model {self.model.name!r}'s train.max_batch "
                 f"{queue.max_batch}"
             )
-        now = _clock()
-        job = TrainJob(request, encode, now, together)
         try:
             queue.add(job, request.rows, now)
         except QueueFull:
             raise ServiceUnavailable(f"model {self.model.name!r} train queue is full") from None
+        if key is not None:
+            self._keyed[key] = []
         self._kick()
         return job
+
+    def _repeat(self, job: TrainJob, key: str) -> bool:
+        """Whether ``job`` repeats an idempotency key applied already (then it is answered as
+        that request was) or queued or in flight (then it gets the same answer when that one
+        does); never applied a second time."""
+        trainer = self.trainer
+        assert trainer is not None
+        answer = trainer.answered(key)
+        if answer is not None:
+            job.resolve(self._recall(job, answer))
+            return True
+        followers = self._keyed.get(key)
+        if followers is None:
+            return False
+        followers.append(job)
+        return True
+
+    def _recall(self, job: TrainJob, answer: Answer) -> Response:
+        """A keyed request's answer again, in the form ``job`` asked for."""
+        step, loss, error = answer
+        if error is not None or loss is None:
+            return self._refused(error)
+        try:
+            return job.encode(job.request, loss, step)
+        except Exception as err:
+            return _internal(err)
+
+    def _refused(self, error: str | None) -> Response:
+        return response_for_error(
+            ModelFailed(f"model {self.model.name!r} could not train on this example: {error}")
+        )
+
+    def _answer_repeats(self, jobs: list[TrainJob]) -> None:
+        """Answer the requests that repeated the keys of ``jobs``, now answered themselves."""
+        trainer = self.trainer
+        assert trainer is not None
+        for job in jobs:
+            key = job.request.key
+            if key is None:
+                continue
+            followers = self._keyed.pop(key, None)
+            if not followers:
+                continue
+            answer = trainer.answered(key)
+            for follower in followers:
+                if answer is not None:
+                    follower.resolve(self._recall(follower, answer))
+                elif job.response is not None:
+                    follower.resolve(job.response)  # not applied (400, 503): the same error
 
     def hold(self) -> None:
         """Accept and queue requests but run nothing until :meth:`release`."""
@@ -334,15 +394,22 @@ class Executor:
                     settle(job.request, self.model.inputs, self.model.targets)
                 except HTTPError as exc:
                     job.resolve(response_for_error(exc))
+                    if self._keyed:
+                        self._answer_repeats([job])
                 else:
                     good.append(job)
             return _Step(good, self._batch(trainer, good)) if good else None
 
-    @staticmethod
-    def _batch(trainer: Trainer, jobs: list[TrainJob]) -> Batch:
+    def _batch(self, trainer: Trainer, jobs: list[TrainJob]) -> Batch:
+        keys: list[str | None] | None = None
+        if self._keyed:  # some request queued has an idempotency key: it goes into the log
+            keys = [job.request.key for job in jobs]
+            if not any(key is not None for key in keys):
+                keys = None
         return trainer.batch(
             [(job.request.inputs, job.request.targets) for job in jobs],
             [job.request.rows for job in jobs],
+            keys,
         )
 
     def _train_first(self) -> bool:
@@ -487,6 +554,8 @@ class Executor:
         self._steps.popleft()
         if not self._answer_together(step.jobs, result):
             self._answer(step.jobs, result)
+        if step.batch.keys is not None:
+            self._answer_repeats(step.jobs)
         if result.snapshot is not None:
             self._write_checkpoint(*result.snapshot)
         self._kick()
@@ -517,11 +586,7 @@ class Executor:
         for job, loss, error in zip(jobs, result.losses, result.errors, strict=True):
             if error is not None:
                 self.stats.errors += 1
-                response = response_for_error(
-                    ModelFailed(
-                        f"model {self.model.name!r} could not train on this example: {error}"
-                    )
-                )
+                response = self._refused(error)
             else:
                 assert loss is not None
                 try:
@@ -538,9 +603,29 @@ class Executor:
         self._steps.clear()
         if self.train_scheduler is not None:
             jobs += [entry.item for entry in self.train_scheduler.drain()]
+        for followers in self._keyed.values():
+            jobs += followers
+        self._keyed.clear()
+        trainer = self.trainer
+        if self._wal_io is not None and trainer is not None:
+            # What was logged but not applied is answered 503 below: it must not be replayed
+            # after a restart (a client retrying its 503 would be trained on twice). After the
+            # log call in flight, on the same thread.
+            cut = self.loop.run_in_executor(self._wal_io, trainer.discard_unapplied, trainer.seq)
+            cut.add_done_callback(self._discarded)
         for job in jobs:
             job.resolve(response)
         self._kick()
+
+    def _discarded(self, fut: asyncio.Future[None]) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            log.error(
+                "model %s: could not cut the unapplied steps from the WAL: a restart may apply "
+                "requests that were answered 503",
+                self.model.name,
+                exc_info=exc,
+            )
 
     def _write_checkpoint(self, number: int, snap: Snapshot) -> None:
         task = self.loop.create_task(self._checkpoint(number, snap))
@@ -552,11 +637,11 @@ class Executor:
         trainer = self.trainer
         assert trainer is not None and self._checkpoint_io is not None
         try:
-            await self.loop.run_in_executor(
+            through = await self.loop.run_in_executor(
                 self._checkpoint_io, trainer.write_checkpoint, number, snap
             )
             if self._wal_io is not None:
-                done = await self.loop.run_in_executor(self._wal_io, trainer.forget_logged, number)
+                done = await self.loop.run_in_executor(self._wal_io, trainer.forget_logged, through)
                 await self.loop.run_in_executor(self._checkpoint_io, delete_segments, done)
         except Exception:
             # Training goes on: the WAL keeps everything since the last good checkpoint.
@@ -754,6 +839,10 @@ class Executor:
                 if queue is not None:
                     for entry in queue.drain():
                         entry.item.resolve(response)
+            for followers in self._keyed.values():
+                for job in followers:
+                    job.resolve(response)
+            self._keyed.clear()
             self._held = False
         self._idle = asyncio.Event()
         self._maybe_idle()
@@ -765,7 +854,7 @@ class Executor:
             trainer is not None
             and self._checkpoint_io is not None
             and self._train_failure is None
-            and trainer.step != trainer.stats.checkpoint_step
+            and trainer.unsaved()
         ):
             await self._checkpoint(*trainer.snapshot())
         for pool in (self._wal_io, self._checkpoint_io):

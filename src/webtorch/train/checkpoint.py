@@ -1,8 +1,9 @@
 """Atomic training checkpoints: weights plus optimizer state in one safetensors file.
 
-A checkpoint is ``checkpoint-{step:016d}.safetensors``, where ``step`` is the last optimizer step it
+A checkpoint is ``checkpoint-{step:016d}.safetensors``, where ``step`` is the last micro-batch it
 includes, i.e. its position in the write-ahead log: recovery loads it and replays the WAL from
-``step + 1``. Inside:
+``step + 1``. (The trainer's own counters, optimizer steps taken among them, are extra entries.)
+Inside:
 
 - tensors ``model.{key}`` (``network.state_dict()``) and ``optim.{param_id}.{key}`` (the tensors
   in ``optimizer.state_dict()["state"]``);
@@ -28,7 +29,7 @@ import re
 import tempfile
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from webtorch.train.wal import fsync_directory
+from webtorch.train.wal import fsync_directory, make_private_dir
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ FORMAT = "webtorch-checkpoint-1"
 _RESERVED = frozenset({"format", "step", "optimizer", "crc32"})
 _NAME = re.compile(r"checkpoint-(\d{16})\.safetensors")
 _TEMP_PREFIX, _TEMP_SUFFIX = ".checkpoint-", ".tmp"
+DAMAGED_SUFFIX = ".damaged"
 _TUPLE = "__tuple__"  # JSON has no tuples; optimizers compare and unpack them, so keep them
 
 
@@ -54,6 +56,8 @@ class Snapshot:
 
     tensors: dict[str, torch.Tensor]
     optimizer_json: str
+    extra: dict[str, str] = field(default_factory=dict)
+    """Metadata entries the caller adds (the trainer's counters), written with the tensors."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,7 +94,7 @@ def write_checkpoint(
     directory: Path, step: int, snap: Snapshot, extra: Mapping[str, str] | None = None
 ) -> Path:
     """Write ``snap`` as the checkpoint for ``step``, atomically; returns its path."""
-    extra = dict(extra or {})
+    extra = {**snap.extra, **(extra or {})}
     if clash := _RESERVED & extra.keys():
         raise ValueError(f"reserved checkpoint metadata keys: {sorted(clash)}")
     metadata = {
@@ -100,7 +104,7 @@ def write_checkpoint(
         "optimizer": snap.optimizer_json,
         "crc32": _crc32(snap.tensors),
     }
-    directory.mkdir(parents=True, exist_ok=True)
+    make_private_dir(directory)  # 0700, like the temp file mkstemp makes 0600
     fd, name = tempfile.mkstemp(dir=directory, prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX)
     os.close(fd)
     temp = Path(name)
@@ -118,15 +122,28 @@ def write_checkpoint(
     return final
 
 
-def load_latest(directory: Path) -> Checkpoint | None:
-    """The newest checkpoint that loads and validates; damaged ones are skipped with a warning."""
+def load_latest(directory: Path, *, set_aside: bool = False) -> Checkpoint | None:
+    """The newest checkpoint that loads and validates; damaged ones are skipped with a warning.
+
+    With ``set_aside``, a damaged one is renamed ``<name>.damaged`` (kept as evidence): left in
+    place it would count as one of the ``keep`` newest when pruning, and the WAL is kept only
+    from the oldest kept checkpoint on, so a damaged one would take a real fallback's place.
+    """
     if not directory.is_dir():
         return None
     for step, path in sorted(_checkpoints(directory), reverse=True):
         try:
             return _load(step, path)
-        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        except OSError as exc:  # perhaps passing (EIO, permissions): not set aside
             logger.warning("skipping unreadable checkpoint %s: %s", path, exc)
+        except (ValueError, KeyError, TypeError, SafetensorError) as exc:
+            if set_aside:
+                aside = path.with_name(path.name + DAMAGED_SUFFIX)
+                os.replace(path, aside)
+                fsync_directory(directory)
+                logger.warning("damaged checkpoint %s set aside as %s: %s", path, aside.name, exc)
+            else:
+                logger.warning("skipping damaged checkpoint %s: %s", path, exc)
     return None
 
 
@@ -158,6 +175,11 @@ def prune(directory: Path, keep: int = 2) -> list[Path]:
     if doomed:
         fsync_directory(directory)
     return doomed
+
+
+def steps(directory: Path) -> list[int]:
+    """The steps of the checkpoints in ``directory``, oldest first."""
+    return sorted(step for step, _ in _checkpoints(directory)) if directory.is_dir() else []
 
 
 def _checkpoints(directory: Path) -> Iterator[tuple[int, Path]]:

@@ -15,7 +15,7 @@ anyway, and a malformed example must be refused before it can reach the log.
 
 from __future__ import annotations
 
-from typing import Any, TypeGuard
+from typing import Any, Final, TypeGuard
 
 import numpy as np
 import orjson
@@ -44,6 +44,23 @@ class TrainRequest:
         self.targets = targets
         self.rows = rows
         self.id = id
+        self.key: str | None = None  # the Idempotency-Key header (see idempotency_key)
+
+
+MAX_KEY_LENGTH: Final = 128
+
+
+def idempotency_key(raw: bytes) -> str:
+    """A train request's ``Idempotency-Key`` header, checked: 1 to 128 visible ASCII characters
+    (a key is kept in memory, in checkpoints and in the WAL, so it is small and plain)."""
+    if not 0 < len(raw) <= MAX_KEY_LENGTH:
+        raise BadRequest(
+            f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters, got {len(raw)}"
+        )
+    for byte in raw:
+        if not 0x21 <= byte <= 0x7E:
+            raise BadRequest("Idempotency-Key must be visible ASCII characters (no spaces)")
+    return raw.decode("ascii")
 
 
 def settle(request: TrainRequest, inputs: list[TensorSpec], targets: list[TensorSpec]) -> None:
@@ -138,7 +155,10 @@ class TrainForms:
                 f"{len(body) - offset} bytes of binary data are not claimed by any tensor"
             )
         raw_id = doc.get("id")
-        return self._request(inputs, targets, None if raw_id is None else str(raw_id))
+        if raw_id is not None and type(raw_id) is not str:
+            # Echoed back: str() of an object would answer a Python repr.
+            raise BadRequest(f"'id' must be a string, got {type(raw_id).__name__}")
+        return self._request(inputs, targets, raw_id)
 
     @staticmethod
     def encode_short(loss: float, step: int) -> Response:

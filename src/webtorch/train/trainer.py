@@ -14,17 +14,27 @@ So an acknowledged example is in the log, and recovery replays logged micro-batc
 same two phases in the same order, which reproduces the weights bit for bit on CPU. A logged
 micro-batch may hold a request that breaks the model; ``prepare`` isolates it by a rule that
 depends only on the batch (each request alone, then the good ones together), so replay makes the
-same decision. Checkpoints (weights, optimizer state, the step they include) bound the replay and
-let old log segments go. Without a WAL (``"checkpoint"``), a crash loses the steps since the last
-checkpoint; ``"none"`` persists nothing.
+same decision. Checkpoints (weights, optimizer state, the micro-batch they include, the counters
+and the remembered idempotency answers) bound the replay and let old log segments go: those
+before the oldest kept checkpoint. Without a WAL (``"checkpoint"``), a crash loses the steps since
+the last checkpoint; ``"none"`` persists nothing.
+
+Micro-batches are numbered by ``seq``, their position in the log. ``step`` counts optimizer
+steps: a micro-batch whose every request was refused takes a seq (it was logged before that was
+known) but no step.
+
+A request with an idempotency key is applied once: its key goes into the micro-batch's log record,
+and :meth:`Trainer.apply` remembers its answer (the newest ``train.idempotency_keys`` of them),
+which replay rebuilds, so a retry after a restart finds it too (:meth:`Trainer.answered`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -50,6 +60,20 @@ log: Final = logging.getLogger("webtorch.train")
 INPUT: Final = "inputs."
 TARGET: Final = "targets."
 ROWS: Final = "rows"
+# A micro-batch's idempotency keys in its WAL record (only when one of its requests has one):
+# the keys' ASCII bytes one after the other, and each request's key length (0: none).
+KEYS: Final = "keys"
+KEY_LENGTHS: Final = "key_lengths"
+# Checkpoint metadata: the counters a restart must not lose, and the remembered answers.
+STEPS_META: Final = "steps"
+EXAMPLES_META: Final = "examples"
+ANSWERS_META: Final = "idempotency"
+# Characters of a remembered error answer: the answers go into checkpoint metadata, which
+# safetensors caps at 100 MB (100,000 keys of 128 characters plus this fit well within it).
+MAX_ERROR_KEPT: Final = 200
+
+Answer = tuple[int, float | None, str | None]
+"""A keyed request's answer: the step after it, and its loss or the error that refused it."""
 
 
 # Batch, Prepared and StepResult are written-out classes, not dataclasses, so that their
@@ -59,12 +83,20 @@ ROWS: Final = "rows"
 class Batch:
     """One micro-batch: ``inputs.<name>`` and ``targets.<name>`` tensors, each request's row
     count in order (``rows``; the WAL stores them as a tensor of that name beside the others:
-    :meth:`Trainer.encode`), and its step number ``seq``."""
+    :meth:`Trainer.encode`), its number in the log ``seq``, and each request's idempotency key
+    (``keys``: None when no request has one)."""
 
-    def __init__(self, tensors: dict[str, np.ndarray], rows: list[int], seq: int) -> None:
+    def __init__(
+        self,
+        tensors: dict[str, np.ndarray],
+        rows: list[int],
+        seq: int,
+        keys: list[str | None] | None = None,
+    ) -> None:
         self.tensors = tensors
         self.rows = rows
         self.seq = seq
+        self.keys = keys
 
 
 class Prepared:
@@ -134,7 +166,16 @@ class Trainer:
         modules = list(model.network.modules())
         overridden = any(type(m).train is not nn.Module.train for m in modules)
         self._plain_modules: list[nn.Module] | None = None if overridden else modules
+        # ``seq``: the last micro-batch applied, i.e. the position in the WAL (a micro-batch whose
+        # every request was refused still takes a seq: it was logged before that was known).
+        # ``step``: the optimizer steps taken, what answers and the status show.
+        self.seq = 0
         self.step = 0
+        self._checkpoint_seq = 0  # the seq of the newest checkpoint
+        # Idempotency keys of the latest keyed requests, oldest first, with their answers:
+        # bounded by train.idempotency_keys, kept in checkpoints and rebuilt by WAL replay.
+        self._answers: dict[str, Answer] = {}
+        self._max_keys = config.idempotency_keys
         self.stats = stats if stats is not None else TrainStats()
         self.durability = config.durability
         self.state_dir = state_dir
@@ -158,14 +199,15 @@ class Trainer:
         """Load the newest valid checkpoint, then replay the WAL records after it, in order."""
         if self.durability == "none":
             return
-        checkpoint = ckpt.load_latest(self.checkpoint_dir)
+        checkpoint = ckpt.load_latest(self.checkpoint_dir, set_aside=True)
+        # The counters start from the checkpoint's (the stats object outlives a reload).
+        self.stats.examples = self.stats.steps = self.stats.checkpoint_step = 0
         if checkpoint is not None:
             ckpt.apply(checkpoint, self.model.network, self.optimizer)
-            self.step = checkpoint.step
-            self.stats.checkpoint_step = checkpoint.step
+            self._restore(checkpoint)
             self.stats.checkpoint_time = checkpoint.path.stat().st_mtime
             log.info("model %s: checkpoint at step %d loaded", self.model.name, self.step)
-        self._next_seq = self.step + 1
+        self._next_seq = self.seq + 1
         if self.wal is None:
             return
         replayed = 0
@@ -178,19 +220,20 @@ class Trainer:
                 "the newest checkpoint"
             ) from exc
         for record in records:
-            if record.seq <= self.step:
+            if record.seq <= self.seq:
                 continue  # already in the checkpoint
-            if record.seq != self.step + 1:
+            if record.seq != self.seq + 1:
                 raise ModelLoadError(
-                    f"model {self.model.name}: the WAL in {self.state_dir} starts at step "
-                    f"{record.seq} but the newest checkpoint holds step {self.step}: "
-                    "steps in between are missing"
+                    f"model {self.model.name}: the WAL in {self.state_dir} starts at micro-batch "
+                    f"{record.seq} but the newest usable checkpoint holds {self.seq}: "
+                    "micro-batches in between are missing"
                 )
             tensors = dict(record.tensors)
-            rows = [int(n) for n in tensors[ROWS]]
-            self.train_step(Batch(tensors, rows, record.seq), replay=True)
+            rows = [int(n) for n in tensors.pop(ROWS)]
+            keys = _pop_keys(tensors)
+            self.train_step(Batch(tensors, rows, record.seq, keys), replay=True)
             replayed += 1
-        self._next_seq = self.step + 1
+        self._next_seq = self.seq + 1
         self.stats.replayed = replayed
         if replayed:
             log.info(
@@ -202,10 +245,34 @@ class Trainer:
 
     # -- the two phases --------------------------------------------------------------------------
 
+    def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
+        """The position, counters and remembered answers a checkpoint holds."""
+        extra = checkpoint.extra
+        try:
+            # Checkpoints written before these entries existed: no refused micro-batches known.
+            step = int(extra.get(STEPS_META, checkpoint.step))
+            examples = int(extra.get(EXAMPLES_META, 0))
+            answers = _load_answers(extra.get(ANSWERS_META))
+        except (ValueError, TypeError) as exc:
+            raise ModelLoadError(
+                f"model {self.model.name}: checkpoint {checkpoint.path} has unreadable "
+                f"counters: {exc}"
+            ) from exc
+        self.seq = self._checkpoint_seq = checkpoint.step
+        self.step = self.stats.steps = self.stats.checkpoint_step = step
+        self.stats.examples = examples
+        self._answers = {}
+        self._remember_all(answers)
+
+    def answered(self, key: str) -> Answer | None:
+        """The answer of an applied request with idempotency key ``key``, if remembered."""
+        return self._answers.get(key)
+
     def batch(
         self,
         requests: Sequence[tuple[Mapping[str, InputData], Mapping[str, InputData]]],
         rows: list[int],
+        keys: list[str | None] | None = None,
     ) -> Batch:
         """Concatenate requests' (inputs, targets) into the next micro-batch, numbered. Raises
         :class:`UncheckedRows` if some request's JSON rows are not all numbers (see
@@ -215,13 +282,18 @@ class Trainer:
             tensors[key] = _concatenate([request[index][name] for request in requests], spec)
         seq = self._next_seq
         self._next_seq += 1
-        return Batch(tensors, rows, seq)
+        return Batch(tensors, rows, seq, keys)
 
     def encode(self, batch: Batch) -> bytes:
         """The batch's WAL record, with each request's row count (loop thread: Python work stays
         off the I/O thread)."""
         tensors = dict(batch.tensors)
         tensors[ROWS] = np.asarray(batch.rows, dtype=np.int64)
+        if batch.keys is not None:
+            data = "".join(key or "" for key in batch.keys).encode("ascii")
+            tensors[KEYS] = np.frombuffer(data, dtype=np.uint8)
+            lengths = [len(key) if key is not None else 0 for key in batch.keys]
+            tensors[KEY_LENGTHS] = np.asarray(lengths, dtype=np.int64)
         return encode_record(batch.seq, tensors)
 
     def log(self, records: Sequence[tuple[int, bytes]]) -> float:
@@ -246,8 +318,8 @@ class Trainer:
         request is tried alone and the step is taken on the ones that pass; if each passes alone
         but not together, none is applied.
         """
-        if batch.seq != self.step + 1:
-            raise RuntimeError(f"step {batch.seq} out of order: the model is at step {self.step}")
+        if batch.seq != self.seq + 1:
+            raise RuntimeError(f"micro-batch {batch.seq} out of order: the model is at {self.seq}")
         started = time.perf_counter()
         rows = batch.rows
         count = len(rows)
@@ -278,11 +350,11 @@ class Trainer:
         return Prepared(batch, good, losses, errors, time.perf_counter() - started)
 
     def apply(self, prepared: Prepared, *, replay: bool = False) -> StepResult:
-        """The optimizer step of a prepared batch (nothing to step when no request was good);
-        the step number advances either way, so it always equals the WAL position."""
+        """The optimizer step of a prepared batch. When no request was good there is nothing to
+        step: ``seq`` (the WAL position) advances, ``step`` (optimizer steps) does not."""
         batch = prepared.batch
-        if batch.seq != self.step + 1:
-            raise RuntimeError(f"step {batch.seq} out of order: the model is at step {self.step}")
+        if batch.seq != self.seq + 1:
+            raise RuntimeError(f"micro-batch {batch.seq} out of order: the model is at {self.seq}")
         started = time.perf_counter()
         losses: list[float | None] = [None] * len(batch.rows)
         if prepared.good:
@@ -290,15 +362,39 @@ class Trainer:
             for i, value in zip(prepared.good, prepared.losses, strict=True):
                 losses[i] = value
             self.stats.examples += sum(batch.rows[i] for i in prepared.good)
-        self.step = batch.seq
+            self.step += 1
+            self.stats.steps += 1
+        self.seq = batch.seq
+        if batch.keys is not None:
+            self._remember(batch.keys, losses, prepared.errors)
         stats = self.stats
-        stats.steps += 1
         stats.step_rows.record(sum(batch.rows))
         stats.step_seconds.record(prepared.seconds + time.perf_counter() - started)
         snapshot = None
         if not replay and self.checkpoint_due(time.monotonic()):
             snapshot = self.snapshot()
         return StepResult(self.step, losses, prepared.errors, snapshot)
+
+    def _remember(
+        self, keys: list[str | None], losses: list[float | None], errors: list[str | None]
+    ) -> None:
+        step = self.step
+        self._remember_all(
+            (key, (step, loss, None if error is None else error[:MAX_ERROR_KEPT]))
+            for key, loss, error in zip(keys, losses, errors, strict=True)
+            if key is not None
+        )
+
+    def _remember_all(self, answers: Iterable[tuple[str, Answer]]) -> None:
+        """Remember answers by key, evicting the oldest beyond train.idempotency_keys."""
+        remembered = self._answers
+        limit = self._max_keys
+        for key, answer in answers:
+            if key in remembered:
+                continue  # the first answer is the one a retry gets
+            remembered[key] = answer
+            if len(remembered) > limit:
+                del remembered[next(iter(remembered))]
 
     def _optimizer_step(self) -> None:
         """``optimizer.step()``, without torch.optim's wrapper where it would do nothing: the
@@ -408,14 +504,14 @@ class Trainer:
     def checkpoint_due(self, now: float) -> bool:
         if (
             self.durability == "none"
-            or self.step == self.stats.checkpoint_step
+            or self.seq == self._checkpoint_seq
             or self.checkpointing  # one at a time: a snapshot of a large model is large
         ):
             return False
         cfg = self.config
         by_steps = (
             cfg.checkpoint_every_steps > 0
-            and self.step - self.stats.checkpoint_step >= cfg.checkpoint_every_steps
+            and self.seq - self._checkpoint_seq >= cfg.checkpoint_every_steps
         )
         by_time = (
             cfg.checkpoint_every_seconds > 0
@@ -423,28 +519,52 @@ class Trainer:
         )
         return by_steps or by_time
 
-    def snapshot(self) -> tuple[int, ckpt.Snapshot]:
-        """A copy of the state at this step (model busy); written later by :meth:`write`."""
-        self._checkpointed_at = time.monotonic()
-        self.stats.checkpoint_step = self.step  # no second snapshot of this step is due
-        self.checkpointing = True  # until the executor has written it
-        return self.step, ckpt.snapshot(self.model.network, self.optimizer)
+    def unsaved(self) -> bool:
+        """Whether micro-batches were applied since the newest checkpoint."""
+        return self.seq != self._checkpoint_seq
 
-    def write_checkpoint(self, step: int, snap: ckpt.Snapshot) -> Path:
+    def snapshot(self) -> tuple[int, ckpt.Snapshot]:
+        """A copy of the state at this micro-batch (model busy), with the counters and the
+        remembered answers; written later by :meth:`write_checkpoint`."""
+        self._checkpointed_at = time.monotonic()
+        self._checkpoint_seq = self.seq  # no second snapshot of this micro-batch is due
+        self.stats.checkpoint_step = self.step
+        self.checkpointing = True  # until the executor has written it
+        snap = ckpt.snapshot(self.model.network, self.optimizer)
+        snap.extra[STEPS_META] = str(self.step)
+        snap.extra[EXAMPLES_META] = str(self.stats.examples)
+        if self._answers:
+            snap.extra[ANSWERS_META] = json.dumps(
+                [[key, *answer] for key, answer in self._answers.items()]
+            )
+        return self.seq, snap
+
+    def write_checkpoint(self, seq: int, snap: ckpt.Snapshot) -> int:
         """Write a checkpoint atomically and prune old ones (checkpoint thread: a large model's
-        checkpoint takes a while, and the WAL must not wait for it)."""
-        path = ckpt.write_checkpoint(self.checkpoint_dir, step, snap, {"model": self.model.name})
+        checkpoint takes a while, and the WAL must not wait for it). Returns the micro-batch
+        through which the WAL is no longer needed (for :meth:`forget_logged`)."""
+        path = ckpt.write_checkpoint(self.checkpoint_dir, seq, snap, {"model": self.model.name})
         self.stats.checkpoint_time = time.time()
         ckpt.prune(self.checkpoint_dir, self.config.keep_checkpoints)
         log.debug("model %s: checkpoint %s", self.model.name, path)
-        return path
+        # Every kept checkpoint is a fallback should the newer ones be damaged, but only with
+        # the log after it: the WAL is kept from the oldest one on. Until keep_checkpoints
+        # exist, the fallback is the initial weights, and the whole log is kept.
+        kept = ckpt.steps(self.checkpoint_dir)
+        return kept[0] if len(kept) >= self.config.keep_checkpoints else 0
 
-    def forget_logged(self, step: int) -> list[Path]:
-        """Let go of the WAL segments a durable checkpoint at ``step`` covers (WAL thread);
+    def forget_logged(self, seq: int) -> list[Path]:
+        """Let go of the WAL segments holding only micro-batches through ``seq`` (WAL thread);
         returns them for :func:`~webtorch.train.wal.delete_segments` (checkpoint thread)."""
         assert self.wal is not None
         self.wal.rotate()
-        return self.wal.detach_through(step)
+        return self.wal.detach_through(seq)
+
+    def discard_unapplied(self, seq: int) -> None:
+        """Cut the micro-batches after ``seq`` from the WAL (WAL thread): training stopped with
+        them logged but not applied, and their requests answered with an error."""
+        if self.wal is not None:
+            self.wal.discard_after(seq)
 
     def close(self) -> None:
         if self.wal is not None:
@@ -540,6 +660,38 @@ def _bare_step(optimizer: torch.optim.Optimizer) -> Callable[[torch.optim.Optimi
     if not getattr(step, "hooked", False):
         return None
     return cast(Callable[[torch.optim.Optimizer], Any] | None, getattr(step, "__wrapped__", None))
+
+
+def _pop_keys(tensors: dict[str, np.ndarray]) -> list[str | None] | None:
+    """A logged micro-batch's idempotency keys (see :meth:`Trainer.encode`), taken out of its
+    tensors."""
+    data = tensors.pop(KEYS, None)
+    lengths = tensors.pop(KEY_LENGTHS, None)
+    if data is None or lengths is None:
+        return None
+    raw = data.tobytes()
+    keys: list[str | None] = []
+    start = 0
+    for length in lengths.tolist():
+        keys.append(raw[start : start + length].decode("ascii") if length else None)
+        start += length
+    return keys
+
+
+def _load_answers(text: str | None) -> list[tuple[str, Answer]]:
+    """The remembered answers a checkpoint holds (see :meth:`Trainer.snapshot`)."""
+    if text is None:
+        return []
+    answers: list[tuple[str, Answer]] = []
+    for key, step, loss, error in json.loads(text):
+        if (
+            not isinstance(key, str)
+            or not isinstance(step, int)
+            or not (error is None or isinstance(error, str))
+        ):
+            raise TypeError(f"bad remembered answer {key!r}")
+        answers.append((key, (step, None if loss is None else float(loss), error)))
+    return answers
 
 
 class UncheckedRows(Exception):
