@@ -154,9 +154,23 @@ class App:
         }
         # config.py refuses user routes that would shadow these; keep the two lists one list.
         assert set(builtins) == BUILTIN_ROUTES
+        # What refuses a request before its body is read (see Route.check).
+        checks: dict[tuple[str, str], Callable[[Request], None]] = {
+            ("prefix", "/v2/"): models.check,
+            ("prefix", "/v2/repository/"): repository.check,
+            ("prefix", "/models/"): models.check,
+            ("path", "/admin/reload"): self._management,
+            ("path", "/guard/feedback"): self._management,
+        }
         router = Router(
             [
-                Route(where, handler, where.rstrip("/") or "/", prefix=kind == "prefix")
+                Route(
+                    where,
+                    handler,
+                    where.rstrip("/") or "/",
+                    prefix=kind == "prefix",
+                    check=checks.get((kind, where)),
+                )
                 for (kind, where), handler in builtins.items()
             ]
         )
@@ -331,6 +345,8 @@ class App:
                 access_log.close()
             raise
         state = self.server.state
+        # 100 Continue only for a request that its route would take (no token: a 401 instead).
+        state.expect_check = self.router.precheck
         state.gate = guarded
         state.sent_observer = self.metrics.observe_sent
         self.metrics.sources.append(

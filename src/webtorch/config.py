@@ -90,6 +90,9 @@ class LimitsConfig(_Strict):
     keepalive_timeout: Annotated[float, Field(gt=0)] = 75.0
     max_pipeline: Annotated[int, Field(gt=0)] = 64
     drain_timeout: Annotated[float, Field(gt=0)] = 30.0
+    # Client connections open at once (nginx's worker_connections), lowered at start to what
+    # the file descriptor limit (ulimit -n) leaves room for.
+    max_connections: Annotated[int, Field(gt=0)] = 4096
 
 
 class AccessLogConfig(_Strict):

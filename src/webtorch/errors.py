@@ -80,6 +80,12 @@ class VersionNotSupported(HTTPError):
     status = 505
 
 
+class FeatureNotImplemented(HTTPError):
+    """What the request needs the server does not do (a transfer coding it cannot decode)."""
+
+    status = 501
+
+
 class PayloadTooLarge(HTTPError):
     status = 413
 

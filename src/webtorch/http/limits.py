@@ -16,3 +16,7 @@ class Limits:
     keepalive_timeout: float = 75.0  # idle keep-alive connections are closed after this
     max_pipeline: int = 64  # stop reading while this many requests await their responses
     drain_timeout: float = 30.0  # graceful shutdown waits this long for in-flight requests
+    # Client connections open at once (nginx's worker_connections). At the cap, the idle
+    # connection nearest its timeout is closed for a new one, else the new one gets a 503.
+    # The server lowers it to what RLIMIT_NOFILE leaves room for (see HttpServer.start).
+    max_connections: int = 4096

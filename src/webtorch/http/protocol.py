@@ -34,8 +34,10 @@ import httptools
 from webtorch.errors import (
     BadRequest,
     ExpectationFailed,
+    FeatureNotImplemented,
     HeaderFieldsTooLarge,
     HTTPError,
+    MethodNotAllowed,
     PayloadTooLarge,
     RequestTimeout,
     URITooLong,
@@ -75,6 +77,9 @@ class ConnectionGate(Protocol):
     def release(self, address: str) -> None: ...
 
 
+# Raises the HTTPError that would refuse a request, seen before its body is read (a client
+# waiting for 100 Continue): Router.precheck.
+ExpectCheck = Callable[[Request], None]
 # The route of a path if its requests are dispatched as soon as their headers are in, the body
 # following as a stream (proxied routes); None for routes that want the whole body first.
 StreamMatch = Callable[[str], Route | None]
@@ -109,6 +114,15 @@ _STATUS_LINES: Final[dict[int, bytes]] = {
     code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()
 }
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BUSY_BODY: Final = b'{"error":"too many connections open; retry shortly"}'
+# The answer to a connection over the cap with none idle to make room: before its request is
+# read, so it says close.
+_AT_CAPACITY: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nretry-after: 1\r\nconnection: close\r\n\r\n%s"
+) % (len(_BUSY_BODY), _BUSY_BODY)
+# Seconds between two log lines about the connection cap (each counts what happened since).
+_CAP_LOG_INTERVAL: Final = 60.0
 _HEX_BYTES: Final = [b"%02x" % n for n in range(256)]
 _QUESTION: Final = ord("?")
 _PERCENT: Final = ord("%")
@@ -147,6 +161,8 @@ class ServerState:
         self.observer = observer
         self.access_log = access_log
         self.request_ids = request_ids
+        # Asked before a 100 Continue goes out; None: every request gets one.
+        self.expect_check: ExpectCheck | None = None
         # Generated request ids: 16 random hex digits per server, then a 16-digit counter. 32 hex
         # digits, as nginx's $request_id and a W3C trace id; unique across restarts and workers
         # without a random draw per request.
@@ -165,6 +181,14 @@ class ServerState:
         # Admits or refuses each new connection by its address (the guard's); None: all admitted.
         self.gate: ConnectionGate | None = None
         self.accepted = 0  # connections ever accepted (the metrics' counter)
+        # Client connections open at once: limits.max_connections, which HttpServer lowers to
+        # what the file descriptor limit leaves room for. Running out of descriptors locks
+        # every client out (issue 19: 1,500 idle sockets did, silently); this cap bites first.
+        self.max_connections = self.limits.max_connections
+        self.reclaimed = 0  # idle connections closed at the cap to make room (ever)
+        self.refused = 0  # connections refused at the cap (ever)
+        self._cap_counts = [0, 0]  # reclaimed, refused: since the cap's last log line
+        self._cap_log_at = 0.0  # the loop's time before which that line waits
         self.draining = False
         self.date_header = b""
         # Response heads up to "content-length: " by (status, content type); refreshed with Date.
@@ -206,6 +230,42 @@ class ServerState:
         if low == 0 or not self._id_high:
             self._id_high = b"%s%014x" % (self._id_prefix, count >> 8)
         return b"%s%s" % (self._id_high, _HEX_BYTES[low])
+
+    def make_room(self, now: float) -> bool:
+        """At the connection cap: close the idle connection nearest its timeout (the one that
+        would go first anyway), so that a new one fits; False when none is idle. nginx reuses
+        idle keep-alive connections the same way when worker_connections run out. Scans the
+        connections, but only at the cap, never per request."""
+        victim: HttpProtocol | None = None
+        nearest = (0.0, 0)
+        for conn in self.connections:
+            deadline = conn.deadline
+            if deadline is not None and conn.idle():
+                # The older connection first among equal deadlines (uvloop's clock counts ms).
+                key = (deadline, conn.serial)
+                if victim is None or key < nearest:
+                    victim, nearest = conn, key
+        counts = self._cap_counts
+        if victim is not None:
+            victim.reclaim()
+            self.connections.discard(victim)  # now, not when the loop reports it closed
+            self.reclaimed += 1
+            counts[0] += 1
+        else:
+            self.refused += 1
+            counts[1] += 1
+        if now >= self._cap_log_at:
+            self._cap_log_at = now + _CAP_LOG_INTERVAL
+            log.warning(
+                "connection cap reached: %d open (server.limits.max_connections, lowered to "
+                "what ulimit -n allows); since the last report, %d idle connection(s) closed "
+                "for new ones, %d new one(s) refused with 503",
+                self.max_connections,
+                counts[0],
+                counts[1],
+            )
+            counts[0] = counts[1] = 0
+        return victim is not None
 
     def connection_lost(self, conn: HttpProtocol) -> None:
         self.connections.discard(conn)
@@ -349,12 +409,17 @@ class HttpProtocol:
         self.transport: asyncio.Transport | None = None
         self._send: Callable[[bytes], None] = _unconnected
         self.client = ""
+        self.serial = 0  # the connection's place in accept order (see ServerState.make_room)
         self.deadline: float | None = None
         self.phase = _IDLE
         self.slots: deque[_Slot] = deque()
         self.tasks: set[asyncio.Future[Response]] = set()
         self.closing = False  # no more requests are read; close after the last response
+        # Parsing is paused: the client is not reading its answers, too many requests await
+        # theirs, or a streamed body's consumer lags. The socket is paused meanwhile, and
+        # also while input already read waits in _unparsed (see _update_reading).
         self.read_paused = False
+        self._socket_paused = False
         self.write_paused = False
         self.body_paused = False  # a streamed request body's consumer is not keeping up
         # The response whose body is being streamed: later responses wait for it to end.
@@ -381,7 +446,10 @@ class HttpProtocol:
         self._body_limit = self.limits.max_body
         self._stream: RequestBody | None = None  # the body of a request already dispatched
         self._peer_eof = False
-        self._unparsed = b""  # input held back while reading is paused (see _feed_slices)
+        # Input held back while parsing is paused: a read, and how far into it parsing got
+        # (an offset, so that resuming copies nothing: see _feed_slices).
+        self._unparsed = b""
+        self._unparsed_at = 0
         self._resume: asyncio.Handle | None = None
         self._slot: _Slot | None = None
         # The request line's method and version, read from the parser once per request (its
@@ -401,8 +469,10 @@ class HttpProtocol:
         peer: Any = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.client = str(peer[0])
-        self.state.accepted += 1
-        gate = self.state.gate
+        state = self.state
+        state.accepted += 1
+        self.serial = state.accepted
+        gate = state.gate
         if gate is not None:
             if not gate.admit(self.client):
                 # Refused before a byte is read (a denied or banned address, or one over its
@@ -412,6 +482,15 @@ class HttpProtocol:
                 cast(asyncio.Transport, transport).abort()
                 return
             self._admitted = True
+        # After the gate: a refused address must not cost an idle client its connection.
+        if len(state.connections) >= state.max_connections and not state.make_room(self._time()):
+            # At the cap, none idle: a quick, clear refusal, nothing read (the gate, if it
+            # admitted it, is told in connection_lost, as for any other).
+            self.closing = True
+            self.transport = None
+            cast(asyncio.Transport, transport).write(_AT_CAPACITY)
+            transport.close()
+            return
         self.state.connections.add(self)
         # A new connection must send its first request's headers within the header timeout.
         self.deadline = self._time() + self.limits.header_timeout
@@ -446,6 +525,7 @@ class HttpProtocol:
         self.tasks.clear()
         self.slots.clear()
         self._unparsed = b""
+        self._unparsed_at = 0
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
@@ -456,26 +536,53 @@ class HttpProtocol:
             if gate is not None:
                 gate.release(self.client)
 
+    def idle(self) -> bool:
+        """Waiting for a request with nothing owed (kept alive, or new and silent so far):
+        closing it loses no work."""
+        return (
+            self.phase == _IDLE
+            and not self.slots
+            and not self.closing
+            and self._streaming is None
+            and not self._unparsed
+            and self.transport is not None
+        )
+
+    def reclaim(self) -> None:
+        """Closed to make room for a new connection (the cap: see ServerState.make_room)."""
+        self.closing = True
+        self.deadline = None
+        if self.transport is not None:
+            self.transport.close()
+
     def data_received(self, data: bytes) -> None:
         if self.closing and self.phase not in (_HEADERS, _BODY):
             # Closing: no new request is read, but one already being received (when a graceful
             # drain began) is read to its end and answered.
             return
-        if self._unparsed or len(data) > _SLICE:
-            self._feed_slices(self._unparsed + data if self._unparsed else data)
+        if self._unparsed:
+            # Not expected: the socket stays paused while held input waits (_update_reading).
+            # Should a transport deliver anyway, nothing is lost or reordered.
+            data = self._unparsed[self._unparsed_at :] + data
+            self._unparsed = b""
+            self._unparsed_at = 0
+        if len(data) > _SLICE:
+            self._feed_slices(data, 0)
         else:
             self._feed(data)
 
-    def _feed_slices(self, data: bytes) -> None:
-        """Parse a large read a slice at a time. pause_reading() only stops *future* reads, and a
-        read can hold hundreds of pipelined requests: checking between slices makes a pause
-        (client not reading, too many answers pending) take effect within the read. The rest
-        waits in ``_unparsed`` until reading resumes."""
-        self._unparsed = b""
-        pos = 0
-        while pos < len(data):
+    def _feed_slices(self, data: bytes, pos: int) -> None:
+        """Parse a large read from ``pos`` a slice at a time. pause_reading() only stops *future*
+        reads, and a read can hold hundreds of pipelined requests: checking between slices makes
+        a pause (client not reading, too many answers pending) take effect within the read. The
+        rest waits in ``_unparsed`` (the read itself and an offset: no copy) until parsing
+        resumes; the socket is not read meanwhile, so what a connection holds stays one read,
+        and each byte is copied once (a slice), however many pauses it waits through."""
+        end = len(data)
+        while pos < end:
             if self.read_paused:
-                self._unparsed = data[pos:]
+                self._unparsed = data
+                self._unparsed_at = pos
                 return
             if self.closing and self.phase not in (_HEADERS, _BODY):
                 return
@@ -484,8 +591,14 @@ class HttpProtocol:
 
     def _feed_unparsed(self) -> None:
         self._resume = None
-        if self._unparsed and not self.read_paused and self.transport is not None:
-            self.data_received(b"")
+        data, pos = self._unparsed, self._unparsed_at
+        if not data or self.read_paused or self.transport is None:
+            return
+        self._unparsed = b""
+        self._unparsed_at = 0
+        self._feed_slices(data, pos)
+        if not self._unparsed:
+            self._update_reading()  # all of it parsed: the socket may be read again
 
     def _feed(self, data: bytes) -> None:
         if self.phase == _HEADERS:
@@ -619,6 +732,17 @@ class HttpProtocol:
         elif special == _TRANSFER_ENCODING:
             if self._content_length is not None:
                 raise _Reject(BadRequest("both Content-Length and Transfer-Encoding"))
+            codings = value.strip().lower()
+            if codings != b"chunked":
+                if codings.rpartition(b",")[2].strip() != b"chunked":
+                    # No way to tell where the body ends (RFC 9112 6.3).
+                    raise _Reject(BadRequest("Transfer-Encoding must end with 'chunked'"))
+                # llhttp takes "gzip, chunked" and hands on the body still gzipped, as if plain
+                # (a proxied route would forward it without its coding): refused, as nginx
+                # does (RFC 9112 6.1).
+                raise _Reject(
+                    FeatureNotImplemented("only 'Transfer-Encoding: chunked' is supported")
+                )
             self._chunked = True
         elif special == _HOST:
             if self._has_host:  # which one would an upstream believe? (RFC 9112 3.2: 400)
@@ -673,6 +797,12 @@ class HttpProtocol:
                     self._body_limit = route.max_body
         if length > self._body_limit:
             raise _Reject(PayloadTooLarge(f"request body is larger than {self._body_limit} bytes"))
+        if self._expect_continue and version == "1.1" and self.state.expect_check is not None:
+            refusal = self._refusal()
+            if refusal is not None:
+                # Its final answer, not 100 Continue: the client need not send the body. The
+                # connection closes after it (the body may come anyway: RFC 9110 10.1.1).
+                raise _Reject(refusal)
         keep_alive = parsed_keep_alive and not self.closing
         slot = _Slot(method == b"HEAD", keep_alive, 0.0)
         self._slot = slot
@@ -750,34 +880,73 @@ class HttpProtocol:
         path_b, _, query_b = url.partition(b"?")
         target = url
         if not path_b.startswith(b"/"):
-            if path_b.startswith((b"http://", b"https://")):
-                try:
-                    parsed = httptools.parse_url(url)
-                except httptools.HttpParserError:
-                    # llhttp lets through targets that parse_url refuses (a bad port, say).
-                    return BadRequest("invalid absolute request target")
-                # httptools is untyped: say what its fields may hold, so that compiled code
-                # (webtorch/compiled.py) checks for None here, not for bytes.
-                parsed_path: bytes | None = parsed.path
-                parsed_query: bytes | None = parsed.query
-                path_b = parsed_path or b"/"
-                query_b = parsed_query or b""
+            if path_b[:8].lower().startswith((b"http://", b"https://")):
+                absolute = _absolute_form(url)
+                if isinstance(absolute, HTTPError):
+                    return absolute
+                path_b, query_b = absolute
                 target = path_b + b"?" + query_b if query_b else path_b
-            elif path_b != b"*":
-                return BadRequest("request target must start with '/'")
+            elif path_b != b"*" or query_b:
+                # Authority-form (CONNECT's) and anything else: no route takes them.
+                return BadRequest("request target must start with '/' (origin form)")
+            elif self._method != b"OPTIONS":
+                return BadRequest("the '*' request target is for OPTIONS only")
         path = path_b.decode("latin-1")
         if "%" in path:
             path = unquote(path)
         return path, query_b.decode("latin-1"), target
 
+    def _refusal(self) -> HTTPError | None:
+        """What would refuse the request whose headers are in, asked of the state's
+        expect_check before a 100 Continue invites its body: the interim answer goes out only
+        once the request is routed, its route takes the method, and auth passes."""
+        check = self.state.expect_check
+        if check is None:
+            return None
+        target = self._target()
+        if isinstance(target, HTTPError):
+            return target
+        method = self._method
+        request = Request(
+            _METHOD_NAMES.get(method) or method.decode("ascii", "replace"),
+            target[0],
+            target[1],
+            self._headers,
+            b"",
+            self._version,
+            False,
+            self.client,
+            raw_content_type=self._content_type,
+            target=target[2],
+            scheme=self.state.scheme,
+        )
+        try:
+            check(request)
+        except HTTPError as exc:
+            return exc
+        except Exception:  # a bug of ours: the request goes on, and its handler decides
+            log.exception("pre-body check failed for %s %s", request.method, request.path)
+        return None
+
     def _request(self, slot: _Slot, body: bytes, stream: RequestBody | None) -> Request | None:
+        method = self._method
+        name = _METHOD_NAMES.get(method)
+        if name is None:
+            if method == b"CONNECT":
+                # A tunnel is not something WebTorch makes; a 2xx here would tell a client that
+                # one is open (nginx answers 405 too).
+                error = MethodNotAllowed(
+                    "CONNECT is not supported (not a forward proxy)", COMMON_METHODS
+                )
+                self._finish_with_error(slot, error)
+                return None
+            name = method.decode("ascii")
         target = self._target()
         if isinstance(target, HTTPError):
             self._finish_with_error(slot, target)
             return None
-        method = self._method
         request = Request(
-            _METHOD_NAMES.get(method) or method.decode("ascii"),
+            name,
             target[0],
             target[1],
             self._headers,
@@ -1182,15 +1351,44 @@ class HttpProtocol:
         if transport is None:
             return
         pause = self.write_paused or self.body_paused or len(self.slots) >= self.limits.max_pipeline
-        if pause and not self.read_paused:
-            self.read_paused = True
-            transport.pause_reading()
-        elif not pause and self.read_paused:
-            self.read_paused = False
-            transport.resume_reading()
-            if self._unparsed and self._resume is None:
-                # Not now: this may run inside a parser callback, and the parser is not reentrant.
-                self._resume = self.loop.call_soon(self._feed_unparsed)
+        self.read_paused = pause
+        # The socket is read only once held input is parsed: resuming it at once would let a
+        # client that pipelines without end grow what is held by a read per pause (issue 19:
+        # 44-77 MB per connection, and a copy of it all on each resume).
+        unparsed = bool(self._unparsed)
+        socket_pause = pause or unparsed
+        if socket_pause != self._socket_paused:
+            self._socket_paused = socket_pause
+            if socket_pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+        if not pause and unparsed and self._resume is None:
+            # Not now: this may run inside a parser callback, and the parser is not reentrant.
+            self._resume = self.loop.call_soon(self._feed_unparsed)
+
+
+def _absolute_form(url: bytes) -> tuple[bytes, bytes] | HTTPError:
+    """(path, query) of an absolute-form target (``http://host/path?query``, RFC 9112 3.2.2),
+    or what is wrong with it."""
+    try:
+        # Any, not httptools' type: its stub declares the URL's fields bytes (port int), but a
+        # part missing from the target is None, and compiled code checks a value against its
+        # declared type when it reads it: ``http://h/v2``, with no query, raised TypeError
+        # there and the connection was dropped with a traceback logged (issue 19).
+        parsed: Any = httptools.parse_url(url)
+    except httptools.HttpParserError:
+        # llhttp lets through targets that parse_url refuses (a bad port, say).
+        return BadRequest("invalid absolute request target")
+    userinfo: bytes | None = parsed.userinfo
+    if userinfo is not None:
+        # RFC 9110 4.2.4: userinfo in an http(s) URI is an error (and a way to disguise the
+        # real host).
+        return BadRequest("userinfo ('user@') in the request target is not allowed")
+    path: bytes | None = parsed.path
+    query: bytes | None = parsed.query
+    # The fragment, if any, is dropped: it is never sent on to anyone (RFC 9110 4.2.5).
+    return path or b"/", query or b""
 
 
 def _unconnected(data: bytes) -> None:

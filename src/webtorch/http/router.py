@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from webtorch.errors import NotFound
@@ -15,6 +16,11 @@ class Route:
     A ``stream`` route gets requests with a body as soon as their headers are in, the body
     following as ``Request.stream`` (a proxy forwards it as it comes); ``max_body`` is then its
     own size limit. ``user`` marks a route from the config's [[routes]], replaced on reload.
+
+    ``check`` sees a request before its body is read, when the client waits for ``100
+    Continue`` to send it (RFC 9110 10.1.1), and raises the HTTPError its handler would refuse
+    it with without reading the body (a missing token, a wrong method, an unknown model): the
+    client then gets that answer instead of an invitation to upload.
     """
 
     path: str
@@ -24,6 +30,7 @@ class Route:
     stream: bool = False
     max_body: int | None = None
     user: bool = False
+    check: Callable[[Request], None] | None = None
 
 
 class Router:
@@ -73,6 +80,15 @@ class Router:
     def remove(self, path: str) -> None:
         """Forget the exact route at ``path``, if any (a model unloaded or about to be replaced)."""
         self._exact.pop(path, None)
+
+    def precheck(self, request: Request) -> None:
+        """Refuse ``request`` before its body is read, as it would be after: no route is a 404,
+        and the route's ``check`` raises what else would (see :class:`Route`)."""
+        route = self.match(request.path)
+        if route is None:
+            raise NotFound(f"no route for {request.path}")
+        if route.check is not None:
+            route.check(request)
 
     def match(self, path: str) -> Route | None:
         route = self._exact.get(path)

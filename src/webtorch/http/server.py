@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
+import resource
 import ssl
 from typing import cast
 
@@ -12,6 +15,20 @@ from webtorch.http.messages import Handler
 from webtorch.http.protocol import AccessLogger, HttpProtocol, Observer, ServerState, StreamMatch
 
 log = logging.getLogger("webtorch.http")
+
+# Seconds between two log lines saying the process is out of file descriptors.
+_FD_LOG_INTERVAL = 60.0
+
+
+def connection_cap(configured: int, nofile: int | None = None) -> int:
+    """``configured`` (server.limits.max_connections), lowered so that client connections leave
+    file descriptors to everything else: upstream connections, model, WAL and log files. A
+    quarter of the limit (``nofile``: RLIMIT_NOFILE's soft value), at least 64, stays free."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if nofile == resource.RLIM_INFINITY or nofile <= 0:
+        return configured
+    return max(1, min(configured, nofile - max(64, nofile // 4)))
 
 
 class HttpServer:
@@ -44,10 +61,20 @@ class HttpServer:
         self._server: asyncio.Server | None = None
         self._tick: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd_log_at = 0.0
 
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         state = self.state
+        state.max_connections = connection_cap(state.limits.max_connections)
+        if state.max_connections < state.limits.max_connections:
+            log.info(
+                "at most %d client connections at once (server.limits.max_connections = %d; "
+                "ulimit -n %d leaves room for fewer: raise it to allow more)",
+                state.max_connections,
+                state.limits.max_connections,
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            )
         self._server = await loop.create_server(
             # HttpProtocol is compiled to a native class, which cannot subclass
             # asyncio.Protocol; the loop only calls its methods.
@@ -73,8 +100,35 @@ class HttpServer:
 
     def _on_tick(self) -> None:
         assert self._loop is not None
-        self.state.tick(self._loop.time())
+        now = self._loop.time()
+        self.state.tick(now)
+        self.check_descriptors(now)
         self._schedule_tick()
+
+    def check_descriptors(self, now: float) -> bool:
+        """Whether a file descriptor can still be opened; says so in the log when not (at most
+        once a minute). Out of descriptors, no connection can be accepted, and nothing would
+        tell: uvloop (libuv) then accepts and closes each pending connection at once, which
+        spares a busy loop but logs nothing (asyncio's loop logs and retries a second later).
+        The connection cap keeps client connections below the limit; this once-a-second probe
+        (one open and close) catches the rest, such as descriptors held by other work."""
+        try:
+            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                return True  # not what this probe looks for (and the tick must go on)
+            if now >= self._fd_log_at:
+                self._fd_log_at = now + _FD_LOG_INTERVAL
+                log.error(
+                    "out of file descriptors (%s; %d client connections open): new "
+                    "connections are being refused; raise ulimit -n or lower "
+                    "server.limits.max_connections",
+                    exc.strerror,
+                    len(self.state.connections),
+                )
+            return False
+        os.close(fd)
+        return True
 
     async def shutdown(self) -> None:
         """Stop accepting, let in-flight requests finish (up to drain_timeout), close the rest."""

@@ -68,6 +68,17 @@ class ModelEndpoint:
             decoded.inputs, decoded.rows, functools.partial(self._oip.encode, decoded)
         )
 
+    def check(self, request: Request) -> None:
+        """Route.check of this model's predict, infer and train routes: what refuses a request
+        before its body is read (the client waits for 100 Continue), as the handler would."""
+        if request.path.endswith("/train"):
+            self._train_forms(request)  # trains at all; the token
+            methods: tuple[str, ...] = ("POST",) if request.path.startswith("/v2/") else _SHORT
+        else:
+            methods = ("POST",)
+        if request.method not in methods:
+            require_method(request, *methods)
+
     def _train_forms(self, request: Request) -> TrainForms:
         if self._train is None:
             raise NotFound(
@@ -109,6 +120,10 @@ class ModelEndpoint:
 
     def metadata(self) -> dict[str, Any]:
         return self.model.metadata()
+
+
+# The methods of the short-form train endpoint: POST trains, GET answers the training status.
+_SHORT: Final = ("POST", "GET")
 
 
 def _short_train(request: TrainRequest, loss: float, step: int) -> Response:

@@ -188,6 +188,19 @@ class ModelRoutes:
             raise NotFound(f"unknown model {name!r} (served: {known})")
         return endpoint
 
+    def check(self, request: Request) -> None:
+        """Route.check of the /v2/ and /models/ prefixes (a served model's predict, infer and
+        train paths have exact routes, checked by their endpoint): an unknown model, or a body
+        endpoint reached by another path (/v2/models/{m}/versions/{v}/train), is refused before
+        the body is read."""
+        parts = [p for p in request.path.split("/") if p]
+        if parts[:1] == ["v2"]:
+            parts = parts[1:]
+        if len(parts) >= 2 and parts[0] == "models":
+            endpoint = self._endpoint(parts[1])
+            if parts[-1] in ("infer", "predict", "train") and len(parts) > 2:
+                endpoint.check(request)
+
     def oip(self, request: Request) -> HandlerResult:
         parts = [p for p in request.path.split("/") if p]  # ["v2", ...]
         rest = parts[1:]

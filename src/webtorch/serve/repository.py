@@ -171,7 +171,7 @@ class ModelRepository:
         for path in (*model_paths(name), *train_paths(name)):
             router.remove(path)
         for path, handler in routes:
-            router.add(Route(path, handler, path))
+            router.add(Route(path, handler, path, check=endpoint.check))
 
     def _uninstall(self, name: str) -> Served:
         served = self.served.pop(name)
@@ -260,9 +260,9 @@ class ModelRepository:
                 entries.append({"name": name, "state": "UNAVAILABLE", "reason": reason})
         return entries
 
-    def handle(self, request: Request) -> HandlerResult:
-        """``/v2/repository/...``."""
-        parts = [p for p in request.path.split("/") if p]  # ["v2", "repository", ...]
+    def check(self, request: Request) -> None:
+        """What refuses a ``/v2/repository/...`` request whatever its body (the Route.check
+        asked before a 100 Continue, and handle's first step): off, no token, not POST."""
         if not self.enabled:
             raise NotFound(
                 "the model repository endpoints are off; enable them with "
@@ -271,6 +271,11 @@ class ModelRepository:
         if request.method != "POST":
             self.auth.check(request)
             raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}", ("POST",))
+
+    def handle(self, request: Request) -> HandlerResult:
+        """``/v2/repository/...``."""
+        parts = [p for p in request.path.split("/") if p]  # ["v2", "repository", ...]
+        self.check(request)
         rest = parts[2:]
         if rest == ["index"]:
             self.auth.check(request)  # reads only (a page elsewhere cannot read the answer)
