@@ -371,5 +371,5 @@ def test_oip_train_id_must_be_a_string(trainer: Running, bad_id: Any) -> None:
         "targets": [{"name": "y", "shape": [1, 1], "datatype": "FP32", "data": [1]}],
     }
     reply = call(trainer, "POST", "/v2/models/xor/train", body)
-    assert reply.status == 400 and "'id' must be a string" in reply.json()["error"]
+    assert reply.status == 400 and '"id" must be a string' in reply.json()["error"]
     assert call(trainer, "GET", "/models/xor/train").json()["step"] == 0

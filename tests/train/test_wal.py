@@ -453,3 +453,18 @@ def test_discard_after_cuts_logged_records_that_were_never_applied(tmp_path: Pat
     assert segments(tmp_path) == ["wal-0000000000000001.log"]
     assert (tmp_path / "wal-0000000000000001.log").stat().st_size == size
     assert_batches(open_log(tmp_path)[1], [1])
+
+
+def test_sync_writes_each_record_exactly_once(tmp_path: Path) -> None:
+    """The segment holds the appended records and nothing more (the compiled build once wrote
+    each group twice: recovery then found every seq repeated)."""
+    log = WriteAheadLog(tmp_path)
+    log.recover()
+    sizes = [log.append(seq, batch(seq)) for seq in (1, 2)]
+    log.sync()
+    sizes.append(log.append(3, batch(3)))
+    log.sync()
+    log.close()
+    (segment,) = tmp_path.glob("wal-*.log")
+    assert segment.stat().st_size == sum(sizes)
+    assert_batches(WriteAheadLog(tmp_path).recover(), [1, 2, 3])

@@ -72,8 +72,12 @@ class ModelEndpoint:
         """Route.check of this model's predict, infer and train routes: what refuses a request
         before its body is read (the client waits for 100 Continue), as the handler would."""
         if request.path.endswith("/train"):
-            self._train_forms(request)  # trains at all; the token
+            self._train_forms(request)  # trains at all
             methods: tuple[str, ...] = ("POST",) if request.path.startswith("/v2/") else _SHORT
+            if request.method == "POST":
+                self.auth.check_change(request)  # content type, sender, token
+            else:
+                self.auth.check(request)
         else:
             methods = ("POST",)
         if request.method not in methods:

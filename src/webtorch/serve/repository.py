@@ -262,7 +262,8 @@ class ModelRepository:
 
     def check(self, request: Request) -> None:
         """What refuses a ``/v2/repository/...`` request whatever its body (the Route.check
-        asked before a 100 Continue, and handle's first step): off, no token, not POST."""
+        asked before a 100 Continue, and handle's first step): off, not POST, a sender or
+        content type a page elsewhere could use (load/unload), no token."""
         if not self.enabled:
             raise NotFound(
                 "the model repository endpoints are off; enable them with "
@@ -271,6 +272,11 @@ class ModelRepository:
         if request.method != "POST":
             self.auth.check(request)
             raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}", ("POST",))
+        if request.path.endswith(("/load", "/unload")):
+            # Even with no body: Content-Type: application/json, which no page sends cross-site.
+            self.auth.check_change(request)
+        else:
+            self.auth.check(request)  # the index reads only (a page elsewhere cannot read it)
 
     def handle(self, request: Request) -> HandlerResult:
         """``/v2/repository/...``."""
@@ -278,17 +284,13 @@ class ModelRepository:
         self.check(request)
         rest = parts[2:]
         if rest == ["index"]:
-            self.auth.check(request)  # reads only (a page elsewhere cannot read the answer)
             request.route = "/v2/repository/index"
             return json_response(self.index())
         if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
             request.route = f"/v2/repository/models/{{model}}/{rest[2]}"
-            # Even with no body: Content-Type: application/json, which no page sends cross-site.
-            self.auth.check_change(request)
             _check_body(request.body, unload=rest[2] == "unload")
             action = self.load if rest[2] == "load" else self.unload
             return _answer(action(rest[1]))
-        self.auth.check(request)
         raise NotFound(f"no model repository endpoint at {request.path}")
 
 

@@ -182,10 +182,14 @@ _SEGMENT_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    """``os.write`` until all of ``data`` is written (a write may be short, e.g. at ENOSPC)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    """``os.write`` until all of ``data`` is written (a write may be short, e.g. at ENOSPC).
+
+    Counts bytes rather than testing a shrinking memoryview for truth: compiled by mypyc, that
+    loop wrote every record twice."""
+    written = os.write(fd, data)
+    total = len(data)
+    while written < total:
+        written += os.write(fd, data[written:])  # rare: a copy is fine
 
 
 class WriteAheadLog:
