@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from webtorch.http.server import HttpServer
 class Tool(NamedTuple):
     module: str  # defines add_arguments(parser), run(args) -> int, and its help as __doc__
     extra: str  # the pyproject extra holding its dependencies ("" for none beyond the core)
+    needs: tuple[str, ...]  # what that extra brings, checked before the tool starts
     help: str
 
 
@@ -29,19 +31,26 @@ class Tool(NamedTuple):
 # (tests/test_runtime_imports.py pins it). Their arguments are parsed by the tool itself.
 TOOLS: Final = {
     "demo": Tool(
-        "webtorch_demo.demo", "demo", "train the XOR example over HTTP from concurrent clients"
+        "webtorch_demo.demo",
+        "demo",
+        ("tqdm",),
+        "train the XOR example over HTTP from concurrent clients",
     ),
     "lab": Tool(
-        "webtorch_lab.cli", "lab", "compare balancers on simulated upstreams under open-loop load"
+        "webtorch_lab.cli",
+        "lab",
+        ("matplotlib", "tqdm"),  # plots come at the end of a run: fail before it, not after
+        "compare balancers on simulated upstreams under open-loop load",
     ),
     "guard": Tool(
+        # Its CRS baseline (the guard-eval extra) is optional: without it the evaluation says
+        # so and goes on.
         "webtorch_guardlab.cli",
         "",
+        (),
         "build the guard's corpus, train its detector, evaluate it against baselines",
     ),
 }
-# What the extras bring, for naming the extra when one is missing.
-EXTRA_MODULES: Final = frozenset({"matplotlib", "tqdm"})
 
 
 def _load(path: str | None) -> config.Config:
@@ -148,26 +157,22 @@ def main(argv: list[str] | None = None) -> int:
 def run_tool(command: str, argv: list[str]) -> int:
     """Imports the tool behind ``command`` and runs it on ``argv`` (what followed the command)."""
     tool = TOOLS[command]
-    try:
-        module = importlib.import_module(tool.module)
-        parser = argparse.ArgumentParser(
-            prog=f"webtorch {command}",
-            description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.add_arguments(parser)
-        return int(module.run(parser.parse_args(argv)))
-    except ModuleNotFoundError as exc:
-        missing = (exc.name or "").partition(".")[0]
-        if missing not in EXTRA_MODULES or not tool.extra:
-            raise
-        extra = tool.extra
+    missing = [name for name in tool.needs if importlib.util.find_spec(name) is None]
+    if missing:
         print(
-            f"error: webtorch {command} needs {missing}, which comes with the {extra!r} extra: "
-            f"scripts/setup {extra} (or pip install 'webtorch[{extra}]')",
+            f"error: webtorch {command} needs {', '.join(missing)}, which the {tool.extra!r} "
+            f"extra installs: scripts/setup {tool.extra} (or pip install 'webtorch[{tool.extra}]')",
             file=sys.stderr,
         )
         return 2
+    module = importlib.import_module(tool.module)
+    parser = argparse.ArgumentParser(
+        prog=f"webtorch {command}",
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":
