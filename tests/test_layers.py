@@ -85,6 +85,10 @@ def _imports(tree: ast.Module, modules: set[str]) -> Iterator[tuple[str, bool]]:
     yield from walk(tree, False)
 
 
+def _tool_packages() -> set[str]:
+    return {p.name for p in SRC.iterdir() if p.name.startswith("webtorch_") and p.is_dir()}
+
+
 def _graph() -> tuple[set[str], dict[str, dict[str, bool]]]:
     """Modules, and for each the webtorch modules it imports (value: only for type checking)."""
     modules = _modules()
@@ -160,6 +164,21 @@ def test_every_import_points_down() -> None:
                 continue
             wrong.append(f"{source} ({component}) imports {target} ({t_component})")
     assert wrong == [], "imports against the layers (ARCHITECTURE.md):\n" + "\n".join(wrong)
+
+
+def test_the_runtime_never_imports_a_tool() -> None:
+    # The tools (webtorch_lab, ...) sit above the whole runtime: cli.py runs them by name
+    # (importlib), and no import statement in src/webtorch names one, deferred or not.
+    tools = _tool_packages()
+    assert "webtorch_lab" in tools
+    modules = _modules()
+    wrong = [
+        f"{name} imports {target}"
+        for name, tree in modules.items()
+        for target, _ in _imports(tree, set(modules))
+        if target.split(".")[0] in tools
+    ]
+    assert wrong == []
 
 
 def test_no_module_imports_itself_in_a_circle() -> None:
