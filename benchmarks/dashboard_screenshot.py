@@ -3,10 +3,10 @@
     .venv/bin/python benchmarks/dashboard_screenshot.py [--scale 5] [--rate R] [--out docs/img]
 
 One ``webtorch serve`` does two jobs at once, as in the README's dashboard section:
-  - it proxies the traffic lab's slow-node scenario (``src/webtorch/lab/scenarios/slow-node.toml``:
+  - it proxies the traffic lab's slow-node scenario (``src/webtorch_lab/scenarios/slow-node.toml``:
     11 simulated upstreams, one of them 2 s slower for the middle half of the run), sent by the
     lab's open-loop generator, with ``policy = "learned"``; the lab's own helper processes
-    (``webtorch.lab.sim``, ``webtorch.lab.generator``) run the upstreams and the load;
+    (``webtorch_lab.sim``, ``webtorch_lab.generator``) run the upstreams and the load;
   - it serves and trains the XOR example from its initial weights: a few clients POST training
     examples and predictions the whole time.
 Headless Chromium (Debian's, through Playwright; never ``playwright install``) keeps the dashboard
@@ -33,9 +33,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from webtorch.lab import balancers, procs, runner
-from webtorch.lab.procs import Helper, Pinning
-from webtorch.lab.scenario import BalancerSpec, find, load
+from webtorch_lab import balancers, procs, runner
+from webtorch_lab.procs import Helper, Pinning
+from webtorch_lab.scenario import BalancerSpec, find, load
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # launched as the browser tests launch it: tests/browser/chromium.py
@@ -86,8 +86,8 @@ def main() -> int:
     procs.raise_open_files()
 
     pinning = Pinning()  # nothing pinned: the browser needs a share of both cores
-    sim = Helper("webtorch.lab.sim", workdir / "sim.log", pinning)
-    generator = Helper("webtorch.lab.generator", workdir / "generator.log", pinning)
+    sim = Helper("webtorch_lab.sim", workdir / "sim.log", pinning)
+    generator = Helper("webtorch_lab.generator", workdir / "generator.log", pinning)
     server: subprocess.Popen[bytes] | None = None
     clients: XorClients | None = None
     try:

@@ -1,21 +1,56 @@
-"""``webtorch serve [CONFIG]``, ``webtorch check CONFIG``, ``webtorch demo``, ``webtorch lab``."""
+"""``webtorch serve [CONFIG]``, ``webtorch check CONFIG``, and the tools: ``webtorch demo``,
+``webtorch lab``, ``webtorch guard``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import importlib.util
 import logging
 import sys
 from pathlib import Path
+from typing import Final, NamedTuple
 
 import uvloop
 
 from webtorch import __version__, compiled, config
-from webtorch import demo as xor_demo
 from webtorch.errors import ConfigError, ModelLoadError
-from webtorch.guard import cli as guard_cli
 from webtorch.http.server import HttpServer
-from webtorch.lab import cli as lab_cli
+
+
+class Tool(NamedTuple):
+    module: str  # defines add_arguments(parser), run(args) -> int, and its help as __doc__
+    extra: str  # the pyproject extra holding its dependencies ("" for none beyond the core)
+    needs: tuple[str, ...]  # what that extra brings, checked before the tool starts
+    help: str
+
+
+# The tools live in packages of their own beside the runtime package (ARCHITECTURE.md): they are
+# named here and imported only when their command runs, so `webtorch serve` loads none of them
+# (tests/test_runtime_imports.py pins it). Their arguments are parsed by the tool itself.
+TOOLS: Final = {
+    "demo": Tool(
+        "webtorch_demo.demo",
+        "demo",
+        ("tqdm",),
+        "train the XOR example over HTTP from concurrent clients",
+    ),
+    "lab": Tool(
+        "webtorch_lab.cli",
+        "lab",
+        ("matplotlib", "tqdm"),  # plots come at the end of a run: fail before it, not after
+        "compare balancers on simulated upstreams under open-loop load",
+    ),
+    "guard": Tool(
+        # Its CRS baseline (the guard-eval extra) is optional: without it the evaluation says
+        # so and goes on.
+        "webtorch_guardlab.cli",
+        "",
+        (),
+        "build the guard's corpus, train its detector, evaluate it against baselines",
+    ),
+}
 
 
 def _load(path: str | None) -> config.Config:
@@ -100,28 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="validate a config and load its models")
     check.add_argument("config", nargs="?", help="TOML config file")
     check.set_defaults(func=cmd_check)
-    demo = sub.add_parser("demo", help="train the XOR example over HTTP from concurrent clients")
-    xor_demo.add_arguments(demo)
-    demo.set_defaults(func=xor_demo.run)
-    lab = sub.add_parser(
-        "lab",
-        help="compare balancers on simulated upstreams under open-loop load",
-        description=lab_cli.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    lab_cli.add_arguments(lab)
-    lab.set_defaults(func=lab_cli.run)
-    guard = sub.add_parser(
-        "guard",
-        help="build the guard's corpus, train its detector, evaluate it against baselines",
-        description=guard_cli.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    guard_cli.add_arguments(guard)
-    guard.set_defaults(func=guard_cli.run)
-    args = parser.parse_args(argv)
+    for name, tool in TOOLS.items():
+        # No arguments here: everything after the command goes to the tool's own parser.
+        sub.add_parser(name, help=tool.help, add_help=False).set_defaults(func=None)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in TOOLS:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command in TOOLS:
+            return run_tool(args.command, rest)
         return int(args.func(args))
     except (ConfigError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -129,6 +152,27 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def run_tool(command: str, argv: list[str]) -> int:
+    """Imports the tool behind ``command`` and runs it on ``argv`` (what followed the command)."""
+    tool = TOOLS[command]
+    missing = [name for name in tool.needs if importlib.util.find_spec(name) is None]
+    if missing:
+        print(
+            f"error: webtorch {command} needs {', '.join(missing)}, which the {tool.extra!r} "
+            f"extra installs: scripts/setup {tool.extra} (or pip install 'webtorch[{tool.extra}]')",
+            file=sys.stderr,
+        )
+        return 2
+    module = importlib.import_module(tool.module)
+    parser = argparse.ArgumentParser(
+        prog=f"webtorch {command}",
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

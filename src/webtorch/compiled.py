@@ -47,6 +47,7 @@ STAMP = PACKAGE / "compiled.json"
 # are relative to src/. Not here: anything that runs once per process or per second (config,
 # CLI, health probes' scheduling) and the guard (numpy does its work).
 MODULES = [
+    "webtorch/vocab.py",
     "webtorch/http/protocol.py",
     "webtorch/http/messages.py",
     "webtorch/http/client.py",

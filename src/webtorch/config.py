@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from webtorch.errors import ConfigError
+from webtorch.vocab import RETRY_CONDITIONS as CONDITIONS
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -286,8 +287,6 @@ class RetryConfig(_Strict):
     @field_validator("on")
     @classmethod
     def _check_on(cls, on: list[str]) -> list[str]:
-        from webtorch.proxy.retry import CONDITIONS
-
         unknown = sorted(set(on) - CONDITIONS)
         if unknown:
             raise ValueError(

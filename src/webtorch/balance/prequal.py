@@ -180,7 +180,7 @@ class Prequal(Policy):
         # it since, through any of its results: counting only the result's own uses (the
         # paper's increment) lets a pool holding several results of one fast upstream send it
         # max_reuse requests on each, all priced at the same stale count: a herd, measured at
-        # a p99 of ~460 ms against least_conn's ~80 ms in capacity 1:2:4 (lab/offline.py).
+        # a p99 of ~460 ms against least_conn's ~80 ms in capacity 1:2:4 (webtorch_lab/offline.py).
         rif = {id(p): p.inflight + self._own(p.upstream).picks - p.sent for p in self.pool}
         threshold = hot_threshold(list(rif.values()), self.hot_quantile)
         best: PooledProbe | None = None

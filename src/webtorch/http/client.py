@@ -20,8 +20,8 @@ from typing import Final, Protocol, cast
 
 import httptools
 
-from webtorch.balance.base import Outcome, Upstream
 from webtorch.http.messages import Headers, lower_name
+from webtorch.vocab import Outcome, Upstream
 
 log: Final = logging.getLogger("webtorch.proxy")
 

@@ -12,22 +12,11 @@ import math
 from dataclasses import dataclass
 from typing import Final
 
-from webtorch.balance.base import Outcome
+from webtorch.vocab import RETRY_CONDITIONS, Outcome
 
-# nginx's proxy_next_upstream vocabulary, the part that applies here.
-CONDITIONS: Final = frozenset(
-    {
-        "error",
-        "timeout",
-        "invalid_header",
-        "http_500",
-        "http_502",
-        "http_503",
-        "http_504",
-        "http_429",
-        "non_idempotent",
-    }
-)
+# nginx's proxy_next_upstream vocabulary, the part that applies here (in vocab.py: config
+# validates the names too).
+CONDITIONS: Final = RETRY_CONDITIONS
 _SERVER_ERROR_CONDITIONS: Final = {
     500: "http_500",
     502: "http_502",
