@@ -44,7 +44,12 @@ class ModelEndpoint:
         )
         self.auth = auth or Auth(None)
         self.trainable = executor.trainer is not None
-        self._train = TrainForms(model) if self.trainable else None
+        train_queue = executor.train_scheduler
+        self._train = (
+            TrainForms(model, max_rows=train_queue.max_batch)
+            if self.trainable and train_queue is not None
+            else None
+        )
 
     def predict(self, request: Request) -> HandlerResult:
         request.model = self.name  # for the access log

@@ -78,8 +78,11 @@ def settle(request: TrainRequest, inputs: list[TensorSpec], targets: list[Tensor
 class TrainForms:
     """Decoders and encoders of one model's train requests."""
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, max_rows: int | None = None) -> None:
         self.model = model.name
+        # The model's train.max_batch: an OIP tensor whose shape claims more rows is refused
+        # from its shape, before its data is decoded (as inference refuses past max_batch).
+        self.max_rows = max_rows
         self.version = model.spec.version
         self.inputs = {t.name: t for t in model.inputs}
         self.targets = {t.name: t for t in model.targets}
@@ -146,10 +149,10 @@ class TrainForms:
         req_id = codecs.request_id(doc)  # refused before any tensor is decoded
         binary = header_length is not None
         inputs, offset = codecs.oip_tensors(
-            doc, "inputs", self.inputs, self.model, body, offset, binary
+            doc, "inputs", self.inputs, self.model, body, offset, binary, self.max_rows
         )
         targets, offset = codecs.oip_tensors(
-            doc, "targets", self.targets, self.model, body, offset, binary
+            doc, "targets", self.targets, self.model, body, offset, binary, self.max_rows
         )
         if offset != len(body):
             raise BadRequest(
