@@ -187,6 +187,22 @@ def test_oip_train_rows_beyond_max_batch_are_refused_from_the_shape(
     assert call(trainer, "GET", "/models/xor/train").json()["step"] == 0
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"inputs": [[0, 1, 2]] * 100, "targets": [[1]] * 100},  # the general decoder
+        {"inputs": [[0, 1]] * 100, "targets": [[1, 2]] * 100},  # the fast path's fallback
+        {"inputs": {"x": [[0, 1, 2]] * 100}, "targets": {"y": [[1]] * 100}},
+    ],
+)
+def test_short_train_rows_beyond_max_batch_are_refused_before_conversion(
+    trainer: Running, body: Any
+) -> None:
+    reply = train(trainer, body)
+    assert reply.status == 400, reply
+    assert "100 rows; the model takes at most 64 per request" in reply.json()["error"]
+
+
 def test_model_without_training_answers_404(trainer: Running) -> None:
     for path in ("/models/frozen/train", "/v2/models/frozen/train"):
         reply = call(trainer, "POST", path, {"inputs": [[0, 1]], "targets": [[1]]})

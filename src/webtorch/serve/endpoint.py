@@ -34,7 +34,9 @@ class ModelEndpoint:
         self._inputs = {t.name: t for t in model.inputs}
         self._outputs = model.outputs
         self._record_decode = stats.stages["decode"].record
-        self._short = codecs.ShortForm(model.inputs, model.outputs, model.name)
+        self._short = codecs.ShortForm(
+            model.inputs, model.outputs, model.name, max_rows=executor.scheduler.max_batch
+        )
         self._oip = codecs.OIPForm(
             model.inputs,
             model.outputs,

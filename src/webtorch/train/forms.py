@@ -81,7 +81,8 @@ class TrainForms:
     def __init__(self, model: LoadedModel, max_rows: int | None = None) -> None:
         self.model = model.name
         # The model's train.max_batch: an OIP tensor whose shape claims more rows is refused
-        # from its shape, before its data is decoded (as inference refuses past max_batch).
+        # from its shape, a short-form list of more rows at its length, before any number is
+        # converted (as inference refuses past max_batch).
         self.max_rows = max_rows
         self.version = model.spec.version
         self.inputs = {t.name: t for t in model.inputs}
@@ -127,6 +128,8 @@ class TrainForms:
                 ):
                     # Their numbers are checked when the micro-batch converts them.
                     return TrainRequest({check_x.name: rows_x}, {check_y.name: rows_y}, len(rows_x))
+                codecs.check_rows(self.inputs[check_x.name], rows_x, "input", self.max_rows)
+                codecs.check_rows(self.targets[check_y.name], rows_y, "target", self.max_rows)
                 x = check_x.array(rows_x)
                 y = check_y.array(rows_y)
                 if (
@@ -138,8 +141,8 @@ class TrainForms:
                 ):
                     return TrainRequest({check_x.name: x}, {check_y.name: y}, x.shape[0])
         doc = codecs.short_document(body, content_type, ("inputs", "targets"))
-        inputs = codecs.short_tensors(doc, "inputs", self.inputs, self.model)
-        targets = codecs.short_tensors(doc, "targets", self.targets, self.model)
+        inputs = codecs.short_tensors(doc, "inputs", self.inputs, self.model, self.max_rows)
+        targets = codecs.short_tensors(doc, "targets", self.targets, self.model, self.max_rows)
         return self._request(inputs, targets, None)
 
     def decode_oip(
