@@ -67,7 +67,7 @@ RELOADABLE: frozenset[str] = frozenset(
         "allowed_origins",
         "management",
         "dashboard",
-        "limits",  # new connections get the new limits (open ones keep theirs)
+        "limits",  # new connections get the new limits (open ones keep theirs); the cap at once
         "request_id",
         "model_dir",
     }
@@ -282,9 +282,9 @@ class App:
         if self.dashboard is not None:
             self.dashboard.enabled = server.dashboard
         if self.server is not None:
-            state = self.server.state
-            state.limits = Limits(**server.limits.model_dump())
-            state.request_ids = server.request_id
+            # New connections get the new limits; the connection cap applies at once.
+            self.server.apply_limits(Limits(**server.limits.model_dump()))
+            self.server.state.request_ids = server.request_id
 
     def _management(self, request: Request) -> None:
         """A management endpoint's checks: on by config, POST, not sendable by a page elsewhere
@@ -350,7 +350,13 @@ class App:
         state.gate = guarded
         state.sent_observer = self.metrics.observe_sent
         self.metrics.sources.append(
-            lambda: connection_families(len(state.connections), state.accepted)
+            lambda: connection_families(
+                len(state.connections),
+                state.accepted,
+                state.reclaimed,
+                state.refused,
+                state.max_connections,
+            )
         )
         # Everything allocated so far (torch, models, routes) lives as long as the process: move it
         # out of the collector's sight so a generation-2 collection does not walk it mid-request.

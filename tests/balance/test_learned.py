@@ -3,6 +3,7 @@ and weights that survive a restart."""
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -201,6 +202,26 @@ def test_weights_survive_a_restart(tmp_path: Path) -> None:
     again = Learned(group(2), settings={"explore": 0.0}, rng=random.Random(1), state_dir=tmp_path)
     for name, tensor in p.net.state_dict().items():
         assert again.net.state_dict()[name].equal(tensor), name
+
+
+def test_weights_are_saved_private_and_atomically(tmp_path: Path) -> None:
+    """The policy's state is learned from the traffic: 0600 in directories created 0700 (the
+    old save left 0644 files in 0755 directories under a 022 umask), renamed into place."""
+    old_umask = os.umask(0o022)
+    try:
+        ups = group(2)
+        state = tmp_path / "state" / "learned"
+        p = Learned(
+            ups, settings={"explore": 0.0, "batch": 8}, rng=random.Random(1), state_dir=state
+        )
+        serve(p, ups, lambda u, r: (Outcome.OK, 0.01 if u.index else 0.05), 50)
+        p.close()
+    finally:
+        os.umask(old_umask)
+    saved = state / "weights.safetensors"
+    assert saved.stat().st_mode & 0o777 == 0o600
+    assert [d.stat().st_mode & 0o777 for d in (state, state.parent)] == [0o700, 0o700]
+    assert [f.name for f in state.iterdir()] == ["weights.safetensors"]  # no temp file left
 
 
 def test_a_damaged_weights_file_falls_back_to_the_prior(tmp_path: Path) -> None:

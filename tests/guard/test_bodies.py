@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from tests.conftest import XOR, Running, serve_in_thread
 from tests.proxy.test_forward import request
 from tests.proxy.upstreams import TestUpstream, upstreams
 from webtorch import config as wt_config
+from webtorch.guard.clients import shown_client
 from webtorch.guard.features import PROBE_LIMIT, BodyScanner, RequestView, body_kind
 
 SQLI = "1' OR '1'='1"
@@ -145,6 +147,22 @@ def test_past_the_budget_a_body_goes_unread_or_is_refused() -> None:
         status, _, answer = request(running, "POST", "/api/search", body, FORM)
         assert status == 403 and b"body_scan_bytes" in answer
         assert request(running, "POST", "/api/search", b"a=1", FORM)[0] == 200
+
+
+def test_the_budget_warning_never_logs_a_client_key_whole(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 19, item 4's sibling: the warning named the client, a keyed one by its API key."""
+    body = b"a=" + b"x" * 5000
+    key = "sk-secret-0123456789abcdef"
+    with (
+        caplog.at_level(logging.WARNING, logger="webtorch"),
+        guarded_proxy(body_scan_bytes=4096, client_key="header:x-api-key") as (running, _),
+    ):
+        headers = {**FORM, "X-Api-Key": key}
+        assert request(running, "POST", "/api/search", body, headers)[0] == 200
+    [line] = [r.getMessage() for r in caplog.records if "scanning budget" in r.getMessage()]
+    assert key[3:] not in line and shown_client("key:" + key) in line
 
 
 def test_a_model_routes_body_is_read_past_its_first_kib() -> None:

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import XOR, Running, serve_in_thread
 from tests.proxy.test_forward import request
 from webtorch import config as wt_config
-from webtorch.guard.clients import DISTINCT_LIMIT, ClientTable
+from webtorch.guard.clients import DISTINCT_LIMIT, ClientTable, shown_client
 from webtorch.guard.core import ALLOW, BLOCK, THROTTLE, Guard, GuardSettings
 from webtorch.guard.features import RequestView
 from webtorch.guard.shell import KEY_LIMIT, GuardedHandler
@@ -206,3 +206,19 @@ def test_feedback_remembers_no_oversized_request(tmp_path: Path) -> None:
     feedback.remember(b"id-1", big, [0.0] * 9, 0.1)
     feedback.remember(b"id-2", view(), [0.0] * 9, 0.1)
     assert list(feedback.seen) == [b"id-2"]
+
+
+def test_a_client_key_is_never_shown_whole() -> None:
+    """Issue 19, item 4's sibling: the dashboard and the logs show a keyed client by a short,
+    non-reversible form; an address as it is."""
+    key = "sk-live-0123456789abcdef0123456789abcdef"
+    shown = shown_client("key:" + key)
+    assert shown.startswith("key:sk-l…") and len(shown) == len("key:sk-l…") + 8
+    assert key[4:] not in shown
+    assert shown_client("key:" + key) == shown  # stable: the same key, the same form
+    assert shown_client("key:" + key[:-1] + "0") != shown
+    assert shown_client("key:abc") == "key:…" + shown_client("key:abc")[-8:]  # short: no prefix
+    long_key = "key#" + "0123456789abcdef" * 2
+    assert shown_client(long_key) == "key#01234567"
+    assert shown_client("10.0.0.5") == "10.0.0.5"
+    assert shown_client("2001:db8::1") == "2001:db8::1"

@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import XOR, Running, serve_in_thread
 from tests.proxy.test_forward import request
 from webtorch import config as wt_config
+from webtorch.guard.clients import shown_client
 
 PREDICT = b'{"inputs": [[0, 1]]}'
 BROWSER = {
@@ -109,7 +110,10 @@ def test_a_ban_outlasts_the_blocked_request() -> None:
         guard = json.loads(stats)["guard"]
         assert guard["bans"] == 1
         # Keys are told apart from addresses (a key "10.0.0.5" is not that address's ban).
-        assert guard["top_blocked"] == [{"client": "key:k-attacker", "blocked": 2}]
+        # And a key is an API key: shown by its digest, never whole (issue 19, item 4's sibling).
+        assert guard["top_blocked"] == [{"client": shown_client("key:k-attacker"), "blocked": 2}]
+        assert guard["top_blocked"][0]["client"].startswith("key:k-…")
+        assert b"k-attacker" not in stats
 
 
 def test_a_banned_address_cannot_connect() -> None:

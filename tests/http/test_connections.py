@@ -19,6 +19,7 @@ import pytest
 from tests.conftest import serve_in_thread, xor_config
 from tests.http.test_conformance import Reader, connect, server_connections
 from tests.http.test_protocol import echo, req
+from tests.serve.test_server_models import metric, metrics
 from webtorch.http import server as http_server
 from webtorch.http.limits import Limits
 from webtorch.http.server import HttpServer, connection_cap
@@ -57,6 +58,43 @@ def test_cap_holds_and_idle_connections_make_room(caplog: pytest.LogCaptureFixtu
         assert alive == [False] * cap + [True] * cap
         state = running.app.server.state if running.app.server is not None else None
         assert state is not None and state.reclaimed == cap and state.refused == 0
+        # Exported (they were only counted): the scrape's own connection reclaims one more.
+        samples = metrics(running)
+        assert metric(samples, "webtorch_http_connections_reclaimed_total") == cap + 1
+        assert metric(samples, "webtorch_http_connections_refused_total") == 0
+        assert metric(samples, "webtorch_http_connections_max") == cap
+
+
+def _receive_head(sock: socket.socket) -> bytes:
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return head
+
+
+def test_refused_connections_are_counted_in_the_metrics() -> None:
+    """Two clients busy sending bodies (each was told 100 Continue, so the server has read
+    their heads): the third finds none idle to close and gets a 503; /metrics says so."""
+    body = b'{"inputs": [[0, 1]]}'
+    head = (
+        b"POST /models/xor/predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    with serve_in_thread(xor_config(max_connections=2)) as running, ExitStack() as stack:
+        busy = [stack.enter_context(connect(running)) for _ in range(2)]
+        for sock in busy:
+            sock.sendall(head)
+            assert _receive_head(sock).startswith(b"HTTP/1.1 100 ")
+        refused = stack.enter_context(connect(running))
+        assert _receive_head(refused).startswith(b"HTTP/1.1 503 ")
+        busy[0].sendall(body)  # answered, then idle: the scrape's connection takes its place
+        assert b" 200 " in _receive_head(busy[0]).split(b"\r\n", 1)[0]
+        samples = metrics(running)
+    assert metric(samples, "webtorch_http_connections_refused_total") == 1
+    assert metric(samples, "webtorch_http_connections_reclaimed_total") == 1
 
 
 def test_cap_is_lowered_to_what_the_descriptor_limit_allows() -> None:

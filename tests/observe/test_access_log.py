@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import random
 import re
 import signal
@@ -157,8 +158,8 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
 # -- the writer, without a server ---------------------------------------------------------------
 
 
-def a_request(path: str = "/x") -> Request:
-    return Request("GET", path, "", [], b"", client="10.0.0.1", route="/x", request_id=b"rid")
+def a_request(path: str = "/x", query: str = "") -> Request:
+    return Request("GET", path, query, [], b"", client="10.0.0.1", route="/x", request_id=b"rid")
 
 
 def test_sampling_keeps_the_drawn_share_and_every_server_error() -> None:
@@ -227,6 +228,28 @@ def test_failed_writes_are_counted_as_lost(tmp_path: Path) -> None:
         access_log.record(a_request(), 200, 0, 0.001)
     access_log.close()
     assert (access_log.lines, access_log.failed) == (0, 3)
+
+
+def test_the_file_is_created_0640_and_secret_query_values_are_redacted(tmp_path: Path) -> None:
+    """Issue 19's siblings of items 4 and 7: the log is the admins' to read (0640 like nginx's,
+    its new directories 0750; it was 0644), and a credential in a query is not kept in it."""
+    old_umask = os.umask(0o022)
+    try:
+        path = tmp_path / "logs" / "access.log"
+        access_log = AccessLog(path, interval=0.01)
+        access_log.open()
+    finally:
+        os.umask(old_umask)
+    query = "q=1&api_key=abc123&Access_Token=xyz&X-Amz-Signature=s1&password=&page=2"
+    access_log.record(a_request("/p", query), 200, 0, 0.001)
+    access_log.close()
+    assert (path.stat().st_mode & 0o777, path.parent.stat().st_mode & 0o777) == (0o640, 0o750)
+    [line] = read_lines(path)
+    assert line["query"] == (
+        "q=1&api_key=REDACTED&Access_Token=REDACTED&X-Amz-Signature=REDACTED"
+        "&password=REDACTED&page=2"
+    )
+    assert b"abc123" not in path.read_bytes() and b"xyz" not in path.read_bytes()
 
 
 def test_reopen_starts_a_new_file_at_the_path(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from tests.conftest import XOR, serve_in_thread
 from tests.serve.test_codecs import TEXT, bad, binary_request, bytes_blob
 from tests.serve.test_server_models import call
 from webtorch import config as wt_config
-from webtorch.serve.codecs import MAX_ID, MAX_PARAMETERS, OIPForm, decode_oip
+from webtorch.serve.codecs import MAX_ID, MAX_PARAMETERS, OIPForm, ShortForm, decode_oip
 from webtorch.serve.model import TensorSpec
 
 JSON = b"application/json"
@@ -182,3 +182,15 @@ def test_over_http_amplification_and_ids_get_small_400s(tmp_path: Path) -> None:
             reply = call(running, "POST", path, doc)
             assert reply.status == 400 and '"id" must be a string' in reply.json()["error"], reply
         assert call(running, "GET", "/models/xor/train").json()["step"] == 0  # nothing trained
+
+
+def test_short_form_rows_beyond_max_batch_are_refused_before_conversion() -> None:
+    """The short form's sibling of the OIP shape check: a list of more rows than max_batch
+    that the fast path does not take is refused at its length, before its numbers are
+    converted (a body's worth of them held the loop for a second); right-width rows go on to
+    the batch's own max_batch check, as before."""
+    form = ShortForm([TensorSpec("x", "FP32", (-1, 2))], [TensorSpec("y", "FP32", (-1, 1))], "m", 4)
+    for data in ([[0, 1, 2]] * 5, [[0]] * 5, {"x": [[0, 1, 2]] * 5}):
+        body = orjson.dumps({"inputs": data})
+        bad(lambda b=body: form.decode(b, JSON), match="5 rows; the model takes at most 4")
+    assert form.decode(orjson.dumps({"inputs": [[0, 1]] * 5}), JSON)[1] == 5

@@ -495,7 +495,7 @@ BAD_REQUESTS: list[tuple[str, bytes, dict[str, str], int, str]] = [
     ("/models/two/predict", b'{"inputs": {"a": [[0, 1]]}}', {}, 400, "needs input(s) b"),
     ("/models/two/predict", b'{"inputs": {"a": [[0, 1]], "c": [1]}}', {}, 400, "input 'c'"),
     ("/models/two/predict", b'{"inputs": [[0, 1]]}', {}, 400, "several inputs"),
-    ("/models/two/predict", _FIVE, {}, 400, "max_batch 4"),
+    ("/models/two/predict", _FIVE, {}, 400, "at most 4 per request (max_batch)"),
     ("/models/text/predict", b'{"inputs": [1, 2]}', {}, 400, "BYTES data must be strings"),
     ("/v2/models/xor/infer", _x(name="z", data=[0, 1]), {}, 400, "unknown input 'z'"),
     ("/v2/models/xor/infer", _x(datatype="INT8", data=[0, 1]), {}, 400, "datatype INT8"),

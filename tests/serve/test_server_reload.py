@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import XOR, Running, serve_in_thread, serve_process
-from tests.serve.test_server_models import Reply, call
+from tests.serve.test_server_models import Reply, call, metric, metrics
 from webtorch import config as wt_config
 
 OLD = "old-token-0123456789abcdef"
@@ -119,6 +119,19 @@ def test_new_limits_apply_to_new_connections(tmp_path: Path) -> None:
         write(path, management=True, limits={"max_body": 64})
         assert reload(running, None).status == 200
         assert call(running, "POST", "/models/xor/predict", body, JSON_TYPE).status == 413
+
+
+def test_a_new_connection_cap_applies_at_once(tmp_path: Path) -> None:
+    """[server.limits] max_connections is reloadable: the running server's cap changes (it kept
+    the cap it started with while the reload answered 200), as /metrics shows."""
+    path = tmp_path / "webtorch.toml"
+    write(path, management=True, limits={"max_connections": 50})
+    with serve_in_thread(wt_config.load(path), path) as running:
+        assert metric(metrics(running), "webtorch_http_connections_max") == 50
+        write(path, management=True, limits={"max_connections": 7})
+        assert reload(running, None).status == 200
+        assert running.app.server is not None and running.app.server.state.max_connections == 7
+        assert metric(metrics(running), "webtorch_http_connections_max") == 7
 
 
 def test_sighup_logs_an_error_naming_the_keys_that_need_a_restart(tmp_path: Path) -> None:

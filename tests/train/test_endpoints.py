@@ -169,6 +169,40 @@ def test_oip_binary_target_size_mismatch_is_400(trainer: Running) -> None:
     assert reply.status == 400 and "target 'y'" in reply.json()["error"]
 
 
+@pytest.mark.parametrize("where", ["inputs", "targets"])
+def test_oip_train_rows_beyond_max_batch_are_refused_from_the_shape(
+    trainer: Running, where: str
+) -> None:
+    """Issue 19's sibling of item 13: a train tensor's shape claiming more rows than
+    train.max_batch (64 here) is refused before its data is decoded, as inference's is. The data
+    is no array at all: decoding it first would have named that instead."""
+    doc: dict[str, Any] = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [0, 1]}],
+        "targets": [{"name": "y", "datatype": "FP32", "shape": [1, 1], "data": [1]}],
+    }
+    doc[where][0].update(shape=[100_000, 2 if where == "inputs" else 1], data="not decoded")
+    reply = call(trainer, "POST", "/v2/models/xor/train", doc)
+    assert reply.status == 400, reply
+    assert "100000 rows; the model takes at most 64 per request" in reply.json()["error"]
+    assert call(trainer, "GET", "/models/xor/train").json()["step"] == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"inputs": [[0, 1, 2]] * 100, "targets": [[1]] * 100},  # the general decoder
+        {"inputs": [[0, 1]] * 100, "targets": [[1, 2]] * 100},  # the fast path's fallback
+        {"inputs": {"x": [[0, 1, 2]] * 100}, "targets": {"y": [[1]] * 100}},
+    ],
+)
+def test_short_train_rows_beyond_max_batch_are_refused_before_conversion(
+    trainer: Running, body: Any
+) -> None:
+    reply = train(trainer, body)
+    assert reply.status == 400, reply
+    assert "100 rows; the model takes at most 64 per request" in reply.json()["error"]
+
+
 def test_model_without_training_answers_404(trainer: Running) -> None:
     for path in ("/models/frozen/train", "/v2/models/frozen/train"):
         reply = call(trainer, "POST", path, {"inputs": [[0, 1]], "targets": [[1]]})

@@ -46,6 +46,7 @@ from torch import nn
 from webtorch.balance.base import Outcome, Policy, Upstream
 from webtorch.balance.hashing import KeySpec, hash64
 from webtorch.balance.peak_ewma import LatencyEstimate
+from webtorch.files import write_private
 from webtorch.http.messages import Request
 
 log = logging.getLogger("webtorch.balance")
@@ -556,11 +557,10 @@ class Learned(Policy):
         path = self._weights_path
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
         state = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
-        save_file(state, str(tmp))
-        tmp.replace(path)  # atomic: a crash mid-save leaves the previous weights
+        # Atomic (a crash mid-save leaves the previous weights) and 0600 in a 0700 directory:
+        # the weights are learned from the traffic.
+        write_private(path, lambda temp: save_file(state, str(temp)))
 
     def close(self) -> None:
         if self._fresh:

@@ -13,6 +13,7 @@ costs a flood at most the few requests it takes to look like one again.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import zlib
 from array import array
@@ -35,6 +36,21 @@ CLIENT_FEATURES = (
     "distinct_share",
 )
 N_CLIENT = len(CLIENT_FEATURES)
+
+
+def shown_client(client: str) -> str:
+    """``client`` as the dashboard and the logs may show it. An address stays as it is; a client
+    key (``key:<header value>``, an API key: a secret) becomes ``key:`` + its first characters
+    (at most 4, a quarter of it) + ``…`` + 8 hex digits of its digest: enough to tell keys
+    apart and to find one's own, not to use it. A long key, kept as ``key#<digest>``, is shown
+    by the digest's first 8 digits."""
+    if client.startswith("key:"):
+        key = client[4:]
+        digest = hashlib.blake2b(key.encode("latin-1"), digest_size=4).hexdigest()
+        return f"key:{key[: min(4, len(key) // 4)]}…{digest}"
+    if client.startswith("key#"):
+        return client[:12]
+    return client
 
 
 class ClientState:

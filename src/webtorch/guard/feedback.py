@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 
 from webtorch.errors import BadRequest
+from webtorch.files import write_private
 from webtorch.guard.detector import GuardNet, load_net, save
 from webtorch.guard.features import BODY_PREFIX, RequestView
 from webtorch.guard.scorer import Scorer
@@ -175,8 +176,9 @@ class Feedback:
             data, net, epochs=self.epochs, batch_size=16, lr=self.learning_rate, seed=self.rounds
         )
         self._net = net
-        self.save_to.parent.mkdir(parents=True, exist_ok=True)
-        save(net, self.save_to, {"rounds": str(self.rounds + 1), "labels": str(len(labelled))})
+        meta = {"rounds": str(self.rounds + 1), "labels": str(len(labelled))}
+        # 0600 in a 0700 directory: the weights are learned from the requests clients sent.
+        write_private(self.save_to, lambda temp: save(net, temp, meta))
         return {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
 
     async def _swap(self, future: asyncio.Future[dict[str, Any]]) -> None:

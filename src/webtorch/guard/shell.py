@@ -28,6 +28,7 @@ from prometheus_client.core import (
 
 from webtorch.config import GuardConfig
 from webtorch.errors import HTTPError
+from webtorch.guard.clients import shown_client
 from webtorch.guard.core import BLOCK, Decision, Guard, GuardSettings, retry_after_header
 from webtorch.guard.features import (
     BODY_PREFIX,
@@ -289,7 +290,7 @@ class GuardedHandler:
             log.warning(
                 "guard: a request body from %r went past the scanning budget (%d bytes, "
                 "or %d suspicious values); %s (guard.body_scan_over)",
-                client,
+                shown_client(client),  # a client key is a secret: never logged whole
                 self._scan_bytes,
                 PROBE_BUDGET,
                 "refused" if self._refuse_over else "the rest went unread",

@@ -37,7 +37,8 @@ COMMON_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PAT
 
 
 class Request:
-    """A fully received request. Header names are lower-cased bytes, values raw bytes.
+    """A fully received request. Header names are lower-cased bytes, values raw bytes; for an
+    absolute-form target, Host is the target's authority (RFC 9112 3.2.2).
 
     Request and Response are written-out classes, not dataclasses: compiled by mypyc, a
     dataclass keeps the ``__init__`` that the dataclasses module generates, interpreted
@@ -74,7 +75,7 @@ class Request:
         # The Content-Type header as received; the protocol notes it while parsing headers.
         self.raw_content_type = raw_content_type
         # The request target as an origin-form path and query, undecoded (what a proxy
-        # forwards).
+        # forwards), its path without dot segments (as ``path``: see HttpProtocol._target).
         self.target = target
         # A body that is still arriving (streamed routes only: proxying); ``body`` is then
         # empty.

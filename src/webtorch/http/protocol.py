@@ -126,6 +126,7 @@ _CAP_LOG_INTERVAL: Final = 60.0
 _HEX_BYTES: Final = [b"%02x" % n for n in range(256)]
 _QUESTION: Final = ord("?")
 _PERCENT: Final = ord("%")
+_DOT: Final = ord(".")
 # Request methods as str, made once: no decode per request, and the handlers' comparisons with
 # the same constants hit on identity.
 _METHOD_NAMES: Final = {m.encode(): m for m in COMMON_METHODS}
@@ -870,31 +871,76 @@ class HttpProtocol:
             self._update_reading()
 
     def _target(self) -> tuple[str, str, bytes] | HTTPError:
-        """The request target as (decoded path, query, origin-form target), or what is wrong."""
+        """The request target as (decoded path, query, origin-form target), or what is wrong.
+
+        The path is normalised (its dot segments removed, RFC 3986 5.2.4) before anything routes
+        on it, and the normalised form is what a proxy forwards: ``/api/../admin`` is
+        ``/admin`` here as at any upstream that resolves it, not a request for ``/api/``'s
+        upstream that it turns into one for ``/admin`` (nginx normalises before matching its
+        locations too). An absolute-form target's authority replaces the Host header."""
         url = self._url
-        if url.startswith(b"/") and _QUESTION not in url and _PERCENT not in url:
-            # The common case: no query, nothing escaped; partition would be a method call
-            # looked up by name. The needles are ints: ``b"?" in url`` first tries its needle as
-            # an int and formats a TypeError to clear (0.14 us each).
+        if (
+            url.startswith(b"/")
+            and _QUESTION not in url
+            and _PERCENT not in url
+            and _DOT not in url
+        ):
+            # The common case: no query, nothing escaped, no dot; partition would be a method
+            # call looked up by name. The needles are ints: ``b"?" in url`` first tries its
+            # needle as an int and formats a TypeError to clear (0.14 us each).
             return url.decode("latin-1"), "", url
         path_b, _, query_b = url.partition(b"?")
-        target = url
+        rest = url[len(path_b) :]  # the query as received, with its "?" (forwarded untouched)
+        absolute = False
         if not path_b.startswith(b"/"):
             if path_b[:8].lower().startswith((b"http://", b"https://")):
-                absolute = _absolute_form(url)
-                if isinstance(absolute, HTTPError):
-                    return absolute
-                path_b, query_b = absolute
-                target = path_b + b"?" + query_b if query_b else path_b
+                parts = _absolute_form(url)
+                if isinstance(parts, HTTPError):
+                    return parts
+                path_b, query_b, authority = parts
+                rest = b"?" + query_b if query_b else b""
+                absolute = True
+                self._use_authority(authority)
             elif path_b != b"*" or query_b:
                 # Authority-form (CONNECT's) and anything else: no route takes them.
                 return BadRequest("request target must start with '/' (origin form)")
             elif self._method != b"OPTIONS":
                 return BadRequest("the '*' request target is for OPTIONS only")
+        target = url
+        if path_b.startswith(b"/") and _dot_segment_in(path_b):
+            normal = _remove_dot_segments(path_b)
+            if isinstance(normal, HTTPError):
+                return normal
+            path_b = normal
+            target = path_b + rest
+        elif absolute:
+            target = path_b + rest  # made origin-form
         path = path_b.decode("latin-1")
         if "%" in path:
             path = unquote(path)
+            if _has_dot_segment(path):
+                # Left after the dot segments went, one came from an encoded slash (%2F, as in
+                # "a%2F..%2Fb"): %2F stays a character of its segment here and upstream (as
+                # nginx forwards it), but a server that decodes it to a slash would resolve a
+                # dot segment that this one did not: refused rather than routed one way and
+                # served another.
+                return BadRequest(
+                    "an encoded slash (%2F) beside a '.' or '..' segment in the request path"
+                )
         return path, query_b.decode("latin-1"), target
+
+    def _use_authority(self, authority: bytes) -> None:
+        """RFC 9112 3.2.2: a server receiving an absolute-form target MUST ignore the Host
+        header and use the target's authority: it replaces Host in the request's headers, so
+        that routing, the guard, the CSRF check and the proxy all see the one authority (the
+        target's was checked like a Host header)."""
+        headers = self._headers
+        for i in range(len(headers)):
+            if headers[i][0] == b"host":
+                if headers[i][1] != authority:
+                    headers[i] = (b"host", authority)
+                return
+        headers.append((b"host", authority))  # an HTTP/1.0 request may come without Host
 
     def _refusal(self) -> HTTPError | None:
         """What would refuse the request whose headers are in, asked of the state's
@@ -1368,9 +1414,9 @@ class HttpProtocol:
             self._resume = self.loop.call_soon(self._feed_unparsed)
 
 
-def _absolute_form(url: bytes) -> tuple[bytes, bytes] | HTTPError:
-    """(path, query) of an absolute-form target (``http://host/path?query``, RFC 9112 3.2.2),
-    or what is wrong with it."""
+def _absolute_form(url: bytes) -> tuple[bytes, bytes, bytes] | HTTPError:
+    """(path, query, authority) of an absolute-form target (``http://host/path?query``, RFC 9112
+    3.2.2), or what is wrong with it."""
     try:
         # Any, not httptools' type: its stub declares the URL's fields bytes (port int), but a
         # part missing from the target is None, and compiled code checks a value against its
@@ -1385,10 +1431,70 @@ def _absolute_form(url: bytes) -> tuple[bytes, bytes] | HTTPError:
         # RFC 9110 4.2.4: userinfo in an http(s) URI is an error (and a way to disguise the
         # real host).
         return BadRequest("userinfo ('user@') in the request target is not allowed")
+    # The authority as sent: from after "://" to the path, query or fragment.
+    start = url.find(b"://") + 3
+    end = len(url)
+    for stop in (b"/", b"?", b"#"):
+        found = url.find(stop, start)
+        if 0 <= found < end:
+            end = found
+    authority = url[start:end]
+    problem = host_problem(authority)
+    if problem is not None:
+        return BadRequest(f"the request target's authority: {problem}")
     path: bytes | None = parsed.path
     query: bytes | None = parsed.query
     # The fragment, if any, is dropped: it is never sent on to anyone (RFC 9110 4.2.5).
-    return path or b"/", query or b""
+    return path or b"/", query or b"", authority
+
+
+def _dot_segment_in(path: bytes) -> bool:
+    """Whether ``path`` may hold a dot segment (``.`` or ``..``, ``%2e`` counting as a dot):
+    one begins with ``/.`` or, escaped, ``/%2e``."""
+    if path.find(b"/.") >= 0:
+        return True
+    return _PERCENT in path and path.lower().find(b"/%2e") >= 0
+
+
+def _dot_count(segment: bytes) -> int:
+    """1 for a ``.`` segment, 2 for ``..`` (``%2e``/``%2E`` decoded), else 0."""
+    if not segment or len(segment) > 6:
+        return 0
+    if len(segment) > 2:
+        segment = segment.lower().replace(b"%2e", b".")
+    if segment == b".":
+        return 1
+    if segment == b"..":
+        return 2
+    return 0
+
+
+def _remove_dot_segments(path: bytes) -> bytes | HTTPError:
+    """``path`` (absolute, still percent-encoded) without its dot segments, as RFC 3986 5.2.4
+    resolves them; a ``..`` that would climb above the root is refused, as nginx does, rather
+    than dropped. Only ``/`` separates segments: an encoded ``%2F`` stays inside its segment
+    (and empty segments stay: ``/a//b`` is not ``/a/b`` to every server)."""
+    segments = path.split(b"/")
+    kept: list[bytes] = []
+    last = len(segments) - 1
+    for i in range(1, last + 1):
+        segment = segments[i]
+        dots = _dot_count(segment)
+        if dots == 0:
+            kept.append(segment)
+            continue
+        if dots == 2:
+            if not kept:
+                return BadRequest("the request path climbs above the root with '..'")
+            kept.pop()
+        if i == last:
+            kept.append(b"")  # "/a/b/.." is "/a/", a directory
+    return b"/" + b"/".join(kept)
+
+
+def _has_dot_segment(path: str) -> bool:
+    """Whether a decoded path holds a ``.`` or ``..`` segment."""
+    return "/./" in path or "/../" in path or path.endswith(("/.", "/.."))
 
 
 def _unconnected(data: bytes) -> None:

@@ -63,18 +63,27 @@ class HttpServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd_log_at = 0.0
 
-    async def start(self) -> None:
-        loop = self._loop = asyncio.get_running_loop()
+    def apply_limits(self, limits: Limits) -> None:
+        """``limits`` for new connections (a reload; open ones keep theirs), the connection cap
+        included: lowered as at the start to what RLIMIT_NOFILE leaves room for. A cap below
+        the connections open now closes none of them: new ones take idle ones' places (or
+        get 503s) until the count is under it."""
         state = self.state
-        state.max_connections = connection_cap(state.limits.max_connections)
-        if state.max_connections < state.limits.max_connections:
+        state.limits = limits
+        state.max_connections = connection_cap(limits.max_connections)
+        if state.max_connections < limits.max_connections:
             log.info(
                 "at most %d client connections at once (server.limits.max_connections = %d; "
                 "ulimit -n %d leaves room for fewer: raise it to allow more)",
                 state.max_connections,
-                state.limits.max_connections,
+                limits.max_connections,
                 resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             )
+
+    async def start(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        state = self.state
+        self.apply_limits(state.limits)
         self._server = await loop.create_server(
             # HttpProtocol is compiled to a native class, which cannot subclass
             # asyncio.Protocol; the loop only calls its methods.

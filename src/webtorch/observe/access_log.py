@@ -22,14 +22,18 @@ A line (keys always present, null when not applicable)::
 from the request's arrival (its whole body for a model or fixed route; its head for a proxied
 one, whose body streams) to its response: ready to write, or for a streamed body its last byte
 written. ``bytes`` counts response body bytes sent. ``status`` 499 means the client went away
-before its response (as nginx). ``path`` is percent-decoded, ``query`` as received.
+before its response (as nginx). ``path`` is percent-decoded, ``query`` as received except the
+values of credential-like parameters (``api_key``, ``access_token``, ``password``...), which are
+``REDACTED``; no header is logged (Authorization, API key headers). A file is created 0640.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
+import re
 import sys
 import threading
 import time
@@ -41,6 +45,7 @@ from typing import Any, BinaryIO
 import orjson
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from webtorch.files import make_private_dir
 from webtorch.http.messages import Request
 
 log = logging.getLogger("webtorch.access")
@@ -68,8 +73,29 @@ KEYS = (
     "guard_score",
     "guard_action",
 )
+LOG_FILE = 0o640
+LOG_DIR = 0o750
+# Query parameters whose values are credentials by their name (api_key, access_token, password,
+# X-Amz-Signature...): logged as "REDACTED". The log may be read more widely than the server's
+# secrets should be, and a line is kept for long.
+_SECRET_PARAM = re.compile(
+    r"(?i)(?:^|&)[^=&]*(?:token|key|secret|passw|auth|sig|credential|session)[^=&]*="
+)
 _ERROR_EVERY = 60.0  # seconds between two warnings about failed writes
 _CHUNK = 256  # lines encoded between two writes (about half a millisecond of work)
+
+
+def redact_query(query: str) -> str:
+    """``query`` with the values of its credential-like parameters replaced by ``REDACTED``
+    (the writer thread's work: the event loop queues the query as it came)."""
+    if _SECRET_PARAM.search(query) is None:
+        return query
+    pairs = query.split("&")
+    for i, pair in enumerate(pairs):
+        name, eq, _ = pair.partition("=")
+        if eq and _SECRET_PARAM.match(name + "=") is not None:
+            pairs[i] = name + "=REDACTED"
+    return "&".join(pairs)
 
 
 class AccessLog:
@@ -178,8 +204,11 @@ class AccessLog:
     def _open(self) -> BinaryIO:
         if self.path is None:
             return self._stream if self._stream is not None else sys.stdout.buffer
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        return self.path.open("ab")
+        # 0640 and missing directories 0750, as nginx's logs: an admin group may read them,
+        # nobody else (they name clients, paths and queries). An existing file keeps its mode.
+        make_private_dir(self.path.parent, LOG_DIR)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_FILE)
+        return os.fdopen(fd, "ab")
 
     def _close_file(self, file: BinaryIO | None) -> None:
         if file is None:
@@ -289,7 +318,7 @@ class AccessLog:
             "client": client or None,
             "method": method or None,
             "path": path or None,
-            "query": query or None,
+            "query": redact_query(query) if query else None,
             "status": status,
             "bytes": sent,
             "duration": round(seconds, 6),

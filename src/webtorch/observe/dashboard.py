@@ -176,12 +176,15 @@ class Dashboard:
         guard = self._guard()
         if guard is None:
             return None
+        from webtorch.guard.clients import shown_client  # stdlib only; with the guard
+
         return {
             "mode": guard.settings.mode,
             "bans": len(guard.bans),
             "clients": len(guard.clients),
+            # A client key is an API key: never shown whole (an address is).
             "top_blocked": [
-                {"client": client, "blocked": count}
+                {"client": shown_client(client), "blocked": count}
                 for client, count in guard.stats.blocked_clients.most_common(10)
             ],
         }

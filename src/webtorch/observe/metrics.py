@@ -330,13 +330,31 @@ class _Collector:
             yield from source()
 
 
-def connection_families(open_connections: int, accepted: int) -> Iterator[Metric]:
-    """The server's client connections: a source the app adds once its server exists."""
+def connection_families(
+    open_connections: int, accepted: int, reclaimed: int, refused: int, cap: int
+) -> Iterator[Metric]:
+    """The server's client connections, and what its connection cap did: a source the app adds
+    once its server exists."""
     yield GaugeMetricFamily(
         "webtorch_http_connections", "Client connections open now", value=open_connections
     )
     yield CounterMetricFamily(
         "webtorch_http_connections_accepted", "Client connections accepted", value=accepted
+    )
+    yield GaugeMetricFamily(
+        "webtorch_http_connections_max",
+        "Client connections allowed at once (server.limits.max_connections, as ulimit -n allows)",
+        value=cap,
+    )
+    yield CounterMetricFamily(
+        "webtorch_http_connections_reclaimed",
+        "Idle client connections closed at the connection cap to make room for new ones",
+        value=reclaimed,
+    )
+    yield CounterMetricFamily(
+        "webtorch_http_connections_refused",
+        "Client connections refused with 503 at the connection cap (none idle to close)",
+        value=refused,
     )
 
 

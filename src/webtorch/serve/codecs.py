@@ -224,10 +224,14 @@ def rows_of(
 
 
 def decode_short(
-    body: bytes, content_type: bytes, specs: dict[str, TensorSpec], model: str
+    body: bytes,
+    content_type: bytes,
+    specs: dict[str, TensorSpec],
+    model: str,
+    max_rows: int | None = None,
 ) -> Decoded:
     doc = short_document(body, content_type, ("inputs",))
-    inputs = short_tensors(doc, "inputs", specs, model)
+    inputs = short_tensors(doc, "inputs", specs, model, max_rows)
     return Decoded(dict(inputs), rows_of(inputs, specs, model))
 
 
@@ -241,10 +245,15 @@ def short_document(body: bytes, content_type: bytes, keys: tuple[str, ...]) -> d
 
 
 def short_tensors(
-    doc: dict[str, Any], key: str, specs: dict[str, TensorSpec], model: str
+    doc: dict[str, Any],
+    key: str,
+    specs: dict[str, TensorSpec],
+    model: str,
+    max_rows: int | None = None,
 ) -> dict[str, np.ndarray]:
     """``doc[key]`` in the short form: nested lists for a model's one tensor, or an object of
-    them by name."""
+    them by name. ``max_rows``: the most rows a tensor may have (the model's max_batch), refused
+    at the list's length, before its numbers are converted."""
     kind = key.removesuffix("s")
     raw = doc[key]
     if isinstance(raw, dict):
@@ -256,10 +265,21 @@ def short_tensors(
     arrays: dict[str, np.ndarray] = {}
     for name, data in items:
         spec = _spec_for(specs, name, model, kind)
+        check_rows(spec, data, kind, max_rows)
         array = _json_array(spec.name, data, spec.dtype, kind)
         _check_shape(spec, array.shape, kind)
         arrays[spec.name] = array
     return arrays
+
+
+def check_rows(spec: TensorSpec, data: Any, kind: str, max_rows: int | None) -> None:
+    """Refuse a short-form list of more rows than ``max_rows`` before converting it: the
+    conversion of a body's worth of rows holds the event loop for a second."""
+    if max_rows is not None and type(data) is list and len(data) > max_rows:
+        raise BadRequest(
+            f"{kind} {spec.name!r}: {len(data)} rows; the model takes at most {max_rows} per "
+            "request (max_batch)"
+        )
 
 
 class TensorCheck:
@@ -323,8 +343,15 @@ class ShortForm:
     the rows stay a list and the batch turns all requests' rows into one array (``rows_array``).
     Other shapes cost one ``np.asarray``; anything unusual goes through :func:`decode_short`."""
 
-    def __init__(self, inputs: list[TensorSpec], outputs: list[TensorSpec], model: str) -> None:
+    def __init__(
+        self,
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec],
+        model: str,
+        max_rows: int | None = None,
+    ) -> None:
         self.model = model
+        self.max_rows = max_rows  # the model's max_batch: more rows are refused unconverted
         self.specs = {t.name: t for t in inputs}
         self.outputs = outputs
         self._only = TensorCheck(inputs[0]) if len(inputs) == 1 else None
@@ -343,10 +370,11 @@ class ShortForm:
                         break
                 else:
                     return {only.name: data}, len(data)
+            check_rows(self.specs[only.name], data, "input", self.max_rows)
             array = only.array(data)
             if array is not None and only.shape_ok(array.shape):
                 return {only.name: array}, array.shape[0]
-        decoded = decode_short(body, content_type, self.specs, self.model)
+        decoded = decode_short(body, content_type, self.specs, self.model, self.max_rows)
         return decoded.inputs, decoded.rows
 
     def encode(self, outputs: dict[str, np.ndarray]) -> Response:

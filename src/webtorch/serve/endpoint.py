@@ -34,7 +34,9 @@ class ModelEndpoint:
         self._inputs = {t.name: t for t in model.inputs}
         self._outputs = model.outputs
         self._record_decode = stats.stages["decode"].record
-        self._short = codecs.ShortForm(model.inputs, model.outputs, model.name)
+        self._short = codecs.ShortForm(
+            model.inputs, model.outputs, model.name, max_rows=executor.scheduler.max_batch
+        )
         self._oip = codecs.OIPForm(
             model.inputs,
             model.outputs,
@@ -44,7 +46,12 @@ class ModelEndpoint:
         )
         self.auth = auth or Auth(None)
         self.trainable = executor.trainer is not None
-        self._train = TrainForms(model) if self.trainable else None
+        train_queue = executor.train_scheduler
+        self._train = (
+            TrainForms(model, max_rows=train_queue.max_batch)
+            if self.trainable and train_queue is not None
+            else None
+        )
 
     def predict(self, request: Request) -> HandlerResult:
         request.model = self.name  # for the access log

@@ -38,7 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from webtorch.train.wal import fsync_directory, make_private_dir
+from webtorch.files import fsync_directory, make_private_dir
 
 logger = logging.getLogger(__name__)
 

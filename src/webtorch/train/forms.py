@@ -78,8 +78,12 @@ def settle(request: TrainRequest, inputs: list[TensorSpec], targets: list[Tensor
 class TrainForms:
     """Decoders and encoders of one model's train requests."""
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, max_rows: int | None = None) -> None:
         self.model = model.name
+        # The model's train.max_batch: an OIP tensor whose shape claims more rows is refused
+        # from its shape, a short-form list of more rows at its length, before any number is
+        # converted (as inference refuses past max_batch).
+        self.max_rows = max_rows
         self.version = model.spec.version
         self.inputs = {t.name: t for t in model.inputs}
         self.targets = {t.name: t for t in model.targets}
@@ -124,6 +128,8 @@ class TrainForms:
                 ):
                     # Their numbers are checked when the micro-batch converts them.
                     return TrainRequest({check_x.name: rows_x}, {check_y.name: rows_y}, len(rows_x))
+                codecs.check_rows(self.inputs[check_x.name], rows_x, "input", self.max_rows)
+                codecs.check_rows(self.targets[check_y.name], rows_y, "target", self.max_rows)
                 x = check_x.array(rows_x)
                 y = check_y.array(rows_y)
                 if (
@@ -135,8 +141,8 @@ class TrainForms:
                 ):
                     return TrainRequest({check_x.name: x}, {check_y.name: y}, x.shape[0])
         doc = codecs.short_document(body, content_type, ("inputs", "targets"))
-        inputs = codecs.short_tensors(doc, "inputs", self.inputs, self.model)
-        targets = codecs.short_tensors(doc, "targets", self.targets, self.model)
+        inputs = codecs.short_tensors(doc, "inputs", self.inputs, self.model, self.max_rows)
+        targets = codecs.short_tensors(doc, "targets", self.targets, self.model, self.max_rows)
         return self._request(inputs, targets, None)
 
     def decode_oip(
@@ -146,10 +152,10 @@ class TrainForms:
         req_id = codecs.request_id(doc)  # refused before any tensor is decoded
         binary = header_length is not None
         inputs, offset = codecs.oip_tensors(
-            doc, "inputs", self.inputs, self.model, body, offset, binary
+            doc, "inputs", self.inputs, self.model, body, offset, binary, self.max_rows
         )
         targets, offset = codecs.oip_tensors(
-            doc, "targets", self.targets, self.model, body, offset, binary
+            doc, "targets", self.targets, self.model, body, offset, binary, self.max_rows
         )
         if offset != len(body):
             raise BadRequest(

@@ -42,6 +42,8 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError
 
+from webtorch.files import PRIVATE_FILE, fsync_directory, make_private_dir
+
 logger: Final = logging.getLogger(__name__)
 
 MAGIC: Final = b"WTW1"
@@ -148,36 +150,6 @@ def delete_segments(paths: list[Path]) -> None:
         fsync_directory(paths[0].parent)
 
 
-def fsync_directory(directory: Path) -> None:
-    """Make creations, renames and deletions in ``directory`` durable (POSIX needs this apart)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_private_dir(directory: Path) -> None:
-    """Create ``directory`` and its missing parents readable by the owner only (0700).
-
-    Training state is the clients' training data: ``Path.mkdir(parents=True)`` would create the
-    parents 0777 minus the umask. Directories that exist already are left as they are (the
-    operator chose them)."""
-    missing: list[Path] = []
-    path = directory
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    for path in reversed(missing):
-        try:
-            os.mkdir(path, PRIVATE_DIR)
-        except FileExistsError:
-            continue  # created meanwhile by someone else: theirs, left as it is
-        os.chmod(path, PRIVATE_DIR)  # the umask may have taken bits away (never adds them)
-
-
-PRIVATE_FILE: Final = 0o600
-PRIVATE_DIR: Final = 0o700
 _SEGMENT_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
