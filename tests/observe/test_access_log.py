@@ -26,7 +26,7 @@ from tests.proxy.test_forward import request
 from webtorch import config as wt_config
 from webtorch.http.messages import Request
 from webtorch.http.protocol import ServerState
-from webtorch.observe.access_log import KEYS, AccessLog
+from webtorch.observe.access_log import KEYS, AccessLog, redact_query
 
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -250,6 +250,14 @@ def test_the_file_is_created_0640_and_secret_query_values_are_redacted(tmp_path:
         "&password=REDACTED&page=2"
     )
     assert b"abc123" not in path.read_bytes() and b"xyz" not in path.read_bytes()
+
+
+def test_only_credential_words_are_redacted() -> None:
+    query = "keyword=shoes&monkey=1&design=a&apiKey=k&sessionId=s&user[password]=p&sig=x"
+    assert redact_query(query) == (
+        "keyword=shoes&monkey=1&design=a&apiKey=REDACTED&sessionId=REDACTED"
+        "&user[password]=REDACTED&sig=REDACTED"
+    )
 
 
 def test_reopen_starts_a_new_file_at_the_path(tmp_path: Path) -> None:
