@@ -24,6 +24,8 @@ LAYERS: list[dict[str, list[str]]] = [
     {"http": ["webtorch.http"]},
     {"metrics": ["webtorch.observe.metrics"]},  # the instruments every layer above records into
     {"balance": ["webtorch.balance"]},
+    # Sans-IO: which batch runs next (inference, training); what the executor and training use.
+    {"batching": ["webtorch.serve.batcher", "webtorch.serve.scheduler"]},
     {"config": ["webtorch.config"]},  # validates names the policies define
     {
         "proxy": ["webtorch.proxy"],

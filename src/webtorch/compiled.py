@@ -64,10 +64,12 @@ MODULES = [
     "webtorch/observe/metrics.py",
     "webtorch/serve/codecs.py",
     "webtorch/serve/batcher.py",
+    "webtorch/serve/scheduler.py",
     "webtorch/serve/executor.py",
     "webtorch/serve/endpoint.py",
     "webtorch/serve/oip.py",
     "webtorch/train/trainer.py",
+    "webtorch/train/pipeline.py",
     "webtorch/train/wal.py",
     "webtorch/train/forms.py",
 ]

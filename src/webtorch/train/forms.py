@@ -63,6 +63,10 @@ def idempotency_key(raw: bytes) -> str:
     return raw.decode("ascii")
 
 
+class UncheckedRows(Exception):
+    """Some request's JSON rows hold something other than numbers (:func:`settle` names it)."""
+
+
 def settle(request: TrainRequest, inputs: list[TensorSpec], targets: list[TensorSpec]) -> None:
     """Replace a request's unchecked JSON rows by checked arrays; BadRequest names a bad one."""
     for group, specs, kind in (
