@@ -54,7 +54,7 @@ from webtorch.serve.scheduler import (
 )
 
 if TYPE_CHECKING:  # built by the trainer (see above): train/ is never imported at runtime here
-    from webtorch.train.forms import TrainRequest
+    from webtorch.train.forms import TrainForms, TrainRequest
     from webtorch.train.pipeline import TrainBatchEncoder, TrainEncoder
     from webtorch.train.trainer import Trainer
 
@@ -108,6 +108,7 @@ class Training(Protocol):
     queue: BatchScheduler[Any]  # train requests, cut into micro-batches
     priority: Literal["inference", "fifo"]
 
+    def forms(self) -> TrainForms: ...
     def head(self) -> int: ...
     def in_flight(self) -> bool: ...
     def begin_group(self, now: float) -> None: ...

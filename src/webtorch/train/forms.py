@@ -171,6 +171,21 @@ class TrainForms:
     def encode_short(loss: float, step: int) -> Response:
         return Response(200, b'{"loss":%s,"step":%d}' % (orjson.dumps(loss), step), JSON)
 
+    # The short form's encoders and the key check as the endpoint (serve/, which imports
+    # nothing from train/ at runtime) reaches them: through the forms its pipeline made.
+
+    @staticmethod
+    def encode_short_request(request: TrainRequest, loss: float, step: int) -> Response:
+        return TrainForms.encode_short(loss, step)
+
+    @staticmethod
+    def encode_short_batch(losses: list[float], step: int) -> list[Response]:
+        return encode_short_batch(losses, step)
+
+    @staticmethod
+    def idempotency_key(raw: bytes) -> str:
+        return idempotency_key(raw)
+
     def encode_oip(self, request: TrainRequest, loss: float, step: int) -> Response:
         tail = b',"loss":%s,"step":%d' % (orjson.dumps(loss), step)
         if request.id is not None:

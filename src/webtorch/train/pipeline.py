@@ -38,7 +38,7 @@ from webtorch.observe.metrics import ModelStats
 from webtorch.serve.batcher import BatchScheduler, QueueFull
 from webtorch.serve.model import LoadedModel
 from webtorch.serve.scheduler import HEAD_BUSY, HEAD_READY, HEAD_WAITING, NO_STEP, shared
-from webtorch.train.forms import TrainRequest, UncheckedRows, settle
+from webtorch.train.forms import TrainForms, TrainRequest, UncheckedRows, settle
 from webtorch.train.wal import delete_segments
 
 if TYPE_CHECKING:  # the trainer builds this pipeline (Trainer.pipeline): no import at runtime
@@ -136,6 +136,10 @@ class TrainPipeline:
         # Idempotency keys of train requests queued or in flight, each with the requests that
         # repeat it meanwhile (answered with it, never applied themselves).
         self._keyed: dict[str, list[TrainJob]] = {}
+
+    def forms(self) -> TrainForms:
+        """The wire forms of this model's train requests, for its endpoint."""
+        return TrainForms(self.model, max_rows=self.queue.max_batch)
 
     # -- requests ----------------------------------------------------------------------------------
 
