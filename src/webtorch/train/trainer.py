@@ -27,6 +27,13 @@ known) but no step.
 A request with an idempotency key is applied once: its key goes into the micro-batch's log record,
 and :meth:`Trainer.apply` remembers its answer (the newest ``train.idempotency_keys`` of them),
 which replay rebuilds, so a retry after a restart finds it too (:meth:`Trainer.answered`).
+
+Longer than ~600 lines on purpose: one micro-batch's compute, its optimizer step and the replay
+that must reproduce both bit for bit read the same private state (the optimizer's fast path,
+backward in the calling thread, the seq and step counters, the remembered answers), and keeping
+them in one class keeps the rule that live and replayed steps run the same code visible. What
+drives it on a server (queues, the WAL's thread, checkpoints' thread, answers) is
+``train/pipeline.py``.
 """
 
 from __future__ import annotations
