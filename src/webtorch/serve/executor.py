@@ -49,6 +49,7 @@ from webtorch.serve.scheduler import (
     NO_STEP,
     PREPARE,
     TIMER,
+    Priority,
     Scheduler,
     shared,
 )
@@ -106,7 +107,7 @@ class Training(Protocol):
     """The training pipeline, as the executor drives it (``train/pipeline.py``)."""
 
     queue: BatchScheduler[Any]  # train requests, cut into micro-batches
-    priority: Literal["inference", "fifo"]
+    priority: Priority
 
     def forms(self) -> TrainForms: ...
     def head(self) -> int: ...
