@@ -15,7 +15,14 @@ import pytest
 
 from tests.conftest import XOR
 
-TOOLING = ("webtorch_lab", "webtorch_guardlab", "webtorch_demo", "matplotlib", "tqdm")
+TOOLING = (
+    "webtorch_lab",
+    "webtorch_guardlab",
+    "webtorch_demo",
+    "webtorch_harness",
+    "matplotlib",
+    "tqdm",
+)
 
 
 def _imported_by_a_start(config: str, tmp_path: Path) -> dict[str, str]:
