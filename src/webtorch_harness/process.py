@@ -329,10 +329,10 @@ class Process:
         self._stopped = Stopped(self._proc.returncode, self.log_text(), killed)
         return self._stopped
 
-    def close(self) -> None:
-        """Stop (SIGTERM) if still running, and remove the scratch directory this handle made."""
+    def close(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> None:
+        """:meth:`stop` (if not done yet), and remove the scratch directory this handle made."""
         try:
-            self.stop()
+            self.stop(sig, timeout)
         finally:
             self._remove_owned()
 
