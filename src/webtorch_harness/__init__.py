@@ -36,6 +36,7 @@ from webtorch_harness.process import (
     serve,
     session_pids,
     start,
+    stop_session,
 )
 
 __all__ = [
@@ -52,4 +53,5 @@ __all__ = [
     "serve",
     "session_pids",
     "start",
+    "stop_session",
 ]

@@ -111,6 +111,42 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def stop_session(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT
+) -> bool:
+    """Send ``sig`` to the session of ``proc`` (started with ``start_new_session``: it leads a
+    process group of its own id), give it ``timeout`` seconds to exit, then SIGKILL what is left
+    of the group, workers it left behind included. True if SIGKILL ended ``proc`` itself."""
+    deadline = time.monotonic() + timeout
+    killed = False
+    if proc.poll() is None:
+        _signal_group(proc.pid, sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            killed = True
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+    # Workers the child left behind (its exit does not end them) get the rest of the time.
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(LOG_POLL)
+    _signal_group(proc.pid, signal.SIGKILL)
+    return killed
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 def _read_tail(path: Path, limit: int) -> str:
     try:
         with path.open("rb") as f:
@@ -312,20 +348,7 @@ class Process:
         SIGKILL what is left of it; its status and log. Calling it again returns the same."""
         if self._stopped is not None:
             return self._stopped
-        deadline = time.monotonic() + timeout
-        killed = False
-        if self._proc.poll() is None:
-            self._signal_group(sig)
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                killed = True
-                self._signal_group(signal.SIGKILL)
-                self._proc.wait()
-        # Workers the child left behind (its exit does not end them) get the rest of the time.
-        while self._group_alive() and time.monotonic() < deadline:
-            time.sleep(LOG_POLL)
-        self._signal_group(signal.SIGKILL)
+        killed = stop_session(self._proc, sig, timeout)
         self._stopped = Stopped(self._proc.returncode, self.log_text(), killed)
         return self._stopped
 
@@ -346,18 +369,6 @@ class Process:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    def _signal_group(self, sig: int) -> None:
-        # start_new_session: the child leads a process group of its own id.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, sig)
-
-    def _group_alive(self) -> bool:
-        try:
-            os.killpg(self.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
 
     def _remove_owned(self) -> None:
         if self._owned is not None:
