@@ -127,3 +127,20 @@ def test_a_child_that_exits_ends_a_wait_at_once(tmp_path: Path) -> None:
     child: Process = start([sys.executable, "-c", "print('bye')"], log=tmp_path / "log")
     with child, pytest.raises(HarnessError, match=r"exited with status 0 before .*\n.*bye"):
         child.wait_log("never", timeout=60)
+
+
+def test_the_harness_imports_only_the_standard_library() -> None:
+    # A benchmark script imports it without loading torch, and no tool couples through it.
+    import ast
+
+    import webtorch_harness
+
+    imported = set()
+    for path in Path(webtorch_harness.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    allowed = sys.stdlib_module_names | {"__future__", "webtorch_harness"}
+    assert imported - allowed == set()
