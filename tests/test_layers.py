@@ -28,7 +28,7 @@ LAYERS: list[dict[str, list[str]]] = [
     {
         "proxy": ["webtorch.proxy"],
         # The Model API and tensor formats: what a model is, which training builds on too.
-        "model": ["webtorch.serve.model", "webtorch.serve.datatypes", "webtorch.serve.codecs"],
+        "model": ["webtorch.serve.model", "webtorch.serve.datatypes", "webtorch.serve.wire"],
     },
     {"train": ["webtorch.train"], "guard": ["webtorch.guard"]},
     {"serve": ["webtorch.serve"]},  # batching, executing, endpoints, the model repository
@@ -74,7 +74,7 @@ def _imports(tree: ast.Module, modules: set[str]) -> Iterator[tuple[str, bool]]:
                 isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test)
             )
             if isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
-                for alias in child.names:  # `from webtorch.serve import codecs`: that module
+                for alias in child.names:  # `from webtorch.serve.wire import tensors`: that module
                     name = f"{child.module}.{alias.name}"
                     yield (name if name in modules else child.module), only
             elif isinstance(child, ast.Import):
