@@ -61,7 +61,7 @@ MODULES = [
     "webtorch/proxy/health.py",
     "webtorch/balance/base.py",
     "webtorch/balance/classic.py",
-    "webtorch/observe/metrics.py",
+    "webtorch/metrics.py",
     "webtorch/serve/wire/tensors.py",
     "webtorch/serve/wire/short.py",
     "webtorch/serve/wire/oip_json.py",

@@ -9,7 +9,7 @@ from typing import Any, Final
 
 from webtorch.errors import NotFound
 from webtorch.http.messages import HandlerResult, Request, Response, json_response
-from webtorch.observe.metrics import ModelStats
+from webtorch.metrics import ModelStats
 from webtorch.serve.executor import Executor
 from webtorch.serve.model import LoadedModel
 from webtorch.serve.oip import Auth, require_method

@@ -42,7 +42,7 @@ import torch
 
 from webtorch.errors import BadRequest, HTTPError, ModelFailed, NotFound, ServiceUnavailable
 from webtorch.http.messages import Pending, Response, error_response, response_for_error
-from webtorch.observe.metrics import ModelStats
+from webtorch.metrics import ModelStats
 from webtorch.serve.batcher import BatchScheduler, QueueFull
 from webtorch.serve.datatypes import to_numpy, to_torch
 from webtorch.serve.model import LoadedModel, Tensors, TensorSpec

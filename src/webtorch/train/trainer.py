@@ -47,7 +47,7 @@ from torch.optim import optimizer as optim_base
 
 from webtorch.config import TrainConfig
 from webtorch.errors import ModelLoadError
-from webtorch.observe.metrics import TrainStats
+from webtorch.metrics import TrainStats
 from webtorch.serve.datatypes import to_torch
 from webtorch.serve.model import LoadedModel, Tensors, TensorSpec
 from webtorch.serve.wire import tensors as codecs
