@@ -36,9 +36,9 @@ from webtorch.http.messages import Handler, HandlerResult, Request, Response, js
 from webtorch.http.protocol import Observer
 from webtorch.http.router import Route, Router
 from webtorch.http.server import HttpServer
+from webtorch.metrics import Metrics, connection_families
 from webtorch.observe.access_log import AccessLog
 from webtorch.observe.dashboard import Dashboard
-from webtorch.observe.metrics import Metrics, connection_families
 from webtorch.observe.timeline import Timeline
 from webtorch.proxy.probe import LOAD_PATH, LoadReport
 from webtorch.proxy.upstream import Proxies

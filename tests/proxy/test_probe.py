@@ -19,7 +19,7 @@ from tests.proxy.upstreams import TestUpstream, upstreams
 from webtorch import config as wt_config
 from webtorch.balance.base import Policy, ProbeResult, Upstream
 from webtorch.http.messages import Request
-from webtorch.observe.metrics import LATENCY_BUCKETS, Metrics
+from webtorch.metrics import LATENCY_BUCKETS, Metrics
 from webtorch.proxy.probe import (
     LOAD_PATH,
     LoadReport,

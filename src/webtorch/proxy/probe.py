@@ -30,7 +30,7 @@ import orjson
 from webtorch.balance.base import Policy, ProbeResult, Upstream
 from webtorch.errors import MethodNotAllowed
 from webtorch.http.messages import Request, Response, json_response
-from webtorch.observe.metrics import LATENCY_BUCKETS, Metrics
+from webtorch.metrics import LATENCY_BUCKETS, Metrics
 
 if TYPE_CHECKING:
     from webtorch.http.server import HttpServer

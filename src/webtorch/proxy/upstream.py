@@ -33,7 +33,7 @@ from webtorch.balance.sticky import StickyCookie
 from webtorch.config import Config, RouteConfig, UpstreamConfig, parse_listen
 from webtorch.http.client import ConnectionPool, PoolSettings
 from webtorch.http.messages import HandlerResult, Request
-from webtorch.observe.metrics import LATENCY_BUCKETS, Histogram
+from webtorch.metrics import LATENCY_BUCKETS, Histogram
 from webtorch.proxy.forward import Forward
 from webtorch.proxy.headers import TrustedProxies
 from webtorch.proxy.health import ActiveSettings, GroupHealth, OutlierSettings, PassiveSettings

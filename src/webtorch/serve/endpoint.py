@@ -9,11 +9,12 @@ from typing import Any, Final
 
 from webtorch.errors import NotFound
 from webtorch.http.messages import HandlerResult, Request, Response, json_response
-from webtorch.observe.metrics import ModelStats
-from webtorch.serve import codecs
+from webtorch.metrics import ModelStats
 from webtorch.serve.executor import Executor
 from webtorch.serve.model import LoadedModel
 from webtorch.serve.oip import Auth, require_method
+from webtorch.serve.wire.oip_json import OIPForm
+from webtorch.serve.wire.short import ShortForm
 from webtorch.train.forms import TrainForms, TrainRequest, encode_short_batch, idempotency_key
 
 # Bound once: a compiled module reads a Final name from a C static, not a module attribute.
@@ -34,10 +35,10 @@ class ModelEndpoint:
         self._inputs = {t.name: t for t in model.inputs}
         self._outputs = model.outputs
         self._record_decode = stats.stages["decode"].record
-        self._short = codecs.ShortForm(
+        self._short = ShortForm(
             model.inputs, model.outputs, model.name, max_rows=executor.scheduler.max_batch
         )
-        self._oip = codecs.OIPForm(
+        self._oip = OIPForm(
             model.inputs,
             model.outputs,
             model.name,

@@ -42,12 +42,12 @@ import torch
 
 from webtorch.errors import BadRequest, HTTPError, ModelFailed, NotFound, ServiceUnavailable
 from webtorch.http.messages import Pending, Response, error_response, response_for_error
-from webtorch.observe.metrics import ModelStats
-from webtorch.serve import codecs
+from webtorch.metrics import ModelStats
 from webtorch.serve.batcher import BatchScheduler, QueueFull
-from webtorch.serve.codecs import InputData
 from webtorch.serve.datatypes import to_numpy, to_torch
 from webtorch.serve.model import LoadedModel, Tensors, TensorSpec
+from webtorch.serve.wire import tensors as codecs
+from webtorch.serve.wire.tensors import InputData
 from webtorch.train.checkpoint import Snapshot
 from webtorch.train.forms import TrainRequest, settle
 from webtorch.train.trainer import Answer, Batch, Prepared, StepResult, Trainer, UncheckedRows
