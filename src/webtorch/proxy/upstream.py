@@ -26,10 +26,10 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from pydantic import BaseModel
 
 from webtorch.balance.base import Outcome, Upstream
 from webtorch.balance.registry import make_policy
+from webtorch.balance.settings import LearnedSettings, PrequalSettings
 from webtorch.balance.sticky import StickyCookie
 from webtorch.config import Config, RouteConfig, UpstreamConfig, parse_listen
 from webtorch.http.client import ConnectionPool, FetchFailed, PoolSettings, fetch
@@ -77,23 +77,25 @@ class UpstreamGroup:
         for i, server in enumerate(config.servers):
             host, port = parse_listen(server.address)
             self.upstreams.append(Upstream(server.address, host, port, server.weight, index=i))
-        own = getattr(config, config.policy, None)  # [upstreams.X.<policy>], if it has one
-        settings = own.model_dump() if isinstance(own, BaseModel) else None
-        if settings is not None and "state_dir" in settings:
+        own = config.policy_settings()  # [upstreams.X.<policy>], if it has one
+        if isinstance(own, LearnedSettings):
             # A learned policy's weights: relative to the config's directory; by default under
             # the working directory, as models' training state is.
-            configured = settings["state_dir"]
+            configured = own.state_dir
             if configured is None:
-                settings["state_dir"] = Path.cwd() / "webtorch-state" / f"balancer-{name}"
-            elif not Path(configured).is_absolute() and base_dir is not None:
-                settings["state_dir"] = base_dir / configured
+                state_dir = Path.cwd() / "webtorch-state" / f"balancer-{name}"
+            elif not configured.is_absolute() and base_dir is not None:
+                state_dir = base_dir / configured
+            else:
+                state_dir = configured
+            own = own.model_copy(update={"state_dir": state_dir})
         self.policy = make_policy(
             config.policy,
             self.upstreams,
             hash_key=config.hash_key,
             balance=config.hash_balance,
             rng=rng,
-            settings=settings,
+            settings=own,
             group_name=name,
         )
         o = config.outlier
@@ -155,13 +157,12 @@ class UpstreamGroup:
         self.reasons: dict[str, int] = {}  # picks by the policy's reason (the dashboard's)
         self._checks: set[asyncio.Task[None]] = set()
         self.closed = False
-        # Load probes, for a policy that asks for them (prequal): its own settings name the
-        # path and timeout, else [upstreams.X.prequal]'s do.
+        # Load probes, for a policy that asks for them: [upstreams.X.prequal] names the path
+        # and timeout.
         self.prober: Prober | None = None
         if self.policy.probing:
-            path = getattr(own, "probe_path", config.prequal.probe_path)
-            timeout = getattr(own, "probe_timeout", config.prequal.probe_timeout)
-            self.prober = Prober(self.policy, path, timeout, loop)
+            probe = own if isinstance(own, PrequalSettings) else config.prequal
+            self.prober = Prober(self.policy, probe.probe_path, probe.probe_timeout, loop)
         self.probing = self.prober is not None  # the one check Forward makes per pick
 
     # -- the request path ---------------------------------------------------------------------
