@@ -16,7 +16,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 from math import prod
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import numpy as np
 import orjson
@@ -38,7 +38,9 @@ MAX_ID: Final = 256  # characters of an OIP request id (it is echoed back)
 MAX_PARAMETERS: Final = 64  # entries in any "parameters" object
 
 # A decoded input: an array, or (short form, fixed-width float rows) the JSON rows themselves.
-InputData = np.ndarray | list[Any]
+# Declared an alias: a wheel's isolated build type-checks without numpy (setup.py), where an
+# undeclared one would be a variable of type Any, not a type.
+InputData: TypeAlias = np.ndarray | list[Any]
 
 
 class Decoded:
