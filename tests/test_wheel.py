@@ -24,8 +24,8 @@ from types import ModuleType
 
 import pytest
 
-from tests.conftest import _LISTEN
 from webtorch import compiled
+from webtorch_harness.process import LISTEN
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a build reads: pyproject.toml names README.md as the long description.
@@ -140,7 +140,7 @@ def serves_xor(python: Path, cwd: Path) -> None:
     try:
         for line in proc.stdout:
             lines.append(line)
-            match = _LISTEN.search(line)
+            match = LISTEN.search(line.decode(errors="replace"))
             if match:
                 break
         else:
