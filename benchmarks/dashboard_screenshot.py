@@ -24,7 +24,6 @@ import http.client
 import json
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,6 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import webtorch_harness as harness
 from webtorch_lab import balancers, procs, runner
 from webtorch_lab.procs import Helper, Pinning
 from webtorch_lab.scenario import BalancerSpec, find, load
@@ -88,7 +88,7 @@ def main() -> int:
     pinning = Pinning()  # nothing pinned: the browser needs a share of both cores
     sim = Helper("webtorch_lab.sim", workdir / "sim.log", pinning)
     generator = Helper("webtorch_lab.generator", workdir / "generator.log", pinning)
-    server: subprocess.Popen[bytes] | None = None
+    server: harness.Server | None = None
     clients: XorClients | None = None
     try:
         scenario_json = scenario.model_dump(mode="json")
@@ -104,18 +104,16 @@ def main() -> int:
             )
             + XOR_SECTION.format(path=json.dumps(str(xor_py)))
         )
-        log_path = workdir / "server.log"
-        with log_path.open("wb") as log_file:
-            server = subprocess.Popen(
-                balancers.webtorch_argv(config_path),
-                cwd=workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        port = runner.wait_listening(server, log_path, 0)
-        runner.wait_proxying(server, port, log_path)
+        server = harness.serve(
+            config_path,
+            workdir=workdir,
+            listen=None,
+            command=balancers.webtorch_command(),
+            timeout=runner.START_TIMEOUT,
+        )
+        server.wait_http("/health", timeout=runner.PROXY_TIMEOUT)  # it proxies to an upstream
+        port = server.port
+        assert port is not None
         url = f"http://127.0.0.1:{port}/dashboard"
         print(f"serving at {url}; scenario {scenario.name} x{args.scale}, {workdir}")
 
@@ -171,7 +169,7 @@ def main() -> int:
         if clients is not None:
             clients.close()
         if server is not None:
-            procs.stop(server)
+            server.close()
         sim.close()
         generator.close()
         if args.keep is None:

@@ -35,7 +35,6 @@ import selectors
 import signal
 import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -47,7 +46,6 @@ from pathlib import Path
 from proxy import (
     ProxyCommand,
     nginx_proxy_command,
-    session_cpu,
     upstream_command,
     verdict,
     versions,
@@ -73,6 +71,8 @@ from run import (
     terminate_on_sigterm,
     tool_version,
 )
+
+import webtorch_harness as harness
 
 MARK_START = "<!-- failover:start -->"
 MARK_END = "<!-- failover:end -->"
@@ -412,7 +412,7 @@ def measure(target: FailoverTarget, settings: Settings) -> FailoverResult:
         # The proxy stops before the upstreams (the restarted one too), and the client closes
         # before the proxy: the teardown adds nothing to the proxy's log about the victim.
         with ExitStack() as upstreams:
-            procs: dict[str, subprocess.Popen[bytes]] = {}
+            procs: dict[str, harness.Process] = {}
             for name in UPSTREAMS:
                 argv = upstream_command(ports[name], workdir, name, name)
                 procs[name] = upstreams.enter_context(running(argv, logs[name]))
@@ -449,9 +449,9 @@ def measure(target: FailoverTarget, settings: Settings) -> FailoverResult:
 
 def run_scenario(
     client: LoadClient,
-    proxy: subprocess.Popen[bytes],
+    proxy: harness.Process,
     upstreams: ExitStack,
-    procs: dict[str, subprocess.Popen[bytes]],
+    procs: dict[str, harness.Process],
     ports: dict[str, int],
     logs: dict[str, Path],
     result: FailoverResult,
@@ -462,12 +462,12 @@ def run_scenario(
     time every second."""
 
     def sample() -> None:
-        cpu, _ = session_cpu(proxy.pid)
+        cpu = proxy.cpu_times().total
         result.cpu_samples.append((time.monotonic() - client.t0, cpu))
 
     def kill() -> None:
         victim = procs[VICTIM]
-        os.kill(victim.pid, signal.SIGKILL)
+        victim.send(signal.SIGKILL)
         victim.wait()
         result.killed_at = time.monotonic() - client.t0
 

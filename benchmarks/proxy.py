@@ -32,7 +32,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import tempfile
 import textwrap
 import time
@@ -43,7 +42,6 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-# benchmarks/ is sys.path[0] when this file runs as a script, so run.py imports as `run`.
 from run import (
     CLIENT_CPU,
     CONNECTIONS,
@@ -68,18 +66,19 @@ from run import (
     run_main,
     run_wrk,
     running,
-    session_pids,
     terminate_on_sigterm,
     tool_version,
     venv_bin,
 )
+
+# benchmarks/ is sys.path[0] when this file runs as a script, so run.py imports as `run`.
+import webtorch_harness as harness
 
 MARK_START = "<!-- proxy:start -->"
 MARK_END = "<!-- proxy:end -->"
 PATH = "/"
 HEALTH_PATH = "/health"
 STATUS_PATH = "/upstream-status"  # the upstream's stub_status: the connections it accepted
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # Targets WebTorch's proxy is held to, against nginx measured in the same rounds.
 MAX_CPU_RATIO = 1.5  # CPU per request <= 1.5x nginx's
@@ -285,26 +284,18 @@ def get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return int(exc.code), bytes(exc.read())
 
 
-def wait_for_get(
-    proc: subprocess.Popen[bytes], url: str, log: Path, expect: bytes | None = None
-) -> bytes:
+def wait_for_get(proc: harness.Process, url: str, log: Path, expect: bytes | None = None) -> bytes:
     """Poll ``url`` with GETs until it answers 200 (holding ``expect`` where given) or
     ``START_TIMEOUT`` passes; return the body."""
-    deadline = time.monotonic() + START_TIMEOUT
-    last = "no attempt"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"server exited with status {proc.returncode}:\n{log_tail(log)}")
-        try:
-            status, body = get(url)
-        except OSError as exc:
-            last = str(exc)
-        else:
-            if status == 200 and (expect is None or expect in body):
-                return body
-            last = f"{status} {body[:200]!r}"
-        time.sleep(0.1)
-    raise BenchError(f"no answer from {url} within {START_TIMEOUT:.0f}s ({last}):\n{log_tail(log)}")
+    try:
+        _, body = proc.wait_http(
+            url,
+            timeout=START_TIMEOUT,
+            ready=lambda status, body: status == 200 and (expect is None or expect in body),
+        )
+    except harness.HarnessError as exc:
+        raise BenchError(str(exc)) from None
+    return body
 
 
 def upstream_accepts(port: int) -> int | None:
@@ -316,16 +307,6 @@ def upstream_accepts(port: int) -> int | None:
     # "server accepts handled requests\n 12 12 345"
     match = re.search(rb"\n\s*(\d+)\s+\d+\s+\d+", body)
     return int(match.group(1)) - 1 if status == 200 and match else None
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of one process (all its threads), in clock ticks; 0 if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    fields = stat.rpartition(")")[2].split()  # state ppid ... utime is field 14 of the whole
-    return int(fields[11]) + int(fields[12])
 
 
 @dataclass(frozen=True)
@@ -360,12 +341,6 @@ def core_use(before: dict[str, CoreTicks], after: dict[str, CoreTicks]) -> dict[
             total = b.total - a.total
             use[cpu] = CoreUse((b.idle - a.idle) / total, (b.steal - a.steal) / total)
     return use
-
-
-def session_cpu(sid: int) -> tuple[float, int]:
-    """(CPU seconds, process count) summed over every process in session ``sid``."""
-    pids = session_pids(sid)
-    return sum(cpu_ticks(pid) for pid in pids) / CLOCK_TICKS, len(pids)
 
 
 @dataclass
@@ -495,13 +470,14 @@ def measure(case: Case, settings: Settings) -> ProxyResult:
                 wait_for_get(proc, url, log, NGINX_BODY.encode())
                 run_wrk(url, lua, connections, settings.warmup)
                 accepts_before = upstream_accepts(upstream_port)
-                cpu_before, _ = session_cpu(proc.pid)
+                cpu_before = proc.cpu_times().total  # every process of its session
                 cores_before = core_ticks()
                 start = time.monotonic()
                 result.load = run_wrk(url, lua, connections, settings.duration)
                 result.wall_s = time.monotonic() - start
-                cpu_after, result.processes = session_cpu(proc.pid)
-                result.rss_mib = sum(rss_kib(pid) for pid in session_pids(proc.pid)) / 1024
+                after = proc.cpu_times()
+                cpu_after, result.processes = after.total, after.processes
+                result.rss_mib = sum(rss_kib(pid) for pid in proc.pids()) / 1024
                 result.cores = core_use(cores_before, core_ticks())
                 result.cpu_s = cpu_after - cpu_before
                 accepts_after = upstream_accepts(upstream_port)

@@ -23,22 +23,22 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+import webtorch_harness as harness
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
@@ -47,7 +47,7 @@ SERVER_CPU = "0"
 CLIENT_CPU = "1"
 CONNECTIONS = 64
 START_TIMEOUT = 90.0  # seconds a server gets to answer its first request
-STOP_TIMEOUT = 5.0  # seconds a server gets to exit on SIGTERM before SIGKILL
+STOP_TIMEOUT = 10.0  # seconds a server and its workers get to exit on SIGTERM before SIGKILL
 MARK_START = "<!-- bench:start -->"
 MARK_END = "<!-- bench:end -->"
 
@@ -305,68 +305,22 @@ def check_environment() -> None:
         raise SystemExit("error: needs two CPUs (server on CPU 0, wrk on CPU 1)")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+free_port = harness.free_port
+session_pids = harness.session_pids
 
 
 @contextmanager
-def running(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``argv`` pinned to the server CPU in its own session; stop the whole session after."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            ["taskset", "-c", SERVER_CPU, *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+def running(argv: list[str], log: Path) -> Iterator[harness.Process]:
+    """Run ``argv`` pinned to the server CPU in its own session (webtorch_harness); stop the
+    whole session after: SIGTERM, then SIGKILL for what is left after ``STOP_TIMEOUT``."""
+    try:
+        proc = harness.start(argv, log=log, cpus=SERVER_CPU)
+    except harness.HarnessError as exc:
+        raise BenchError(str(exc)) from None
     try:
         yield proc
     finally:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group, then SIGKILL whatever is left of it."""
-    signal_group(proc.pid, signal.SIGTERM)
-    with suppress(subprocess.TimeoutExpired):
-        proc.wait(STOP_TIMEOUT)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while group_alive(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    signal_group(proc.pid, signal.SIGKILL)
-    proc.wait(STOP_TIMEOUT)
-
-
-def signal_group(pgid: int, sig: signal.Signals) -> None:
-    with suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def session_pids(sid: int) -> list[int]:
-    """Every process in session ``sid``: a server and all the workers it forked or spawned."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()  # after "pid (comm)": state ppid pgrp session
-        if int(fields[3]) == sid:
-            pids.append(int(entry.name))
-    return pids
+        proc.stop(timeout=STOP_TIMEOUT)
 
 
 def memory_kib(pid: int, file: str, key: str) -> int:
@@ -407,23 +361,26 @@ def post(url: str, body: str, timeout: float = 5.0) -> bytes:
         return bytes(response.read())
 
 
-def wait_until_answering(proc: subprocess.Popen[bytes], url: str, body: str, log: Path) -> bytes:
+def wait_until_answering(proc: harness.Process, url: str, body: str, log: Path) -> bytes:
     """Poll ``url`` until it answers 200 or ``START_TIMEOUT`` passes; return the first answer."""
-    deadline = time.monotonic() + START_TIMEOUT
-    last = "no attempt"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"server exited with status {proc.returncode}:\n{log_tail(log)}")
-        try:
-            return post(url, body)
-        except urllib.error.HTTPError as exc:
-            if exc.code != 503:  # up but answering wrong: waiting will not help
-                raise BenchError(f"{url} answered {exc.code}: {exc.read()[:300]!r}") from None
-            last = str(exc)
-        except (urllib.error.URLError, OSError) as exc:
-            last = str(exc)
-        time.sleep(0.2)
-    raise BenchError(f"no answer from {url} within {START_TIMEOUT:.0f}s ({last}):\n{log_tail(log)}")
+
+    def ready(status: int, answer: bytes) -> bool:
+        if status not in (200, 503):  # up but answering wrong: waiting will not help
+            raise BenchError(f"{url} answered {status}: {answer[:300]!r}")
+        return status == 200
+
+    try:
+        _, answer = proc.wait_http(
+            url,
+            method="POST",
+            body=body.encode(),
+            headers={"Content-Type": "application/json"},
+            timeout=START_TIMEOUT,
+            ready=ready,
+        )
+    except harness.HarnessError as exc:
+        raise BenchError(str(exc)) from None
+    return answer
 
 
 def numbers(value: Any) -> Iterator[float]:

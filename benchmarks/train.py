@@ -90,6 +90,8 @@ from run import (
 )
 from run import NGINX_BODY as PREDICT_NGINX_BODY
 
+import webtorch_harness as harness
+
 MARK_START = "<!-- train:start -->"
 MARK_END = "<!-- train:end -->"
 
@@ -376,7 +378,7 @@ def exit_text(returncode: int) -> str:
 
 
 def run_wrk_watching(
-    proc: subprocess.Popen[bytes], url: str, lua: Path, duration: int
+    proc: harness.Process, url: str, lua: Path, duration: int
 ) -> tuple[WrkResult, str, float | None]:
     """wrk at 64 connections while watching the server: (result, wrk's output, seconds into the
     load when the server died or None)."""
@@ -446,7 +448,7 @@ def state_summary(state: Path) -> str:
 
 
 def load_once(
-    proc: subprocess.Popen[bytes],
+    proc: harness.Process,
     target: TrainTarget,
     url: str,
     lua: Path,
@@ -481,15 +483,15 @@ def measure(target: TrainTarget, settings: Settings) -> TrainResult:
     url = base + target.path
     log = settings.workdir / f"{target.key}-{port}.log"
     lua = write_train_lua(settings.workdir, target)
-    proc: subprocess.Popen[bytes] | None = None
+    proc: harness.Process | None = None
     try:
         with running(target.command(port, settings.workdir), log) as proc:
             try:
                 load_once(proc, target, url, lua, log, settings, result)
             except (BenchError, OSError) as exc:
                 result.error = str(exc)
-                if proc.poll() is not None and result.died is None:
-                    result.died = exit_text(proc.returncode)
+                if (status := proc.poll()) is not None and result.died is None:
+                    result.died = exit_text(status)
     except (BenchError, OSError) as exc:  # the server could not be started
         result.error = str(exc)
     if proc is not None and result.died is None and proc.returncode is not None:
@@ -724,8 +726,8 @@ def converge(seed: int, max_batch: int, settings: Settings) -> Convergence:
             clients.start()
             while time.monotonic() < deadline:
                 clients.pump(0.5)
-                if proc.poll() is not None:
-                    raise BenchError(f"server {exit_text(proc.returncode)}:\n{log_tail(log)}")
+                if (status := proc.poll()) is not None:
+                    raise BenchError(f"server {exit_text(status)}:\n{log_tail(log)}")
                 if clients.answered < next_check:
                     continue
                 next_check = clients.answered - clients.answered % CHECK_EVERY + CHECK_EVERY

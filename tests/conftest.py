@@ -1,15 +1,10 @@
 """Shared fixtures: real servers on port 0, in-process (a thread with its own uvloop loop) or as a
-subprocess (for signals and crashes). Both wait on readiness, never on sleep."""
+subprocess (for signals and crashes, through webtorch_harness). Both wait on readiness, never on
+sleep."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,8 +15,10 @@ from typing import Any
 import pytest
 import uvloop
 
+import webtorch_harness as harness
 from webtorch import config as wt_config
 from webtorch.app import App
+from webtorch_harness import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,49 +105,10 @@ def xor_server() -> Iterator[Running]:
         yield running
 
 
-_LISTEN = re.compile(rb"listening on (https?)://([\d.]+):(\d+)")
-
-
-@dataclass
-class Process:
-    proc: subprocess.Popen[bytes]
-    url: str
-    port: int
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
-
-
 @contextmanager
-def serve_process(config_path: Path | None = None, *extra: str) -> Iterator[Process]:
-    """``webtorch serve`` as a subprocess on a free port; ready once it prints its address."""
-    cmd = [sys.executable, "-m", "webtorch.cli", "serve", "--listen", "127.0.0.1:0", *extra]
-    if config_path is not None:
-        cmd.insert(4, str(config_path))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # A scratch working directory: the embedded default keeps its training state under it.
-    scratch = tempfile.TemporaryDirectory(prefix="webtorch-serve-")
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=scratch.name
-    )
-    assert proc.stdout is not None
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            match = _LISTEN.search(line)
-            if match:
-                scheme, host, port = match.groups()
-                url = f"{scheme.decode()}://{host.decode()}:{int(port)}"
-                yield Process(proc, url, int(port))
-                break
-        else:
-            raise RuntimeError(f"server exited before listening: {b''.join(lines).decode()}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        proc.stdout.close()
-        scratch.cleanup()
+def serve_process(config_path: Path | None = None, *extra: str) -> Iterator[Server]:
+    """``webtorch serve`` as a subprocess on a free port (webtorch_harness), in a scratch working
+    directory (the embedded default keeps its training state under it); ready once it prints
+    its address. Stopped (SIGTERM, then SIGKILL) when the block exits."""
+    with harness.serve(config_path, *extra) as server:
+        yield server

@@ -397,3 +397,75 @@ def test_a_route_to_an_unknown_upstream_is_refused() -> None:
 def test_untrusted_proxy_list_entries_are_refused() -> None:
     with pytest.raises(ConfigError, match="trusted_proxies"):
         wt_config.from_dict({"server": {"trusted_proxies": ["not-an-ip"]}})
+
+
+# -- policies' settings: what a policy reads is what a config can set ---------------------------
+
+
+def test_every_setting_of_the_learned_policy_can_be_set_from_the_config(tmp_path: Path) -> None:
+    # Issue 20: learned read decay_time and initial_latency from a dict of its section, with
+    # defaults of its own, while [upstreams.X.learned] refused both as unknown keys.
+    import asyncio
+
+    from webtorch.balance.learned import Learned
+    from webtorch.proxy.upstream import UpstreamGroup
+
+    values: dict[str, object] = {
+        "explore": 0.5,
+        "explore_margin": 3.0,
+        "sample": 4,
+        "warm_keys": 2,
+        "key_balance": 0.5,
+        "batch": 3,
+        "train_interval": 2.0,
+        "failure_cost": 4.0,
+        "decay_time": 2.5,
+        "initial_latency": 0.25,
+    }
+    cfg = wt_config.from_dict(
+        {
+            "upstreams": {
+                "g": {
+                    "servers": ["127.0.0.1:1", "127.0.0.1:2"],
+                    "policy": "learned",
+                    "learned": {**values, "hidden": 8, "learning_rate": 0.5, "state_dir": "st"},
+                }
+            }
+        }
+    )
+    loop = asyncio.new_event_loop()
+    try:
+        group = UpstreamGroup("g", cfg.upstreams["g"], loop, base_dir=tmp_path)
+        policy = group.policy
+        assert isinstance(policy, Learned)
+        assert {key: getattr(policy, key) for key in values} == values
+        assert policy.net.hidden.out_features == 8
+        assert policy.optimizer.param_groups[0]["lr"] == 0.5
+        assert policy.state_dir == tmp_path / "st"
+        # The peak-EWMA priors it scores with follow the two settings it could not be given.
+        estimate = policy.group[0].stats["learned"].latency  # type: ignore[attr-defined]
+        assert (estimate.decay_time, estimate.value) == (2.5, 0.25)
+        group.close()
+    finally:
+        loop.close()
+
+
+def test_each_policys_section_is_its_own_settings_class() -> None:
+    from webtorch.balance.registry import POLICIES
+    from webtorch.balance.settings import SETTINGS
+
+    fields = wt_config.UpstreamConfig.model_fields
+    for name, kind in SETTINGS.items():
+        assert name in POLICIES
+        assert fields[name].annotation is kind, name
+        assert fields[name].default_factory is kind, name
+    cfg = wt_config.from_dict({"upstreams": {"g": {"servers": ["127.0.0.1:1"]}}})
+    assert cfg.upstreams["g"].policy_settings() is None  # round_robin has none
+    with pytest.raises(ConfigError, match="decay_time"):
+        wt_config.from_dict(
+            {"upstreams": {"g": {"servers": ["127.0.0.1:1"], "learned": {"decay_time": 0}}}}
+        )
+    with pytest.raises(ConfigError, match="probe_path"):
+        wt_config.from_dict(
+            {"upstreams": {"g": {"servers": ["127.0.0.1:1"], "prequal": {"probe_path": "/a b"}}}}
+        )

@@ -5,38 +5,31 @@ module it imported from ``-X importtime`` (one stderr line per import, whichever
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import webtorch_harness as harness
 from tests.conftest import XOR
 
-TOOLING = ("webtorch_lab", "webtorch_guardlab", "webtorch_demo", "matplotlib", "tqdm")
+TOOLING = (
+    "webtorch_lab",
+    "webtorch_guardlab",
+    "webtorch_demo",
+    "webtorch_harness",
+    "matplotlib",
+    "tqdm",
+)
 
 
 def _imported_by_a_start(config: str, tmp_path: Path) -> dict[str, str]:
     """Every module the start imported, with the module that imported it ("" at the top)."""
-    path = tmp_path / "server.toml"
-    path.write_text(config)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-X", "importtime", "-m", "webtorch.cli", "serve", str(path)]
-    log = tmp_path / "stderr.log"  # a file: a pipe nobody reads would fill and stall the server
-    with log.open("w") as stderr:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=tmp_path
-        )
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()  # the readiness line: every start-up import is done
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.communicate(timeout=60)
-    err = log.read_text()
-    assert "listening on" in line, err[-3000:]
+    command = [sys.executable, "-X", "importtime", "-m", "webtorch.cli"]
+    # Ready once it prints its address: every start-up import is done by then.
+    with harness.serve(toml=config, workdir=tmp_path, listen=None, command=command) as server:
+        pass
+    err = server.log_path.read_text()  # the whole log: importtime writes a line per import
     # importtime lists a module after those it imported, indented two spaces less than them.
     rows = []
     for row in err.splitlines():

@@ -22,9 +22,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import XOR, Process, serve_process
+from tests.conftest import XOR, serve_process
 from tests.http.test_conformance import Reader, wait_closed
 from tests.http.test_protocol import req
+from webtorch_harness import Server
 
 TIMEOUT = 30.0
 
@@ -94,15 +95,15 @@ def predict(model: str, *rows: list[float]) -> bytes:
     return req("POST", f"/models/{model}/predict", [("Content-Type", "application/json")], body)
 
 
-def connect(proc: Process) -> socket.socket:
+def connect(proc: Server) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", proc.port), TIMEOUT)
     sock.settimeout(TIMEOUT)
     return sock
 
 
-def rest_of_output(proc: Process) -> str:
-    assert proc.proc.stdout is not None
-    return proc.proc.stdout.read().decode(errors="replace")
+def rest_of_output(proc: Server) -> str:
+    """Its whole log, once it has exited."""
+    return proc.stop().log
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path: Path, gate_listener: socket.socket) -> None:
@@ -126,7 +127,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path, gate_listener: socket
             assert gate.recv(16) == b"started"
             gates.append(gate)
 
-        proc.proc.send_signal(signal.SIGTERM)
+        proc.send(signal.SIGTERM)
 
         # Idle connections are closed at once, without a response.
         for sock in idle:
@@ -134,7 +135,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path, gate_listener: socket
         # Draining began after the listener closed: new connections are refused.
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", proc.port), TIMEOUT).close()
-        assert proc.proc.poll() is None  # still waiting for the two requests
+        assert proc.poll() is None  # still waiting for the two requests
 
         for gate in gates:
             gate.sendall(b"go")
@@ -147,7 +148,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path, gate_listener: socket
             assert reader.closed
             sock.close()  # ends the server's lingering close at once
 
-        assert proc.proc.wait(TIMEOUT) == 0
+        assert proc.wait(TIMEOUT) == 0
         output = rest_of_output(proc)
     assert "draining" in output
     assert "webtorch stopped" in output
@@ -160,7 +161,7 @@ def test_sigint_exits_cleanly(tmp_path: Path, gate_listener: socket.socket) -> N
         sock.sendall(predict("xor", [1, 0]))
         [resp] = Reader(sock).read(1)
         assert resp.status == 200
-        assert proc.stop(signal.SIGINT, TIMEOUT) == 0
+        assert proc.stop(signal.SIGINT, TIMEOUT).returncode == 0
         assert wait_closed(sock, TIMEOUT) == b""
         output = rest_of_output(proc)
     assert "webtorch stopped" in output
@@ -170,7 +171,7 @@ def test_sigint_exits_cleanly(tmp_path: Path, gate_listener: socket.socket) -> N
 
 def test_sigterm_when_idle_exits_at_once() -> None:
     with serve_process() as proc:
-        assert proc.stop(signal.SIGTERM, TIMEOUT) == 0
+        assert proc.stop(signal.SIGTERM, TIMEOUT).returncode == 0
 
 
 # -- TLS --------------------------------------------------------------------------------------
@@ -281,4 +282,4 @@ def test_https(tmp_path: Path, gate_listener: socket.socket) -> None:
             [resp2] = Reader(tls).read(1)
             assert resp2.json() == {"live": True}
 
-        assert proc.stop(signal.SIGTERM, TIMEOUT) == 0
+        assert proc.stop(signal.SIGTERM, TIMEOUT).returncode == 0

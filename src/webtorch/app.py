@@ -36,9 +36,9 @@ from webtorch.http.messages import Handler, HandlerResult, Request, Response, js
 from webtorch.http.protocol import Observer
 from webtorch.http.router import Route, Router
 from webtorch.http.server import HttpServer
+from webtorch.metrics import Metrics, connection_families
 from webtorch.observe.access_log import AccessLog
 from webtorch.observe.dashboard import Dashboard
-from webtorch.observe.metrics import Metrics, connection_families
 from webtorch.observe.timeline import Timeline
 from webtorch.proxy.probe import LOAD_PATH, LoadReport
 from webtorch.proxy.upstream import Proxies
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from webtorch.guard.core import Guard
     from webtorch.guard.feedback import Feedback
     from webtorch.guard.shell import GuardedHandler
-    from webtorch.observe.metrics import TrainStats
+    from webtorch.metrics import TrainStats
     from webtorch.serve.endpoint import ModelEndpoint
     from webtorch.serve.executor import Executor
     from webtorch.serve.model import LoadedModel

@@ -1,5 +1,5 @@
-"""The compiled core: which modules ``scripts/compile`` builds with mypyc, and whether the builds
-in the tree are current.
+"""The compiled core: which modules ``scripts/compile`` (in the tree) and ``setup.py`` (in a wheel)
+build with mypyc, and whether the builds beside the sources are current.
 
 Every request crosses the HTTP protocol, the router, a codec or the proxy's forwarding, dozens of
 Python calls each time. mypyc (part of mypy) compiles these modules, unchanged and as typed as
@@ -61,8 +61,11 @@ MODULES = [
     "webtorch/proxy/health.py",
     "webtorch/balance/base.py",
     "webtorch/balance/classic.py",
-    "webtorch/observe/metrics.py",
-    "webtorch/serve/codecs.py",
+    "webtorch/metrics.py",
+    "webtorch/serve/wire/tensors.py",
+    "webtorch/serve/wire/short.py",
+    "webtorch/serve/wire/oip_json.py",
+    "webtorch/serve/wire/oip_binary.py",
     "webtorch/serve/batcher.py",
     "webtorch/serve/scheduler.py",
     "webtorch/serve/executor.py",
@@ -112,8 +115,13 @@ def current() -> bool:
     return len(have) == len(MODULES) and not stale(have)
 
 
+def stamp_text() -> str:
+    """The stamp of the sources as they are now (setup.py puts it in a compiled wheel)."""
+    return json.dumps({m: _digest(SRC / m) for m in MODULES}, indent=1) + "\n"
+
+
 def write_stamp() -> None:
-    STAMP.write_text(json.dumps({m: _digest(SRC / m) for m in MODULES}, indent=1) + "\n")
+    STAMP.write_text(stamp_text())
 
 
 def main(argv: list[str] | None = None) -> int:

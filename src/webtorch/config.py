@@ -17,6 +17,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from webtorch.balance.hashing import DEFAULT_BALANCE
+from webtorch.balance.settings import (
+    SETTINGS,
+    LearnedSettings,
+    PeakEwmaSettings,
+    PolicySettings,
+    PrequalSettings,
+)
 from webtorch.errors import ConfigError
 from webtorch.vocab import RETRY_CONDITIONS as CONDITIONS
 
@@ -308,51 +316,6 @@ class StickyConfig(_Strict):
     samesite: Literal["Strict", "Lax", "None"] | None = None
 
 
-class PeakEwmaConfig(_Strict):
-    """``policy = "peak_ewma"`` (Finagle / Linkerd)."""
-
-    decay_time: Annotated[float, Field(gt=0)] = 10.0  # seconds for the EWMA to forget a peak
-    # What an upstream with no observation yet is assumed to cost (pessimistic, as Finagle).
-    initial_latency: Annotated[float, Field(gt=0)] = 1.0
-
-
-class PrequalConfig(_Strict):
-    """``policy = "prequal"`` (Google's Prequal, NSDI 2024): probes feed a small pool."""
-
-    probe_path: str = "/v2/health/load"  # WebTorch upstreams answer it; others fall back
-    probes_per_request: Annotated[float, Field(ge=0)] = 1.0  # probe rate per request picked
-    pool_size: Annotated[int, Field(ge=1)] = 16
-    max_age: Annotated[float, Field(gt=0)] = 1.0  # seconds a probe result may be used
-    max_reuse: Annotated[int, Field(ge=1)] = 3  # picks one probe result may serve
-    hot_quantile: Annotated[float, Field(gt=0, lt=1)] = 0.84  # in-flight above it: hot
-    probe_timeout: Annotated[float, Field(gt=0)] = 0.5
-
-
-class LearnedConfig(_Strict):
-    """``policy = "learned"``: a small PyTorch model predicts each candidate's latency and
-    failure probability; it trains online from outcomes, off the request path."""
-
-    # Its weights, kept across restarts; relative to the config's directory; default:
-    # webtorch-state/balancer-<group> in the working directory.
-    state_dir: Path | None = None
-    explore: Annotated[float, Field(ge=0, le=1)] = 0.05  # share of picks that explore
-    # An exploring pick takes another candidate predicted to cost at most this x the best.
-    explore_margin: Annotated[float, Field(ge=1)] = 2.0
-    # Candidates scored per pick (a random sample of them when there are more): every one in
-    # groups up to this size.
-    sample: Annotated[int, Field(ge=2)] = 16
-    # A key (hash_key's value, e.g. the model) counts as warm on an upstream while it is among
-    # the last this-many distinct keys that upstream served (about how many models it holds).
-    warm_keys: Annotated[int, Field(ge=1)] = 8
-    # Keyed traffic: no upstream above (1 + this) x its fair share while others have room.
-    key_balance: Annotated[float, Field(gt=0)] = 0.2
-    hidden: Annotated[int, Field(ge=4, le=1024)] = 32
-    learning_rate: Annotated[float, Field(gt=0)] = 1e-2
-    batch: Annotated[int, Field(ge=1)] = 64  # outcomes per training step
-    train_interval: Annotated[float, Field(gt=0)] = 0.25  # seconds between training steps
-    failure_cost: Annotated[float, Field(ge=0)] = 1.0  # seconds a failure is worth in the cost
-
-
 class UpstreamConfig(_Strict):
     """A group of servers that proxy routes forward to, and how to pick and pool them."""
 
@@ -360,12 +323,15 @@ class UpstreamConfig(_Strict):
     policy: str = "round_robin"
     # For policy = "hash": header:NAME | cookie:NAME | path:N | query:NAME | client_ip
     hash_key: str | None = None
-    hash_balance: Annotated[float, Field(gt=0)] = 0.25  # bounded loads: cap = (1 + this) x avg
+    # Bounded loads: cap = (1 + this) x avg.
+    hash_balance: Annotated[float, Field(gt=0)] = DEFAULT_BALANCE
     sticky: StickyConfig | None = None
-    # Settings of the adaptive policies (used when `policy` names them).
-    peak_ewma: PeakEwmaConfig = Field(default_factory=PeakEwmaConfig)
-    prequal: PrequalConfig = Field(default_factory=PrequalConfig)
-    learned: LearnedConfig = Field(default_factory=LearnedConfig)
+    # Settings of the adaptive policies (used when `policy` names them): the policies' own
+    # classes (balance/settings.py), so there is one copy of each default and bound, and what a
+    # policy reads is what a config can set.
+    peak_ewma: PeakEwmaSettings = Field(default_factory=PeakEwmaSettings)
+    prequal: PrequalSettings = Field(default_factory=PrequalSettings)
+    learned: LearnedSettings = Field(default_factory=LearnedSettings)
     # Connection pool, per server.
     keepalive: Annotated[int, Field(ge=0)] = 32  # idle connections kept
     max_connections: Annotated[int, Field(ge=0)] = 0  # open at once; 0: no limit
@@ -394,6 +360,14 @@ class UpstreamConfig(_Strict):
         if isinstance(servers, list):
             return [{"address": s} if isinstance(s, str) else s for s in servers]
         return servers
+
+    def policy_settings(self) -> PolicySettings | None:
+        """The section of the policy this group uses (``[upstreams.X.<policy>]``), if it has
+        settings of its own."""
+        if self.policy not in SETTINGS:
+            return None
+        own: PolicySettings = getattr(self, self.policy)
+        return own
 
     @model_validator(mode="after")
     def _check_policy(self) -> UpstreamConfig:

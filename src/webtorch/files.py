@@ -45,14 +45,21 @@ def make_private_dir(directory: Path, mode: int = PRIVATE_DIR) -> None:
         os.chmod(path, mode)  # the umask may have taken bits away (never adds them)
 
 
-def write_private(path: Path, write: Callable[[Path], None]) -> None:
+def write_private(
+    path: Path,
+    write: Callable[[Path], None],
+    prefix: str | None = None,
+    suffix: str = ".tmp",
+) -> None:
     """Write ``path`` through ``write`` (given a temporary path beside it) owner-only and
     atomically: the temporary file is created 0600 (mkstemp), synced, and renamed over ``path``,
     so a crash leaves the previous file or the new one, never a torn one, and no reader sees
-    the data with other modes meanwhile. Missing directories are created 0700."""
+    the data with other modes meanwhile. Missing directories are created 0700. ``prefix`` and
+    ``suffix`` name the temporary file (for a reader that cleans up what a crash left)."""
     directory = path.parent
     make_private_dir(directory)
-    fd, name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    start = prefix if prefix is not None else f".{path.name}."
+    fd, name = tempfile.mkstemp(dir=directory, prefix=start, suffix=suffix)
     os.close(fd)
     temp = Path(name)
     try:
@@ -65,3 +72,14 @@ def write_private(path: Path, write: Callable[[Path], None]) -> None:
         temp.unlink(missing_ok=True)
         raise
     fsync_directory(directory)
+
+
+def truncate_durably(path: Path, size: int) -> None:
+    """Cut ``path`` to ``size`` bytes and fsync it (by path: the caller's descriptor may be the
+    one that failed)."""
+    os.truncate(path, size)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -14,12 +14,9 @@ import argparse
 import collections
 import http.client
 import json
-import queue
 import random
-import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,13 +32,16 @@ from typing import Any
 
 from tqdm import tqdm
 
+import webtorch_harness as harness
+from webtorch_harness import HarnessError, Server
+
 INPUTS = [[0, 0], [0, 1], [1, 0], [1, 1]]
 TRUTH = [0, 1, 1, 0]
 TOLERANCE = 0.2  # converged: every prediction within this of the truth, not just on its side of 0.5
 TICK = 0.25  # seconds between progress bar updates
 CHECK_EVERY = 0.5  # seconds between convergence checks
 READY_TIMEOUT = 90.0  # importing torch on a busy two-core machine can take most of a minute
-_LISTEN = re.compile(r"listening on http://(\S+):(\d+)")
+STOP_TIMEOUT = 30.0  # seconds the server gets to finish its steps and close its WAL
 
 CONFIG = """\
 [server]
@@ -109,10 +109,11 @@ def _serve_and_train(args: argparse.Namespace) -> int:
             xor_py = stack.enter_context(
                 resources.as_file(resources.files("webtorch.examples") / "xor.py")
             )
-            server = stack.enter_context(_server(workdir, xor_py))
             started = time.perf_counter()
-            host, port = server.wait_ready(READY_TIMEOUT)
+            server = stack.enter_context(_server(workdir, xor_py))
             ready = time.perf_counter() - started
+            host, port = server.host, server.port
+            assert port is not None
             target = _Target(
                 host, port, f"untrained XOR served at {_url(host, port)} (ready in {ready:.1f} s)"
             )
@@ -142,81 +143,28 @@ def _sigterm_exits() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
-class _Server:
-    """``webtorch serve`` in a subprocess. Its log goes to a file, so a chatty server can never
-    fill a pipe nobody reads; stdout is read by a thread only to find the address it listens on."""
-
-    def __init__(self, workdir: Path, xor_py: Path) -> None:
-        config = workdir / "config.toml"
-        # JSON string escapes are valid TOML basic-string escapes, whatever the temp path holds.
-        state_dir = workdir / "state"
-        config.write_text(
-            CONFIG.format(path=json.dumps(str(xor_py)), state_dir=json.dumps(str(state_dir)))
-        )
-        self.log_path = workdir / "server.log"
-        self._log = self.log_path.open("wb")
-        serve = [sys.executable, "-m", "webtorch.cli", "serve", str(config)]
-        self.proc = subprocess.Popen(
-            [*serve, "--listen", "127.0.0.1:0"],  # any free port; read back from its stdout
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, name="server-stdout", daemon=True)
-        self._reader.start()
-        self.ready = False
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            self._lines.put(raw.decode(errors="replace"))
-        self._lines.put(None)
-
-    def wait_ready(self, timeout: float) -> tuple[str, int]:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                tail = self._tail()
-                raise DemoError(f"the server did not listen within {timeout:.0f} s{tail}") from None
-            if line is None:
-                status = self.proc.wait()
-                raise DemoError(f"the server exited with status {status}{self._tail()}")
-            match = _LISTEN.search(line)
-            if match:
-                self.ready = True
-                return match.group(1), int(match.group(2))
-
-    def _tail(self) -> str:
-        self._log.flush()
-        text = self.log_path.read_text(errors="replace").strip()
-        return f"; its log ends:\n{text[-3000:]}" if text else ""
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # graceful: in-flight steps finish, WAL closes
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(5)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        self._log.close()
-        return self.proc.returncode
-
-
 @contextmanager
-def _server(workdir: Path, xor_py: Path) -> Iterator[_Server]:
-    server = _Server(workdir, xor_py)
+def _server(workdir: Path, xor_py: Path) -> Iterator[Server]:
+    """``webtorch serve`` with the untrained XOR model (webtorch_harness: its log goes to a file,
+    so a chatty server can never fill a pipe nobody reads); stopped with SIGTERM at the end."""
+    config = workdir / "config.toml"
+    # JSON string escapes are valid TOML basic-string escapes, whatever the temp path holds.
+    state_dir = workdir / "state"
+    config.write_text(
+        CONFIG.format(path=json.dumps(str(xor_py)), state_dir=json.dumps(str(state_dir)))
+    )
+    try:
+        server = harness.serve(
+            config, workdir=workdir, log=workdir / "server.log", timeout=READY_TIMEOUT
+        )
+    except HarnessError as exc:
+        raise DemoError(str(exc)) from None
     try:
         yield server
     finally:
-        status = server.stop()
-        if status != 0 and server.ready:  # before ready, wait_ready has already said why
+        # graceful: in-flight steps finish, the WAL closes
+        status = server.stop(timeout=STOP_TIMEOUT).returncode
+        if status != 0:
             print(f"warning: the server exited with status {status}", file=sys.stderr)
 
 

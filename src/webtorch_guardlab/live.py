@@ -35,15 +35,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import webtorch_harness as harness
 from webtorch import examples
 from webtorch.config import GuardConfig
 from webtorch_guardlab import live_load
@@ -144,18 +144,14 @@ def pin(core: int) -> list[str]:
     return ["taskset", "-c", str(core)] if pinning_available() else []
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far (from /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-_LISTEN = re.compile(r"listening on https?://[\d.]+:(\d+)")
+def server_cpus() -> int | None:
+    """The server's core for taskset, when pinning is available."""
+    return SERVER_CORE if pinning_available() else None
 
 
 class LiveServer:
-    """``webtorch serve`` in a subprocess on a free port, pinned to the server's core."""
+    """``webtorch serve`` in a subprocess on a free port (webtorch_harness), pinned to the
+    server's core."""
 
     def __init__(self, name: str, settings: LiveSettings, workdir: Path) -> None:
         self.name = name
@@ -163,51 +159,20 @@ class LiveServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "webtorch.toml"
         config.write_text(config_toml(name, settings))
-        cmd = [
-            *pin(SERVER_CORE),
-            sys.executable,
-            "-m",
-            "webtorch.cli",
-            "serve",
-            str(config),
-            "--listen",
-            "127.0.0.1:0",
-        ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            cwd=self.workdir,
-            env=env,
-            text=True,
-        )
-        self.output: deque[str] = deque(maxlen=200)
-        self.port = self._wait_listening()
-        self._drain = threading.Thread(target=self._read_output, daemon=True)
-        self._drain.start()
-
-    def _wait_listening(self) -> int:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line)
-            match = _LISTEN.search(line)
-            if match:
-                return int(match.group(1))
-        self.proc.wait(10)
-        raise RuntimeError(f"webtorch serve exited before listening: {''.join(self.output)}")
-
-    def _read_output(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line)
+        try:
+            self.server = harness.serve(config, workdir=self.workdir, cpus=server_cpus())
+        except harness.HarnessError as exc:
+            raise RuntimeError(str(exc)) from None
+        assert self.server.port is not None
+        self.port: int = self.server.port
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.server.url
 
     def cpu(self) -> float:
-        return cpu_seconds(self.proc.pid)
+        """User + system CPU seconds of the server so far (from /proc)."""
+        return self.server.cpu_times(session=False).total
 
     def get(self, path: str, timeout: float = 3.0) -> tuple[int, bytes]:
         return http_get(self.port, path, timeout=timeout)
@@ -223,16 +188,7 @@ class LiveServer:
             return False
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)  # a graceful drain; what it does is not measured here
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._drain.join(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        self.server.close(timeout=5.0)  # a graceful drain; what it does is not measured here
 
 
 @contextmanager
@@ -551,14 +507,13 @@ def tool_scenario(
         benign = Generator(benign_spec(s, server.port, t0, length), workdir)
         before = status_counts(server.metrics())
         time.sleep(max(0.0, t0 + 1.0 - time.monotonic()))
-        log = (workdir / f"{tool}-{config}.log").open("w")
         started = time.monotonic()
-        proc = subprocess.Popen(
-            [*pin(LOAD_CORE), *command(server.url, workdir, config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+        # In a session of its own (the harness's way): the tool forks, and all of it is stopped.
+        proc = harness.start(
+            command(server.url, workdir, config),
+            log=workdir / f"{tool}-{config}.log",
             cwd=workdir,
-            start_new_session=True,  # its own group: the tool forks, and all of it is stopped
+            cpus=LOAD_CORE if pinning_available() else None,
         )
         series: list[tuple[float, Counter[int], dict[str, int], int]] = []
         try:
@@ -578,10 +533,7 @@ def tool_scenario(
                     )
                 time.sleep(0.25)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-            log.close()
+            proc.close(signal.SIGKILL)
         records = benign.result(length + s.timeout + 30)["records"]
         after = server.metrics()
         responsive = server.responsive()

@@ -20,9 +20,6 @@ from typing import Any
 
 from webtorch_lab.scenario import BalancerSpec, Scenario
 
-LISTEN_RE = r"listening on http://[^\s:]+:(\d+)"
-
-
 # --- WebTorch --------------------------------------------------------------------------------
 
 
@@ -111,11 +108,12 @@ def webtorch_problem(config_path: Path) -> str | None:
     return None
 
 
-def webtorch_argv(config_path: Path) -> list[str]:
+def webtorch_command() -> list[str]:
+    """The ``webtorch`` command (before ``serve``): the installed script when there is one."""
     exe = Path(sys.executable).parent / "webtorch"
     if exe.exists():
-        return [str(exe), "serve", str(config_path)]
-    return [sys.executable, "-m", "webtorch.cli", "serve", str(config_path)]
+        return [str(exe)]
+    return [sys.executable, "-m", "webtorch.cli"]
 
 
 # --- nginx -----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Processes of the lab: CPU pinning, helpers spoken to in JSON lines, CPU accounting, stopping.
+"""Processes of the lab: CPU pinning and the helpers spoken to in JSON lines (the balancer
+itself, like every server the tools start, runs through webtorch_harness).
 
 The balancer under test gets a core of its own and everything else (simulated upstreams, load
 generator, this runner) the other, with ``taskset``, when the machine has two cores and the tool
@@ -12,8 +13,6 @@ import os
 import resource
 import selectors
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,8 +23,9 @@ from typing import IO, Any
 
 import orjson
 
+import webtorch_harness as harness
+
 STOP_TIMEOUT = 5.0  # seconds a process gets to exit on SIGTERM before SIGKILL
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class LabError(Exception):
@@ -68,61 +68,6 @@ def choose_pinning() -> Pinning:
     if len(cpus) < 2 or shutil.which("taskset") is None:
         return Pinning()
     return Pinning(str(cpus[0]), str(cpus[1]))
-
-
-def free_port() -> int:
-    """A port free now (for nginx, which cannot report the one it got for port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """utime + stime of ``pids`` (all their threads); processes that are gone count 0."""
-    total = 0
-    for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
-
-
-def session_pids(sid: int) -> list[int]:
-    """Every process in session ``sid`` (nginx's master and worker)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        if int(fields[3]) == sid:
-            found.append(int(entry.name))
-    return found
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process's session (it was started in a new one), SIGKILL after a while."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        proc.wait()
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
@@ -183,16 +128,16 @@ class Helper:
                 tick()
 
     def cpu(self) -> float:
-        return cpu_seconds([self.proc.pid])
+        return harness.cpu_times([self.proc.pid]).total
 
     def close(self) -> None:
         if self.proc.stdin is not None:
             with contextlib.suppress(BrokenPipeError):
                 self.proc.stdin.close()
         try:
-            self.proc.wait(STOP_TIMEOUT)
+            self.proc.wait(STOP_TIMEOUT)  # a closed stdin is its sign to exit
         except subprocess.TimeoutExpired:
-            stop(self.proc)
+            harness.stop_session(self.proc, timeout=STOP_TIMEOUT)
         self.selector.close()
         if self.proc.stdout is not None:
             self.proc.stdout.close()

@@ -8,18 +8,17 @@ own, the helpers and this runner on the other (``procs.Pinning``).
 
 from __future__ import annotations
 
-import http.client
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import webtorch_harness as harness
 from webtorch_lab import balancers, procs
 from webtorch_lab.analysis import RunMetrics, analyse
 from webtorch_lab.procs import LabError, Pinning
@@ -168,7 +167,7 @@ class Lab:
                 t0 = time.monotonic() + LEAD_S + scenario.warmup
                 self.sim.ask({"cmd": "start", "t0": t0}, timeout=10)
                 lab_cpu = self.sim.cpu() + self.generator.cpu()
-                balancer_cpu = procs.cpu_seconds(balancer_pids())
+                balancer_cpu = harness.cpu_times(balancer_pids()).total
                 begun = time.monotonic()
                 records_path = where / "records.csv"
 
@@ -191,7 +190,7 @@ class Lab:
                 )["done"]
                 # CPU over the load (warm-up included): the balancer's, and the lab side's.
                 wall = time.monotonic() - begun
-                balancer_use = (procs.cpu_seconds(balancer_pids()) - balancer_cpu) / wall
+                balancer_use = (harness.cpu_times(balancer_pids()).total - balancer_cpu) / wall
                 lab_use = (self.sim.cpu() + self.generator.cpu() - lab_cpu) / wall
         finally:
             stats: dict[str, Any] = self.sim.ask({"cmd": "stop"}, timeout=30)["stats"]
@@ -217,66 +216,77 @@ class Lab:
     def balancer(
         self, scenario: Scenario, spec: BalancerSpec, ports: dict[str, int], where: Path
     ) -> Iterator[tuple[int, Callable[[], list[int]]]]:
-        """Start the balancer; yield its port and a function listing its processes."""
+        """Start the balancer (webtorch_harness); yield its port and a function listing its
+        processes."""
         log_path = where / "balancer.log"
-        if spec.kind == "webtorch":
-            config_path = where / "webtorch.toml"
-            config_path.write_text(balancers.webtorch_config(scenario, spec, ports))
-            problem = balancers.webtorch_problem(config_path)
-            if problem is not None:
-                raise Skip(problem)
-            argv = balancers.webtorch_argv(config_path)
-            port = 0
-        else:
-            config_path = where / "nginx.conf"
-            port = procs.free_port()
-            config_path.write_text(
-                balancers.nginx_config(scenario, spec, ports, port, where.resolve())
-            )
-            argv = balancers.nginx_argv(config_path, where.resolve())
-        with log_path.open("wb") as log_file:
-            proc = subprocess.Popen(
-                self.pinning.wrap(argv, balancer=True),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        cpus = self.pinning.balancer or None
+        try:
+            if spec.kind == "webtorch":
+                proc = self._webtorch(scenario, spec, ports, where, log_path, cpus)
+            else:
+                proc = self._nginx(scenario, spec, ports, where, log_path, cpus)
+        except harness.HarnessError as exc:
+            raise LabError(f"balancer: {exc}") from None
+        with proc:
             try:
-                port = wait_listening(proc, log_path, port)
-                wait_proxying(proc, port, log_path)
-                yield port, lambda: procs.session_pids(proc.pid)
-            finally:
-                procs.stop(proc)
+                # Until GET /health through the balancer reaches an upstream and comes back 200.
+                proc.wait_http("/health", timeout=PROXY_TIMEOUT)
+            except harness.HarnessError as exc:
+                raise LabError(f"balancer does not proxy: {exc}") from None
+            assert proc.port is not None
+            yield proc.port, proc.pids
+
+    def _webtorch(
+        self,
+        scenario: Scenario,
+        spec: BalancerSpec,
+        ports: dict[str, int],
+        where: Path,
+        log_path: Path,
+        cpus: str | None,
+    ) -> harness.Process:
+        """``webtorch serve``, once it prints the port it got (its config asks for port 0)."""
+        config_path = where / "webtorch.toml"
+        config_path.write_text(balancers.webtorch_config(scenario, spec, ports))
+        problem = balancers.webtorch_problem(config_path)
+        if problem is not None:
+            raise Skip(problem)
+        return harness.serve(
+            config_path,
+            workdir=where,
+            log=log_path,
+            cpus=cpus,
+            listen=None,
+            command=balancers.webtorch_command(),
+            timeout=START_TIMEOUT,
+        )
+
+    def _nginx(
+        self,
+        scenario: Scenario,
+        spec: BalancerSpec,
+        ports: dict[str, int],
+        where: Path,
+        log_path: Path,
+        cpus: str | None,
+    ) -> harness.Process:
+        """nginx on a port chosen before (it cannot report one it got for port 0), once it
+        accepts a connection."""
+        port = harness.free_port()
+        config_path = where / "nginx.conf"
+        config_path.write_text(balancers.nginx_config(scenario, spec, ports, port, where.resolve()))
+        argv = balancers.nginx_argv(config_path, where.resolve())
+        proc = harness.start(argv, log=log_path, cpus=cpus, port=port, name="nginx")
+        try:
+            proc.wait_for(lambda: True if _accepts(port) else None, "listening", START_TIMEOUT)
+        except BaseException:
+            proc.close()
+            raise
+        return proc
 
 
 class Skip(Exception):
     """This balancer cannot run here; the message says why."""
-
-
-def wait_listening(proc: subprocess.Popen[bytes], log_path: Path, port: int) -> int:
-    """The balancer's port, once it listens: WebTorch prints it (it was given port 0); for
-    nginx, whose port was chosen before, once a connection is accepted."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise LabError(
-                f"balancer exited with status {proc.returncode}:\n{procs.log_tail(log_path)}"
-            )
-        if port == 0:
-            found = re.search(balancers.LISTEN_RE, log_path.read_text(errors="replace"))
-            if found:
-                return int(found.group(1))
-        elif _accepts(port):
-            return port
-        _pause(proc)
-    raise LabError(f"balancer not listening after {START_TIMEOUT:.0f} s")
-
-
-def _pause(proc: subprocess.Popen[bytes]) -> None:
-    """Wait a moment for the process (returns early if it exits)."""
-    with suppress(subprocess.TimeoutExpired):
-        proc.wait(0.05)
 
 
 def _accepts(port: int) -> bool:
@@ -287,29 +297,6 @@ def _accepts(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def wait_proxying(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
-    """Until ``GET /health`` through the balancer reaches an upstream and comes back 200."""
-    deadline = time.monotonic() + PROXY_TIMEOUT
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2.0)
-        try:
-            conn.request("GET", "/health")
-            response = conn.getresponse()
-            response.read()
-            if response.status == 200:
-                return
-            last = f"status {response.status}"
-        except OSError as exc:
-            last = str(exc)
-        finally:
-            conn.close()
-        _pause(proc)
-    raise LabError(f"balancer does not proxy ({last}):\n{procs.log_tail(log_path)}")
 
 
 def _json(data: Any) -> str:

@@ -12,6 +12,7 @@ from webtorch.balance.base import Policy, Upstream
 from webtorch.balance.classic import LeastConn, Random2, RoundRobin
 from webtorch.balance.hashing import BoundedLoadHash
 from webtorch.balance.registry import POLICIES, make_policy
+from webtorch.balance.settings import LearnedSettings, PrequalSettings
 from webtorch.http.messages import Request
 
 NOW = 1000.0
@@ -197,3 +198,8 @@ def test_registry_errors_name_the_problem() -> None:
         make_policy("hash", ups, hash_key="body:x")
     with pytest.raises(ValueError, match="balance"):
         make_policy("hash", ups, hash_key="client_ip", balance=-1.0)
+    # A policy takes its own settings class, typed: another policy's is a mistake, not ignored.
+    with pytest.raises(TypeError, match="'peak_ewma' takes PeakEwmaSettings, not PrequalSettings"):
+        make_policy("peak_ewma", ups, settings=PrequalSettings())
+    with pytest.raises(TypeError, match="'peak_ewma' takes PeakEwmaSettings, not LearnedSettings"):
+        make_policy("peak_ewma", ups, settings=LearnedSettings())

@@ -13,6 +13,7 @@ import torch
 from webtorch.balance.base import Outcome, Upstream
 from webtorch.balance.hashing import hash64
 from webtorch.balance.learned import Learned
+from webtorch.balance.settings import LearnedSettings
 from webtorch.http.messages import Request
 
 
@@ -31,7 +32,7 @@ def policy(ups: list[Upstream], **settings: object) -> Learned:
     torch.manual_seed(0)
     return Learned(
         ups,
-        settings={"explore": 0.0, "batch": 32, **settings},
+        LearnedSettings(**{"explore": 0.0, "batch": 32, **settings}),  # type: ignore[arg-type]
         hash_key="header:x-key",
         rng=random.Random(3),
     )
@@ -84,7 +85,7 @@ def test_a_fast_failing_upstream_does_not_attract_traffic() -> None:
 def test_it_learns_request_dependent_cost() -> None:
     # Upstream 0 is slow for large requests only; upstream 1 costs the same for all.
     ups = group(2)
-    p = policy(ups, train_interval=0.0, batch=16, learning_rate=1e-2)
+    p = policy(ups, train_interval=0.001, batch=16, learning_rate=1e-2)
     rng = random.Random(5)
     now = 0.0
     errors = []
@@ -112,7 +113,7 @@ def test_it_learns_request_dependent_cost() -> None:
 def test_affinity_keeps_a_key_where_it_is_warm() -> None:
     # A cold upstream pays 200 ms the first time it serves a key (a model load); warm: 10 ms.
     ups = group(4)
-    p = policy(ups, train_interval=0.0, explore=0.05)
+    p = policy(ups, train_interval=0.001, explore=0.05)
     warm: set[tuple[int, str]] = set()
 
     def answer(u: Upstream, r: Request) -> tuple[Outcome, float]:
@@ -193,13 +194,15 @@ def test_a_new_key_goes_to_its_home_and_cold_loads_are_priced() -> None:
 def test_weights_survive_a_restart(tmp_path: Path) -> None:
     ups = group(2)
     p = Learned(
-        ups, settings={"explore": 0.0, "batch": 8}, rng=random.Random(1), state_dir=tmp_path
+        ups, LearnedSettings(explore=0.0, batch=8, state_dir=tmp_path), rng=random.Random(1)
     )
     serve(p, ups, lambda u, r: (Outcome.OK, 0.01 if u.index else 0.05), 200)
     assert p.steps > 0
     p.close()
     assert (tmp_path / "weights.safetensors").exists()
-    again = Learned(group(2), settings={"explore": 0.0}, rng=random.Random(1), state_dir=tmp_path)
+    again = Learned(
+        group(2), LearnedSettings(explore=0.0, state_dir=tmp_path), rng=random.Random(1)
+    )
     for name, tensor in p.net.state_dict().items():
         assert again.net.state_dict()[name].equal(tensor), name
 
@@ -212,7 +215,7 @@ def test_weights_are_saved_private_and_atomically(tmp_path: Path) -> None:
         ups = group(2)
         state = tmp_path / "state" / "learned"
         p = Learned(
-            ups, settings={"explore": 0.0, "batch": 8}, rng=random.Random(1), state_dir=state
+            ups, LearnedSettings(explore=0.0, batch=8, state_dir=state), rng=random.Random(1)
         )
         serve(p, ups, lambda u, r: (Outcome.OK, 0.01 if u.index else 0.05), 50)
         p.close()
@@ -226,5 +229,5 @@ def test_weights_are_saved_private_and_atomically(tmp_path: Path) -> None:
 
 def test_a_damaged_weights_file_falls_back_to_the_prior(tmp_path: Path) -> None:
     (tmp_path / "weights.safetensors").write_bytes(b"not safetensors")
-    p = Learned(group(2), settings={}, state_dir=tmp_path)
+    p = Learned(group(2), LearnedSettings(state_dir=tmp_path))
     assert float(p.net.out.weight.detach().abs().sum()) == 0.0

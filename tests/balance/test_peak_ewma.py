@@ -17,6 +17,7 @@ from webtorch.balance.peak_ewma import (
     failure_latency,
 )
 from webtorch.balance.registry import make_policy
+from webtorch.balance.settings import PeakEwmaSettings
 from webtorch.http.messages import Request
 
 REQUEST = Request("GET", "/", "", [], b"")
@@ -127,7 +128,7 @@ def test_equal_costs_spread_evenly() -> None:
 
 def test_traffic_leaves_an_upstream_that_slows_down_after_one_slow_answer() -> None:
     ups = group(3)
-    policy = PeakEwma(ups, decay_time=10.0, rng=random.Random(6))
+    policy = PeakEwma(ups, PeakEwmaSettings(decay_time=10.0), rng=random.Random(6))
     slow_from = 2.0
 
     def latency(up: Upstream, now: float) -> float:
@@ -142,7 +143,7 @@ def test_traffic_leaves_an_upstream_that_slows_down_after_one_slow_answer() -> N
 
 def test_an_upstream_recovers_once_its_peak_has_decayed() -> None:
     ups = group(3)
-    policy = PeakEwma(ups, decay_time=10.0, rng=random.Random(7))
+    policy = PeakEwma(ups, PeakEwmaSettings(decay_time=10.0), rng=random.Random(7))
     simulate(policy, ups, 0.0, 200, lambda u, t: 0.010)
     # One slow answer (200 ms, 20x the others), then it is fast again.
     policy.observe(ups[1], Outcome.OK, 0.200, 2.0)
@@ -156,7 +157,9 @@ def test_an_upstream_recovers_once_its_peak_has_decayed() -> None:
 
 def test_a_fast_failing_upstream_does_not_attract_traffic() -> None:
     ups = group(3)
-    policy = PeakEwma(ups, decay_time=10.0, initial_latency=1.0, rng=random.Random(8))
+    policy = PeakEwma(
+        ups, PeakEwmaSettings(decay_time=10.0, initial_latency=1.0), rng=random.Random(8)
+    )
 
     def latency(up: Upstream, now: float) -> float:
         return 0.001 if up.index == 2 else 0.020  # it fails 20x faster than the others answer
@@ -179,7 +182,7 @@ def test_cancelled_attempts_are_ignored() -> None:
 
 def test_new_upstreams_start_pessimistic() -> None:
     ups = group(2)
-    policy = PeakEwma(ups, initial_latency=1.0, rng=random.Random(10))
+    policy = PeakEwma(ups, PeakEwmaSettings(initial_latency=1.0), rng=random.Random(10))
     policy.observe(ups[0], Outcome.OK, 0.010, 0.0)
     # Never measured and idle: free, so it gets a first request to be measured by...
     assert policy.cost(ups[1], 0.1) == 0.0
@@ -203,7 +206,7 @@ def test_new_upstreams_start_pessimistic() -> None:
 
 def test_a_new_upstream_that_fails_gets_one_request_then_a_penalty() -> None:
     ups = group(2)
-    policy = PeakEwma(ups, initial_latency=1.0, rng=random.Random(12))
+    policy = PeakEwma(ups, PeakEwmaSettings(initial_latency=1.0), rng=random.Random(12))
     policy.observe(ups[0], Outcome.OK, 0.010, 0.0)
     assert policy.pick(REQUEST, ups, 0.0) is ups[1]
     policy.observe(ups[1], Outcome.CONNECT_FAILED, 0.0001, 0.0)
@@ -217,7 +220,7 @@ def test_registry_builds_it_from_its_settings() -> None:
         "peak_ewma",
         ups,
         rng=random.Random(11),
-        settings={"decay_time": 2.5, "initial_latency": 0.25},
+        settings=PeakEwmaSettings(decay_time=2.5, initial_latency=0.25),
     )
     assert isinstance(policy, PeakEwma)
     assert policy.learns and not policy.probing
@@ -226,4 +229,4 @@ def test_registry_builds_it_from_its_settings() -> None:
     assert isinstance(default, PeakEwma)
     assert (default.decay_time, default.initial_latency) == (10.0, 1.0)
     with pytest.raises(ValueError, match="decay_time"):
-        PeakEwma(ups, decay_time=0.0)
+        PeakEwmaSettings(decay_time=0.0)

@@ -11,6 +11,7 @@ import pytest
 from webtorch.balance.base import Outcome, ProbeResult, Upstream
 from webtorch.balance.prequal import PROBE_BACKOFF_MAX, Prequal, hot_threshold
 from webtorch.balance.registry import make_policy
+from webtorch.balance.settings import PrequalSettings
 from webtorch.http.messages import Request
 
 REQUEST = Request("GET", "/", "", [], b"")
@@ -23,7 +24,7 @@ def group(count: int) -> list[Upstream]:
 def prequal(ups: list[Upstream], seed: int = 0, **settings: float) -> Prequal:
     # No probes asked for unless a test wants them: picks then leave the rng to the pick.
     settings.setdefault("probes_per_request", 0.0)
-    return Prequal(ups, rng=random.Random(seed), **settings)  # type: ignore[arg-type]
+    return Prequal(ups, PrequalSettings(**settings), rng=random.Random(seed))  # type: ignore[arg-type]
 
 
 def fill(policy: Prequal, ups: list[Upstream], loads: list[tuple[int, float]], now: float) -> None:
@@ -243,15 +244,15 @@ def test_registry_builds_it_from_its_settings() -> None:
         "prequal",
         ups,
         rng=random.Random(4),
-        settings={
-            "probe_path": "/load",
-            "probes_per_request": 2.0,
-            "pool_size": 8,
-            "max_age": 0.5,
-            "max_reuse": 2,
-            "hot_quantile": 0.9,
-            "probe_timeout": 0.1,
-        },
+        settings=PrequalSettings(
+            probe_path="/load",
+            probes_per_request=2.0,
+            pool_size=8,
+            max_age=0.5,
+            max_reuse=2,
+            hot_quantile=0.9,
+            probe_timeout=0.1,
+        ),
     )
     assert isinstance(policy, Prequal)
     assert policy.probing and policy.learns
@@ -259,4 +260,4 @@ def test_registry_builds_it_from_its_settings() -> None:
     assert (policy.max_reuse, policy.hot_quantile) == (2, 0.9)
     assert isinstance(make_policy("prequal", ups), Prequal)
     with pytest.raises(ValueError, match="hot_quantile"):
-        Prequal(ups, hot_quantile=1.0)
+        PrequalSettings(hot_quantile=1.0)

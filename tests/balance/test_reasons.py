@@ -12,6 +12,7 @@ from webtorch.balance.hashing import BoundedLoadHash, hash64
 from webtorch.balance.learned import Learned
 from webtorch.balance.peak_ewma import PeakEwma
 from webtorch.balance.prequal import Prequal
+from webtorch.balance.settings import LearnedSettings, PrequalSettings
 from webtorch.balance.sticky import route_id
 from webtorch.config import UpstreamConfig
 from webtorch.http.messages import Request
@@ -72,7 +73,7 @@ def test_hash_home_overflow_and_no_key() -> None:
 
 def test_prequal_cold_hot_and_fallback() -> None:
     ups = group(2)
-    policy = Prequal(ups, probes_per_request=0.0, rng=random.Random(1))
+    policy = Prequal(ups, PrequalSettings(probes_per_request=0.0), rng=random.Random(1))
     policy.pick(get(), ups, NOW)
     assert policy.last_reason == "prequal_fallback"  # no probe result yet
     policy.on_probe(ups[0], ProbeResult(1, 0.01), NOW)
@@ -90,7 +91,9 @@ def test_prequal_cold_hot_and_fallback() -> None:
 
 def test_learned_explore_and_affinity() -> None:
     ups = group(3)
-    policy = Learned(ups, settings={"explore": 0.0}, hash_key="header:x-key", rng=random.Random(2))
+    policy = Learned(
+        ups, LearnedSettings(explore=0.0), hash_key="header:x-key", rng=random.Random(2)
+    )
     first = policy.pick(get("k"), ups, NOW)
     # The key was warm nowhere yet, every candidate costs the same: it goes to its home (the
     # first in its rendezvous order), unless that is the cheapest anyway.
@@ -100,7 +103,7 @@ def test_learned_explore_and_affinity() -> None:
     assert policy.last_reason == "learned_affinity"
     policy.pick(get("k"), ups[:1], NOW + 2)
     assert policy.last_reason == "only_candidate"
-    explorer = Learned(ups, settings={"explore": 1.0}, rng=random.Random(2))
+    explorer = Learned(ups, LearnedSettings(explore=1.0), rng=random.Random(2))
     explorer.pick(get(), ups, NOW)
     assert explorer.last_reason == "learned_explore"
 

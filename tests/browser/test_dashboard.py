@@ -13,6 +13,7 @@ import http.client
 import json
 import random
 import re
+import signal
 import threading
 import urllib.error
 import urllib.request
@@ -24,8 +25,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.conftest import XOR, Process, serve_process
+from tests.conftest import XOR, serve_process
 from tests.proxy.upstreams import TestUpstream, upstreams
+from webtorch_harness import Server
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -68,7 +70,7 @@ FAKE_SAMPLE = {
 
 @dataclass
 class Live:
-    server: Process
+    server: Server
     upstreams: list[TestUpstream]
     load: Load
 
@@ -249,8 +251,8 @@ def test_dashboard_live_under_load_then_server_gone(
 
         # The server goes away: the page says so within a few seconds, and keeps trying.
         live.load.stop.set()
-        live.server.proc.kill()
-        live.server.proc.wait(10)
+        live.server.send(signal.SIGKILL)
+        live.server.wait(10)
         expect(body).to_have_attribute("data-state", "error", timeout=8_000)
         banner = page.locator("#banner")
         expect(banner).to_be_visible()

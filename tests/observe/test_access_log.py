@@ -290,11 +290,11 @@ def test_sigusr1_reopens_the_log_of_a_running_server(tmp_path: Path) -> None:
         assert status == 200
         wait_for(lambda: log.exists() and log.read_bytes().count(b"\n") == 1)
         log.rename(rotated)  # what logrotate does, then it signals the server
-        proc.proc.send_signal(signal.SIGUSR1)
+        proc.send(signal.SIGUSR1)
         wait_for(log.exists)
         assert _get(host_port, "/hello?n=2") == 200
         wait_for(lambda: log.read_bytes().count(b"\n") == 1)
-        assert proc.stop() == 0
+        assert proc.stop().returncode == 0
     assert [line["query"] for line in read_lines(rotated)] == ["n=1"]
     assert [line["query"] for line in read_lines(log)] == ["n=2"]
 

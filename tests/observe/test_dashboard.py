@@ -14,7 +14,7 @@ from tests.proxy.test_forward import proxy, request
 from tests.proxy.upstreams import upstreams
 from webtorch import config as wt_config
 from webtorch.http.messages import Request
-from webtorch.observe.metrics import Metrics
+from webtorch.metrics import Metrics
 from webtorch.observe.timeline import Timeline
 
 TOKEN = "dashboard-token-0123456789"

@@ -189,12 +189,10 @@ def test_sighup_reloads(tmp_path: Path) -> None:
             conn.request("GET", "/")
             assert conn.getresponse().read() == b"a"
             write_config(path, [b.address], management=False)
-            os.kill(proc.proc.pid, 1)  # SIGHUP
+            mark = proc.log_size()
+            os.kill(proc.pid, 1)  # SIGHUP
             # The reload is logged once done: wait for that line, not for time.
-            assert proc.proc.stdout is not None
-            for line in proc.proc.stdout:
-                if b"reloaded" in line:
-                    break
+            proc.wait_log("reloaded", timeout=30, after=mark)
             conn.request("GET", "/")
             assert conn.getresponse().read() == b"b"
             conn.close()

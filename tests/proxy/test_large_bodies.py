@@ -45,7 +45,7 @@ max_body = {2 * GIB}
 """
         )
         with serve_process(path) as proc:
-            pid = proc.proc.pid
+            pid = proc.pid
             conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=60)
             conn.request("GET", "/")  # warm up: what a served request costs, before the big ones
             assert conn.getresponse().read() == b"a"

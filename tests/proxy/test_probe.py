@@ -15,11 +15,11 @@ import pytest
 
 from tests.conftest import Running, serve_in_thread, xor_config
 from tests.proxy.test_forward import proxy
-from tests.proxy.upstreams import TestUpstream, upstreams
+from tests.proxy.upstreams import TestUpstream, raw_upstream, upstreams
 from webtorch import config as wt_config
 from webtorch.balance.base import Policy, ProbeResult, Upstream
 from webtorch.http.messages import Request
-from webtorch.observe.metrics import LATENCY_BUCKETS, Metrics
+from webtorch.metrics import LATENCY_BUCKETS, Metrics
 from webtorch.proxy.probe import (
     LOAD_PATH,
     LoadReport,
@@ -307,6 +307,42 @@ def test_closing_the_prober_cancels_its_probes() -> None:
     with upstreams("a") as (a,):
         asyncio.run(main(a))
         assert a.wait_disconnects(1)
+
+
+def test_a_probe_goes_through_the_upstream_client_and_its_limits(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    report = b'{"inflight": 4, "latency": 0.5}'
+    answers: list[bytes] = [
+        # An interim head first, as for proxied requests: skipped, the report after it read.
+        b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(report), report),
+        # A head without end: refused at the prober's head limit, the connection closed.
+        b"HTTP/1.1 200 OK\r\n" + (b"x-filler: " + b"a" * 1000 + b"\r\n") * 1000,
+        # A body larger than a load report can be: refused before it is read.
+        b"HTTP/1.1 200 OK\r\ncontent-length: 100000000\r\n\r\n{",
+    ]
+
+    async def main(up: Upstream) -> list[ProbeResult | None]:
+        recorder = Recorder()
+        prober = Prober(recorder, LOAD_PATH, 10.0, asyncio.get_running_loop())
+        try:
+            for i in range(len(answers)):
+                prober.send([up])
+                await recorder.wait(i + 1)
+            return [load for _, load, _ in recorder.results]
+        finally:
+            prober.close()
+
+    with raw_upstream(lambda head: [answers.pop(0)]) as raw:
+        results = asyncio.run(main(upstream_of("127.0.0.1", raw.port)))
+        assert results == [ProbeResult(4, 0.5), None, None]
+        # The first connection was kept for the second probe; each refusal closed its own.
+        assert len(raw.closed) == 2 and raw.closed[0].wait(10) and raw.closed[1].wait(10)
+        assert all(head.startswith(b"GET /v2/health/load HTTP/1.1\r\n") for head in raw.requests)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "larger than 16384 bytes (max_response_header_bytes)" in warned
+    assert len(caplog.records) == 1  # the next problem within the minute is counted, not logged
 
 
 # --- wiring -----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tensor codecs: OIP JSON and binary decode, encode, the short form, every datatype, fuzzing."""
+"""The wire forms (serve/wire/): OIP JSON and binary decode, encode, the short form, fuzzing."""
 
 from __future__ import annotations
 
@@ -15,20 +15,11 @@ from hypothesis import strategies as st
 
 from webtorch.errors import HTTPError
 from webtorch.http.messages import Response
-from webtorch.serve.codecs import (
-    Decoded,
-    OIPForm,
-    ShortForm,
-    decode_oip,
-    decode_short,
-    encode_oip,
-    encode_short,
-    rows_array,
-    strict_array,
-    validate_requested,
-)
 from webtorch.serve.datatypes import DATATYPES
 from webtorch.serve.model import TensorSpec
+from webtorch.serve.wire.oip_json import OIPForm, decode_oip, encode_oip, validate_requested
+from webtorch.serve.wire.short import ShortForm, decode_short, encode_short
+from webtorch.serve.wire.tensors import Decoded, rows_array, strict_array
 
 # Floats beyond FP16/FP32 range become inf with a numpy warning; that is accepted, not an error.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")

@@ -14,8 +14,9 @@ from tests.conftest import XOR, serve_in_thread
 from tests.serve.test_codecs import TEXT, bad, binary_request, bytes_blob
 from tests.serve.test_server_models import call
 from webtorch import config as wt_config
-from webtorch.serve.codecs import MAX_ID, MAX_PARAMETERS, OIPForm, ShortForm, decode_oip
 from webtorch.serve.model import TensorSpec
+from webtorch.serve.wire.oip_json import MAX_ID, MAX_PARAMETERS, OIPForm, decode_oip
+from webtorch.serve.wire.short import ShortForm
 
 JSON = b"application/json"
 OCTET = b"application/octet-stream"

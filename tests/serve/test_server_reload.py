@@ -140,19 +140,17 @@ def test_sighup_logs_an_error_naming_the_keys_that_need_a_restart(tmp_path: Path
     # `--listen` (which serve_process passes) overrides the file's listen: not a change.
     with serve_process(path) as proc:
         write(path, body="after", trusted_proxies=["10.0.0.0/8"])
-        os.kill(proc.proc.pid, signal.SIGHUP)
-        assert proc.proc.stdout is not None
-        for line in proc.proc.stdout:  # the refusal is logged once decided: wait for it
-            if b"reload failed" in line:
-                assert b"ERROR" in line and b"trusted_proxies" in line, line
-                break
+        mark = proc.log_size()
+        os.kill(proc.pid, signal.SIGHUP)
+        # The refusal is logged once decided: wait for its line.
+        line = proc.wait_log(r".*reload failed.*", timeout=30, after=mark)[0]
+        assert "ERROR" in line and "trusted_proxies" in line, line
         running = Running(None, "127.0.0.1", proc.port, None)  # type: ignore[arg-type]
         assert call(running, "GET", "/hello").body == b"before"
         write(path, body="after")
-        os.kill(proc.proc.pid, signal.SIGHUP)
-        for line in proc.proc.stdout:
-            if b"reloaded" in line:
-                break
+        mark = proc.log_size()
+        os.kill(proc.pid, signal.SIGHUP)
+        proc.wait_log("reloaded", timeout=30, after=mark)
         assert call(running, "GET", "/hello").body == b"after"
 
 

@@ -20,7 +20,7 @@ from tests.train.test_wal import FullDisk
 from webtorch import config as wt_config
 from webtorch.config import TrainConfig
 from webtorch.http.messages import Response
-from webtorch.observe.metrics import ModelStats
+from webtorch.metrics import ModelStats
 from webtorch.serve.executor import Executor
 from webtorch.serve.model import load_model
 from webtorch.train.forms import TrainRequest

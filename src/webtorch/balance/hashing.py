@@ -170,6 +170,11 @@ def _key_bytes(key: str) -> bytes:
     return key.encode("utf-8", "surrogatepass")
 
 
+# The bounded-load epsilon when none is configured (``hash_balance``): no upstream above 1.25x
+# the average in-flight load.
+DEFAULT_BALANCE = 0.25
+
+
 def capacity(balance: float, total_inflight: int, count: int) -> int:
     """The most in-flight requests one of ``count`` candidates may hold after this pick.
 
@@ -204,7 +209,7 @@ class BoundedLoadHash(Policy):
         group: Sequence[Upstream],
         key: KeySpec | str,
         *,
-        balance: float = 0.25,
+        balance: float = DEFAULT_BALANCE,
         vnodes: int = 160,
     ) -> None:
         super().__init__(group)

@@ -33,10 +33,9 @@ import random
 import zlib
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +45,7 @@ from torch import nn
 from webtorch.balance.base import Outcome, Policy, Upstream
 from webtorch.balance.hashing import KeySpec, hash64
 from webtorch.balance.peak_ewma import LatencyEstimate
+from webtorch.balance.settings import LearnedSettings
 from webtorch.files import write_private
 from webtorch.http.messages import Request
 
@@ -184,35 +184,32 @@ class Learned(Policy):
     def __init__(
         self,
         group: Sequence[Upstream],
+        settings: LearnedSettings | None = None,
         *,
-        settings: Mapping[str, Any] | None = None,
         hash_key: str | None = None,
         rng: random.Random | None = None,
-        state_dir: Path | None = None,
     ) -> None:
         super().__init__(group)
-        s = dict(settings or {})
-        self.explore = float(s.get("explore", 0.05))
-        self.sample = int(s.get("sample", 16))
-        self.explore_margin = float(s.get("explore_margin", 2.0))
-        self.warm_keys = int(s.get("warm_keys", 8))
-        self.key_balance = float(s.get("key_balance", 0.2))
+        s = settings if settings is not None else LearnedSettings()
+        self.explore = s.explore
+        self.sample = s.sample
+        self.explore_margin = s.explore_margin
+        self.warm_keys = s.warm_keys
+        self.key_balance = s.key_balance
         self._keyed = 0.0  # all keyed picks, decayed like each upstream's count
         self._keyed_at = 0.0
         total_weight = sum(u.weight for u in self.group) or 1
         self._fair = {u.index: u.weight / total_weight for u in self.group}
-        self.batch = int(s.get("batch", 64))
-        self.train_interval = float(s.get("train_interval", 0.25))
-        self.failure_cost = float(s.get("failure_cost", 1.0))
-        self.decay_time = float(s.get("decay_time", 10.0))
-        self.initial_latency = float(s.get("initial_latency", 1.0))
+        self.batch = s.batch
+        self.train_interval = s.train_interval
+        self.failure_cost = s.failure_cost
+        self.decay_time = s.decay_time
+        self.initial_latency = s.initial_latency
         self.key = KeySpec.parse(hash_key) if hash_key else None
         self.rng = rng or random.Random()
-        self.state_dir = state_dir
-        self.net = _Net(int(s.get("hidden", 32)))
-        self.optimizer = torch.optim.Adam(
-            self.net.parameters(), lr=float(s.get("learning_rate", 1e-2))
-        )
+        self.state_dir = s.state_dir
+        self.net = _Net(s.hidden)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=s.learning_rate)
         # Per pick awaiting its outcome: the features and the priors it was scored with.
         self._pending: dict[tuple[int, int], tuple[Code, float, float]] = {}
         self._replay: deque[tuple[Code, float, float, float, float]] = deque(maxlen=REPLAY)

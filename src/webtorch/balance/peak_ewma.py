@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from webtorch.balance.base import Outcome, Policy, Upstream
+from webtorch.balance.settings import PeakEwmaSettings
 from webtorch.http.messages import Request
 
 # The decayed estimate never goes below this (seconds): after a long idle spell in-flight counts
@@ -99,35 +99,17 @@ class PeakEwma(Policy):
     def __init__(
         self,
         group: Sequence[Upstream],
+        settings: PeakEwmaSettings | None = None,
         *,
-        decay_time: float = 10.0,
-        initial_latency: float = 1.0,
         rng: random.Random | None = None,
     ) -> None:
         super().__init__(group)
-        if not decay_time > 0.0:
-            raise ValueError(f"peak_ewma decay_time must be > 0, got {decay_time!r}")
-        if not initial_latency > 0.0:
-            raise ValueError(f"peak_ewma initial_latency must be > 0, got {initial_latency!r}")
-        self.decay_time = float(decay_time)
-        self.initial_latency = float(initial_latency)
+        s = settings if settings is not None else PeakEwmaSettings()
+        self.decay_time = s.decay_time
+        self.initial_latency = s.initial_latency
         self._rng = rng if rng is not None else random.Random()
         for upstream in self.group:
             upstream.stats[self.KEY] = LatencyEstimate(self.initial_latency, self.decay_time)
-
-    @classmethod
-    def from_settings(
-        cls,
-        group: Sequence[Upstream],
-        settings: Mapping[str, Any],
-        rng: random.Random | None = None,
-    ) -> PeakEwma:
-        return cls(
-            group,
-            decay_time=float(settings.get("decay_time", 10.0)),
-            initial_latency=float(settings.get("initial_latency", 1.0)),
-            rng=rng,
-        )
 
     def estimate(self, upstream: Upstream) -> LatencyEstimate:
         est = upstream.stats.get(self.KEY)

@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from webtorch.balance.base import Outcome, Policy, ProbeResult, Upstream
 from webtorch.balance.peak_ewma import LatencyEstimate, failure_latency
+from webtorch.balance.settings import PrequalSettings
 from webtorch.http.messages import Request
 
 # The proxy's own latency estimates (the fallback) forget a peak over this many seconds.
@@ -102,30 +102,18 @@ class Prequal(Policy):
     def __init__(
         self,
         group: Sequence[Upstream],
+        settings: PrequalSettings | None = None,
         *,
-        probes_per_request: float = 1.0,
-        pool_size: int = 16,
-        max_age: float = 1.0,
-        max_reuse: int = 3,
-        hot_quantile: float = 0.84,
         rng: random.Random | None = None,
     ) -> None:
         super().__init__(group)
-        if not probes_per_request >= 0.0:
-            raise ValueError(f"prequal probes_per_request must be >= 0, got {probes_per_request!r}")
-        if pool_size < 1:
-            raise ValueError(f"prequal pool_size must be >= 1, got {pool_size!r}")
-        if not max_age > 0.0:
-            raise ValueError(f"prequal max_age must be > 0, got {max_age!r}")
-        if max_reuse < 1:
-            raise ValueError(f"prequal max_reuse must be >= 1, got {max_reuse!r}")
-        if not 0.0 < hot_quantile < 1.0:
-            raise ValueError(f"prequal hot_quantile must be in (0, 1), got {hot_quantile!r}")
-        self.probes_per_request = float(probes_per_request)
-        self.pool_size = int(pool_size)
-        self.max_age = float(max_age)
-        self.max_reuse = int(max_reuse)
-        self.hot_quantile = float(hot_quantile)
+        # probe_path and probe_timeout belong to the prober, not to the policy.
+        s = settings if settings is not None else PrequalSettings()
+        self.probes_per_request = s.probes_per_request
+        self.pool_size = s.pool_size
+        self.max_age = s.max_age
+        self.max_reuse = s.max_reuse
+        self.hot_quantile = s.hot_quantile
         self._rng = rng if rng is not None else random.Random()
         self.pool: list[PooledProbe] = []
         self._credit = 0.0  # probes owed, fractional
@@ -133,24 +121,6 @@ class Prequal(Policy):
         self._backoff: dict[Upstream, float] = {}  # failing upstreams: no probe before then
         for upstream in self.group:
             upstream.stats[self.KEY] = _Own()
-
-    @classmethod
-    def from_settings(
-        cls,
-        group: Sequence[Upstream],
-        settings: Mapping[str, Any],
-        rng: random.Random | None = None,
-    ) -> Prequal:
-        # probe_path and probe_timeout belong to the prober, not to the policy.
-        return cls(
-            group,
-            probes_per_request=float(settings.get("probes_per_request", 1.0)),
-            pool_size=int(settings.get("pool_size", 16)),
-            max_age=float(settings.get("max_age", 1.0)),
-            max_reuse=int(settings.get("max_reuse", 3)),
-            hot_quantile=float(settings.get("hot_quantile", 0.84)),
-            rng=rng,
-        )
 
     def _own(self, upstream: Upstream) -> _Own:
         own = upstream.stats.get(self.KEY)

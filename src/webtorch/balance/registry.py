@@ -1,37 +1,56 @@
 """Policy names, as written in ``[upstreams.NAME] policy = ...``, and their factories.
 
 A factory takes the group and every option any policy understands, and uses those it needs, so
-config and the proxy build any policy the same way. A new policy adds one entry to ``POLICIES``
-(and a field to :class:`PolicyOptions` if it has a setting of its own).
+config and the proxy build any policy the same way. A policy with settings of its own takes
+them typed (``balance/settings.py``, which the config's sections are), never as a dict. A new
+policy adds one entry to ``POLICIES`` (and, with settings, a class to ``settings.SETTINGS`` and
+a section to ``UpstreamConfig``).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 from webtorch.balance.base import Policy, Upstream
 from webtorch.balance.classic import LeastConn, Random2, RoundRobin
-from webtorch.balance.hashing import BoundedLoadHash
+from webtorch.balance.hashing import DEFAULT_BALANCE, BoundedLoadHash
 from webtorch.balance.peak_ewma import PeakEwma
 from webtorch.balance.prequal import Prequal
+from webtorch.balance.settings import (
+    SETTINGS,
+    LearnedSettings,
+    PeakEwmaSettings,
+    PolicySettings,
+    PrequalSettings,
+)
 
 
 @dataclass(frozen=True, slots=True)
 class PolicyOptions:
     hash_key: str | None = None  # a KeySpec string; required by "hash"
-    balance: float = 0.25  # the bounded-load epsilon of "hash"
+    balance: float = DEFAULT_BALANCE  # the bounded-load epsilon of "hash"
     rng: random.Random | None = None  # None: a fresh unseeded Random per policy
-    # The policy's own config section as a dict ([upstreams.X.peak_ewma], .prequal, .learned;
-    # empty: its defaults), and the group's name (a learned policy's state is per group).
-    settings: Mapping[str, Any] = field(default_factory=dict)
+    # The policy's own settings ([upstreams.X.peak_ewma], .prequal, .learned; None: its
+    # defaults), and the group's name.
+    settings: PolicySettings | None = None
     group_name: str = ""
 
 
 PolicyFactory = Callable[[Sequence[Upstream], PolicyOptions], Policy]
+_S = TypeVar("_S", PeakEwmaSettings, PrequalSettings, LearnedSettings)
+
+
+def _own(name: str, kind: type[_S], options: PolicyOptions) -> _S:
+    """The settings of policy ``name``: of its own class, or its defaults."""
+    settings = options.settings
+    if settings is None:
+        return kind()
+    if type(settings) is not kind:
+        raise TypeError(f"policy {name!r} takes {kind.__name__}, not {type(settings).__name__}")
+    return settings
 
 
 def _hash(group: Sequence[Upstream], options: PolicyOptions) -> Policy:
@@ -43,13 +62,11 @@ def _hash(group: Sequence[Upstream], options: PolicyOptions) -> Policy:
 def _learned(group: Sequence[Upstream], options: PolicyOptions) -> Policy:
     from webtorch.balance.learned import Learned  # imports torch: only when used
 
-    state_dir = options.settings.get("state_dir")
     return Learned(
         group,
-        settings=options.settings,
+        _own("learned", LearnedSettings, options),
         hash_key=options.hash_key,
         rng=options.rng,
-        state_dir=Path(state_dir) if state_dir is not None else None,
     )
 
 
@@ -58,12 +75,15 @@ POLICIES: dict[str, PolicyFactory] = {
     "least_conn": lambda group, options: LeastConn(group),
     "random2": lambda group, options: Random2(group, rng=options.rng),
     "hash": _hash,
-    "peak_ewma": lambda group, options: PeakEwma.from_settings(
-        group, options.settings, options.rng
+    "peak_ewma": lambda group, options: PeakEwma(
+        group, _own("peak_ewma", PeakEwmaSettings, options), rng=options.rng
     ),
-    "prequal": lambda group, options: Prequal.from_settings(group, options.settings, options.rng),
+    "prequal": lambda group, options: Prequal(
+        group, _own("prequal", PrequalSettings, options), rng=options.rng
+    ),
     "learned": _learned,
 }
+assert set(SETTINGS) <= set(POLICIES)
 
 
 def make_policy(
@@ -71,16 +91,17 @@ def make_policy(
     group: Sequence[Upstream],
     *,
     hash_key: str | None = None,
-    balance: float = 0.25,
+    balance: float = DEFAULT_BALANCE,
     rng: random.Random | None = None,
-    settings: Mapping[str, Any] | None = None,
+    settings: PolicySettings | None = None,
     group_name: str = "",
 ) -> Policy:
     """A new policy instance for one upstream group; ValueError for an unknown name or a bad or
-    missing option (the message names it, for config validation)."""
+    missing option (the message names it, for config validation), TypeError for settings of
+    another policy's class."""
     factory = POLICIES.get(name)
     if factory is None:
         known = ", ".join(sorted(POLICIES))
         raise ValueError(f"unknown balancing policy {name!r}; expected one of: {known}")
-    options = PolicyOptions(hash_key, balance, rng, settings or {}, group_name)
+    options = PolicyOptions(hash_key, balance, rng, settings, group_name)
     return factory(group, options)

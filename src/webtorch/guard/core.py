@@ -34,7 +34,7 @@ from webtorch.guard.clients import ClientState, ClientTable
 from webtorch.guard.features import RequestView
 from webtorch.guard.scorer import Scorer
 from webtorch.guard.surge import SurgeDetector
-from webtorch.observe.metrics import Histogram
+from webtorch.metrics import Histogram
 
 ALLOW, THROTTLE, BLOCK = "allow", "throttle", "block"
 # A client first seen less than this long before a surge began counts as part of it: a flood

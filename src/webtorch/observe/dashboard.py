@@ -28,7 +28,7 @@ import orjson
 from webtorch import __version__
 from webtorch.errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized
 from webtorch.http.messages import JSON, HandlerResult, Request, Response
-from webtorch.observe.metrics import Metrics
+from webtorch.metrics import Metrics
 from webtorch.observe.timeline import Timeline
 from webtorch.proxy.upstream import Proxies
 from webtorch.serve.oip import Auth

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from webtorch.observe.metrics import Histogram, Metrics
+from webtorch.metrics import Histogram, Metrics
 from webtorch.proxy.upstream import Proxies, UpstreamGroup
 
 if TYPE_CHECKING:

@@ -9,7 +9,9 @@ returns at once; each result goes to ``policy.on_probe`` on the event loop. Prob
 up: at most one is in flight per upstream (a probe asked for meanwhile is skipped, the policy
 simply sees one result fewer), and at most ``max_inflight`` in all. Each upstream gets one
 kept-alive connection of the prober's own, apart from the request pools, so a probe never
-waits behind requests and a request never behind a probe.
+waits behind requests and a request never behind a probe. Probes are GETs through the upstream
+client (``http/client.py``'s :func:`fetch`), so its parser and head limits bound what an
+upstream can make the prober hold, as they bound proxied responses.
 
 :class:`LoadReport` is the server's side, computed on demand so that the request path pays
 nothing for it.
@@ -29,8 +31,9 @@ import orjson
 
 from webtorch.balance.base import Policy, ProbeResult, Upstream
 from webtorch.errors import MethodNotAllowed
+from webtorch.http.client import ConnectionPool, PoolSettings, fetch
 from webtorch.http.messages import Request, Response, json_response
-from webtorch.observe.metrics import LATENCY_BUCKETS, Metrics
+from webtorch.metrics import LATENCY_BUCKETS, Metrics
 
 if TYPE_CHECKING:
     from webtorch.http.server import HttpServer
@@ -39,7 +42,9 @@ log = logging.getLogger("webtorch.proxy")
 
 LOAD_PATH = "/v2/health/load"
 _MAX_HEAD = 16 * 1024  # a probe answer is tiny; anything bigger is not a load report
+_MAX_HEADERS = 50
 _MAX_BODY = 16 * 1024
+_HEADERS = b"user-agent: webtorch-probe\r\naccept: application/json\r\n"
 
 
 class Prober:
@@ -66,8 +71,17 @@ class Prober:
         self.skipped = 0  # probes not started: one to the same upstream was in flight
         self._tasks: set[asyncio.Task[None]] = set()
         self._busy: set[Upstream] = set()  # upstreams with a probe in flight
-        # One idle kept-alive connection per upstream, between its probes.
-        self._idle: dict[Upstream, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
+        # A pool per upstream keeping one idle kept-alive connection between its probes, with
+        # the upstream client's parser and limits (a probe answer is tiny: tighter ones).
+        self._pools: dict[Upstream, ConnectionPool] = {}
+        self._settings = PoolSettings(
+            keepalive=1,
+            max_requests=0,
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            max_header_bytes=_MAX_HEAD,
+            max_headers=_MAX_HEADERS,
+        )
 
     @property
     def inflight(self) -> int:
@@ -90,8 +104,14 @@ class Prober:
     async def _probe(self, upstream: Upstream) -> None:
         result: ProbeResult | None = None
         try:
-            async with asyncio.timeout(self.timeout):
-                result = await self._exchange(upstream)
+            status, body = await fetch(
+                self._pool(upstream),
+                self.path,
+                _HEADERS,
+                within=self.timeout,
+                max_body=_MAX_BODY,
+            )
+            result = parse_load(body) if status == 200 else None
         except Exception:  # refused, reset, timed out, not HTTP, too large: no report
             result = None
         finally:
@@ -103,102 +123,20 @@ class Prober:
         except Exception:  # a policy bug must not kill the prober (nor leak a task error)
             log.exception("policy %s failed in on_probe()", self.policy.name)
 
-    async def _exchange(self, upstream: Upstream) -> ProbeResult | None:
-        conn = self._idle.pop(upstream, None)
-        if conn is not None:
-            reader, writer = conn
-            if reader.at_eof() or writer.is_closing():
-                writer.close()  # the server closed it while idle
-            else:
-                try:
-                    return await self._ask(upstream, reader, writer)
-                except (ConnectionError, asyncio.IncompleteReadError) as exc:
-                    writer.close()
-                    if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
-                        raise
-                    # Closed by the server just as it was reused (keep-alive timeouts racing),
-                    # before any answer: not a failure of the server; once more, afresh.
-                except BaseException:
-                    writer.close()
-                    raise
-        reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
-        try:
-            return await self._ask(upstream, reader, writer)
-        except BaseException:
-            writer.close()
-            raise
-
-    async def _ask(
-        self, upstream: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> ProbeResult | None:
-        """One GET on ``writer``; puts the connection back as idle when it may be reused."""
-        writer.write(
-            b"GET %s HTTP/1.1\r\nhost: %s\r\nuser-agent: webtorch-probe\r\n"
-            b"accept: application/json\r\n\r\n" % (self.path.encode(), upstream.address.encode())
-        )
-        head = await reader.readuntil(b"\r\n\r\n")
-        if len(head) > _MAX_HEAD:
-            raise ValueError("probe response head too large")
-        status, length, keep_alive = _parse_head(head)
-        if length is None:
-            # Chunked or delimited by close: not what a load report looks like. Not reused.
-            writer.close()
-            return None
-        if length > _MAX_BODY:
-            raise ValueError("probe response body too large")
-        body = await reader.readexactly(length) if length else b""
-        if keep_alive and not self.closed:
-            self._idle[upstream] = (reader, writer)
-        else:
-            writer.close()
-        return parse_load(body) if status == 200 else None
+    def _pool(self, upstream: Upstream) -> ConnectionPool:
+        pool = self._pools.get(upstream)
+        if pool is None:
+            pool = self._pools[upstream] = ConnectionPool(upstream, self._settings, self.loop)
+        return pool
 
     def close(self) -> None:
-        """Cancel the probes in flight and close the idle connections."""
+        """Cancel the probes in flight and close the connections."""
         self.closed = True
         for task in list(self._tasks):
             task.cancel()
-        for _, writer in self._idle.values():
-            writer.close()
-        self._idle.clear()
-
-
-def _parse_head(head: bytes) -> tuple[int, int | None, bool]:
-    """Status, Content-Length (None when the body is chunked or runs to the close) and
-    whether the connection stays open, from a response head; ValueError if it is not HTTP."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(None, 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-        raise ValueError("not an HTTP/1.x response")
-    status = int(parts[1])
-    if status < 200:
-        raise ValueError("an interim response to a probe")
-    keep_alive = parts[0] != b"HTTP/1.0"
-    length: int | None = None
-    chunked = False
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            continue
-        name = name.strip().lower()
-        value = value.strip()
-        if name == b"content-length":
-            if not value.isdigit():
-                raise ValueError("bad content-length")
-            length = int(value)
-        elif name == b"transfer-encoding":
-            chunked = True
-        elif name == b"connection":
-            tokens = {t.strip().lower() for t in value.split(b",")}
-            if b"close" in tokens:
-                keep_alive = False
-            elif b"keep-alive" in tokens:
-                keep_alive = True
-    if chunked:
-        return status, None, False
-    if length is None and status in (204, 304):
-        length = 0
-    return status, length, keep_alive and length is not None
+        for pool in self._pools.values():
+            pool.abort()
+        self._pools.clear()
 
 
 def parse_load(body: bytes) -> ProbeResult | None:

@@ -11,6 +11,7 @@ clock, and the swap to a new set on reload.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -25,15 +26,15 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from pydantic import BaseModel
 
 from webtorch.balance.base import Outcome, Upstream
 from webtorch.balance.registry import make_policy
+from webtorch.balance.settings import LearnedSettings, PrequalSettings
 from webtorch.balance.sticky import StickyCookie
 from webtorch.config import Config, RouteConfig, UpstreamConfig, parse_listen
-from webtorch.http.client import ConnectionPool, PoolSettings
+from webtorch.http.client import ConnectionPool, FetchFailed, PoolSettings, fetch
 from webtorch.http.messages import HandlerResult, Request
-from webtorch.observe.metrics import LATENCY_BUCKETS, Histogram
+from webtorch.metrics import LATENCY_BUCKETS, Histogram
 from webtorch.proxy.forward import Forward
 from webtorch.proxy.headers import TrustedProxies
 from webtorch.proxy.health import ActiveSettings, GroupHealth, OutlierSettings, PassiveSettings
@@ -44,6 +45,8 @@ from webtorch.proxy.retry import RetryBudget, RetrySettings
 _clock: Final = time.monotonic
 
 log: Final = logging.getLogger("webtorch.proxy")
+# What an active health check sends besides its request line and Host.
+_CHECK_HEADERS: Final = b"user-agent: webtorch-health-check\r\nconnection: close\r\n"
 
 
 @dataclass(slots=True)
@@ -74,23 +77,25 @@ class UpstreamGroup:
         for i, server in enumerate(config.servers):
             host, port = parse_listen(server.address)
             self.upstreams.append(Upstream(server.address, host, port, server.weight, index=i))
-        own = getattr(config, config.policy, None)  # [upstreams.X.<policy>], if it has one
-        settings = own.model_dump() if isinstance(own, BaseModel) else None
-        if settings is not None and "state_dir" in settings:
+        own = config.policy_settings()  # [upstreams.X.<policy>], if it has one
+        if isinstance(own, LearnedSettings):
             # A learned policy's weights: relative to the config's directory; by default under
             # the working directory, as models' training state is.
-            configured = settings["state_dir"]
+            configured = own.state_dir
             if configured is None:
-                settings["state_dir"] = Path.cwd() / "webtorch-state" / f"balancer-{name}"
-            elif not Path(configured).is_absolute() and base_dir is not None:
-                settings["state_dir"] = base_dir / configured
+                state_dir = Path.cwd() / "webtorch-state" / f"balancer-{name}"
+            elif not configured.is_absolute() and base_dir is not None:
+                state_dir = base_dir / configured
+            else:
+                state_dir = configured
+            own = own.model_copy(update={"state_dir": state_dir})
         self.policy = make_policy(
             config.policy,
             self.upstreams,
             hash_key=config.hash_key,
             balance=config.hash_balance,
             rng=rng,
-            settings=settings,
+            settings=own,
             group_name=name,
         )
         o = config.outlier
@@ -142,18 +147,22 @@ class UpstreamGroup:
             max_headers=config.max_response_headers,
         )
         self.pools = [ConnectionPool(u, pool_settings, loop) for u in self.upstreams]
+        # Active checks have pools of their own that keep no connection: a fresh one each check.
+        check_settings = dataclasses.replace(pool_settings, keepalive=0, max_connections=0)
+        self._check_pools = (
+            [ConnectionPool(u, check_settings, loop) for u in self.upstreams] if hc else []
+        )
         self.stats = [UpstreamStats() for _ in self.upstreams]
         self.retries = 0
         self.reasons: dict[str, int] = {}  # picks by the policy's reason (the dashboard's)
         self._checks: set[asyncio.Task[None]] = set()
         self.closed = False
-        # Load probes, for a policy that asks for them (prequal): its own settings name the
-        # path and timeout, else [upstreams.X.prequal]'s do.
+        # Load probes, for a policy that asks for them: [upstreams.X.prequal] names the path
+        # and timeout.
         self.prober: Prober | None = None
         if self.policy.probing:
-            path = getattr(own, "probe_path", config.prequal.probe_path)
-            timeout = getattr(own, "probe_timeout", config.prequal.probe_timeout)
-            self.prober = Prober(self.policy, path, timeout, loop)
+            probe = own if isinstance(own, PrequalSettings) else config.prequal
+            self.prober = Prober(self.policy, probe.probe_path, probe.probe_timeout, loop)
         self.probing = self.prober is not None  # the one check Forward makes per pick
 
     # -- the request path ---------------------------------------------------------------------
@@ -233,31 +242,24 @@ class UpstreamGroup:
 
     async def _check(self, upstream: Upstream) -> None:
         """One active health check: a GET on a fresh connection (a pooled one could hide a
-        server that no longer accepts), passed on an expected status within the timeout."""
+        server that no longer accepts), passed on an expected status within the timeout. It goes
+        through the upstream client, so a head over the group's limits, or one that is not
+        HTTP/1.x, fails the check instead of being read without bound."""
         active = self.health.active
         assert active is not None
         ok = False
-        writer: asyncio.StreamWriter | None = None
         try:
-            async with asyncio.timeout(active.timeout):
-                reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
-                writer.write(
-                    b"GET %s HTTP/1.1\r\nhost: %s\r\nuser-agent: webtorch-health-check\r\n"
-                    b"connection: close\r\n\r\n" % (active.path.encode(), upstream.address.encode())
-                )
-                line = await reader.readline()
-                parts = line.split(None, 2)
-                ok = (
-                    len(parts) >= 2
-                    and parts[0].startswith(b"HTTP/1.")
-                    and parts[1].isdigit()
-                    and active.status_ok(int(parts[1]))
-                )
-        except (OSError, TimeoutError, ValueError):
+            status, _ = await fetch(
+                self._check_pools[upstream.index],
+                active.path,
+                _CHECK_HEADERS,
+                within=active.timeout,
+                max_body=0,
+                head_only=True,  # the status is the answer; the body is not read
+            )
+            ok = active.status_ok(status)
+        except (FetchFailed, ValueError):
             ok = False
-        finally:
-            if writer is not None:
-                writer.close()
         if self.closed:
             return
         now = _clock()
@@ -285,6 +287,8 @@ class UpstreamGroup:
             self.prober.close()
         for pool in self.pools:
             pool.close()
+        for pool in self._check_pools:
+            pool.abort()
 
     def abort(self) -> None:
         self.close()

@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from webtorch.errors import NotFound
 from webtorch.http.messages import HandlerResult, Request, json_response
-from webtorch.observe.metrics import ModelStats
-from webtorch.serve import codecs
+from webtorch.metrics import ModelStats
 from webtorch.serve.executor import Executor
 from webtorch.serve.model import LoadedModel
 from webtorch.serve.oip import Auth, require_method
+from webtorch.serve.wire.oip_json import OIPForm
+from webtorch.serve.wire.short import ShortForm
 
 if TYPE_CHECKING:  # the forms come from the model's training pipeline: no train/ import here
     from webtorch.train.forms import TrainForms
@@ -36,10 +37,10 @@ class ModelEndpoint:
         self._inputs = {t.name: t for t in model.inputs}
         self._outputs = model.outputs
         self._record_decode = stats.stages["decode"].record
-        self._short = codecs.ShortForm(
+        self._short = ShortForm(
             model.inputs, model.outputs, model.name, max_rows=executor.scheduler.max_batch
         )
-        self._oip = codecs.OIPForm(
+        self._oip = OIPForm(
             model.inputs,
             model.outputs,
             model.name,

@@ -35,10 +35,8 @@ import torch
 
 from webtorch.errors import BadRequest, HTTPError, ModelFailed, NotFound, ServiceUnavailable
 from webtorch.http.messages import Pending, Response, error_response, response_for_error
-from webtorch.observe.metrics import ModelStats
-from webtorch.serve import codecs
+from webtorch.metrics import ModelStats
 from webtorch.serve.batcher import BatchScheduler, Queued, QueueFull
-from webtorch.serve.codecs import InputData
 from webtorch.serve.datatypes import to_numpy, to_torch
 from webtorch.serve.model import LoadedModel, Tensors, TensorSpec
 from webtorch.serve.scheduler import (
@@ -53,6 +51,8 @@ from webtorch.serve.scheduler import (
     Scheduler,
     shared,
 )
+from webtorch.serve.wire import tensors as codecs
+from webtorch.serve.wire.tensors import InputData
 
 if TYPE_CHECKING:  # built by the trainer (see above): train/ is never imported at runtime here
     from webtorch.train.forms import TrainForms, TrainRequest

@@ -33,7 +33,7 @@ from webtorch.config import MODEL_NAME, Config, ModelConfig, model_paths, train_
 from webtorch.errors import BadRequest, MethodNotAllowed, NotFound, WebTorchError
 from webtorch.http.messages import HandlerResult, Request, Response, json_response
 from webtorch.http.router import Route, Router
-from webtorch.observe.metrics import Metrics
+from webtorch.metrics import Metrics
 from webtorch.serve.oip import Auth
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from webtorch.config import TrainConfig
-    from webtorch.observe.metrics import TrainStats
+    from webtorch.metrics import TrainStats
     from webtorch.serve.endpoint import ModelEndpoint
     from webtorch.serve.executor import Executor
     from webtorch.serve.model import LoadedModel

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from webtorch.files import fsync_directory, make_private_dir
+from webtorch.files import fsync_directory, write_private
 
 logger = logging.getLogger(__name__)
 
@@ -104,21 +103,15 @@ def write_checkpoint(
         "optimizer": snap.optimizer_json,
         "crc32": _crc32(snap.tensors),
     }
-    make_private_dir(directory)  # 0700, like the temp file mkstemp makes 0600
-    fd, name = tempfile.mkstemp(dir=directory, prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX)
-    os.close(fd)
-    temp = Path(name)
     final = directory / f"checkpoint-{step:016d}.safetensors"
-    try:
-        # save_file rather than save() + write: no second in-memory copy of a large model.
-        safetensors.torch.save_file(snap.tensors, temp, metadata=metadata)
-        with temp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temp, final)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    fsync_directory(directory)
+    # save_file rather than save() + write: no second in-memory copy of a large model. The
+    # temporary name is the one load_latest's clean-up knows.
+    write_private(
+        final,
+        lambda temp: safetensors.torch.save_file(snap.tensors, temp, metadata=metadata),
+        prefix=_TEMP_PREFIX,
+        suffix=_TEMP_SUFFIX,
+    )
     return final
 
 

@@ -22,9 +22,17 @@ import orjson
 
 from webtorch.errors import BadRequest
 from webtorch.http.messages import JSON, Response
-from webtorch.serve import codecs
-from webtorch.serve.codecs import InputData
 from webtorch.serve.model import LoadedModel, TensorSpec
+from webtorch.serve.wire.oip_json import oip_document, oip_tensors, request_id
+from webtorch.serve.wire.short import check_rows, short_document, short_tensors
+from webtorch.serve.wire.tensors import (
+    JSON_TYPES,
+    InputData,
+    TensorCheck,
+    loads_or_none,
+    rows_of,
+    strict_array,
+)
 
 
 class TrainRequest:
@@ -76,7 +84,7 @@ def settle(request: TrainRequest, inputs: list[TensorSpec], targets: list[Tensor
         for spec in specs:
             data = group[spec.name]
             if type(data) is list:
-                group[spec.name] = codecs.strict_array(spec, data, kind)
+                group[spec.name] = strict_array(spec, data, kind)
 
 
 class TrainForms:
@@ -99,7 +107,7 @@ class TrainForms:
         # The common case, one input and one target, decodes through the inference fast path's
         # checks; anything unusual goes to the general decoders, which word the errors.
         self._fast = (
-            (codecs.TensorCheck(model.inputs[0]), codecs.TensorCheck(model.targets[0]))
+            (TensorCheck(model.inputs[0]), TensorCheck(model.targets[0]))
             if len(model.inputs) == 1 and len(model.targets) == 1
             else None
         )
@@ -109,16 +117,16 @@ class TrainForms:
     def _request(
         self, inputs: dict[str, np.ndarray], targets: dict[str, np.ndarray], id: str | None
     ) -> TrainRequest:
-        rows = codecs.rows_of(inputs, self.inputs, self.model)
-        target_rows = codecs.rows_of(targets, self.targets, self.model, "target")
+        rows = rows_of(inputs, self.inputs, self.model)
+        target_rows = rows_of(targets, self.targets, self.model, "target")
         if rows != target_rows:
             raise BadRequest(f"{rows} rows of inputs but {target_rows} rows of targets")
         return TrainRequest(_native(inputs), _native(targets), rows, id)
 
     def decode_short(self, body: bytes, content_type: bytes) -> TrainRequest:
         fast = self._fast
-        if fast is not None and content_type in codecs.JSON_TYPES:
-            doc = codecs.loads_or_none(body)
+        if fast is not None and content_type in JSON_TYPES:
+            doc = loads_or_none(body)
             if type(doc) is dict:
                 check_x, check_y = fast
                 rows_x = doc.get("inputs")
@@ -132,8 +140,8 @@ class TrainForms:
                 ):
                     # Their numbers are checked when the micro-batch converts them.
                     return TrainRequest({check_x.name: rows_x}, {check_y.name: rows_y}, len(rows_x))
-                codecs.check_rows(self.inputs[check_x.name], rows_x, "input", self.max_rows)
-                codecs.check_rows(self.targets[check_y.name], rows_y, "target", self.max_rows)
+                check_rows(self.inputs[check_x.name], rows_x, "input", self.max_rows)
+                check_rows(self.targets[check_y.name], rows_y, "target", self.max_rows)
                 x = check_x.array(rows_x)
                 y = check_y.array(rows_y)
                 if (
@@ -144,21 +152,21 @@ class TrainForms:
                     and x.shape[0] == y.shape[0]
                 ):
                     return TrainRequest({check_x.name: x}, {check_y.name: y}, x.shape[0])
-        doc = codecs.short_document(body, content_type, ("inputs", "targets"))
-        inputs = codecs.short_tensors(doc, "inputs", self.inputs, self.model, self.max_rows)
-        targets = codecs.short_tensors(doc, "targets", self.targets, self.model, self.max_rows)
+        doc = short_document(body, content_type, ("inputs", "targets"))
+        inputs = short_tensors(doc, "inputs", self.inputs, self.model, self.max_rows)
+        targets = short_tensors(doc, "targets", self.targets, self.model, self.max_rows)
         return self._request(inputs, targets, None)
 
     def decode_oip(
         self, body: bytes, content_type: bytes, header_length: bytes | None
     ) -> TrainRequest:
-        doc, offset = codecs.oip_document(body, content_type, header_length)
-        req_id = codecs.request_id(doc)  # refused before any tensor is decoded
+        doc, offset = oip_document(body, content_type, header_length)
+        req_id = request_id(doc)  # refused before any tensor is decoded
         binary = header_length is not None
-        inputs, offset = codecs.oip_tensors(
+        inputs, offset = oip_tensors(
             doc, "inputs", self.inputs, self.model, body, offset, binary, self.max_rows
         )
-        targets, offset = codecs.oip_tensors(
+        targets, offset = oip_tensors(
             doc, "targets", self.targets, self.model, body, offset, binary, self.max_rows
         )
         if offset != len(body):

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from webtorch.errors import BadRequest, HTTPError, ModelFailed, ServiceUnavailable
 from webtorch.http.messages import Pending, Response, error_response, response_for_error
-from webtorch.observe.metrics import ModelStats
+from webtorch.metrics import ModelStats
 from webtorch.serve.batcher import BatchScheduler, QueueFull
 from webtorch.serve.model import LoadedModel
 from webtorch.serve.scheduler import HEAD_BUSY, HEAD_READY, HEAD_WAITING, NO_STEP, shared

@@ -55,11 +55,11 @@ from torch.optim import optimizer as optim_base
 
 from webtorch.config import TrainConfig
 from webtorch.errors import ModelLoadError
-from webtorch.observe.metrics import TrainStats
-from webtorch.serve import codecs
-from webtorch.serve.codecs import InputData
+from webtorch.metrics import TrainStats
 from webtorch.serve.datatypes import to_torch
 from webtorch.serve.model import LoadedModel, Tensors, TensorSpec
+from webtorch.serve.wire import tensors as codecs
+from webtorch.serve.wire.tensors import InputData
 from webtorch.train import checkpoint as ckpt
 from webtorch.train.forms import UncheckedRows
 from webtorch.train.wal import WalCorrupt, WriteAheadLog, encode_record

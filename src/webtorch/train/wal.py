@@ -42,7 +42,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError
 
-from webtorch.files import PRIVATE_FILE, fsync_directory, make_private_dir
+from webtorch.files import PRIVATE_FILE, fsync_directory, make_private_dir, truncate_durably
 
 logger: Final = logging.getLogger(__name__)
 
@@ -361,12 +361,7 @@ class WriteAheadLog:
         _, path, offset = cut
         while segments and segments[-1][1] != path:
             segments.pop()[1].unlink(missing_ok=True)  # begun by the records cut
-        os.truncate(path, offset)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        truncate_durably(path, offset)
         fsync_directory(self._dir)
         logger.warning(
             "WAL %s cut at offset %d: records after %d were never applied", path, offset, seq
@@ -432,12 +427,7 @@ class WriteAheadLog:
                     segments.pop()
             if self._synced is not None:
                 path, size = self._synced
-                os.truncate(path, size)
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                truncate_durably(path, size)
             if self._begun:
                 fsync_directory(self._dir)
         except OSError:

@@ -1,5 +1,5 @@
 from webtorch.http.messages import Request
-from webtorch.observe.metrics import Histogram, Metrics
+from webtorch.metrics import Histogram, Metrics
 
 
 def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
