@@ -48,12 +48,15 @@ from webtorch.serve.repository import ModelRepository
 if TYPE_CHECKING:
     # These bring torch (the guard's network, models and executors): imported where a config
     # uses them, so that a server that only proxies and serves fixed answers never loads torch.
+    from webtorch.config import TrainConfig
     from webtorch.guard.core import Guard
     from webtorch.guard.feedback import Feedback
     from webtorch.guard.shell import GuardedHandler
+    from webtorch.metrics import TrainStats
     from webtorch.serve.endpoint import ModelEndpoint
     from webtorch.serve.executor import Executor
     from webtorch.serve.model import LoadedModel
+    from webtorch.train.trainer import Trainer
 
 log = logging.getLogger("webtorch")
 
@@ -72,6 +75,16 @@ RELOADABLE: frozenset[str] = frozenset(
         "model_dir",
     }
 )
+
+
+def _trainer(
+    model: LoadedModel, config: TrainConfig, state_dir: Path, stats: TrainStats
+) -> Trainer:
+    """A model's trainer, for the repository (serve/, which imports nothing from train/ at
+    runtime); torch comes with it, so it is imported when a model first trains."""
+    from webtorch.train.trainer import Trainer
+
+    return Trainer(model, config, state_dir, stats)
 
 
 class RestartRequired(ConfigError):
@@ -96,7 +109,7 @@ class App:
         self.auth = Auth(config.server.bearer_token, config.server.allowed_origins)
         self.dashboard: Dashboard | None = None
         self._extensions: list[str] = []  # /v2's extensions, made with the routes
-        self.repository = ModelRepository(config, self.metrics, self.auth)
+        self.repository = ModelRepository(config, self.metrics, self.auth, _trainer)
         self.server: HttpServer | None = None
         self._ready = False
         self._compaction: asyncio.TimerHandle | None = None

@@ -67,10 +67,12 @@ MODULES = [
     "webtorch/serve/wire/oip_json.py",
     "webtorch/serve/wire/oip_binary.py",
     "webtorch/serve/batcher.py",
+    "webtorch/serve/scheduler.py",
     "webtorch/serve/executor.py",
     "webtorch/serve/endpoint.py",
     "webtorch/serve/oip.py",
     "webtorch/train/trainer.py",
+    "webtorch/train/pipeline.py",
     "webtorch/train/wal.py",
     "webtorch/train/forms.py",
 ]

@@ -5,8 +5,9 @@ is idle, whatever is queued goes at once, up to ``max_batch`` rows, so a lone re
 nothing. With ``max_delay`` > 0 an idle model waits up to that long after the oldest arrival for the
 batch to fill (Triton's ``max_queue_delay``), trading a little latency for bigger batches.
 
-The I/O shell (``executor.py``) calls :meth:`poll` whenever something may have changed and arms a
-timer for :meth:`wake_at`; it never decides anything itself.
+The I/O shell (``executor.py``) asks ``scheduler.py``, which polls these queues (inference's and
+training's) whenever something may have changed; the shell arms a timer for :meth:`wake_at` and
+never decides anything itself.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ class BatchScheduler(Generic[T]):
         """For a caller that asks once per event-loop turn, before polling: whether the queue,
         below ``max_batch``, grew since it last asked, that is, arrivals are still coming in and
         another turn would add them to this batch. False once it stops growing or fills (and
-        the next batch starts afresh). The training executor waits on it (see
-        ``serve/executor.py``): a turn costs an ``epoll_wait``, a step a fixed few hundred
+        the next batch starts afresh). The training scheduler waits on it (see
+        ``serve/scheduler.py``): a turn costs an ``epoll_wait``, a step a fixed few hundred
         microseconds of torch however few its rows, and the core never idles waiting, as it
         would with ``max_delay``."""
         rows = self._queued_rows
@@ -107,6 +108,10 @@ class BatchScheduler(Generic[T]):
     def finish(self) -> None:
         """The running batch is done; the next :meth:`poll` may dispatch again."""
         self.busy = False
+
+    def oldest(self) -> float:
+        """When the oldest item queued arrived (the queue is not empty)."""
+        return self._queue[0].arrived
 
     def queued(self) -> list[Queued[T]]:
         """A snapshot of what is queued, oldest first."""

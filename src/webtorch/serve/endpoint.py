@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from webtorch.errors import NotFound
-from webtorch.http.messages import HandlerResult, Request, Response, json_response
+from webtorch.http.messages import HandlerResult, Request, json_response
 from webtorch.metrics import ModelStats
 from webtorch.serve.executor import Executor
 from webtorch.serve.model import LoadedModel
 from webtorch.serve.oip import Auth, require_method
 from webtorch.serve.wire.oip_json import OIPForm
 from webtorch.serve.wire.short import ShortForm
-from webtorch.train.forms import TrainForms, TrainRequest, encode_short_batch, idempotency_key
+
+if TYPE_CHECKING:  # the forms come from the model's training pipeline: no train/ import here
+    from webtorch.train.forms import TrainForms
 
 # Bound once: a compiled module reads a Final name from a C static, not a module attribute.
 _clock: Final = time.perf_counter
@@ -47,12 +49,15 @@ class ModelEndpoint:
         )
         self.auth = auth or Auth(None)
         self.trainable = executor.trainer is not None
-        train_queue = executor.train_scheduler
-        self._train = (
-            TrainForms(model, max_rows=train_queue.max_batch)
-            if self.trainable and train_queue is not None
-            else None
-        )
+        training = executor.training
+        self._train: TrainForms | None = None
+        if self.trainable and training is not None:
+            forms = training.forms()
+            self._train = forms
+            # Bound once: the pipeline answers a step's requests together when they share
+            # one encoder, which it tells by identity.
+            self._short_train = forms.encode_short_request
+            self._short_batch = forms.encode_short_batch
 
     def predict(self, request: Request) -> HandlerResult:
         request.model = self.name  # for the access log
@@ -112,8 +117,8 @@ class ModelEndpoint:
         decoded = forms.decode_short(request.body, request.content_type)
         key = request.header(b"idempotency-key")
         if key is not None:
-            decoded.key = idempotency_key(key)
-        return self.executor.submit_train(decoded, _short_train, encode_short_batch)
+            decoded.key = forms.idempotency_key(key)
+        return self.executor.submit_train(decoded, self._short_train, self._short_batch)
 
     def train_oip(self, request: Request) -> HandlerResult:
         request.model = self.name
@@ -127,7 +132,7 @@ class ModelEndpoint:
         )
         key = request.header(b"idempotency-key")
         if key is not None:
-            decoded.key = idempotency_key(key)
+            decoded.key = forms.idempotency_key(key)
         return self.executor.submit_train(decoded, forms.encode_oip)
 
     def metadata(self) -> dict[str, Any]:
@@ -136,7 +141,3 @@ class ModelEndpoint:
 
 # The methods of the short-form train endpoint: POST trains, GET answers the training status.
 _SHORT: Final = ("POST", "GET")
-
-
-def _short_train(request: TrainRequest, loss: float, step: int) -> Response:
-    return TrainForms.encode_short(loss, step)

@@ -1,29 +1,23 @@
-"""The per-model executor: the I/O shell around :class:`BatchScheduler`.
+"""The per-model executor: the I/O shell that runs what :class:`Scheduler` decides.
 
-One executor per model serialises all work on it (inference now, training next), so no two
-forward or optimizer steps ever race. Requests are queued as numpy arrays with an ``encode``
-callback; a batch concatenates them, runs preprocess -> network -> postprocess once, splits the
-outputs and encodes each request's response, resolving its Pending. Handlers return that Pending, so
-a request costs no asyncio task.
+One executor per model serialises all work on it (inference and training), so no two forward or
+optimizer steps ever race and no inference sees a half-updated model. When the model is free the
+executor asks its scheduler (``scheduler.py``, sans-IO) what runs next and does that: an inference
+batch, or a piece of the training pipeline's work (``train/pipeline.py``: compute a step, apply
+one, start a group), or a timer, or nothing.
+
+Inference requests are queued as numpy arrays with an ``encode`` callback; a batch concatenates
+them, runs preprocess -> network -> postprocess once, splits the outputs and encodes each
+request's response, resolving its Pending. Handlers return that Pending, so a request costs no
+asyncio task.
 
 Where compute runs is ``mode``: ``"loop"`` runs batches on the event loop thread, scheduled with
 ``call_soon`` so that every request already readable on a socket joins the batch first; ``"thread"``
 runs them on one worker thread while the loop keeps accepting. For small models the loop is faster
 (no thread hop, no GIL ping-pong); BENCHMARKS.md has the numbers behind the default.
 
-Training (``train/trainer.py``) goes through the same executor, so no inference ever sees a
-half-updated model and no two steps race. When no step is in flight, the queued train requests
-become a group of micro-batches of up to ``train.max_batch`` rows each (usually one: every request
-that arrived while the previous step ran). While that queue still grows from one loop turn to the
-next, below ``train.max_batch``, the group waits another turn (``BatchScheduler.growing``): the
-answers of the last step are coming back as new requests, and a step's torch cost hardly depends
-on its rows. With a WAL the group is written and fsynced on an I/O
-thread (group commit: one fsync for all of it) while the model computes the first micro-batch's
-gradients, so the disk's latency hides behind the compute. Each micro-batch's optimizer step
-follows once it is computed and logged, in log order, and only then are its requests answered.
-A train request repeating the idempotency key of one applied already is answered as that one was
-(:meth:`Trainer.answered`); one repeating a key queued or in flight waits for its answer. Neither
-is applied again.
+The executor imports nothing from ``train/``: the trainer it is given builds the pipeline
+(:meth:`Trainer.pipeline`), so serve/ and train/ form no import cycle.
 """
 
 from __future__ import annotations
@@ -32,10 +26,9 @@ import asyncio
 import functools
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final, Literal, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, cast
 
 import numpy as np
 import torch
@@ -43,24 +36,35 @@ import torch
 from webtorch.errors import BadRequest, HTTPError, ModelFailed, NotFound, ServiceUnavailable
 from webtorch.http.messages import Pending, Response, error_response, response_for_error
 from webtorch.metrics import ModelStats
-from webtorch.serve.batcher import BatchScheduler, QueueFull
+from webtorch.serve.batcher import BatchScheduler, Queued, QueueFull
 from webtorch.serve.datatypes import to_numpy, to_torch
 from webtorch.serve.model import LoadedModel, Tensors, TensorSpec
+from webtorch.serve.scheduler import (
+    AGAIN,
+    APPLY,
+    GROUP,
+    INFER,
+    NO_STEP,
+    PREPARE,
+    TIMER,
+    Priority,
+    Scheduler,
+    shared,
+)
 from webtorch.serve.wire import tensors as codecs
 from webtorch.serve.wire.tensors import InputData
-from webtorch.train.checkpoint import Snapshot
-from webtorch.train.forms import TrainRequest, settle
-from webtorch.train.trainer import Answer, Batch, Prepared, StepResult, Trainer, UncheckedRows
-from webtorch.train.wal import delete_segments
+
+if TYPE_CHECKING:  # built by the trainer (see above): train/ is never imported at runtime here
+    from webtorch.train.forms import TrainForms, TrainRequest
+    from webtorch.train.pipeline import TrainBatchEncoder, TrainEncoder
+    from webtorch.train.trainer import Trainer
 
 # Bound once: a compiled module reads a Final name from a C static, not a module attribute.
 _clock: Final = time.perf_counter
 
 log: Final = logging.getLogger("webtorch.serve")
-_E = TypeVar("_E")
 
 ComputeMode = Literal["loop", "thread"]
-Priority = Literal["inference", "fifo"]
 Encoder = Callable[[dict[str, np.ndarray]], Response]
 
 
@@ -72,12 +76,6 @@ class BatchEncoder(Protocol):
     def encode_batch(
         self, outputs: dict[str, np.ndarray], counts: list[int]
     ) -> list[Response] | None: ...
-
-
-TrainEncoder = Callable[[TrainRequest, float, int], Response]
-# The responses of a whole step's requests at once, from their losses and the step number (see
-# ``forms.encode_short_batch``).
-TrainBatchEncoder = Callable[[list[float], int], list[Response]]
 
 
 class Job(Pending):
@@ -105,44 +103,27 @@ class Job(Pending):
         self.together = together
 
 
-class TrainJob(Pending):
-    """One train request's work and its Pending."""
+class Training(Protocol):
+    """The training pipeline, as the executor drives it (``train/pipeline.py``)."""
 
-    __slots__ = ("arrived", "encode", "request", "together")
+    queue: BatchScheduler[Any]  # train requests, cut into micro-batches
+    priority: Priority
 
-    def __init__(
+    def forms(self) -> TrainForms: ...
+    def head(self) -> int: ...
+    def in_flight(self) -> bool: ...
+    def begin_group(self, now: float) -> None: ...
+    def prepare_head(self) -> None: ...
+    def apply_head(self) -> None: ...
+    def submit(
         self,
         request: TrainRequest,
         encode: TrainEncoder,
-        arrived: float,
-        together: TrainBatchEncoder | None = None,
-    ) -> None:
-        self.response = None
-        self._callback = None
-        self._arg = None
-        self.on_cancel = None
-        self.request = request
-        self.encode = encode
-        self.arrived = arrived
-        # Encodes this job's response with those of its step's other jobs that share it.
-        self.together = together
-
-
-class _Step:
-    """A train micro-batch in flight: computed, logged, then applied. (Not a dataclass, so
-    that its ``__init__`` compiles: see :class:`webtorch.http.messages.Request`.)"""
-
-    def __init__(self, jobs: list[TrainJob], batch: Batch) -> None:
-        self.jobs = jobs
-        self.batch = batch
-        self.preparing = False
-        self.prepared: Prepared | None = None  # gradients computed
-        self.logged = False  # durable (or nothing to log)
-
-
-# Micro-batches logged with one fsync, at most (more than one only when more than train.max_batch
-# rows are queued): bounds a group's memory and latency.
-MAX_GROUP: Final = 256
+        together: TrainBatchEncoder | None,
+        now: float,
+    ) -> Pending: ...
+    def refuse_queued(self, response: Response) -> None: ...
+    async def close(self) -> None: ...
 
 
 class Executor:
@@ -175,27 +156,18 @@ class Executor:
         self._uniform = all(d != -1 for t in model.inputs for d in t.shape[1:])
         self._outputs = [(t.name, t.dtype) for t in model.outputs]
         self.trainer = trainer
-        self.train_scheduler: BatchScheduler[TrainJob] | None = None
-        self._steps: deque[_Step] = deque()  # in flight, in step order
-        self._yielded = False  # training waited once for an inference batch: it goes next
-        self._priority: Priority = "inference"
-        # WAL appends and truncations on one thread, in order; checkpoint writes on another, so
-        # a large model's checkpoint never holds up the log.
-        self._wal_io: ThreadPoolExecutor | None = None
-        self._checkpoint_io: ThreadPoolExecutor | None = None
-        self._checkpoints: set[asyncio.Task[None]] = set()
-        self._train_failure: str | None = None
-        # Idempotency keys of train requests queued or in flight, each with the requests that
-        # repeat it meanwhile (answered with it, never applied themselves).
-        self._keyed: dict[str, list[TrainJob]] = {}
+        self.training: Training | None = None
+        self.plan: Scheduler[Job, Any] = Scheduler(self.scheduler)
         if trainer is not None:
-            cfg = trainer.config
-            self.train_scheduler = BatchScheduler(cfg.max_batch, 0.0, cfg.max_queue)
-            self._priority = cfg.priority
-            if trainer.wal is not None:
-                self._wal_io = ThreadPoolExecutor(1, f"webtorch-{model.name}-wal")
-            if trainer.durability != "none":
-                self._checkpoint_io = ThreadPoolExecutor(1, f"webtorch-{model.name}-checkpoint")
+            training = trainer.pipeline(self)
+            self.training = training
+            self.plan = Scheduler(self.scheduler, training.queue, training.priority)
+
+    @property
+    def train_scheduler(self) -> BatchScheduler[Any] | None:
+        """The train queue (None: the model does not train)."""
+        training = self.training
+        return training.queue if training is not None else None
 
     def submit(
         self,
@@ -227,80 +199,12 @@ class Executor:
         encode: TrainEncoder,
         together: TrainBatchEncoder | None = None,
     ) -> Pending:
-        queue = self.train_scheduler
-        if queue is None:
+        training = self.training
+        if training is None:
             raise NotFound(f"model {self.model.name!r} does not accept training")
         if self._closed:
             raise ServiceUnavailable(f"model {self.model.name!r} is shutting down")
-        now = _clock()
-        job = TrainJob(request, encode, now, together)
-        key = request.key
-        if key is not None and self._repeat(job, key):
-            return job
-        if self._train_failure is not None:
-            raise ServiceUnavailable(self._train_failure)
-        if request.rows > queue.max_batch:
-            raise BadRequest(
-                f"{request.rows} examples exceed model {self.model.name!r}'s train.max_batch "
-                f"{queue.max_batch}"
-            )
-        try:
-            queue.add(job, request.rows, now)
-        except QueueFull:
-            raise ServiceUnavailable(f"model {self.model.name!r} train queue is full") from None
-        if key is not None:
-            self._keyed[key] = []
-        self._kick()
-        return job
-
-    def _repeat(self, job: TrainJob, key: str) -> bool:
-        """Whether ``job`` repeats an idempotency key applied already (then it is answered as
-        that request was) or queued or in flight (then it gets the same answer when that one
-        does); never applied a second time."""
-        trainer = self.trainer
-        assert trainer is not None
-        answer = trainer.answered(key)
-        if answer is not None:
-            job.resolve(self._recall(job, answer))
-            return True
-        followers = self._keyed.get(key)
-        if followers is None:
-            return False
-        followers.append(job)
-        return True
-
-    def _recall(self, job: TrainJob, answer: Answer) -> Response:
-        """A keyed request's answer again, in the form ``job`` asked for."""
-        step, loss, error = answer
-        if error is not None or loss is None:
-            return self._refused(error)
-        try:
-            return job.encode(job.request, loss, step)
-        except Exception as err:
-            return _internal(err)
-
-    def _refused(self, error: str | None) -> Response:
-        return response_for_error(
-            ModelFailed(f"model {self.model.name!r} could not train on this example: {error}")
-        )
-
-    def _answer_repeats(self, jobs: list[TrainJob]) -> None:
-        """Answer the requests that repeated the keys of ``jobs``, now answered themselves."""
-        trainer = self.trainer
-        assert trainer is not None
-        for job in jobs:
-            key = job.request.key
-            if key is None:
-                continue
-            followers = self._keyed.pop(key, None)
-            if not followers:
-                continue
-            answer = trainer.answered(key)
-            for follower in followers:
-                if answer is not None:
-                    follower.resolve(self._recall(follower, answer))
-                elif job.response is not None:
-                    follower.resolve(job.response)  # not applied (400, 503): the same error
+        return training.submit(request, encode, together, _clock())
 
     def hold(self) -> None:
         """Accept and queue requests but run nothing until :meth:`release`."""
@@ -308,16 +212,16 @@ class Executor:
 
     def release(self) -> None:
         self._held = False
-        self._kick()
+        self.kick()
 
-    def _kick(self) -> None:
+    def kick(self) -> None:
+        """Look at what runs next on a later loop turn (once, however often asked)."""
         if not self._scheduled and not self._busy:
             self._scheduled = True
             self.loop.call_soon(self._run)
 
     def _run(self) -> None:
-        """Start the next piece of work on the model, if it is free: an inference batch or the
-        next train step."""
+        """Start the next piece of work on the model, if it is free: what the scheduler says."""
         self._scheduled = False
         if self._timer is not None:
             self._timer.cancel()
@@ -326,34 +230,26 @@ class Executor:
             return
         # The scheduler's clock is perf_counter: uvloop's loop.time() has 1 ms resolution.
         now = _clock()
-        steps = self._steps
-        if steps and steps[0].prepared is not None and steps[0].logged:
-            self._begin_apply(steps[0])  # finishing a step never waits for inference
-            return
-        training = self._training_ready()
-        if training and self._train_first():
-            self._yielded = False
-            if steps:
-                self._begin_prepare(steps[0])
-            elif self.train_scheduler is not None and self.train_scheduler.growing():
-                self._kick()  # one more loop turn: its poll adds the train requests arriving
-            else:
-                self._begin_group(now)
-            return
-        batch = self.scheduler.poll(now)
-        if batch is None:
-            if training:  # inference waits for its max_delay: training need not
-                self._yielded = True
-                self._kick()
-                return
-            wake = self.scheduler.wake_at()
-            if wake is not None:
-                self._timer = self.loop.call_later(max(0.0, wake - now), self._run)
-            else:
-                self._maybe_idle()
-            return
-        if training:
-            self._yielded = True
+        training = self.training
+        decision = self.plan.next(now, training.head() if training is not None else NO_STEP)
+        if decision == INFER:
+            batch = self.plan.batch
+            assert batch is not None
+            self._infer(batch, now)
+        elif decision == AGAIN:
+            self.kick()
+        elif decision == TIMER:
+            self._timer = self.loop.call_later(max(0.0, self.plan.wake - now), self._run)
+        elif training is not None and decision == APPLY:
+            training.apply_head()
+        elif training is not None and decision == PREPARE:
+            training.prepare_head()
+        elif training is not None and decision == GROUP:
+            training.begin_group(now)
+        else:
+            self._maybe_idle()
+
+    def _infer(self, batch: list[Queued[Job]], now: float) -> None:
         record_queue = self.stats.stages["queue"].record
         for entry in batch:
             record_queue(now - entry.arrived)
@@ -364,64 +260,6 @@ class Executor:
         else:
             running = self.loop.run_in_executor(self._pool, self._compute, jobs)
             running.add_done_callback(functools.partial(self._complete_thread, jobs))
-
-    def _training_ready(self) -> bool:
-        """Whether training can start work on the model now: computing the next step of the
-        group in flight, or (none in flight) starting the next group."""
-        if self._steps:
-            head = self._steps[0]
-            return not head.preparing and head.prepared is None
-        queue = self.train_scheduler
-        return queue is not None and bool(len(queue))
-
-    def _cut(self, now: float) -> _Step | None:
-        """The next micro-batch from the queue; None if every request in it was malformed."""
-        trainer = self.trainer
-        queue = self.train_scheduler
-        assert trainer is not None and queue is not None
-        micro = queue.poll(now)
-        assert micro is not None
-        queue.finish()  # the queue only cuts micro-batches; the executor orders their work
-        jobs = [entry.item for entry in micro]
-        try:
-            return _Step(jobs, self._batch(trainer, jobs))
-        except UncheckedRows:
-            # Some request's JSON rows hold something other than numbers: check each request
-            # on its own, answer the bad ones 400 and batch the others.
-            good: list[TrainJob] = []
-            for job in jobs:
-                try:
-                    settle(job.request, self.model.inputs, self.model.targets)
-                except HTTPError as exc:
-                    job.resolve(response_for_error(exc))
-                    if self._keyed:
-                        self._answer_repeats([job])
-                else:
-                    good.append(job)
-            return _Step(good, self._batch(trainer, good)) if good else None
-
-    def _batch(self, trainer: Trainer, jobs: list[TrainJob]) -> Batch:
-        keys: list[str | None] | None = None
-        if self._keyed:  # some request queued has an idempotency key: it goes into the log
-            keys = [job.request.key for job in jobs]
-            if not any(key is not None for key in keys):
-                keys = None
-        return trainer.batch(
-            [(job.request.inputs, job.request.targets) for job in jobs],
-            [job.request.rows for job in jobs],
-            keys,
-        )
-
-    def _train_first(self) -> bool:
-        """Whether a ready train step goes before waiting inference (see TrainConfig)."""
-        if not len(self.scheduler) or self._yielded:
-            return True
-        if self._priority == "inference":
-            return False
-        if self._steps:
-            return True  # a step in flight is older than anything queued behind it
-        assert self.train_scheduler is not None
-        return self.train_scheduler.queued()[0].arrived <= self.scheduler.queued()[0].arrived
 
     def _complete_thread(self, jobs: list[Job], fut: asyncio.Future[list[Response]]) -> None:
         exc = fut.exception()
@@ -434,98 +272,22 @@ class Executor:
         self.stats.bound()
         self.scheduler.finish()
         self._busy = False
-        self._kick()
+        self.kick()
 
     def _maybe_idle(self) -> None:
         if (
             self._idle is not None
             and not self._busy
-            and not self._steps
-            and not len(self.scheduler)
-            and not (self.train_scheduler is not None and len(self.train_scheduler))
+            and not (self.training is not None and self.training.in_flight())
+            and not self.plan.pending()
         ):
             self._idle.set()
 
-    # -- training (see train/trainer.py) ---------------------------------------------------------
-
-    def _begin_group(self, now: float) -> None:
-        trainer = self.trainer
-        queue = self.train_scheduler
-        assert trainer is not None and queue is not None
-        steps: list[_Step] = []
-        while len(queue) and len(steps) < MAX_GROUP:
-            step = self._cut(now)
-            if step is not None:
-                steps.append(step)
-        if not steps:  # every request was malformed, and answered so
-            self._kick()
-            return
-        self._steps.extend(steps)
-        if trainer.wal is None:
-            for step in steps:
-                step.logged = True
-        else:
-            assert self._wal_io is not None
-            records = [(step.batch.seq, trainer.encode(step.batch)) for step in steps]
-            logged = self.loop.run_in_executor(self._wal_io, trainer.log, records)
-            logged.add_done_callback(functools.partial(self._logged, steps))
-        self._begin_prepare(steps[0])
-
-    def _in_flight(self, step: _Step) -> bool:
-        return any(s is step for s in self._steps)  # False once training failed
-
-    def _logged(self, steps: list[_Step], fut: asyncio.Future[float]) -> None:
-        if not self._in_flight(steps[-1]):
-            return
-        exc = fut.exception()
-        if exc is not None:
-            # The log's state on disk is unknown (after a failed fsync the kernel may have
-            # dropped the pages): more steps could make replay diverge. Training stops until an
-            # operator restarts the server; inference goes on.
-            self._fail_training(f"the write-ahead log failed: {exc}", exc)
-            return
-        assert self.trainer is not None
-        self.trainer.stats.log_seconds.observe(fut.result())
-        for step in steps:
-            step.logged = True
-        self._kick()
-
-    def _begin_prepare(self, step: _Step) -> None:
-        trainer = self.trainer
-        assert trainer is not None
-        step.preparing = True
-        self._on_model(
-            functools.partial(trainer.prepare, step.batch),
-            functools.partial(self._prepared, step),
-        )
-
-    def _prepared(self, step: _Step, result: Prepared | None, exc: BaseException | None) -> None:
-        if not self._in_flight(step):
-            return
-        step.preparing = False
-        if exc is not None or result is None:
-            # prepare isolates bad requests itself: an error here is a step out of order.
-            self._fail_training(f"computing a step failed: {exc}", exc)
-            return
-        step.prepared = result
-        if step.logged:
-            self._begin_apply(step)  # the model is free: step now, not after a loop turn
-        else:
-            self._kick()
-
-    def _begin_apply(self, step: _Step) -> None:
-        trainer = self.trainer
-        assert trainer is not None and step.prepared is not None
-        self._on_model(
-            functools.partial(trainer.apply, step.prepared),
-            functools.partial(self._applied, step),
-        )
-
-    def _on_model(
+    def on_model(
         self, work: Callable[[], Any], done: Callable[[Any, BaseException | None], None]
     ) -> None:
         """Run ``work`` holding the model, where compute runs; then ``done(result, error)`` on the
-        loop with the model free again."""
+        loop with the model free again (the training pipeline's phases)."""
         self._busy = True
         if self._pool is None:
             try:
@@ -544,110 +306,6 @@ class Executor:
             done(None if exc is not None else fut.result(), exc)
 
         self.loop.run_in_executor(self._pool, work).add_done_callback(finished)
-
-    def _applied(self, step: _Step, result: StepResult | None, exc: BaseException | None) -> None:
-        if exc is not None or result is None:
-            # After a failed optimizer step the weights cannot be trusted to match the log.
-            self._fail_training(f"the optimizer step failed: {exc}", exc)
-            return
-        assert self._steps[0] is step
-        self._steps.popleft()
-        if not self._answer_together(step.jobs, result):
-            self._answer(step.jobs, result)
-        if step.batch.keys is not None:
-            self._answer_repeats(step.jobs)
-        if result.snapshot is not None:
-            self._write_checkpoint(*result.snapshot)
-        self._kick()
-
-    def _answer_together(self, jobs: list[TrainJob], result: StepResult) -> bool:
-        """Answer a step's requests with one call when all share a batch encoder and none
-        failed; False when they do not (then :meth:`_answer` does, request by request)."""
-        together = _shared(job.together for job in jobs)
-        if together is None:
-            return False
-        losses: list[float] = []
-        for loss in result.losses:
-            if loss is None:
-                return False
-            losses.append(loss)
-        try:
-            responses = together(losses, result.step)
-        except Exception:  # a bug there must not lose the answers: encode one by one instead
-            log.exception("batch encoding of train answers failed for model %s", self.model.name)
-            return False
-        if len(responses) != len(jobs):
-            return False
-        for job, response in zip(jobs, responses, strict=True):
-            job.resolve(response)
-        return True
-
-    def _answer(self, jobs: list[TrainJob], result: StepResult) -> None:
-        for job, loss, error in zip(jobs, result.losses, result.errors, strict=True):
-            if error is not None:
-                self.stats.errors += 1
-                response = self._refused(error)
-            else:
-                assert loss is not None
-                try:
-                    response = job.encode(job.request, loss, result.step)
-                except Exception as err:
-                    response = _internal(err)
-            job.resolve(response)
-
-    def _fail_training(self, reason: str, exc: BaseException | None) -> None:
-        self._train_failure = f"model {self.model.name!r}: training stopped: {reason}"
-        log.error("%s", self._train_failure, exc_info=exc)
-        response = response_for_error(ServiceUnavailable(self._train_failure))
-        jobs = [job for step in self._steps for job in step.jobs]
-        self._steps.clear()
-        if self.train_scheduler is not None:
-            jobs += [entry.item for entry in self.train_scheduler.drain()]
-        for followers in self._keyed.values():
-            jobs += followers
-        self._keyed.clear()
-        trainer = self.trainer
-        if self._wal_io is not None and trainer is not None:
-            # What was logged but not applied is answered 503 below: it must not be replayed
-            # after a restart (a client retrying its 503 would be trained on twice). After the
-            # log call in flight, on the same thread.
-            cut = self.loop.run_in_executor(self._wal_io, trainer.discard_unapplied, trainer.seq)
-            cut.add_done_callback(self._discarded)
-        for job in jobs:
-            job.resolve(response)
-        self._kick()
-
-    def _discarded(self, fut: asyncio.Future[None]) -> None:
-        exc = fut.exception()
-        if exc is not None:
-            log.error(
-                "model %s: could not cut the unapplied steps from the WAL: a restart may apply "
-                "requests that were answered 503",
-                self.model.name,
-                exc_info=exc,
-            )
-
-    def _write_checkpoint(self, number: int, snap: Snapshot) -> None:
-        task = self.loop.create_task(self._checkpoint(number, snap))
-        self._checkpoints.add(task)
-        task.add_done_callback(self._checkpoints.discard)
-
-    async def _checkpoint(self, number: int, snap: Snapshot) -> None:
-        """Write a checkpoint, then (once it is durable) let the WAL drop what it covers."""
-        trainer = self.trainer
-        assert trainer is not None and self._checkpoint_io is not None
-        try:
-            through = await self.loop.run_in_executor(
-                self._checkpoint_io, trainer.write_checkpoint, number, snap
-            )
-            if self._wal_io is not None:
-                done = await self.loop.run_in_executor(self._wal_io, trainer.forget_logged, through)
-                await self.loop.run_in_executor(self._checkpoint_io, delete_segments, done)
-        except Exception:
-            # Training goes on: the WAL keeps everything since the last good checkpoint.
-            log.exception("model %s: checkpoint at step %d failed", self.model.name, number)
-        finally:
-            trainer.checkpointing = False
 
     # -- compute (loop thread or worker thread) ---------------------------------------------------
 
@@ -732,7 +390,7 @@ class Executor:
     ) -> bool:
         """Encode the group's responses in one call when all its jobs share a batch encoder;
         False when they do not or it declines. Each request's encode time is its share."""
-        together = _shared(job.together for job in members)
+        together = shared(job.together for job in members)
         if together is None:
             return False
         t0 = _clock()
@@ -830,38 +488,22 @@ class Executor:
         """Refuse new work, wait for queued and running work to finish, then (training) write a
         final checkpoint and wait for every write."""
         self._closed = True
+        training = self.training
         if self._held:
             # Never released (its model failed to come up): what waits for it gets a 503.
             response = response_for_error(
                 ServiceUnavailable(f"model {self.model.name!r} failed to load")
             )
-            for queue in (self.scheduler, self.train_scheduler):
-                if queue is not None:
-                    for entry in queue.drain():
-                        entry.item.resolve(response)
-            for followers in self._keyed.values():
-                for job in followers:
-                    job.resolve(response)
-            self._keyed.clear()
+            for entry in self.scheduler.drain():
+                entry.item.resolve(response)
+            if training is not None:
+                training.refuse_queued(response)
             self._held = False
         self._idle = asyncio.Event()
         self._maybe_idle()
         await self._idle.wait()
-        trainer = self.trainer
-        if self._checkpoints:
-            await asyncio.gather(*self._checkpoints)
-        if (
-            trainer is not None
-            and self._checkpoint_io is not None
-            and self._train_failure is None
-            and trainer.unsaved()
-        ):
-            await self._checkpoint(*trainer.snapshot())
-        for pool in (self._wal_io, self._checkpoint_io):
-            if pool is not None:
-                pool.shutdown(wait=True)
-        if trainer is not None:
-            trainer.close()
+        if training is not None:
+            await training.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 
@@ -879,17 +521,6 @@ def _rows_array(parts: list[InputData], spec: TensorSpec) -> np.ndarray:
     return array
 
 
-def _shared(encoders: Iterator[_E | None]) -> _E | None:
-    """The batch encoder all of a batch's jobs share; None if one has none or another."""
-    first = next(encoders, None)
-    if first is None:
-        return None
-    for encoder in encoders:
-        if encoder is not first:
-            return None
-    return first
-
-
 def _no_encode(outputs: dict[str, np.ndarray]) -> Response:
     return Response()
 
@@ -899,4 +530,4 @@ def _internal(exc: BaseException) -> Response:
     return error_response(500, "internal server error")
 
 
-__all__ = ["ComputeMode", "Executor", "Job", "ModelFailed", "TrainJob"]
+__all__ = ["ComputeMode", "Executor", "Job", "ModelFailed"]

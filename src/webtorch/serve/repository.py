@@ -39,6 +39,10 @@ from webtorch.serve.oip import Auth
 if TYPE_CHECKING:
     # torch comes with these: imported when a first model is loaded (a server without models,
     # e.g. a plain proxy, never loads torch).
+    from pathlib import Path
+
+    from webtorch.config import TrainConfig
+    from webtorch.metrics import TrainStats
     from webtorch.serve.endpoint import ModelEndpoint
     from webtorch.serve.executor import Executor
     from webtorch.serve.model import LoadedModel
@@ -67,11 +71,19 @@ class Prepared:
     trainer: Trainer | None
 
 
+# Builds a model's trainer: (model, its train settings, its state directory, its metrics). The
+# app passes Trainer's (serve/ imports nothing from train/ at runtime: ARCHITECTURE.md).
+TrainerFactory = Callable[["LoadedModel", "TrainConfig", "Path", "TrainStats"], "Trainer"]
+
+
 class ModelRepository:
-    def __init__(self, config: Config, metrics: Metrics, auth: Auth) -> None:
+    def __init__(
+        self, config: Config, metrics: Metrics, auth: Auth, make_trainer: TrainerFactory
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.auth = auth
+        self._make_trainer = make_trainer
         # Shared with ModelRoutes, which dispatches the /v2 and /models/ prefixes through it.
         self.endpoints: dict[str, ModelEndpoint] = {}
         self.served: dict[str, Served] = {}
@@ -113,13 +125,12 @@ class ModelRepository:
     def prepare(self, name: str, settings: ModelConfig, *, recover: bool) -> Prepared:
         """Import and build a model and its trainer (blocking: a thread at runtime)."""
         from webtorch.serve.model import load_model
-        from webtorch.train.trainer import Trainer
 
         cfg = self.config
         model = load_model(name, cfg.resolve(settings.path), settings.device, cfg.weights(settings))
         trainer = None
         if settings.train.enabled:
-            trainer = Trainer(
+            trainer = self._make_trainer(
                 model, settings.train, cfg.state_dir(name, settings), self.metrics.train(name)
             )
             if recover:

@@ -71,6 +71,10 @@ def idempotency_key(raw: bytes) -> str:
     return raw.decode("ascii")
 
 
+class UncheckedRows(Exception):
+    """Some request's JSON rows hold something other than numbers (:func:`settle` names it)."""
+
+
 def settle(request: TrainRequest, inputs: list[TensorSpec], targets: list[TensorSpec]) -> None:
     """Replace a request's unchecked JSON rows by checked arrays; BadRequest names a bad one."""
     for group, specs, kind in (
@@ -174,6 +178,21 @@ class TrainForms:
     @staticmethod
     def encode_short(loss: float, step: int) -> Response:
         return Response(200, b'{"loss":%s,"step":%d}' % (orjson.dumps(loss), step), JSON)
+
+    # The short form's encoders and the key check as the endpoint (serve/, which imports
+    # nothing from train/ at runtime) reaches them: through the forms its pipeline made.
+
+    @staticmethod
+    def encode_short_request(request: TrainRequest, loss: float, step: int) -> Response:
+        return TrainForms.encode_short(loss, step)
+
+    @staticmethod
+    def encode_short_batch(losses: list[float], step: int) -> list[Response]:
+        return encode_short_batch(losses, step)
+
+    @staticmethod
+    def idempotency_key(raw: bytes) -> str:
+        return idempotency_key(raw)
 
     def encode_oip(self, request: TrainRequest, loss: float, step: int) -> Response:
         tail = b',"loss":%s,"step":%d' % (orjson.dumps(loss), step)

@@ -1,7 +1,8 @@
 """The trainer: one model's optimizer, step counter and durable state.
 
 A training micro-batch (the requests merged into one optimizer step) goes through two phases on
-the model, which the executor (``serve/executor.py``) schedules:
+the model, which the pipeline (``train/pipeline.py``) drives and the executor
+(``serve/executor.py``) schedules:
 
 1. :meth:`Trainer.prepare`: forward, loss and backward. Gradients are ready, weights untouched.
    Meanwhile, with ``durability = "wal"``, the batch is appended to the write-ahead log and fsynced
@@ -26,6 +27,13 @@ known) but no step.
 A request with an idempotency key is applied once: its key goes into the micro-batch's log record,
 and :meth:`Trainer.apply` remembers its answer (the newest ``train.idempotency_keys`` of them),
 which replay rebuilds, so a retry after a restart finds it too (:meth:`Trainer.answered`).
+
+Longer than ~600 lines on purpose: one micro-batch's compute, its optimizer step and the replay
+that must reproduce both bit for bit read the same private state (the optimizer's fast path,
+backward in the calling thread, the seq and step counters, the remembered answers), and keeping
+them in one class keeps the rule that live and replayed steps run the same code visible. What
+drives it on a server (queues, the WAL's thread, checkpoints' thread, answers) is
+``train/pipeline.py``.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import numpy as np
 import torch
@@ -53,7 +61,11 @@ from webtorch.serve.model import LoadedModel, Tensors, TensorSpec
 from webtorch.serve.wire import tensors as codecs
 from webtorch.serve.wire.tensors import InputData
 from webtorch.train import checkpoint as ckpt
+from webtorch.train.forms import UncheckedRows
 from webtorch.train.wal import WalCorrupt, WriteAheadLog, encode_record
+
+if TYPE_CHECKING:
+    from webtorch.train.pipeline import Host, TrainPipeline
 
 log: Final = logging.getLogger("webtorch.train")
 
@@ -192,6 +204,13 @@ class Trainer:
         self._checkpointed_at = time.monotonic()
         self._next_seq = 1
         self.checkpointing = False
+
+    def pipeline(self, host: Host) -> TrainPipeline:
+        """What drives this trainer on ``host``, the model's executor. Built here so that the
+        executor (serve/) never imports train/: it gets its trainer from the layer above."""
+        from webtorch.train.pipeline import TrainPipeline
+
+        return TrainPipeline(self, host)
 
     # -- start-up ----------------------------------------------------------------------------------
 
@@ -692,10 +711,6 @@ def _load_answers(text: str | None) -> list[tuple[str, Answer]]:
             raise TypeError(f"bad remembered answer {key!r}")
         answers.append((key, (step, None if loss is None else float(loss), error)))
     return answers
-
-
-class UncheckedRows(Exception):
-    """Some request's JSON rows hold something other than numbers."""
 
 
 def _concatenate(parts: list[InputData], spec: TensorSpec) -> np.ndarray:
