@@ -65,6 +65,22 @@ def impatient() -> Iterator[Running]:
 # -- client helpers ---------------------------------------------------------------------------
 
 
+def continued(sock: socket.socket, body: bytes) -> Resp:
+    """Wait for the 100 Continue (before sending the body), send ``body``, read the answer."""
+    interim = b""
+    while not interim.endswith(b"\r\n\r\n"):
+        chunk = sock.recv(1024)
+        assert chunk, "closed before 100 Continue"
+        interim += chunk
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    sock.sendall(body)
+    reader = Reader(sock)
+    reader.conn.receive_data(interim)
+    [resp] = reader.read(1)
+    assert resp.informational == [100]
+    return resp
+
+
 @contextmanager
 def connect(running: Running, timeout: float = TIMEOUT) -> Iterator[socket.socket]:
     with closing(socket.create_connection((running.host, running.port), timeout)) as sock:
@@ -269,17 +285,7 @@ def test_expect_100_continue(server: Running) -> None:
     )
     with connect(server) as sock:
         sock.sendall(head)
-        interim = b""
-        while not interim.endswith(b"\r\n\r\n"):
-            chunk = sock.recv(1024)
-            assert chunk, "closed before 100 Continue"
-            interim += chunk
-        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
-        sock.sendall(body)
-        reader = Reader(sock)
-        reader.conn.receive_data(interim)
-        [resp] = reader.read(1)
-    assert resp.informational == [100]
+        resp = continued(sock, body)
     assert resp.status == 200
 
 

@@ -5,14 +5,13 @@ at once, without a 100, and the connection closes (RFC 9110 10.1.1)."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import orjson
 import pytest
 
 from tests.conftest import XOR, Running, serve_in_thread
-from tests.http.test_conformance import Reader, connect, wait_closed
+from tests.http.test_conformance import Reader, connect, continued, wait_closed
 from tests.http.test_protocol import Resp, req
 from webtorch import config as wt_config
 
@@ -56,22 +55,6 @@ def refused_without_continue(running: Running, data: bytes) -> Resp:
         [resp] = Reader(sock).read(1)
         assert resp.informational == []
         assert b"HTTP/1.1 100" not in wait_closed(sock)
-    return resp
-
-
-def continued(sock: socket.socket) -> Resp:
-    """Wait for the 100 (before sending the body), send the body, read the answer."""
-    interim = b""
-    while not interim.endswith(b"\r\n\r\n"):
-        chunk = sock.recv(1024)
-        assert chunk, "closed before 100 Continue"
-        interim += chunk
-    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
-    sock.sendall(BODY)
-    reader = Reader(sock)
-    reader.conn.receive_data(interim)
-    [resp] = reader.read(1)
-    assert resp.informational == [100]
     return resp
 
 
@@ -122,7 +105,7 @@ def test_accepted_request_gets_100_then_its_answer(
 ) -> None:
     with connect(guarded) as sock:
         sock.sendall(head("POST", target, *headers))
-        resp = continued(sock)
+        resp = continued(sock, BODY)
     assert resp.status == status, resp.body
 
 

@@ -17,7 +17,7 @@ from webtorch.serve.wire.oip_json import OIPForm
 from webtorch.serve.wire.short import ShortForm
 
 if TYPE_CHECKING:  # the forms come from the model's training pipeline: no train/ import here
-    from webtorch.train.forms import TrainForms
+    from webtorch.train.forms import TrainForms, TrainRequest
 
 # Bound once: a compiled module reads a Final name from a C static, not a module attribute.
 _clock: Final = time.perf_counter
@@ -85,59 +85,59 @@ class ModelEndpoint:
         """Route.check of this model's predict, infer and train routes: what refuses a request
         before its body is read (the client waits for 100 Continue), as the handler would."""
         if request.path.endswith("/train"):
-            self._train_forms(request)  # trains at all
-            methods: tuple[str, ...] = ("POST",) if request.path.startswith("/v2/") else _SHORT
-            if request.method == "POST":
-                self.auth.check_change(request)  # content type, sender, token
-            else:
-                self.auth.check(request)
-        else:
-            methods = ("POST",)
-        if request.method not in methods:
-            require_method(request, *methods)
+            self._train_gate(request, _OIP_TRAIN if request.path.startswith("/v2/") else _SHORT)
+        elif request.method != "POST":
+            require_method(request, "POST")
 
-    def _train_forms(self, request: Request) -> TrainForms:
-        if self._train is None:
+    def _train_gate(self, request: Request, methods: tuple[str, ...]) -> TrainForms:
+        """What refuses a train request whatever its body, for the handlers and :meth:`check`
+        alike: training off, then a POST's content type, sender and token (it changes the
+        model: no cross-site sender), or another method's token and whether it is allowed."""
+        forms = self._train
+        if forms is None:
             raise NotFound(
                 f"model {self.name!r} does not accept training "
                 f"(enable it with [models.{self.name}.train] enabled = true)"
             )
-        return self._train
+        if request.method == "POST":
+            self.auth.check_change(request)
+        else:
+            self.auth.check(request)
+            if request.method not in methods:
+                require_method(request, *methods)
+        return forms
 
     def train(self, request: Request) -> HandlerResult:
         """``POST /models/{m}/train`` (short form); ``GET`` answers the training status."""
         request.model = self.name
-        forms = self._train_forms(request)
+        forms = self._train_gate(request, _SHORT)
         if request.method != "POST":
-            self.auth.check(request)
-            require_method(request, "POST", "GET")
             assert self.executor.trainer is not None
             return json_response(self.executor.trainer.status())
-        self.auth.check_change(request)  # training changes the model: no cross-site sender
-        decoded = forms.decode_short(request.body, request.content_type)
-        key = request.header(b"idempotency-key")
-        if key is not None:
-            decoded.key = forms.idempotency_key(key)
+        decoded = _keyed(forms, forms.decode_short(request.body, request.content_type), request)
         return self.executor.submit_train(decoded, self._short_train, self._short_batch)
 
     def train_oip(self, request: Request) -> HandlerResult:
         request.model = self.name
-        forms = self._train_forms(request)
-        if request.method != "POST":
-            self.auth.check(request)
-            require_method(request, "POST")
-        self.auth.check_change(request)
+        forms = self._train_gate(request, _OIP_TRAIN)
         decoded = forms.decode_oip(
             request.body, request.content_type, request.header(b"inference-header-content-length")
         )
-        key = request.header(b"idempotency-key")
-        if key is not None:
-            decoded.key = forms.idempotency_key(key)
-        return self.executor.submit_train(decoded, forms.encode_oip)
+        return self.executor.submit_train(_keyed(forms, decoded, request), forms.encode_oip)
 
     def metadata(self) -> dict[str, Any]:
         return self.model.metadata()
 
 
-# The methods of the short-form train endpoint: POST trains, GET answers the training status.
+# The methods of the short-form train endpoint: POST trains, GET answers the training status;
+# the OIP train endpoint only trains.
 _SHORT: Final = ("POST", "GET")
+_OIP_TRAIN: Final = ("POST",)
+
+
+def _keyed(forms: TrainForms, decoded: TrainRequest, request: Request) -> TrainRequest:
+    """``decoded`` with the request's Idempotency-Key (checked), if it has one."""
+    key = request.header(b"idempotency-key")
+    if key is not None:
+        decoded.key = forms.idempotency_key(key)
+    return decoded
