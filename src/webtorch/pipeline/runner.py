@@ -40,6 +40,7 @@ from webtorch.pipeline.batch import (
     take,
     to_form,
 )
+from webtorch.pipeline.child import StageFailed
 from webtorch.pipeline.graph import REQUEST, Plan, Progress
 from webtorch.pipeline.placement import Placement
 from webtorch.pipeline.spec import Stage, Takes
@@ -230,11 +231,13 @@ class StageRunner:
             rows = sum(call.rows for call in calls)
             try:
                 got = rows_of(result, self.name)
-            except StageError as error:
-                exc = error
-            else:
                 if got != rows:
-                    exc = StageError(f"stage {self.name!r} returned {got} rows for {rows}")
+                    raise StageError(f"stage {self.name!r} returned {got} rows for {rows}")
+            except StageError as error:
+                # The stage's contract, not a record, is broken: no record to single out.
+                for call in calls:
+                    self._failed(call, None, error, end)
+                return
         if exc is None:
             pieces = split(result, [call.rows for call in calls])
             for call, piece in zip(calls, pieces, strict=True):
@@ -279,7 +282,7 @@ class StageRunner:
         call.times[self.name] = end - call.entered.get(self.name, end)
         self.stats.errors += 1
         where = f" on record {index}" if index is not None else ""
-        log.warning("pipeline stage %s failed%s: %r", self.name, where, exc)
+        log.warning("pipeline stage %s failed%s: %s", self.name, where, _reason(exc))
         message = f"stage {self.name!r} failed{where}: {_reason(exc)}"
         body: dict[str, Any] = {"error": message, "stage": self.name}
         if index is not None:
@@ -579,7 +582,8 @@ def _error_text(response: Response) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc) if isinstance(exc, StageError | HTTPError) else repr(exc)
+    # A worker's StageFailed carries the repr of what the stage raised there.
+    text = str(exc) if isinstance(exc, StageError | HTTPError | StageFailed) else repr(exc)
     return text[:500]
 
 
