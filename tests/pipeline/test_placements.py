@@ -109,3 +109,34 @@ def test_a_held_stage_on_threads_does_not_stall_other_requests() -> None:
             gate.set()
             waiting.join(30)
         assert held[0].status == 200 and json.loads(held[0].body)["outputs"] == ["WAIT"]
+
+
+def test_a_request_past_the_pipelines_timeout_answers_504_naming_the_stage() -> None:
+    module = import_pipeline_file(GATED)
+    hold = next(s for s in module.stages if s.name == "hold")
+    assert hold.fn is not None
+    gate: threading.Event = hold.fn.__globals__["GATE"]
+    gate.clear()
+    cfg = wt_config.from_dict(
+        {
+            "pipelines": {
+                "gated": {
+                    "path": str(GATED),
+                    "timeout": 0.05,
+                    "stages": {"hold": {"placement": "thread"}},
+                }
+            }
+        }
+    )
+    with serve_in_thread(cfg) as running:
+        try:
+            reply = call(running, "POST", "/pipelines/gated/predict", ["wait"])
+        finally:
+            gate.set()
+        assert reply.status == 504
+        assert json.loads(reply.body)["error"] == (
+            "pipeline 'gated' timed out after 0.05 s in stage 'hold'"
+        )
+        # Its worker comes back; the pipeline keeps answering.
+        again = call(running, "POST", "/pipelines/gated/predict", ["go"])
+        assert again.status == 200

@@ -61,6 +61,7 @@ class Call(Pending):
     """One request on its way through a plan: its rows at each stage, its time in each."""
 
     __slots__ = (
+        "deadline",
         "entered",
         "finish",
         "keep_rejects",
@@ -90,6 +91,7 @@ class Call(Pending):
         self.request = request
         self.progress: Progress = plan.start()
         self.values: dict[str, Any] = {}
+        self.deadline: asyncio.TimerHandle | None = None  # the pipeline's timeout
         self.entered: dict[str, float] = {}  # stage -> when the rows were queued there
         self.times: dict[str, float] = {}  # stage -> seconds: queue wait and its batch's run
 
@@ -151,7 +153,9 @@ class StageRunner:
 
     def add(self, call: Call, value: Any) -> None:
         """Queue a request's rows (QueueFull: the caller answers 503)."""
-        self.queue.add((call, value), call.rows, self.clock())
+        now = self.clock()
+        self.queue.add((call, value), call.rows, now)
+        call.entered[self.name] = now
         if not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self._dispatch)
@@ -182,7 +186,6 @@ class StageRunner:
             if call.response is not None:
                 continue  # answered already (another branch rejected it)
             record_wait(now - entry.arrived)
-            call.entered[self.name] = entry.arrived
             calls.append(call)
             values.append(value)
         if calls:
@@ -460,9 +463,17 @@ Runner = StageRunner | ModelStage
 class PipelineRunner:
     """A pipeline's stages, running: requests in (:meth:`submit`), responses out."""
 
-    def __init__(self, name: str, stages: dict[str, Runner]) -> None:
+    def __init__(
+        self,
+        name: str,
+        stages: dict[str, Runner],
+        loop: asyncio.AbstractEventLoop | None = None,
+        timeout: float = 0.0,
+    ) -> None:
         self.name = name
         self.stages = stages
+        self.loop = loop
+        self.timeout = timeout
         for runner in stages.values():
             runner.passed = self._passed
             runner.refused = self.answer
@@ -481,7 +492,26 @@ class PipelineRunner:
         call = Call(plan, rows, finish, request, keep_rejects)
         call.values[REQUEST] = value
         self._advance(call, REQUEST, first=True)
+        if call.response is None and self.timeout > 0 and self.loop is not None:
+            call.deadline = self.loop.call_later(self.timeout, self._expire, call)
         return call
+
+    def _expire(self, call: Call) -> None:
+        """The request ran out of time: 504 naming the stage(s) it is still in."""
+        call.deadline = None
+        stuck = [name for name in call.entered if name not in call.times]
+        where = ", ".join(repr(name) for name in stuck) or "its answer"
+        self.answer(
+            call,
+            json_response(
+                {
+                    "error": f"pipeline {self.name!r} timed out after {self.timeout:g} s "
+                    f"in stage {where}",
+                    "stage": stuck[0] if stuck else None,
+                },
+                504,
+            ),
+        )
 
     def _passed(self, call: Call, name: str, rows: Any) -> None:
         call.values[name] = rows
@@ -523,6 +553,9 @@ class PipelineRunner:
         """Resolve a request with ``response`` and its stage times (Server-Timing, access log)."""
         if call.response is not None:
             return
+        if call.deadline is not None:
+            call.deadline.cancel()
+            call.deadline = None
         timed = call.timed()
         if timed:
             response = Response(  # a copy: a response object may be shared (cached errors)

@@ -122,7 +122,7 @@ class Pipelines:
             runners: dict[str, Runner] = {}
             for name in served.here | served.remote:
                 runners[name] = self._runner(served, name, loop, endpoints, remote)
-            served.runner = PipelineRunner(served.name, runners)
+            served.runner = PipelineRunner(served.name, runners, loop, served.config.timeout)
             graph = served.graph
             if served.whole:
                 served.plans["predict"] = graph.plan()
