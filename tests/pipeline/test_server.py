@@ -275,3 +275,13 @@ def test_the_access_log_records_stage_times(tmp_path: Path) -> None:
     line = next(json.loads(raw) for raw in log.read_text().splitlines() if "/pipelines/" in raw)
     assert list(line["stages"]) == ["clean", "measure", "score"]
     assert line["model"] == "text"
+
+
+def test_the_dashboard_shows_each_stage_in_order(server: Running) -> None:
+    assert predict(server, ["a b", "c"]).status == 200
+    reply = call(server, "GET", "/dashboard/stats")
+    stages = json.loads(reply.body)["pipelines"]["text"]
+    assert [s["stage"] for s in stages] == ["clean", "measure", "score"]
+    assert all(s["rows"] >= 2 and s["requests"] >= 1 and s["seconds"] > 0 for s in stages)
+    page = call(server, "GET", "/dashboard").body
+    assert b'id="panel-pipelines"' in page

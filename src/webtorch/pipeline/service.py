@@ -120,8 +120,9 @@ class Pipelines:
         self._loop = loop
         for served in self.served.values():
             runners: dict[str, Runner] = {}
-            for name in served.here | served.remote:
-                runners[name] = self._runner(served, name, loop, endpoints, remote)
+            for name in served.graph.order:  # in order: the metrics and dashboard list them so
+                if name in served.here | served.remote:
+                    runners[name] = self._runner(served, name, loop, endpoints, remote)
             served.runner = PipelineRunner(served.name, runners, loop, served.config.timeout)
             graph = served.graph
             if served.whole:
