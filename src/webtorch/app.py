@@ -213,14 +213,15 @@ class App:
             ]
         )
         repository.start(loop, router)
-        if self.pipelines is not None:
-            self.pipelines.install(
-                loop, router, repository.endpoints, self.auth, self.remote_placement
-            )
         self.proxies = Proxies(loop)
         self.metrics.sources.append(self.proxies.metric_families)
         self.router = router
         router.replace_user_routes(self._user_routes(self.config))
+        if self.pipelines is not None:
+            # After the upstream groups exist: a remote stage's placement sends to one.
+            self.pipelines.install(
+                loop, router, repository.endpoints, self.auth, self.remote_placement
+            )
         return router
 
     def _user_routes(self, config: Config) -> list[Route]:
