@@ -193,3 +193,40 @@ def test_config_validation_errors(data: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as raised:
         wt_config.from_dict(data)
     assert message in str(raised.value)
+
+
+def test_a_model_stage_batches_and_a_bad_record_fails_alone(tmp_path: Path) -> None:
+    from tests.serve.test_server_models import metric, metrics, raw_request, send_together
+    from tests.train.test_endpoints import FRAGILE_PY
+
+    (tmp_path / "fragile_model.py").write_text(FRAGILE_PY)
+    cfg = wt_config.from_dict(
+        {
+            "models": {"fragile": {"path": str(tmp_path / "fragile_model.py")}},
+            "pipelines": {"f": {"path": str(PIPE.parent / "fragile.py")}},
+        }
+    )
+    with serve_in_thread(cfg) as running:
+        before = metrics(running)
+
+        def raw(records: list[str]) -> bytes:
+            return raw_request("/pipelines/f/predict", json.dumps(records).encode())
+
+        replies = send_together(running, [raw(["1"]), raw(["2", "-1"]), raw(["3"]), raw(["4"])])
+        assert [r.status for r in replies] == [200, 422, 200, 200]
+        failed = json.loads(replies[1].body)
+        assert failed["stage"] == "fragile" and failed["record"] == 1
+        assert "negative input" in failed["error"]
+        assert json.loads(replies[3].body)["outputs"] == [{"y": [4.0]}]
+        after = metrics(running)
+        labels = {"pipeline": "f", "stage": "fragile"}
+
+        def delta(name: str, **extra: str) -> float:
+            return metric(after, name, **labels, **extra) - metric(before, name, **labels, **extra)
+
+        # Merged: some batch of the model stage held rows of several requests (then the
+        # failing one was rerun request by request, and row by row).
+        merged = delta("webtorch_pipeline_stage_batch_rows_count") - delta(
+            "webtorch_pipeline_stage_batch_rows_bucket", le="1.0"
+        )
+        assert merged >= 1

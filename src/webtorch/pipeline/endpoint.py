@@ -22,7 +22,8 @@ from webtorch.errors import BadRequest, NotFound, ServiceUnavailable
 from webtorch.http.messages import HandlerResult, Pending, Request, Response, json_response
 from webtorch.pipeline import wire
 from webtorch.pipeline.batch import to_form
-from webtorch.pipeline.runner import Call, ModelStage
+from webtorch.pipeline.models import ModelPlacement
+from webtorch.pipeline.runner import Call
 from webtorch.pipeline.served import ServedPipeline, describe
 from webtorch.serve.oip import Auth, require_method
 from webtorch.serve.wire.tensors import strict_array
@@ -124,16 +125,17 @@ class PipelineEndpoint:
 
         return handler
 
-    def _train_stage(self, request: Request) -> tuple[ModelStage, TrainForms]:
+    def _train_stage(self, request: Request) -> tuple[ModelPlacement, TrainForms]:
         """The model stage a train request trains, after the checks any train request gets
         whatever its body (training on, CSRF, token)."""
         trained = []
         for name in self._trained:
             runner = self.runner.stages.get(name)
-            if isinstance(runner, ModelStage):
-                endpoint = self.endpoints.get(runner.model)
+            model = runner.placement if runner is not None else None
+            if isinstance(model, ModelPlacement):
+                endpoint = self.endpoints.get(model.model)
                 if endpoint is not None and endpoint.executor.training is not None:
-                    trained.append((runner, endpoint.executor.training.forms()))
+                    trained.append((model, endpoint.executor.training.forms()))
         if len(trained) != 1:
             raise NotFound(
                 f"pipeline {self.name!r} has "

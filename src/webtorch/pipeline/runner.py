@@ -22,10 +22,8 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final
-
-import numpy as np
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from webtorch.errors import HTTPError, ServiceUnavailable
 from webtorch.http.messages import Pending, Request, Response, error_response, json_response
@@ -44,12 +42,11 @@ from webtorch.pipeline.child import StageFailed
 from webtorch.pipeline.graph import REQUEST, Plan, Progress
 from webtorch.pipeline.placement import Placement
 from webtorch.pipeline.spec import Stage, Takes
-from webtorch.pipeline.timing import server_timing, stage_times
+from webtorch.pipeline.timing import server_timing
 from webtorch.serve.batcher import BatchScheduler, Queued, QueueFull
-from webtorch.serve.wire.tensors import InputData
 
 if TYPE_CHECKING:
-    from webtorch.serve.endpoint import ModelEndpoint
+    pass
 
 log = logging.getLogger("webtorch.pipeline")
 
@@ -245,6 +242,11 @@ class StageRunner:
             pieces = split(result, [call.rows for call in calls])
             for call, piece in zip(calls, pieces, strict=True):
                 self._passed(call, piece, end)
+        elif isinstance(exc, HTTPError) and exc.status >= 500:
+            # Not the records: where the stage runs is unavailable (a model's full queue, a
+            # remote stage down). Each request gets that answer now; rerunning would not help.
+            for call in calls:
+                self._failed(call, None, exc, end)
         elif len(calls) > 1:
             # One request's records broke the batch: each request on its own.
             for call, value in zip(calls, values, strict=True):
@@ -290,7 +292,13 @@ class StageRunner:
         body: dict[str, Any] = {"error": message, "stage": self.name}
         if index is not None:
             body["record"] = index
-        self.refused(call, json_response(body, 500))
+        # An HTTPError says what kind of failure it is (a model refusing an input: 422; its
+        # queue full: 503; a remote stage down: 502/504); a stage's own exception is a 500.
+        status = exc.status if isinstance(exc, HTTPError) else 500
+        self.refused(
+            call,
+            json_response(body, status, list(exc.headers) if isinstance(exc, HTTPError) else None),
+        )
 
     def _kick(self) -> None:
         if not self._scheduled and len(self.queue):
@@ -367,97 +375,7 @@ class _Rows:
         stage._passed(self.call, rows, end)
 
 
-class ModelStage:
-    """A model stage: each request's rows go to the model's executor as one job, so the model
-    batches them with its own dynamic batching and serialises them with its training."""
-
-    def __init__(
-        self,
-        stage: Stage,
-        endpoints: Mapping[str, ModelEndpoint],
-        stats: StageStats,
-        clock: Callable[[], float] = time.perf_counter,
-    ) -> None:
-        assert stage.model is not None
-        self.stage = stage
-        self.name = stage.name
-        self.model = stage.model
-        self.endpoints = endpoints  # looked up per request: a reload replaces the endpoint
-        self.stats = stats
-        self.clock = clock
-        self.passed: Callable[[Call, str, Any], None] = _unset
-        self.refused: Callable[[Call, Response], None] = _unset
-
-    def endpoint(self) -> ModelEndpoint:
-        endpoint = self.endpoints.get(self.model)
-        if endpoint is None:
-            raise ServiceUnavailable(f"stage {self.name!r}: model {self.model!r} is not loaded")
-        return endpoint
-
-    @property
-    def max_batch(self) -> int:
-        endpoint = self.endpoints.get(self.model)
-        return endpoint.executor.scheduler.max_batch if endpoint is not None else 1 << 30
-
-    def inputs(self, value: Any, endpoint: ModelEndpoint) -> dict[str, InputData]:
-        """A request's rows as the model's input arrays, by the model's input names (one
-        column into a one-input model goes by position, whatever its name)."""
-        columns = to_form(value, "tensors", self.name)
-        if isinstance(columns, Joined):
-            raise StageError(f"stage {self.name!r}: a model stage cannot be a join")
-        specs = endpoint.model.inputs
-        arrays: dict[str, InputData] = {}
-        for spec in specs:
-            column = columns.get(spec.name)
-            if column is None and len(specs) == 1 and len(columns) == 1:
-                column = next(iter(columns.values()))
-            if column is None:
-                raise StageError(
-                    f"stage {self.name!r}: model {self.model!r} takes {spec.name!r}; "
-                    f"the rows have {sorted(columns)}"
-                )
-            arrays[spec.name] = _array(column, spec.dtype.numpy)
-        return arrays
-
-    def add(self, call: Call, value: Any) -> None:
-        endpoint = self.endpoint()
-        call.entered[self.name] = self.clock()
-        capture = _Capture()
-        try:
-            arrays = self.inputs(value, endpoint)
-        except StageError as exc:
-            self._fail(call, 422, str(exc))
-            return
-        job = endpoint.executor.submit(arrays, call.rows, capture.encode)
-        job.subscribe(self._answered, (call, capture))
-
-    def _answered(self, arg: tuple[Call, _Capture], response: Response) -> None:
-        call, capture = arg
-        end = self.clock()
-        spent = end - call.entered.get(self.name, end)
-        call.times[self.name] = spent
-        self.stats.latency.record(spent)
-        if capture.outputs is None or response.status != 200:
-            self.stats.errors += call.rows
-            self._fail(call, response.status, _error_text(response))
-            return
-        self.stats.rows += call.rows
-        self.passed(call, self.name, capture.outputs)
-
-    def _fail(self, call: Call, status: int, why: str) -> None:
-        self.refused(
-            call,
-            json_response({"error": f"stage {self.name!r}: {why}", "stage": self.name}, status),
-        )
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-
-Runner = StageRunner | ModelStage
+Runner = StageRunner  # every stage is one: a model stage has a ModelPlacement
 
 
 class PipelineRunner:
@@ -558,16 +476,17 @@ class PipelineRunner:
             call.deadline = None
         timed = call.timed()
         if timed:
+            header = server_timing(timed)
             response = Response(  # a copy: a response object may be shared (cached errors)
                 response.status,
                 response.body,
                 response.content_type,
-                [*response.headers, (b"server-timing", server_timing(timed))],
+                [*response.headers, (b"server-timing", header)],
                 response.stream,
                 response.content_length,
             )
             if call.request is not None:
-                call.request.stages = stage_times(timed)
+                call.request.stages = header.decode()  # the access log reads the same
         call.resolve(response)
 
     async def start(self) -> None:
@@ -577,41 +496,6 @@ class PipelineRunner:
     async def close(self) -> None:
         for runner in self.stages.values():
             await runner.close()
-
-
-class _Capture:
-    """Keeps the model's output rows for a request (the executor's encoder is given them)."""
-
-    __slots__ = ("outputs",)
-
-    def __init__(self) -> None:
-        self.outputs: dict[str, np.ndarray] | None = None
-
-    def encode(self, outputs: dict[str, np.ndarray]) -> Response:
-        self.outputs = outputs
-        return _CAPTURED
-
-
-_CAPTURED: Final = Response(200, b"")
-
-
-def _array(column: Any, dtype: np.dtype[Any]) -> np.ndarray:
-    if hasattr(column, "detach"):  # a torch tensor
-        column = column.detach().cpu().numpy()
-    array = np.asarray(column)
-    if array.dtype != dtype:
-        array = array.astype(dtype)
-    return np.ascontiguousarray(array)
-
-
-def _error_text(response: Response) -> str:
-    try:
-        import orjson
-
-        message = orjson.loads(response.body).get("error")
-    except Exception:
-        message = None
-    return str(message) if message else f"the model answered {response.status}"
 
 
 def _reason(exc: BaseException) -> str:

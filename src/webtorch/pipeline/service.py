@@ -21,8 +21,9 @@ from webtorch.http.router import Route, Router
 from webtorch.metrics import Metrics
 from webtorch.pipeline.endpoint import PipelineEndpoint
 from webtorch.pipeline.graph import Graph, GraphError
+from webtorch.pipeline.models import ModelPlacement
 from webtorch.pipeline.placement import PlacementFactory, StageSite, local
-from webtorch.pipeline.runner import ModelStage, PipelineRunner, Runner, StageRunner
+from webtorch.pipeline.runner import PipelineRunner, Runner, StageRunner
 from webtorch.pipeline.served import ServedPipeline
 from webtorch.pipeline.spec import PipelineLoadError, import_pipeline_file
 from webtorch.serve.oip import Auth
@@ -148,8 +149,6 @@ class Pipelines:
         stage = served.graph.stages[name]
         settings = served.settings(name)
         stats = self.metrics.stage(served.name, name)
-        if name in served.here and stage.model is not None:
-            return ModelStage(stage, endpoints, stats)
         site = StageSite(
             served.name, self.config.resolve(served.config.path), stage, settings, stats, loop
         )
@@ -160,6 +159,19 @@ class Pipelines:
                     "available in this build"
                 )
             placement = remote(site)
+        elif stage.model is not None:
+            # The model's executor batches and queues too: this queue is only as deep as the
+            # model's, and cut at its max_batch.
+            model = ModelPlacement(stage, endpoints)
+            executor = model.endpoint().executor
+            return StageRunner(
+                stage,
+                model,
+                stats,
+                loop,
+                max_batch=executor.scheduler.max_batch,
+                max_queue=executor.scheduler.max_queue,
+            )
         else:
             placement = local(site)
         return StageRunner(

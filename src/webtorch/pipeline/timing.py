@@ -1,4 +1,5 @@
-"""A request's time in each stage, as a ``Server-Timing`` header and for the access log."""
+"""A request's time in each stage, as a ``Server-Timing`` header (which the access log reads
+too: ``Request.stages``)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,3 @@ def _token(name: str) -> str:
     if len(_TOKENS) < 4096:
         _TOKENS[name] = token
     return token
-
-
-def stage_times(times: Iterable[tuple[str, float]]) -> str:
-    """The access log's ``stages`` field: ``clean=0.41,featurize=0.20`` (milliseconds)."""
-    return ",".join(f"{name}={seconds * 1000:.3f}" for name, seconds in times)
