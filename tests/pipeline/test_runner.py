@@ -218,3 +218,28 @@ def test_fan_out_and_join(loop: asyncio.AbstractEventLoop) -> None:
     assert call.response is not None
     timing = dict(h for h in call.response.headers)[b"server-timing"].decode()
     assert [e.split(";")[0] for e in timing.split(", ")] == ["words", "count", "first", "join"]
+
+
+def test_an_unavailable_placement_answers_its_batch_at_once(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    from webtorch.errors import HTTPError, ServiceUnavailable
+
+    def down(rows: list[Any]) -> list[Any]:
+        raise ServiceUnavailable("the group has no server up")
+
+    def broken(rows: list[Any]) -> list[Any]:
+        raise HTTPError("the remote stage failed on a record")  # a 500: narrowed down
+
+    for fn, status, runs in ((down, 503, 1), (broken, 500, 1 + 2 + 2)):
+        stage = Manual(fn)
+        runner, graph = make(loop, [(Stage("far", fn), stage)])
+        calls = [runner.submit(graph.plan(), ["a", "b"], 2, answer)]
+        calls.append(runner.submit(graph.plan(), ["c"], 1, answer))
+        turn(loop)
+        while stage.pending:
+            stage.finish()
+            turn(loop)
+        assert [c.response.status for c in calls if c.response is not None] == [status] * 2
+        assert len(stage.batches) == runs  # 503: no reruns; 500: per request, then per row
+        assert body(calls[0])["stage"] == "far"

@@ -11,9 +11,9 @@ flight, so a slow stage on a thread or process pool holds up only its own queue.
 Errors stay with their records: a row returned as ``Reject`` answers its request 422 naming the
 stage and the record's index; a batch that raises is run again request by request, and a
 request that still fails row by row, so one bad record fails only its own request (500 naming
-the stage and the record) and the rest of the batch goes on. A model stage is the model's own
-executor (:class:`ModelStage`): its dynamic batching, training priority and WAL are the
-model's.
+the stage and the record) and the rest of the batch goes on; a placement that says it cannot
+run now (502, 503, 504) answers its batch's requests so at once. A model stage is a stage like
+any other whose placement is the model's executor (``models.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Final
 
 from webtorch.errors import HTTPError, ServiceUnavailable
 from webtorch.http.messages import Pending, Request, Response, error_response, json_response
@@ -44,9 +44,6 @@ from webtorch.pipeline.placement import Placement
 from webtorch.pipeline.spec import Stage, Takes
 from webtorch.pipeline.timing import server_timing
 from webtorch.serve.batcher import BatchScheduler, Queued, QueueFull
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("webtorch.pipeline")
 
@@ -242,7 +239,7 @@ class StageRunner:
             pieces = split(result, [call.rows for call in calls])
             for call, piece in zip(calls, pieces, strict=True):
                 self._passed(call, piece, end)
-        elif isinstance(exc, HTTPError) and exc.status >= 500:
+        elif isinstance(exc, HTTPError) and exc.status in _UNAVAILABLE:
             # Not the records: where the stage runs is unavailable (a model's full queue, a
             # remote stage down). Each request gets that answer now; rerunning would not help.
             for call in calls:
@@ -496,6 +493,12 @@ class PipelineRunner:
     async def close(self) -> None:
         for runner in self.stages.values():
             await runner.close()
+
+
+# A placement's HTTPError with one of these statuses means the stage cannot run now, whatever
+# the records: its batch's requests are answered so at once, not rerun one by one. Any other
+# exception (a remote stage's 500 or 422 on a record included) is narrowed to the record.
+_UNAVAILABLE: Final = frozenset({502, 503, 504})
 
 
 def _reason(exc: BaseException) -> str:
