@@ -272,6 +272,7 @@ def pipeline_paths(name: str, stages: Iterable[str] = ()) -> list[str]:
         f"/pipelines/{name}/train",
         f"/v2/pipelines/{name}",
         f"/v2/pipelines/{name}/infer",
+        f"/v2/pipelines/{name}/train",
         *(f"/v2/pipelines/{name}/stages/{stage}/infer" for stage in stages),
     ]
 

@@ -230,3 +230,35 @@ def test_a_model_stage_batches_and_a_bad_record_fails_alone(tmp_path: Path) -> N
             "webtorch_pipeline_stage_batch_rows_bucket", le="1.0"
         )
         assert merged >= 1
+
+
+def test_oip_training_through_the_pipeline(server: Running) -> None:
+    doc = {
+        "id": "t-1",
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["0,1", "1,0"]}],
+        "targets": [{"name": "y", "datatype": "FP32", "shape": [2, 1], "data": [0, 0]}],
+    }
+    reply = call(server, "POST", "/v2/pipelines/xor/train", doc)
+    assert reply.status == 200, reply.body
+    answer = json.loads(reply.body)
+    assert answer["pipeline_name"] == "xor" and answer["model_name"] == "xor"
+    assert answer["step"] == 1 and answer["id"] == "t-1" and answer["loss"] > 0
+    bad = {**doc, "targets": [{"name": "z", "datatype": "FP32", "shape": [2, 1], "data": [0, 0]}]}
+    reply = call(server, "POST", "/v2/pipelines/xor/train", bad)
+    assert reply.status == 400 and b"unknown target" in reply.body
+
+
+def test_records_that_cannot_be_a_first_stages_tensors_are_400(tmp_path: Path) -> None:
+    cfg = wt_config.from_dict(
+        {
+            "models": {"xor": {"path": str(XOR)}},
+            "pipelines": {"x": {"path": str(PIPE.parent / "xorfirst.py")}},
+        }
+    )
+    with serve_in_thread(cfg) as running:
+        good = call(running, "POST", "/pipelines/x/predict", {"records": [[0, 1], [1, 1]]})
+        assert good.status == 200, good.body
+        assert [round(o["y"][0]) for o in json.loads(good.body)["outputs"]] == [1, 0]
+        ragged = call(running, "POST", "/pipelines/x/predict", {"records": [[0, 1], [1]]})
+        assert ragged.status == 400
+        assert b"cannot be the first stage's tensors" in ragged.body
