@@ -140,3 +140,24 @@ def test_a_request_past_the_pipelines_timeout_answers_504_naming_the_stage() -> 
         # Its worker comes back; the pipeline keeps answering.
         again = call(running, "POST", "/pipelines/gated/predict", ["go"])
         assert again.status == 200
+
+
+def test_a_record_that_kills_its_worker_fails_alone_and_the_pool_recovers() -> None:
+    from tests.serve.test_server_models import raw_request, send_together
+
+    crashy = Path(__file__).resolve().parent / "files" / "crashy.py"
+    cfg = wt_config.from_dict(
+        {"pipelines": {"c": {"path": str(crashy), "stages": {"risky": {"placement": "process"}}}}}
+    )
+    with serve_in_thread(cfg) as running:
+
+        def raw(records: list[str]) -> bytes:
+            return raw_request("/pipelines/c/predict", json.dumps(records).encode())
+
+        replies = send_together(running, [raw(["ok"]), raw(["x", "die"]), raw(["fine"])])
+        assert [r.status for r in replies] == [200, 500, 200]
+        failed = json.loads(replies[1].body)
+        assert failed["stage"] == "risky" and failed["record"] == 1
+        assert json.loads(replies[2].body)["outputs"] == ["FINE"]
+        after = call(running, "POST", "/pipelines/c/predict", ["later"])
+        assert after.status == 200 and json.loads(after.body)["outputs"] == ["LATER"]

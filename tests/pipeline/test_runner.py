@@ -231,7 +231,8 @@ def test_an_unavailable_placement_answers_its_batch_at_once(
     def broken(rows: list[Any]) -> list[Any]:
         raise HTTPError("the remote stage failed on a record")  # a 500: narrowed down
 
-    for fn, status, runs in ((down, 503, 1), (broken, 500, 1 + 2 + 2)):
+    # 503: no reruns; 500: per request, then the failing request's rows until one fails.
+    for fn, status, runs in ((down, 503, 1), (broken, 500, 1 + 2 + 1)):
         stage = Manual(fn)
         runner, graph = make(loop, [(Stage("far", fn), stage)])
         calls = [runner.submit(graph.plan(), ["a", "b"], 2, answer)]
@@ -241,5 +242,38 @@ def test_an_unavailable_placement_answers_its_batch_at_once(
             stage.finish()
             turn(loop)
         assert [c.response.status for c in calls if c.response is not None] == [status] * 2
-        assert len(stage.batches) == runs  # 503: no reruns; 500: per request, then per row
+        assert len(stage.batches) == runs
         assert body(calls[0])["stage"] == "far"
+
+
+class Sync(Manual):
+    """A placement that finishes each batch inside run(), as the loop placement does."""
+
+    def run(self, batch: Any, done: Done) -> None:
+        self.batches.append(batch)
+        try:
+            result = self.fn(batch)
+        except Exception as exc:
+            done(None, exc)
+        else:
+            done(result, None)
+
+
+def test_narrowing_a_big_batch_on_the_loop_does_not_nest(loop: asyncio.AbstractEventLoop) -> None:
+    def picky(rows: list[str]) -> list[str]:
+        if "boom" in rows:
+            raise ValueError("boom")
+        return rows
+
+    stage = Sync(picky)
+    runner, graph = make(loop, [(Stage("picky", picky), stage)], max_batch=512)
+    plan = graph.plan()
+    calls = [runner.submit(plan, [f"r{i}", f"s{i}"], 2, answer) for i in range(255)]
+    calls.append(runner.submit(plan, ["fine", "boom"], 2, answer))
+    for _ in range(1000):
+        turn(loop)
+        if all(c.response is not None for c in calls):
+            break
+    statuses = [c.response.status for c in calls if c.response is not None]
+    assert statuses == [200] * 255 + [500]
+    assert body(calls[-1])["record"] == 1

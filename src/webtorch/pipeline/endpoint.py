@@ -119,14 +119,14 @@ class PipelineEndpoint:
 
     def _stage(self, stage: str) -> Callable[[Request], HandlerResult]:
         plan = self.served.plans[f"stage:{stage}"]
+        # A caller's batch is the stage's: up to its max_batch rows (not max_records).
+        max_rows = self.runner.stages[stage].max_batch
 
         def handler(request: Request) -> HandlerResult:
             require_method(request, "POST")
             request.model = self.name
             batch, rows = wire.decode_stage_batch(
-                request.body,
-                request.header(b"inference-header-content-length"),
-                self.limits.max_records,
+                request.body, request.header(b"inference-header-content-length"), max_rows
             )
             return self.runner.submit(plan, batch, rows, _answer_stage, request, True)
 

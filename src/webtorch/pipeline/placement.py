@@ -154,21 +154,24 @@ class ProcessPlacement:
         )
 
     def run(self, batch: Any, done: Done) -> None:
+        pool = self._pool
         try:
             payload = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
-            submitted: Future[bytes] = self._pool.submit(child.run, self._name, payload)
+            submitted: Future[bytes] = pool.submit(child.run, self._name, payload)
         except Exception as exc:  # a batch that does not pickle, or a pool already broken
-            self._broken(exc)
+            self._broken(pool, exc)
             done(None, exc)
             return
         self._stats.bytes_in += len(payload)
         wrapped = asyncio.wrap_future(submitted, loop=self._loop)
-        wrapped.add_done_callback(lambda f: self._finished(f, done))
+        wrapped.add_done_callback(lambda f: self._finished(pool, f, done))
 
-    def _finished(self, future: asyncio.Future[bytes], done: Done) -> None:
+    def _finished(
+        self, pool: ProcessPoolExecutor, future: asyncio.Future[bytes], done: Done
+    ) -> None:
         result, exc = _outcome(future)
         if exc is not None:
-            self._broken(exc)
+            self._broken(pool, exc)
             done(None, exc)
             return
         self._stats.bytes_out += len(result)
@@ -179,9 +182,10 @@ class ProcessPlacement:
             return
         done(rows, None)
 
-    def _broken(self, exc: BaseException) -> None:
-        if isinstance(exc, BrokenProcessPool):
-            # A worker died (killed, out of memory): later batches get a fresh pool.
+    def _broken(self, pool: ProcessPoolExecutor, exc: BaseException) -> None:
+        if isinstance(exc, BrokenProcessPool) and pool is self._pool:
+            # A worker died (killed, out of memory): later batches get a fresh pool (once: the
+            # other batches that were on the broken one fail with it too).
             log.error("stage %s: a worker process died; starting a new pool", self._name)
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new_pool()

@@ -22,7 +22,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from webtorch.errors import HTTPError, ServiceUnavailable
@@ -185,17 +185,18 @@ class StageRunner:
         if calls:
             self._run(calls, values)
 
-    def _run(self, calls: list[Call], values: list[Any]) -> None:
-        """Run one batch of whole requests' rows."""
+    def _run(self, calls: list[Call], values: list[Any], then: Then = None) -> None:
+        """Run one batch of whole requests' rows; ``then()`` once it is settled (reruns
+        included)."""
         try:
             merged = concat(values, self.takes, self.name)
         except Exception as exc:  # rows that do not convert to the form the stage takes
-            self._settle(calls, values, None, exc, self.clock())
+            self._settle(calls, values, None, exc, self.clock(), then)
             return
         self.in_flight += 1
         started = self.clock()
         self.placement.run(
-            merged, lambda result, exc: self._ran(calls, values, result, exc, started)
+            merged, lambda result, exc: self._ran(calls, values, result, exc, started, then)
         )
 
     def _ran(
@@ -205,6 +206,7 @@ class StageRunner:
         result: Any,
         exc: BaseException | None,
         started: float,
+        then: Then,
     ) -> None:
         self.in_flight -= 1
         stats = self.stats
@@ -212,7 +214,7 @@ class StageRunner:
         stats.run.record(end - started)
         stats.batch_rows.record(sum(call.rows for call in calls))
         stats.batches += 1
-        self._settle(calls, values, result, exc, end)
+        self._settle(calls, values, result, exc, end, then)
         self._kick()
 
     def _settle(
@@ -222,8 +224,45 @@ class StageRunner:
         result: Any,
         exc: BaseException | None,
         end: float,
+        then: Then = None,
     ) -> None:
-        """A batch's outcome: each request's rows on, or the failure narrowed down."""
+        """A batch's outcome: each request's rows on, or the failure narrowed down. Reruns
+        go one at a time: a record that kills its worker process breaks every batch on the
+        pool, so only a rerun alone says whose it is."""
+        if exc is not None and not (isinstance(exc, HTTPError) and exc.status in _UNAVAILABLE):
+            if len(calls) > 1:
+                # One request's records broke the batch: each request on its own.
+                steps = [
+                    functools.partial(self._run, [call], [value])
+                    for call, value in zip(calls, values, strict=True)
+                ]
+                self._serially(steps, then)
+            else:
+                _Rows(self, calls[0], values[0], exc, then).start()
+            return
+        self._conclude(calls, result, exc, end)
+        if then is not None:
+            then()
+
+    def _serially(self, steps: Sequence[Callable[[Then], None]], then: Then) -> None:
+        """Run ``steps`` one after another, each told how to start the next (on a later loop
+        turn: a step on the loop finishes inside its call, and a chain of them must not
+        nest); then ``then()``."""
+        if not steps:
+            if then is not None:
+                then()
+            return
+        first, rest = steps[0], steps[1:]
+
+        def after() -> None:
+            self.loop.call_soon(self._serially, rest, then)
+
+        first(after)
+
+    def _conclude(
+        self, calls: list[Call], result: Any, exc: BaseException | None, end: float
+    ) -> None:
+        """Each request's rows on, or (the placement unavailable) its answer now."""
         if exc is None:
             rows = sum(call.rows for call in calls)
             try:
@@ -239,17 +278,11 @@ class StageRunner:
             pieces = split(result, [call.rows for call in calls])
             for call, piece in zip(calls, pieces, strict=True):
                 self._passed(call, piece, end)
-        elif isinstance(exc, HTTPError) and exc.status in _UNAVAILABLE:
+        else:
             # Not the records: where the stage runs is unavailable (a model's full queue, a
             # remote stage down). Each request gets that answer now; rerunning would not help.
             for call in calls:
                 self._failed(call, None, exc, end)
-        elif len(calls) > 1:
-            # One request's records broke the batch: each request on its own.
-            for call, value in zip(calls, values, strict=True):
-                self._run([call], [value])
-        else:
-            _Rows(self, calls[0], values[0], exc).start()
 
     def _passed(self, call: Call, rows: Any, end: float) -> None:
         """A request's rows came out of this stage: rejected ones answer 422, else on."""
@@ -310,36 +343,46 @@ class StageRunner:
 
 
 class _Rows:
-    """One request whose batch failed, run again row by row to find the records that fail."""
+    """One request whose batch failed, run again row by row (one row at a time) to find the
+    records that fail."""
 
-    def __init__(self, stage: StageRunner, call: Call, value: Any, exc: BaseException) -> None:
+    def __init__(
+        self, stage: StageRunner, call: Call, value: Any, exc: BaseException, then: Then
+    ) -> None:
         self.stage = stage
         self.call = call
         self.value = value
         self.exc = exc
-        self.results: list[Any] = [None] * call.rows
+        self.then = then
+        self.results: list[Any] = []
         self.failures: list[tuple[int, BaseException]] = []
-        self.left = call.rows
 
     def start(self) -> None:
         stage = self.stage
         if self.call.rows == 1:
             # Nothing to narrow down: this record fails the stage.
             stage._failed(self.call, 0, self.exc, stage.clock())
+            self._finally()
             return
-        for index in range(self.call.rows):
-            try:
-                row = to_form(take(self.value, [index]), stage.takes, stage.name)
-            except Exception as exc:
-                self._done(index, None, exc)
-                continue
-            stage.in_flight += 1
-            stage.placement.run(row, functools.partial(self._ran, index))
+        self._next()
+
+    def _next(self) -> None:
+        stage = self.stage
+        index = len(self.results)
+        if index == self.call.rows or self.call.response is not None:
+            self._end()
+            return
+        try:
+            row = to_form(take(self.value, [index]), stage.takes, stage.name)
+        except Exception as exc:
+            self._done(index, None, exc)
+            return
+        stage.in_flight += 1
+        stage.placement.run(row, functools.partial(self._ran, index))
 
     def _ran(self, index: int, result: Any, exc: BaseException | None) -> None:
         self.stage.in_flight -= 1
         self._done(index, result, exc)
-        self.stage._kick()
 
     def _done(self, index: int, result: Any, exc: BaseException | None) -> None:
         if exc is None:
@@ -350,26 +393,38 @@ class _Rows:
                 exc = error
         if exc is not None:
             self.failures.append((index, exc))
+        self.results.append(result)
+        if self.failures:
+            self._end()  # the first failing record is the one named: no need to go on
         else:
-            self.results[index] = result
-        self.left -= 1
-        if self.left:
-            return
+            self.stage.loop.call_soon(self._next)  # a later turn: rows on the loop must not nest
+
+    def _end(self) -> None:
         stage = self.stage
         end = stage.clock()
         if self.failures:
-            index, first = min(self.failures, key=lambda f: f[0])
+            index, first = self.failures[0]
             stage._failed(self.call, index, first, end)
-            return
-        # Each row passed alone (the batch failed for another reason: its size, a flaky
-        # dependency): the request goes on with its rows.
-        form: Takes = "records" if isinstance(self.results[0], list) else "tensors"
-        try:
-            rows = concat(self.results, form, stage.name)
-        except Exception as exc:
-            stage._failed(self.call, None, exc, end)
-            return
-        stage._passed(self.call, rows, end)
+        elif self.call.response is None:
+            # Each row passed alone (the batch failed for another reason: its size, a flaky
+            # dependency): the request goes on with its rows.
+            form: Takes = "records" if isinstance(self.results[0], list) else "tensors"
+            try:
+                rows = concat(self.results, form, stage.name)
+            except Exception as exc:
+                stage._failed(self.call, None, exc, end)
+            else:
+                stage._passed(self.call, rows, end)
+        self._finally()
+
+    def _finally(self) -> None:
+        self.stage._kick()
+        if self.then is not None:
+            self.then()
+
+
+# Called once a batch is settled, its reruns included (None: nothing waits for it).
+Then = Callable[[], None] | None
 
 
 Runner = StageRunner  # every stage is one: a model stage has a ModelPlacement
