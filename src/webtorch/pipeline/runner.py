@@ -278,11 +278,12 @@ class StageRunner:
             pieces = split(result, [call.rows for call in calls])
             for call, piece in zip(calls, pieces, strict=True):
                 self._passed(call, piece, end)
-        else:
+        elif isinstance(exc, HTTPError):
             # Not the records: where the stage runs is unavailable (a model's full queue, a
-            # remote stage down). Each request gets that answer now; rerunning would not help.
+            # remote stage's group down or timed out: 502/503/504). Each request gets that
+            # answer now; narrowing down would send it row by row into the same failure.
             for call in calls:
-                self._failed(call, None, exc, end)
+                self._unavailable(call, exc, end)
 
     def _passed(self, call: Call, rows: Any, end: float) -> None:
         """A request's rows came out of this stage: rejected ones answer 422, else on."""
@@ -329,6 +330,14 @@ class StageRunner:
             call,
             json_response(body, status, list(exc.headers) if isinstance(exc, HTTPError) else None),
         )
+
+    def _unavailable(self, call: Call, exc: HTTPError, end: float) -> None:
+        if call.response is not None:
+            return
+        call.times[self.name] = end - call.entered.get(self.name, end)
+        self.stats.errors += call.rows
+        body = {"error": exc.message, "stage": self.name}
+        self.refused(call, json_response(body, exc.status, list(exc.headers)))
 
     def _kick(self) -> None:
         if not self._scheduled and len(self.queue):
