@@ -262,3 +262,27 @@ def test_records_that_cannot_be_a_first_stages_tensors_are_400(tmp_path: Path) -
         ragged = call(running, "POST", "/pipelines/x/predict", {"records": [[0, 1], [1]]})
         assert ragged.status == 400
         assert b"cannot be the first stage's tensors" in ragged.body
+
+
+def test_a_models_preprocess_is_a_stage_run_inside_its_batch(tmp_path: Path) -> None:
+    # The one-stage case: a tensors stage as a model's preprocess runs in the model's batch
+    # (no queue of its own); the same function as a pipeline stage gets its own queue.
+    files = PIPE.parent
+    plain = tmp_path / "plain.py"
+    plain.write_text(
+        (files / "scaled_model.py").read_text().replace("    preprocess=double,\n", "")
+    )
+    cfg = wt_config.from_dict(
+        {
+            "models": {
+                "scaled": {"path": str(files / "scaled_model.py")},
+                "plain": {"path": str(plain)},
+            },
+            "pipelines": {"scaled": {"path": str(files / "scaled_pipe.py")}},
+        }
+    )
+    with serve_in_thread(cfg) as running:
+        direct = call(running, "POST", "/models/scaled/predict", {"inputs": [[1, 2]]})
+        assert json.loads(direct.body)["outputs"] == [[2.0, 4.0]]
+        piped = call(running, "POST", "/pipelines/scaled/predict", {"records": [{"x": [1, 2]}]})
+        assert json.loads(piped.body)["outputs"] == [{"y": [2.0, 4.0]}]
