@@ -302,12 +302,15 @@ class App:
             # Proxied routes stream their request bodies (the first upstreams may come now).
             self.server.state.stream_match = self.router.match_stream
         self._apply_server(server)
+        pipelines_changed = new.pipelines != self.config.pipelines
         self.config = new
         message = (
             f"reloaded {self.path}: {len(new.upstreams)} upstream(s), {len(new.routes)} route(s)"
         )
         if changed:
             message += f"; applied [server] {', '.join(changed)}"
+        if pipelines_changed:  # their files, workers and queues are made once, at the start
+            message += "; [pipelines] changed: only a restart applies them"
         log.info("%s", message)
         return message
 
