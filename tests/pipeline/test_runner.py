@@ -277,3 +277,41 @@ def test_narrowing_a_big_batch_on_the_loop_does_not_nest(loop: asyncio.AbstractE
     statuses = [c.response.status for c in calls if c.response is not None]
     assert statuses == [200] * 255 + [500]
     assert body(calls[-1])["record"] == 1
+
+
+def test_max_delay_waits_for_the_batch_to_fill_on_the_stages_clock(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    now = [0.0]
+    stage = Manual(lambda rows: rows)
+    runner = StageRunner(
+        Stage("s", stage.fn),
+        stage,
+        StageStats(),
+        loop,
+        max_batch=3,
+        max_delay=0.5,
+        clock=lambda: now[0],
+    )
+    pipeline = PipelineRunner("p", {"s": runner})
+    plan = Graph(Pipeline([Stage("s", stage.fn)])).plan()
+    first = pipeline.submit(plan, ["a"], 1, answer)
+    turn(loop)
+    assert stage.batches == [] and runner._timer is not None  # waiting up to 0.5 s to fill
+    now[0] = 0.2
+    second = pipeline.submit(plan, ["b"], 1, answer)
+    turn(loop)
+    assert stage.batches == []
+    now[0] = 0.5  # the oldest has waited max_delay: the batch goes as it is
+    runner._dispatch()
+    assert stage.batches == [["a", "b"]]
+    stage.finish()
+    assert body(first) == ["a"] and body(second) == ["b"]
+    runner.stats.wait.compact()
+    assert runner.stats.wait.total == pytest.approx(0.5 + 0.3)
+    now[0] = 1.0
+    full = [pipeline.submit(plan, [x], 1, answer) for x in "cde"]
+    turn(loop)
+    assert stage.batches[-1] == ["c", "d", "e"]  # full at max_batch: no wait
+    stage.finish()
+    assert [body(c) for c in full] == [["c"], ["d"], ["e"]]
