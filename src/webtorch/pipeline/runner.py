@@ -511,6 +511,11 @@ class PipelineRunner:
             if isinstance(answer, Response):
                 self.answer(call, answer)
             else:
+                # A train step: it answers after the step with its own guarantees (WAL,
+                # idempotency); a 504 now would tell a client that a step it took failed.
+                if call.deadline is not None:
+                    call.deadline.cancel()
+                    call.deadline = None
                 answer.subscribe(self.answer, call)
             return
         for stage in ready:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from webtorch.config import Config, PipelineConfig, StageConfig
@@ -64,7 +63,7 @@ class Pipelines:
         try:
             graph = Graph(pipeline)
         except GraphError as exc:
-            raise ConfigError(f"{where}: {pipeline_path(self.config, pc)}: {exc}") from None
+            raise ConfigError(f"{where}: {self.config.resolve(pc.path)}: {exc}") from None
         for configured in pc.stages:
             if configured not in graph.stages:
                 raise ConfigError(
@@ -194,7 +193,3 @@ class Pipelines:
         for served in self.served.values():
             if served.runner is not None:
                 await served.runner.close()
-
-
-def pipeline_path(config: Config, pc: PipelineConfig) -> Path:
-    return config.resolve(pc.path)

@@ -25,9 +25,9 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
-from webtorch.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from webtorch.errors import BadRequest, PayloadTooLarge
 from webtorch.http.messages import JSON, Response
-from webtorch.pipeline.batch import DATA, Joined, dumps, to_form
+from webtorch.pipeline.batch import Joined, dumps, to_form
 from webtorch.pipeline.spec import Reject
 from webtorch.serve.datatypes import DATATYPES
 from webtorch.serve.model import TensorSpec
@@ -430,11 +430,3 @@ def _values(arrays: dict[str, np.ndarray], name: str) -> list[Any]:
         else:
             raise BadRequest(f"stage batch: unknown element kind {kind} in {name!r}")
     return values
-
-
-def check_media(content_type: bytes) -> None:
-    if content_type not in (OCTET, JSON):
-        raise UnsupportedMediaType("a stage batch is application/octet-stream")
-
-
-__all__ = ["DATA", "Limits"]
