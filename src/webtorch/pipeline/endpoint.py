@@ -88,9 +88,9 @@ class PipelineEndpoint:
         else:
             require_method(request, "POST")
 
-    def _call(self, request: Request, plan: str, value: Any, rows: int, finish: Any) -> Call:
+    def _call(self, request: Request, plan: str, value: Any, rows: int, finish: Any) -> Pending:
         request.model = self.name  # the access log's model field: the pipeline served
-        return self.runner.submit(self.served.plans[plan], value, rows, finish, request)
+        return self.runner.submit(self.served.plans[plan], value, rows, finish, request).pending
 
     def predict(self, request: Request) -> HandlerResult:
         require_method(request, "POST")
@@ -128,7 +128,7 @@ class PipelineEndpoint:
             batch, rows = wire.decode_stage_batch(
                 request.body, request.header(b"inference-header-content-length"), max_rows
             )
-            return self.runner.submit(plan, batch, rows, _answer_stage, request, True)
+            return self.runner.submit(plan, batch, rows, _answer_stage, request, True).pending
 
         return handler
 
@@ -245,7 +245,7 @@ class PipelineEndpoint:
             return live.executor.submit_train(train_request, encode)
 
         request.model = self.name
-        return self.runner.submit(plan, value, rows, finish, request)
+        return self.runner.submit(plan, value, rows, finish, request).pending
 
     def _columns(self, records: list[Any]) -> Any:
         """Records as the first stage's tensors; 400 naming why they are not."""

@@ -51,14 +51,17 @@ log = logging.getLogger("webtorch.pipeline")
 Finish = Callable[["Call", Any], "Response | Pending"]
 
 
-class Call(Pending):
-    """One request on its way through a plan: its rows at each stage, its time in each."""
+class Call:
+    """One request on its way through a plan: its rows at each stage, its time in each, and
+    the Pending its handler returned (held, not inherited: ``Pending`` is a compiled class,
+    which an interpreted one cannot subclass)."""
 
     __slots__ = (
         "deadline",
         "entered",
         "finish",
         "keep_rejects",
+        "pending",
         "plan",
         "progress",
         "request",
@@ -75,7 +78,7 @@ class Call(Pending):
         request: Request | None,
         keep_rejects: bool = False,
     ) -> None:
-        super().__init__()
+        self.pending = Pending()
         self.plan = plan
         # A stage's own endpoint answers Reject rows as rows (its caller, a remote placement,
         # hands them on): only the whole pipeline answers them 422.
@@ -88,6 +91,11 @@ class Call(Pending):
         self.deadline: asyncio.TimerHandle | None = None  # the pipeline's timeout
         self.entered: dict[str, float] = {}  # stage -> when the rows were queued there
         self.times: dict[str, float] = {}  # stage -> seconds: queue wait and its batch's run
+
+    @property
+    def response(self) -> Response | None:
+        """The answer, once there is one."""
+        return self.pending.response
 
     def input_for(self, name: str) -> Any:
         """The batch stage ``name`` takes for this request (its inputs' rows, joined)."""
@@ -553,7 +561,7 @@ class PipelineRunner:
             )
             if call.request is not None:
                 call.request.stages = header.decode()  # the access log reads the same
-        call.resolve(response)
+        call.pending.resolve(response)
 
     async def start(self) -> None:
         for runner in self.stages.values():
