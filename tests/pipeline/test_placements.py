@@ -161,3 +161,25 @@ def test_a_record_that_kills_its_worker_fails_alone_and_the_pool_recovers() -> N
         assert json.loads(replies[2].body)["outputs"] == ["FINE"]
         after = call(running, "POST", "/pipelines/c/predict", ["later"])
         assert after.status == 200 and json.loads(after.body)["outputs"] == ["LATER"]
+
+
+def test_a_file_that_fails_in_its_workers_fails_the_start(tmp_path: Path) -> None:
+    # Imports in the server (which checks the file), raises in a worker process.
+    (tmp_path / "p.py").write_text(
+        "import multiprocessing\n"
+        "import webtorch\n"
+        "if multiprocessing.parent_process() is not None:\n"
+        "    raise RuntimeError('no GPU in the workers')\n"
+        "pipeline = webtorch.Pipeline([webtorch.stage(lambda rows: rows, name='s')])\n"
+    )
+    stages = {"s": {"placement": "process"}}
+    cfg = wt_config.from_dict(
+        {"pipelines": {"p": {"path": str(tmp_path / "p.py"), "stages": stages}}}
+    )
+    from webtorch.errors import ConfigError
+
+    with (
+        pytest.raises(ConfigError, match=r"pipelines\.p\.stages\.s: its worker processes could"),
+        serve_in_thread(cfg),
+    ):
+        pass

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from webtorch.errors import ConfigError
 from webtorch.metrics import StageStats
 from webtorch.pipeline import child
 from webtorch.pipeline.spec import Stage
@@ -197,7 +198,14 @@ class ProcessPlacement:
             asyncio.wrap_future(self._pool.submit(child.ping), loop=self._loop)
             for _ in range(self.concurrency)
         ]
-        await asyncio.gather(*pings)
+        try:
+            await asyncio.gather(*pings)
+        except Exception as exc:
+            site = self._site
+            raise ConfigError(
+                f"pipelines.{site.pipeline}.stages.{self._name}: its worker processes could "
+                f"not start or import {site.path}: {exc!r}"
+            ) from None
 
     async def close(self) -> None:
         await asyncio.to_thread(self._pool.shutdown, True)
