@@ -286,3 +286,27 @@ def test_a_models_preprocess_is_a_stage_run_inside_its_batch(tmp_path: Path) -> 
         assert json.loads(direct.body)["outputs"] == [[2.0, 4.0]]
         piped = call(running, "POST", "/pipelines/scaled/predict", {"records": [{"x": [1, 2]}]})
         assert json.loads(piped.body)["outputs"] == [{"y": [2.0, 4.0]}]
+
+
+def test_fan_out_to_two_models_and_a_join(tmp_path: Path) -> None:
+    cfg = wt_config.from_dict(
+        {
+            "models": {
+                "xor": {"path": str(XOR)},
+                "frozen": {"path": str(XOR), "weights": False},
+            },
+            "pipelines": {"both": {"path": str(PIPE.parent / "fanout.py")}},
+        }
+    )
+    with serve_in_thread(cfg) as running:
+        reply = call(running, "POST", "/pipelines/both/predict", {"records": [[0, 1], [1, 1]]})
+        assert reply.status == 200, reply.body
+        outputs = json.loads(reply.body)["outputs"]
+        direct = call(running, "POST", "/models/frozen/predict", {"inputs": [[0, 1], [1, 1]]})
+        frozen = [round(row[0], 4) for row in json.loads(direct.body)["outputs"]]
+        assert [o["frozen"] for o in outputs] == pytest.approx(frozen, abs=1e-4)
+        assert outputs[0]["trained"] > 0.9 and outputs[1]["trained"] < 0.1
+        timing = [e.split(";")[0] for e in reply.headers["server-timing"].split(", ")]
+        assert timing == ["parse", "trained", "frozen", "compare"]
+        meta = json.loads(call(running, "GET", "/v2/pipelines/both").body)
+        assert meta["stages"][-1]["after"] == ["trained", "frozen"]
