@@ -183,3 +183,30 @@ def test_a_file_that_fails_in_its_workers_fails_the_start(tmp_path: Path) -> Non
         serve_in_thread(cfg),
     ):
         pass
+
+
+def test_a_worker_stuck_at_shutdown_is_ended(tmp_path: Path) -> None:
+    hang = Path(__file__).resolve().parent / "files" / "hang.py"
+    cfg = wt_config.from_dict(
+        {
+            "pipelines": {
+                "h": {
+                    "path": str(hang),
+                    "timeout": 0.2,
+                    "stages": {"stall": {"placement": "process"}},
+                }
+            }
+        }
+    )
+    with serve_in_thread(cfg) as running:
+        pid = json.loads(call(running, "POST", "/pipelines/h/predict", ["x"]).body)["outputs"][0]
+        assert call(running, "POST", "/pipelines/h/predict", ["hang"]).status == 504
+        pipelines = running.app.pipelines
+        assert pipelines is not None
+        runner = pipelines.served["h"].runner
+        assert runner is not None
+        placement = runner.stages["stall"].placement
+        placement.close_grace = 0.2  # type: ignore[attr-defined]
+    # The server stopped: the stuck worker was terminated and reaped.
+    status = Path(f"/proc/{pid}/status")
+    assert not status.exists() or "\nState:\tZ" in status.read_text()

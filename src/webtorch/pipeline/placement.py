@@ -137,6 +137,7 @@ class ProcessPlacement:
     stage's bytes in and out."""
 
     kind = "process"
+    close_grace = 10.0  # seconds a batch still running at shutdown may take
 
     def __init__(self, site: StageSite) -> None:
         self._site = site
@@ -208,7 +209,19 @@ class ProcessPlacement:
             ) from None
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._pool.shutdown, True)
+        """Let running batches finish for ``close_grace`` seconds (the server drained its
+        requests already), then end the workers: a stage stuck in a worker must not keep the
+        server from exiting."""
+        pool = self._pool
+        processes = list(pool._processes.values())  # typeshed knows it; no public accessor
+        closing = asyncio.ensure_future(asyncio.to_thread(pool.shutdown, True, cancel_futures=True))
+        try:
+            await asyncio.wait_for(asyncio.shield(closing), self.close_grace)
+        except TimeoutError:
+            log.warning("stage %s: worker processes still busy; terminating them", self._name)
+            for process in processes:
+                process.terminate()
+            await closing
 
     def describe(self) -> dict[str, Any]:
         return {"placement": self.kind, "workers": self.concurrency}
