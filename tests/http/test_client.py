@@ -6,12 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from webtorch.balance.base import Outcome, Upstream
-from webtorch.http.client import (
-    TRIM_AFTER,
-    ConnectionPool,
-    PoolSettings,
-    UpstreamConnection,
-)
+from webtorch.http.client.connection import UpstreamConnection
+from webtorch.http.client.pool import TRIM_AFTER, ConnectionPool, PoolSettings
 from webtorch.http.messages import Headers
 
 
@@ -243,7 +239,7 @@ def test_an_oversized_head_fails_the_exchange_before_it_is_buffered_whole() -> N
 
 
 def test_upstream_problems_are_logged_once_per_interval(caplog: Any) -> None:
-    from webtorch.http.client import WARN_INTERVAL
+    from webtorch.http.client.pool import WARN_INTERVAL
 
     pool, loop = make_pool()
     for _ in range(3):

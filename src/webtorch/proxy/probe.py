@@ -31,7 +31,8 @@ import orjson
 
 from webtorch.balance.base import Policy, ProbeResult, Upstream
 from webtorch.errors import MethodNotAllowed
-from webtorch.http.client import ConnectionPool, PoolSettings, fetch
+from webtorch.http.client.fetch import fetch
+from webtorch.http.client.pool import ConnectionPool, PoolSettings
 from webtorch.http.messages import Request, Response, json_response
 from webtorch.metrics import LATENCY_BUCKETS, Metrics
 

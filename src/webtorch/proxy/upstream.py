@@ -2,7 +2,7 @@
 
 An :class:`UpstreamGroup` joins the sans-IO parts (a :class:`~webtorch.balance.base.Policy`,
 :class:`~webtorch.proxy.health.GroupHealth`, the retry rules and budget) to the I/O ones (one
-:class:`~webtorch.http.client.ConnectionPool` per server, active health checks). A
+:class:`~webtorch.http.client.pool.ConnectionPool` per server, active health checks). A
 :class:`ProxyRoute` is a route's handler: it turns each request into a
 :class:`~webtorch.proxy.forward.Forward`. :class:`Proxies` owns every group of a config, their
 clock, and the swap to a new set on reload.
@@ -32,7 +32,8 @@ from webtorch.balance.registry import make_policy
 from webtorch.balance.settings import LearnedSettings, PrequalSettings
 from webtorch.balance.sticky import StickyCookie
 from webtorch.config import Config, RouteConfig, UpstreamConfig, parse_listen
-from webtorch.http.client import ConnectionPool, FetchFailed, PoolSettings, fetch
+from webtorch.http.client.fetch import FetchFailed, fetch
+from webtorch.http.client.pool import ConnectionPool, PoolSettings
 from webtorch.http.messages import HandlerResult, Request
 from webtorch.metrics import LATENCY_BUCKETS, Histogram
 from webtorch.proxy.forward import Forward
