@@ -771,9 +771,9 @@ def _cost_once(
 def check_cost(seed: int = 1, repeat: int = 20) -> dict[str, float]:
     """Microseconds per :meth:`Guard.check` in-process, on the benign mix from 200 clients: the
     bucket alone and with the shipped detector (no network, no server: the decision's own cost)."""
+    from webtorch.guard.build import DEFAULT_MODEL
     from webtorch.guard.core import Guard, GuardSettings
     from webtorch.guard.scorer import Scorer
-    from webtorch.guard.shell import DEFAULT_MODEL
 
     views = [view_of_raw(raw) for raw in live_load.request_pool(seed)]
     clients = [f"127.1.0.{i}" for i in range(1, 201)]
@@ -888,9 +888,9 @@ class MixScores:
 
 def score_benign_mix(seed: int = 1) -> MixScores:
     """At the config's default thresholds (those the live eval's full guard runs with)."""
+    from webtorch.guard.build import DEFAULT_MODEL
     from webtorch.guard.clients import ClientState
     from webtorch.guard.scorer import Scorer
-    from webtorch.guard.shell import DEFAULT_MODEL
 
     defaults = GuardConfig()
     throttle, block = defaults.throttle, defaults.block

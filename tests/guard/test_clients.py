@@ -179,8 +179,8 @@ def test_without_trusted_proxies_the_forwarded_header_is_not_believed() -> None:
 
 
 def test_the_detectors_cache_keeps_long_parts_as_digests() -> None:
+    from webtorch.guard.build import DEFAULT_MODEL
     from webtorch.guard.scorer import KEY_BYTES, Scorer
-    from webtorch.guard.shell import DEFAULT_MODEL
 
     scorer = Scorer.from_file(DEFAULT_MODEL)
     views = [
@@ -197,9 +197,9 @@ def test_the_detectors_cache_keeps_long_parts_as_digests() -> None:
 
 
 def test_feedback_remembers_no_oversized_request(tmp_path: Path) -> None:
+    from webtorch.guard.build import DEFAULT_MODEL
     from webtorch.guard.feedback import REMEMBER_LIMIT, Feedback
     from webtorch.guard.scorer import Scorer
-    from webtorch.guard.shell import DEFAULT_MODEL
 
     feedback = Feedback(Scorer.from_file(DEFAULT_MODEL), DEFAULT_MODEL, tmp_path / "g")
     big = RequestView("GET", "/", "", [(b"x-pad", b"p" * REMEMBER_LIMIT)])
