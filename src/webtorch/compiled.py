@@ -74,6 +74,8 @@ MODULES = [
     "webtorch/serve/endpoint.py",
     "webtorch/serve/oip.py",
     "webtorch/train/trainer.py",
+    "webtorch/train/batch.py",
+    "webtorch/train/fastpath.py",
     "webtorch/train/pipeline.py",
     "webtorch/train/wal.py",
     "webtorch/train/forms.py",
