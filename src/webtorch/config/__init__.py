@@ -23,8 +23,6 @@ from webtorch.config.root import Config, default_config_path, from_dict, load, l
 from webtorch.config.routes import BUILTIN_ROUTES, RouteConfig
 from webtorch.config.server import AccessLogConfig, LimitsConfig, ServerConfig, TLSConfig
 from webtorch.config.upstreams import (
-    HealthCheckConfig,
-    OutlierConfig,
     RetryConfig,
     ServerEntry,
     StickyConfig,
@@ -39,10 +37,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "GuardConfig",
-    "HealthCheckConfig",
     "LimitsConfig",
     "ModelConfig",
-    "OutlierConfig",
     "RetryConfig",
     "RouteConfig",
     "ServerConfig",

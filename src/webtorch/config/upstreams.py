@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from webtorch.balance.hashing import DEFAULT_BALANCE
+from webtorch.balance.health_settings import ActiveSettings, OutlierSettings, PassiveSettings
 from webtorch.balance.settings import (
     SETTINGS,
     LearnedSettings,
@@ -16,6 +17,7 @@ from webtorch.balance.settings import (
     PrequalSettings,
 )
 from webtorch.config.base import Strict, parse_listen
+from webtorch.http.client.settings import PoolSettings
 from webtorch.vocab import RETRY_CONDITIONS as CONDITIONS
 
 
@@ -32,36 +34,6 @@ class ServerEntry(Strict):
         if port == 0:
             raise ValueError(f"upstream address needs a port, got {address!r}")
         return address
-
-
-class OutlierConfig(Strict):
-    """Envoy-style outlier ejection; a counter at 0 is off."""
-
-    consecutive_5xx: Annotated[int, Field(ge=0)] = 5
-    consecutive_gateway_failure: Annotated[int, Field(ge=0)] = 5
-    base_ejection_time: Annotated[float, Field(gt=0)] = 30.0
-    max_ejection_time: Annotated[float, Field(gt=0)] = 300.0
-    max_ejection_percent: Annotated[float, Field(ge=0, le=100)] = 50.0
-    # Below this percentage of available servers, balance over all of them (Envoy's panic mode).
-    panic_threshold: Annotated[float, Field(ge=0, le=100)] = 50.0
-
-
-class HealthCheckConfig(Strict):
-    """Active health checks: a GET to ``path`` on every server each ``interval`` seconds."""
-
-    path: str = "/health"
-    interval: Annotated[float, Field(gt=0)] = 5.0
-    timeout: Annotated[float, Field(gt=0)] = 2.0
-    fails: Annotated[int, Field(ge=1)] = 2
-    passes: Annotated[int, Field(ge=1)] = 2
-    jitter: Annotated[float, Field(ge=0, le=1)] = 0.1  # a fraction of the interval
-
-    @field_validator("path")
-    @classmethod
-    def _check_path(cls, path: str) -> str:
-        if not path.startswith("/"):
-            raise ValueError("the health check path starts with '/'")
-        return path
 
 
 class RetryConfig(Strict):
@@ -100,7 +72,7 @@ class StickyConfig(Strict):
     samesite: Literal["Strict", "Lax", "None"] | None = None
 
 
-class UpstreamConfig(Strict):
+class UpstreamConfig(Strict, PoolSettings, PassiveSettings):
     """A group of servers that proxy routes forward to, and how to pick and pool them."""
 
     servers: Annotated[list[ServerEntry], Field(min_length=1)]
@@ -116,25 +88,11 @@ class UpstreamConfig(Strict):
     peak_ewma: PeakEwmaSettings = Field(default_factory=PeakEwmaSettings)
     prequal: PrequalSettings = Field(default_factory=PrequalSettings)
     learned: LearnedSettings = Field(default_factory=LearnedSettings)
-    # Connection pool, per server.
-    keepalive: Annotated[int, Field(ge=0)] = 32  # idle connections kept
-    max_connections: Annotated[int, Field(ge=0)] = 0  # open at once; 0: no limit
-    idle_timeout: Annotated[float, Field(gt=0)] = 60.0
-    max_requests_per_connection: Annotated[int, Field(ge=0)] = 1000  # 0: no limit
-    # Timeouts: connect; read (between two reads of the response, as nginx's
-    # proxy_read_timeout); total (the whole attempt, 0: none).
-    connect_timeout: Annotated[float, Field(gt=0)] = 5.0
-    read_timeout: Annotated[float, Field(gt=0)] = 60.0
-    total_timeout: Annotated[float, Field(ge=0)] = 0.0
-    # Bounds on a response's head (status line, headers and interim 1xx heads), nginx's
-    # proxy_buffer_size: above either the client gets a 502 and the upstream is logged.
-    max_response_header_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
-    max_response_headers: Annotated[int, Field(gt=0)] = 100
-    # Passive health, nginx's max_fails / fail_timeout (max_fails = 0: off).
-    max_fails: Annotated[int, Field(ge=0)] = 1
-    fail_timeout: Annotated[float, Field(gt=0)] = 10.0
-    outlier: OutlierConfig = Field(default_factory=OutlierConfig)
-    health_check: HealthCheckConfig | None = None
+    # The connection pool's keys (keepalive, timeouts, response head bounds) are PoolSettings',
+    # and max_fails / fail_timeout (nginx's passive health) PassiveSettings': this class
+    # extends both, so they sit flat in [upstreams.X] with their one copy of the defaults.
+    outlier: OutlierSettings = Field(default_factory=OutlierSettings)
+    health_check: ActiveSettings | None = None
     slow_start: Annotated[float, Field(ge=0)] = 0.0  # seconds a recovered server ramps up
     retry: RetryConfig = Field(default_factory=RetryConfig)
 

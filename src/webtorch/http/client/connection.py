@@ -94,8 +94,8 @@ class UpstreamConnection:
         self._in_head = False
         self._head_raw = 0
         self._header_bytes = 0
-        self._max_header_bytes = pool.settings.max_header_bytes
-        self._max_headers = pool.settings.max_headers
+        self._max_header_bytes = pool.max_header_bytes
+        self._max_headers = pool.max_headers
         self._release = 0  # _KEEP or _DROP: a response ended; the pool gets it after the read
 
     def _new_parser(self) -> None:
@@ -106,8 +106,8 @@ class UpstreamConnection:
 
     def send(self, exchange: Exchange, data: bytes, expect_body: bool) -> None:
         """Start an exchange: write the request head (and a body already at hand)."""
-        settings = self.pool.settings
-        now = self.pool.time()
+        pool = self.pool
+        now = pool.time()
         self.exchange = exchange
         self.requests += 1
         self.received_any = False
@@ -116,8 +116,9 @@ class UpstreamConnection:
         self._in_head = True
         self._head_raw = 0
         self._header_bytes = 0
-        self.deadline = now + settings.read_timeout
-        self.total_deadline = now + settings.total_timeout if settings.total_timeout else None
+        self.deadline = now + pool.read_timeout
+        total = pool.total_timeout
+        self.total_deadline = now + total if total else None
         self._queue(data)
 
     def write(self, data: bytes) -> None:
@@ -153,7 +154,7 @@ class UpstreamConnection:
     def resume_reading(self) -> None:
         if self.reading_paused and self.transport is not None:
             self.reading_paused = False
-            self.deadline = self.pool.time() + self.pool.settings.read_timeout
+            self.deadline = self.pool.time() + self.pool.read_timeout
             self.transport.resume_reading()
 
     def abandon(self) -> None:
@@ -233,7 +234,7 @@ class UpstreamConnection:
             elif self.deadline is not None and self.exchange is not None:
                 # The response goes on: the read deadline counts from this read. (After the
                 # parse, so a response complete in this read, most of them, reads no clock.)
-                self.deadline = self.pool.time() + self.pool.settings.read_timeout
+                self.deadline = self.pool.time() + self.pool.read_timeout
         release = self._release
         if release:
             # Only now, after the whole read is parsed: bytes after the response in the same
@@ -339,12 +340,12 @@ class UpstreamConnection:
         self.deadline = self.total_deadline = None
         if exchange is None:
             return
-        settings = self.pool.settings
+        limit = self.pool.max_requests
         reusable = (
             not self.closed
             and self._keep_alive
             and not self._close_delimited
-            and (not settings.max_requests or self.requests < settings.max_requests)
+            and (not limit or self.requests < limit)
         )
         self._release = _KEEP if reusable else _DROP  # data_received releases it
         exchange.on_response_end()

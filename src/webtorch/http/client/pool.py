@@ -9,29 +9,13 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final, cast
 
 from webtorch.http.client.connection import UpstreamConnection
+from webtorch.http.client.settings import PoolSettings
 from webtorch.vocab import Outcome, Upstream
 
 log: Final = logging.getLogger("webtorch.proxy")
-
-
-@dataclass(frozen=True, slots=True)
-class PoolSettings:
-    keepalive: int = 32  # idle connections kept per upstream (a burst's surplus: briefly)
-    max_connections: int = 0  # open at once per upstream; 0: no limit
-    idle_timeout: float = 60.0
-    max_requests: int = 1000  # per connection; 0: no limit
-    connect_timeout: float = 5.0
-    read_timeout: float = 60.0  # between two reads while a response is awaited or arriving
-    total_timeout: float = 0.0  # a whole exchange; 0: none
-    # A response's head (status line, headers, and any interim 1xx heads before it) is refused
-    # (502) above these: nginx's proxy_buffer_size. Without them an upstream could make the
-    # proxy hold any amount of memory before a byte of body arrives.
-    max_header_bytes: int = 64 * 1024
-    max_headers: int = 100
 
 
 # An upstream's problems (invalid responses, limits) are logged at most once per this many
@@ -99,6 +83,17 @@ class ConnectionPool:
         self.upstream = upstream
         self.settings = settings
         self.loop = loop
+        # The settings this pool and its connections read per request, as native attributes:
+        # PoolSettings is a pydantic model, whose attributes compiled code looks up by name.
+        self.keepalive: int = settings.keepalive
+        self.max_connections: int = settings.max_connections
+        self.idle_timeout: float = settings.idle_timeout
+        self.max_requests: int = settings.max_requests_per_connection
+        self.connect_timeout: float = settings.connect_timeout
+        self.read_timeout: float = settings.read_timeout
+        self.total_timeout: float = settings.total_timeout
+        self.max_header_bytes: int = settings.max_response_header_bytes
+        self.max_headers: int = settings.max_response_headers
         self.idle: list[UpstreamConnection] = []
         self.busy: set[UpstreamConnection] = set()
         self.connecting: set[asyncio.Task[None]] = set()
@@ -137,9 +132,9 @@ class ConnectionPool:
             if not conn.closed:
                 self.busy.add(conn)
                 return conn
-        limit = self.settings.max_connections
+        limit = self.max_connections
         if limit and self.open_count >= limit:
-            self.waiters.append((self.loop.time() + self.settings.connect_timeout, waiter))
+            self.waiters.append((self.loop.time() + self.connect_timeout, waiter))
             return None
         self._connect(waiter)
         return None
@@ -159,7 +154,7 @@ class ConnectionPool:
         upstream = self.upstream
         conn = UpstreamConnection(self)
         try:
-            async with asyncio.timeout(self.settings.connect_timeout):
+            async with asyncio.timeout(self.connect_timeout):
                 # A native class (compiled) cannot subclass asyncio.Protocol: the loop only
                 # calls the connection's methods.
                 protocol = cast(asyncio.Protocol, conn)
@@ -191,7 +186,7 @@ class ConnectionPool:
             self.busy.add(conn)
             waiter(conn, Outcome.OK, "")
             return
-        if not self.settings.keepalive:
+        if not self.keepalive:
             conn.close()
             return
         # Parked even above ``keepalive``: the sweep trims the surplus once it has stayed idle
@@ -208,7 +203,7 @@ class ConnectionPool:
         self._serve_waiter()
 
     def _serve_waiter(self) -> None:
-        limit = self.settings.max_connections
+        limit = self.max_connections
         if self.waiters and not self.closed and (not limit or self.open_count < limit):
             _, waiter = self.waiters.popleft()
             self._connect(waiter)
@@ -222,13 +217,13 @@ class ConnectionPool:
             if (deadline is not None and now >= deadline) or (total is not None and now >= total):
                 conn.on_deadline(now)
         idle = self.idle
-        idle_timeout = self.settings.idle_timeout
+        idle_timeout = self.idle_timeout
         if idle and now - idle[0].idle_since >= idle_timeout:
             for conn in [c for c in idle if now - c.idle_since >= idle_timeout]:
                 idle.remove(conn)
                 conn.close()
         # Beyond ``keepalive``, the connections idle longest go (the list is oldest first).
-        while len(idle) > self.settings.keepalive and now - idle[0].idle_since >= TRIM_AFTER:
+        while len(idle) > self.keepalive and now - idle[0].idle_since >= TRIM_AFTER:
             idle.pop(0).close()
         while self.waiters and now >= self.waiters[0][0]:
             _, waiter = self.waiters.popleft()
