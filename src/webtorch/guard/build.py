@@ -3,11 +3,10 @@ where its online adaptation keeps state."""
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
 from webtorch.config import GuardConfig
-from webtorch.guard.core import Guard, GuardSettings
+from webtorch.guard.core import Guard
 from webtorch.guard.scorer import Scorer
 
 DEFAULT_MODEL = Path(__file__).parent / "guard.safetensors"
@@ -34,6 +33,4 @@ def weights_of(config: GuardConfig, base_dir: Path) -> Path | None:
 def make_guard(config: GuardConfig, base_dir: Path) -> Guard:
     weights = weights_of(config, base_dir)
     scorer = None if weights is None else Scorer.from_file(weights)
-    # GuardSettings holds the decision policy's share of the config, under the same names.
-    settings = GuardSettings(**{f.name: getattr(config, f.name) for f in fields(GuardSettings)})
-    return Guard(settings, scorer)
+    return Guard(config, scorer)
