@@ -11,6 +11,7 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 
 from webtorch.config.base import Strict, check_networks, parse_listen
+from webtorch.http.limits import Limits
 
 # A web origin as browsers send it in `Origin` (no path, no trailing slash, no userinfo).
 _ORIGIN = re.compile(
@@ -23,19 +24,26 @@ class TLSConfig(Strict):
     key: Path
 
 
+# The server's limits as compiled code reads them (http/limits.py), whose defaults are the one
+# copy: this section validates them (an error names the key) and defaults to them.
+_LIMITS = Limits()
+
+
 class LimitsConfig(Strict):
-    max_url: Annotated[int, Field(gt=0)] = 8 * 1024
-    max_header_bytes: Annotated[int, Field(gt=0)] = 32 * 1024
-    max_headers: Annotated[int, Field(gt=0)] = 100
-    max_body: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
-    header_timeout: Annotated[float, Field(gt=0)] = 10.0
-    body_timeout: Annotated[float, Field(gt=0)] = 60.0
-    keepalive_timeout: Annotated[float, Field(gt=0)] = 75.0
-    max_pipeline: Annotated[int, Field(gt=0)] = 64
-    drain_timeout: Annotated[float, Field(gt=0)] = 30.0
-    # Client connections open at once (nginx's worker_connections), lowered at start to what
-    # the file descriptor limit (ulimit -n) leaves room for.
-    max_connections: Annotated[int, Field(gt=0)] = 4096
+    """``[server.limits]``: sizes and timeouts, each > 0 (see :class:`Limits` for what each
+    bounds)."""
+
+    max_url: Annotated[int, Field(gt=0)] = _LIMITS.max_url
+    max_header_bytes: Annotated[int, Field(gt=0)] = _LIMITS.max_header_bytes
+    max_headers: Annotated[int, Field(gt=0)] = _LIMITS.max_headers
+    max_body: Annotated[int, Field(gt=0)] = _LIMITS.max_body
+    header_timeout: Annotated[float, Field(gt=0)] = _LIMITS.header_timeout
+    body_timeout: Annotated[float, Field(gt=0)] = _LIMITS.body_timeout
+    keepalive_timeout: Annotated[float, Field(gt=0)] = _LIMITS.keepalive_timeout
+    max_pipeline: Annotated[int, Field(gt=0)] = _LIMITS.max_pipeline
+    drain_timeout: Annotated[float, Field(gt=0)] = _LIMITS.drain_timeout
+    # Lowered at start to what the file descriptor limit (ulimit -n) leaves room for.
+    max_connections: Annotated[int, Field(gt=0)] = _LIMITS.max_connections
 
 
 class AccessLogConfig(Strict):
