@@ -165,7 +165,7 @@ async def run(path: str, conns: int, rounds: int) -> None:
     if path == "/proxy":
         # wrk's request, and a pool already holding one warm connection per client.
         raw = b"GET /proxy HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
-        from webtorch.http.client import UpstreamConnection
+        from webtorch.http.client.connection import UpstreamConnection
 
         assert app.proxies is not None
         pool = app.proxies.groups["backend"].pools[0]

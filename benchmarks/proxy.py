@@ -753,7 +753,7 @@ READING = [
     "(two reads, two writes per proxied request, the same TCP segments); the kernel time above "
     "nginx's is mostly waking the peers on CPU 1 (wrk, the upstream), which idle more behind a "
     "slower proxy and are then woken across cores, dearer on these VMs than the write itself. "
-    "Writing the requests to the upstreams once per loop iteration (`http/client.py`, "
+    "Writing the requests to the upstreams once per loop iteration (`http/client/pool.py`, "
     "`Flusher`) instead of one write per request in uvloop's eager `transport.write` cut it "
     "from 17-19 us to 13-14 us. User time is spread over some 45 calls per request (parse, "
     "route, pick, pool, header rewrite, relay, health, retry budget, metrics), none above a few "

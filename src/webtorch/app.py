@@ -420,9 +420,10 @@ class App:
 
     def _guard(self, handler: Handler, settings: GuardConfig) -> GuardedHandler:
         """Every request through the guard before ``handler``; its metrics and stats exposed."""
-        from webtorch.guard.shell import ADAPTED, GuardedHandler, make_guard, weights_of
-        from webtorch.guard.shell import metric_families as guard_metrics
-        from webtorch.guard.shell import state_dir as guard_state_dir
+        from webtorch.guard.build import ADAPTED, make_guard, weights_of
+        from webtorch.guard.build import state_dir as guard_state_dir
+        from webtorch.guard.metrics import metric_families as guard_metrics
+        from webtorch.guard.shell import GuardedHandler
 
         try:
             guard = make_guard(settings, self.config.base_dir)

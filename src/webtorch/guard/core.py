@@ -19,7 +19,8 @@ Every request passes :meth:`Guard.check` before its handler; every connection pa
 In ``monitor`` mode every decision is made, counted and logged as it would be, and the request is
 let through anyway (``Decision.enforced`` is False): the way to roll a guard out.
 
-The clock is passed in, so policies are tested with a fake one.
+The clock is passed in, so policies are tested with a fake one. The settings are the config's
+``[guard]`` section itself (:class:`~webtorch.config.GuardConfig`): one copy of each default.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from __future__ import annotations
 import ipaddress
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from webtorch.config import GuardConfig
 from webtorch.guard.clients import ClientState, ClientTable
 from webtorch.guard.features import RequestView
 from webtorch.guard.scorer import Scorer
@@ -41,31 +43,6 @@ ALLOW, THROTTLE, BLOCK = "allow", "throttle", "block"
 # is detected a few tens of milliseconds after its first requests, not before.
 SURGE_GRACE = 1.0
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True)
-class GuardSettings:
-    mode: str = "enforce"  # or "monitor"
-    throttle: float = 0.5  # abuse score that throttles
-    block: float = 0.9986  # injection or abuse score that blocks (see config.GuardConfig)
-    ban_seconds: float = 0.0  # a block bans the client this long (0: no bans)
-    rate: float = 0.0  # token bucket: requests/s per client (0: no limit)
-    burst: float = 0.0  # bucket size (0: max(rate, 1))
-    max_connections: int = 0  # open connections per client (0: no cap)
-    surge_rate: float = 0.0  # requests/s per new client during a surge (0: no surge defence)
-    surge_factor: float = 4.0  # a surge: the server's rate above this x its baseline ...
-    surge_min_rate: float = 1000.0  # ... and above this many requests/s
-    max_clients: int = 100_000  # clients whose history is kept (LRU)
-    # Keyed clients (client_key = "header:..."): keys new to the table per second per address,
-    # and their burst; what stops one address from rotating keys past every per-key limit.
-    new_keys_rate: float = 10.0
-    new_keys_burst: float = 100.0
-    # Bytes of each request body scanned for parameters to score on their own (see
-    # features.BodyScanner), and what happens to a longer body: "stop" scanning, or "refuse".
-    body_scan_bytes: int = 65536
-    body_scan_over: str = "stop"
-    allow: Sequence[str] = ()  # CIDR blocks never checked
-    deny: Sequence[str] = ()  # CIDR blocks always refused
 
 
 @dataclass(slots=True)
@@ -110,7 +87,7 @@ class GuardStats:
 class Guard:
     def __init__(
         self,
-        settings: GuardSettings,
+        settings: GuardConfig,
         scorer: Scorer | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:

@@ -25,10 +25,10 @@ import math
 import random
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Final
 
 from webtorch.balance.base import Outcome, Upstream
+from webtorch.balance.health_settings import ActiveSettings, OutlierSettings, PassiveSettings
 
 # Slow start begins at this fraction of the weight rather than 0: weight_factor must stay in
 # (0, 1] for the weighted policies (a zero weight is never picked, so a recovering upstream would
@@ -42,90 +42,6 @@ UNAVAILABLE: Final = "unavailable"  # passive: max_fails within fail_timeout
 EJECTED: Final = "ejected"  # outlier detection
 UNHEALTHY: Final = "unhealthy"  # active checks
 SLOW_START: Final = "slow_start"
-
-
-@dataclass(frozen=True, slots=True)
-class PassiveSettings:
-    """nginx's ``max_fails``/``fail_timeout`` (``server ... max_fails=1 fail_timeout=10s``).
-
-    ``max_fails`` failed attempts within any ``fail_timeout`` seconds make the upstream
-    unavailable for ``fail_timeout`` seconds; 0 disables the judge.
-    """
-
-    max_fails: int = 1
-    fail_timeout: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.max_fails < 0:
-            raise ValueError(f"max_fails must be >= 0, got {self.max_fails}")
-        if self.fail_timeout <= 0:
-            raise ValueError(f"fail_timeout must be > 0, got {self.fail_timeout}")
-
-
-@dataclass(frozen=True, slots=True)
-class OutlierSettings:
-    """Envoy's outlier detection (``consecutive_5xx``, ``consecutive_gateway_failure``, ...).
-
-    A 0 counter threshold disables that detector. ``panic_threshold`` (percent of the group that
-    must be available, else every upstream is offered) belongs to the whole health machinery but
-    lives here because Envoy configures it next to outlier detection; 0 disables panic.
-    """
-
-    consecutive_5xx: int = 5
-    consecutive_gateway_failure: int = 5
-    base_ejection_time: float = 30.0
-    max_ejection_time: float = 300.0
-    max_ejection_percent: float = 50.0
-    panic_threshold: float = 50.0
-
-    def __post_init__(self) -> None:
-        if self.consecutive_5xx < 0 or self.consecutive_gateway_failure < 0:
-            raise ValueError("consecutive_5xx and consecutive_gateway_failure must be >= 0")
-        if self.base_ejection_time <= 0:
-            raise ValueError(f"base_ejection_time must be > 0, got {self.base_ejection_time}")
-        if self.max_ejection_time < 0:
-            raise ValueError(f"max_ejection_time must be >= 0, got {self.max_ejection_time}")
-        for name in ("max_ejection_percent", "panic_threshold"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 100.0:
-                raise ValueError(f"{name} must be within [0, 100], got {value}")
-
-    @property
-    def enabled(self) -> bool:
-        return self.consecutive_5xx > 0 or self.consecutive_gateway_failure > 0
-
-
-@dataclass(frozen=True, slots=True)
-class ActiveSettings:
-    """Active health checks: ``GET path`` every ``interval`` seconds (give or take ``jitter`` as a
-    fraction of it), a check fails on a status outside ``expect_status`` (inclusive) or no answer
-    within ``timeout``. ``fails`` failed checks in a row make the upstream unhealthy, ``passes``
-    good ones in a row make it healthy again."""
-
-    path: str = "/health"
-    interval: float = 5.0
-    timeout: float = 2.0
-    fails: int = 2
-    passes: int = 2
-    jitter: float = 0.1
-    expect_status: tuple[int, int] = (200, 399)
-
-    def __post_init__(self) -> None:
-        if not self.path.startswith("/"):
-            raise ValueError(f"active check path must start with '/', got {self.path!r}")
-        if self.interval <= 0 or self.timeout <= 0:
-            raise ValueError("active check interval and timeout must be > 0")
-        if self.fails < 1 or self.passes < 1:
-            raise ValueError("active check fails and passes must be >= 1")
-        if not 0.0 <= self.jitter < 1.0:
-            raise ValueError(f"active check jitter must be within [0, 1), got {self.jitter}")
-        low, high = self.expect_status
-        if not 100 <= low <= high <= 599:
-            raise ValueError(f"expect_status must be a range within 100..599, got {low}..{high}")
-
-    def status_ok(self, status: int) -> bool:
-        """Whether a check that got ``status`` back passed."""
-        return self.expect_status[0] <= status <= self.expect_status[1]
 
 
 class ActiveCheck:
@@ -254,6 +170,10 @@ class GroupHealth:
             raise ValueError("an upstream appears twice in the group")
         self.passive = passive
         self.outlier = outlier
+        # Read on every failed attempt: native attributes (the settings are pydantic models,
+        # whose attributes compiled code looks up by name).
+        self._max_fails: int = passive.max_fails
+        self._outlier_on: bool = outlier.enabled
         self.active = active
         self.slow_start = slow_start
         self._rng = rng
@@ -288,9 +208,9 @@ class GroupHealth:
         elif outcome is Outcome.CANCELLED:
             return False
         out = False
-        if self.passive.max_fails:
+        if self._max_fails:
             out = self._record_passive(st, outcome, now)
-        if self.outlier.enabled and self._record_outlier(st, outcome, now):
+        if self._outlier_on and self._record_outlier(st, outcome, now):
             out = True
         return out
 
@@ -312,7 +232,7 @@ class GroupHealth:
         # fail_timeout, so a single further failure marks the upstream down again.
         st.fail_times.append(now)
         if st.probation or (
-            len(st.fail_times) >= self.passive.max_fails and now - st.fail_times[0] <= fail_timeout
+            len(st.fail_times) >= self._max_fails and now - st.fail_times[0] <= fail_timeout
         ):
             st.down_until = now + fail_timeout
             st.probation = True

@@ -42,8 +42,9 @@ from webtorch.train.forms import TrainForms, TrainRequest, UncheckedRows, settle
 from webtorch.train.wal import delete_segments
 
 if TYPE_CHECKING:  # the trainer builds this pipeline (Trainer.pipeline): no import at runtime
+    from webtorch.train.batch import Answer, Batch, Prepared, StepResult
     from webtorch.train.checkpoint import Snapshot
-    from webtorch.train.trainer import Answer, Batch, Prepared, StepResult, Trainer
+    from webtorch.train.trainer import Trainer
 
 log: Final = logging.getLogger("webtorch.serve")
 
