@@ -1,0 +1,527 @@
+"""The pipeline argument, measured (issue 21): the text classifier of examples/textcls (clean ->
+featurize -> network -> label) served four ways, one after the other in this one run:
+
+  (a) WebTorch, one process          examples/textcls/pipeline.toml
+  (b) WebTorch, each stage a service examples/textcls/split.toml: a front server and one
+                                     `webtorch serve split.toml --stages S` per stage
+  (c) FastAPI microservices          benchmarks/pipeline_fastapi.py: a gateway and one uvicorn
+                                     process per stage, JSON and pydantic between them
+  (d) Ray Serve composition          benchmarks/pipeline_ray.py: one deployment per stage, an
+                                     ingress calling them through handles
+
+    .venv/bin/python benchmarks/pipeline.py [--duration S] [--targets a,b,c,d] [--sizes 2KB,50KB]
+        [--output FILE] [--quick]
+
+Every client request is the same: one dirty web page of the example's generator (2 KB or 50 KB)
+as ``{"records": ["<html>..."]}``, answered with the label and scores. Per target and size: a
+closed loop (``--connections`` clients, as fast as answered: throughput), then open loops at
+fixed rates (latency counted from when each request was due). CPU per request: the CPU seconds of
+every process of the target (each child's session: workers, stage services, Ray's raylet, GCS
+and replicas) over the phase, divided by the requests answered. The load generator is this
+process; its own CPU is reported beside (it shares the machine's cores with the servers, which
+nothing is pinned to). Boundaries: what each approach's own instruments measured per stage hop
+(serialize, transfer, deserialize, bytes), at the lowest open-loop rate. The table replaces the
+section between the markers in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import pickle
+import platform
+import re
+import resource
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pipeline_load as load
+
+import webtorch_harness as harness
+from webtorch.examples.textcls import data, stages
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+EXAMPLE = ROOT / "src" / "webtorch" / "examples" / "textcls"
+MARK_START = "<!-- pipeline:start -->"
+MARK_END = "<!-- pipeline:end -->"
+SIZES = {"2KB": data.SMALL, "50KB": data.LARGE}
+# Open-loop rates (requests/s), the same for every target: a light load every approach carries,
+# and a heavier one that separates them.
+RATES = {"2KB": (20.0, 100.0), "50KB": (10.0, 40.0)}
+DOCUMENTS = 64  # distinct documents per size, sent in turn
+START_TIMEOUT = 180.0  # Ray starts a cluster, a controller, a proxy and five replicas
+# Every process of every target: one thread for torch's intra-op pool (two shared cores).
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+class BenchError(Exception):
+    pass
+
+
+@dataclass
+class Phase:
+    name: str  # "closed" | "open 20/s"
+    result: load.Result
+    server_cpu: float  # seconds, all the target's processes
+    client_cpu: float  # seconds, this process
+    boundaries: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def cpu_ms(self) -> float:
+        return 1000 * self.server_cpu / self.result.ok if self.result.ok else float("nan")
+
+
+@dataclass
+class Running:
+    """A started target: where to send, what to count, how to read its boundary costs."""
+
+    port: int
+    path: str
+    processes: list[harness.Process]
+    boundaries: Callable[[], dict[str, dict[str, float]]]
+
+    def cpu(self) -> float:
+        pids: set[int] = set()
+        for p in self.processes:
+            pids.update(p.pids())
+            pids.update(_descendants(p.pid))
+        return harness.cpu_times(pids).total
+
+
+def _descendants(root: int) -> set[int]:
+    # Processes that left the session (Ray's daemons may start sessions of their own) but are
+    # still children of the target's tree.
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        for child in parents.get(pid, []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read().decode()
+
+
+# -- targets ----------------------------------------------------------------------------------
+
+
+def _webtorch_boundaries(urls: dict[str, str]) -> Callable[[], dict[str, dict[str, float]]]:
+    """Per stage from the front server's /metrics: its time in the stage, and for a remote one
+    the placement's serialize / transfer / deserialize and bytes (pipeline/remote.py)."""
+    front = urls["front"]
+    last: dict[str, dict[str, float]] = {}
+
+    def read() -> dict[str, dict[str, float]]:
+        text = _get_text(front + "/metrics")
+        now: dict[str, dict[str, float]] = {}
+        pattern = re.compile(r"^(webtorch_pipeline_\w+?)(_sum|_count|_total)?\{([^}]*)\} (\S+)$")
+        for line in text.splitlines():
+            m = pattern.match(line)
+            if not m:
+                continue
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m[3]))
+            stage = labels.get("stage")
+            if stage is None:
+                continue
+            key = (
+                m[1]
+                + (m[2] or "")
+                + "".join(f":{labels[k]}" for k in ("part", "direction") if k in labels)
+            )
+            now.setdefault(stage, {})[key] = float(m[4])
+        delta = {
+            s: {k: v - last.get(s, {}).get(k, 0.0) for k, v in vals.items()}
+            for s, vals in now.items()
+        }
+        last.clear()
+        last.update(now)
+        return delta
+
+    return read
+
+
+def start_webtorch(split: bool, workdir: Path, stack: ExitStack) -> Running:
+    processes = []
+    if split:
+        text = (EXAMPLE / "split.toml").read_text()
+        ports = {s: harness.free_port() for s in ("clean", "featurize", "textcls", "label")}
+        # split.toml names fixed local ports for the stage services: this run's free ones.
+        for old, new in zip(re.findall(r"127\.0\.0\.1:(\d+)", text), ports.values(), strict=False):
+            text = text.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}", 1)
+        config = workdir / "split.toml"
+        config.write_text(text)
+        for stage, port in ports.items():
+            proc = harness.serve(
+                config,
+                "--stages",
+                stage,
+                listen=f"127.0.0.1:{port}",
+                workdir=workdir / stage,
+                env=ENV,
+                ready_path="/v2/health/ready",
+                timeout=START_TIMEOUT,
+            )
+            stack.callback(proc.close)
+            processes.append(proc)
+    else:
+        config = workdir / "pipeline.toml"
+        config.write_text((EXAMPLE / "pipeline.toml").read_text())
+    for name in ("textcls.py", "model.py"):
+        target = workdir / name
+        if not target.exists():
+            target.write_text((EXAMPLE / name).read_text())
+    front = harness.serve(
+        config,
+        workdir=workdir / "front",
+        env=ENV,
+        ready_path="/v2/health/ready",
+        timeout=START_TIMEOUT,
+    )
+    stack.callback(front.close)
+    processes.append(front)
+    assert front.port is not None
+    return Running(
+        front.port,
+        "/pipelines/textcls/predict",
+        processes,
+        _webtorch_boundaries({"front": front.url}),
+    )
+
+
+def start_fastapi(workdir: Path, stack: ExitStack) -> Running:
+    processes, urls = [], []
+    script = str(BENCH / "pipeline_fastapi.py")
+    for role in ("clean", "featurize", "model", "label"):
+        port = harness.free_port()
+        proc = harness.start(
+            [sys.executable, script, "--role", role, "--port", str(port)],
+            env=ENV,
+            port=port,
+            name=f"fastapi {role}",
+            log=workdir / f"{role}.log",
+        )
+        stack.callback(proc.close)
+        processes.append(proc)
+        urls.append(proc.url)
+    port = harness.free_port()
+    gateway = harness.start(
+        [
+            sys.executable,
+            script,
+            "--role",
+            "gateway",
+            "--port",
+            str(port),
+            "--stages",
+            ",".join(urls),
+        ],
+        env=ENV,
+        port=port,
+        name="fastapi gateway",
+        log=workdir / "gateway.log",
+    )
+    stack.callback(gateway.close)
+    processes.append(gateway)
+    for proc in processes:
+        proc.wait_http("/docs", timeout=START_TIMEOUT)
+
+    def boundaries() -> dict[str, dict[str, float]]:
+        return _get_json(gateway.url + "/stats?reset=1")  # type: ignore[no-any-return]
+
+    return Running(port, "/predict", processes, boundaries)
+
+
+def start_ray(workdir: Path, stack: ExitStack) -> Running:
+    port = harness.free_port()
+    proc = harness.start(
+        [sys.executable, str(BENCH / "pipeline_ray.py"), "--port", str(port), "--num-cpus", "2"],
+        env=ENV,
+        port=port,
+        name="ray serve",
+        log=workdir / "ray.log",
+    )
+    stack.callback(proc.close)
+    proc.wait_log(re.compile(r"ray serve listening"), START_TIMEOUT)
+
+    def boundaries() -> dict[str, dict[str, float]]:
+        return _get_json(proc.url + "/stats?reset=1")  # type: ignore[no-any-return]
+
+    return Running(port, "/predict", [proc], boundaries)
+
+
+TARGETS: dict[str, tuple[str, Callable[[Path, ExitStack], Running]]] = {
+    "a": ("WebTorch, one process", lambda w, s: start_webtorch(False, w, s)),
+    "b": ("WebTorch, split (4 stage services + front)", lambda w, s: start_webtorch(True, w, s)),
+    "c": ("FastAPI microservices (gateway + 4, JSON)", start_fastapi),
+    "d": ("Ray Serve composition (ingress + 4 deployments)", start_ray),
+}
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+
+def _client_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _bodies(size: int, count: int = DOCUMENTS) -> list[bytes]:
+    return [json.dumps({"records": [d.text]}).encode() for d in data.documents(count, 7, size)]
+
+
+def measure(
+    running: Running, size_name: str, args: argparse.Namespace
+) -> tuple[list[Phase], list[bytes]]:
+    bodies = _bodies(SIZES[size_name])
+    raw = [
+        load.request_bytes("127.0.0.1", running.port, running.path, b, "application/json")
+        for b in bodies
+    ]
+    phases = []
+
+    def run(name: str, coro: Any) -> Phase:
+        cpu0, client0 = running.cpu(), _client_cpu()
+        result = asyncio.run(coro)
+        phase = Phase(name, result, running.cpu() - cpu0, _client_cpu() - client0)
+        phase.boundaries = running.boundaries()
+        print(
+            f"  {size_name} {name:>11}: {result.throughput:7.1f} req/s ok={result.ok} "
+            f"errors={result.errors} p50={1000 * result.percentile(0.5):.1f} ms "
+            f"p99={1000 * result.percentile(0.99):.1f} ms cpu/req={phase.cpu_ms:.2f} ms "
+            f"client cpu={phase.client_cpu:.1f}s",
+            flush=True,
+        )
+        return phase
+
+    # Warm-up: first requests import lazily, fill pools, JIT nothing: not counted.
+    asyncio.run(load.closed_loop("127.0.0.1", running.port, raw, 4, args.warmup))
+    running.boundaries()
+    phases.append(
+        run(
+            "closed",
+            load.closed_loop("127.0.0.1", running.port, raw, args.connections, args.duration),
+        )
+    )
+    for rate in RATES[size_name]:
+        phases.append(
+            run(
+                f"open {rate:g}/s",
+                load.open_loop("127.0.0.1", running.port, raw, rate, args.duration),
+            )
+        )
+    return phases, bodies
+
+
+def ray_wire_costs(bodies: list[bytes]) -> dict[str, dict[str, float]]:
+    """What Ray's serialization does to each hop's payload (pickle protocol 5, as Ray's), timed
+    here on the same payloads: Ray does not report it per call."""
+    records = [json.loads(b)["records"] for b in bodies]
+    payloads: dict[str, list[Any]] = {"clean": records}
+    payloads["featurize"] = [stages.clean(r) for r in records]
+    payloads["model"] = [stages.featurize(t)["ids"] for t in payloads["featurize"]]
+    import torch
+
+    torch.manual_seed(0)
+    net = stages.TextNet().eval()
+    with torch.inference_mode():
+        payloads["label"] = [net(torch.from_numpy(i)).numpy() for i in payloads["model"]]
+    out = {}
+    for stage, items in payloads.items():
+        t0 = time.perf_counter()
+        dumped = [pickle.dumps(x, protocol=5) for x in items]
+        t1 = time.perf_counter()
+        for d in dumped:
+            pickle.loads(d)
+        t2 = time.perf_counter()
+        out[stage] = {
+            "serialize_ms": 1000 * (t1 - t0) / len(items),
+            "deserialize_ms": 1000 * (t2 - t1) / len(items),
+            "bytes": sum(map(len, dumped)) / len(items),
+        }
+    return out
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+def _boundary_rows(key: str, phase: Phase, extra: dict[str, Any]) -> list[str]:
+    """Per stage hop: serialize, transfer, deserialize (ms per call) and bytes out/in."""
+    b = phase.boundaries
+    rows = []
+    if key == "c":
+        for stage, s in b.items():
+            n = s["calls"] or 1
+            rows.append(
+                f"| {stage} | {1000 * (s['client_serialize'] + s['server_serialize']) / n:.3f} | "
+                f"{1000 * s['transfer'] / n:.3f} | "
+                f"{1000 * (s['server_deserialize'] + s['client_deserialize']) / n:.3f} | "
+                f"{1000 * s['work'] / n:.3f} | "
+                f"{s['bytes_out'] / n:,.0f} / {s['bytes_in'] / n:,.0f} |"
+            )
+    elif key == "d":
+        wire = extra.get("ray_wire", {})
+        for stage, s in b.items():
+            n = s["calls"] or 1
+            w = wire.get(stage, {})
+            rows.append(
+                f"| {stage} | ({w.get('serialize_ms', 0):.3f}) | "
+                f"{1000 * s['boundary'] / n:.3f} (all of it) | "
+                f"({w.get('deserialize_ms', 0):.3f}) | {1000 * s['work'] / n:.3f} | "
+                f"{w.get('bytes', 0):,.0f} / - |"
+            )
+    else:
+        for stage, s in b.items():
+            n = s.get("webtorch_pipeline_stage_rows_total", 0) or 1
+            part = {
+                p: 1000 * s.get(f"webtorch_pipeline_remote_seconds_sum:{p}", 0.0) / n
+                for p in ("serialize", "transfer", "deserialize")
+            }
+            run_s = s.get("webtorch_pipeline_stage_seconds_sum", 0.0)
+            moved_in = s.get("webtorch_pipeline_stage_bytes_total:in", 0.0)
+            moved_out = s.get("webtorch_pipeline_stage_bytes_total:out", 0.0)
+            rows.append(
+                f"| {stage} | {part['serialize']:.3f} | {part['transfer']:.3f} | "
+                f"{part['deserialize']:.3f} | {1000 * run_s / n:.3f} (in stage) | "
+                f"{moved_in / n:,.0f} / {moved_out / n:,.0f} |"
+            )
+    return rows
+
+
+def report(
+    results: dict[str, dict[str, list[Phase]]], extra: dict[str, Any], args: argparse.Namespace
+) -> str:
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        MARK_START,
+        "## Pipelines: one process, split, FastAPI microservices, Ray Serve (issue 21)",
+        "",
+        f"`{' '.join(['.venv/bin/python', 'benchmarks/pipeline.py', *sys.argv[1:]])}`, {now}, "
+        f"{os.cpu_count()} shared cores ({platform.processor() or platform.machine()}), "
+        f"Python {platform.python_version()}, nothing pinned, OMP_NUM_THREADS=1 everywhere. "
+        f"{args.duration:g} s per phase, closed loop with {args.connections} connections. "
+        "One document per request; latencies in ms; CPU per request = CPU of every process of "
+        "the target over the phase / requests answered; client CPU = the load generator's "
+        "share of the phase (seconds of CPU per second).",
+        "",
+    ]
+    for size in results.get(next(iter(results), ""), {}):
+        lines += [
+            f"### {size} documents",
+            "",
+            "| target | phase | req/s | p50 | p99 | errors | CPU/req (ms) | client CPU |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for key, per_size in results.items():
+            for phase in per_size.get(size, []):
+                r = phase.result
+                errors = sum(r.errors.values())
+                lines.append(
+                    f"| ({key}) {TARGETS[key][0]} | {phase.name} | {r.throughput:.1f} | "
+                    f"{1000 * r.percentile(0.5):.1f} | {1000 * r.percentile(0.99):.1f} | "
+                    f"{errors} | {phase.cpu_ms:.2f} | "
+                    f"{phase.client_cpu / r.seconds if r.seconds else 0:.2f} |"
+                )
+        lines.append("")
+        lines += [
+            f"Boundaries at the lowest open-loop rate ({size}), per call, ms: serialize and "
+            "deserialize both ends together; transfer = the rest of the hop (sockets, HTTP, "
+            "queueing); bytes to / from the stage.",
+            "",
+        ]
+        for key, per_size in results.items():
+            phases = per_size.get(size, [])
+            if len(phases) < 2:
+                continue
+            lines += [
+                f"({key}) {TARGETS[key][0]}:",
+                "",
+                "| stage | serialize | transfer | deserialize | stage work | bytes out / in |",
+                "|---|---:|---:|---:|---:|---:|",
+                *_boundary_rows(key, phases[1], extra.get(size, {})),
+                "",
+            ]
+    lines.append(MARK_END)
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        tail = rest.split(MARK_END, 1)[1].lstrip("\n")
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+@contextmanager
+def _target(key: str) -> Iterator[Running]:
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix=f"pipe-{key}-") as tmp:
+        yield TARGETS[key][1](Path(tmp), stack)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--targets", default="a,b,c,d")
+    parser.add_argument("--sizes", default="2KB,50KB")
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--quick", action="store_true", help="2 s phases, no file written")
+    args = parser.parse_args()
+    if args.quick:
+        args.duration, args.warmup = 2.0, 1.0
+    results: dict[str, dict[str, list[Phase]]] = {}
+    extra: dict[str, Any] = {}
+    sizes = args.sizes.split(",")
+    for key in args.targets.split(","):
+        print(f"({key}) {TARGETS[key][0]}", flush=True)
+        try:
+            with _target(key) as running:
+                results[key] = {}
+                for size in sizes:
+                    phases, bodies = measure(running, size, args)
+                    results[key][size] = phases
+                    if key == "d":
+                        extra.setdefault(size, {})["ray_wire"] = ray_wire_costs(bodies)
+        except (harness.HarnessError, BenchError, OSError) as exc:
+            print(f"  ({key}) not measured: {exc}", flush=True)
+    section = report(results, extra, args)
+    print(section)
+    if not args.quick:
+        write_section(args.output, section)
+
+
+if __name__ == "__main__":
+    main()
