@@ -34,6 +34,8 @@ LAYERS: list[dict[str, list[str]]] = [
     },
     {"train": ["webtorch.train"], "guard": ["webtorch.guard"]},
     {"serve": ["webtorch.serve"]},  # batching, executing, endpoints, the model repository
+    # Pipelines: stages over models' executors and function placements, their endpoints.
+    {"pipeline": ["webtorch.pipeline"]},
     {"views": ["webtorch.observe"]},  # dashboard, timeline, access log: they read the layers below
     {"app": ["webtorch.app"], "examples": ["webtorch.examples"]},
     {"cli": ["webtorch.cli"]},
@@ -44,6 +46,10 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("webtorch", "webtorch.serve.model"): (
         "the package's lazy facade: `from webtorch import Model` in a model file; imported on "
         "first attribute access, never by the server itself"
+    ),
+    ("webtorch", "webtorch.pipeline.spec"): (
+        "the package's lazy facade: `webtorch.stage`, `webtorch.Pipeline` in a pipeline file; "
+        "imported on first attribute access, never by the server itself"
     ),
 }
 

@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from webtorch.guard.feedback import Feedback
     from webtorch.guard.shell import GuardedHandler
     from webtorch.metrics import TrainStats
+    from webtorch.pipeline.placement import PlacementFactory
+    from webtorch.pipeline.service import Pipelines
     from webtorch.serve.endpoint import ModelEndpoint
     from webtorch.serve.executor import Executor
     from webtorch.serve.model import LoadedModel
@@ -96,15 +98,33 @@ class App:
     routes and the server are made in :meth:`start`, on the running loop."""
 
     def __init__(
-        self, config: Config, path: Path | None = None, *, listen_from_cli: bool = False
+        self,
+        config: Config,
+        path: Path | None = None,
+        *,
+        listen_from_cli: bool = False,
+        stages: set[str] | None = None,
     ) -> None:
+        self.metrics = Metrics()
+        # Pipelines first: `--stages` serves only the models its stages need.
+        self.pipelines: Pipelines | None = None
+        # The placement of stages whose settings name a remote upstream group (pipeline/).
+        self.remote_placement: PlacementFactory | None = None
+        if config.pipelines or stages is not None:
+            from webtorch.pipeline.service import Pipelines
+
+            self.pipelines = Pipelines(config, self.metrics, stages)
+            if stages is not None:
+                needed = self.pipelines.needed_models()
+                config = config.model_copy(
+                    update={"models": {n: m for n, m in config.models.items() if n in needed}}
+                )
         self.config = config
         self.path = path  # the file a reload re-reads (None: reload refused)
         # `serve --listen` overrode the file's listen: a reload keeps the command line's, as
         # the start did, instead of seeing a change that needs a restart.
         self.listen_from_cli = listen_from_cli
         self._host: str | None = None  # the address served, once started
-        self.metrics = Metrics()
         # One Auth for every endpoint that checks the token (and CSRF): a reload reconfigures it.
         self.auth = Auth(config.server.bearer_token, config.server.allowed_origins)
         self.dashboard: Dashboard | None = None
@@ -130,6 +150,11 @@ class App:
     @property
     def models(self) -> dict[str, LoadedModel]:
         return self.repository.models()
+
+    @property
+    def pipeline_names(self) -> list[str]:
+        """``pipeline NAME`` for each pipeline served (the startup line lists them)."""
+        return [] if self.pipelines is None else [f"pipeline {n}" for n in self.pipelines.served]
 
     @property
     def executors(self) -> dict[str, Executor]:
@@ -188,6 +213,10 @@ class App:
             ]
         )
         repository.start(loop, router)
+        if self.pipelines is not None:
+            self.pipelines.install(
+                loop, router, repository.endpoints, self.auth, self.remote_placement
+            )
         self.proxies = Proxies(loop)
         self.metrics.sources.append(self.proxies.metric_families)
         self.router = router
@@ -322,6 +351,8 @@ class App:
     async def start(self, host: str | None = None, port: int | None = None) -> HttpServer:
         loop = asyncio.get_running_loop()
         handler = self.build_handler(loop)
+        if self.pipelines is not None:
+            await self.pipelines.start()  # process placements spawn their workers
         cfg_host, cfg_port = parse_listen(self.config.server.listen)
         self._host = host if host is not None else cfg_host
         problem = self.config.exposure_problem(self._host)
@@ -461,6 +492,8 @@ class App:
             self._compaction.cancel()
         if self.proxies is not None:
             self.proxies.close()
+        if self.pipelines is not None:  # before the models: its model stages queue on them
+            await self.pipelines.close()
         await self.repository.close()
         if self.feedback is not None:  # a fine-tuning round in progress finishes and is saved
             await self.feedback.wait()

@@ -79,12 +79,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "(scripts/compile rebuilds them, scripts/compile --clean removes them)",
             ", ".join(outdated),
         )
-    app = App(cfg, Path(args.config) if args.config else None, listen_from_cli=bool(args.listen))
+    stages = None
+    if args.stages is not None:
+        stages = {s.strip() for s in args.stages.split(",") if s.strip()}
+        if not stages:
+            raise ConfigError("--stages: name at least one stage (a,b,...)")
+    app = App(
+        cfg,
+        Path(args.config) if args.config else None,
+        listen_from_cli=bool(args.listen),
+        stages=stages,
+    )
 
     def ready(server: HttpServer) -> None:
         scheme = "https" if cfg.server.tls else "http"
         for host, port in server.addresses:
-            models = ", ".join(app.models) or "no models"
+            models = ", ".join([*app.models, *app.pipeline_names]) or "no models"
             print(
                 f"webtorch {__version__} listening on {scheme}://{host}:{port} ({models})",
                 flush=True,
@@ -131,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="serve a config (default: the bundled XOR example)")
     serve.add_argument("config", nargs="?", help="TOML config file")
     serve.add_argument("--listen", help="HOST:PORT, overrides server.listen (port 0: any)")
+    serve.add_argument(
+        "--stages",
+        help="serve only these pipeline stages (comma-separated) and the models they need",
+    )
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check", help="validate a config and load its models")
     check.add_argument("config", nargs="?", help="TOML config file")

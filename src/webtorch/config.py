@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
@@ -235,6 +236,41 @@ class ModelConfig(_Strict):
     max_queue: Annotated[int, Field(ge=1)] = 65536  # rows queued before 503
     compute: Literal["loop", "thread"] = "loop"
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class StageConfig(_Strict):
+    """[pipelines.P.stages.S]: where one stage of a pipeline runs and how it batches."""
+
+    # loop: on the event loop (microsecond stages); thread: a pool of `workers` threads (code
+    # that releases the GIL); process: a pool of `workers` processes (GIL-bound Python).
+    placement: Literal["loop", "thread", "process"] = "loop"
+    workers: Annotated[int, Field(ge=1, le=256)] = 1
+    max_batch: Annotated[int, Field(ge=1)] = 256  # rows per batch
+    max_delay: Annotated[float, Field(ge=0)] = 0.0  # seconds an idle stage waits to fill one
+    max_queue: Annotated[int, Field(ge=1)] = 65536  # rows queued before 503
+    # An [upstreams.X] group of WebTorch servers serving this stage (`--stages S`): its batches
+    # go there instead of running here.
+    remote: str | None = None
+
+
+class PipelineConfig(_Strict):
+    """[pipelines.P]: a pipeline file's stages served as one graph (pipeline/)."""
+
+    path: Path
+    stages: dict[str, StageConfig] = {}
+    max_records: Annotated[int, Field(ge=1)] = 256  # records per request
+    max_record_bytes: Annotated[int, Field(ge=1)] = 1 << 20  # bytes of one record as sent
+
+
+def pipeline_paths(name: str, stages: Iterable[str] = ()) -> list[str]:
+    """The exact paths a pipeline is served at (its stages' own endpoints included)."""
+    return [
+        f"/pipelines/{name}/predict",
+        f"/pipelines/{name}/train",
+        f"/v2/pipelines/{name}",
+        f"/v2/pipelines/{name}/infer",
+        *(f"/v2/pipelines/{name}/stages/{stage}/infer" for stage in stages),
+    ]
 
 
 class ServerEntry(_Strict):
@@ -506,6 +542,7 @@ class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     models: dict[str, ModelConfig] = {}
     upstreams: dict[str, UpstreamConfig] = {}
+    pipelines: dict[str, PipelineConfig] = {}
     routes: list[RouteConfig] = []
     # The request guard; absent: off.
     guard: GuardConfig | None = None
@@ -516,9 +553,14 @@ class Config(_Strict):
     def _check_refs(self) -> Config:
         seen: dict[tuple[str, str | None], int] = {}
         served = {path for name in self.models for path in (*model_paths(name), *train_paths(name))}
+        pipelined = {
+            path for name, pc in self.pipelines.items() for path in pipeline_paths(name, pc.stages)
+        }
         for i, route in enumerate(self.routes):
             if route.path in served:
                 raise ValueError(f"routes[{i}].path: {route.path!r} is a model's built-in route")
+            if route.path in pipelined:
+                raise ValueError(f"routes[{i}].path: {route.path!r} is a pipeline's built-in route")
             if route.model is not None and route.model not in self.models:
                 raise ValueError(f"routes[{i}].model: no model named {route.model!r}")
             if route.upstream is not None and route.upstream not in self.upstreams:
@@ -532,6 +574,16 @@ class Config(_Strict):
         for name in self.models:
             if not MODEL_NAME.fullmatch(name):
                 raise ValueError(f"models.{name}: invalid model name (letters, digits, _ . -)")
+        for name, pc in self.pipelines.items():
+            if not MODEL_NAME.fullmatch(name):
+                raise ValueError(
+                    f"pipelines.{name}: invalid pipeline name (letters, digits, _ . -)"
+                )
+            for stage, sc in pc.stages.items():
+                if sc.remote is not None and sc.remote not in self.upstreams:
+                    raise ValueError(
+                        f"pipelines.{name}.stages.{stage}.remote: no upstream named {sc.remote!r}"
+                    )
         problem = self.exposure_problem(parse_listen(self.server.listen)[0])
         if problem is not None:
             raise ValueError(problem)
