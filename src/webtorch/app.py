@@ -214,6 +214,11 @@ class App:
         )
         repository.start(loop, router)
         if self.pipelines is not None:
+            if self.remote_placement is None:
+                from webtorch.pipeline import remote
+
+                # Remote stages go through the upstream groups made below (looked up per batch).
+                self.remote_placement = remote.factory(lambda: self.proxies, self.metrics)
             self.pipelines.install(
                 loop, router, repository.endpoints, self.auth, self.remote_placement
             )

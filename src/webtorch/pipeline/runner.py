@@ -242,6 +242,12 @@ class StageRunner:
             pieces = split(result, [call.rows for call in calls])
             for call, piece in zip(calls, pieces, strict=True):
                 self._passed(call, piece, end)
+        elif isinstance(exc, HTTPError):
+            # The placement could not run the batch at all (a remote stage's group is down or
+            # timed out: 502/503/504): no record to single out, and narrowing down would send
+            # it again row by row into the same failure. Every request gets that answer.
+            for call in calls:
+                self._unavailable(call, exc, end)
         elif len(calls) > 1:
             # One request's records broke the batch: each request on its own.
             for call, value in zip(calls, values, strict=True):
@@ -288,6 +294,14 @@ class StageRunner:
         if index is not None:
             body["record"] = index
         self.refused(call, json_response(body, 500))
+
+    def _unavailable(self, call: Call, exc: HTTPError, end: float) -> None:
+        if call.response is not None:
+            return
+        call.times[self.name] = end - call.entered.get(self.name, end)
+        self.stats.errors += call.rows
+        body = {"error": exc.message, "stage": self.name}
+        self.refused(call, json_response(body, exc.status, list(exc.headers)))
 
     def _kick(self) -> None:
         if not self._scheduled and len(self.queue):
