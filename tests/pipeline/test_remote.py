@@ -6,6 +6,7 @@ timeouts, and the front keeps serving."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import threading
@@ -20,6 +21,7 @@ import webtorch_harness as harness
 from tests.conftest import Running, serve_in_thread
 from tests.serve.test_server_models import Reply, call, metric, metrics
 from webtorch import config as wt_config
+from webtorch.pipeline.wire import decode_stage_batch, encode_stage_batch
 
 TEXT = Path(__file__).resolve().parent / "files" / "text.py"
 STAGES = ("clean", "measure", "score")
@@ -185,3 +187,30 @@ def test_a_hung_stage_answers_504_within_the_read_timeout(silent: str) -> None:
     assert reply.status == 504, reply.body
     assert "stage 'clean'" in json.loads(reply.body)["error"]
     assert 0.4 < elapsed < 5.0
+
+
+def test_a_stage_server_says_what_its_side_of_the_wire_cost(stage_server: harness.Server) -> None:
+    body, header_length = encode_stage_batch(["Some Text", "more"])
+    conn = http.client.HTTPConnection("127.0.0.1", stage_server.port, timeout=30)
+    try:
+        conn.request(
+            "POST",
+            "/v2/pipelines/text/stages/clean/infer",
+            body,
+            {
+                "Content-Type": "application/octet-stream",
+                "Inference-Header-Content-Length": str(header_length),
+            },
+        )
+        answer = conn.getresponse()
+        raw = answer.read()
+        timing = ", ".join(v for k, v in answer.getheaders() if k.lower() == "server-timing")
+    finally:
+        conn.close()
+    assert answer.status == 200
+    rows, count = decode_stage_batch(
+        raw, answer.getheader("inference-header-content-length", "").encode(), 2, "outputs"
+    )
+    assert (rows, count) == (["some text", "more"], 2)
+    names = [entry.split(";")[0].strip() for entry in timing.split(",")]
+    assert {"decode", "encode", "clean"} <= set(names)

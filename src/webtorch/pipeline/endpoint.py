@@ -15,6 +15,8 @@ Every answer carries ``Server-Timing`` with each stage's time (runner.py adds it
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -112,15 +114,20 @@ class PipelineEndpoint:
     def _stage(self, stage: str) -> Callable[[Request], HandlerResult]:
         plan = self.served.plans[f"stage:{stage}"]
 
+        # A remote placement sends up to the stage's max_batch rows (the same file's settings),
+        # which may exceed the pipeline's max_records, the bound on a user's request.
+        max_rows = max(self.limits.max_records, self.runner.stages[stage].max_batch)
+
         def handler(request: Request) -> HandlerResult:
             require_method(request, "POST")
             request.model = self.name
+            started = time.perf_counter()
             batch, rows = wire.decode_stage_batch(
-                request.body,
-                request.header(b"inference-header-content-length"),
-                self.limits.max_records,
+                request.body, request.header(b"inference-header-content-length"), max_rows
             )
-            return self.runner.submit(plan, batch, rows, _answer_stage, request, True)
+            decoded = time.perf_counter() - started
+            answer = functools.partial(_answer_stage, decoded)
+            return self.runner.submit(plan, batch, rows, answer, request, True)
 
         return handler
 
@@ -195,5 +202,12 @@ def _answer_records(call: Call, result: Any) -> Response:
     return wire.encode_records(to_form(result, "records"))
 
 
-def _answer_stage(call: Call, result: Any) -> Response:
-    return wire.stage_response(result)
+def _answer_stage(decoded: float, call: Call, result: Any) -> Response:
+    # The wire's cost on this side too, for the caller's boundary timings (remote.py): its
+    # batch decoded, its answer encoded; the stages' own entries are added by the runner.
+    started = time.perf_counter()
+    response = wire.stage_response(result)
+    encoded = time.perf_counter() - started
+    timing = b"decode;dur=%.3f, encode;dur=%.3f" % (decoded * 1000, encoded * 1000)
+    response.headers = [*response.headers, (b"server-timing", timing)]
+    return response

@@ -22,9 +22,10 @@ Errors keep their meaning across the hop:
   record's request answers 500 naming the stage and the record;
 - a ``Reject`` row comes back as a row (the stage server keeps them) and answers 422 here.
 
-What each boundary costs is measured per batch: serialize (encoding the batch), transfer (from
-the request's first byte sent to the answer's last byte received, less the stage's own time
-that the server reports in Server-Timing) and deserialize (decoding the answer), as
+What each boundary costs is measured per batch, both ends: serialize (the batch encoded here,
+the answer encoded there), deserialize (the batch decoded there, the answer decoded here) and
+transfer (the round trip less what the server says in Server-Timing it spent in its stages,
+decoding and encoding: sockets, HTTP on both sides, the loops), as
 ``webtorch_pipeline_remote_seconds{pipeline,stage,part}``; the bytes each way are the stage's
 ``bytes_in`` / ``bytes_out``.
 """
@@ -58,7 +59,7 @@ log: Final = logging.getLogger("webtorch.pipeline")
 # rather than hold unbounded memory.
 MAX_ANSWER: Final = 256 << 20
 PARTS: Final = ("serialize", "transfer", "deserialize")
-_DURATION: Final = re.compile(rb"dur=([0-9.]+)")
+_ENTRY: Final = re.compile(rb"([\w.-]+);dur=([0-9.]+)")
 # How a stage server's 500 begins (runner.py): the row it names is within its own batch.
 _FAILED_ON: Final = re.compile(r"^stage '[^']*' failed(?: on record \d+)?: ")
 # The stage servers see the front as the client of a batch (a batch joins several requests).
@@ -127,12 +128,12 @@ class _Collect:
 class _Batch:
     """One batch on its way to the group and back."""
 
-    __slots__ = ("done", "placement", "rows", "sent", "sent_at")
+    __slots__ = ("done", "encoded", "placement", "rows", "sent_at")
 
-    def __init__(self, placement: RemotePlacement, rows: int, sent: int, done: Done) -> None:
+    def __init__(self, placement: RemotePlacement, rows: int, encoded: float, done: Done) -> None:
         self.placement = placement
         self.rows = rows
-        self.sent = sent
+        self.encoded = encoded  # seconds the batch took to encode here
         self.done = done
         self.sent_at = time.perf_counter()
 
@@ -163,10 +164,11 @@ class _Batch:
             self.unavailable(502, f"answered {rows} rows for {self.rows}")
             return
         decoded = time.perf_counter()
-        remote_time = _stage_time(response.headers)
+        stages, decode, encode = _server_timing(response.headers)
         parts = placement.remote.parts
-        parts["transfer"].observe(max(0.0, received - self.sent_at - remote_time))
-        parts["deserialize"].observe(decoded - received)
+        parts["serialize"].observe(self.encoded + encode)
+        parts["transfer"].observe(max(0.0, received - self.sent_at - stages - decode - encode))
+        parts["deserialize"].observe(decode + decoded - received)
         self.done(result, None)
 
     def failed(self, status: int, body: bytes) -> None:
@@ -228,7 +230,6 @@ class RemotePlacement:
         except Exception as exc:  # a row that has no wire form
             done(None, exc)
             return
-        self.remote.parts["serialize"].observe(time.perf_counter() - started)
         group = self._groups().get(self.group_name)
         if group is None or group.closed:
             message = f"stage {self.name!r}: no upstream group {self.group_name!r} (reloaded?)"
@@ -248,7 +249,7 @@ class RemotePlacement:
             target=self._path.encode(),
         )
         rows = _rows(batch)
-        state = _Batch(self, rows, len(body), done)
+        state = _Batch(self, rows, time.perf_counter() - started, done)
         # Stage batches are pure functions of their rows: a POST may go to another server.
         route = ProxyRoute(group, self._trusted(), True)
         Forward(route, request).run().subscribe(_Batch.on_response, state)
@@ -281,13 +282,21 @@ def _rows(batch: Any) -> int:
     return 0
 
 
-def _stage_time(headers: list[tuple[bytes, bytes]] | Any) -> float:
-    """Seconds the stage server says its stages took (Server-Timing), 0 if it says nothing."""
-    total = 0.0
+def _server_timing(headers: list[tuple[bytes, bytes]] | Any) -> tuple[float, float, float]:
+    """What the stage server says it spent (Server-Timing), in seconds: in its stages, decoding
+    the batch, encoding the answer (0 for what it does not say)."""
+    stages = decode = encode = 0.0
     for name, value in headers:
         if name == b"server-timing":
-            total += sum(float(m) for m in _DURATION.findall(value)) / 1000
-    return total
+            for entry, ms in _ENTRY.findall(value):
+                seconds = float(ms) / 1000
+                if entry == b"decode":
+                    decode += seconds
+                elif entry == b"encode":
+                    encode += seconds
+                else:
+                    stages += seconds
+    return stages, decode, encode
 
 
 def _error_text(body: bytes) -> str:
