@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from webtorch.errors import HTTPError
 from webtorch.metrics import StageStats
 from webtorch.pipeline import child
 from webtorch.pipeline.spec import Stage
@@ -46,6 +47,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("webtorch.pipeline")
 
 Done = Callable[[Any, BaseException | None], None]
+
+
+class Unavailable(HTTPError):
+    """A placement could not run a batch at all (a remote stage's group is down or timed out:
+    502, 503 or 504): the runner answers every request of the batch with it, without narrowing
+    the batch down to rows, which would only send it again into the same failure."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Placement(Protocol):

@@ -42,7 +42,7 @@ from webtorch.pipeline.batch import (
 )
 from webtorch.pipeline.child import StageFailed
 from webtorch.pipeline.graph import REQUEST, Plan, Progress
-from webtorch.pipeline.placement import Placement
+from webtorch.pipeline.placement import Placement, Unavailable
 from webtorch.pipeline.spec import Stage, Takes
 from webtorch.pipeline.timing import server_timing, stage_times
 from webtorch.serve.batcher import BatchScheduler, Queued, QueueFull
@@ -242,7 +242,7 @@ class StageRunner:
             pieces = split(result, [call.rows for call in calls])
             for call, piece in zip(calls, pieces, strict=True):
                 self._passed(call, piece, end)
-        elif isinstance(exc, HTTPError):
+        elif isinstance(exc, Unavailable):
             # The placement could not run the batch at all (a remote stage's group is down or
             # timed out: 502/503/504): no record to single out, and narrowing down would send
             # it again row by row into the same failure. Every request gets that answer.
@@ -295,7 +295,7 @@ class StageRunner:
             body["record"] = index
         self.refused(call, json_response(body, 500))
 
-    def _unavailable(self, call: Call, exc: HTTPError, end: float) -> None:
+    def _unavailable(self, call: Call, exc: Unavailable, end: float) -> None:
         if call.response is not None:
             return
         call.times[self.name] = end - call.entered.get(self.name, end)
