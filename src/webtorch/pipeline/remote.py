@@ -201,7 +201,6 @@ class RemotePlacement:
         groups: Callable[[], Mapping[str, UpstreamGroup]],
         trusted: Callable[[], TrustedProxies],
         remote: RemoteStats,
-        token: str | None = None,
     ) -> None:
         assert site.settings.remote is not None
         self.pipeline = site.pipeline
@@ -216,8 +215,6 @@ class RemotePlacement:
         self._trusted = trusted
         self._path = f"/v2/pipelines/{site.pipeline}/stages/{site.stage.name}/infer"
         self._headers: list[tuple[bytes, bytes]] = [(b"content-type", OCTET)]
-        if token:
-            self._headers.append((b"authorization", b"Bearer " + token.encode()))
 
     def run(self, batch: Any, done: Done) -> None:
         started = time.perf_counter()
@@ -306,12 +303,12 @@ def _error_text(body: bytes) -> str:
 
 
 def factory(
-    proxies: Callable[[], Proxies | None], metrics: Metrics, token: str | None = None
+    proxies: Callable[[], Proxies | None], metrics: Metrics
 ) -> Callable[[StageSite], Placement]:
     """The remote placement factory for ``Pipelines.install``: the app's upstream groups are
     looked up per batch (``proxies()``: the app makes them after the pipelines' routes, and a
-    reload replaces them); each stage's boundary timings are exposed through ``metrics``;
-    ``token``: sent to the stage servers (they share the config, so its server token)."""
+    reload replaces them); each stage's boundary timings are exposed through ``metrics``. A
+    stage's endpoint is open like a model's inference (no token)."""
     stats: dict[tuple[str, str], RemoteStats] = {}
 
     def groups() -> Mapping[str, UpstreamGroup]:
@@ -326,7 +323,7 @@ def factory(
         if not stats:  # the first remote stage: its metric family appears
             metrics.sources.append(families)
         remote = stats.setdefault((site.pipeline, site.stage.name), RemoteStats())
-        return RemotePlacement(site, groups, trusted, remote, token)
+        return RemotePlacement(site, groups, trusted, remote)
 
     def families() -> Iterator[Metric]:
         seconds = HistogramMetricFamily(
