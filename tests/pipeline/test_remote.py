@@ -214,3 +214,24 @@ def test_a_stage_server_says_what_its_side_of_the_wire_cost(stage_server: harnes
     assert (rows, count) == (["some text", "more"], 2)
     names = [entry.split(";")[0].strip() for entry in timing.split(",")]
     assert {"decode", "encode", "clean"} <= set(names)
+
+
+def test_the_group_balances_and_retries_past_a_dead_server(stage_server: harness.Server) -> None:
+    dead = f"127.0.0.1:{harness.free_port()}"
+    live = f"127.0.0.1:{stage_server.port}"
+    data = split_config(live, policy="round_robin")
+    for group in data["upstreams"].values():
+        group["servers"] = [dead, live]
+    with serve_in_thread(wt_config.from_dict(data)) as front:
+        for _ in range(4):  # whichever server the policy picks first, every answer is whole
+            reply = predict(front, ["Hello World ", "x"])
+            assert reply.status == 200, reply.body
+        samples = metrics(front)
+    failed = metric(
+        samples,
+        "webtorch_upstream_failures_total",
+        group="cleaners",
+        upstream=dead,
+        outcome="connect_failed",
+    )
+    assert failed >= 1  # it was tried, failed over, and (max_fails = 1) left out after
