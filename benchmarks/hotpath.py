@@ -44,7 +44,12 @@ BODIES = {
     # Proxied to an upstream whose connections are fake transports answering at once, like
     # nginx's `return 200` (its real header set): the proxy's own work on both sides.
     "/proxy": b"",
+    # Pipelines (benchmarks/models/pipeline_*.py): one loop stage passing records through;
+    # and the xor model as a pipeline's one stage (records in, rows out).
+    "/pipelines/one/predict": b'{"records": [[0, 1]]}',
+    "/pipelines/xor/predict": b'{"records": [[0, 1]]}',
 }
+MODELS = Path(__file__).resolve().parent / "models"
 UPSTREAM_RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Tue, 24 Nov 2026 02:00:00 GMT\r\n"
     b"Content-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
@@ -92,6 +97,14 @@ def guard_config(kind: str) -> dict[str, Any]:
     return {"guard": guard}
 
 
+def pipelines_config(path: str) -> dict[str, Any]:
+    """The pipeline the path names (only then: the other paths measure as before)."""
+    if not path.startswith("/pipelines/"):
+        return {}
+    name = path.split("/")[2]
+    return {"pipelines": {name: {"path": str(MODELS / f"pipeline_{name}.py")}}}
+
+
 async def run(path: str, conns: int, rounds: int) -> None:
     cfg = config.from_dict(
         {
@@ -113,6 +126,7 @@ async def run(path: str, conns: int, rounds: int) -> None:
                 {"path": "/fixed", "return": 200, "body": "{}"},
                 {"path": "/proxy", "upstream": "backend"},
             ],
+            **pipelines_config(path),
         }
     )
     app = App(cfg)

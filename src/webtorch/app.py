@@ -213,19 +213,20 @@ class App:
             ]
         )
         repository.start(loop, router)
-        if self.pipelines is not None:
-            if self.remote_placement is None:
-                from webtorch.pipeline import remote
-
-                # Remote stages go through the upstream groups made below (looked up per batch).
-                self.remote_placement = remote.factory(lambda: self.proxies, self.metrics)
-            self.pipelines.install(
-                loop, router, repository.endpoints, self.auth, self.remote_placement
-            )
         self.proxies = Proxies(loop)
         self.metrics.sources.append(self.proxies.metric_families)
         self.router = router
         router.replace_user_routes(self._user_routes(self.config))
+        if self.pipelines is not None:
+            if self.remote_placement is None:
+                from webtorch.pipeline import remote
+
+                # Groups are looked up per batch: a reload replaces them.
+                self.remote_placement = remote.factory(lambda: self.proxies, self.metrics)
+            # After the upstream groups exist: a remote stage's placement sends to one.
+            self.pipelines.install(
+                loop, router, repository.endpoints, self.auth, self.remote_placement
+            )
         return router
 
     def _user_routes(self, config: Config) -> list[Route]:
@@ -306,12 +307,15 @@ class App:
             # Proxied routes stream their request bodies (the first upstreams may come now).
             self.server.state.stream_match = self.router.match_stream
         self._apply_server(server)
+        pipelines_changed = new.pipelines != self.config.pipelines
         self.config = new
         message = (
             f"reloaded {self.path}: {len(new.upstreams)} upstream(s), {len(new.routes)} route(s)"
         )
         if changed:
             message += f"; applied [server] {', '.join(changed)}"
+        if pipelines_changed:  # their files, workers and queues are made once, at the start
+            message += "; [pipelines] changed: only a restart applies them"
         log.info("%s", message)
         return message
 

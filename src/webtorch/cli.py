@@ -129,6 +129,23 @@ def cmd_check(args: argparse.Namespace) -> int:
                 f"  training: max_batch {mc.train.max_batch}, durability {mc.train.durability}, "
                 f"state in {cfg.state_dir(name, mc)}"
             )
+    if cfg.pipelines:
+        from webtorch.metrics import Metrics
+        from webtorch.pipeline.service import Pipelines
+
+        for name, served in Pipelines(cfg, Metrics()).served.items():
+            described = []
+            for stage_name in served.graph.order:
+                stage = served.graph.stages[stage_name]
+                where = (
+                    f"model {stage.model}"
+                    if stage.model is not None
+                    else served.settings(stage_name).placement
+                )
+                if stage_name in served.remote:
+                    where = f"remote {served.settings(stage_name).remote}"
+                described.append(f"{stage_name} ({stage.takes}, {where})")
+            print(f"pipeline {name}: {' -> '.join(described)}")
     print(f"{args.config or 'embedded default'}: OK")
     return 0
 

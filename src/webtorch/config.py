@@ -260,6 +260,9 @@ class PipelineConfig(_Strict):
     stages: dict[str, StageConfig] = {}
     max_records: Annotated[int, Field(ge=1)] = 256  # records per request
     max_record_bytes: Annotated[int, Field(ge=1)] = 1 << 20  # bytes of one record as sent
+    # Seconds a request may spend in the pipeline before it answers 504 naming the stage it is
+    # in (0: no limit). A stage's running batch is not interrupted: its late rows are dropped.
+    timeout: Annotated[float, Field(ge=0)] = 60.0
 
 
 def pipeline_paths(name: str, stages: Iterable[str] = ()) -> list[str]:
@@ -269,6 +272,7 @@ def pipeline_paths(name: str, stages: Iterable[str] = ()) -> list[str]:
         f"/pipelines/{name}/train",
         f"/v2/pipelines/{name}",
         f"/v2/pipelines/{name}/infer",
+        f"/v2/pipelines/{name}/train",
         *(f"/v2/pipelines/{name}/stages/{stage}/infer" for stage in stages),
     ]
 

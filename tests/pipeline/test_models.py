@@ -193,3 +193,120 @@ def test_config_validation_errors(data: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as raised:
         wt_config.from_dict(data)
     assert message in str(raised.value)
+
+
+def test_a_model_stage_batches_and_a_bad_record_fails_alone(tmp_path: Path) -> None:
+    from tests.serve.test_server_models import metric, metrics, raw_request, send_together
+    from tests.train.test_endpoints import FRAGILE_PY
+
+    (tmp_path / "fragile_model.py").write_text(FRAGILE_PY)
+    cfg = wt_config.from_dict(
+        {
+            "models": {"fragile": {"path": str(tmp_path / "fragile_model.py")}},
+            "pipelines": {"f": {"path": str(PIPE.parent / "fragile.py")}},
+        }
+    )
+    with serve_in_thread(cfg) as running:
+        before = metrics(running)
+
+        def raw(records: list[str]) -> bytes:
+            return raw_request("/pipelines/f/predict", json.dumps(records).encode())
+
+        replies = send_together(running, [raw(["1"]), raw(["2", "-1"]), raw(["3"]), raw(["4"])])
+        assert [r.status for r in replies] == [200, 422, 200, 200]
+        failed = json.loads(replies[1].body)
+        assert failed["stage"] == "fragile" and failed["record"] == 1
+        assert "negative input" in failed["error"]
+        assert json.loads(replies[3].body)["outputs"] == [{"y": [4.0]}]
+        after = metrics(running)
+        labels = {"pipeline": "f", "stage": "fragile"}
+
+        def delta(name: str, **extra: str) -> float:
+            return metric(after, name, **labels, **extra) - metric(before, name, **labels, **extra)
+
+        # Merged: some batch of the model stage held rows of several requests (then the
+        # failing one was rerun request by request, and row by row).
+        merged = delta("webtorch_pipeline_stage_batch_rows_count") - delta(
+            "webtorch_pipeline_stage_batch_rows_bucket", le="1.0"
+        )
+        assert merged >= 1
+
+
+def test_oip_training_through_the_pipeline(server: Running) -> None:
+    doc = {
+        "id": "t-1",
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["0,1", "1,0"]}],
+        "targets": [{"name": "y", "datatype": "FP32", "shape": [2, 1], "data": [0, 0]}],
+    }
+    reply = call(server, "POST", "/v2/pipelines/xor/train", doc)
+    assert reply.status == 200, reply.body
+    answer = json.loads(reply.body)
+    assert answer["pipeline_name"] == "xor" and answer["model_name"] == "xor"
+    assert answer["step"] == 1 and answer["id"] == "t-1" and answer["loss"] > 0
+    bad = {**doc, "targets": [{"name": "z", "datatype": "FP32", "shape": [2, 1], "data": [0, 0]}]}
+    reply = call(server, "POST", "/v2/pipelines/xor/train", bad)
+    assert reply.status == 400 and b"unknown target" in reply.body
+
+
+def test_records_that_cannot_be_a_first_stages_tensors_are_400(tmp_path: Path) -> None:
+    cfg = wt_config.from_dict(
+        {
+            "models": {"xor": {"path": str(XOR)}},
+            "pipelines": {"x": {"path": str(PIPE.parent / "xorfirst.py")}},
+        }
+    )
+    with serve_in_thread(cfg) as running:
+        good = call(running, "POST", "/pipelines/x/predict", {"records": [[0, 1], [1, 1]]})
+        assert good.status == 200, good.body
+        assert [round(o["y"][0]) for o in json.loads(good.body)["outputs"]] == [1, 0]
+        ragged = call(running, "POST", "/pipelines/x/predict", {"records": [[0, 1], [1]]})
+        assert ragged.status == 400
+        assert b"cannot be the first stage's tensors" in ragged.body
+
+
+def test_a_models_preprocess_is_a_stage_run_inside_its_batch(tmp_path: Path) -> None:
+    # The one-stage case: a tensors stage as a model's preprocess runs in the model's batch
+    # (no queue of its own); the same function as a pipeline stage gets its own queue.
+    files = PIPE.parent
+    plain = tmp_path / "plain.py"
+    plain.write_text(
+        (files / "scaled_model.py").read_text().replace("    preprocess=double,\n", "")
+    )
+    cfg = wt_config.from_dict(
+        {
+            "models": {
+                "scaled": {"path": str(files / "scaled_model.py")},
+                "plain": {"path": str(plain)},
+            },
+            "pipelines": {"scaled": {"path": str(files / "scaled_pipe.py")}},
+        }
+    )
+    with serve_in_thread(cfg) as running:
+        direct = call(running, "POST", "/models/scaled/predict", {"inputs": [[1, 2]]})
+        assert json.loads(direct.body)["outputs"] == [[2.0, 4.0]]
+        piped = call(running, "POST", "/pipelines/scaled/predict", {"records": [{"x": [1, 2]}]})
+        assert json.loads(piped.body)["outputs"] == [{"y": [2.0, 4.0]}]
+
+
+def test_fan_out_to_two_models_and_a_join(tmp_path: Path) -> None:
+    cfg = wt_config.from_dict(
+        {
+            "models": {
+                "xor": {"path": str(XOR)},
+                "frozen": {"path": str(XOR), "weights": False},
+            },
+            "pipelines": {"both": {"path": str(PIPE.parent / "fanout.py")}},
+        }
+    )
+    with serve_in_thread(cfg) as running:
+        reply = call(running, "POST", "/pipelines/both/predict", {"records": [[0, 1], [1, 1]]})
+        assert reply.status == 200, reply.body
+        outputs = json.loads(reply.body)["outputs"]
+        direct = call(running, "POST", "/models/frozen/predict", {"inputs": [[0, 1], [1, 1]]})
+        frozen = [round(row[0], 4) for row in json.loads(direct.body)["outputs"]]
+        assert [o["frozen"] for o in outputs] == pytest.approx(frozen, abs=1e-4)
+        assert outputs[0]["trained"] > 0.9 and outputs[1]["trained"] < 0.1
+        timing = [e.split(";")[0] for e in reply.headers["server-timing"].split(", ")]
+        assert timing == ["parse", "trained", "frozen", "compare"]
+        meta = json.loads(call(running, "GET", "/v2/pipelines/both").body)
+        assert meta["stages"][-1]["after"] == ["trained", "frozen"]

@@ -218,3 +218,100 @@ def test_fan_out_and_join(loop: asyncio.AbstractEventLoop) -> None:
     assert call.response is not None
     timing = dict(h for h in call.response.headers)[b"server-timing"].decode()
     assert [e.split(";")[0] for e in timing.split(", ")] == ["words", "count", "first", "join"]
+
+
+def test_an_unavailable_placement_answers_its_batch_at_once(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    from webtorch.errors import HTTPError, ServiceUnavailable
+
+    def down(rows: list[Any]) -> list[Any]:
+        raise ServiceUnavailable("the group has no server up")
+
+    def broken(rows: list[Any]) -> list[Any]:
+        raise HTTPError("the remote stage failed on a record")  # a 500: narrowed down
+
+    # 503: no reruns; 500: per request, then the failing request's rows until one fails.
+    for fn, status, runs in ((down, 503, 1), (broken, 500, 1 + 2 + 1)):
+        stage = Manual(fn)
+        runner, graph = make(loop, [(Stage("far", fn), stage)])
+        calls = [runner.submit(graph.plan(), ["a", "b"], 2, answer)]
+        calls.append(runner.submit(graph.plan(), ["c"], 1, answer))
+        turn(loop)
+        while stage.pending:
+            stage.finish()
+            turn(loop)
+        assert [c.response.status for c in calls if c.response is not None] == [status] * 2
+        assert len(stage.batches) == runs
+        assert body(calls[0])["stage"] == "far"
+
+
+class Sync(Manual):
+    """A placement that finishes each batch inside run(), as the loop placement does."""
+
+    def run(self, batch: Any, done: Done) -> None:
+        self.batches.append(batch)
+        try:
+            result = self.fn(batch)
+        except Exception as exc:
+            done(None, exc)
+        else:
+            done(result, None)
+
+
+def test_narrowing_a_big_batch_on_the_loop_does_not_nest(loop: asyncio.AbstractEventLoop) -> None:
+    def picky(rows: list[str]) -> list[str]:
+        if "boom" in rows:
+            raise ValueError("boom")
+        return rows
+
+    stage = Sync(picky)
+    runner, graph = make(loop, [(Stage("picky", picky), stage)], max_batch=512)
+    plan = graph.plan()
+    calls = [runner.submit(plan, [f"r{i}", f"s{i}"], 2, answer) for i in range(255)]
+    calls.append(runner.submit(plan, ["fine", "boom"], 2, answer))
+    for _ in range(1000):
+        turn(loop)
+        if all(c.response is not None for c in calls):
+            break
+    statuses = [c.response.status for c in calls if c.response is not None]
+    assert statuses == [200] * 255 + [500]
+    assert body(calls[-1])["record"] == 1
+
+
+def test_max_delay_waits_for_the_batch_to_fill_on_the_stages_clock(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    now = [0.0]
+    stage = Manual(lambda rows: rows)
+    runner = StageRunner(
+        Stage("s", stage.fn),
+        stage,
+        StageStats(),
+        loop,
+        max_batch=3,
+        max_delay=0.5,
+        clock=lambda: now[0],
+    )
+    pipeline = PipelineRunner("p", {"s": runner})
+    plan = Graph(Pipeline([Stage("s", stage.fn)])).plan()
+    first = pipeline.submit(plan, ["a"], 1, answer)
+    turn(loop)
+    assert stage.batches == [] and runner._timer is not None  # waiting up to 0.5 s to fill
+    now[0] = 0.2
+    second = pipeline.submit(plan, ["b"], 1, answer)
+    turn(loop)
+    assert stage.batches == []
+    now[0] = 0.5  # the oldest has waited max_delay: the batch goes as it is
+    runner._dispatch()
+    assert stage.batches == [["a", "b"]]
+    stage.finish()
+    assert body(first) == ["a"] and body(second) == ["b"]
+    runner.stats.wait.compact()
+    assert runner.stats.wait.total == pytest.approx(0.5 + 0.3)
+    now[0] = 1.0
+    full = [pipeline.submit(plan, [x], 1, answer) for x in "cde"]
+    turn(loop)
+    assert stage.batches[-1] == ["c", "d", "e"]  # full at max_batch: no wait
+    stage.finish()
+    assert [body(c) for c in full] == [["c"], ["d"], ["e"]]

@@ -275,3 +275,95 @@ def test_the_access_log_records_stage_times(tmp_path: Path) -> None:
     line = next(json.loads(raw) for raw in log.read_text().splitlines() if "/pipelines/" in raw)
     assert list(line["stages"]) == ["clean", "measure", "score"]
     assert line["model"] == "text"
+
+
+def test_the_dashboard_shows_each_stage_in_order(server: Running) -> None:
+    assert predict(server, ["a b", "c"]).status == 200
+    reply = call(server, "GET", "/dashboard/stats")
+    stages = json.loads(reply.body)["pipelines"]["text"]
+    assert [s["stage"] for s in stages] == ["clean", "measure", "score"]
+    assert all(s["rows"] >= 2 and s["requests"] >= 1 and s["seconds"] > 0 for s in stages)
+    page = call(server, "GET", "/dashboard").body
+    assert b'id="panel-pipelines"' in page
+
+
+def _oip(doc: Any) -> bytes:
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "status", "message"),
+    [
+        ("/pipelines/text/predict", b"\xff\xfe", {"Content-Type": "text/plain"}, 400, "UTF-8"),
+        (
+            "/pipelines/text/predict",
+            b"--x\r\n\r\n--x--",
+            {"Content-Type": "multipart/form-data"},
+            400,
+            "boundary",
+        ),
+        (
+            "/pipelines/text/predict",
+            b'{"records": "not a list"}',
+            {"Content-Type": "application/json"},
+            400,
+            '"records"',
+        ),
+        (
+            "/v2/pipelines/text/infer",
+            _oip({"inputs": [{"name": "t", "datatype": "BYTES", "shape": [300], "data": ["a"]}]}),
+            {"Content-Type": "application/json"},
+            400,
+            "rows",
+        ),
+        (
+            "/v2/pipelines/text/infer",
+            _oip({"inputs": [{"name": "t", "datatype": "NOPE", "shape": [1], "data": ["a"]}]}),
+            {"Content-Type": "application/json"},
+            400,
+            "unknown datatype",
+        ),
+        (
+            "/v2/pipelines/text/infer",
+            _oip(
+                {
+                    "inputs": [
+                        {"name": f"t{i}", "datatype": "BYTES", "shape": [1], "data": ["a"]}
+                        for i in range(65)
+                    ]
+                }
+            ),
+            {"Content-Type": "application/json"},
+            400,
+            "at most 64",
+        ),
+        (
+            "/v2/pipelines/text/infer",
+            _oip({"inputs": [{"name": "t", "datatype": "BYTES", "shape": [2], "data": ["a"]}]}),
+            {"Content-Type": "application/json"},
+            400,
+            "do not fill shape",
+        ),
+        (
+            "/v2/pipelines/text/infer",
+            b"not json",
+            {"Content-Type": "application/json"},
+            400,
+            "not valid JSON",
+        ),
+        (
+            "/v2/pipelines/text/stages/clean/infer",
+            b'{"inputs": []}',
+            {"Content-Type": "application/octet-stream"},
+            400,
+            "Inference-Header-Content-Length",
+        ),
+    ],
+)
+def test_hostile_bodies_are_4xx_naming_the_problem(
+    server: Running, path: str, body: bytes, headers: dict[str, str], status: int, message: str
+) -> None:
+    reply = call(server, "POST", path, body, headers)
+    assert reply.status == status, reply.body
+    assert message in json.loads(reply.body)["error"]
+    assert predict(server, ["still serving"]).status == 200

@@ -150,3 +150,21 @@ def _get(host: str, port: int, path: str) -> Any:
         return json.loads(conn.getresponse().read())
     finally:
         conn.close()
+
+
+def test_check_lists_each_pipelines_stages(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from webtorch import cli
+
+    toml = (
+        f'[models.xor]\npath = "{XOR}"\n[pipelines.xor]\npath = "{PIPE}"\n'
+        '[pipelines.xor.stages.parse]\nplacement = "process"\n'
+    )
+    (tmp_path / "p.toml").write_text(toml)
+    assert cli.main(["check", str(tmp_path / "p.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline xor: parse (records, process) -> xor (tensors, model xor) -> label" in out
+    (tmp_path / "bad.toml").write_text(toml.replace("parse]", "parze]"))
+    assert cli.main(["check", str(tmp_path / "bad.toml")]) == 2
+    assert "pipelines.xor.stages.parze" in capsys.readouterr().err

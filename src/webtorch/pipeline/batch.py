@@ -83,6 +83,11 @@ def rows_of(batch: Any, stage: str = "") -> int:
 
 def _stack(values: list[Any], name: str, stage: str) -> Any:
     first = values[0]
+    if isinstance(first, list | int | float):  # JSON rows and numbers: one conversion
+        try:
+            return np.asarray(values)
+        except ValueError:
+            pass  # ragged: stacking below says so
     if _is_tensor(first):
         return _torch().stack(values)
     if isinstance(first, str | bytes | dict):

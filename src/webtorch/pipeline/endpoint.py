@@ -6,6 +6,8 @@
 - ``POST /pipelines/{p}/train``: records and ``targets``: the records pass the stages that feed
   the pipeline's trainable model stage, then train that model through its training pipeline
   (WAL, Idempotency-Key, answered after the step), as ``POST /models/{m}/train`` would;
+- ``POST /v2/pipelines/{p}/train``: the same in OIP form (``inputs`` as for infer, ``targets``
+  named like the model's);
 - ``POST /v2/pipelines/{p}/stages/{s}/infer``: one stage's batch in the stage wire form (what
   a remote stage's placement sends);
 - ``GET /v2/pipelines/{p}``: the stages, what each takes and where each runs.
@@ -20,18 +22,23 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from webtorch.errors import BadRequest, NotFound, ServiceUnavailable
 from webtorch.http.messages import HandlerResult, Pending, Request, Response, json_response
 from webtorch.pipeline import wire
-from webtorch.pipeline.batch import to_form
-from webtorch.pipeline.runner import Call, ModelStage
+from webtorch.pipeline.batch import StageError, to_form
+from webtorch.pipeline.models import ModelPlacement
+from webtorch.pipeline.runner import Call
 from webtorch.pipeline.served import ServedPipeline, describe
 from webtorch.serve.oip import Auth, require_method
+from webtorch.serve.wire.oip_json import oip_document, oip_tensors, request_id
 from webtorch.serve.wire.tensors import strict_array
 from webtorch.train.forms import TrainForms, TrainRequest, idempotency_key
 
 if TYPE_CHECKING:
     from webtorch.serve.endpoint import ModelEndpoint
+    from webtorch.train.pipeline import TrainEncoder
 
 
 class PipelineEndpoint:
@@ -68,6 +75,7 @@ class PipelineEndpoint:
                 (f"/pipelines/{name}/predict", self.predict),
                 (f"/v2/pipelines/{name}/infer", self.infer),
                 (f"/pipelines/{name}/train", self.train),
+                (f"/v2/pipelines/{name}/train", self.train_oip),
             ]
         for stage in sorted(self.served.here):
             routes.append((f"/v2/pipelines/{name}/stages/{stage}/infer", self._stage(stage)))
@@ -82,16 +90,16 @@ class PipelineEndpoint:
         else:
             require_method(request, "POST")
 
-    def _call(self, request: Request, plan: str, value: Any, rows: int, finish: Any) -> Call:
+    def _call(self, request: Request, plan: str, value: Any, rows: int, finish: Any) -> Pending:
         request.model = self.name  # the access log's model field: the pipeline served
-        return self.runner.submit(self.served.plans[plan], value, rows, finish, request)
+        return self.runner.submit(self.served.plans[plan], value, rows, finish, request).pending
 
     def predict(self, request: Request) -> HandlerResult:
         require_method(request, "POST")
         records, _ = wire.decode_records(
             request.body, request.content_type, request.raw_content_type, self.limits
         )
-        value = records if self._takes == "records" else to_form(records, "tensors")
+        value = records if self._takes == "records" else self._columns(records)
         return self._call(request, "predict", value, len(records), _answer_records)
 
     def infer(self, request: Request) -> HandlerResult:
@@ -113,10 +121,8 @@ class PipelineEndpoint:
 
     def _stage(self, stage: str) -> Callable[[Request], HandlerResult]:
         plan = self.served.plans[f"stage:{stage}"]
-
-        # A remote placement sends up to the stage's max_batch rows (the same file's settings),
-        # which may exceed the pipeline's max_records, the bound on a user's request.
-        max_rows = max(self.limits.max_records, self.runner.stages[stage].max_batch)
+        # A caller's batch is the stage's: up to its max_batch rows (not max_records).
+        max_rows = self.runner.stages[stage].max_batch
 
         def handler(request: Request) -> HandlerResult:
             require_method(request, "POST")
@@ -127,20 +133,21 @@ class PipelineEndpoint:
             )
             decoded = time.perf_counter() - started
             answer = functools.partial(_answer_stage, decoded)
-            return self.runner.submit(plan, batch, rows, answer, request, True)
+            return self.runner.submit(plan, batch, rows, answer, request, True).pending
 
         return handler
 
-    def _train_stage(self, request: Request) -> tuple[ModelStage, TrainForms]:
+    def _train_stage(self, request: Request) -> tuple[ModelPlacement, TrainForms]:
         """The model stage a train request trains, after the checks any train request gets
         whatever its body (training on, CSRF, token)."""
         trained = []
         for name in self._trained:
             runner = self.runner.stages.get(name)
-            if isinstance(runner, ModelStage):
-                endpoint = self.endpoints.get(runner.model)
+            model = runner.placement if runner is not None else None
+            if isinstance(model, ModelPlacement):
+                endpoint = self.endpoints.get(model.model)
                 if endpoint is not None and endpoint.executor.training is not None:
-                    trained.append((runner, endpoint.executor.training.forms()))
+                    trained.append((model, endpoint.executor.training.forms()))
         if len(trained) != 1:
             raise NotFound(
                 f"pipeline {self.name!r} has "
@@ -154,13 +161,13 @@ class PipelineEndpoint:
         return trained[0]
 
     def train(self, request: Request) -> HandlerResult:
+        """``POST /pipelines/{p}/train``: records and ``targets`` (JSON numbers), answered
+        ``{"loss", "step"}`` as ``/models/{m}/train`` is."""
         stage, forms = self._train_stage(request)
         records, targets = wire.decode_records(
             request.body, request.content_type, request.raw_content_type, self.limits, train=True
         )
-        rows = len(records)
-        endpoint = stage.endpoint()
-        specs = endpoint.model.targets
+        specs = stage.endpoint().model.targets
         if len(specs) == 1:
             target_arrays = {specs[0].name: strict_array(specs[0], targets, "target")}
         elif isinstance(targets, dict):
@@ -170,7 +177,56 @@ class PipelineEndpoint:
             target_arrays = {s.name: strict_array(s, targets[s.name], "target") for s in specs}
         else:
             raise BadRequest(f"targets: an object keyed by {', '.join(s.name for s in specs)}")
-        for name, array in target_arrays.items():
+        value = records if self._takes == "records" else self._columns(records)
+        return self._train(
+            request, stage, value, len(records), target_arrays, None, forms.encode_short_request
+        )
+
+    def train_oip(self, request: Request) -> HandlerResult:
+        """``POST /v2/pipelines/{p}/train``: ``inputs`` as for infer (BYTES elements: raw
+        records), ``targets`` named like the model's (JSON or binary data, after the inputs')."""
+        stage, _ = self._train_stage(request)
+        header = request.header(b"inference-header-content-length")
+        body = request.body
+        doc, offset = oip_document(body, request.content_type, header)
+        req_id = request_id(doc)
+        binary = header is not None
+        max_rows = self.limits.max_records
+        arrays, rows, offset = wire.oip_arrays(
+            doc, "inputs", body, offset, binary, f"pipeline {self.name}", max_rows
+        )
+        specs = {t.name: t for t in stage.endpoint().model.targets}
+        targets, offset = oip_tensors(
+            doc, "targets", specs, stage.model, body, offset, binary, max_rows
+        )
+        wire.claimed(body, offset)
+        missing = [name for name in specs if name not in targets]
+        if missing:
+            raise BadRequest(f"targets need {', '.join(missing)}")
+        head = {"pipeline_name": self.name, "model_name": stage.model}
+
+        def encode(train_request: TrainRequest, loss: float, step: int) -> Response:
+            answer: dict[str, Any] = {**head, "loss": loss, "step": step}
+            if req_id is not None:
+                answer["id"] = req_id
+            return json_response(answer)
+
+        value = wire.oip_value(arrays, self._takes)
+        return self._train(request, stage, value, rows, dict(targets), req_id, encode)
+
+    def _train(
+        self,
+        request: Request,
+        stage: ModelPlacement,
+        value: Any,
+        rows: int,
+        targets: dict[str, np.ndarray],
+        req_id: str | None,
+        encode: TrainEncoder,
+    ) -> HandlerResult:
+        """Run the records through the stages that feed ``stage``'s model, then train it
+        through its training pipeline (WAL, idempotency, answered after the step)."""
+        for name, array in targets.items():
             if len(array) != rows:
                 raise BadRequest(f"{rows} records but {len(array)} rows of target {name!r}")
         raw_key = request.header(b"idempotency-key")
@@ -179,19 +235,29 @@ class PipelineEndpoint:
         plan = self.served.plans.get(plan_key)
         if plan is None:
             plan = self.served.plans[plan_key] = self.served.graph.feeding_plan(stage.name)
+        native = {
+            name: np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+            for name, array in targets.items()
+        }
 
         def finish(call: Call, result: Any) -> Pending:
             live = stage.endpoint()
             inputs = stage.inputs(result, live)
-            train_request = TrainRequest(dict(inputs), dict(target_arrays), rows)
+            train_request = TrainRequest(dict(inputs), dict(native), rows, req_id)
             train_request.key = key
             if live.executor.training is None:
                 raise ServiceUnavailable(f"model {stage.model!r} no longer trains")
-            return live.executor.submit_train(train_request, forms.encode_short_request)
+            return live.executor.submit_train(train_request, encode)
 
-        value = records if self._takes == "records" else to_form(records, "tensors")
         request.model = self.name
-        return self.runner.submit(plan, value, rows, finish, request)
+        return self.runner.submit(plan, value, rows, finish, request).pending
+
+    def _columns(self, records: list[Any]) -> Any:
+        """Records as the first stage's tensors; 400 naming why they are not."""
+        try:
+            return to_form(records, "tensors")
+        except StageError as exc:
+            raise BadRequest(f"the records cannot be the first stage's tensors: {exc}") from None
 
     def metadata(self, request: Request) -> HandlerResult:
         require_method(request, "GET")

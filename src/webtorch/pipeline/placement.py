@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from webtorch.errors import HTTPError
+from webtorch.errors import ConfigError
 from webtorch.metrics import StageStats
 from webtorch.pipeline import child
 from webtorch.pipeline.spec import Stage
@@ -47,16 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("webtorch.pipeline")
 
 Done = Callable[[Any, BaseException | None], None]
-
-
-class Unavailable(HTTPError):
-    """A placement could not run a batch at all (a remote stage's group is down or timed out:
-    502, 503 or 504): the runner answers every request of the batch with it, without narrowing
-    the batch down to rows, which would only send it again into the same failure."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class Placement(Protocol):
@@ -147,6 +137,7 @@ class ProcessPlacement:
     stage's bytes in and out."""
 
     kind = "process"
+    close_grace = 10.0  # seconds a batch still running at shutdown may take
 
     def __init__(self, site: StageSite) -> None:
         self._site = site
@@ -165,21 +156,24 @@ class ProcessPlacement:
         )
 
     def run(self, batch: Any, done: Done) -> None:
+        pool = self._pool
         try:
             payload = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
-            submitted: Future[bytes] = self._pool.submit(child.run, self._name, payload)
+            submitted: Future[bytes] = pool.submit(child.run, self._name, payload)
         except Exception as exc:  # a batch that does not pickle, or a pool already broken
-            self._broken(exc)
+            self._broken(pool, exc)
             done(None, exc)
             return
         self._stats.bytes_in += len(payload)
         wrapped = asyncio.wrap_future(submitted, loop=self._loop)
-        wrapped.add_done_callback(lambda f: self._finished(f, done))
+        wrapped.add_done_callback(lambda f: self._finished(pool, f, done))
 
-    def _finished(self, future: asyncio.Future[bytes], done: Done) -> None:
+    def _finished(
+        self, pool: ProcessPoolExecutor, future: asyncio.Future[bytes], done: Done
+    ) -> None:
         result, exc = _outcome(future)
         if exc is not None:
-            self._broken(exc)
+            self._broken(pool, exc)
             done(None, exc)
             return
         self._stats.bytes_out += len(result)
@@ -190,9 +184,10 @@ class ProcessPlacement:
             return
         done(rows, None)
 
-    def _broken(self, exc: BaseException) -> None:
-        if isinstance(exc, BrokenProcessPool):
-            # A worker died (killed, out of memory): later batches get a fresh pool.
+    def _broken(self, pool: ProcessPoolExecutor, exc: BaseException) -> None:
+        if isinstance(exc, BrokenProcessPool) and pool is self._pool:
+            # A worker died (killed, out of memory): later batches get a fresh pool (once: the
+            # other batches that were on the broken one fail with it too).
             log.error("stage %s: a worker process died; starting a new pool", self._name)
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new_pool()
@@ -204,10 +199,29 @@ class ProcessPlacement:
             asyncio.wrap_future(self._pool.submit(child.ping), loop=self._loop)
             for _ in range(self.concurrency)
         ]
-        await asyncio.gather(*pings)
+        try:
+            await asyncio.gather(*pings)
+        except Exception as exc:
+            site = self._site
+            raise ConfigError(
+                f"pipelines.{site.pipeline}.stages.{self._name}: its worker processes could "
+                f"not start or import {site.path}: {exc!r}"
+            ) from None
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._pool.shutdown, True)
+        """Let running batches finish for ``close_grace`` seconds (the server drained its
+        requests already), then end the workers: a stage stuck in a worker must not keep the
+        server from exiting."""
+        pool = self._pool
+        processes = list(pool._processes.values())  # typeshed knows it; no public accessor
+        closing = asyncio.ensure_future(asyncio.to_thread(pool.shutdown, True, cancel_futures=True))
+        try:
+            await asyncio.wait_for(asyncio.shield(closing), self.close_grace)
+        except TimeoutError:
+            log.warning("stage %s: worker processes still busy; terminating them", self._name)
+            for process in processes:
+                process.terminate()
+            await closing
 
     def describe(self) -> dict[str, Any]:
         return {"placement": self.kind, "workers": self.concurrency}

@@ -43,7 +43,7 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 from webtorch.errors import ConfigError, HTTPError
 from webtorch.http.messages import Request, Response
 from webtorch.metrics import LATENCY_BUCKETS, Histogram, Metrics
-from webtorch.pipeline.placement import Done, Placement, StageSite, Unavailable
+from webtorch.pipeline.placement import Done, Placement, StageSite
 from webtorch.pipeline.wire import decode_stage_batch, encode_stage_batch
 from webtorch.proxy.forward import Forward
 from webtorch.proxy.headers import TrustedProxies
@@ -66,8 +66,14 @@ _FAILED_ON: Final = re.compile(r"^stage '[^']*' failed(?: on record \d+)?: ")
 _CLIENT: Final = "127.0.0.1"
 
 
-class RemoteUnavailable(Unavailable):
-    """The stage's group gave no usable answer: 502, 503 or 504, naming the stage."""
+class RemoteUnavailable(HTTPError):
+    """The stage's group gave no usable answer: 502, 503 or 504, naming the stage. The runner
+    answers every request of the batch with it (an HTTPError from a placement is not the
+    records' fault, so the batch is not narrowed down row by row into the same failure)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class RemoteStageFailed(Exception):

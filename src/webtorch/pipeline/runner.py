@@ -11,9 +11,9 @@ flight, so a slow stage on a thread or process pool holds up only its own queue.
 Errors stay with their records: a row returned as ``Reject`` answers its request 422 naming the
 stage and the record's index; a batch that raises is run again request by request, and a
 request that still fails row by row, so one bad record fails only its own request (500 naming
-the stage and the record) and the rest of the batch goes on. A model stage is the model's own
-executor (:class:`ModelStage`): its dynamic batching, training priority and WAL are the
-model's.
+the stage and the record) and the rest of the batch goes on; a placement that says it cannot
+run now (502, 503, 504) answers its batch's requests so at once. A model stage is a stage like
+any other whose placement is the model's executor (``models.py``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final
-
-import numpy as np
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 from webtorch.errors import HTTPError, ServiceUnavailable
 from webtorch.http.messages import Pending, Request, Response, error_response, json_response
@@ -42,14 +40,10 @@ from webtorch.pipeline.batch import (
 )
 from webtorch.pipeline.child import StageFailed
 from webtorch.pipeline.graph import REQUEST, Plan, Progress
-from webtorch.pipeline.placement import Placement, Unavailable
+from webtorch.pipeline.placement import Placement
 from webtorch.pipeline.spec import Stage, Takes
-from webtorch.pipeline.timing import server_timing, stage_times
+from webtorch.pipeline.timing import server_timing
 from webtorch.serve.batcher import BatchScheduler, Queued, QueueFull
-from webtorch.serve.wire.tensors import InputData
-
-if TYPE_CHECKING:
-    from webtorch.serve.endpoint import ModelEndpoint
 
 log = logging.getLogger("webtorch.pipeline")
 
@@ -57,13 +51,17 @@ log = logging.getLogger("webtorch.pipeline")
 Finish = Callable[["Call", Any], "Response | Pending"]
 
 
-class Call(Pending):
-    """One request on its way through a plan: its rows at each stage, its time in each."""
+class Call:
+    """One request on its way through a plan: its rows at each stage, its time in each, and
+    the Pending its handler returned (held, not inherited: ``Pending`` is a compiled class,
+    which an interpreted one cannot subclass)."""
 
     __slots__ = (
+        "deadline",
         "entered",
         "finish",
         "keep_rejects",
+        "pending",
         "plan",
         "progress",
         "request",
@@ -80,7 +78,7 @@ class Call(Pending):
         request: Request | None,
         keep_rejects: bool = False,
     ) -> None:
-        super().__init__()
+        self.pending = Pending()
         self.plan = plan
         # A stage's own endpoint answers Reject rows as rows (its caller, a remote placement,
         # hands them on): only the whole pipeline answers them 422.
@@ -90,8 +88,14 @@ class Call(Pending):
         self.request = request
         self.progress: Progress = plan.start()
         self.values: dict[str, Any] = {}
+        self.deadline: asyncio.TimerHandle | None = None  # the pipeline's timeout
         self.entered: dict[str, float] = {}  # stage -> when the rows were queued there
         self.times: dict[str, float] = {}  # stage -> seconds: queue wait and its batch's run
+
+    @property
+    def response(self) -> Response | None:
+        """The answer, once there is one."""
+        return self.pending.response
 
     def input_for(self, name: str) -> Any:
         """The batch stage ``name`` takes for this request (its inputs' rows, joined)."""
@@ -151,7 +155,9 @@ class StageRunner:
 
     def add(self, call: Call, value: Any) -> None:
         """Queue a request's rows (QueueFull: the caller answers 503)."""
-        self.queue.add((call, value), call.rows, self.clock())
+        now = self.clock()
+        self.queue.add((call, value), call.rows, now)
+        call.entered[self.name] = now
         if not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self._dispatch)
@@ -182,23 +188,23 @@ class StageRunner:
             if call.response is not None:
                 continue  # answered already (another branch rejected it)
             record_wait(now - entry.arrived)
-            call.entered[self.name] = entry.arrived
             calls.append(call)
             values.append(value)
         if calls:
             self._run(calls, values)
 
-    def _run(self, calls: list[Call], values: list[Any]) -> None:
-        """Run one batch of whole requests' rows."""
+    def _run(self, calls: list[Call], values: list[Any], then: Then = None) -> None:
+        """Run one batch of whole requests' rows; ``then()`` once it is settled (reruns
+        included)."""
         try:
             merged = concat(values, self.takes, self.name)
         except Exception as exc:  # rows that do not convert to the form the stage takes
-            self._settle(calls, values, None, exc, self.clock())
+            self._settle(calls, values, None, exc, self.clock(), then)
             return
         self.in_flight += 1
         started = self.clock()
         self.placement.run(
-            merged, lambda result, exc: self._ran(calls, values, result, exc, started)
+            merged, lambda result, exc: self._ran(calls, values, result, exc, started, then)
         )
 
     def _ran(
@@ -208,6 +214,7 @@ class StageRunner:
         result: Any,
         exc: BaseException | None,
         started: float,
+        then: Then,
     ) -> None:
         self.in_flight -= 1
         stats = self.stats
@@ -215,7 +222,7 @@ class StageRunner:
         stats.run.record(end - started)
         stats.batch_rows.record(sum(call.rows for call in calls))
         stats.batches += 1
-        self._settle(calls, values, result, exc, end)
+        self._settle(calls, values, result, exc, end, then)
         self._kick()
 
     def _settle(
@@ -225,8 +232,45 @@ class StageRunner:
         result: Any,
         exc: BaseException | None,
         end: float,
+        then: Then = None,
     ) -> None:
-        """A batch's outcome: each request's rows on, or the failure narrowed down."""
+        """A batch's outcome: each request's rows on, or the failure narrowed down. Reruns
+        go one at a time: a record that kills its worker process breaks every batch on the
+        pool, so only a rerun alone says whose it is."""
+        if exc is not None and not (isinstance(exc, HTTPError) and exc.status in _UNAVAILABLE):
+            if len(calls) > 1:
+                # One request's records broke the batch: each request on its own.
+                steps = [
+                    functools.partial(self._run, [call], [value])
+                    for call, value in zip(calls, values, strict=True)
+                ]
+                self._serially(steps, then)
+            else:
+                _Rows(self, calls[0], values[0], exc, then).start()
+            return
+        self._conclude(calls, result, exc, end)
+        if then is not None:
+            then()
+
+    def _serially(self, steps: Sequence[Callable[[Then], None]], then: Then) -> None:
+        """Run ``steps`` one after another, each told how to start the next (on a later loop
+        turn: a step on the loop finishes inside its call, and a chain of them must not
+        nest); then ``then()``."""
+        if not steps:
+            if then is not None:
+                then()
+            return
+        first, rest = steps[0], steps[1:]
+
+        def after() -> None:
+            self.loop.call_soon(self._serially, rest, then)
+
+        first(after)
+
+    def _conclude(
+        self, calls: list[Call], result: Any, exc: BaseException | None, end: float
+    ) -> None:
+        """Each request's rows on, or (the placement unavailable) its answer now."""
         if exc is None:
             rows = sum(call.rows for call in calls)
             try:
@@ -242,18 +286,12 @@ class StageRunner:
             pieces = split(result, [call.rows for call in calls])
             for call, piece in zip(calls, pieces, strict=True):
                 self._passed(call, piece, end)
-        elif isinstance(exc, Unavailable):
-            # The placement could not run the batch at all (a remote stage's group is down or
-            # timed out: 502/503/504): no record to single out, and narrowing down would send
-            # it again row by row into the same failure. Every request gets that answer.
+        elif isinstance(exc, HTTPError):
+            # Not the records: where the stage runs is unavailable (a model's full queue, a
+            # remote stage's group down or timed out: 502/503/504). Each request gets that
+            # answer now; narrowing down would send it row by row into the same failure.
             for call in calls:
                 self._unavailable(call, exc, end)
-        elif len(calls) > 1:
-            # One request's records broke the batch: each request on its own.
-            for call, value in zip(calls, values, strict=True):
-                self._run([call], [value])
-        else:
-            _Rows(self, calls[0], values[0], exc).start()
 
     def _passed(self, call: Call, rows: Any, end: float) -> None:
         """A request's rows came out of this stage: rejected ones answer 422, else on."""
@@ -293,9 +331,15 @@ class StageRunner:
         body: dict[str, Any] = {"error": message, "stage": self.name}
         if index is not None:
             body["record"] = index
-        self.refused(call, json_response(body, 500))
+        # An HTTPError says what kind of failure it is (a model refusing an input: 422; its
+        # queue full: 503; a remote stage down: 502/504); a stage's own exception is a 500.
+        status = exc.status if isinstance(exc, HTTPError) else 500
+        self.refused(
+            call,
+            json_response(body, status, list(exc.headers) if isinstance(exc, HTTPError) else None),
+        )
 
-    def _unavailable(self, call: Call, exc: Unavailable, end: float) -> None:
+    def _unavailable(self, call: Call, exc: HTTPError, end: float) -> None:
         if call.response is not None:
             return
         call.times[self.name] = end - call.entered.get(self.name, end)
@@ -316,36 +360,46 @@ class StageRunner:
 
 
 class _Rows:
-    """One request whose batch failed, run again row by row to find the records that fail."""
+    """One request whose batch failed, run again row by row (one row at a time) to find the
+    records that fail."""
 
-    def __init__(self, stage: StageRunner, call: Call, value: Any, exc: BaseException) -> None:
+    def __init__(
+        self, stage: StageRunner, call: Call, value: Any, exc: BaseException, then: Then
+    ) -> None:
         self.stage = stage
         self.call = call
         self.value = value
         self.exc = exc
-        self.results: list[Any] = [None] * call.rows
+        self.then = then
+        self.results: list[Any] = []
         self.failures: list[tuple[int, BaseException]] = []
-        self.left = call.rows
 
     def start(self) -> None:
         stage = self.stage
         if self.call.rows == 1:
             # Nothing to narrow down: this record fails the stage.
             stage._failed(self.call, 0, self.exc, stage.clock())
+            self._finally()
             return
-        for index in range(self.call.rows):
-            try:
-                row = to_form(take(self.value, [index]), stage.takes, stage.name)
-            except Exception as exc:
-                self._done(index, None, exc)
-                continue
-            stage.in_flight += 1
-            stage.placement.run(row, functools.partial(self._ran, index))
+        self._next()
+
+    def _next(self) -> None:
+        stage = self.stage
+        index = len(self.results)
+        if index == self.call.rows or self.call.response is not None:
+            self._end()
+            return
+        try:
+            row = to_form(take(self.value, [index]), stage.takes, stage.name)
+        except Exception as exc:
+            self._done(index, None, exc)
+            return
+        stage.in_flight += 1
+        stage.placement.run(row, functools.partial(self._ran, index))
 
     def _ran(self, index: int, result: Any, exc: BaseException | None) -> None:
         self.stage.in_flight -= 1
         self._done(index, result, exc)
-        self.stage._kick()
 
     def _done(self, index: int, result: Any, exc: BaseException | None) -> None:
         if exc is None:
@@ -356,127 +410,57 @@ class _Rows:
                 exc = error
         if exc is not None:
             self.failures.append((index, exc))
+        self.results.append(result)
+        if self.failures:
+            self._end()  # the first failing record is the one named: no need to go on
         else:
-            self.results[index] = result
-        self.left -= 1
-        if self.left:
-            return
+            self.stage.loop.call_soon(self._next)  # a later turn: rows on the loop must not nest
+
+    def _end(self) -> None:
         stage = self.stage
         end = stage.clock()
         if self.failures:
-            index, first = min(self.failures, key=lambda f: f[0])
+            index, first = self.failures[0]
             stage._failed(self.call, index, first, end)
-            return
-        # Each row passed alone (the batch failed for another reason: its size, a flaky
-        # dependency): the request goes on with its rows.
-        form: Takes = "records" if isinstance(self.results[0], list) else "tensors"
-        try:
-            rows = concat(self.results, form, stage.name)
-        except Exception as exc:
-            stage._failed(self.call, None, exc, end)
-            return
-        stage._passed(self.call, rows, end)
+        elif self.call.response is None:
+            # Each row passed alone (the batch failed for another reason: its size, a flaky
+            # dependency): the request goes on with its rows.
+            form: Takes = "records" if isinstance(self.results[0], list) else "tensors"
+            try:
+                rows = concat(self.results, form, stage.name)
+            except Exception as exc:
+                stage._failed(self.call, None, exc, end)
+            else:
+                stage._passed(self.call, rows, end)
+        self._finally()
+
+    def _finally(self) -> None:
+        self.stage._kick()
+        if self.then is not None:
+            self.then()
 
 
-class ModelStage:
-    """A model stage: each request's rows go to the model's executor as one job, so the model
-    batches them with its own dynamic batching and serialises them with its training."""
-
-    def __init__(
-        self,
-        stage: Stage,
-        endpoints: Mapping[str, ModelEndpoint],
-        stats: StageStats,
-        clock: Callable[[], float] = time.perf_counter,
-    ) -> None:
-        assert stage.model is not None
-        self.stage = stage
-        self.name = stage.name
-        self.model = stage.model
-        self.endpoints = endpoints  # looked up per request: a reload replaces the endpoint
-        self.stats = stats
-        self.clock = clock
-        self.passed: Callable[[Call, str, Any], None] = _unset
-        self.refused: Callable[[Call, Response], None] = _unset
-
-    def endpoint(self) -> ModelEndpoint:
-        endpoint = self.endpoints.get(self.model)
-        if endpoint is None:
-            raise ServiceUnavailable(f"stage {self.name!r}: model {self.model!r} is not loaded")
-        return endpoint
-
-    @property
-    def max_batch(self) -> int:
-        endpoint = self.endpoints.get(self.model)
-        return endpoint.executor.scheduler.max_batch if endpoint is not None else 1 << 30
-
-    def inputs(self, value: Any, endpoint: ModelEndpoint) -> dict[str, InputData]:
-        """A request's rows as the model's input arrays, by the model's input names (one
-        column into a one-input model goes by position, whatever its name)."""
-        columns = to_form(value, "tensors", self.name)
-        if isinstance(columns, Joined):
-            raise StageError(f"stage {self.name!r}: a model stage cannot be a join")
-        specs = endpoint.model.inputs
-        arrays: dict[str, InputData] = {}
-        for spec in specs:
-            column = columns.get(spec.name)
-            if column is None and len(specs) == 1 and len(columns) == 1:
-                column = next(iter(columns.values()))
-            if column is None:
-                raise StageError(
-                    f"stage {self.name!r}: model {self.model!r} takes {spec.name!r}; "
-                    f"the rows have {sorted(columns)}"
-                )
-            arrays[spec.name] = _array(column, spec.dtype.numpy)
-        return arrays
-
-    def add(self, call: Call, value: Any) -> None:
-        endpoint = self.endpoint()
-        call.entered[self.name] = self.clock()
-        capture = _Capture()
-        try:
-            arrays = self.inputs(value, endpoint)
-        except StageError as exc:
-            self._fail(call, 422, str(exc))
-            return
-        job = endpoint.executor.submit(arrays, call.rows, capture.encode)
-        job.subscribe(self._answered, (call, capture))
-
-    def _answered(self, arg: tuple[Call, _Capture], response: Response) -> None:
-        call, capture = arg
-        end = self.clock()
-        spent = end - call.entered.get(self.name, end)
-        call.times[self.name] = spent
-        self.stats.latency.record(spent)
-        if capture.outputs is None or response.status != 200:
-            self.stats.errors += call.rows
-            self._fail(call, response.status, _error_text(response))
-            return
-        self.stats.rows += call.rows
-        self.passed(call, self.name, capture.outputs)
-
-    def _fail(self, call: Call, status: int, why: str) -> None:
-        self.refused(
-            call,
-            json_response({"error": f"stage {self.name!r}: {why}", "stage": self.name}, status),
-        )
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
+# Called once a batch is settled, its reruns included (None: nothing waits for it).
+Then = Callable[[], None] | None
 
 
-Runner = StageRunner | ModelStage
+Runner = StageRunner  # every stage is one: a model stage has a ModelPlacement
 
 
 class PipelineRunner:
     """A pipeline's stages, running: requests in (:meth:`submit`), responses out."""
 
-    def __init__(self, name: str, stages: dict[str, Runner]) -> None:
+    def __init__(
+        self,
+        name: str,
+        stages: dict[str, Runner],
+        loop: asyncio.AbstractEventLoop | None = None,
+        timeout: float = 0.0,
+    ) -> None:
         self.name = name
         self.stages = stages
+        self.loop = loop
+        self.timeout = timeout
         for runner in stages.values():
             runner.passed = self._passed
             runner.refused = self.answer
@@ -495,7 +479,26 @@ class PipelineRunner:
         call = Call(plan, rows, finish, request, keep_rejects)
         call.values[REQUEST] = value
         self._advance(call, REQUEST, first=True)
+        if call.response is None and self.timeout > 0 and self.loop is not None:
+            call.deadline = self.loop.call_later(self.timeout, self._expire, call)
         return call
+
+    def _expire(self, call: Call) -> None:
+        """The request ran out of time: 504 naming the stage(s) it is still in."""
+        call.deadline = None
+        stuck = [name for name in call.entered if name not in call.times]
+        where = ", ".join(repr(name) for name in stuck) or "its answer"
+        self.answer(
+            call,
+            json_response(
+                {
+                    "error": f"pipeline {self.name!r} timed out after {self.timeout:g} s "
+                    f"in stage {where}",
+                    "stage": stuck[0] if stuck else None,
+                },
+                504,
+            ),
+        )
 
     def _passed(self, call: Call, name: str, rows: Any) -> None:
         call.values[name] = rows
@@ -516,6 +519,11 @@ class PipelineRunner:
             if isinstance(answer, Response):
                 self.answer(call, answer)
             else:
+                # A train step: it answers after the step with its own guarantees (WAL,
+                # idempotency); a 504 now would tell a client that a step it took failed.
+                if call.deadline is not None:
+                    call.deadline.cancel()
+                    call.deadline = None
                 answer.subscribe(self.answer, call)
             return
         for stage in ready:
@@ -537,19 +545,23 @@ class PipelineRunner:
         """Resolve a request with ``response`` and its stage times (Server-Timing, access log)."""
         if call.response is not None:
             return
+        if call.deadline is not None:
+            call.deadline.cancel()
+            call.deadline = None
         timed = call.timed()
         if timed:
+            header = server_timing(timed)
             response = Response(  # a copy: a response object may be shared (cached errors)
                 response.status,
                 response.body,
                 response.content_type,
-                [*response.headers, (b"server-timing", server_timing(timed))],
+                [*response.headers, (b"server-timing", header)],
                 response.stream,
                 response.content_length,
             )
             if call.request is not None:
-                call.request.stages = stage_times(timed)
-        call.resolve(response)
+                call.request.stages = header.decode()  # the access log reads the same
+        call.pending.resolve(response)
 
     async def start(self) -> None:
         for runner in self.stages.values():
@@ -560,39 +572,10 @@ class PipelineRunner:
             await runner.close()
 
 
-class _Capture:
-    """Keeps the model's output rows for a request (the executor's encoder is given them)."""
-
-    __slots__ = ("outputs",)
-
-    def __init__(self) -> None:
-        self.outputs: dict[str, np.ndarray] | None = None
-
-    def encode(self, outputs: dict[str, np.ndarray]) -> Response:
-        self.outputs = outputs
-        return _CAPTURED
-
-
-_CAPTURED: Final = Response(200, b"")
-
-
-def _array(column: Any, dtype: np.dtype[Any]) -> np.ndarray:
-    if hasattr(column, "detach"):  # a torch tensor
-        column = column.detach().cpu().numpy()
-    array = np.asarray(column)
-    if array.dtype != dtype:
-        array = array.astype(dtype)
-    return np.ascontiguousarray(array)
-
-
-def _error_text(response: Response) -> str:
-    try:
-        import orjson
-
-        message = orjson.loads(response.body).get("error")
-    except Exception:
-        message = None
-    return str(message) if message else f"the model answered {response.status}"
+# A placement's HTTPError with one of these statuses means the stage cannot run now, whatever
+# the records: its batch's requests are answered so at once, not rerun one by one. Any other
+# exception (a remote stage's 500 or 422 on a record included) is narrowed to the record.
+_UNAVAILABLE: Final = frozenset({502, 503, 504})
 
 
 def _reason(exc: BaseException) -> str:

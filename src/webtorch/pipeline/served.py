@@ -8,7 +8,7 @@ from typing import Any
 
 from webtorch.config import PipelineConfig, StageConfig
 from webtorch.pipeline.graph import REQUEST, Graph, Plan
-from webtorch.pipeline.runner import ModelStage, PipelineRunner, StageRunner
+from webtorch.pipeline.runner import PipelineRunner, StageRunner
 from webtorch.pipeline.spec import Pipeline
 
 
@@ -62,10 +62,7 @@ def describe(served: ServedPipeline) -> dict[str, Any]:
         if isinstance(runner, StageRunner):
             entry.update(runner.placement.describe())
             entry["max_batch"] = runner.max_batch
-            entry["max_delay"] = settings.max_delay
-        elif isinstance(runner, ModelStage):
-            entry["placement"] = "model"
-            entry["max_batch"] = runner.max_batch
+            entry["max_delay"] = runner.queue.max_delay
         stages.append(entry)
     return {
         "name": served.name,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from webtorch.config import Config, PipelineConfig, StageConfig
@@ -21,8 +20,9 @@ from webtorch.http.router import Route, Router
 from webtorch.metrics import Metrics
 from webtorch.pipeline.endpoint import PipelineEndpoint
 from webtorch.pipeline.graph import Graph, GraphError
+from webtorch.pipeline.models import ModelPlacement
 from webtorch.pipeline.placement import PlacementFactory, StageSite, local
-from webtorch.pipeline.runner import ModelStage, PipelineRunner, Runner, StageRunner
+from webtorch.pipeline.runner import PipelineRunner, Runner, StageRunner
 from webtorch.pipeline.served import ServedPipeline
 from webtorch.pipeline.spec import PipelineLoadError, import_pipeline_file
 from webtorch.serve.oip import Auth
@@ -63,7 +63,7 @@ class Pipelines:
         try:
             graph = Graph(pipeline)
         except GraphError as exc:
-            raise ConfigError(f"{where}: {pipeline_path(self.config, pc)}: {exc}") from None
+            raise ConfigError(f"{where}: {self.config.resolve(pc.path)}: {exc}") from None
         for configured in pc.stages:
             if configured not in graph.stages:
                 raise ConfigError(
@@ -120,9 +120,10 @@ class Pipelines:
         self._loop = loop
         for served in self.served.values():
             runners: dict[str, Runner] = {}
-            for name in served.here | served.remote:
-                runners[name] = self._runner(served, name, loop, endpoints, remote)
-            served.runner = PipelineRunner(served.name, runners)
+            for name in served.graph.order:  # in order: the metrics and dashboard list them so
+                if name in served.here | served.remote:
+                    runners[name] = self._runner(served, name, loop, endpoints, remote)
+            served.runner = PipelineRunner(served.name, runners, loop, served.config.timeout)
             graph = served.graph
             if served.whole:
                 served.plans["predict"] = graph.plan()
@@ -147,8 +148,6 @@ class Pipelines:
         stage = served.graph.stages[name]
         settings = served.settings(name)
         stats = self.metrics.stage(served.name, name)
-        if name in served.here and stage.model is not None:
-            return ModelStage(stage, endpoints, stats)
         site = StageSite(
             served.name, self.config.resolve(served.config.path), stage, settings, stats, loop
         )
@@ -159,6 +158,19 @@ class Pipelines:
                     "available in this build"
                 )
             placement = remote(site)
+        elif stage.model is not None:
+            # The model's executor batches and queues too: this queue is only as deep as the
+            # model's, and cut at its max_batch.
+            model = ModelPlacement(stage, endpoints)
+            executor = model.endpoint().executor
+            return StageRunner(
+                stage,
+                model,
+                stats,
+                loop,
+                max_batch=executor.scheduler.max_batch,
+                max_queue=executor.scheduler.max_queue,
+            )
         else:
             placement = local(site)
         return StageRunner(
@@ -181,7 +193,3 @@ class Pipelines:
         for served in self.served.values():
             if served.runner is not None:
                 await served.runner.close()
-
-
-def pipeline_path(config: Config, pc: PipelineConfig) -> Path:
-    return config.resolve(pc.path)

@@ -25,9 +25,9 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
-from webtorch.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from webtorch.errors import BadRequest, PayloadTooLarge
 from webtorch.http.messages import JSON, Response
-from webtorch.pipeline.batch import DATA, Joined, dumps, to_form
+from webtorch.pipeline.batch import Joined, dumps, to_form
 from webtorch.pipeline.spec import Reject
 from webtorch.serve.datatypes import DATATYPES
 from webtorch.serve.model import TensorSpec
@@ -175,10 +175,16 @@ def decode_oip_inputs(
     arrays, their rows and the request's id."""
     doc, offset = oip_document(body, content_type, header_length)
     req_id = request_id(doc)
-    arrays, rows = oip_arrays(
-        doc, "inputs", body, offset, header_length is not None, what, max_rows
-    )
+    binary = header_length is not None
+    arrays, rows, offset = oip_arrays(doc, "inputs", body, offset, binary, what, max_rows)
+    claimed(body, offset)
     return arrays, rows, req_id
+
+
+def claimed(body: bytes, offset: int) -> None:
+    """Every byte of binary data belongs to some tensor."""
+    if offset != len(body):
+        raise BadRequest(f"{len(body) - offset} bytes of binary data are not claimed by any tensor")
 
 
 def oip_arrays(
@@ -189,9 +195,10 @@ def oip_arrays(
     binary: bool,
     what: str,
     max_rows: int,
-) -> tuple[dict[str, np.ndarray], int]:
+) -> tuple[dict[str, np.ndarray], int, int]:
     """The tensors listed under ``doc[key]``, each checked as the models' are (shape, data,
-    binary sizes), with no declared specs: each tensor's own entry says what it is."""
+    binary sizes), with no declared specs: each tensor's own entry says what it is. Returns
+    them, their rows and where their binary data ended."""
     raw = doc.get(key)
     if not isinstance(raw, list) or not raw:
         raise BadRequest(f'request needs a non-empty "{key}" list')
@@ -210,12 +217,10 @@ def oip_arrays(
             raise BadRequest(f"tensor {name!r}: shape must be a list of 1 to {MAX_RANK} sizes")
         specs[name] = TensorSpec(name, datatype, tuple(-1 for _ in shape))
     arrays, offset = oip_tensors(doc, key, specs, what, body, offset, binary, max_rows)
-    if offset != len(body):
-        raise BadRequest(f"{len(body) - offset} bytes of binary data are not claimed by any tensor")
     sizes = {len(a) for a in arrays.values()}
     if len(sizes) != 1 or 0 in sizes:
         raise BadRequest("all tensors must have the same, non-zero number of rows")
-    return arrays, sizes.pop()
+    return arrays, sizes.pop(), offset
 
 
 def oip_value(arrays: dict[str, np.ndarray], takes: str) -> Any:
@@ -383,7 +388,8 @@ def decode_stage_batch(
     if header_length is None:
         raise BadRequest("a stage batch is binary: it needs Inference-Header-Content-Length")
     doc, offset = oip_document(body, OCTET, header_length)
-    arrays, rows = oip_arrays(doc, key, body, offset, True, "stage", max_rows)
+    arrays, rows, offset = oip_arrays(doc, key, body, offset, True, "stage", max_rows)
+    claimed(body, offset)
     params = doc.get("parameters")
     if not isinstance(params, dict):
         raise BadRequest('a stage batch needs "parameters" with its "form"')
@@ -424,11 +430,3 @@ def _values(arrays: dict[str, np.ndarray], name: str) -> list[Any]:
         else:
             raise BadRequest(f"stage batch: unknown element kind {kind} in {name!r}")
     return values
-
-
-def check_media(content_type: bytes) -> None:
-    if content_type not in (OCTET, JSON):
-        raise UnsupportedMediaType("a stage batch is application/octet-stream")
-
-
-__all__ = ["DATA", "Limits"]
