@@ -35,6 +35,7 @@ import pickle
 import platform
 import re
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -266,6 +267,10 @@ def start_fastapi(workdir: Path, stack: ExitStack) -> Running:
 
 def start_ray(workdir: Path, stack: ExitStack) -> Running:
     port = harness.free_port()
+    # Ray's logs and sockets: removed after the stop (callbacks run last first), since the
+    # script's own removal is cut short when its shutdown outlasts the stop's grace.
+    scratch: list[str] = []
+    stack.callback(lambda: [shutil.rmtree(path, ignore_errors=True) for path in scratch])
     proc = harness.start(
         [sys.executable, str(BENCH / "pipeline_ray.py"), "--port", str(port), "--num-cpus", "2"],
         env=ENV,
@@ -274,6 +279,7 @@ def start_ray(workdir: Path, stack: ExitStack) -> Running:
         log=workdir / "ray.log",
     )
     stack.callback(proc.close)
+    scratch.append(proc.wait_log(re.compile(r"ray scratch (\S+)"), START_TIMEOUT)[1])
     proc.wait_log(re.compile(r"ray serve listening"), START_TIMEOUT)
 
     def boundaries() -> dict[str, dict[str, float]]:
@@ -543,7 +549,7 @@ def write_section(path: Path, section: str) -> None:
 
 @contextmanager
 def _target(key: str) -> Iterator[Running]:
-    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix=f"pipe-{key}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"pipe-{key}-") as tmp, ExitStack() as stack:
         yield TARGETS[key][1](Path(tmp), stack)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import tempfile
 import threading
@@ -111,10 +112,12 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=2)
     args = parser.parse_args()
     # A short scratch path: Ray's Unix sockets live under it (a 107-byte limit).
+    scratch = tempfile.mkdtemp(prefix="rb-", dir="/tmp")
+    print(f"ray scratch {scratch}", flush=True)  # the benchmark removes it if this cannot
     ray.init(
         num_cpus=args.num_cpus,
         include_dashboard=False,
-        _temp_dir=tempfile.mkdtemp(prefix="rb-", dir="/tmp"),
+        _temp_dir=scratch,
         log_to_driver=False,
     )
     serve.start(http_options={"host": args.host, "port": args.port})
@@ -127,6 +130,7 @@ def main() -> None:
     done.wait()
     serve.shutdown()
     ray.shutdown()
+    shutil.rmtree(scratch, ignore_errors=True)  # Ray's logs and sockets
 
 
 if __name__ == "__main__":
