@@ -218,6 +218,11 @@ class App:
         self.router = router
         router.replace_user_routes(self._user_routes(self.config))
         if self.pipelines is not None:
+            if self.remote_placement is None:
+                from webtorch.pipeline import remote
+
+                # Groups are looked up per batch: a reload replaces them.
+                self.remote_placement = remote.factory(lambda: self.proxies, self.metrics)
             # After the upstream groups exist: a remote stage's placement sends to one.
             self.pipelines.install(
                 loop, router, repository.endpoints, self.auth, self.remote_placement

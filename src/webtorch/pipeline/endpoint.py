@@ -17,6 +17,8 @@ Every answer carries ``Server-Timing`` with each stage's time (runner.py adds it
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -125,10 +127,13 @@ class PipelineEndpoint:
         def handler(request: Request) -> HandlerResult:
             require_method(request, "POST")
             request.model = self.name
+            started = time.perf_counter()
             batch, rows = wire.decode_stage_batch(
                 request.body, request.header(b"inference-header-content-length"), max_rows
             )
-            return self.runner.submit(plan, batch, rows, _answer_stage, request, True).pending
+            decoded = time.perf_counter() - started
+            answer = functools.partial(_answer_stage, decoded)
+            return self.runner.submit(plan, batch, rows, answer, request, True).pending
 
         return handler
 
@@ -263,5 +268,12 @@ def _answer_records(call: Call, result: Any) -> Response:
     return wire.encode_records(to_form(result, "records"))
 
 
-def _answer_stage(call: Call, result: Any) -> Response:
-    return wire.stage_response(result)
+def _answer_stage(decoded: float, call: Call, result: Any) -> Response:
+    # The wire's cost on this side too, for the caller's boundary timings (remote.py): its
+    # batch decoded, its answer encoded; the stages' own entries are added by the runner.
+    started = time.perf_counter()
+    response = wire.stage_response(result)
+    encoded = time.perf_counter() - started
+    timing = b"decode;dur=%.3f, encode;dur=%.3f" % (decoded * 1000, encoded * 1000)
+    response.headers = [*response.headers, (b"server-timing", timing)]
+    return response
