@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
@@ -117,6 +118,28 @@ class AccessLogConfig(_Strict):
     buffer: Annotated[int, Field(ge=1)] = 10000
 
 
+class MasterConfig(_Strict):
+    """How the master process of ``server.workers > 1`` watches its workers (webtorch/workers/)."""
+
+    # A worker whose event loop has not ticked for this long is stuck: SIGKILLed and replaced.
+    heartbeat_timeout: Annotated[float, Field(gt=0)] = 10.0
+    # A worker may take this long to load its models and listen (torch's import alone can take
+    # most of a minute on a busy machine); past it, it is killed and counts as a failed start.
+    start_timeout: Annotated[float, Field(gt=0)] = 300.0
+    # A worker that dies is started again after restart_delay, doubled per failure in a row up to
+    # restart_delay_max; one that ran stable_after seconds ends the row.
+    restart_delay: Annotated[float, Field(ge=0)] = 0.1
+    restart_delay_max: Annotated[float, Field(ge=0)] = 10.0
+    stable_after: Annotated[float, Field(gt=0)] = 30.0
+    # On SIGTERM, workers get limits.drain_timeout plus this to exit before they are SIGKILLed.
+    stop_timeout: Annotated[float, Field(gt=0)] = 10.0
+    # How workers share the port: "shared", one listening socket the master opens and every
+    # worker accepts from, or "reuseport", a socket per worker with SO_REUSEPORT (the kernel
+    # spreads connections by a hash). BENCHMARKS.md ("Workers") has the numbers behind the
+    # default.
+    listen_socket: Literal["shared", "reuseport"] = "reuseport"
+
+
 def _networks(networks: list[str]) -> list[str]:
     """``networks`` if each is an address or CIDR block; else the error names the bad one."""
     for cidr in networks:
@@ -156,6 +179,10 @@ class ServerConfig(_Strict):
     # Give every request an id (the client's X-Request-Id when sane, else a new one), send it to
     # upstreams and answer it as X-Request-Id.
     request_id: bool = True
+    # Processes that serve: 1 serves in this process; N > 1 (or "auto": the usable cores) starts
+    # a master that runs N workers on the one port (ARCHITECTURE.md, "Processes").
+    workers: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = 1
+    master: MasterConfig = Field(default_factory=MasterConfig)
 
     @field_validator("listen")
     @classmethod
@@ -191,6 +218,13 @@ class ServerConfig(_Strict):
                 "16 characters"
             )
         return self
+
+    @property
+    def worker_count(self) -> int:
+        """``workers``, with "auto" as the CPUs this process may run on."""
+        if self.workers == "auto":
+            return len(os.sched_getaffinity(0))
+        return self.workers
 
     @property
     def bearer_token(self) -> str | None:
@@ -535,7 +569,33 @@ class Config(_Strict):
         problem = self.exposure_problem(parse_listen(self.server.listen)[0])
         if problem is not None:
             raise ValueError(problem)
+        problem = self.workers_problem()
+        if problem is not None:
+            raise ValueError(problem)
         return self
+
+    def workers_problem(self) -> str | None:
+        """What several workers cannot serve yet, if the config asks for it (issue 22): each
+        worker would hold a model's trainer, WAL and checkpoints of its own, and the repository
+        API and /admin/reload would change the one worker a request reaches."""
+        count = self.server.worker_count
+        if count <= 1:
+            return None
+        training = [name for name, mc in self.models.items() if mc.train.enabled]
+        if training:
+            return (
+                f"server.workers: training is enabled for {', '.join(training)}, and with "
+                f"{count} workers each would train its own copy with its own WAL (issue 22: one "
+                "trainer per model across workers is not built yet); serve with workers = 1, "
+                "or turn training off"
+            )
+        if self.server.management:
+            return (
+                f"server.workers: the management endpoints would load, unload and reload in the "
+                f"one worker of {count} that a request reaches (issue 22); serve with "
+                "workers = 1, or set management = false (SIGHUP reloads every worker)"
+            )
+        return None
 
     def exposure_problem(self, host: str) -> str | None:
         """Why serving on ``host`` would let anyone on the network train the models, if it does.
@@ -581,6 +641,71 @@ class Config(_Strict):
         return path if path.is_absolute() else self.base_dir / path
 
 
+# The [server] keys a reload applies to the running server; a change to any other key (listen,
+# tls, access_log, trusted_proxies, workers, and keys added later unless listed here) needs a
+# restart, and a reload that finds one refuses the whole file rather than half-apply it.
+RELOADABLE: frozenset[str] = frozenset(
+    {
+        "token",  # token and token_env: the one Auth every endpoint, the dashboard and the
+        "token_env",  # guard share is reconfigured in place
+        "allowed_origins",
+        "management",
+        "dashboard",
+        "limits",  # new connections get the new limits (open ones keep theirs); the cap at once
+        "request_id",
+        "model_dir",
+    }
+)
+
+
+class RestartRequired(ConfigError):
+    """A reloaded file changes [server] settings that only a restart applies."""
+
+
+def server_changes(old: ServerConfig, new: ServerConfig) -> list[str]:
+    """The [server] keys whose values differ (token_env by the token it names)."""
+    changed = [
+        name for name in ServerConfig.model_fields if getattr(old, name) != getattr(new, name)
+    ]
+    if "token_env" not in changed and old.bearer_token != new.bearer_token:
+        changed.append("token_env")
+    return sorted(changed)
+
+
+def reloaded(
+    old: Config,
+    new: Config,
+    source: Path,
+    *,
+    models: Iterable[str],
+    keep_listen: bool,
+    host: str | None = None,
+) -> tuple[Config, list[str]]:
+    """``new`` (read from ``source``) as a reload of the running ``old`` applies it, with the
+    [server] keys it changes; raises ConfigError (RestartRequired) naming what it cannot apply.
+    ``models``: those loaded; ``keep_listen``: ``serve --listen`` overrode the file's listen,
+    so the reload keeps it as the start did; ``host``: the address served. The one check both
+    a single server (app.py) and the master of several workers make."""
+    missing = sorted({rc.model for rc in new.routes if rc.model is not None} - set(models))
+    if missing:
+        raise ConfigError(f"{source}: routes name models that are not loaded: {missing}")
+    server = new.server
+    if keep_listen:
+        server = server.model_copy(update={"listen": old.server.listen})
+    changed = server_changes(old.server, server)
+    restart = [key for key in changed if key not in RELOADABLE]
+    if restart:
+        raise RestartRequired(
+            f"{source}: [server] {', '.join(restart)} changed, which only a restart "
+            "applies; nothing was reloaded (restart, or undo the change and reload)"
+        )
+    new = new.model_copy(update={"server": server})
+    problem = new.exposure_problem(host if host is not None else parse_listen(server.listen)[0])
+    if problem is not None:
+        raise ConfigError(problem)
+    return new, changed
+
+
 def _format(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
     for err in exc.errors():
@@ -600,10 +725,22 @@ def from_dict(
 
 
 def load(path: Path) -> Config:
+    return loads(read(path), path)
+
+
+def read(path: Path) -> str:
+    """A config file's text (ConfigError when there is none)."""
     try:
-        data = tomllib.loads(path.read_text())
+        return path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+
+
+def loads(text: str, path: Path) -> Config:
+    """``text``, read from ``path`` (what errors name, and the directory paths are relative to):
+    the master reads a file once and hands its workers the text it validated."""
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     if "base_dir" in data:
