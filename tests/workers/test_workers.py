@@ -301,3 +301,76 @@ def test_a_worker_that_cannot_start_stops_the_master(tmp_path: Path) -> None:
     with pytest.raises(harness.HarnessError) as failed:
         harness.serve(toml=toml, workdir=tmp_path, timeout=TIMEOUT)
     assert "exited with status 2" in str(failed.value)
+
+
+# A model whose forward pass, for an input starting with 7, blocks the worker's event loop (its
+# compute runs on the loop) until the test's socket says go: a worker stuck in user code.
+BLOCKING = """\
+import socket
+
+import torch
+from torch import nn
+
+import webtorch
+
+PORT = {port}
+
+
+class Block(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x[:, 0] == 7).any()):
+            with socket.create_connection(("127.0.0.1", PORT)) as sock:
+                sock.sendall(b"started")
+                sock.recv(16)
+        return x.sum(dim=1, keepdim=True)
+
+
+model = webtorch.Model(
+    network=Block,
+    inputs=[webtorch.TensorSpec("x", "FP32", (-1, 2))],
+    outputs=[webtorch.TensorSpec("y", "FP32", (-1, 1))],
+)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_model_that_blocks_its_loop_is_replaced(tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        gate = stack.enter_context(closing(socket.create_server(("127.0.0.1", 0))))
+        gate.settimeout(TIMEOUT)
+        (tmp_path / "block.py").write_text(BLOCKING.format(port=gate.getsockname()[1]))
+        toml = config(heartbeat=1.0, extra='\n[models.block]\npath = "block.py"\n')
+        server = stack.enter_context(
+            harness.serve(toml=toml, workdir=tmp_path, timeout=harness.READY_TIMEOUT)
+        )
+        client = stack.enter_context(
+            closing(http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT))
+        )
+        stuck = worker_of(client)
+        slot = next(s for s, p in pids(server).items() if p == stuck)
+        client.request(
+            "POST",
+            "/models/block/predict",
+            body=b'{"inputs": [[7, 1]]}',
+            headers={"Content-Type": "application/json"},
+        )
+        held, _ = gate.accept()  # its loop is inside the forward pass now
+        stack.enter_context(closing(held))
+        assert held.recv(16) == b"started"
+        server.wait_log(rf"worker {slot} \(pid {stuck}\) was stuck \(no heartbeat", TIMEOUT)
+        server.wait_log(rf"worker {slot}: pid \d+ \(restarted\)", harness.READY_TIMEOUT)
+        assert not alive(stuck)
+        # Its client saw the connection close, nothing else.
+        with pytest.raises((ConnectionError, http.client.RemoteDisconnected)):
+            client.getresponse()
+        other = pids(server)
+        with one_per_worker(server, set(other.values())) as conns:
+            for conn in conns.values():
+                conn.request(
+                    "POST",
+                    "/models/block/predict",
+                    body=b'{"inputs": [[1, 2]]}',
+                    headers={"Content-Type": "application/json"},
+                )
+                response = conn.getresponse()
+                assert (response.status, response.read()) == (200, b'{"outputs":[[3.0]]}')
