@@ -91,6 +91,8 @@ class App:
         self.listen_socket: socket.socket | None = None
         self.reuse_port = False
         self.metrics = Metrics()
+        # What GET /metrics answers: this process's metrics (a worker of several sums them all).
+        self.scrape: Handler = self.metrics.handle
         # One Auth for every endpoint that checks the token (and CSRF): a reload reconfigures it.
         self.auth = Auth(config.server.bearer_token, config.server.allowed_origins)
         self.dashboard: Dashboard | None = None
@@ -145,7 +147,7 @@ class App:
             ("prefix", "/v2/"): models.oip,
             ("prefix", "/v2/repository/"): repository.handle,
             ("prefix", "/models/"): models.short,
-            ("path", "/metrics"): self.metrics.handle,
+            ("path", "/metrics"): self.scrape,
             ("path", "/admin/reload"): self._admin_reload,
             ("path", "/guard/feedback"): self._guard_feedback,
             ("path", "/dashboard"): dashboard,

@@ -221,6 +221,7 @@ def test_sighup_reloads_every_worker_and_a_bad_file_changes_nothing(two: Server)
     for bad, why in [
         ('[server]\nlisten = "127.0.0.1:0"\nworkers = 2\nbogus = 1\n', "bogus"),
         (config("v3", heartbeat=1.0).replace("workers = 2", "workers = 3"), "workers changed"),
+        (config("v3", heartbeat=1.0, extra='[models.x]\npath = "x.py"\n'), "[models] changed"),
     ]:
         two.config_path.write_text(bad)
         after = two.log_size()
@@ -379,3 +380,35 @@ def test_a_model_that_blocks_its_loop_is_replaced(tmp_path: Path) -> None:
                 )
                 response = conn.getresponse()
                 assert (response.status, response.read()) == (200, b'{"outputs":[[3.0]]}')
+
+
+HELLO_TOTAL = re.compile(r'webtorch_http_requests_total\{[^}]*route="/hello"[^}]*\} ([\d.]+)')
+
+
+def test_metrics_from_any_worker_are_the_whole_servers(two: Server) -> None:
+    workers = pids(two)
+    with one_per_worker(two, set(workers.values())) as conns:
+        sent = {pid: 3 + 4 * slot for slot, pid in workers.items()}  # 3 and 7
+        for pid, conn in conns.items():
+            for _ in range(sent[pid]):
+                assert get(conn, "/hello") == (200, b"v1")
+
+        def totals() -> dict[int, str] | None:
+            # Each worker's answer, once both sum every request (others' at most 1 s old).
+            answers = {}
+            for pid, conn in conns.items():
+                status, body = get(conn, "/metrics")
+                assert status == 200
+                text = body.decode()
+                total = HELLO_TOTAL.search(text)
+                if total is None or float(total[1]) != sum(sent.values()):
+                    return None
+                answers[pid] = text
+            return answers
+
+        answers = poll(totals, "the whole server's total in every worker's /metrics")
+    for pid, text in answers.items():
+        assert "webtorch_workers 2.0" in text
+        assert re.search(rf'webtorch_worker\{{pid="{pid}",slot="\d"\}} 1\.0', text)
+        other = next(p for p in workers.values() if p != pid)
+        assert re.search(rf'webtorch_worker\{{pid="{other}",slot="\d"\}} 0\.0', text)

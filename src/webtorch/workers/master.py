@@ -23,10 +23,12 @@ import json
 import logging
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +112,8 @@ class Master:
         self.sock: socket.socket | None = None
         self.address = ("", 0)
         self.workers: dict[int, _Worker] = {}  # by pid
+        # Where workers publish their metrics for each other (scrape.py): memory, private.
+        self.shared: Path | None = None
         self._selector = selectors.DefaultSelector()
 
     # -- the loop
@@ -117,6 +121,10 @@ class Master:
     def run(self) -> int:
         """Serve until stopped; the exit status (0: every worker drained and exited 0)."""
         self.sock = sock = open_port(self.config.server.listen, self.mode)
+        memory = Path("/dev/shm")
+        self.shared = Path(
+            tempfile.mkdtemp(prefix="webtorch-", dir=memory if memory.is_dir() else None)
+        )
         self.address = sock.getsockname()[:2]
         wake_read, wake_write = socket.socketpair()
         wake_read.setblocking(False)
@@ -143,6 +151,7 @@ class Master:
             wake_read.close()
             wake_write.close()
             sock.close()
+            shutil.rmtree(self.shared, ignore_errors=True)
         return code
 
     def _loop(self, wake: socket.socket) -> int:
@@ -232,6 +241,8 @@ class Master:
                 "socket": self.sock.fileno() if self.mode == "shared" else None,
                 "beats": beat_write,
                 "log_level": self.log_level,
+                "shared": str(self.shared),
+                "workers": len(self.supervisor.slots),
             }
             passed = [config_fd, beat_write] + (
                 [self.sock.fileno()] if self.mode == "shared" else []
@@ -274,15 +285,25 @@ class Master:
         if self.path is None:
             log.error("reload refused: no config file to reload (serving the embedded default)")
             return
+        cfg = self.config
         try:
             text = config.read(self.path)
             new, changed = config.reloaded(
-                self.config,
+                cfg,
                 config.loads(text, self.path),
                 self.path,
                 models=self.config.models,
                 keep_listen=self.listen_from_cli,
             )
+            # A reload leaves models and the guard as they are (one server's rule), but a worker
+            # started after it would load the file's: refused, so that all serve the same.
+            kept = [key for key in ("models", "guard") if getattr(new, key) != getattr(cfg, key)]
+            if kept:
+                raise config.RestartRequired(
+                    f"{self.path}: [{'], ['.join(kept)}] changed, which a reload does not apply "
+                    "and a worker started later would; nothing was reloaded (restart to change "
+                    "them)"
+                )
         except (ConfigError, OSError) as exc:
             log.error("reload failed, every worker keeps the previous config: %s", exc)
             return

@@ -31,6 +31,7 @@ from webtorch.app import App
 from webtorch.errors import ConfigError, ModelLoadError
 from webtorch.http.server import HttpServer
 from webtorch.workers.master import SPEC
+from webtorch.workers.scrape import Scrape
 
 log: Final = logging.getLogger("webtorch.workers")
 
@@ -132,6 +133,8 @@ def main() -> int:
         return 2
     me = identity(slot, os.getpid())
     app.metrics.sources.append(lambda: [me])
+    scrape = Scrape(app.metrics, Path(spec["shared"]), slot, int(spec["workers"]))
+    app.scrape = scrape.handle
     if spec["socket"] is not None:
         app.listen_socket = socket.socket(fileno=int(spec["socket"]))
     else:
@@ -141,8 +144,10 @@ def main() -> int:
     heartbeat: list[Heartbeat] = []
 
     def ready(server: HttpServer) -> None:
-        heartbeat.append(Heartbeat(beats, asyncio.get_running_loop(), interval))
+        loop = asyncio.get_running_loop()
+        heartbeat.append(Heartbeat(beats, loop, interval))
         heartbeat[0].start()
+        scrape.start(loop)
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         try:
