@@ -15,7 +15,7 @@ from webtorch import config as wt_config
 
 REFERENCE = ROOT / "docs" / "METRICS.md"
 # Exposed only by a worker of several (server.workers > 1; tests/workers/ scrape it).
-WORKERS_ONLY = {"webtorch_worker", "webtorch_workers"}
+WORKERS_ONLY = {"webtorch_worker", "webtorch_workers", "webtorch_worker_restarts_total"}
 _ROW = re.compile(r"^\| `(webtorch_[a-z_]+)` \| (counter|gauge|histogram) \|", re.MULTILINE)
 
 

@@ -82,3 +82,14 @@ def test_alone_it_is_the_workers_own_exposition_and_the_count() -> None:
     got = values(render(merge(ONE, [])).decode())
     assert {k: v for k, v in got.items() if k[0] != "webtorch_workers"} == values(ONE)
     assert got[("webtorch_workers", ())] == 1.0
+
+
+def test_the_masters_figures_are_added_and_not_counted_as_a_worker() -> None:
+    master = """\
+# HELP webtorch_worker_restarts_total Workers started again
+# TYPE webtorch_worker_restarts_total counter
+webtorch_worker_restarts_total{cause="exited"} 2.0
+"""
+    got = values(render(merge(ONE, [TWO], master)).decode())
+    assert got[("webtorch_worker_restarts_total", (("cause", "exited"),))] == 2.0
+    assert got[("webtorch_workers", ())] == 2.0

@@ -98,6 +98,7 @@ def test_a_worker_without_heartbeat_is_killed_and_replaced(
     with caplog.at_level(logging.WARNING, "webtorch.workers"):
         sup.exited(100, -9, now=8.6)
     assert "was stuck" in caplog.text  # the restart says why it died
+    assert sup.restarts_by == {"exited": 0, "stuck": 1, "start_timeout": 0}
     # Both due at 9.1: 0's restart, and 101, which last beat at 4.0.
     assert sup.tick(9.1) == [Spawn(0), Signal(101, signal.SIGKILL)]
 
@@ -111,6 +112,8 @@ def test_a_worker_that_does_not_get_ready_in_time_is_killed() -> None:
     sup.beat(200, 60.0)  # a worker beats only once ready: a beat before does not count
     assert sup.tick(60.5) == []
     assert sup.tick(60.6) == [Signal(200, signal.SIGKILL)]
+    sup.exited(200, -9, now=60.7)
+    assert sup.restarts_by == {"exited": 1, "stuck": 0, "start_timeout": 1}
 
 
 def test_a_failed_first_start_stops_the_others_with_its_status() -> None:

@@ -188,6 +188,9 @@ def test_a_killed_worker_costs_the_other_nothing_and_comes_back(two: Server) -> 
     with one_per_worker(two, {replacement, survivor}) as conns:
         for conn in conns.values():
             assert get(conn, "/hello") == (200, b"v1")
+            status, body = get(conn, "/metrics")  # counted, whichever worker answers
+            assert status == 200
+            assert 'webtorch_worker_restarts_total{cause="exited"} 1.0' in body.decode()
 
 
 def test_a_stuck_worker_is_killed_and_replaced(two: Server) -> None:

@@ -41,6 +41,8 @@ log = logging.getLogger("webtorch.workers")
 
 # The environment variable that hands a worker its descriptors and settings (worker.py reads it).
 SPEC = "WEBTORCH_WORKER"
+# The master's own metrics, beside the workers' in the shared directory (scrape.py adds them).
+MASTER_METRICS = "master.prom"
 _READ = 4096
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
 
@@ -126,6 +128,7 @@ class Master:
             tempfile.mkdtemp(prefix="webtorch-", dir=memory if memory.is_dir() else None)
         )
         self.address = sock.getsockname()[:2]
+        self._publish()
         wake_read, wake_write = socket.socketpair()
         wake_read.setblocking(False)
         wake_write.setblocking(False)
@@ -208,7 +211,10 @@ class Master:
             if worker.beats in self._selector.get_map():
                 self._selector.unregister(worker.beats)
             os.close(worker.beats)
+            restarts = self.supervisor.restarts
             self._act(self.supervisor.exited(pid, status, now))
+            if self.supervisor.restarts != restarts:
+                self._publish()
 
     def _act(self, actions: list[Spawn | Signal | Announce | Exit]) -> None:
         for action in actions:
@@ -318,6 +324,26 @@ class Master:
             f"; [server] {', '.join(changed)} changed" if changed else "",
         )
         self._act(actions)
+
+    def _publish(self) -> None:
+        """The restarts so far, as exposition text the workers' /metrics include."""
+        assert self.shared is not None
+        lines = [
+            "# HELP webtorch_worker_restarts_total Workers started again after one ended, by "
+            "cause: exited (died), stuck (no heartbeat), start_timeout",
+            "# TYPE webtorch_worker_restarts_total counter",
+            *(
+                f'webtorch_worker_restarts_total{{cause="{cause}"}} {float(count)}'
+                for cause, count in self.supervisor.restarts_by.items()
+            ),
+        ]
+        target = self.shared / MASTER_METRICS
+        temporary = target.with_suffix(".tmp")
+        try:
+            temporary.write_text("\n".join(lines) + "\n")
+            os.replace(temporary, target)
+        except OSError as exc:
+            log.warning("cannot publish the master's metrics to %s: %s", target, exc)
 
     def _kill_all(self) -> None:
         for worker in self.workers.values():

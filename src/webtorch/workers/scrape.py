@@ -5,7 +5,8 @@ them (under /dev/shm: memory, not disk), one file per worker slot, replaced atom
 whichever worker it reaches, answers that worker's live metrics merged with the others' latest
 files (at most a second old): counters and histograms summed, the gauges that are amounts summed
 (connections, requests in flight, memory...), every other gauge (a state, a share, a loss) the
-answering worker's own, and ``webtorch_workers``, how many workers the answer sums. A worker's
+answering worker's own, and ``webtorch_workers``, how many workers the answer sums; the
+master's figures (its restarts) come from a file it writes there too. A worker's
 counters leave the totals when it dies (its replacement starts from 0): a counter reset, which
 Prometheus's rate() expects from any restart.
 
@@ -26,6 +27,7 @@ from prometheus_client.utils import floatToGoString
 
 from webtorch.http.messages import Request, Response
 from webtorch.metrics import Metrics
+from webtorch.workers.master import MASTER_METRICS
 
 log: Final = logging.getLogger("webtorch.workers")
 
@@ -62,16 +64,16 @@ class _Family:
         self.samples: dict[str, float] = {}  # `name{labels}` -> value, in first-seen order
 
 
-def merge(own: str, others: Iterable[str]) -> list[str]:
-    """The exposition lines of ``own`` (the answering worker's) merged with ``others``'.
+def merge(own: str, others: Iterable[str], master: str = "") -> list[str]:
+    """The exposition lines of ``own`` (the answering worker's) merged with ``others``' (the
+    other workers') and the ``master``'s.
 
     Line by line on the text format, as prometheus-client writes it (``# HELP``, ``# TYPE``, then
     ``name{labels} value`` lines, no timestamps): its own parser costs about 30 ms per worker's
     exposition, this about a millisecond, and a scrape runs on the event loop."""
     families: dict[str, _Family] = {}
-    count = 0
-    for index, text in enumerate([own, *others]):
-        count += 1
+    workers = [own, *others]
+    for index, text in enumerate([*workers, master]):
         family: _Family | None = None
         summed = identity = False
         help_line = ""
@@ -106,7 +108,7 @@ def merge(own: str, others: Iterable[str]) -> list[str]:
     lines += [
         "# HELP webtorch_workers Workers whose metrics this answer sums (server.workers > 1)",
         "# TYPE webtorch_workers gauge",
-        f"webtorch_workers {_number(count)}",
+        f"webtorch_workers {_number(len(workers))}",
     ]
     return lines
 
@@ -159,7 +161,12 @@ class Scrape:
 
     def handle(self, request: Request) -> Response:
         own = self.metrics.exposition().decode()
-        return Response(200, render(merge(own, self.others())), CONTENT_TYPE_LATEST.encode())
+        try:
+            master = (self.directory / MASTER_METRICS).read_text()
+        except OSError:
+            master = ""
+        lines = merge(own, self.others(), master)
+        return Response(200, render(lines), CONTENT_TYPE_LATEST.encode())
 
     def stop(self) -> None:
         if self._timer is not None:

@@ -105,6 +105,7 @@ class Slot:
     restart_at: float = 0.0
     generation: int = 0  # the config it started from (Supervisor.generation at its spawn)
     killed_for: str | None = None  # why the master SIGKILLed it, if it did
+    cause: str = "exited"  # what a restart after it counts as: exited, stuck, start_timeout
     status: int | None = None  # its exit status once it exited during a stop
 
 
@@ -133,6 +134,7 @@ class Supervisor:
         self.slots = [Slot(i) for i in range(count)]
         self.phase = Phase.STARTING
         self.restarts = 0  # workers started again after one died (or was killed)
+        self.restarts_by = {"exited": 0, "stuck": 0, "start_timeout": 0}  # the same, by cause
         self.generation = 0  # reloads applied
         self.exit_code: int | None = None
         self._stop_deadline = 0.0
@@ -149,6 +151,7 @@ class Supervisor:
         s = self.slots[slot]
         s.state, s.pid, s.started_at, s.beat_at = State.STARTING, pid, now, now
         s.ready_at, s.killed_for, s.generation = None, None, self.generation
+        s.cause = "exited"
 
     def ready(self, pid: int, now: float) -> list[Action]:
         s = self._slot(pid)
@@ -198,6 +201,7 @@ class Supervisor:
         delay = self.timing.backoff(s.failures)
         s.state, s.restart_at = State.WAITING, now + delay
         self.restarts += 1
+        self.restarts_by[s.cause] += 1
         log.warning(
             "worker %d (pid %d) %s; starting another in %.1f s (restart %d; %d in a row)",
             s.index,
@@ -265,6 +269,7 @@ class Supervisor:
             if s.state is State.WAITING and now >= s.restart_at:
                 actions.append(Spawn(s.index))
             elif s.state is State.READY and now - s.beat_at > t.heartbeat_timeout:
+                s.cause = "stuck"
                 s.killed_for = (
                     f"was stuck (no heartbeat for {now - s.beat_at:.1f} s, more than "
                     f"heartbeat_timeout {t.heartbeat_timeout:g} s) and was killed"
@@ -272,6 +277,7 @@ class Supervisor:
                 log.error("worker %d (pid %d) %s", s.index, s.pid, s.killed_for)
                 actions.append(Signal(s.pid, signal.SIGKILL))
             elif s.state is State.STARTING and now - s.started_at > t.start_timeout:
+                s.cause = "start_timeout"
                 s.killed_for = f"was not ready within start_timeout {t.start_timeout:g} s"
                 log.error("worker %d (pid %d) %s: killing it", s.index, s.pid, s.killed_for)
                 actions.append(Signal(s.pid, signal.SIGKILL))
