@@ -38,6 +38,8 @@ LAYERS: list[dict[str, list[str]]] = [
     {"pipeline": ["webtorch.pipeline"]},
     {"views": ["webtorch.observe"]},  # dashboard, timeline, access log: they read the layers below
     {"app": ["webtorch.app"], "examples": ["webtorch.examples"]},
+    # Several processes: the master (config and the standard library only) and its workers (app).
+    {"workers": ["webtorch.workers"]},
     {"cli": ["webtorch.cli"]},
 ]
 

@@ -7,6 +7,7 @@ import functools
 import gc
 import logging
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -19,9 +20,10 @@ from webtorch.config import (
     BUILTIN_ROUTES,
     Config,
     GuardConfig,
-    RouteConfig,
+    RestartRequired,
     ServerConfig,
     parse_listen,
+    reloaded,
 )
 from webtorch.errors import (
     BadRequest,
@@ -62,22 +64,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("webtorch")
 
-# The [server] keys a reload applies to the running server; a change to any other key (listen,
-# tls, access_log, trusted_proxies, and keys added later unless listed here) needs a restart, and
-# a reload that finds one refuses the whole file rather than half-apply it.
-RELOADABLE: frozenset[str] = frozenset(
-    {
-        "token",  # token and token_env: the one Auth every endpoint, the dashboard and the
-        "token_env",  # guard share is reconfigured in place
-        "allowed_origins",
-        "management",
-        "dashboard",
-        "limits",  # new connections get the new limits (open ones keep theirs); the cap at once
-        "request_id",
-        "model_dir",
-    }
-)
-
 
 def _trainer(
     model: LoadedModel, config: TrainConfig, state_dir: Path, stats: TrainStats
@@ -87,10 +73,6 @@ def _trainer(
     from webtorch.train.trainer import Trainer
 
     return Trainer(model, config, state_dir, stats)
-
-
-class RestartRequired(ConfigError):
-    """A reloaded file changes [server] settings that only a restart applies."""
 
 
 class App:
@@ -125,6 +107,12 @@ class App:
         # the start did, instead of seeing a change that needs a restart.
         self.listen_from_cli = listen_from_cli
         self._host: str | None = None  # the address served, once started
+        # A worker's way to listen (webtorch/workers/worker.py): its master's socket, or a socket
+        # of its own beside the other workers' (SO_REUSEPORT). Neither: bind server.listen.
+        self.listen_socket: socket.socket | None = None
+        self.reuse_port = False
+        # What GET /metrics answers: this process's metrics (a worker of several sums them all).
+        self.scrape: Handler = self.metrics.handle
         # One Auth for every endpoint that checks the token (and CSRF): a reload reconfigures it.
         self.auth = Auth(config.server.bearer_token, config.server.allowed_origins)
         self.dashboard: Dashboard | None = None
@@ -184,7 +172,7 @@ class App:
             ("prefix", "/v2/"): models.oip,
             ("prefix", "/v2/repository/"): repository.handle,
             ("prefix", "/models/"): models.short,
-            ("path", "/metrics"): self.metrics.handle,
+            ("path", "/metrics"): self.scrape,
             ("path", "/admin/reload"): self._admin_reload,
             ("path", "/guard/feedback"): self._guard_feedback,
             ("path", "/dashboard"): dashboard,
@@ -282,26 +270,15 @@ class App:
         through the repository API)."""
         if self.path is None or self.router is None:
             raise ConfigError("no config file to reload (serving the embedded default)")
-        new = config_file.load(self.path)
-        missing = _missing_models(new.routes, self.repository.endpoints)
-        if missing:
-            raise ConfigError(f"{self.path}: routes name models that are not loaded: {missing}")
-        server = new.server
-        if self.listen_from_cli:
-            server = server.model_copy(update={"listen": self.config.server.listen})
-        changed = server_changes(self.config.server, server)
-        restart = [key for key in changed if key not in RELOADABLE]
-        if restart:
-            raise RestartRequired(
-                f"{self.path}: [server] {', '.join(restart)} changed, which only a restart "
-                "applies; nothing was reloaded (restart, or undo the change and reload)"
-            )
-        new = new.model_copy(update={"server": server})
-        problem = new.exposure_problem(
-            self._host if self._host is not None else parse_listen(server.listen)[0]
+        new, changed = reloaded(
+            self.config,
+            config_file.load(self.path),
+            self.path,
+            models=self.repository.endpoints,
+            keep_listen=self.listen_from_cli,
+            host=self._host,
         )
-        if problem is not None:
-            raise ConfigError(problem)
+        server = new.server
         self.router.replace_user_routes(self._user_routes(new))
         if new.upstreams and self.server is not None:
             # Proxied routes stream their request bodies (the first upstreams may come now).
@@ -390,6 +367,8 @@ class App:
             stream_match=self.router.match_stream if self.config.upstreams else None,
             access_log=access_log.record if access_log is not None else None,
             request_ids=self.config.server.request_id,
+            sock=self.listen_socket,
+            reuse_port=self.reuse_port,
         )
         try:
             await self.server.start()
@@ -531,20 +510,6 @@ class App:
         await stop.wait()
         log.info("shutting down: draining %d connection(s)", len(server.state.connections))
         await self.stop()
-
-
-def server_changes(old: ServerConfig, new: ServerConfig) -> list[str]:
-    """The [server] keys whose values differ (token_env by the token it names)."""
-    changed = [
-        name for name in ServerConfig.model_fields if getattr(old, name) != getattr(new, name)
-    ]
-    if "token_env" not in changed and old.bearer_token != new.bearer_token:
-        changed.append("token_env")
-    return sorted(changed)
-
-
-def _missing_models(routes: list[RouteConfig], endpoints: dict[str, ModelEndpoint]) -> list[str]:
-    return sorted({rc.model for rc in routes if rc.model is not None} - set(endpoints))
 
 
 def _predict(endpoints: dict[str, ModelEndpoint], name: str, request: Request) -> HandlerResult:

@@ -10,13 +10,13 @@ import importlib.util
 import logging
 import sys
 from pathlib import Path
-from typing import Final, NamedTuple
-
-import uvloop
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from webtorch import __version__, compiled, config
 from webtorch.errors import ConfigError, ModelLoadError
-from webtorch.http.server import HttpServer
+
+if TYPE_CHECKING:
+    from webtorch.http.server import HttpServer
 
 
 class Tool(NamedTuple):
@@ -58,9 +58,11 @@ def _load(path: str | None) -> config.Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from webtorch.app import App
-
-    cfg = _load(args.config)
+    # What the master of several workers imports is this module, config and the master: the
+    # server (app.py and below, uvloop, torch) is imported by a single server and by workers.
+    path = Path(args.config) if args.config else None
+    text = config.read(path if path is not None else config.default_config_path())
+    cfg = config.loads(text, path if path is not None else config.default_config_path())
     if args.listen:
         try:
             config.parse_listen(args.listen)  # model_copy does not validate
@@ -84,12 +86,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stages = {s.strip() for s in args.stages.split(",") if s.strip()}
         if not stages:
             raise ConfigError("--stages: name at least one stage (a,b,...)")
-    app = App(
-        cfg,
-        Path(args.config) if args.config else None,
-        listen_from_cli=bool(args.listen),
-        stages=stages,
-    )
+    if cfg.server.worker_count > 1:
+        if stages is not None:
+            # Workers build their App from the config text alone (workers/worker.py).
+            raise ConfigError(
+                "--stages: serving some stages of a pipeline runs in one process for now; "
+                "set server.workers = 1 or serve the whole pipeline"
+            )
+        from webtorch.workers.master import serve
+
+        return serve(cfg, text, path, listen_from_cli=bool(args.listen), log_level=args.log_level)
+    return _serve_here(cfg, path, listen_from_cli=bool(args.listen), stages=stages)
+
+
+def _serve_here(
+    cfg: config.Config, path: Path | None, *, listen_from_cli: bool, stages: set[str] | None
+) -> int:
+    """One process serves (server.workers = 1): no master."""
+    import uvloop
+
+    from webtorch.app import App
+
+    app = App(cfg, path, listen_from_cli=listen_from_cli, stages=stages)
 
     def ready(server: HttpServer) -> None:
         scheme = "https" if cfg.server.tls else "http"

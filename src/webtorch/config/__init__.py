@@ -7,8 +7,8 @@ so a typo never silently does nothing.
 One module per part of the file: ``server.py`` ([server]), ``models.py`` ([models.X]),
 ``upstreams.py`` ([upstreams.X]), ``pipelines.py`` ([pipelines.X]), ``routes.py`` ([[routes]]),
 ``guard.py`` ([guard]), and ``root.py``, the whole (:class:`Config`: the checks across sections,
-loading). ``base.py`` holds what they share. The names below are the package's API: import them
-from ``webtorch.config``.
+loading); ``reload.py`` says what a reload of a running server may change. ``base.py`` holds
+what they share. The names below are the package's API: import them from ``webtorch.config``.
 """
 
 from webtorch.config.base import is_loopback, parse_listen
@@ -21,9 +21,24 @@ from webtorch.config.models import (
     train_paths,
 )
 from webtorch.config.pipelines import PipelineConfig, StageConfig, pipeline_paths
-from webtorch.config.root import Config, default_config_path, from_dict, load, load_default
+from webtorch.config.reload import RELOADABLE, RestartRequired, reloaded, server_changes
+from webtorch.config.root import (
+    Config,
+    default_config_path,
+    from_dict,
+    load,
+    load_default,
+    loads,
+    read,
+)
 from webtorch.config.routes import BUILTIN_ROUTES, RouteConfig
-from webtorch.config.server import AccessLogConfig, LimitsConfig, ServerConfig, TLSConfig
+from webtorch.config.server import (
+    AccessLogConfig,
+    LimitsConfig,
+    MasterConfig,
+    ServerConfig,
+    TLSConfig,
+)
 from webtorch.config.upstreams import (
     RetryConfig,
     ServerEntry,
@@ -35,13 +50,16 @@ from webtorch.errors import ConfigError  # what loading raises
 __all__ = [
     "BUILTIN_ROUTES",
     "MODEL_NAME",
+    "RELOADABLE",
     "AccessLogConfig",
     "Config",
     "ConfigError",
     "GuardConfig",
     "LimitsConfig",
+    "MasterConfig",
     "ModelConfig",
     "PipelineConfig",
+    "RestartRequired",
     "RetryConfig",
     "RouteConfig",
     "ServerConfig",
@@ -56,8 +74,12 @@ __all__ = [
     "is_loopback",
     "load",
     "load_default",
+    "loads",
     "model_paths",
     "parse_listen",
     "pipeline_paths",
+    "read",
+    "reloaded",
+    "server_changes",
     "train_paths",
 ]

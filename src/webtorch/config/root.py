@@ -69,7 +69,33 @@ class Config(Strict):
         problem = self.exposure_problem(parse_listen(self.server.listen)[0])
         if problem is not None:
             raise ValueError(problem)
+        problem = self.workers_problem()
+        if problem is not None:
+            raise ValueError(problem)
         return self
+
+    def workers_problem(self) -> str | None:
+        """What several workers cannot serve yet, if the config asks for it (issue 22): each
+        worker would hold a model's trainer, WAL and checkpoints of its own, and the repository
+        API and /admin/reload would change the one worker a request reaches."""
+        count = self.server.worker_count
+        if count <= 1:
+            return None
+        training = [name for name, mc in self.models.items() if mc.train.enabled]
+        if training:
+            return (
+                f"server.workers: training is enabled for {', '.join(training)}, and with "
+                f"{count} workers each would train its own copy with its own WAL (issue 22: one "
+                "trainer per model across workers is not built yet); serve with workers = 1, "
+                "or turn training off"
+            )
+        if self.server.management:
+            return (
+                f"server.workers: the management endpoints would load, unload and reload in the "
+                f"one worker of {count} that a request reaches (issue 22); serve with "
+                "workers = 1, or set management = false (SIGHUP reloads every worker)"
+            )
+        return None
 
     def exposure_problem(self, host: str) -> str | None:
         """Why serving on ``host`` would let anyone on the network train the models, if it does.
@@ -134,10 +160,22 @@ def from_dict(
 
 
 def load(path: Path) -> Config:
+    return loads(read(path), path)
+
+
+def read(path: Path) -> str:
+    """A config file's text (ConfigError when there is none)."""
     try:
-        data = tomllib.loads(path.read_text())
+        return path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+
+
+def loads(text: str, path: Path) -> Config:
+    """``text``, read from ``path`` (what errors name, and the directory paths are relative to):
+    the master reads a file once and hands its workers the text it validated."""
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     if "base_dir" in data:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -59,6 +59,28 @@ class AccessLogConfig(Strict):
     buffer: Annotated[int, Field(ge=1)] = 10000
 
 
+class MasterConfig(Strict):
+    """How the master process of ``server.workers > 1`` watches its workers (webtorch/workers/)."""
+
+    # A worker whose event loop has not ticked for this long is stuck: SIGKILLed and replaced.
+    heartbeat_timeout: Annotated[float, Field(gt=0)] = 10.0
+    # A worker may take this long to load its models and listen (torch's import alone can take
+    # most of a minute on a busy machine); past it, it is killed and counts as a failed start.
+    start_timeout: Annotated[float, Field(gt=0)] = 300.0
+    # A worker that dies is started again after restart_delay, doubled per failure in a row up to
+    # restart_delay_max; one that ran stable_after seconds ends the row.
+    restart_delay: Annotated[float, Field(ge=0)] = 0.1
+    restart_delay_max: Annotated[float, Field(ge=0)] = 10.0
+    stable_after: Annotated[float, Field(gt=0)] = 30.0
+    # On SIGTERM, workers get limits.drain_timeout plus this to exit before they are SIGKILLed.
+    stop_timeout: Annotated[float, Field(gt=0)] = 10.0
+    # How workers share the port: "shared", one listening socket the master opens and every
+    # worker accepts from, or "reuseport", a socket per worker with SO_REUSEPORT (the kernel
+    # spreads connections by a hash). BENCHMARKS.md ("Workers") has the numbers behind the
+    # default.
+    listen_socket: Literal["shared", "reuseport"] = "reuseport"
+
+
 class ServerConfig(Strict):
     listen: str = "127.0.0.1:8080"
     tls: TLSConfig | None = None
@@ -88,6 +110,10 @@ class ServerConfig(Strict):
     # Give every request an id (the client's X-Request-Id when sane, else a new one), send it to
     # upstreams and answer it as X-Request-Id.
     request_id: bool = True
+    # Processes that serve: 1 serves in this process; N > 1 (or "auto": the usable cores) starts
+    # a master that runs N workers on the one port (ARCHITECTURE.md, "Processes").
+    workers: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = 1
+    master: MasterConfig = Field(default_factory=MasterConfig)
 
     @field_validator("listen")
     @classmethod
@@ -123,6 +149,13 @@ class ServerConfig(Strict):
                 "16 characters"
             )
         return self
+
+    @property
+    def worker_count(self) -> int:
+        """``workers``, with "auto" as the CPUs this process may run on."""
+        if self.workers == "auto":
+            return len(os.sched_getaffinity(0))
+        return self.workers
 
     @property
     def bearer_token(self) -> str | None:
