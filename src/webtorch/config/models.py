@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from webtorch.config.base import Strict
+from webtorch.vocab import MAX_BATCH_ROWS, MAX_QUEUED_ROWS
 
 # Model names become URL path segments and file names in the model directory.
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -29,7 +30,7 @@ class TrainConfig(Strict):
 
     enabled: bool = False
     max_batch: Annotated[int, Field(ge=1)] = 64  # rows merged into one optimizer step
-    max_queue: Annotated[int, Field(ge=1)] = 65536  # rows queued before 503
+    max_queue: Annotated[int, Field(ge=1)] = MAX_QUEUED_ROWS  # rows queued before 503
     # wal: every micro-batch is fsynced before its step and its answers; checkpoint: periodic
     # checkpoints only; none: nothing persisted.
     durability: Literal["wal", "checkpoint", "none"] = "wal"
@@ -55,8 +56,8 @@ class ModelConfig(Strict):
     # A safetensors file; None: the file beside the model with the .safetensors suffix if it
     # exists; false: start from the network's own initialisation.
     weights: Path | Literal[False] | None = None
-    max_batch: Annotated[int, Field(ge=1)] = 256
+    max_batch: Annotated[int, Field(ge=1)] = MAX_BATCH_ROWS
     max_delay: Annotated[float, Field(ge=0)] = 0.0  # seconds an idle model waits to fill a batch
-    max_queue: Annotated[int, Field(ge=1)] = 65536  # rows queued before 503
+    max_queue: Annotated[int, Field(ge=1)] = MAX_QUEUED_ROWS  # rows queued before 503
     compute: Literal["loop", "thread"] = "loop"
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from webtorch.config.base import Strict
+from webtorch.vocab import MAX_BATCH_ROWS, MAX_QUEUED_ROWS
 
 
 class StageConfig(Strict):
@@ -19,9 +20,9 @@ class StageConfig(Strict):
     # that releases the GIL); process: a pool of `workers` processes (GIL-bound Python).
     placement: Literal["loop", "thread", "process"] = "loop"
     workers: Annotated[int, Field(ge=1, le=256)] = 1
-    max_batch: Annotated[int, Field(ge=1)] = 256  # rows per batch
+    max_batch: Annotated[int, Field(ge=1)] = MAX_BATCH_ROWS  # rows per batch
     max_delay: Annotated[float, Field(ge=0)] = 0.0  # seconds an idle stage waits to fill one
-    max_queue: Annotated[int, Field(ge=1)] = 65536  # rows queued before 503
+    max_queue: Annotated[int, Field(ge=1)] = MAX_QUEUED_ROWS  # rows queued before 503
     # An [upstreams.X] group of WebTorch servers serving this stage (`--stages S`): its batches
     # go there instead of running here.
     remote: str | None = None

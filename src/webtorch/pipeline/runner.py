@@ -44,6 +44,7 @@ from webtorch.pipeline.placement import Placement
 from webtorch.pipeline.spec import Stage, Takes
 from webtorch.pipeline.timing import server_timing
 from webtorch.serve.batcher import BatchScheduler, Queued, QueueFull
+from webtorch.vocab import MAX_QUEUED_ROWS
 
 log = logging.getLogger("webtorch.pipeline")
 
@@ -128,7 +129,7 @@ class StageRunner:
         *,
         max_batch: int,
         max_delay: float = 0.0,
-        max_queue: int = 65536,
+        max_queue: int = MAX_QUEUED_ROWS,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.stage = stage

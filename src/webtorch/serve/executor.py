@@ -53,6 +53,7 @@ from webtorch.serve.scheduler import (
 )
 from webtorch.serve.wire import tensors as codecs
 from webtorch.serve.wire.tensors import InputData
+from webtorch.vocab import MAX_BATCH_ROWS, MAX_QUEUED_ROWS
 
 if TYPE_CHECKING:  # built by the trainer (see above): train/ is never imported at runtime here
     from webtorch.train.forms import TrainForms, TrainRequest
@@ -132,9 +133,9 @@ class Executor:
         model: LoadedModel,
         stats: ModelStats,
         *,
-        max_batch: int = 256,
+        max_batch: int = MAX_BATCH_ROWS,
         max_delay: float = 0.0,
-        max_queue: int = 65536,
+        max_queue: int = MAX_QUEUED_ROWS,
         mode: ComputeMode = "loop",
         loop: asyncio.AbstractEventLoop | None = None,
         trainer: Trainer | None = None,
