@@ -55,6 +55,7 @@ from webtorch.http.messages import (
     response_for_error,
 )
 from webtorch.proxy.headers import TrustedProxies
+from webtorch.shared.store import StateStore
 
 if TYPE_CHECKING:
     from webtorch.guard.feedback import Feedback  # torch: only with online adaptation on
@@ -99,12 +100,12 @@ def weights_of(config: GuardConfig, base_dir: Path) -> Path | None:
     return DEFAULT_MODEL if config.model is None else base_dir / config.model
 
 
-def make_guard(config: GuardConfig, base_dir: Path) -> Guard:
+def make_guard(config: GuardConfig, base_dir: Path, store: StateStore | None = None) -> Guard:
     weights = weights_of(config, base_dir)
     scorer = None if weights is None else Scorer.from_file(weights)
     # GuardSettings holds the decision policy's share of the config, under the same names.
     settings = GuardSettings(**{f.name: getattr(config, f.name) for f in fields(GuardSettings)})
-    return Guard(settings, scorer)
+    return Guard(settings, scorer, store=store)
 
 
 class GuardedHandler:
@@ -639,11 +640,15 @@ def metric_families(guard: Guard) -> Iterator[Metric]:
     )
     scores.add_metric([], stats.scores.buckets(), stats.scores.total)
     yield scores
-    yield GaugeMetricFamily("webtorch_guard_bans", "Clients banned now", value=len(guard.bans))
+    yield GaugeMetricFamily(
+        "webtorch_guard_bans", "Clients banned now", value=guard.ban_count(time.monotonic())
+    )
     if guard.surge is not None:
         surge = guard.surge
         yield GaugeMetricFamily(
-            "webtorch_guard_surge", "1 while a surge is under way", value=float(surge.active)
+            "webtorch_guard_surge",
+            "1 while a surge is under way (in any worker)",
+            value=float(surge.active or guard.surge_began is not None),
         )
         yield CounterMetricFamily("webtorch_guard_surges", "Surges seen", value=surge.surges)
         yield GaugeMetricFamily(

@@ -30,6 +30,7 @@ from webtorch import config
 from webtorch.app import App
 from webtorch.errors import ConfigError, ModelLoadError
 from webtorch.http.server import HttpServer
+from webtorch.shared.memory import Region, SharedStore
 from webtorch.workers.master import SPEC
 from webtorch.workers.scrape import Scrape
 
@@ -131,6 +132,8 @@ def main() -> int:
     except (ConfigError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    state = spec["state"]
+    app.shared = SharedStore(Region.attach(state, int(state["fd"])), slot, int(spec["workers"]))
     me = identity(slot, os.getpid())
     app.metrics.sources.append(lambda: [me])
     scrape = Scrape(app.metrics, Path(spec["shared"]), slot, int(spec["workers"]))
