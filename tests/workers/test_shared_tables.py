@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from webtorch.proxy.health import ActiveSettings, GroupHealth, OutlierSettings, PassiveSettings
 from webtorch.shared.memory import LOCK_TIMEOUT, WAYS, Region, SharedStore, key_bytes
 from webtorch.shared.store import LocalStore
+from webtorch.vocab import Outcome, Upstream
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -210,3 +212,46 @@ def _take_concurrently(region: Region) -> None:
     store = SharedStore(region, 0, 3)
     assert store.ban_count(2.0) == 3 * 40
     assert region.clients.broken == 0
+
+
+def _groups(region: Region, active: bool = False) -> list[tuple[list[Upstream], GroupHealth]]:
+    """The same group of two upstreams as two workers hold it."""
+    made = []
+    for slot in (0, 1):
+        ups = [Upstream(f"127.0.0.1:{9000 + i}", "127.0.0.1", 9000 + i, 1, index=i) for i in (0, 1)]
+        health = GroupHealth(
+            ups,
+            PassiveSettings(max_fails=1, fail_timeout=10.0),
+            OutlierSettings(consecutive_5xx=2, base_ejection_time=30.0, max_ejection_percent=50),
+            ActiveSettings(passes=1) if active else None,
+            0.0,
+            random.Random(slot),
+            SharedStore(region, slot, 2),
+            "pair",
+        )
+        made.append((ups, health))
+    return made
+
+
+def test_an_upstream_one_worker_takes_out_is_out_for_the_other_till_its_end(
+    region: Region,
+) -> None:
+    (ups, first), (theirs, second) = _groups(region)
+    assert len(second.eligible(0.0)) == 2
+    assert first.record(ups[0], Outcome.CONNECT_FAILED, 1.0)  # passive: out for 10 s
+    assert [u.index for u in second.eligible(1.0)] == [1]
+    assert second.state_of(theirs[0], 1.0) == "unavailable"
+    assert [u.index for u in second.eligible(11.0)] == [0, 1]  # back at its end, in both
+    # Outlier ejection (two 5xx in a row: 30 s) travels the same way.
+    first.record(ups[1], Outcome.SERVER_ERROR, 12.0)
+    assert first.record(ups[1], Outcome.SERVER_ERROR, 12.5)
+    assert [u.index for u in second.eligible(13.0)] == [0]
+    assert [u.index for u in second.eligible(42.5)] == [0, 1]
+
+
+def test_a_good_active_check_brings_an_upstream_back_for_every_worker(region: Region) -> None:
+    (ups, first), (_, second) = _groups(region, active=True)
+    assert first.record(ups[0], Outcome.CONNECT_FAILED, 1.0)
+    assert [u.index for u in second.eligible(2.0)] == [1]
+    assert first.record_check(ups[0], True, 3.0)  # it answers again: lifted in the store too
+    assert [u.index for u in second.eligible(3.0)] == [0, 1]

@@ -423,8 +423,8 @@ class GroupHealth:
             # a whole ejection. It comes back through slow start, when configured.
             st.down_until = min(st.down_until, now)
             st.ejected_until = min(st.ejected_until, now)
-            if self._shared is not None and now < st.shared_until:
-                st.shared_until = now
+            st.shared_until = min(st.shared_until, now)
+            if self._shared is not None:  # whoever took it out: back for every worker
                 self._shared.mark_up(st.key, now)
             st.fail_times.clear()
             st.probation = False

@@ -7,12 +7,14 @@ client buckets, bans, upstream marks. Nothing grows: the sizes are set at start 
 ``guard.max_clients``, and ``[guard]`` cannot change by reload (the master refuses it).
 
 A table is set-associative: a key's CRC-32 picks a set of 8 consecutive slots and the key lives
-in one of them (found with one ``mmap.find`` over the set's 512 bytes, in C). A new key takes an
-empty slot of its set or evicts the one touched longest ago (a bucket) or ending soonest (a ban,
-an expired one first): a full table never refuses, it forgets the stalest, and counts it
-(``evictions``). A slot: the key (40 bytes, NUL-padded; a longer key is replaced by a 39-byte
-BLAKE2b digest after a 0xFF byte, which no text key starts with) and three doubles: its stamp (last
-touch, or a ban's end) and two values.
+in one of them, with a count of the set's used slots beside (so a set without bans answers "not
+banned" from one word). A new key takes an empty slot of its set or evicts the one with the
+lowest stamp: touched longest ago (a bucket) or ending soonest (a ban, an expired one first). A
+full table never refuses: it forgets the stalest and counts it (``evictions``); a forgotten
+client starts again with a full bucket, a forgotten ban is lifted early. A slot: the key (40
+bytes, NUL-padded; a longer key is replaced by a 39-byte BLAKE2b digest after a 0xFF byte, which
+no text key starts with) and three doubles: its stamp (last touch, or a ban's end) and two
+values. Slots are read and written through memoryviews of 8-byte words, not ``struct``.
 
 Python has no atomic operations on shared memory, so every read-modify-write holds a lock: one
 of 16 semaphores for the client and ban tables (a set's index picks it), one for the marks. They
@@ -290,6 +292,7 @@ class SharedStore:
         self._doubles = memoryview(buf).cast("d")
         self._words = memoryview(buf).cast("q")
         self._clients = region.clients
+        self._stripes = region.clients.locks
         self._bans = region.bans
         self._marks = region.marks
         self._ban_counts = region.bans.offset >> 3  # the bans' per-set counts, as words
@@ -316,35 +319,46 @@ class SharedStore:
     # -- buckets: the stamp is when the bucket was last refilled; a: its tokens
 
     def take(self, key: str, now: float, rate: float, burst: float) -> float:
+        # On every request: written out (no min/max calls, the release inline) for speed.
         entry = self._keys.get(key)
         if entry is None:
             entry = self._entry(key)
         k, index, at = entry
-        table = self._clients
-        lock = table.locks[index & _STRIPE_MASK]
+        lock = self._stripes[index & _STRIPE_MASK]
         if not lock.acquire(True, LOCK_TIMEOUT):
-            table.taken_over()
+            self._clients.taken_over()
         try:
             if at < 0 or self.buf[at : at + KEY] != k:
-                at = table.find(k, index)
-                if at < 0:
-                    at = table.claim(k, index)
-                    values = self._doubles
-                    i = (at + KEY) >> 3
-                    values[i + 1] = burst  # a new bucket is full
-                    values[i] = now
-                entry[2] = at
+                at = entry[2] = self._locate(k, index, now, burst)
             values = self._doubles
             i = (at + KEY) >> 3
-            tokens: float = min(burst, values[i + 1] + (now - values[i]) * rate)
+            tokens: float = values[i + 1] + (now - values[i]) * rate
+            if tokens > burst:
+                tokens = burst
             values[i] = now
             if tokens >= 1.0 - 1e-9:  # as LocalStore.take
-                values[i + 1] = max(tokens - 1.0, 0.0)
+                tokens -= 1.0
+                values[i + 1] = tokens if tokens > 0.0 else 0.0
                 return 0.0
             values[i + 1] = tokens
             return (1.0 - tokens) / rate
         finally:
-            _release(lock)
+            try:  # noqa: SIM105 (a context manager costs more than the lock)
+                lock.release()
+            except ValueError:  # taken over (LOCK_TIMEOUT) and released by the one who took it
+                pass
+
+    def _locate(self, k: bytes, index: int, now: float, burst: float) -> int:
+        """``k``'s bucket, a new full one if it has none (the set's lock held)."""
+        table = self._clients
+        at = table.find(k, index)
+        if at < 0:
+            at = table.claim(k, index)
+            values = self._doubles
+            i = (at + KEY) >> 3
+            values[i + 1] = burst  # a new bucket is full
+            values[i] = now
+        return at
 
     # -- bans: the stamp is the ban's end
 

@@ -93,6 +93,7 @@ class LocalStore:
         return 1
 
     def take(self, key: str, now: float, rate: float, burst: float) -> float:
+        # On every request: written out (no min/max calls) for speed.
         buckets = self.buckets
         bucket = buckets.get(key)
         if bucket is None:
@@ -103,10 +104,13 @@ class LocalStore:
             tokens = burst
         else:
             buckets.move_to_end(key)
-            tokens = min(burst, bucket[0] + (now - bucket[1]) * rate)
+            tokens = bucket[0] + (now - bucket[1]) * rate
+            if tokens > burst:
+                tokens = burst
         bucket[1] = now
         if tokens >= 1.0 - 1e-9:  # a token refilled over exactly 1/rate s counts as whole
-            bucket[0] = max(tokens - 1.0, 0.0)
+            tokens -= 1.0
+            bucket[0] = tokens if tokens > 0.0 else 0.0
             return 0.0
         bucket[0] = tokens
         return (1.0 - tokens) / rate
