@@ -4,13 +4,14 @@ process's CPU, the best of many repeats (a busy neighbour on the other core only
 time, so the minimum is the cost).
 
     PYTHONPATH=$PWD/src taskset -c 0 .venv/bin/python benchmarks/shared_state.py [--repeats 25]
+        [--clients 64]
 
-Guard: ``Guard.rules`` for one request of one of 64 clients (the lists, the ban check, the token
-bucket; "+surge" adds the surge defence), no detector: what the rules cost is all there is to
-compare, and the detector (the same either way) would only add noise. Proxy: what a proxied
-request asks of its group's health (``eligible`` before the pick, ``record`` after the attempt),
-two upstreams. Run against an older tree (PYTHONPATH=its src) the "local" rows give the one-process
-figures before the store existed.
+Guard: ``Guard.rules`` for one request of one of ``--clients`` clients, in turn (the lists, the
+ban check, the token bucket, with bans on; "+surge" adds the surge defence), no detector: what the
+rules cost is all there is to compare, and the detector (the same either way) would only add
+noise. Proxy: what a proxied request asks of its group's health (``eligible`` before the pick,
+``record`` after the attempt), two upstreams. Run against an older tree (PYTHONPATH=its src),
+the "local" rows give the one-process figures before the store existed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from webtorch.guard.core import Guard, GuardSettings
 from webtorch.proxy.health import GroupHealth, OutlierSettings, PassiveSettings
 from webtorch.vocab import Outcome, Upstream
 
-CLIENTS = [f"10.1.{i // 256}.{i % 256}" for i in range(64)]
 N = 20_000
 
 
@@ -33,17 +33,21 @@ class _View:
     path = "/"
 
 
-def guard_loop(guard: Guard) -> Callable[[], float]:
+def guard_loop(guard: Guard, clients: list[str]) -> Callable[[], float]:
     view: Any = _View()
     rules = guard.rules
-    clients = CLIENTS
+    count = len(clients)
+    turn = [0]
 
     def run() -> float:
         now = 1000.0
+        at = turn[0]
         start = time.perf_counter()
-        for i in range(N):
+        for _ in range(N):
             now += 1e-5
-            rules(view, clients[i & 63], now)
+            rules(view, clients[at], now)
+            at = at + 1 if at + 1 < count else 0
+        turn[0] = at  # the next repeat goes on where this one stopped
         return time.perf_counter() - start
 
     return run
@@ -67,7 +71,9 @@ def health_loop(health: GroupHealth, upstreams: list[Upstream]) -> Callable[[], 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--clients", type=int, default=64)
     args = parser.parse_args()
+    clients = [f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}" for i in range(args.clients)]
     cases: dict[str, Callable[[], float]] = {}
     stores: list[Any] = [None]
     try:
@@ -80,10 +86,10 @@ def main() -> None:
     for store in stores:
         where = "local" if store is None else "shared"
         extra: dict[str, Any] = {} if store is None else {"store": store}
-        bucket = GuardSettings(rate=1e9, burst=1e9)
-        cases[f"guard, {where}"] = guard_loop(Guard(bucket, **extra))
-        surge = GuardSettings(rate=1e9, burst=1e9, surge_rate=1e9)
-        cases[f"guard+surge, {where}"] = guard_loop(Guard(surge, **extra))
+        bucket = GuardSettings(rate=1e9, burst=1e9, ban_seconds=60.0)
+        cases[f"guard, {where}"] = guard_loop(Guard(bucket, **extra), clients)
+        surge = GuardSettings(rate=1e9, burst=1e9, ban_seconds=60.0, surge_rate=1e9)
+        cases[f"guard+surge, {where}"] = guard_loop(Guard(surge, **extra), clients)
         ups = [Upstream(f"127.0.0.1:{9000 + i}", "127.0.0.1", 9000 + i, 1, index=i) for i in (0, 1)]
         shared: dict[str, Any] = {} if store is None else {"shared": store, "name": "g"}
         health = GroupHealth(

@@ -134,6 +134,8 @@ class Guard:
         self._deny = [ipaddress.ip_network(c, strict=False) for c in settings.deny]
         self._listed: dict[str, str | None] = {}  # address -> "allow" / "deny" / None, cached
         self._enforce = settings.mode == "enforce"
+        self._bans_on = settings.ban_seconds > 0 and self._enforce  # see _banned
+        self._workers = self.store.workers
         self._burst = settings.burst or max(settings.rate, 1.0)
         self.surge: SurgeDetector | None = None
         if settings.surge_rate > 0:
@@ -221,7 +223,10 @@ class Guard:
         began = None
         if surge is not None:
             surge.arrive(now)
-            began = self.surge_began = self.store.surge_began(surge.began, now)
+            began = surge.began
+            if self._workers > 1:  # any worker's surge is every worker's
+                began = self.store.surge_began(began, now)
+            self.surge_began = began
         if began is not None and state.first > began - SURGE_GRACE:
             rate = self.settings.surge_rate
             throttled = self._bucket(client, now, rate, max(rate, 1.0), "surge")
@@ -295,7 +300,9 @@ class Guard:
         return Decision(THROTTLE, reason, retry_after=wait, enforced=self._enforce)
 
     def _banned(self, client: str, now: float) -> bool:
-        return self.store.banned(client, now)
+        # Without ban_seconds nothing is ever banned ([guard] is the same in every worker and
+        # cannot change by reload): not asked, which saves the store a lookup per request.
+        return self._bans_on and self.store.banned(client, now)
 
     def expire(self, now: float) -> None:
         """Drop expired bans and fold pending scores (the app calls this once a second)."""

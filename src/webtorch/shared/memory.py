@@ -13,8 +13,9 @@ lowest stamp: touched longest ago (a bucket) or ending soonest (a ban, an expire
 full table never refuses: it forgets the stalest and counts it (``evictions``); a forgotten
 client starts again with a full bucket, a forgotten ban is lifted early. A slot: the key (40
 bytes, NUL-padded; a longer key is replaced by a 39-byte BLAKE2b digest after a 0xFF byte, which
-no text key starts with) and three doubles: its stamp (last touch, or a ban's end) and two
-values. Slots are read and written through memoryviews of 8-byte words, not ``struct``.
+no text key starts with) and three 8-byte words: its stamp (last touch, or a ban's end), a
+value (a bucket's tokens) and the key's CRC-32, which :meth:`Table.find` searches the set's 8
+of at once. Slots are read and written through memoryviews of 8-byte words, not ``struct``.
 
 Python has no atomic operations on shared memory, so every read-modify-write holds a lock: one
 of 16 semaphores for the client and ban tables (a set's index picks it), one for the marks. They
@@ -68,7 +69,8 @@ LOCK_TIMEOUT: Final = 0.25  # seconds: a lock held longer was left by a killed p
 SURGE_READ: Final = 0.01  # seconds between two reads of the other workers' surges
 MARK_SLOTS: Final = 4096  # upstream marks: groups x servers
 
-_VALUES: Final = struct.Struct("=ddd")  # stamp, a, b
+_STAMP_WORD: Final = KEY // 8  # a slot's words: the key's 5, the stamp, a value, the tag
+_TAG: Final = SLOT // 8 - 1
 _STAMP: Final = struct.Struct("=d")
 _COUNT: Final = struct.Struct("=q")
 _EMPTY_SLOT: Final = bytes(SLOT)
@@ -109,7 +111,8 @@ class Table:
         self.lock_mask = len(locks) - 1
         self.counter = counter  # header offset of its evictions counter
         self.broken = 0  # locks found held past LOCK_TIMEOUT
-        self.words = memoryview(buf).cast("q")  # the counts, as 8-byte words
+        self.words = memoryview(buf).cast("q")  # the counts and tags, as 8-byte words
+        self.doubles = memoryview(buf).cast("d")  # the stamps
 
     @property
     def size(self) -> int:
@@ -133,20 +136,29 @@ class Table:
         """Slots in use in set ``index`` (one aligned word: read without the lock)."""
         return int(self.words[(self.offset >> 3) + index])
 
-    def find(self, key: bytes, index: int) -> int:
-        """The offset of ``key``'s slot in set ``index``, or -1."""
-        buf = self.buf
-        first = key[0]
+    def find(self, key: bytes, index: int, tag: int) -> int:
+        """The offset of ``key``'s slot in set ``index``, or -1. ``tag``: its CRC-32, which
+        each slot keeps in its last word: the set's 8 tags are searched in C, and a key is
+        compared only where its tag is (keys of one set often share their first bytes)."""
         base = self.slots + index * SET
-        for at in range(base, base + SET, SLOT):
-            if buf[at] == first and buf[at : at + KEY] == key:
+        first = (base >> 3) + _TAG
+        tags = self.words[first : first + SET // 8 : SLOT // 8].tolist()
+        start = 0
+        while True:
+            try:
+                way = tags.index(tag, start)
+            except ValueError:
+                return -1
+            at = base + way * SLOT
+            if self.buf[at : at + KEY] == key:
                 return at
-        return -1
+            start = way + 1  # another key with the same CRC-32: rare, and looked past
 
-    def claim(self, key: bytes, index: int) -> int:
+    def claim(self, key: bytes, index: int, tag: int) -> int:
         """A slot for ``key`` (not in the set): an empty one, else the one with the lowest
         stamp, evicted. Its values are left for the caller to write."""
         buf = self.buf
+        doubles = self.doubles
         base = self.slots + index * SET
         victim = base
         lowest = math.inf
@@ -155,13 +167,14 @@ class Table:
                 victim = at
                 self.words[(self.offset >> 3) + index] += 1
                 break
-            (stamp,) = _STAMP.unpack_from(buf, at + KEY)
+            stamp = doubles[(at >> 3) + _STAMP_WORD]
             if stamp < lowest:
                 victim, lowest = at, stamp
         else:
             (count,) = _COUNT.unpack_from(buf, self.counter)
             _COUNT.pack_into(buf, self.counter, count + 1)
         buf[victim : victim + KEY] = key
+        self.words[(victim >> 3) + _TAG] = tag
         return victim
 
     def free(self, at: int, index: int) -> None:
@@ -313,7 +326,8 @@ class SharedStore:
         if len(keys) >= KEY_CACHE:
             keys.clear()  # bounded; the clients still coming back are cached again at once
         k = key_bytes(key)
-        entry = keys[key] = [k, zlib.crc32(k) & self._clients.mask, -1]
+        tag = zlib.crc32(k)
+        entry = keys[key] = [k, tag & self._clients.mask, -1, tag]
         return entry
 
     # -- buckets: the stamp is when the bucket was last refilled; a: its tokens
@@ -323,13 +337,13 @@ class SharedStore:
         entry = self._keys.get(key)
         if entry is None:
             entry = self._entry(key)
-        k, index, at = entry
+        k, index, at, tag = entry
         lock = self._stripes[index & _STRIPE_MASK]
         if not lock.acquire(True, LOCK_TIMEOUT):
             self._clients.taken_over()
         try:
             if at < 0 or self.buf[at : at + KEY] != k:
-                at = entry[2] = self._locate(k, index, now, burst)
+                at = entry[2] = self._locate(k, index, tag, now, burst)
             values = self._doubles
             i = (at + KEY) >> 3
             tokens: float = values[i + 1] + (now - values[i]) * rate
@@ -348,12 +362,12 @@ class SharedStore:
             except ValueError:  # taken over (LOCK_TIMEOUT) and released by the one who took it
                 pass
 
-    def _locate(self, k: bytes, index: int, now: float, burst: float) -> int:
+    def _locate(self, k: bytes, index: int, tag: int, now: float, burst: float) -> int:
         """``k``'s bucket, a new full one if it has none (the set's lock held)."""
         table = self._clients
-        at = table.find(k, index)
+        at = table.find(k, index, tag)
         if at < 0:
-            at = table.claim(k, index)
+            at = table.claim(k, index, tag)
             values = self._doubles
             i = (at + KEY) >> 3
             values[i + 1] = burst  # a new bucket is full
@@ -366,13 +380,13 @@ class SharedStore:
         entry = self._keys.get(key)
         if entry is None:
             entry = self._entry(key)
-        k, index, _ = entry
+        k, index, _, tag = entry
         table = self._bans
         lock = table.lock(index)
         try:
-            at = table.find(k, index)
+            at = table.find(k, index, tag)
             if at < 0:
-                at = table.claim(k, index)
+                at = table.claim(k, index, tag)
             self._doubles[(at + KEY) >> 3] = until
         finally:
             _release(lock)
@@ -387,7 +401,7 @@ class SharedStore:
             return False  # no ban in its set: the common case, without the lock
         lock = table.lock(index)
         try:
-            at = table.find(entry[0], index)
+            at = table.find(entry[0], index, entry[3])
             if at < 0:
                 return False
             if now < self._doubles[(at + KEY) >> 3]:
@@ -444,14 +458,15 @@ class SharedStore:
     def _mark(self, key: str, until: float, lower: bool) -> None:
         k = key_bytes(key)
         table = self._marks
-        index = zlib.crc32(k) & table.mask
+        tag = zlib.crc32(k)
+        index = tag & table.mask
         lock = table.lock(index)
         try:
-            at = table.find(k, index)
+            at = table.find(k, index, tag)
             if at < 0:
                 if lower:
                     return  # never marked: nothing to lift
-                at = table.claim(k, index)
+                at = table.claim(k, index, tag)
             elif lower:
                 until = min(until, _STAMP.unpack_from(self.buf, at + KEY)[0])
             _STAMP.pack_into(self.buf, at + KEY, until)
@@ -463,10 +478,11 @@ class SharedStore:
     def down_until(self, key: str) -> float:
         k = key_bytes(key)
         table = self._marks
-        index = zlib.crc32(k) & table.mask
+        tag = zlib.crc32(k)
+        index = tag & table.mask
         lock = table.lock(index)
         try:
-            at = table.find(k, index)
+            at = table.find(k, index, tag)
             return -math.inf if at < 0 else float(_STAMP.unpack_from(self.buf, at + KEY)[0])
         finally:
             _release(lock)
