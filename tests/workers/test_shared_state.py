@@ -74,6 +74,11 @@ ban_seconds = 600
         assert status(second, BENIGN, "1.1.1.1") == 403  # refused by the other: banned
         assert status(second, BENIGN, "2.2.2.2") == 200  # and only that client
         assert status(first, BENIGN, "1.1.1.1") == 403
+        second.request("GET", "/metrics")
+        metrics = second.getresponse().read().decode()
+    # What the shared tables forgot (nothing) and the locks taken over (none), in /metrics.
+    assert "\nwebtorch_shared_evicted 0.0\n" in metrics
+    assert "\nwebtorch_shared_locks_taken_over_total 0.0\n" in metrics
 
 
 def test_an_upstream_taken_out_by_one_worker_is_avoided_by_the_other(tmp_path: Path) -> None:

@@ -44,7 +44,6 @@ import os
 import secrets
 import struct
 import zlib
-from collections.abc import Iterator
 from typing import Any, Final, Protocol
 
 # The C module under multiprocessing's locks (no stubs: typed here by what is used).
@@ -185,12 +184,18 @@ class Table:
     def evictions(self) -> int:
         return int(_COUNT.unpack_from(self.buf, self.counter)[0])
 
-    def stamps(self) -> Iterator[float]:
-        """Every used slot's stamp (unlocked: for gauges)."""
-        buf = self.buf
-        for at in range(self.slots, self.slots + self.sets * SET, SLOT):
-            if buf[at] != 0:
-                yield _STAMP.unpack_from(buf, at + KEY)[0]
+    def later(self, now: float) -> int:
+        """Used slots whose stamp is after ``now`` (unlocked: for gauges). Only the sets whose
+        count says they hold something are read: about 1 ms for 16,384 sets with few in use."""
+        counts = self.words[self.offset >> 3 : (self.offset >> 3) + self.sets].tolist()
+        doubles = self.doubles
+        found = 0
+        for index, used in enumerate(counts):
+            if used:
+                first = ((self.slots + index * SET) >> 3) + _STAMP_WORD
+                stamps = doubles[first : first + SET // 8 : SLOT // 8].tolist()
+                found += sum(1 for stamp in stamps if stamp > now)  # 0.0: an empty slot
+        return found
 
 
 def _release(lock: _Lock) -> None:
@@ -414,7 +419,7 @@ class SharedStore:
     def ban_count(self, now: float) -> int:
         counted_at, count = self._ban_count
         if now - counted_at >= 1.0:
-            count = sum(1 for until in self._bans.stamps() if until > now)
+            count = self._bans.later(now)
             self._ban_count = (now, count)
         return count
 
@@ -422,8 +427,12 @@ class SharedStore:
         return None  # an expired ban is freed when next asked about, or evicted first
 
     def evictions(self) -> int:
-        """Clients forgotten because their set was full (buckets and bans)."""
+        """Clients forgotten because their set was full (buckets and bans), by every worker."""
         return self._clients.evictions() + self._bans.evictions()
+
+    def taken_over(self) -> int:
+        """Locks this worker found held past LOCK_TIMEOUT and took over."""
+        return self._clients.broken + self._bans.broken + self._marks.broken
 
     # -- the surge: lock-free, one writer per slot
 
