@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from webtorch.proxy.health import ActiveSettings, GroupHealth, OutlierSettings, PassiveSettings
-from webtorch.shared.memory import LOCK_TIMEOUT, WAYS, Region, SharedStore, key_bytes
+from webtorch.shared.memory import LOCK_TIMEOUT, WAYS, Region, SharedStore, _mp, key_bytes
 from webtorch.shared.store import LocalStore
 from webtorch.vocab import Outcome, Upstream
 
@@ -255,3 +255,22 @@ def test_a_good_active_check_brings_an_upstream_back_for_every_worker(region: Re
     assert [u.index for u in second.eligible(2.0)] == [1]
     assert first.record_check(ups[0], True, 3.0)  # it answers again: lifted in the store too
     assert [u.index for u in second.eligible(3.0)] == [0, 1]
+
+
+def test_the_semaphores_go_with_their_master() -> None:
+    """A region's named semaphores are unlinked by destroy(), and those of a master that died
+    without it (kill -9) by the next master's create()."""
+    shm = Path("/dev/shm")
+    gone = subprocess.Popen(["true"])  # a pid that has exited
+    gone.wait()
+    left = f"/webtorch-{gone.pid}-test-0"
+    _mp.SemLock(1, 1, 1, left, False)
+    assert (shm / f"sem{left.replace('/', '.')}").exists()
+    region = Region.create(0)
+    mine = region.spec()["locks"].removeprefix("/")
+    try:
+        assert not (shm / f"sem{left.replace('/', '.')}").exists()
+        assert len(list(shm.glob(f"sem.{mine}-*"))) == 17
+    finally:
+        region.destroy()
+    assert list(shm.glob(f"sem.{mine}-*")) == []

@@ -44,6 +44,7 @@ import os
 import secrets
 import struct
 import zlib
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 # The C module under multiprocessing's locks (no stubs: typed here by what is used).
@@ -67,6 +68,7 @@ _SURGE: Final = 512  # a double per worker slot: when its surge began (0: calm)
 LOCK_TIMEOUT: Final = 0.25  # seconds: a lock held longer was left by a killed process
 SURGE_READ: Final = 0.01  # seconds between two reads of the other workers' surges
 MARK_SLOTS: Final = 4096  # upstream marks: groups x servers
+_PREFIX: Final = "webtorch"  # semaphores are named /webtorch-<master's pid>-<random>-<i>
 
 _STAMP_WORD: Final = KEY // 8  # a slot's words: the key's 5, the stamp, a value, the tag
 _TAG: Final = SLOT // 8 - 1
@@ -234,11 +236,12 @@ class Region:
     @classmethod
     def create(cls, max_clients: int) -> Region:
         """A new region for ``max_clients`` clients (buckets) and as many bans."""
+        _sweep()
         client_sets = _sets(max_clients)
         spec: dict[str, Any] = {
             "client_sets": client_sets,
             "ban_sets": client_sets,
-            "locks": f"/webtorch-{os.getpid()}-{secrets.token_hex(4)}",
+            "locks": f"/{_PREFIX}-{os.getpid()}-{secrets.token_hex(4)}",
         }
         size = cls.size_for(client_sets, client_sets)
         fd = os.memfd_create("webtorch-state")
@@ -283,6 +286,21 @@ class Region:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _sweep(shm: Path = Path("/dev/shm")) -> None:
+    """Unlink the semaphores of masters that died without doing it (kill -9): glibc keeps a
+    named semaphore as ``/dev/shm/sem.NAME``, and NAME holds the master's pid."""
+    for path in shm.glob(f"sem.{_PREFIX}-*"):
+        pid = path.name.split("-")[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _unlink("/" + path.name.removeprefix("sem."))
+        except PermissionError:
+            pass  # alive, someone else's
 
 
 def _unlink(name: str) -> None:
