@@ -10,9 +10,12 @@ NO_OBSERVER=1 leaves out the per-request metrics observer, to see what it costs;
 gives every request an X-Request-Id (server.request_id, on in a served config); ACCESS_LOG=FILE
 writes the access log there (its writer thread's CPU counts too). GUARD=bucket puts the guard's
 token bucket in front (no detector), GUARD=full the bucket and the shipped detector (enforcing),
-GUARD=monitor the same in monitor mode; each connection is its own client address, and the
-request carries a browser's headers and a fresh query string (as the live benign mix does), so
-the detector's per-part cache hits on the headers and misses on the query.
+GUARD=monitor the same in monitor mode, GUARD=surge the bucket and the surge defence; each
+connection is its own client address, and the request carries a browser's headers and a fresh
+query string (as the live benign mix does), so the detector's per-part cache hits on the headers
+and misses on the query. SHARED=1 gives the app the shared-memory state store a worker of
+`server.workers > 1` has (webtorch/shared/): the guard's buckets, bans and surge and the proxy's
+upstream marks go through it instead of the in-process one.
 """
 
 from __future__ import annotations
@@ -91,6 +94,8 @@ def guard_config(kind: str) -> dict[str, Any]:
         return {}
     # A rate no client of this loop reaches: the bucket's bookkeeping runs, nothing is refused.
     guard: dict[str, Any] = {"mode": "enforce", "rate": 1e9, "burst": 1e9, "model": "none"}
+    if kind == "surge":  # the bucket and the surge defence (never refusing either)
+        guard["surge_rate"] = 1e9
     if kind in ("full", "monitor"):
         del guard["model"]
         guard["mode"] = "enforce" if kind == "full" else "monitor"
@@ -130,6 +135,12 @@ async def run(path: str, conns: int, rounds: int) -> None:
         }
     )
     app = App(cfg)
+    region = None
+    if os.environ.get("SHARED"):
+        from webtorch.shared.memory import Region, SharedStore
+
+        region = Region.create(cfg.guard.max_clients if cfg.guard is not None else 0)
+        app.shared = SharedStore(region, 0, 2)
     loop = asyncio.get_running_loop()
     handler = app.build_handler(loop)
     from webtorch.http.protocol import ServerState
@@ -225,6 +236,8 @@ async def run(path: str, conns: int, rounds: int) -> None:
     print(f"{path}: {1e6 * cpu / n:.2f} us CPU/request, {n / wall:,.0f} req/s (no sockets)")
     if access_log is not None:
         print(f"access log: {access_log.lines} lines written, {access_log.dropped} dropped")
+    if region is not None:
+        region.destroy()
 
 
 def main() -> None:

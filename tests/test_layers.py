@@ -21,6 +21,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # and any component of a lower layer; components of one layer are independent of each other.
 LAYERS: list[dict[str, list[str]]] = [
     {"vocabulary": ["webtorch", "webtorch.errors", "webtorch.vocab", "webtorch.compiled"]},
+    # State the workers of one server share (the guard's buckets and bans, upstream marks).
+    {"shared": ["webtorch.shared"]},
     {"http": ["webtorch.http"]},
     {"metrics": ["webtorch.metrics"]},  # the instruments every layer above records into
     {"balance": ["webtorch.balance"]},

@@ -46,6 +46,7 @@ from webtorch.proxy.probe import LOAD_PATH, LoadReport
 from webtorch.proxy.upstream import Proxies
 from webtorch.serve.oip import EXTENSIONS, Auth, ModelRoutes
 from webtorch.serve.repository import ModelRepository
+from webtorch.shared.store import StateStore
 
 if TYPE_CHECKING:
     # These bring torch (the guard's network, models and executors): imported where a config
@@ -122,6 +123,9 @@ class App:
         self._ready = False
         self._compaction: asyncio.TimerHandle | None = None
         self.proxies: Proxies | None = None
+        # State every worker of a master must see alike (set by workers/worker.py before start;
+        # None: one process, each object keeps its own).
+        self.shared: StateStore | None = None
         self.router: Router | None = None
         self.guard: Guard | None = None
         self.guarded: GuardedHandler | None = None
@@ -201,7 +205,7 @@ class App:
             ]
         )
         repository.start(loop, router)
-        self.proxies = Proxies(loop)
+        self.proxies = Proxies(loop, self.shared)
         self.metrics.sources.append(self.proxies.metric_families)
         self.router = router
         router.replace_user_routes(self._user_routes(self.config))
@@ -410,7 +414,7 @@ class App:
         from webtorch.guard.shell import GuardedHandler
 
         try:
-            guard = make_guard(settings, self.config.base_dir)
+            guard = make_guard(settings, self.config.base_dir, self.shared)
         except OSError as exc:
             raise ConfigError(f"guard.model: cannot load the detector: {exc}") from None
         self.guard = guard

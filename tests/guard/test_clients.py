@@ -68,7 +68,7 @@ def test_a_keyed_clients_block_bans_the_key_and_fresh_keys_meet_the_address_limi
     settings = GuardConfig(mode="enforce", ban_seconds=30, new_keys_rate=0.001, new_keys_burst=3)
     guard = Guard(settings, Always())  # type: ignore[arg-type]
     assert guard.check(view(), "key:a", 0.0, "10.0.0.1").action == BLOCK
-    assert set(guard.bans) == {"key:a"}  # not the address: others may share it
+    assert set(guard.store.bans) == {"key:a"}  # not the address: others may share it
     assert guard.check(view(), "key:a", 1.0, "10.0.0.1").reason == "banned"
     fresh = [guard.check(view(), f"key:{i}", 1.0, "10.0.0.1").reason for i in range(4)]
     assert fresh == ["injection", "injection", "new_keys", "new_keys"]
@@ -103,7 +103,11 @@ def test_bans_are_bounded_by_max_clients() -> None:
     guard = Guard(GuardConfig(mode="enforce", ban_seconds=60, max_clients=50))
     for i in range(1000):
         guard.ban(f"key:{i}", float(i) * 0.001)
-    assert len(guard.bans) == 50 and "key:999" in guard.bans and "key:0" not in guard.bans
+    assert (
+        len(guard.store.bans) == 50
+        and "key:999" in guard.store.bans
+        and "key:0" not in guard.store.bans
+    )
 
 
 # -- trusted proxies ---------------------------------------------------------------------------
@@ -156,7 +160,7 @@ def test_a_ban_behind_a_trusted_proxy_bans_the_forwarded_client_not_the_proxy() 
         assert get(running, "page=1", "1.1.1.1") == 200
         assert get(running, INJECTION, "1.1.1.1") == 403
         assert running.app.guard is not None
-        assert set(running.app.guard.bans) == {"1.1.1.1"}
+        assert set(running.app.guard.store.bans) == {"1.1.1.1"}
         # Everyone else behind the proxy is still served, on new connections too ...
         assert get(running, "page=1", "2.2.2.2") == 200
         # ... and the banned client gets 403 per request, not a reset at accept.
@@ -170,7 +174,7 @@ def test_without_trusted_proxies_the_forwarded_header_is_not_believed() -> None:
     with guarded_server([]) as running:
         assert get(running, INJECTION, "1.1.1.1") == 403
         assert running.app.guard is not None
-        assert set(running.app.guard.bans) == {"127.0.0.1"}
+        assert set(running.app.guard.store.bans) == {"127.0.0.1"}
         # The peer itself is banned: reset at accept.
         with socket.create_connection((running.host, running.port), timeout=10) as sock:
             try:

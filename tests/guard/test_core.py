@@ -75,7 +75,7 @@ def test_monitor_mode_decides_but_lets_through() -> None:
     guard = Guard(GuardConfig(mode="monitor", ban_seconds=30), scorer=_AlwaysInjection())
     decision = guard.check(get(), "10.0.0.5", 0.0)
     assert decision.action == BLOCK and not decision.enforced and not decision.refused
-    assert guard.bans == {}  # nobody is banned by a guard that only watches
+    assert guard.store.bans == {}  # nobody is banned by a guard that only watches
 
 
 def test_client_memory_is_bounded_under_ip_churn() -> None:

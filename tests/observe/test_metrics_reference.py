@@ -15,7 +15,13 @@ from webtorch import config as wt_config
 
 REFERENCE = ROOT / "docs" / "METRICS.md"
 # Exposed only by a worker of several (server.workers > 1; tests/workers/ scrape it).
-WORKERS_ONLY = {"webtorch_worker", "webtorch_workers", "webtorch_worker_restarts_total"}
+WORKERS_ONLY = {
+    "webtorch_worker",
+    "webtorch_workers",
+    "webtorch_worker_restarts_total",
+    "webtorch_shared_evicted",
+    "webtorch_shared_locks_taken_over_total",
+}
 _ROW = re.compile(r"^\| `(webtorch_[a-z_]+)` \| (counter|gauge|histogram) \|", re.MULTILINE)
 
 

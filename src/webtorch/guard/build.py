@@ -8,6 +8,7 @@ from pathlib import Path
 from webtorch.config import GuardConfig
 from webtorch.guard.core import Guard
 from webtorch.guard.scorer import Scorer
+from webtorch.shared.store import StateStore
 
 DEFAULT_MODEL = Path(__file__).parent / "guard.safetensors"
 ADAPTED = "guard.safetensors"  # the adapted weights' name in the guard's state directory
@@ -30,7 +31,9 @@ def weights_of(config: GuardConfig, base_dir: Path) -> Path | None:
     return DEFAULT_MODEL if config.model is None else base_dir / config.model
 
 
-def make_guard(config: GuardConfig, base_dir: Path) -> Guard:
+def make_guard(config: GuardConfig, base_dir: Path, store: StateStore | None = None) -> Guard:
+    """``store``: where the buckets, bans and surge live (shared/: one worker's own by default,
+    the whole server's with several workers)."""
     weights = weights_of(config, base_dir)
     scorer = None if weights is None else Scorer.from_file(weights)
-    return Guard(config, scorer)
+    return Guard(config, scorer, store=store)

@@ -32,16 +32,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from webtorch.config import GuardConfig
-from webtorch.guard.clients import ClientState, ClientTable
+from webtorch.guard.clients import ClientTable
 from webtorch.guard.features import RequestView
 from webtorch.guard.scorer import Scorer
 from webtorch.guard.surge import SurgeDetector
 from webtorch.metrics import Histogram
+from webtorch.shared.store import LocalStore, StateStore
 
 ALLOW, THROTTLE, BLOCK = "allow", "throttle", "block"
 # A client first seen less than this long before a surge began counts as part of it: a flood
 # is detected a few tens of milliseconds after its first requests, not before.
 SURGE_GRACE = 1.0
+# Where a keyed client's address pays for the new keys it brings: a bucket of its own, apart
+# from the address's bucket as a client (an address never starts with this).
+_NEW_KEYS = "new-keys:"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -90,25 +94,34 @@ class Guard:
         settings: GuardConfig,
         scorer: Scorer | None = None,
         clock: Callable[[], float] | None = None,
+        store: StateStore | None = None,
     ) -> None:
         self.settings = settings
         self.scorer = scorer
+        # The clients' history, the detector's input: this process's (each worker scores on
+        # what it sees; see ARCHITECTURE.md, Processes).
         self.clients = ClientTable(settings.max_clients)
-        # Keyed clients' addresses: each pays here for the keys it brings (new_keys_rate).
-        self.addresses = ClientTable(settings.max_clients)
         self.stats = GuardStats()
-        # client (or address) -> ban end; at most max_clients (a client rotating keys
-        # through blocks must not grow it without bound).
-        self.bans: dict[str, float] = {}
+        # What must hold across the workers of a server: the token buckets and the bans (at
+        # most max_clients each: a client rotating keys through blocks must not grow them
+        # without bound), and whether a surge is under way. One process: dicts in it.
+        self.store: StateStore = store if store is not None else LocalStore(settings.max_clients)
         self.last_history: list[float] = []
         self._allow = [ipaddress.ip_network(c, strict=False) for c in settings.allow]
         self._deny = [ipaddress.ip_network(c, strict=False) for c in settings.deny]
         self._listed: dict[str, str | None] = {}  # address -> "allow" / "deny" / None, cached
         self._enforce = settings.mode == "enforce"
+        self._bans_on = settings.ban_seconds > 0 and self._enforce  # see _banned
+        self._workers = self.store.workers
         self._burst = settings.burst or max(settings.rate, 1.0)
         self.surge: SurgeDetector | None = None
         if settings.surge_rate > 0:
-            self.surge = SurgeDetector(settings.surge_factor, settings.surge_min_rate)
+            # With workers, each detects on its share of the traffic (the kernel spreads
+            # connections over them) against its share of the floor; any one's surge is every
+            # worker's (StateStore.surge_began).
+            floor = settings.surge_min_rate / self.store.workers
+            self.surge = SurgeDetector(settings.surge_factor, floor)
+        self.surge_began: float | None = None  # the server's surge, as of the last request
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -175,7 +188,7 @@ class Guard:
         state = self.clients.peek(client)
         if state is None and address is not None:
             s = self.settings
-            payer = self.addresses.get(address, now)
+            payer = _NEW_KEYS + address
             refused = self._bucket(payer, now, s.new_keys_rate, s.new_keys_burst, "new_keys")
             if refused is not None:
                 return self._count(refused, client)
@@ -184,12 +197,18 @@ class Guard:
         if scorer is not None:  # the history is the detector's input; the rules need none of it
             state.arrive(view.path, now)
         surge = self.surge
-        began = surge.began if surge is not None and surge.arrive(now) else None
+        began = None
+        if surge is not None:
+            surge.arrive(now)
+            began = surge.began
+            if self._workers > 1:  # any worker's surge is every worker's
+                began = self.store.surge_began(began, now)
+            self.surge_began = began
         if began is not None and state.first > began - SURGE_GRACE:
             rate = self.settings.surge_rate
-            throttled = self._bucket(state, now, rate, max(rate, 1.0), "surge")
+            throttled = self._bucket(client, now, rate, max(rate, 1.0), "surge")
         else:
-            throttled = self._bucket(state, now, self.settings.rate, self._burst, "rate_limit")
+            throttled = self._bucket(client, now, self.settings.rate, self._burst, "rate_limit")
         if throttled is not None:
             return self._count(throttled, client)
         if scorer is None:
@@ -223,16 +242,13 @@ class Guard:
         return self._count(decision, client)
 
     def ban(self, client: str, now: float) -> None:
-        """Ban ``client`` for ``ban_seconds`` from ``now``, within ``max_clients`` bans: when
-        full, expired bans go first, then the oldest (all bans last as long, so the oldest is
-        the one that ends soonest)."""
-        bans = self.bans
-        bans.pop(client, None)  # re-inserted last: the dict stays in order of ban end
-        if len(bans) >= self.settings.max_clients:
-            self.expire(now)
-            while len(bans) >= self.settings.max_clients:
-                del bans[next(iter(bans))]
-        bans[client] = now + self.settings.ban_seconds
+        """Ban ``client`` for ``ban_seconds`` from ``now``, in every worker, within
+        ``max_clients`` bans: when full, expired bans go first, then the one ending soonest."""
+        self.store.ban(client, now + self.settings.ban_seconds, now)
+
+    def ban_count(self, now: float) -> int:
+        """Bans in force (the whole server's)."""
+        return self.store.ban_count(now)
 
     def refuse(self, client: str, reason: str, now: float) -> Decision:
         """A block for ``reason`` found outside the rules and the detector (a body past the
@@ -250,35 +266,25 @@ class Guard:
     # -- helpers -------------------------------------------------------------------------------
 
     def _bucket(
-        self, state: ClientState, now: float, rate: float, burst: float, reason: str
+        self, key: str, now: float, rate: float, burst: float, reason: str
     ) -> Decision | None:
         if rate <= 0:
             return None
-        tokens = state.tokens
-        # The bucket lives on the client's state: refilled lazily, by the time since last seen.
-        tokens = burst if tokens < 0 else min(burst, tokens + (now - state.refilled) * rate)
-        state.refilled = now
-        if tokens >= 1.0 - 1e-9:  # a token refilled over exactly 1/rate s counts as whole
-            state.tokens = max(tokens - 1.0, 0.0)
+        # Refilled lazily, by the time since last taken from (StateStore.take).
+        wait = self.store.take(key, now, rate, burst)
+        if wait <= 0.0:
             return None
-        state.tokens = tokens
-        wait = (1.0 - tokens) / rate
         return Decision(THROTTLE, reason, retry_after=wait, enforced=self._enforce)
 
     def _banned(self, client: str, now: float) -> bool:
-        until = self.bans.get(client)
-        if until is None:
-            return False
-        if now < until:
-            return True
-        del self.bans[client]
-        return False
+        # Without ban_seconds nothing is ever banned ([guard] is the same in every worker and
+        # cannot change by reload): not asked, which saves the store a lookup per request.
+        return self._bans_on and self.store.banned(client, now)
 
     def expire(self, now: float) -> None:
         """Drop expired bans and fold pending scores (the app calls this once a second)."""
         self.stats.scores.compact()
-        for client in [c for c, until in self.bans.items() if until <= now]:
-            del self.bans[client]
+        self.store.expire(now)
 
     def _list_of(self, address: str) -> str | None:
         if not self._allow and not self._deny:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from prometheus_client.core import (
@@ -31,11 +32,15 @@ def metric_families(guard: Guard) -> Iterator[Metric]:
     )
     scores.add_metric([], stats.scores.buckets(), stats.scores.total)
     yield scores
-    yield GaugeMetricFamily("webtorch_guard_bans", "Clients banned now", value=len(guard.bans))
+    yield GaugeMetricFamily(
+        "webtorch_guard_bans", "Clients banned now", value=guard.ban_count(time.monotonic())
+    )
     if guard.surge is not None:
         surge = guard.surge
         yield GaugeMetricFamily(
-            "webtorch_guard_surge", "1 while a surge is under way", value=float(surge.active)
+            "webtorch_guard_surge",
+            "1 while a surge is under way (in any worker)",
+            value=float(surge.active or guard.surge_began is not None),
         )
         yield CounterMetricFamily("webtorch_guard_surges", "Surges seen", value=surge.surges)
         yield GaugeMetricFamily(

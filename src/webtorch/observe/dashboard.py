@@ -181,7 +181,7 @@ class Dashboard:
 
         return {
             "mode": guard.settings.mode,
-            "bans": len(guard.bans),
+            "bans": guard.ban_count(time.monotonic()),
             "clients": len(guard.clients),
             # A client key is an API key: never shown whole (an address is).
             "top_blocked": [

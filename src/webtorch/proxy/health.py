@@ -14,6 +14,11 @@ An upstream is *available* when no judge holds it out. When it comes back it can
 with slow start. When too few are available the group panics and every upstream is offered, as
 Envoy does: spreading load over all of them beats piling it on the one or two survivors.
 
+With several workers each judges what it sees, and what takes an upstream out (a passive mark
+or an ejection) is also written to the shared store (``webtorch.shared``) with its end: the
+other workers avoid it at once, till then. Active checks stay each worker's own (every worker
+checks), and so do the counts that lead to a judgement.
+
 Nothing here does I/O or reads a clock: the proxy feeds attempt outcomes and probe results with
 ``now`` (monotonic seconds) and asks for the eligible list. Timers are evaluated lazily against
 ``now``, so there is no background task to run.
@@ -29,6 +34,7 @@ from typing import Final
 
 from webtorch.balance.base import Outcome, Upstream
 from webtorch.balance.health_settings import ActiveSettings, OutlierSettings, PassiveSettings
+from webtorch.shared.store import StateStore
 
 # Slow start begins at this fraction of the weight rather than 0: weight_factor must stay in
 # (0, 1] for the weighted policies (a zero weight is never picked, so a recovering upstream would
@@ -111,15 +117,21 @@ class _State:
         "ejection_level",
         "ejections_total",
         "fail_times",
+        "key",
         "needs_ramp",
         "probation",
         "ramp_from",
         "ramp_until",
+        "shared_until",
         "upstream",
     )
 
-    def __init__(self, upstream: Upstream, max_fails: int, active: ActiveCheck | None) -> None:
+    def __init__(
+        self, upstream: Upstream, max_fails: int, active: ActiveCheck | None, key: str
+    ) -> None:
         self.upstream = upstream
+        self.key = key  # its name in the shared store: group/address
+        self.shared_until = _NEVER  # out by another worker's judgement till then
         # Passive: the times of the last max_fails failures, enough to tell whether max_fails of
         # them fell within fail_timeout (an exact sliding window in bounded memory).
         self.fail_times: deque[float] = deque(maxlen=max(max_fails, 1))
@@ -141,6 +153,7 @@ class _State:
         return (
             now >= self.down_until
             and now >= self.ejected_until
+            and now >= self.shared_until
             and (self.active is None or self.active.healthy)
         )
 
@@ -162,7 +175,11 @@ class GroupHealth:
         active: ActiveSettings | None,
         slow_start: float,
         rng: random.Random,
+        shared: StateStore | None = None,
+        name: str = "",
     ) -> None:
+        """``shared``: the store the workers of one server share (None: one process); ``name``
+        the group's, which with each address names its upstreams there."""
         if slow_start < 0:
             raise ValueError(f"slow_start must be >= 0, got {slow_start}")
         ordered = sorted(upstreams, key=lambda u: u.index)
@@ -179,9 +196,16 @@ class GroupHealth:
         self._rng = rng
         self._upstreams = tuple(ordered)
         self._states = [
-            _State(u, passive.max_fails, ActiveCheck(active, rng) if active else None)
+            _State(
+                u,
+                passive.max_fails,
+                ActiveCheck(active, rng) if active else None,
+                f"{name}/{u.address}",
+            )
             for u in ordered
         ]
+        self._shared = shared
+        self._marks = -1  # the shared marks' change count last read (-1: read on first ask)
         self._by_upstream = {u: s for u, s in zip(ordered, self._states, strict=True)}
         # The multiplier stops growing once the cap is reached, so that after a long outage
         # it decays back in cap/base steps rather than in as many steps as there were ejections.
@@ -239,6 +263,8 @@ class GroupHealth:
             st.fail_times.clear()
             st.needs_ramp = True
             self._dirty = True
+            if self._shared is not None:
+                self._shared.mark_down(st.key, st.down_until)
             return True
         return False
 
@@ -293,6 +319,8 @@ class GroupHealth:
         st.cgw = 0
         st.needs_ramp = True
         self._dirty = True
+        if self._shared is not None:
+            self._shared.mark_down(st.key, st.ejected_until)
 
     def record_check(self, upstream: Upstream, ok: bool, now: float) -> bool:
         """Account for one active check's result; True when it flipped the upstream's health."""
@@ -304,13 +332,20 @@ class GroupHealth:
             if not st.active.healthy:
                 st.needs_ramp = True
             self._dirty = True
-        if ok and st.active.healthy and (now < st.down_until or now < st.ejected_until):
+        if (
+            ok
+            and st.active.healthy
+            and (now < st.down_until or now < st.ejected_until or now < st.shared_until)
+        ):
             # A good check is fresher evidence than the failures that took the upstream out
             # (Envoy's successful_active_health_check_uneject_host, on by default there too):
             # a restarted server is back within one check interval, not after fail_timeout or
             # a whole ejection. It comes back through slow start, when configured.
             st.down_until = min(st.down_until, now)
             st.ejected_until = min(st.ejected_until, now)
+            st.shared_until = min(st.shared_until, now)
+            if self._shared is not None:  # whoever took it out: back for every worker
+                self._shared.mark_up(st.key, now)
             st.fail_times.clear()
             st.probation = False
             st.c5xx = st.cgw = 0
@@ -348,6 +383,9 @@ class GroupHealth:
         available and panic is disabled. The returned tuple is shared until the next state
         change: do not keep it across requests.
         """
+        shared = self._shared
+        if shared is not None and shared.marks() != self._marks:
+            self._pull(shared, now)
         if self._dirty or now >= self._valid_until:
             self._recompute(now)
         elif self._ramping:
@@ -371,8 +409,8 @@ class GroupHealth:
             return UNHEALTHY
         if now < st.ejected_until:
             return EJECTED
-        if now < st.down_until:
-            return UNAVAILABLE
+        if now < st.down_until or now < st.shared_until:
+            return UNAVAILABLE  # shared: another worker's judgement, passive or outlier
         self._start_ramp(st, now)
         return SLOW_START if now < st.ramp_until else HEALTHY
 
@@ -386,6 +424,17 @@ class GroupHealth:
 
     # -- internals ----------------------------------------------------------------------------
 
+    def _pull(self, shared: StateStore, now: float) -> None:
+        """The shared marks moved: read this group's (rare: an upstream went out or back)."""
+        self._marks = shared.marks()
+        for st in self._states:
+            until = shared.down_until(st.key)
+            if until != st.shared_until:
+                if until > now and not now < st.shared_until:
+                    st.needs_ramp = True
+                st.shared_until = until
+                self._dirty = True
+
     def _start_ramp(self, st: _State, now: float) -> None:
         """Begin slow start for an upstream that is back, from the instant it came back.
 
@@ -396,7 +445,7 @@ class GroupHealth:
             return
         st.needs_ramp = False
         if self.slow_start > 0:
-            back = max(st.down_until, st.ejected_until)
+            back = max(st.down_until, st.ejected_until, st.shared_until)
             if st.active is not None:
                 back = max(back, st.active.healthy_since)
             st.ramp_from = back
@@ -418,6 +467,8 @@ class GroupHealth:
                 next_timer = min(next_timer, st.down_until)
             if now < st.ejected_until:
                 next_timer = min(next_timer, st.ejected_until)
+            if now < st.shared_until:
+                next_timer = min(next_timer, st.shared_until)
             if not st.available(now):
                 st.upstream.weight_factor = out_factor
                 continue

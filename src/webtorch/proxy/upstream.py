@@ -40,6 +40,7 @@ from webtorch.proxy.headers import TrustedProxies
 from webtorch.proxy.health import GroupHealth
 from webtorch.proxy.probe import Prober
 from webtorch.proxy.retry import RetryBudget, RetrySettings
+from webtorch.shared.store import StateStore
 
 # Bound once: a compiled module reads a Final name from a C static, not a module attribute.
 _clock: Final = time.monotonic
@@ -68,6 +69,7 @@ class UpstreamGroup:
         loop: asyncio.AbstractEventLoop,
         rng: random.Random | None = None,
         base_dir: Path | None = None,
+        shared: StateStore | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -102,7 +104,7 @@ class UpstreamGroup:
         # The config's sections are the judges' settings (balance/health_settings.py); the group's
         # own table is its PassiveSettings.
         self.health = GroupHealth(
-            self.upstreams, config, config.outlier, hc, config.slow_start, rng
+            self.upstreams, config, config.outlier, hc, config.slow_start, rng, shared, name
         )
         r = config.retry
         self.retry = RetrySettings(
@@ -292,8 +294,9 @@ class ProxyRoute:
 class Proxies:
     """Every upstream group of the running config, their clock, and reloads."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, shared: StateStore | None = None) -> None:
         self.loop = loop
+        self.shared = shared  # what the workers of a server share (None: one process)
         self.groups: dict[str, UpstreamGroup] = {}
         self.trusted = TrustedProxies([])
         self._retired: list[UpstreamGroup] = []
@@ -304,7 +307,7 @@ class Proxies:
         """Build the groups of ``config`` (replacing the current ones, which finish their
         requests in flight) and return what makes a route's handler."""
         groups = {
-            name: UpstreamGroup(name, uc, self.loop, base_dir=config.base_dir)
+            name: UpstreamGroup(name, uc, self.loop, base_dir=config.base_dir, shared=self.shared)
             for name, uc in config.upstreams.items()
         }
         old = self.groups

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from webtorch import __version__, config
 from webtorch.errors import ConfigError
+from webtorch.shared.memory import Region
 from webtorch.workers.supervisor import Announce, Exit, Signal, Spawn, Supervisor, Timing
 
 log = logging.getLogger("webtorch.workers")
@@ -116,6 +117,8 @@ class Master:
         self.workers: dict[int, _Worker] = {}  # by pid
         # Where workers publish their metrics for each other (scrape.py): memory, private.
         self.shared: Path | None = None
+        # The state they share (webtorch.shared): buckets, bans, surges, upstream marks.
+        self.region: Region | None = None
         self._selector = selectors.DefaultSelector()
 
     # -- the loop
@@ -128,6 +131,10 @@ class Master:
             tempfile.mkdtemp(prefix="webtorch-", dir=memory if memory.is_dir() else None)
         )
         self.address = sock.getsockname()[:2]
+        guard = self.config.guard
+        # Sized once: [guard] is not reloadable (see _reload). Without a guard only the
+        # upstream marks are used, and the bucket and ban tables take their least.
+        self.region = Region.create(guard.max_clients if guard is not None else 0)
         self._publish()
         wake_read, wake_write = socket.socketpair()
         wake_read.setblocking(False)
@@ -135,14 +142,6 @@ class Master:
         previous = {sig: signal.signal(sig, _nothing) for sig in _FORWARDED}
         old_fd = signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
         self._selector.register(wake_read, selectors.EVENT_READ, None)
-        if self.config.guard is not None:
-            log.warning(
-                "the guard's state is per worker (issue 22): rate limits, bans and surge "
-                "detection count what each of the %d workers sees, so a client may get up to "
-                "%d times its rate",
-                len(self.supervisor.slots),
-                len(self.supervisor.slots),
-            )
         try:
             code = self._loop(wake_read)
         finally:
@@ -155,6 +154,7 @@ class Master:
             wake_write.close()
             sock.close()
             shutil.rmtree(self.shared, ignore_errors=True)
+            self.region.destroy()
         return code
 
     def _loop(self, wake: socket.socket) -> int:
@@ -230,7 +230,7 @@ class Master:
     # -- workers
 
     def _spawn(self, slot: int) -> None:
-        assert self.sock is not None
+        assert self.sock is not None and self.region is not None and self.region.fd is not None
         config_fd = os.memfd_create("webtorch-config")  # pass_fds hands it to the worker alone
         beats, beat_write = os.pipe()
         os.set_blocking(beats, False)
@@ -249,8 +249,9 @@ class Master:
                 "log_level": self.log_level,
                 "shared": str(self.shared),
                 "workers": len(self.supervisor.slots),
+                "state": {**self.region.spec(), "fd": self.region.fd},
             }
-            passed = [config_fd, beat_write] + (
+            passed = [config_fd, beat_write, self.region.fd] + (
                 [self.sock.fileno()] if self.mode == "shared" else []
             )
             proc = subprocess.Popen(

@@ -34,14 +34,14 @@ log: Final = logging.getLogger("webtorch.workers")
 PUBLISH_INTERVAL: Final = 1.0  # seconds between two of a worker's published expositions
 
 # Gauges that are amounts, so the server's is the workers' sum; any other gauge is a state, a
-# rate or a setting that is the answering worker's own.
+# rate or a setting that is the answering worker's own (or, as webtorch_guard_bans, read from
+# the state the workers share: already the server's).
 ADDITIVE_GAUGES: Final = frozenset(
     {
         "webtorch_http_connections",
         "webtorch_http_connections_max",
         "webtorch_upstream_inflight",
         "webtorch_upstream_connections",
-        "webtorch_guard_bans",
         "webtorch_guard_clients",
         "process_resident_memory_bytes",
         "process_virtual_memory_bytes",

@@ -24,12 +24,13 @@ from types import FrameType
 from typing import Any, Final
 
 import uvloop
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from webtorch import config
 from webtorch.app import App
 from webtorch.errors import ConfigError, ModelLoadError
 from webtorch.http.server import HttpServer
+from webtorch.shared.memory import Region, SharedStore
 from webtorch.workers.master import SPEC
 from webtorch.workers.scrape import Scrape
 
@@ -89,6 +90,23 @@ def identity(slot: int, pid: int) -> GaugeMetricFamily:
     return family
 
 
+def shared_families(store: SharedStore) -> list[GaugeMetricFamily | CounterMetricFamily]:
+    """The shared state's health: what a full table forgot (the server's: one count in the
+    region, so a gauge, which a merged scrape does not sum) and locks taken over (this worker's)."""
+    return [
+        GaugeMetricFamily(
+            "webtorch_shared_evicted",
+            "Clients the shared state forgot because their set of slots was full (whole server)",
+            value=store.evictions(),
+        ),
+        CounterMetricFamily(
+            "webtorch_shared_locks_taken_over",
+            "Shared-state locks found held past their timeout (a worker killed holding one)",
+            value=store.taken_over(),
+        ),
+    ]
+
+
 def _exit_quietly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)  # stopped while starting: nothing was served, nothing to drain
 
@@ -131,6 +149,10 @@ def main() -> int:
     except (ConfigError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    state = spec["state"]
+    shared = SharedStore(Region.attach(state, int(state["fd"])), slot, int(spec["workers"]))
+    app.shared = shared
+    app.metrics.sources.append(lambda: shared_families(shared))
     me = identity(slot, os.getpid())
     app.metrics.sources.append(lambda: [me])
     scrape = Scrape(app.metrics, Path(spec["shared"]), slot, int(spec["workers"]))
