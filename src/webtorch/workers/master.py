@@ -111,6 +111,11 @@ class Master:
             ),
         )
         self.mode = master.listen_socket
+        # Each trained model's one trainer worker, fixed for the master's life: a worker
+        # started again in a slot trains what the slot trains (serve/placement.py).
+        self.trainers = assign(
+            [name for name, mc in cfg.models.items() if mc.train.enabled], server.worker_count
+        )
         self.sock: socket.socket | None = None
         self.address = ("", 0)
         self.workers: dict[int, _Worker] = {}  # by pid
@@ -249,6 +254,7 @@ class Master:
                 "log_level": self.log_level,
                 "shared": str(self.shared),
                 "workers": len(self.supervisor.slots),
+                "trainers": self.trainers,
             }
             passed = [config_fd, beat_write] + (
                 [self.sock.fileno()] if self.mode == "shared" else []
@@ -350,6 +356,12 @@ class Master:
             if worker.proc.poll() is None:
                 worker.proc.kill()
                 worker.proc.wait()
+
+
+def assign(trained: list[str], workers: int) -> dict[str, int]:
+    """One trainer worker per trained model, round robin in the config's order: the models
+    spread over the workers, and one config always gives one placement."""
+    return {name: i % workers for i, name in enumerate(trained)}
 
 
 def _nothing(signum: int, frame: object) -> None:
