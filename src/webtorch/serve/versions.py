@@ -127,6 +127,7 @@ class Subscriber:
         # A version is copied here first and into the network only once known whole: a copy
         # that a write overlapped never reaches a batch.
         self._staging: list[torch.Tensor] = []
+        self._refused = False
         self.seen = 0  # the counter of the version held (0: none yet)
         self.version = NO_VERSION
         self.lag_steps = 0  # the versions skipped by the last switch
@@ -146,7 +147,9 @@ class Subscriber:
             if seq == self.seen or seq % 2:
                 break  # nothing new, or a write in progress: keep what is held
             if fingerprint != layout.fingerprint:
-                log.error("%s: its layout is not this model's: not switching", self.path)
+                if not self._refused:
+                    log.error("%s: its layout is not this model's: not switching", self.path)
+                    self._refused = True
                 break
             staging = self._staging
             for held, (_, shared) in zip(staging, self._pairs, strict=True):
@@ -168,6 +171,11 @@ class Subscriber:
         try:
             self.memory = memory = _open(self.path, self.layout.size, create=False)
         except FileNotFoundError:
+            return None
+        except ValueError as exc:  # another model's weights: serve none rather than those
+            if not self._refused:
+                log.error("%s; not serving its versions", exc)
+                self._refused = True
             return None
         self._pairs = self.layout.views(memory)
         self._staging = [torch.empty_like(shared) for _, shared in self._pairs]
