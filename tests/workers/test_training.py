@@ -378,3 +378,44 @@ def test_a_killed_trainer_worker_recovers_from_its_wal_and_the_other_waits_with_
     step, _ = final_weights(state)
     assert step == before + 1
     assert sorted(acked.values()) == list(range(1, before + 2))
+
+
+def test_a_forwarded_train_request_is_checked_where_it_arrives_and_keeps_its_key(
+    tmp_path: Path,
+) -> None:
+    """Worker 1 checks a train request as worker 0 would (token, CSRF) before forwarding it; an
+    Idempotency-Key holds across workers (the trainer keeps the keys); the status is the
+    trainer's, asked from either."""
+    toml = config(XOR, tmp_path / "state").replace("[models.m", "[models.xor")
+    toml = toml.replace("workers = 2\n", 'workers = 2\ntoken = "s3cret-s3cret-s3cret"\n')
+    token = {"authorization": "Bearer s3cret-s3cret-s3cret"}
+    example = {"inputs": [[0.25, 1]], "targets": [[1]]}
+    with harness.serve(toml=toml, workdir=tmp_path) as server:
+        slots = pids(server)
+        with ExitStack() as stack:
+            trainer = stack.enter_context(one_per_worker(server, {slots[0]}))[slots[0]]
+            other = stack.enter_context(one_per_worker(server, {slots[1]}))[slots[1]]
+            code, _, body = post(other, "/models/xor/train", example)
+            assert code == 401, body
+            code, _, body = post(
+                other, "/models/xor/train", example, origin="https://evil.example", **token
+            )
+            assert code == 403, body
+            other.request(
+                "POST",
+                "/models/xor/train",
+                json.dumps(example),
+                {"content-type": "text/plain", **token},
+            )
+            reply = other.getresponse()
+            assert reply.status == 415, reply.read()
+            reply.read()
+            key = {"idempotency-key": "one-example", **token}
+            first = post(other, "/models/xor/train", example, **key)
+            assert first[0] == 200 and first[2]["step"] == 1
+            again = post(trainer, "/models/xor/train", example, **key)
+            assert again[0] == 200 and again[2] == first[2]  # answered as then, not applied
+            other.request("GET", "/models/xor/train", headers=token)
+            reply = other.getresponse()
+            status = json.loads(reply.read())
+            assert reply.status == 200 and status["step"] == 1 and status["examples"] == 1
