@@ -56,12 +56,19 @@ class _Answer:
         self.body = bytearray()
         self.done = False
         self.size = 0
+        self.parser: httptools.HttpResponseParser | None = None
+        self.keep_alive = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.size += len(name) + len(value)
         if self.size > _MAX_ANSWER:
             raise ValueError("the trainer's answer is too large")
         self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        # Asked here: once the message is complete, llhttp no longer knows.
+        assert self.parser is not None
+        self.keep_alive = bool(self.parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
         self.body += body
@@ -126,7 +133,7 @@ class RemoteTrainer:
         try:
             writer.write(_encode(request))
             answer = _Answer()
-            parser = httptools.HttpResponseParser(answer)
+            parser = answer.parser = httptools.HttpResponseParser(answer)
             while not answer.done:
                 data = await reader.read(65536)
                 if not data:
@@ -141,7 +148,7 @@ class RemoteTrainer:
                 "after the request was sent; whether it trained on it is unknown (retry with "
                 "the same Idempotency-Key to be sure it trains once)",
             )
-        if parser.should_keep_alive() and len(self._idle) < self.max_in_flight:
+        if answer.keep_alive and len(self._idle) < self.max_in_flight:
             self._idle.append((reader, writer))
         else:
             writer.close()
