@@ -174,7 +174,8 @@ def test_training_from_many_connections_on_two_workers_is_one_step_sequence(
 def test_the_other_worker_predicts_with_each_new_version_whole(tmp_path: Path) -> None:
     """While worker 0 trains, worker 1's answers carry versions that only go up, each answer
     exactly its version's weights (min = max = version: never a torn copy, never two versions
-    in one answer), and it reaches the last version."""
+    in one answer); a train answer's step is published before it is sent, so worker 1 predicts
+    with it (or newer) from then on."""
     model = tmp_path / "counter.py"
     model.write_text(COUNTER_PY)
     toml = config(model, tmp_path / "state", max_batch=4)
@@ -206,6 +207,7 @@ def test_the_other_worker_predicts_with_each_new_version_whole(tmp_path: Path) -
                     previous = version
                     seen.append(version)
 
+            follower = readers.pop()
             threads = [threading.Thread(target=predict, args=(c,)) for c in readers]
             for thread in threads:
                 thread.start()
@@ -215,6 +217,9 @@ def test_the_other_worker_predicts_with_each_new_version_whole(tmp_path: Path) -
                         trainer, "/models/m/train", {"inputs": [[0]], "targets": [[0, 0, 0]]}
                     )
                     assert code == 200 and body["step"] == n + 1, body
+                    # Published before it was answered: worker 1 predicts with it from now on.
+                    code, headers, _ = post(follower, "/models/m/predict", {"inputs": [[0]]})
+                    assert code == 200 and int(headers[VERSION]) >= n + 1
             finally:
                 done.set()
                 for thread in threads:

@@ -166,8 +166,8 @@ class Executor:
             self.training = training
             self.plan = Scheduler(self.scheduler, training.queue, training.priority)
         # server.workers > 1 and the model trains: its weights as numbered versions (the
-        # trainer's step), published by the trainer worker's executor whenever the model is free
-        # after a step, taken by the others' when a batch starts (serve/versions.py).
+        # trainer's step), published by the trainer worker's executor after each step, before
+        # its answers, and taken by the others' when a batch starts (serve/versions.py).
         self.publisher = publisher
         self.subscriber = subscriber
         self.version = -1  # the version the last batch ran (-1: not versioned)
@@ -232,6 +232,14 @@ class Executor:
             self._scheduled = True
             self.loop.call_soon(self._run)
 
+    def applied(self, step: int) -> None:
+        """The training pipeline applied a step (the model is free, its answers not yet sent):
+        publish the weights to the other workers first, so that an answer naming step N is
+        never followed by a prediction there with fewer."""
+        publisher = self.publisher
+        if publisher is not None and step != publisher.version:
+            publisher.publish(step)
+
     def _run(self) -> None:
         """Start the next piece of work on the model, if it is free: what the scheduler says."""
         self._scheduled = False
@@ -240,11 +248,6 @@ class Executor:
             self._timer = None
         if self._busy or self._held:
             return
-        publisher = self.publisher
-        if publisher is not None:
-            step = self.trainer.step if self.trainer is not None else -1
-            if step != publisher.version:  # between two pieces of work: the model is whole
-                publisher.publish(step)
         # The scheduler's clock is perf_counter: uvloop's loop.time() has 1 ms resolution.
         now = _clock()
         training = self.training

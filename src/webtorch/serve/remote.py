@@ -111,7 +111,8 @@ class RemoteTrainer:
             )
         self.in_flight += 1
         try:
-            return await asyncio.wait_for(self._exchange(request), self.timeout)
+            async with asyncio.timeout(self.timeout):  # no task per request, as wait_for makes
+                return await self._exchange(request)
         except TimeoutError:
             return error_response(
                 504, f"model {self.model!r}: its trainer (worker {self.slot}) did not answer"
@@ -139,6 +140,9 @@ class RemoteTrainer:
                 if not data:
                     raise ConnectionResetError("the trainer worker closed the connection")
                 parser.feed_data(data)
+        except asyncio.CancelledError:  # timed out, or the server stops: the answer is lost
+            writer.close()
+            raise
         except (OSError, ValueError, httptools.HttpParserError) as exc:
             writer.close()
             log.warning("model %s: forwarding to worker %d: %s", self.model, self.slot, exc)

@@ -1,21 +1,23 @@
 """A trained model's weights, shared between worker processes as numbered versions.
 
-With ``server.workers > 1`` one worker trains a model (its trainer: ``workers/placement.py``);
-every other worker serves the same model from its own copy of the network. The trainer worker
-publishes its weights after each optimizer step into a file in the master's private directory
-under /dev/shm (memory, not disk), mapped by every worker; the others copy them into their
-network when their executor is between two batches, so no answer mixes two versions.
+With ``server.workers > 1`` one worker trains a model (its trainer: ``placement.py``); every
+other worker serves the same model from its own copy of the network. The trainer worker
+publishes its weights after each optimizer step, before that step's answers are sent, into a
+file in the master's private directory under /dev/shm (memory, not disk), mapped by every
+worker; the others copy them into their network when their executor is between two batches, so
+no answer mixes two versions.
 
 The file: a header, then every tensor of the network's ``state_dict`` (parameters and buffers),
 back to back in state_dict order, as raw bytes. Every worker loads the same model file, so
 every worker computes the same layout; its fingerprint in the header catches one that does not.
 
 One writer, any number of readers, no lock: a sequence counter (a seqlock). The writer makes it
-odd, writes, then makes it even; a reader copies only from an even counter and keeps the copy
-only if the counter did not move meanwhile, else it keeps the version it had and tries again at
-its next batch. A writer that dies mid-write leaves the counter odd: readers keep their version,
-and the restarted trainer's first publication makes it even again. (The counter and the data
-are plain stores and loads, ordered on x86-64 (TSO); a weakly ordered CPU would need fences.)
+odd, writes, then makes it even; a reader copies only from an even counter, into a staging
+copy, and keeps it only if the counter did not move meanwhile; after a few tries it keeps the
+version it had and tries again at its next batch. A writer that dies mid-write leaves the
+counter odd: readers keep their version, and the restarted trainer's first publication makes it
+even again. (The counter and the data are plain stores and loads, ordered on x86-64 (TSO); a
+weakly ordered CPU would need fences.)
 
 A version is the trainer's optimizer step count (``Trainer.step``), so a prediction's version
 says which train answers it includes.
@@ -144,8 +146,10 @@ class Subscriber:
         layout = self.layout
         for _ in range(_TRIES):
             seq, version, published, fingerprint = _HEADER.unpack_from(memory, 0)
-            if seq == self.seen or seq % 2:
-                break  # nothing new, or a write in progress: keep what is held
+            if seq == self.seen:
+                break  # nothing new
+            if seq % 2:
+                continue  # a write in progress (microseconds for a small model): look again
             if fingerprint != layout.fingerprint:
                 if not self._refused:
                     log.error("%s: its layout is not this model's: not switching", self.path)

@@ -289,7 +289,9 @@ class Master:
             flush=True,
         )
         for slot, pid in enumerate(action.pids):
-            print(f"worker {slot}: pid {pid}", flush=True)
+            trains = [name for name, trainer in self.trainers.items() if trainer == slot]
+            also = f" (trains {', '.join(trains)})" if trains else ""
+            print(f"worker {slot}: pid {pid}{also}", flush=True)
 
     def _reload(self) -> None:
         """SIGHUP: the file is validated here, once, as a single server validates it; only a
