@@ -85,6 +85,10 @@ def _open(path: Path, size: int, *, create: bool) -> mmap.mmap:
     try:
         if create and os.fstat(fd).st_size != size:
             os.ftruncate(fd, size)
+        if create:
+            # The pages now, or an error now: a write to a mapping that a full /dev/shm cannot
+            # back is a SIGBUS, not an exception.
+            os.posix_fallocate(fd, 0, size)
         elif os.fstat(fd).st_size != size:
             raise ValueError(f"{path} holds {os.fstat(fd).st_size} bytes, the model {size}")
         return mmap.mmap(fd, size)
