@@ -1,15 +1,22 @@
-"""WebTorch with 1 and 2 workers against nginx with 1 and 2 workers, same run: predict and proxy.
+"""WebTorch with 1 and 2 workers against nginx with 1 and 2 workers, same run: predict and proxy;
+WebTorch's training (WAL) with 1 and 2 workers, and how far behind the newest weights a worker
+that does not train answers.
 
     PYTHONPATH=$PWD/src .venv/bin/python benchmarks/workers.py [--duration 5] [--warmup 2]
-        [--rounds 2] [--connections 64]
+        [--rounds 2] [--connections 64] [--workloads predict,proxy,train]
 
 - predict: WebTorch serving XOR (``POST /models/xor/predict``), nginx ``return 200`` with the
   same answer (what benchmarks/run.py compares: nginx's figure is the HTTP ceiling, not a model).
 - proxy: ``GET /`` through WebTorch's proxy (benchmarks/proxy.py's config: round robin, passive
   health, retries, active checks) or nginx ``proxy_pass`` (same), to one upstream, an nginx
   ``return 200`` in one process; each proxy keeps as many idle upstream connections as wrk opens.
-- train: not measured. With ``workers > 1`` WebTorch refuses training at start (issue 22: one
-  trainer per model across workers is the next step); with 1 it is benchmarks/train.py's figure.
+- train: ``POST /models/xor/train``, one example per request, ``durability = "wal"`` (each
+  step fsynced before its answers), WebTorch only. With 2 workers one of them trains and the
+  other forwards its share of the requests over a unix socket (issue 22 part 2).
+- lag (2 workers): while wrk trains as above, one keep-alive client predicts back to back on
+  the worker that does not train. For each answer: how many versions the trainer had published
+  beyond the one it carries (``webtorch-model-version``) when it arrived, and for how long the
+  first of them had been out (read from the shared weights' header, polled by a thread).
 
 Each server runs ``server.workers`` / ``worker_processes`` = 1 or 2 and wrk ``-t1 -cN`` for
 ``--duration`` s after ``--warmup`` s, all unpinned: on a 2-core machine 2 workers, wrk (and for
@@ -22,14 +29,19 @@ per round, in turn).
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import mmap
+import os
 import re
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +53,7 @@ import webtorch_harness as harness
 ROOT = Path(__file__).resolve().parent.parent
 XOR = ROOT / "src" / "webtorch" / "examples" / "xor.py"
 PREDICT_BODY = '{"inputs": [[0, 1]]}'
+TRAIN_BODY = '{"inputs": [[0, 1]], "targets": [[1]]}'
 NGINX_BODY = '{"outputs":[[0.9991369843482971]]}'  # XOR's short-form answer, same size
 
 
@@ -127,6 +140,21 @@ def webtorch_predict(workers: int) -> str:
     return f'[server]\nworkers = {workers}\n\n[models.xor]\npath = "{XOR}"\n'
 
 
+def webtorch_train(workers: int, state: Path) -> str:
+    return textwrap.dedent(f"""\
+        [server]
+        workers = {workers}
+
+        [models.xor]
+        path = "{XOR}"
+
+        [models.xor.train]
+        enabled = true
+        durability = "wal"
+        state_dir = "{state}"
+        """)
+
+
 def webtorch_proxy(upstream: int, pool: int, workers: int) -> str:
     return textwrap.dedent(f"""\
         [server]
@@ -157,7 +185,7 @@ def webtorch_proxy(upstream: int, pool: int, workers: int) -> str:
 
 @dataclass
 class Case:
-    workload: str  # predict | proxy
+    workload: str  # predict | proxy | train
     server: str  # webtorch | nginx
     workers: int
     rps: list[float] = field(default_factory=list)
@@ -181,11 +209,12 @@ def started(case: Case, workdir: Path, connections: int) -> Iterator[tuple[str, 
                 )  # fmt: skip
                 upstream.wait_http("/")
             if case.server == "webtorch":
-                toml = (
-                    webtorch_predict(case.workers)
-                    if case.workload == "predict"
-                    else webtorch_proxy(port, connections, case.workers)
-                )
+                if case.workload == "predict":
+                    toml = webtorch_predict(case.workers)
+                elif case.workload == "train":
+                    toml = webtorch_train(case.workers, scratch / "state")
+                else:
+                    toml = webtorch_proxy(port, connections, case.workers)
                 server: harness.Process = harness.serve(toml=toml, workdir=scratch)
             else:
                 sport = harness.free_port()
@@ -225,13 +254,14 @@ def wrk(url: str, connections: int, seconds: int, lua: Path | None) -> tuple[flo
 def measure(case: Case, workdir: Path, args: argparse.Namespace) -> None:
     lua = None
     path = "/"
-    if case.workload == "predict":
-        lua = workdir / "predict.lua"
+    if case.workload in ("predict", "train"):
+        lua = workdir / f"{case.workload}.lua"
+        body = PREDICT_BODY if case.workload == "predict" else TRAIN_BODY
         lua.write_text(
-            f'wrk.method = "POST"\nwrk.body = {json.dumps(PREDICT_BODY)}\n'
+            f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
             'wrk.headers["Content-Type"] = "application/json"\n'
         )
-        path = "/models/xor/predict" if case.server == "webtorch" else "/"
+        path = f"/models/xor/{case.workload}" if case.server == "webtorch" else "/"
     with started(case, workdir, args.connections) as (url, pids):
         wrk(url + path, args.connections, args.warmup, lua)
         before, start = harness.cpu_times(pids).total, time.monotonic()
@@ -243,19 +273,109 @@ def measure(case: Case, workdir: Path, args: argparse.Namespace) -> None:
     case.errors.append(errors)
 
 
+HEADER = struct.Struct("<Qqd16s")  # serve/versions.py's: seq, version, published, fingerprint
+
+
+def shared_weights(after: float) -> Path:
+    """The weights file of the master started last (its private directory under /dev/shm)."""
+    found = [
+        path
+        for path in Path("/dev/shm").glob("webtorch-*/weights-xor")
+        if path.stat().st_mtime >= after
+    ]
+    if not found:
+        raise SystemExit("error: no shared weights under /dev/shm")
+    return max(found, key=lambda path: path.stat().st_mtime)
+
+
+def other_worker(url: str) -> http.client.HTTPConnection:
+    """A keep-alive connection to worker 1 (the one that does not train XOR)."""
+    host, port = url.removeprefix("http://").split(":")
+    for _ in range(200):
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        if re.search(r'webtorch_worker\{pid="\d+",slot="1"\} 1\.0', text):
+            return conn
+        conn.close()
+    raise SystemExit("error: no connection reached worker 1")
+
+
+def lag(workdir: Path, args: argparse.Namespace) -> tuple[list[int], list[float], int]:
+    """With 2 workers under wrk's train load: per prediction answered by worker 1, the versions
+    it was behind and for how many ms the first newer one had been out; and the steps taken."""
+    case = Case("train", "webtorch", 2)
+    published: dict[int, float] = {}  # version -> when it was published (time.monotonic)
+    behind: list[int] = []
+    late_ms: list[float] = []
+    start = time.time() - 1
+    with started(case, workdir, args.connections) as (url, _):
+        memory = mmap.mmap(os.open(shared_weights(start), os.O_RDONLY), HEADER.size,
+                           prot=mmap.PROT_READ)  # fmt: skip
+        stop = threading.Event()
+
+        def watch() -> None:  # every version as it comes out (a step takes far longer)
+            while not stop.is_set():
+                seq, version, at, _ = HEADER.unpack_from(memory, 0)
+                if seq % 2 == 0 and version not in published:
+                    published[version] = at
+                time.sleep(0.0005)  # a poll, not a wait: 0.5 ms is the figure's resolution
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        conn = other_worker(url)
+        load = threading.Thread(
+            target=wrk, args=(url + "/models/xor/train", args.connections, args.duration,
+                              workdir / "train.lua"),
+        )  # fmt: skip
+        load.start()
+        try:
+            while load.is_alive():
+                conn.request("POST", "/models/xor/predict", PREDICT_BODY,
+                             {"content-type": "application/json"})  # fmt: skip
+                reply = conn.getresponse()
+                reply.read()
+                now = time.monotonic()
+                version = int(reply.getheader("webtorch-model-version", "-1"))
+                newest = HEADER.unpack_from(memory, 0)[1]
+                behind.append(max(0, newest - version))
+                first_newer = published.get(version + 1)
+                late_ms.append(
+                    (now - first_newer) * 1e3
+                    if first_newer is not None and newest > version
+                    else 0.0
+                )
+        finally:
+            load.join()
+            stop.set()
+            watcher.join()
+            conn.close()
+        steps = HEADER.unpack_from(memory, 0)[1]
+        memory.close()
+    return behind, late_ms, steps
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--workloads", default="predict,proxy,train", help="comma-separated: predict,proxy,train"
+    )
     args = parser.parse_args()
+    chosen = args.workloads.split(",")
     cases = [
         Case(workload, server, workers)
         for workload in ("predict", "proxy")
+        if workload in chosen
         for server in ("nginx", "webtorch")
         for workers in (1, 2)
-    ]
+    ] + [Case("train", "webtorch", workers) for workers in (1, 2) if "train" in chosen]
+    behind: list[int] = []
+    late_ms: list[float] = []
+    answers = steps = 0
     with tempfile.TemporaryDirectory(prefix="webtorch-workers-") as tmp:
         for round_ in range(args.rounds):
             for case in cases:
@@ -263,6 +383,13 @@ def main() -> int:
                 print(f"round {round_ + 1}: {case.workload} {case.server} x{case.workers}: "
                       f"{case.rps[-1]:,.0f} req/s, {case.cpu_us[-1]:.1f} us CPU/request",
                       file=sys.stderr, flush=True)  # fmt: skip
+            if "train" not in chosen:
+                continue
+            lagged = lag(Path(tmp), args)
+            behind += lagged[0]
+            late_ms += lagged[1]
+            answers += len(lagged[0])
+            steps += lagged[2]
     median: Callable[[list[float]], float] = statistics.median
     print("| workload | server | workers | req/s | server CPU us/request | cores used by the "
           "server | errors |")  # fmt: skip
@@ -272,6 +399,14 @@ def main() -> int:
             f"| {case.workload} | {case.server} | {case.workers} | {median(case.rps):,.0f} | "
             f"{median(case.cpu_us):.1f} | {median(case.cores):.2f} | {sum(case.errors)} |"
         )
+    if "train" not in chosen:
+        return 0
+    print(f"\nlag (2 workers, {answers} predictions on worker 1 during {steps} train steps):")
+    print("| | p50 | p99 | max |\n|---|---:|---:|---:|")
+    for name, values in (("versions behind", [float(b) for b in behind]), ("ms behind", late_ms)):
+        ordered = sorted(values) or [0.0]
+        p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        print(f"| {name} | {ordered[len(ordered) // 2]:.2f} | {p99:.2f} | {ordered[-1]:.2f} |")
     return 0
 
 

@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from webtorch.serve.endpoint import ModelEndpoint
     from webtorch.serve.executor import Executor
     from webtorch.serve.model import LoadedModel
+    from webtorch.serve.trainers import Trainers
     from webtorch.train.trainer import Trainer
 
 log = logging.getLogger("webtorch")
@@ -87,6 +88,7 @@ class App:
         *,
         listen_from_cli: bool = False,
         stages: set[str] | None = None,
+        placement: Trainers | None = None,
     ) -> None:
         self.metrics = Metrics()
         # Pipelines first: `--stages` serves only the models its stages need.
@@ -118,8 +120,11 @@ class App:
         self.auth = Auth(config.server.bearer_token, config.server.allowed_origins)
         self.dashboard: Dashboard | None = None
         self._extensions: list[str] = []  # /v2's extensions, made with the routes
-        self.repository = ModelRepository(config, self.metrics, self.auth, _trainer)
+        self.placement = placement
+        self.repository = ModelRepository(config, self.metrics, self.auth, _trainer, placement)
         self.server: HttpServer | None = None
+        # A trainer worker's second listener: the train requests other workers forward to it.
+        self.forwarded: HttpServer | None = None
         self._ready = False
         self._compaction: asyncio.TimerHandle | None = None
         self.proxies: Proxies | None = None
@@ -317,6 +322,8 @@ class App:
             # New connections get the new limits; the connection cap applies at once.
             self.server.apply_limits(Limits(**server.limits.model_dump()))
             self.server.state.request_ids = server.request_id
+        if self.forwarded is not None:
+            self.forwarded.apply_limits(Limits(**server.limits.model_dump()))
 
     def _management(self, request: Request) -> None:
         """A management endpoint's checks: on by config, POST, not sendable by a page elsewhere
@@ -349,6 +356,7 @@ class App:
         if problem is not None:
             raise ConfigError(problem)
         assert self.router is not None
+        inner = handler
         observer: Observer = self.metrics.observe_request
         guarded = None
         if self.config.guard is not None:
@@ -376,6 +384,7 @@ class App:
         )
         try:
             await self.server.start()
+            await self._listen_forwarded(inner)
         except BaseException:
             if access_log is not None:
                 access_log.close()
@@ -405,6 +414,29 @@ class App:
         self._compact_metrics()
         self._ready = True
         return self.server
+
+    async def _listen_forwarded(self, handler: Handler) -> None:
+        """A trainer worker (server.workers > 1) also takes the train requests that the other
+        workers forward (serve/train_forward.py) on a unix socket in the master's private directory:
+        the router without the guard, which the receiving worker asked already, and neither
+        access log nor request metrics, which it keeps (one line and one count per request).
+        Opened after the models recovered from their WALs, so nothing is forwarded before."""
+        placement = self.placement
+        path = placement.listens() if placement is not None else None
+        if path is None:
+            return
+        path.unlink(missing_ok=True)  # a trainer worker before this one was killed
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            sock.listen(4096)
+        except BaseException:
+            sock.close()
+            raise
+        self.forwarded = HttpServer(
+            handler, "", 0, limits=Limits(**self.config.server.limits.model_dump()), sock=sock
+        )
+        await self.forwarded.start()
 
     def _guard(self, handler: Handler, settings: GuardConfig) -> GuardedHandler:
         """Every request through the guard before ``handler``; its metrics and stats exposed."""
@@ -480,7 +512,12 @@ class App:
     async def stop(self) -> None:
         """Graceful: stop accepting, finish in-flight requests, then the executors."""
         if self.server is not None:
-            await self.server.shutdown()
+            # The forwarded requests drain with the others: a worker draining beside this one
+            # still waits for their answers.
+            await asyncio.gather(
+                self.server.shutdown(),
+                *([self.forwarded.shutdown()] if self.forwarded is not None else []),
+            )
         if self._compaction is not None:
             self._compaction.cancel()
         if self.proxies is not None:

@@ -1,5 +1,6 @@
 """``server.workers`` and ``[server.master]``: what several workers refuse to serve yet (issue
-22), "auto", and the one reload check that a single server and the master share."""
+22: management), where trained models train, "auto", and the one reload check that a single
+server and the master share."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from tests.conftest import XOR
 from webtorch import config
 from webtorch.errors import ConfigError
+from webtorch.workers.master import assign
 
 
 def load(text: str, tmp_path: Path) -> config.Config:
@@ -29,7 +31,7 @@ def test_workers_default_to_one_and_auto_is_the_usable_cores(tmp_path: Path) -> 
         load("[server]\nworkers = 2\n[server.master]\nbogus = 1\n", tmp_path)
 
 
-def test_training_with_several_workers_is_refused_naming_the_issue(tmp_path: Path) -> None:
+def test_training_with_several_workers_is_served_one_trainer_per_model(tmp_path: Path) -> None:
     text = f"""
 [server]
 workers = 2
@@ -39,14 +41,21 @@ path = "{XOR}"
 
 [models.xor.train]
 enabled = true
+
+[models.other]
+path = "{XOR}"
+
+[models.other.train]
+enabled = true
+
+[models.served]
+path = "{XOR}"
 """
-    with pytest.raises(ConfigError) as refused:
-        load(text, tmp_path)
-    message = str(refused.value)
-    assert "server.workers" in message and "training is enabled for xor" in message
-    assert "issue 22" in message and "workers = 1" in message
-    # One worker trains as before.
-    assert load(text.replace("workers = 2", "workers = 1"), tmp_path).models["xor"].train.enabled
+    cfg = load(text, tmp_path)
+    assert cfg.workers_problem() is None
+    trained = [name for name, mc in cfg.models.items() if mc.train.enabled]
+    assert assign(trained, 2) == {"xor": 0, "other": 1}
+    assert assign(trained, 1) == {"xor": 0, "other": 0}
 
 
 def test_management_with_several_workers_is_refused(tmp_path: Path) -> None:

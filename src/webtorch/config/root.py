@@ -75,20 +75,12 @@ class Config(Strict):
         return self
 
     def workers_problem(self) -> str | None:
-        """What several workers cannot serve yet, if the config asks for it (issue 22): each
-        worker would hold a model's trainer, WAL and checkpoints of its own, and the repository
-        API and /admin/reload would change the one worker a request reaches."""
+        """What several workers cannot serve yet, if the config asks for it (issue 22): the
+        repository API and /admin/reload would change the one worker a request reaches.
+        (Training is served: one worker trains each model, the others forward to it.)"""
         count = self.server.worker_count
         if count <= 1:
             return None
-        training = [name for name, mc in self.models.items() if mc.train.enabled]
-        if training:
-            return (
-                f"server.workers: training is enabled for {', '.join(training)}, and with "
-                f"{count} workers each would train its own copy with its own WAL (issue 22: one "
-                "trainer per model across workers is not built yet); serve with workers = 1, "
-                "or turn training off"
-            )
         if self.server.management:
             return (
                 f"server.workers: the management endpoints would load, unload and reload in the "

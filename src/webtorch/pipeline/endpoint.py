@@ -32,6 +32,7 @@ from webtorch.pipeline.models import ModelPlacement
 from webtorch.pipeline.runner import Call
 from webtorch.pipeline.served import ServedPipeline, describe
 from webtorch.serve.oip import Auth, require_method
+from webtorch.serve.train_forward import RemoteTrainer
 from webtorch.serve.wire.oip_json import oip_document, oip_tensors, request_id
 from webtorch.serve.wire.tensors import strict_array
 from webtorch.train.forms import TrainForms, TrainRequest, idempotency_key
@@ -137,10 +138,14 @@ class PipelineEndpoint:
 
         return handler
 
-    def _train_stage(self, request: Request) -> tuple[ModelPlacement, TrainForms]:
+    def _train_stage(self, request: Request) -> tuple[ModelPlacement, TrainForms] | RemoteTrainer:
         """The model stage a train request trains, after the checks any train request gets
-        whatever its body (training on, CSRF, token)."""
-        trained = []
+        whatever its body (training on, CSRF, token); or, when another worker trains that model
+        (``server.workers > 1``), the way to that worker, which serves the whole request: it
+        runs the same stages up to the model, so cleaning and featurizing stay with the WAL
+        that logs their output."""
+        trained: list[tuple[ModelPlacement, TrainForms]] = []
+        elsewhere: list[RemoteTrainer] = []
         for name in self._trained:
             runner = self.runner.stages.get(name)
             model = runner.placement if runner is not None else None
@@ -148,7 +153,9 @@ class PipelineEndpoint:
                 endpoint = self.endpoints.get(model.model)
                 if endpoint is not None and endpoint.executor.training is not None:
                     trained.append((model, endpoint.executor.training.forms()))
-        if len(trained) != 1:
+                elif endpoint is not None and endpoint.remote is not None:
+                    elsewhere.append(endpoint.remote)
+        if len(trained) + len(elsewhere) != 1:
             raise NotFound(
                 f"pipeline {self.name!r} has "
                 + ("no model stage that trains here" if not trained else "several that train")
@@ -158,12 +165,15 @@ class PipelineEndpoint:
             self.auth.check(request)
             require_method(request, "POST")
         self.auth.check_change(request)
-        return trained[0]
+        return trained[0] if trained else elsewhere[0]
 
     def train(self, request: Request) -> HandlerResult:
         """``POST /pipelines/{p}/train``: records and ``targets`` (JSON numbers), answered
         ``{"loss", "step"}`` as ``/models/{m}/train`` is."""
-        stage, forms = self._train_stage(request)
+        found = self._train_stage(request)
+        if isinstance(found, RemoteTrainer):
+            return found.forward(request)
+        stage, forms = found
         records, targets = wire.decode_records(
             request.body, request.content_type, request.raw_content_type, self.limits, train=True
         )
@@ -185,7 +195,10 @@ class PipelineEndpoint:
     def train_oip(self, request: Request) -> HandlerResult:
         """``POST /v2/pipelines/{p}/train``: ``inputs`` as for infer (BYTES elements: raw
         records), ``targets`` named like the model's (JSON or binary data, after the inputs')."""
-        stage, _ = self._train_stage(request)
+        found = self._train_stage(request)
+        if isinstance(found, RemoteTrainer):
+            return found.forward(request)
+        stage, _ = found
         header = request.header(b"inference-header-content-length")
         body = request.body
         doc, offset = oip_document(body, request.content_type, header)

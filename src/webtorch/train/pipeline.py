@@ -68,6 +68,10 @@ class Host(Protocol):
     def kick(self) -> None:
         """Schedule another look at what runs next (on a later loop turn)."""
 
+    def applied(self, step: int) -> None:
+        """A step was applied and the model is free: before its requests are answered (the
+        executor publishes the weights to the other workers, if there are any)."""
+
     def on_model(
         self, work: Callable[[], Any], done: Callable[[Any, BaseException | None], None]
     ) -> None:
@@ -353,6 +357,7 @@ class TrainPipeline:
             return
         assert self._steps[0] is step
         self._steps.popleft()
+        self.host.applied(result.step)  # other workers predict with it before anyone hears
         if not self._answer_together(step.jobs, result):
             self._answer(step.jobs, result)
         if step.batch.keys is not None:

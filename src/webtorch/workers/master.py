@@ -112,6 +112,11 @@ class Master:
             ),
         )
         self.mode = master.listen_socket
+        # Each trained model's one trainer worker, fixed for the master's life: a worker
+        # started again in a slot trains what the slot trains (serve/trainers.py).
+        self.trainers = assign(
+            [name for name, mc in cfg.models.items() if mc.train.enabled], server.worker_count
+        )
         self.sock: socket.socket | None = None
         self.address = ("", 0)
         self.workers: dict[int, _Worker] = {}  # by pid
@@ -250,6 +255,7 @@ class Master:
                 "shared": str(self.shared),
                 "workers": len(self.supervisor.slots),
                 "state": {**self.region.spec(), "fd": self.region.fd},
+                "trainers": self.trainers,
             }
             passed = [config_fd, beat_write, self.region.fd] + (
                 [self.sock.fileno()] if self.mode == "shared" else []
@@ -284,7 +290,9 @@ class Master:
             flush=True,
         )
         for slot, pid in enumerate(action.pids):
-            print(f"worker {slot}: pid {pid}", flush=True)
+            trains = [name for name, trainer in self.trainers.items() if trainer == slot]
+            also = f" (trains {', '.join(trains)})" if trains else ""
+            print(f"worker {slot}: pid {pid}{also}", flush=True)
 
     def _reload(self) -> None:
         """SIGHUP: the file is validated here, once, as a single server validates it; only a
@@ -351,6 +359,12 @@ class Master:
             if worker.proc.poll() is None:
                 worker.proc.kill()
                 worker.proc.wait()
+
+
+def assign(trained: list[str], workers: int) -> dict[str, int]:
+    """One trainer worker per trained model, round robin in the config's order: the models
+    spread over the workers, and one config always gives one placement."""
+    return {name: i % workers for i, name in enumerate(trained)}
 
 
 def _nothing(signum: int, frame: object) -> None:

@@ -30,6 +30,7 @@ from webtorch import config
 from webtorch.app import App
 from webtorch.errors import ConfigError, ModelLoadError
 from webtorch.http.server import HttpServer
+from webtorch.serve.trainers import Trainers
 from webtorch.shared.memory import Region, SharedStore
 from webtorch.workers.master import SPEC
 from webtorch.workers.scrape import Scrape
@@ -145,7 +146,9 @@ def main() -> int:
         # keeps it, as a single server keeps `serve --listen`'s.
         server = cfg.server.model_copy(update={"listen": spec["listen"]})
         cfg = cfg.model_copy(update={"server": server})
-        app = App(cfg, path, listen_from_cli=True)
+        # Which worker trains which model: the master's decision (trainers.py).
+        placement = Trainers(Path(spec["shared"]), slot, dict(spec["trainers"]))
+        app = App(cfg, path, listen_from_cli=True, placement=placement)
     except (ConfigError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
