@@ -189,6 +189,13 @@ def test_each_worker_publishes_and_merges_the_others_newest_leaving_out_stale_on
     one.timeline.sample()
     assert one.samples[-1]["workers"].keys() == {"0"}
     assert one.body(0)["started"] == 1000.0
+    # A file that does not read as a worker's (torn by hand, another version) is left out, and
+    # the tick that merges goes on.
+    two.path(1).write_bytes(b'{"sample": {"t": 1011.0}, "latency": 7}')
+    one.timeline.sample()
+    two.path(1).write_bytes(b"not json")
+    one.timeline.sample()
+    assert one.samples[-1]["workers"].keys() == {"0"} and one.seq == 1013
 
 
 def _empty() -> dict[str, Any]:

@@ -276,19 +276,31 @@ class Board:
             log.warning("cannot publish this worker's dashboard to %s: %s", target, exc)
         # The wall clock's second, never going back (an NTP step must not renumber history).
         self.seq = max(int(sample["t"]), self.seq + 1)
-        self.samples.append(merge_samples([own, *self.others(sample["t"])], self.seq))
+        others = self.others(sample["t"])
+        try:
+            merged = merge_samples([own, *others], self.seq)
+        except (KeyError, TypeError, ValueError) as exc:  # another version's shape (an upgrade)
+            log.warning("cannot merge the other workers' dashboards: %s", exc)
+            merged = merge_samples([own], self.seq)
+        self.samples.append(merged)
 
     def others(self, now: float) -> list[Published]:
+        """The other workers' newest publications, less those older than :data:`STALE` (a
+        worker dead and not yet replaced) and any that does not read as one: a listener of the
+        metrics' compaction tick must not raise, or that tick would stop."""
         found = []
         for slot in range(self.count):
             if slot == self.slot:
                 continue
             try:
                 other = orjson.loads(self.path(slot).read_bytes())
-            except (OSError, orjson.JSONDecodeError):
+                fresh = now - float(other["sample"]["t"]) <= STALE
+                if fresh and other["latency"] and isinstance(other["current"], dict):
+                    found.append(other)
+            except OSError:
                 continue  # not published yet (starting)
-            if isinstance(other, dict) and now - float(other["sample"]["t"]) <= STALE:
-                found.append(other)
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                log.warning("worker %d's dashboard file does not read: %s", slot, exc)
         return found
 
     def body(self, since: int) -> dict[str, Any]:
