@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from webtorch.metrics import Metrics
 from webtorch.observe.timeline import QUANTILES, Timeline
@@ -196,6 +197,11 @@ def test_each_worker_publishes_and_merges_the_others_newest_leaving_out_stale_on
     two.path(1).write_bytes(b"not json")
     one.timeline.sample()
     assert one.samples[-1]["workers"].keys() == {"0"} and one.seq == 1013
+    two.timeline.sample()  # a fresh, whole one again
+    assert one.body(0)["workers"][1]["slot"] == 1
+    published = orjson.loads(two.path(1).read_bytes())
+    two.path(1).write_bytes(orjson.dumps({**published, "current": {}}))
+    assert [w["slot"] for w in one.body(0)["workers"]] == [0]
 
 
 def _empty() -> dict[str, Any]:

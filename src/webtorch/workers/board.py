@@ -36,6 +36,8 @@ from webtorch.observe.timeline import HISTORY, Sample, Timeline
 
 log: Final = logging.getLogger("webtorch.workers")
 
+# What a worker's present state holds (observe/dashboard.py's Dashboard.current).
+CURRENT_KEYS: Final = frozenset({"upstreams", "models", "guard", "pipelines"})
 STALE: Final = 3.0  # seconds: an older published sample is a dead or stuck worker's, left out
 Published = dict[str, Any]
 
@@ -295,11 +297,12 @@ class Board:
             try:
                 other = orjson.loads(self.path(slot).read_bytes())
                 fresh = now - float(other["sample"]["t"]) <= STALE
-                if fresh and other["latency"] and isinstance(other["current"], dict):
+                current = other["current"]
+                if fresh and other["latency"] and current.keys() >= CURRENT_KEYS:
                     found.append(other)
             except OSError:
                 continue  # not published yet (starting)
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
                 log.warning("worker %d's dashboard file does not read: %s", slot, exc)
         return found
 

@@ -39,6 +39,12 @@ from webtorch.workers.scrape import Scrape
 log: Final = logging.getLogger("webtorch.workers")
 
 _PR_SET_PDEATHSIG: Final = 1  # linux/prctl.h
+_NO_DASHBOARD: Final[dict[str, object]] = {
+    "upstreams": {},
+    "models": {},
+    "guard": None,
+    "pipelines": {},
+}
 
 
 def beat_interval(heartbeat_timeout: float) -> float:
@@ -163,7 +169,8 @@ def main() -> int:
     app.scrape = scrape.handle
     board = Board(
         app.timeline,
-        lambda: app.dashboard.current() if app.dashboard is not None else {},
+        # The dashboard is made with the routes, before the first sample.
+        lambda: app.dashboard.current() if app.dashboard is not None else _NO_DASHBOARD,
         Path(spec["shared"]),
         slot,
         int(spec["workers"]),
