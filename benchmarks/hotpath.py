@@ -118,7 +118,7 @@ async def run(path: str, conns: int, rounds: int) -> None:
     app = App(cfg)
     loop = asyncio.get_running_loop()
     handler = app.build_handler(loop)
-    from webtorch.http.protocol import ServerState
+    from webtorch.http.state import ServerState
 
     observer = None if os.environ.get("NO_OBSERVER") else app.metrics.observe_request
     guarded = None
