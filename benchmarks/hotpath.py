@@ -6,7 +6,9 @@ PYTHONPATH pointing at a worktree's src/).
 
     taskset -c 0 .venv/bin/python benchmarks/hotpath.py [--path /models/xor/predict] [--rounds 2000]
 
-NO_OBSERVER=1 leaves out the per-request metrics observer, to see what it costs; REQUEST_ID=1
+NO_MODELS=1 leaves the model out of the config (for /fixed and /proxy): torch is not loaded, so
+the process starts in a second, as a run under valgrind needs; NO_OBSERVER=1 leaves out the
+per-request metrics observer, to see what it costs; REQUEST_ID=1
 gives every request an X-Request-Id (server.request_id, on in a served config); ACCESS_LOG=FILE
 writes the access log there (its writer thread's CPU counts too). GUARD=bucket puts the guard's
 token bucket in front (no detector), GUARD=full the bucket and the shipped detector (enforcing),
@@ -93,14 +95,18 @@ def guard_config(kind: str) -> dict[str, Any]:
 
 
 async def run(path: str, conns: int, rounds: int) -> None:
+    models = {
+        "xor": {
+            "path": str(XOR),
+            "train": {"enabled": True, "durability": "none", "max_batch": conns},
+        }
+    }
+    if os.environ.get("NO_MODELS"):
+        assert path in ("/fixed", "/proxy"), "NO_MODELS=1 is for the paths without a model"
+        models = {}
     cfg = config.from_dict(
         {
-            "models": {
-                "xor": {
-                    "path": str(XOR),
-                    "train": {"enabled": True, "durability": "none", "max_batch": conns},
-                }
-            },
+            "models": models,
             "upstreams": {
                 "backend": {
                     "servers": ["127.0.0.1:9"],
