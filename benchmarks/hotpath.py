@@ -12,9 +12,12 @@ per-request metrics observer, to see what it costs; REQUEST_ID=1
 gives every request an X-Request-Id (server.request_id, on in a served config); ACCESS_LOG=FILE
 writes the access log there (its writer thread's CPU counts too). GUARD=bucket puts the guard's
 token bucket in front (no detector), GUARD=full the bucket and the shipped detector (enforcing),
-GUARD=monitor the same in monitor mode; each connection is its own client address, and the
-request carries a browser's headers and a fresh query string (as the live benign mix does), so
-the detector's per-part cache hits on the headers and misses on the query.
+GUARD=monitor the same in monitor mode, GUARD=surge the bucket and the surge defence; each
+connection is its own client address, and the request carries a browser's headers and a fresh
+query string (as the live benign mix does), so the detector's per-part cache hits on the headers
+and misses on the query. SHARED=1 gives the app the shared-memory state store a worker of
+`server.workers > 1` has (webtorch/shared/): the guard's buckets, bans and surge and the proxy's
+upstream marks go through it instead of the in-process one.
 """
 
 from __future__ import annotations
@@ -46,7 +49,12 @@ BODIES = {
     # Proxied to an upstream whose connections are fake transports answering at once, like
     # nginx's `return 200` (its real header set): the proxy's own work on both sides.
     "/proxy": b"",
+    # Pipelines (benchmarks/models/pipeline_*.py): one loop stage passing records through;
+    # and the xor model as a pipeline's one stage (records in, rows out).
+    "/pipelines/one/predict": b'{"records": [[0, 1]]}',
+    "/pipelines/xor/predict": b'{"records": [[0, 1]]}',
 }
+MODELS = Path(__file__).resolve().parent / "models"
 UPSTREAM_RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Tue, 24 Nov 2026 02:00:00 GMT\r\n"
     b"Content-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
@@ -88,10 +96,20 @@ def guard_config(kind: str) -> dict[str, Any]:
         return {}
     # A rate no client of this loop reaches: the bucket's bookkeeping runs, nothing is refused.
     guard: dict[str, Any] = {"mode": "enforce", "rate": 1e9, "burst": 1e9, "model": "none"}
+    if kind == "surge":  # the bucket and the surge defence (never refusing either)
+        guard["surge_rate"] = 1e9
     if kind in ("full", "monitor"):
         del guard["model"]
         guard["mode"] = "enforce" if kind == "full" else "monitor"
     return {"guard": guard}
+
+
+def pipelines_config(path: str) -> dict[str, Any]:
+    """The pipeline the path names (only then: the other paths measure as before)."""
+    if not path.startswith("/pipelines/"):
+        return {}
+    name = path.split("/")[2]
+    return {"pipelines": {name: {"path": str(MODELS / f"pipeline_{name}.py")}}}
 
 
 async def run(path: str, conns: int, rounds: int) -> None:
@@ -119,9 +137,16 @@ async def run(path: str, conns: int, rounds: int) -> None:
                 {"path": "/fixed", "return": 200, "body": "{}"},
                 {"path": "/proxy", "upstream": "backend"},
             ],
+            **pipelines_config(path),
         }
     )
     app = App(cfg)
+    region = None
+    if os.environ.get("SHARED"):
+        from webtorch.shared.memory import Region, SharedStore
+
+        region = Region.create(cfg.guard.max_clients if cfg.guard is not None else 0)
+        app.shared = SharedStore(region, 0, 2)
     loop = asyncio.get_running_loop()
     handler = app.build_handler(loop)
     from webtorch.http.state import ServerState
@@ -157,7 +182,7 @@ async def run(path: str, conns: int, rounds: int) -> None:
     if path == "/proxy":
         # wrk's request, and a pool already holding one warm connection per client.
         raw = b"GET /proxy HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
-        from webtorch.http.client import UpstreamConnection
+        from webtorch.http.client.connection import UpstreamConnection
 
         assert app.proxies is not None
         pool = app.proxies.groups["backend"].pools[0]
@@ -217,6 +242,8 @@ async def run(path: str, conns: int, rounds: int) -> None:
     print(f"{path}: {1e6 * cpu / n:.2f} us CPU/request, {n / wall:,.0f} req/s (no sockets)")
     if access_log is not None:
         print(f"access log: {access_log.lines} lines written, {access_log.dropped} dropped")
+    if region is not None:
+        region.destroy()
 
 
 def main() -> None:

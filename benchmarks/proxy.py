@@ -6,11 +6,12 @@
 One upstream, an nginx ``return 200`` in one process (``master_process off``, access log off),
 runs on CPU 1 beside wrk (``taskset -c 1 wrk -t1 -cN --latency``, GET /, N = 32 and 64 by
 default). In front of it, in turn and each alone on CPU 0: nginx ``proxy_pass`` (one worker, an
-``upstream`` block with ``keepalive 32``, HTTP/1.1 to the upstream, ``max_fails``/``fail_timeout``,
+``upstream`` block with ``keepalive N``, HTTP/1.1 to the upstream, ``max_fails``/``fail_timeout``,
 ``proxy_next_upstream error timeout``) and ``webtorch serve`` with an ``[upstreams]`` group
-(connection pool of 32, ``round_robin``, passive health, retries and an active health check every
-second). The row "direct" is wrk against the upstream itself, with no proxy: context, what CPU 1
-serves when it does nothing but the upstream and wrk. Every measurement gets a fresh upstream.
+(``keepalive = N``, ``round_robin``, passive health, retries and an active health check every
+second): both keep as many idle upstream connections as wrk has client connections. The row
+"direct" is wrk against the upstream itself, with no proxy: context, what CPU 1 serves when it
+does nothing but the upstream and wrk. Every measurement gets a fresh upstream.
 
 Besides wrk's req/s and latency, each proxied measurement reads utime + stime from
 /proc/PID/stat of every process in the proxy's session (nginx: master and worker) just before and
@@ -79,6 +80,7 @@ MARK_END = "<!-- proxy:end -->"
 PATH = "/"
 HEALTH_PATH = "/health"
 STATUS_PATH = "/upstream-status"  # the upstream's stub_status: the connections it accepted
+POOL = 32  # idle upstream connections each proxy keeps, at least; raised to the connection count
 
 # Targets WebTorch's proxy is held to, against nginx measured in the same rounds.
 MAX_CPU_RATIO = 1.5  # CPU per request <= 1.5x nginx's
@@ -149,9 +151,10 @@ def upstream_command(
 
 
 def nginx_proxy_command(
-    port: int, upstreams: list[int], workdir: Path, name: str = "nginx-proxy"
+    port: int, upstreams: list[int], workdir: Path, name: str = "nginx-proxy", pool: int = POOL
 ) -> list[str]:
-    """nginx ``proxy_pass`` with one worker: keep-alive pool to the upstreams, passive health
+    """nginx ``proxy_pass`` with one worker: a keep-alive pool of ``pool`` idle connections
+    to the upstreams (``keepalive``, per worker), passive health
     (``max_fails=1 fail_timeout=10s``) and retries on errors and timeouts (at most 3 tries), the
     timeouts of WebTorch's configuration below, and the usual forwarding headers."""
     conf = workdir / f"{name}.conf"
@@ -159,7 +162,7 @@ def nginx_proxy_command(
         *nginx_main(workdir, name, one_process=False),
         "    upstream backend {",
         *(f"        server 127.0.0.1:{u} max_fails=1 fail_timeout=10s;" for u in upstreams),
-        "        keepalive 32;",
+        f"        keepalive {pool};",
         "    }",
         "    server {",
         f"        listen 127.0.0.1:{port};",
@@ -182,7 +185,9 @@ def nginx_proxy_command(
     return nginx_argv(conf, workdir, name)
 
 
-def webtorch_proxy_config(port: int, upstreams: list[int], outlier: bool = True) -> str:
+def webtorch_proxy_config(
+    port: int, upstreams: list[int], outlier: bool = True, pool: int = POOL
+) -> str:
     """Every proxy feature on: pooling, round robin, passive health, retries, active checks and
     (by default, as WebTorch's defaults have it) outlier ejection."""
     servers = ", ".join(f'"127.0.0.1:{u}"' for u in upstreams)
@@ -199,7 +204,7 @@ def webtorch_proxy_config(port: int, upstreams: list[int], outlier: bool = True)
         [upstreams.backend]
         servers = [{servers}]
         policy = "round_robin"
-        keepalive = 32
+        keepalive = {pool}
         connect_timeout = 1.0
         read_timeout = 5.0
         max_fails = 1
@@ -231,14 +236,16 @@ def webtorch_proxy_command(
     workdir: Path,
     name: str = "webtorch-proxy",
     outlier: bool = True,
+    pool: int = POOL,
 ) -> list[str]:
     config = workdir / f"{name}.toml"
-    config.write_text(webtorch_proxy_config(port, upstreams, outlier))
+    config.write_text(webtorch_proxy_config(port, upstreams, outlier, pool))
     return [venv_bin("webtorch"), "serve", str(config)]
 
 
-# (proxy port, upstream ports, scratch directory) -> the proxy's argv, before taskset
-ProxyCommand = Callable[[int, list[int], Path], list[str]]
+# (proxy port, upstream ports, scratch directory, keep-alive pool) -> the proxy's argv, before
+# taskset
+ProxyCommand = Callable[..., list[str]]
 
 
 @dataclass(frozen=True)
@@ -465,7 +472,11 @@ def measure(case: Case, settings: Settings) -> ProxyResult:
                 return result
             port = free_port()
             log = workdir / f"{target.key}-{port}.log"
-            with running(target.command(port, [upstream_port], workdir), log) as proc:
+            # Each proxy keeps as many idle upstream connections as wrk opens client
+            # connections: with a smaller pool, nginx closes the surplus whenever it goes idle
+            # and opens new ones for the next burst, and the comparison measures that churn.
+            argv = target.command(port, [upstream_port], workdir, pool=max(POOL, connections))
+            with running(argv, log) as proc:
                 url = f"http://127.0.0.1:{port}{PATH}"
                 wait_for_get(proc, url, log, NGINX_BODY.encode())
                 run_wrk(url, lua, connections, settings.warmup)
@@ -671,10 +682,11 @@ def method_line(settings: Settings) -> str:
         f"{' and '.join(map(str, settings.connections))}, after a {settings.warmup}s warm-up); "
         "the proxy under test runs "
         f"alone on CPU {SERVER_CPU}. nginx: one worker, `upstream {{ server ... max_fails=1 "
-        'fail_timeout=10s; keepalive 32; }`, `proxy_http_version 1.1`, `Connection ""`, Host '
+        "fail_timeout=10s; keepalive N; }` (N = the connection count), `proxy_http_version 1.1`, "
+        '`Connection ""`, Host '
         "and X-Forwarded-For/-Proto set, `proxy_next_upstream error timeout`, 3 tries, 1 s "
         "connect and 5 s read timeouts. WebTorch: the same as an `[upstreams]` group with "
-        '`policy = "round_robin"`, `keepalive = 32`, `max_fails = 1`, `fail_timeout = 10`, '
+        '`policy = "round_robin"`, `keepalive = N`, `max_fails = 1`, `fail_timeout = 10`, '
         "retries (3 tries on error, timeout, 502-504) and an active health check of /health "
         "every second. Proxy CPU is utime + stime from /proc/PID/stat, summed over the proxy's "
         "session (nginx: master + worker), read before and after the measured wrk run and "
@@ -728,21 +740,20 @@ def render(results: dict[str, ProxyRounds], settings: Settings, load_before: str
 READING = [
     "- CPU per request is the figure to compare: it does not depend on which CPU limited req/s "
     "in a round (see the idle columns), and the noisy machine moves it far less than req/s.",
-    "- Both proxies are configured to keep 32 idle connections to the upstream (nginx "
-    "`keepalive 32`, WebTorch `keepalive = 32`). With 32 client connections every request finds "
-    "a pooled connection (about 1 new connection per 1k requests: both retire a connection "
-    "after 1,000 requests). With 64, more requests are in flight than 32 idle connections cover: "
-    "nginx closes the surplus as soon as it goes idle and opens new ones for the next burst, "
-    "while WebTorch parks the surplus and trims it only after a second idle, so it keeps "
-    "reusing them. The connections column shows what each proxy did; the 32-connection table is "
-    "the like-for-like comparison of the two proxies' cost per request.",
+    "- Both proxies keep as many idle connections to the upstream as wrk opens to them (nginx "
+    "`keepalive N`, WebTorch `keepalive = N`), so every request finds a pooled connection "
+    "(about 1 new connection per 1k requests: both retire a connection after 1,000 requests). "
+    "With a pool smaller than the connection count, nginx closes the surplus as soon as it goes "
+    "idle and opens new ones for the next burst, while WebTorch parks it for a second: earlier "
+    "runs of this benchmark gave both a pool of 32 at 64 connections, which measured nginx's "
+    "connection churn rather than its proxying. The connections column shows what each did.",
     "- Where the CPU goes (utime and stime read apart, 32 connections, 2026-11-24, later "
     "session): nginx ~3 us of user and 12-15 us of kernel time per request; WebTorch 8.5-9.5 us "
     "of user time (compiled core) and 13-17 us of kernel time. Both make the same syscalls "
     "(two reads, two writes per proxied request, the same TCP segments); the kernel time above "
     "nginx's is mostly waking the peers on CPU 1 (wrk, the upstream), which idle more behind a "
     "slower proxy and are then woken across cores, dearer on these VMs than the write itself. "
-    "Writing the requests to the upstreams once per loop iteration (`http/client.py`, "
+    "Writing the requests to the upstreams once per loop iteration (`http/client/pool.py`, "
     "`Flusher`) instead of one write per request in uvloop's eager `transport.write` cut it "
     "from 17-19 us to 13-14 us. User time is spread over some 45 calls per request (parse, "
     "route, pick, pool, header rewrite, relay, health, retry budget, metrics), none above a few "

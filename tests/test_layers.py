@@ -21,6 +21,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # and any component of a lower layer; components of one layer are independent of each other.
 LAYERS: list[dict[str, list[str]]] = [
     {"vocabulary": ["webtorch", "webtorch.errors", "webtorch.vocab", "webtorch.compiled"]},
+    # State the workers of one server share (the guard's buckets and bans, upstream marks).
+    {"shared": ["webtorch.shared"]},
     {"http": ["webtorch.http"]},
     {"metrics": ["webtorch.metrics"]},  # the instruments every layer above records into
     {"balance": ["webtorch.balance"]},
@@ -34,8 +36,12 @@ LAYERS: list[dict[str, list[str]]] = [
     },
     {"train": ["webtorch.train"], "guard": ["webtorch.guard"]},
     {"serve": ["webtorch.serve"]},  # batching, executing, endpoints, the model repository
+    # Pipelines: stages over models' executors and function placements, their endpoints.
+    {"pipeline": ["webtorch.pipeline"]},
     {"views": ["webtorch.observe"]},  # dashboard, timeline, access log: they read the layers below
     {"app": ["webtorch.app"], "examples": ["webtorch.examples"]},
+    # Several processes: the master (config and the standard library only) and its workers (app).
+    {"workers": ["webtorch.workers"]},
     {"cli": ["webtorch.cli"]},
 ]
 
@@ -44,6 +50,10 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("webtorch", "webtorch.serve.model"): (
         "the package's lazy facade: `from webtorch import Model` in a model file; imported on "
         "first attribute access, never by the server itself"
+    ),
+    ("webtorch", "webtorch.pipeline.spec"): (
+        "the package's lazy facade: `webtorch.stage`, `webtorch.Pipeline` in a pipeline file; "
+        "imported on first attribute access, never by the server itself"
     ),
 }
 

@@ -50,7 +50,8 @@ def test_the_guard_scores_without_torch() -> None:
         from webtorch import config
         from webtorch.guard.clients import N_CLIENT
         from webtorch.guard.features import RequestView
-        from webtorch.guard.shell import GuardedHandler, make_guard
+        from webtorch.guard.build import make_guard
+        from webtorch.guard.shell import GuardedHandler
 
         cfg = config.from_dict({"guard": {"mode": "enforce"}})
         guard = make_guard(cfg.guard, cfg.base_dir)

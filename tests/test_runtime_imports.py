@@ -23,8 +23,11 @@ TOOLING = (
 )
 
 
-def _imported_by_a_start(config: str, tmp_path: Path) -> dict[str, str]:
-    """Every module the start imported, with the module that imported it ("" at the top)."""
+def _imported_by_a_start(
+    config: str, tmp_path: Path, expect: str = "webtorch.http.protocol"
+) -> dict[str, str]:
+    """Every module the start imported, with the module that imported it ("" at the top);
+    ``expect``: one it must have imported (the parse worked)."""
     command = [sys.executable, "-X", "importtime", "-m", "webtorch.cli"]
     # Ready once it prints its address: every start-up import is done by then.
     with harness.serve(toml=config, workdir=tmp_path, listen=None, command=command) as server:
@@ -40,7 +43,7 @@ def _imported_by_a_start(config: str, tmp_path: Path) -> dict[str, str]:
     for i, (depth, name) in enumerate(rows):
         parent = next((n for d, n in rows[i + 1 :] if d < depth), "")
         modules.setdefault(name, parent)
-    assert "webtorch.http.protocol" in modules, err[-2000:]  # the parse worked
+    assert expect in modules, err[-2000:]  # the parse worked
     return modules
 
 

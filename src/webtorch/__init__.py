@@ -5,10 +5,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from webtorch.pipeline.spec import Pipeline, Reject, Stage, model_stage, stage
     from webtorch.serve.model import Model, TensorSpec
 
-__all__ = ["Model", "TensorSpec", "__version__"]
+__all__ = [
+    "Model",
+    "Pipeline",
+    "Reject",
+    "Stage",
+    "TensorSpec",
+    "__version__",
+    "model_stage",
+    "stage",
+]
 __version__ = "0.1.0"
+
+_PIPELINE = ("Pipeline", "Reject", "Stage", "model_stage", "stage")
 
 
 def __getattr__(name: str) -> Any:
@@ -18,4 +30,9 @@ def __getattr__(name: str) -> Any:
         from webtorch.serve import model
 
         return getattr(model, name)
+    # The pipeline API (no torch, no numpy: a process placement's workers import it).
+    if name in _PIPELINE:
+        from webtorch.pipeline import spec
+
+        return getattr(spec, name)
     raise AttributeError(f"module 'webtorch' has no attribute {name!r}")

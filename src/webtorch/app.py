@@ -7,6 +7,7 @@ import functools
 import gc
 import logging
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -19,9 +20,10 @@ from webtorch.config import (
     BUILTIN_ROUTES,
     Config,
     GuardConfig,
-    RouteConfig,
+    RestartRequired,
     ServerConfig,
     parse_listen,
+    reloaded,
 )
 from webtorch.errors import (
     BadRequest,
@@ -44,6 +46,7 @@ from webtorch.proxy.probe import LOAD_PATH, LoadReport
 from webtorch.proxy.upstream import Proxies
 from webtorch.serve.oip import EXTENSIONS, Auth, ModelRoutes
 from webtorch.serve.repository import ModelRepository
+from webtorch.shared.store import StateStore
 
 if TYPE_CHECKING:
     # These bring torch (the guard's network, models and executors): imported where a config
@@ -53,28 +56,15 @@ if TYPE_CHECKING:
     from webtorch.guard.feedback import Feedback
     from webtorch.guard.shell import GuardedHandler
     from webtorch.metrics import TrainStats
+    from webtorch.pipeline.placement import PlacementFactory
+    from webtorch.pipeline.service import Pipelines
     from webtorch.serve.endpoint import ModelEndpoint
     from webtorch.serve.executor import Executor
     from webtorch.serve.model import LoadedModel
+    from webtorch.serve.trainers import Trainers
     from webtorch.train.trainer import Trainer
 
 log = logging.getLogger("webtorch")
-
-# The [server] keys a reload applies to the running server; a change to any other key (listen,
-# tls, access_log, trusted_proxies, and keys added later unless listed here) needs a restart, and
-# a reload that finds one refuses the whole file rather than half-apply it.
-RELOADABLE: frozenset[str] = frozenset(
-    {
-        "token",  # token and token_env: the one Auth every endpoint, the dashboard and the
-        "token_env",  # guard share is reconfigured in place
-        "allowed_origins",
-        "management",
-        "dashboard",
-        "limits",  # new connections get the new limits (open ones keep theirs); the cap at once
-        "request_id",
-        "model_dir",
-    }
-)
 
 
 def _trainer(
@@ -87,33 +77,60 @@ def _trainer(
     return Trainer(model, config, state_dir, stats)
 
 
-class RestartRequired(ConfigError):
-    """A reloaded file changes [server] settings that only a restart applies."""
-
-
 class App:
     """Models are loaded at construction (errors surface before any socket opens); executors,
     routes and the server are made in :meth:`start`, on the running loop."""
 
     def __init__(
-        self, config: Config, path: Path | None = None, *, listen_from_cli: bool = False
+        self,
+        config: Config,
+        path: Path | None = None,
+        *,
+        listen_from_cli: bool = False,
+        stages: set[str] | None = None,
+        placement: Trainers | None = None,
     ) -> None:
+        self.metrics = Metrics()
+        # Pipelines first: `--stages` serves only the models its stages need.
+        self.pipelines: Pipelines | None = None
+        # The placement of stages whose settings name a remote upstream group (pipeline/).
+        self.remote_placement: PlacementFactory | None = None
+        if config.pipelines or stages is not None:
+            from webtorch.pipeline.service import Pipelines
+
+            self.pipelines = Pipelines(config, self.metrics, stages)
+            if stages is not None:
+                needed = self.pipelines.needed_models()
+                config = config.model_copy(
+                    update={"models": {n: m for n, m in config.models.items() if n in needed}}
+                )
         self.config = config
         self.path = path  # the file a reload re-reads (None: reload refused)
         # `serve --listen` overrode the file's listen: a reload keeps the command line's, as
         # the start did, instead of seeing a change that needs a restart.
         self.listen_from_cli = listen_from_cli
         self._host: str | None = None  # the address served, once started
-        self.metrics = Metrics()
+        # A worker's way to listen (webtorch/workers/worker.py): its master's socket, or a socket
+        # of its own beside the other workers' (SO_REUSEPORT). Neither: bind server.listen.
+        self.listen_socket: socket.socket | None = None
+        self.reuse_port = False
+        # What GET /metrics answers: this process's metrics (a worker of several sums them all).
+        self.scrape: Handler = self.metrics.handle
         # One Auth for every endpoint that checks the token (and CSRF): a reload reconfigures it.
         self.auth = Auth(config.server.bearer_token, config.server.allowed_origins)
         self.dashboard: Dashboard | None = None
         self._extensions: list[str] = []  # /v2's extensions, made with the routes
-        self.repository = ModelRepository(config, self.metrics, self.auth, _trainer)
+        self.placement = placement
+        self.repository = ModelRepository(config, self.metrics, self.auth, _trainer, placement)
         self.server: HttpServer | None = None
+        # A trainer worker's second listener: the train requests other workers forward to it.
+        self.forwarded: HttpServer | None = None
         self._ready = False
         self._compaction: asyncio.TimerHandle | None = None
         self.proxies: Proxies | None = None
+        # State every worker of a master must see alike (set by workers/worker.py before start;
+        # None: one process, each object keeps its own).
+        self.shared: StateStore | None = None
         self.router: Router | None = None
         self.guard: Guard | None = None
         self.guarded: GuardedHandler | None = None
@@ -130,6 +147,11 @@ class App:
     @property
     def models(self) -> dict[str, LoadedModel]:
         return self.repository.models()
+
+    @property
+    def pipeline_names(self) -> list[str]:
+        """``pipeline NAME`` for each pipeline served (the startup line lists them)."""
+        return [] if self.pipelines is None else [f"pipeline {n}" for n in self.pipelines.served]
 
     @property
     def executors(self) -> dict[str, Executor]:
@@ -159,7 +181,7 @@ class App:
             ("prefix", "/v2/"): models.oip,
             ("prefix", "/v2/repository/"): repository.handle,
             ("prefix", "/models/"): models.short,
-            ("path", "/metrics"): self.metrics.handle,
+            ("path", "/metrics"): self.scrape,
             ("path", "/admin/reload"): self._admin_reload,
             ("path", "/guard/feedback"): self._guard_feedback,
             ("path", "/dashboard"): dashboard,
@@ -188,10 +210,20 @@ class App:
             ]
         )
         repository.start(loop, router)
-        self.proxies = Proxies(loop)
+        self.proxies = Proxies(loop, self.shared)
         self.metrics.sources.append(self.proxies.metric_families)
         self.router = router
         router.replace_user_routes(self._user_routes(self.config))
+        if self.pipelines is not None:
+            if self.remote_placement is None:
+                from webtorch.pipeline import remote
+
+                # Groups are looked up per batch: a reload replaces them.
+                self.remote_placement = remote.factory(lambda: self.proxies, self.metrics)
+            # After the upstream groups exist: a remote stage's placement sends to one.
+            self.pipelines.install(
+                loop, router, repository.endpoints, self.auth, self.remote_placement
+            )
         return router
 
     def _user_routes(self, config: Config) -> list[Route]:
@@ -247,37 +279,29 @@ class App:
         through the repository API)."""
         if self.path is None or self.router is None:
             raise ConfigError("no config file to reload (serving the embedded default)")
-        new = config_file.load(self.path)
-        missing = _missing_models(new.routes, self.repository.endpoints)
-        if missing:
-            raise ConfigError(f"{self.path}: routes name models that are not loaded: {missing}")
-        server = new.server
-        if self.listen_from_cli:
-            server = server.model_copy(update={"listen": self.config.server.listen})
-        changed = server_changes(self.config.server, server)
-        restart = [key for key in changed if key not in RELOADABLE]
-        if restart:
-            raise RestartRequired(
-                f"{self.path}: [server] {', '.join(restart)} changed, which only a restart "
-                "applies; nothing was reloaded (restart, or undo the change and reload)"
-            )
-        new = new.model_copy(update={"server": server})
-        problem = new.exposure_problem(
-            self._host if self._host is not None else parse_listen(server.listen)[0]
+        new, changed = reloaded(
+            self.config,
+            config_file.load(self.path),
+            self.path,
+            models=self.repository.endpoints,
+            keep_listen=self.listen_from_cli,
+            host=self._host,
         )
-        if problem is not None:
-            raise ConfigError(problem)
+        server = new.server
         self.router.replace_user_routes(self._user_routes(new))
         if new.upstreams and self.server is not None:
             # Proxied routes stream their request bodies (the first upstreams may come now).
             self.server.state.stream_match = self.router.match_stream
         self._apply_server(server)
+        pipelines_changed = new.pipelines != self.config.pipelines
         self.config = new
         message = (
             f"reloaded {self.path}: {len(new.upstreams)} upstream(s), {len(new.routes)} route(s)"
         )
         if changed:
             message += f"; applied [server] {', '.join(changed)}"
+        if pipelines_changed:  # their files, workers and queues are made once, at the start
+            message += "; [pipelines] changed: only a restart applies them"
         log.info("%s", message)
         return message
 
@@ -298,6 +322,8 @@ class App:
             # New connections get the new limits; the connection cap applies at once.
             self.server.apply_limits(Limits(**server.limits.model_dump()))
             self.server.state.request_ids = server.request_id
+        if self.forwarded is not None:
+            self.forwarded.apply_limits(Limits(**server.limits.model_dump()))
 
     def _management(self, request: Request) -> None:
         """A management endpoint's checks: on by config, POST, not sendable by a page elsewhere
@@ -322,12 +348,15 @@ class App:
     async def start(self, host: str | None = None, port: int | None = None) -> HttpServer:
         loop = asyncio.get_running_loop()
         handler = self.build_handler(loop)
+        if self.pipelines is not None:
+            await self.pipelines.start()  # process placements spawn their workers
         cfg_host, cfg_port = parse_listen(self.config.server.listen)
         self._host = host if host is not None else cfg_host
         problem = self.config.exposure_problem(self._host)
         if problem is not None:
             raise ConfigError(problem)
         assert self.router is not None
+        inner = handler
         observer: Observer = self.metrics.observe_request
         guarded = None
         if self.config.guard is not None:
@@ -350,9 +379,12 @@ class App:
             stream_match=self.router.match_stream if self.config.upstreams else None,
             access_log=access_log.record if access_log is not None else None,
             request_ids=self.config.server.request_id,
+            sock=self.listen_socket,
+            reuse_port=self.reuse_port,
         )
         try:
             await self.server.start()
+            await self._listen_forwarded(inner)
         except BaseException:
             if access_log is not None:
                 access_log.close()
@@ -383,14 +415,38 @@ class App:
         self._ready = True
         return self.server
 
+    async def _listen_forwarded(self, handler: Handler) -> None:
+        """A trainer worker (server.workers > 1) also takes the train requests that the other
+        workers forward (serve/train_forward.py) on a unix socket in the master's private directory:
+        the router without the guard, which the receiving worker asked already, and neither
+        access log nor request metrics, which it keeps (one line and one count per request).
+        Opened after the models recovered from their WALs, so nothing is forwarded before."""
+        placement = self.placement
+        path = placement.listens() if placement is not None else None
+        if path is None:
+            return
+        path.unlink(missing_ok=True)  # a trainer worker before this one was killed
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            sock.listen(4096)
+        except BaseException:
+            sock.close()
+            raise
+        self.forwarded = HttpServer(
+            handler, "", 0, limits=Limits(**self.config.server.limits.model_dump()), sock=sock
+        )
+        await self.forwarded.start()
+
     def _guard(self, handler: Handler, settings: GuardConfig) -> GuardedHandler:
         """Every request through the guard before ``handler``; its metrics and stats exposed."""
-        from webtorch.guard.shell import ADAPTED, GuardedHandler, make_guard, weights_of
-        from webtorch.guard.shell import metric_families as guard_metrics
-        from webtorch.guard.shell import state_dir as guard_state_dir
+        from webtorch.guard.build import ADAPTED, make_guard, weights_of
+        from webtorch.guard.build import state_dir as guard_state_dir
+        from webtorch.guard.metrics import metric_families as guard_metrics
+        from webtorch.guard.shell import GuardedHandler
 
         try:
-            guard = make_guard(settings, self.config.base_dir)
+            guard = make_guard(settings, self.config.base_dir, self.shared)
         except OSError as exc:
             raise ConfigError(f"guard.model: cannot load the detector: {exc}") from None
         self.guard = guard
@@ -456,11 +512,18 @@ class App:
     async def stop(self) -> None:
         """Graceful: stop accepting, finish in-flight requests, then the executors."""
         if self.server is not None:
-            await self.server.shutdown()
+            # The forwarded requests drain with the others: a worker draining beside this one
+            # still waits for their answers.
+            await asyncio.gather(
+                self.server.shutdown(),
+                *([self.forwarded.shutdown()] if self.forwarded is not None else []),
+            )
         if self._compaction is not None:
             self._compaction.cancel()
         if self.proxies is not None:
             self.proxies.close()
+        if self.pipelines is not None:  # before the models: its model stages queue on them
+            await self.pipelines.close()
         await self.repository.close()
         if self.feedback is not None:  # a fine-tuning round in progress finishes and is saved
             await self.feedback.wait()
@@ -488,20 +551,6 @@ class App:
         await stop.wait()
         log.info("shutting down: draining %d connection(s)", len(server.state.connections))
         await self.stop()
-
-
-def server_changes(old: ServerConfig, new: ServerConfig) -> list[str]:
-    """The [server] keys whose values differ (token_env by the token it names)."""
-    changed = [
-        name for name in ServerConfig.model_fields if getattr(old, name) != getattr(new, name)
-    ]
-    if "token_env" not in changed and old.bearer_token != new.bearer_token:
-        changed.append("token_env")
-    return sorted(changed)
-
-
-def _missing_models(routes: list[RouteConfig], endpoints: dict[str, ModelEndpoint]) -> list[str]:
-    return sorted({rc.model for rc in routes if rc.model is not None} - set(endpoints))
 
 
 def _predict(endpoints: dict[str, ModelEndpoint], name: str, request: Request) -> HandlerResult:

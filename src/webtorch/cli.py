@@ -10,13 +10,13 @@ import importlib.util
 import logging
 import sys
 from pathlib import Path
-from typing import Final, NamedTuple
-
-import uvloop
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from webtorch import __version__, compiled, config
 from webtorch.errors import ConfigError, ModelLoadError
-from webtorch.http.server import HttpServer
+
+if TYPE_CHECKING:
+    from webtorch.http.server import HttpServer
 
 
 class Tool(NamedTuple):
@@ -58,9 +58,11 @@ def _load(path: str | None) -> config.Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from webtorch.app import App
-
-    cfg = _load(args.config)
+    # What the master of several workers imports is this module, config and the master: the
+    # server (app.py and below, uvloop, torch) is imported by a single server and by workers.
+    path = Path(args.config) if args.config else None
+    text = config.read(path if path is not None else config.default_config_path())
+    cfg = config.loads(text, path if path is not None else config.default_config_path())
     if args.listen:
         try:
             config.parse_listen(args.listen)  # model_copy does not validate
@@ -79,12 +81,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "(scripts/compile rebuilds them, scripts/compile --clean removes them)",
             ", ".join(outdated),
         )
-    app = App(cfg, Path(args.config) if args.config else None, listen_from_cli=bool(args.listen))
+    stages = None
+    if args.stages is not None:
+        stages = {s.strip() for s in args.stages.split(",") if s.strip()}
+        if not stages:
+            raise ConfigError("--stages: name at least one stage (a,b,...)")
+    if cfg.server.worker_count > 1:
+        if stages is not None:
+            # Workers build their App from the config text alone (workers/worker.py).
+            raise ConfigError(
+                "--stages: serving some stages of a pipeline runs in one process for now; "
+                "set server.workers = 1 or serve the whole pipeline"
+            )
+        from webtorch.workers.master import serve
+
+        return serve(cfg, text, path, listen_from_cli=bool(args.listen), log_level=args.log_level)
+    return _serve_here(cfg, path, listen_from_cli=bool(args.listen), stages=stages)
+
+
+def _serve_here(
+    cfg: config.Config, path: Path | None, *, listen_from_cli: bool, stages: set[str] | None
+) -> int:
+    """One process serves (server.workers = 1): no master."""
+    import uvloop
+
+    from webtorch.app import App
+
+    app = App(cfg, path, listen_from_cli=listen_from_cli, stages=stages)
 
     def ready(server: HttpServer) -> None:
         scheme = "https" if cfg.server.tls else "http"
         for host, port in server.addresses:
-            models = ", ".join(app.models) or "no models"
+            models = ", ".join([*app.models, *app.pipeline_names]) or "no models"
             print(
                 f"webtorch {__version__} listening on {scheme}://{host}:{port} ({models})",
                 flush=True,
@@ -119,6 +147,23 @@ def cmd_check(args: argparse.Namespace) -> int:
                 f"  training: max_batch {mc.train.max_batch}, durability {mc.train.durability}, "
                 f"state in {cfg.state_dir(name, mc)}"
             )
+    if cfg.pipelines:
+        from webtorch.metrics import Metrics
+        from webtorch.pipeline.service import Pipelines
+
+        for name, served in Pipelines(cfg, Metrics()).served.items():
+            described = []
+            for stage_name in served.graph.order:
+                stage = served.graph.stages[stage_name]
+                where = (
+                    f"model {stage.model}"
+                    if stage.model is not None
+                    else served.settings(stage_name).placement
+                )
+                if stage_name in served.remote:
+                    where = f"remote {served.settings(stage_name).remote}"
+                described.append(f"{stage_name} ({stage.takes}, {where})")
+            print(f"pipeline {name}: {' -> '.join(described)}")
     print(f"{args.config or 'embedded default'}: OK")
     return 0
 
@@ -131,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="serve a config (default: the bundled XOR example)")
     serve.add_argument("config", nargs="?", help="TOML config file")
     serve.add_argument("--listen", help="HOST:PORT, overrides server.listen (port 0: any)")
+    serve.add_argument(
+        "--stages",
+        help="serve only these pipeline stages (comma-separated) and the models they need",
+    )
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check", help="validate a config and load its models")
     check.add_argument("config", nargs="?", help="TOML config file")

@@ -127,6 +127,26 @@ class TrainStats:
         self.replayed = 0
 
 
+class StageStats:
+    """One pipeline stage's instruments (``pipeline/runner.py`` records them on the loop)."""
+
+    def __init__(self) -> None:
+        self.latency = Histogram(LATENCY_BUCKETS)  # per request: queue wait + its batch's run
+        self.wait = Histogram(LATENCY_BUCKETS)  # per request: queued until its batch started
+        self.run = Histogram(LATENCY_BUCKETS)  # per batch: the stage's own time
+        self.batch_rows = Histogram(BATCH_BUCKETS)
+        self.rows = 0
+        self.batches = 0
+        self.errors = 0  # records rejected or failed in the stage
+        # Bytes serialized across the stage's boundary: pickled to and from a process
+        # placement's workers, sent to and received from a remote one; none cross in-process.
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def histograms(self) -> tuple[Histogram, ...]:
+        return (self.latency, self.wait, self.run, self.batch_rows)
+
+
 class Count:
     """One counter: a native int field, so counting allocates nothing (a dict of ints makes a
     new int object per increment)."""
@@ -172,6 +192,7 @@ class Metrics:
         self.routes: dict[str, RouteCounts] = {}
         self.models: dict[str, ModelStats] = {}
         self.training: dict[str, TrainStats] = {}
+        self.pipelines: dict[str, dict[str, StageStats]] = {}
         # Other parts' metric families, made at scrape time (the proxy's upstream groups).
         self.sources: list[Callable[[], Iterable[Metric]]] = []
         self.registry = CollectorRegistry(auto_describe=False)
@@ -189,6 +210,13 @@ class Metrics:
         stats = self.training.get(name)
         if stats is None:
             stats = self.training[name] = TrainStats()
+        return stats
+
+    def stage(self, pipeline: str, stage: str) -> StageStats:
+        stages = self.pipelines.setdefault(pipeline, {})
+        stats = stages.get(stage)
+        if stats is None:
+            stats = stages[stage] = StageStats()
         return stats
 
     def _add_route(self, name: str) -> RouteCounts:
@@ -251,6 +279,10 @@ class Metrics:
             stats.batch_rows.compact()
             for stage in stats.stages.values():
                 stage.compact()
+        for stages in self.pipelines.values():
+            for stage_stats in stages.values():
+                for hist in stage_stats.histograms():
+                    hist.compact()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -326,6 +358,7 @@ class _Collector:
         yield errors
         yield stages
         yield from _training(m.training)
+        yield from _pipelines(m.pipelines)
         for source in m.sources:
             yield from source()
 
@@ -394,3 +427,47 @@ def _training(training: dict[str, TrainStats]) -> Iterator[Metric]:
         step_rows.add_metric([name], stats.step_rows.buckets(), stats.step_rows.total)
         age.add_metric([name], now - stats.checkpoint_time)
     yield from (steps, examples, loss, log_time, step_time, step_rows, age)
+
+
+def _pipelines(pipelines: dict[str, dict[str, StageStats]]) -> Iterator[Metric]:
+    labels = ["pipeline", "stage"]
+    latency = HistogramMetricFamily(
+        "webtorch_pipeline_stage_seconds",
+        "Time a request's rows spent in a pipeline stage: queue wait and its batch's run",
+        labels=labels,
+    )
+    wait = HistogramMetricFamily(
+        "webtorch_pipeline_stage_queue_seconds",
+        "Time a request's rows waited in a stage's queue before their batch started",
+        labels=labels,
+    )
+    run = HistogramMetricFamily(
+        "webtorch_pipeline_stage_batch_seconds", "Time a stage took per batch", labels=labels
+    )
+    batch = HistogramMetricFamily(
+        "webtorch_pipeline_stage_batch_rows", "Rows per batch of a stage", labels=labels
+    )
+    rows = CounterMetricFamily(
+        "webtorch_pipeline_stage_rows", "Rows through a stage", labels=labels
+    )
+    errors = CounterMetricFamily(
+        "webtorch_pipeline_stage_errors", "Records a stage rejected or failed on", labels=labels
+    )
+    moved = CounterMetricFamily(
+        "webtorch_pipeline_stage_bytes",
+        "Bytes serialized across a stage's boundary (in: to it, out: from it): pickled for a "
+        "process placement, on the wire for a remote one; none cross in-process",
+        labels=[*labels, "direction"],
+    )
+    for pipeline, stages in sorted(pipelines.items()):
+        for name, stats in stages.items():
+            key = [pipeline, name]
+            latency.add_metric(key, stats.latency.buckets(), stats.latency.total)
+            wait.add_metric(key, stats.wait.buckets(), stats.wait.total)
+            run.add_metric(key, stats.run.buckets(), stats.run.total)
+            batch.add_metric(key, stats.batch_rows.buckets(), stats.batch_rows.total)
+            rows.add_metric(key, stats.rows)
+            errors.add_metric(key, stats.errors)
+            moved.add_metric([*key, "in"], stats.bytes_in)
+            moved.add_metric([*key, "out"], stats.bytes_out)
+    yield from (latency, wait, run, batch, rows, errors, moved)

@@ -79,3 +79,10 @@ RETRY_CONDITIONS: Final = frozenset(
         "non_idempotent",
     }
 )
+
+
+# A batching queue's defaults (serve/batcher.py): the rows merged into one batch and the rows
+# queued before new work is refused 503. One copy for the queues' constructors and the config
+# sections that set them ([models.X], its train section, [pipelines.X.stages.S]).
+MAX_BATCH_ROWS: Final = 256
+MAX_QUEUED_ROWS: Final = 65536

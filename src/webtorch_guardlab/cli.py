@@ -128,8 +128,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from webtorch.config import GuardConfig
+    from webtorch.guard.build import DEFAULT_MODEL
     from webtorch.guard.scorer import Scorer
-    from webtorch.guard.shell import DEFAULT_MODEL
     from webtorch_guardlab import evaluate
     from webtorch_guardlab.corpus.records import read_jsonl
     from webtorch_guardlab.dataset import examples

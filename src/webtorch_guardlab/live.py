@@ -771,15 +771,15 @@ def _cost_once(
 def check_cost(seed: int = 1, repeat: int = 20) -> dict[str, float]:
     """Microseconds per :meth:`Guard.check` in-process, on the benign mix from 200 clients: the
     bucket alone and with the shipped detector (no network, no server: the decision's own cost)."""
-    from webtorch.guard.core import Guard, GuardSettings
+    from webtorch.guard.build import DEFAULT_MODEL
+    from webtorch.guard.core import Guard
     from webtorch.guard.scorer import Scorer
-    from webtorch.guard.shell import DEFAULT_MODEL
 
     views = [view_of_raw(raw) for raw in live_load.request_pool(seed)]
     clients = [f"127.1.0.{i}" for i in range(1, 201)]
     out = {}
     for name, scorer in (("bucket", None), ("guard", Scorer.from_file(DEFAULT_MODEL))):
-        guard = Guard(GuardSettings(rate=1e9, burst=1e9), scorer)
+        guard = Guard(GuardConfig(mode="enforce", rate=1e9, burst=1e9), scorer)
         now = 0.0
         started = time.perf_counter()
         for _ in range(repeat):
@@ -888,9 +888,9 @@ class MixScores:
 
 def score_benign_mix(seed: int = 1) -> MixScores:
     """At the config's default thresholds (those the live eval's full guard runs with)."""
+    from webtorch.guard.build import DEFAULT_MODEL
     from webtorch.guard.clients import ClientState
     from webtorch.guard.scorer import Scorer
-    from webtorch.guard.shell import DEFAULT_MODEL
 
     defaults = GuardConfig()
     throttle, block = defaults.throttle, defaults.block

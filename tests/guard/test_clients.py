@@ -16,8 +16,9 @@ import pytest
 from tests.conftest import XOR, Running, serve_in_thread
 from tests.proxy.test_forward import request
 from webtorch import config as wt_config
+from webtorch.config import GuardConfig
 from webtorch.guard.clients import DISTINCT_LIMIT, ClientTable, shown_client
-from webtorch.guard.core import ALLOW, BLOCK, THROTTLE, Guard, GuardSettings
+from webtorch.guard.core import ALLOW, BLOCK, THROTTLE, Guard
 from webtorch.guard.features import RequestView
 from webtorch.guard.shell import KEY_LIMIT, GuardedHandler
 from webtorch.http.messages import HandlerResult, Pending, Request, Response, json_response
@@ -45,7 +46,9 @@ def answer(result: HandlerResult) -> int:
 
 
 def test_rotating_keys_pay_their_address_a_token_each() -> None:
-    settings = GuardSettings(rate=5, new_keys_rate=1, new_keys_burst=10, max_clients=1000)
+    settings = GuardConfig(
+        mode="enforce", rate=5, new_keys_rate=1, new_keys_burst=10, max_clients=1000
+    )
     guard = Guard(settings)
     decisions = [guard.check(view(), f"key:{i}", 100.0, "10.0.0.1") for i in range(1000)]
     assert [d.action for d in decisions[:10]] == [ALLOW] * 10
@@ -62,17 +65,17 @@ def test_a_keyed_clients_block_bans_the_key_and_fresh_keys_meet_the_address_limi
         def score_one(self, view: RequestView, client: list[float]) -> tuple[float, float]:
             return 1.0, 0.0
 
-    settings = GuardSettings(ban_seconds=30, new_keys_rate=0.001, new_keys_burst=3)
+    settings = GuardConfig(mode="enforce", ban_seconds=30, new_keys_rate=0.001, new_keys_burst=3)
     guard = Guard(settings, Always())  # type: ignore[arg-type]
     assert guard.check(view(), "key:a", 0.0, "10.0.0.1").action == BLOCK
-    assert set(guard.bans) == {"key:a"}  # not the address: others may share it
+    assert set(guard.store.bans) == {"key:a"}  # not the address: others may share it
     assert guard.check(view(), "key:a", 1.0, "10.0.0.1").reason == "banned"
     fresh = [guard.check(view(), f"key:{i}", 1.0, "10.0.0.1").reason for i in range(4)]
     assert fresh == ["injection", "injection", "new_keys", "new_keys"]
 
 
 def test_the_shell_limits_rotating_keys_and_bounds_what_it_keeps() -> None:
-    guard = Guard(GuardSettings(mode="enforce", rate=5, new_keys_burst=20, max_clients=100))
+    guard = Guard(GuardConfig(mode="enforce", rate=5, new_keys_burst=20, max_clients=100))
     guarded = GuardedHandler(guard, ok, "header:x-api-key", clock=lambda: 100.0)
     statuses = []
     for i in range(500):
@@ -97,10 +100,14 @@ def test_a_clients_state_stays_small_whatever_paths_it_asks_for() -> None:
 
 
 def test_bans_are_bounded_by_max_clients() -> None:
-    guard = Guard(GuardSettings(ban_seconds=60, max_clients=50))
+    guard = Guard(GuardConfig(mode="enforce", ban_seconds=60, max_clients=50))
     for i in range(1000):
         guard.ban(f"key:{i}", float(i) * 0.001)
-    assert len(guard.bans) == 50 and "key:999" in guard.bans and "key:0" not in guard.bans
+    assert (
+        len(guard.store.bans) == 50
+        and "key:999" in guard.store.bans
+        and "key:0" not in guard.store.bans
+    )
 
 
 # -- trusted proxies ---------------------------------------------------------------------------
@@ -113,7 +120,7 @@ def forwarded(client: str, xff: list[bytes]) -> Request:
 
 def test_the_client_behind_trusted_proxies_is_the_rightmost_untrusted_address() -> None:
     guarded = GuardedHandler(
-        Guard(GuardSettings()), ok, trusted_proxies=["127.0.0.1", "10.0.0.0/8"]
+        Guard(GuardConfig(mode="enforce")), ok, trusted_proxies=["127.0.0.1", "10.0.0.0/8"]
     )
     assert guarded.address_of(forwarded("127.0.0.1", [b"1.1.1.1"])) == "1.1.1.1"
     # Left of the first untrusted hop is the client's to write: never believed.
@@ -153,7 +160,7 @@ def test_a_ban_behind_a_trusted_proxy_bans_the_forwarded_client_not_the_proxy() 
         assert get(running, "page=1", "1.1.1.1") == 200
         assert get(running, INJECTION, "1.1.1.1") == 403
         assert running.app.guard is not None
-        assert set(running.app.guard.bans) == {"1.1.1.1"}
+        assert set(running.app.guard.store.bans) == {"1.1.1.1"}
         # Everyone else behind the proxy is still served, on new connections too ...
         assert get(running, "page=1", "2.2.2.2") == 200
         # ... and the banned client gets 403 per request, not a reset at accept.
@@ -167,7 +174,7 @@ def test_without_trusted_proxies_the_forwarded_header_is_not_believed() -> None:
     with guarded_server([]) as running:
         assert get(running, INJECTION, "1.1.1.1") == 403
         assert running.app.guard is not None
-        assert set(running.app.guard.bans) == {"127.0.0.1"}
+        assert set(running.app.guard.store.bans) == {"127.0.0.1"}
         # The peer itself is banned: reset at accept.
         with socket.create_connection((running.host, running.port), timeout=10) as sock:
             try:
@@ -179,8 +186,8 @@ def test_without_trusted_proxies_the_forwarded_header_is_not_believed() -> None:
 
 
 def test_the_detectors_cache_keeps_long_parts_as_digests() -> None:
+    from webtorch.guard.build import DEFAULT_MODEL
     from webtorch.guard.scorer import KEY_BYTES, Scorer
-    from webtorch.guard.shell import DEFAULT_MODEL
 
     scorer = Scorer.from_file(DEFAULT_MODEL)
     views = [
@@ -197,9 +204,9 @@ def test_the_detectors_cache_keeps_long_parts_as_digests() -> None:
 
 
 def test_feedback_remembers_no_oversized_request(tmp_path: Path) -> None:
+    from webtorch.guard.build import DEFAULT_MODEL
     from webtorch.guard.feedback import REMEMBER_LIMIT, Feedback
     from webtorch.guard.scorer import Scorer
-    from webtorch.guard.shell import DEFAULT_MODEL
 
     feedback = Feedback(Scorer.from_file(DEFAULT_MODEL), DEFAULT_MODEL, tmp_path / "g")
     big = RequestView("GET", "/", "", [(b"x-pad", b"p" * REMEMBER_LIMIT)])

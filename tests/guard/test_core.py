@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from webtorch.config import GuardConfig
 from webtorch.guard.clients import ClientTable
-from webtorch.guard.core import ALLOW, BLOCK, THROTTLE, Guard, GuardSettings
+from webtorch.guard.core import ALLOW, BLOCK, THROTTLE, Guard
 from webtorch.guard.detector import GuardNet, Scorer, merge
 from webtorch.guard.features import (
     FIELDS,
@@ -35,7 +36,7 @@ def test_normalise_undoes_double_encoding_and_case() -> None:
 
 
 def test_token_bucket_throttles_past_the_burst_and_refills() -> None:
-    guard = Guard(GuardSettings(rate=10, burst=5))
+    guard = Guard(GuardConfig(mode="enforce", rate=10, burst=5))
     decisions = [guard.check(get(), "10.0.0.1", 100.0) for _ in range(6)]
     assert [d.action for d in decisions] == [ALLOW] * 5 + [THROTTLE]
     assert decisions[-1].reason == "rate_limit"
@@ -46,7 +47,9 @@ def test_token_bucket_throttles_past_the_burst_and_refills() -> None:
 
 
 def test_lists_bans_and_connection_caps() -> None:
-    settings = GuardSettings(allow=["10.1.0.0/16"], deny=["192.0.2.0/24"], max_connections=2)
+    settings = GuardConfig(
+        mode="enforce", allow=["10.1.0.0/16"], deny=["192.0.2.0/24"], max_connections=2
+    )
     guard = Guard(settings)
     assert guard.check(get(), "192.0.2.7", 0.0).reason == "deny_list"
     assert guard.check(get(), "10.1.2.3", 0.0).reason == "allow_list"
@@ -58,7 +61,7 @@ def test_lists_bans_and_connection_caps() -> None:
 
 
 def test_a_block_bans_until_the_ban_expires() -> None:
-    guard = Guard(GuardSettings(ban_seconds=30), scorer=_AlwaysInjection())
+    guard = Guard(GuardConfig(mode="enforce", ban_seconds=30), scorer=_AlwaysInjection())
     first = guard.check(get(), "10.0.0.5", 0.0)
     assert (first.action, first.reason) == (BLOCK, "injection")
     guard.scorer = None
@@ -69,10 +72,10 @@ def test_a_block_bans_until_the_ban_expires() -> None:
 
 
 def test_monitor_mode_decides_but_lets_through() -> None:
-    guard = Guard(GuardSettings(mode="monitor", ban_seconds=30), scorer=_AlwaysInjection())
+    guard = Guard(GuardConfig(mode="monitor", ban_seconds=30), scorer=_AlwaysInjection())
     decision = guard.check(get(), "10.0.0.5", 0.0)
     assert decision.action == BLOCK and not decision.enforced and not decision.refused
-    assert guard.bans == {}  # nobody is banned by a guard that only watches
+    assert guard.store.bans == {}  # nobody is banned by a guard that only watches
 
 
 def test_client_memory_is_bounded_under_ip_churn() -> None:
@@ -80,7 +83,7 @@ def test_client_memory_is_bounded_under_ip_churn() -> None:
     for i in range(100_000):
         table.get(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", float(i))
     assert len(table) == 1000 and table.evicted == 99_000
-    guard = Guard(GuardSettings(max_clients=500, rate=5))
+    guard = Guard(GuardConfig(mode="enforce", max_clients=500, rate=5))
     for i in range(20_000):
         guard.check(get(), f"172.16.{i >> 8 & 255}.{i & 255}", 0.0)
     assert len(guard.clients) == 500

@@ -8,9 +8,9 @@ from urllib.parse import quote
 
 import pytest
 
+from webtorch.guard.build import DEFAULT_MODEL
 from webtorch.guard.features import RequestView, normalise
 from webtorch.guard.scorer import Scorer
-from webtorch.guard.shell import DEFAULT_MODEL
 
 BLOCK = 0.9986  # the shipped detector's calibrated threshold (config.GuardConfig.block)
 HEADERS = [

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from webtorch.config import GuardConfig
 from webtorch.errors import BadRequest
-from webtorch.guard.core import Guard, GuardSettings
+from webtorch.guard.core import Guard
 from webtorch.guard.features import RequestView
 from webtorch.guard.scorer import Scorer
 from webtorch.guard.shell import GuardedHandler
@@ -50,7 +51,7 @@ def resolve(result: HandlerResult) -> Response | None:
 
 def shell(handler: object) -> tuple[GuardedHandler, CountingScorer]:
     scorer = CountingScorer()
-    guard = Guard(GuardSettings(mode="enforce", block=0.5), scorer)
+    guard = Guard(GuardConfig(mode="enforce", block=0.5), scorer)
     return GuardedHandler(guard, handler, clock=lambda: 100.0), scorer  # type: ignore[arg-type]
 
 

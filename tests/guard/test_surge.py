@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from webtorch.guard.core import ALLOW, THROTTLE, Guard, GuardSettings
+from webtorch.config import GuardConfig
+from webtorch.guard.core import ALLOW, THROTTLE, Guard
 from webtorch.guard.features import RequestView
 from webtorch.guard.surge import SurgeDetector
 
@@ -52,7 +53,9 @@ def test_growth_within_the_factor_or_below_the_floor_is_no_surge() -> None:
 
 
 def test_new_clients_are_held_to_the_surge_rate_and_old_ones_keep_their_bucket() -> None:
-    settings = GuardSettings(rate=20.0, burst=40.0, surge_rate=5.0, surge_min_rate=500.0)
+    settings = GuardConfig(
+        mode="enforce", rate=20.0, burst=40.0, surge_rate=5.0, surge_min_rate=500.0
+    )
     guard = Guard(settings)
     view = RequestView("GET", "/", "", [(b"host", b"x")])
     old = [f"10.0.0.{i}" for i in range(20)]

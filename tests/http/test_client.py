@@ -6,12 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 from webtorch.balance.base import Outcome, Upstream
-from webtorch.http.client import (
-    TRIM_AFTER,
-    ConnectionPool,
-    PoolSettings,
-    UpstreamConnection,
-)
+from webtorch.http.client.connection import UpstreamConnection
+from webtorch.http.client.pool import TRIM_AFTER, ConnectionPool
+from webtorch.http.client.settings import PoolSettings
 from webtorch.http.messages import Headers
 
 
@@ -192,7 +189,7 @@ def test_read_timeout_is_swept() -> None:
 
 
 def test_max_requests_per_connection() -> None:
-    pool, _ = make_pool(max_requests=2)
+    pool, _ = make_pool(max_requests_per_connection=2)
     conn, transport = connected(pool)
     exchange(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     assert pool.idle == [conn]
@@ -234,7 +231,7 @@ def test_waiters_queue_at_max_connections_and_get_released_connections() -> None
 
 
 def test_an_oversized_head_fails_the_exchange_before_it_is_buffered_whole() -> None:
-    pool, _ = make_pool(max_header_bytes=1024)
+    pool, _ = make_pool(max_response_header_bytes=1024)
     conn, transport = connected(pool)
     rec = exchange(conn, b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 600)
     assert rec.events == []  # still under the limit: the head may yet end
@@ -243,7 +240,7 @@ def test_an_oversized_head_fails_the_exchange_before_it_is_buffered_whole() -> N
 
 
 def test_upstream_problems_are_logged_once_per_interval(caplog: Any) -> None:
-    from webtorch.http.client import WARN_INTERVAL
+    from webtorch.http.client.pool import WARN_INTERVAL
 
     pool, loop = make_pool()
     for _ in range(3):

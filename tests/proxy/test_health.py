@@ -8,13 +8,8 @@ from collections.abc import Callable
 import pytest
 
 from webtorch.balance.base import Outcome, Upstream
-from webtorch.proxy.health import (
-    SLOW_START_FLOOR,
-    ActiveSettings,
-    GroupHealth,
-    OutlierSettings,
-    PassiveSettings,
-)
+from webtorch.balance.health_settings import ActiveSettings, OutlierSettings, PassiveSettings
+from webtorch.proxy.health import SLOW_START_FLOOR, GroupHealth
 
 NO_PASSIVE = PassiveSettings(max_fails=0)
 NO_OUTLIER = OutlierSettings(consecutive_5xx=0, consecutive_gateway_failure=0, panic_threshold=0)

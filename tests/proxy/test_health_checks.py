@@ -1,5 +1,5 @@
 """Active health checks over real sockets, against misbehaving upstreams (``RawUpstream``): a
-check goes through the upstream client (``http/client.py``'s ``fetch``), so the limits on a
+check goes through the upstream client (``http/client/fetch.py``), so the limits on a
 response's head bound it as they bound proxied responses, and what is not a valid HTTP/1.x answer
 fails the check instead of passing on a status line read by hand."""
 
@@ -127,3 +127,33 @@ def test_only_a_valid_answer_with_an_expected_status_passes(
         assert up.closed[0].wait(10)  # a check's connection is never kept
         assert up.requests[0].startswith(b"GET /health HTTP/1.1\r\n")
         assert b"connection: close" in up.requests[0]
+
+
+def test_the_expected_statuses_are_the_configs() -> None:
+    # [upstreams.X.health_check] is the judge's own ActiveSettings, so every setting it reads
+    # can be set: here a 3xx, which the default range (200..399) passes, fails.
+    redirect = [b"HTTP/1.1 302 Found\r\nlocation: /\r\ncontent-length: 0\r\n\r\n"]
+    with raw_upstream(lambda head: redirect) as up:
+        assert check_once(up.address)[0] == "healthy"
+    with raw_upstream(lambda head: redirect) as up:
+        assert check_once(up.address, expect_status=[200, 299])[0] == "unhealthy"
+
+
+@pytest.mark.parametrize(
+    ("setting", "problem"),
+    [
+        # Accepted by the config before and refused when the group was built (a crash at start).
+        ({"jitter": 1.0}, "health_check.jitter: Input should be less than 1"),
+        # Accepted before, and then every check failed in fetch (not a request target).
+        ({"path": "/a b"}, "health_check.path: the health check path starts with '/'"),
+        ({"expect_status": [300, 200]}, "health_check.expect_status: a range of statuses"),
+        ({"expect_status": [200]}, "health_check.expect_status"),
+        ({"expected": 200}, "health_check.expected: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_check_settings_are_config_errors_naming_the_key(
+    setting: dict[str, object], problem: str
+) -> None:
+    group = {"servers": ["127.0.0.1:9"], "health_check": setting}
+    with pytest.raises(wt_config.ConfigError, match=problem):
+        wt_config.from_dict({"upstreams": {"g": group}})

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,11 @@ from webtorch.train.wal import WalRecord, WriteAheadLog, encode_record
 CLIENTS = 8
 
 
-def write_config(tmp_path: Path, state: Path, **train: Any) -> Path:
+def write_config(tmp_path: Path, state: Path, workers: int = 1, **train: Any) -> Path:
     settings = {"enabled": "true", "max_batch": 16, "durability": '"wal"', **train}
     lines = [
+        # workers = 2: worker 0 trains, worker 1 forwards its train requests there.
+        f"[server]\nworkers = {workers}",
         "[models.xor]",
         f'path = "{XOR}"',
         "[models.xor.train]",
@@ -140,10 +144,25 @@ def kill_mid_training(config: Path, acks: int) -> Trainers:
         trainers = Trainers(server.port)
         trainers.start(acks)
         assert trainers.enough.wait(60), "training did not progress"
-        server.send(signal.SIGKILL)  # requests are in flight: clients never stop
+        everyone = server.pids()
+        # Requests are in flight: clients never stop. Every process at once (with workers: the
+        # master and all of them, as a power cut would).
+        os.killpg(server.pid, signal.SIGKILL)
         server.wait(10)
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in everyone):  # the WAL is theirs until they are gone
+            assert time.monotonic() < deadline, "killed processes still run"
+            time.sleep(0.01)
     trainers.join()
     return trainers
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def check_log(records: list[WalRecord], acked: dict[float, int], first_seq: int) -> None:
@@ -160,12 +179,14 @@ def check_log(records: list[WalRecord], acked: dict[float, int], first_seq: int)
             assert logged.get(key) == step, f"acknowledged example {key} (step {step}) not logged"
 
 
-# max_batch 2 with 8 clients: groups of several micro-batches under one fsync.
+# max_batch 2 with 8 clients: groups of several micro-batches under one fsync. workers = 2:
+# the clients' connections spread over two workers, one of which trains.
 @pytest.mark.parametrize(
-    ("acks", "torn", "max_batch"), [(60, False, 16), (200, True, 2), (500, False, 16)]
+    ("acks", "torn", "max_batch", "workers"),
+    [(60, False, 16, 1), (200, True, 2, 1), (500, False, 16, 1), (200, True, 2, 2)],
 )
 def test_kill_9_loses_no_acknowledged_example(
-    tmp_path: Path, acks: int, torn: bool, max_batch: int
+    tmp_path: Path, acks: int, torn: bool, max_batch: int, workers: int
 ) -> None:
     state = tmp_path / "state"
     # No periodic checkpoint: the whole history stays in the log, so the reference can replay
@@ -173,6 +194,7 @@ def test_kill_9_loses_no_acknowledged_example(
     config = write_config(
         tmp_path,
         state,
+        workers,
         max_batch=max_batch,
         checkpoint_every_steps=0,
         checkpoint_every_seconds=0,

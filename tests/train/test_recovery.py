@@ -27,7 +27,8 @@ from webtorch.app import App
 from webtorch.config import TrainConfig
 from webtorch.errors import ModelLoadError
 from webtorch.serve.model import load_model
-from webtorch.train.trainer import StepResult, Trainer
+from webtorch.train.batch import StepResult
+from webtorch.train.trainer import Trainer
 from webtorch.train.wal import delete_segments
 
 # --- the trainer driven as the executor drives it: log, step, checkpoint ---

@@ -64,9 +64,7 @@ class ClientState:
         "gap_var",
         "last",
         "rates",
-        "refilled",
         "requests",
-        "tokens",
         "window_requests",
     )
 
@@ -84,8 +82,6 @@ class ClientState:
         self.distinct = array("I")
         self.distinct_since = now
         self.window_requests = 0
-        self.tokens = -1.0  # the guard's token bucket (negative: not started)
-        self.refilled = now
 
     def arrive(self, path: str, now: float) -> None:
         elapsed = max(now - self.last, 0.0)

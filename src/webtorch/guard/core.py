@@ -19,7 +19,8 @@ Every request passes :meth:`Guard.check` before its handler; every connection pa
 In ``monitor`` mode every decision is made, counted and logged as it would be, and the request is
 let through anyway (``Decision.enforced`` is False): the way to roll a guard out.
 
-The clock is passed in, so policies are tested with a fake one.
+The clock is passed in, so policies are tested with a fake one. The settings are the config's
+``[guard]`` section itself (:class:`~webtorch.config.GuardConfig`): one copy of each default.
 """
 
 from __future__ import annotations
@@ -27,45 +28,25 @@ from __future__ import annotations
 import ipaddress
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from webtorch.guard.clients import ClientState, ClientTable
+from webtorch.config import GuardConfig
+from webtorch.guard.clients import ClientTable
 from webtorch.guard.features import RequestView
 from webtorch.guard.scorer import Scorer
 from webtorch.guard.surge import SurgeDetector
 from webtorch.metrics import Histogram
+from webtorch.shared.store import LocalStore, StateStore
 
 ALLOW, THROTTLE, BLOCK = "allow", "throttle", "block"
 # A client first seen less than this long before a surge began counts as part of it: a flood
 # is detected a few tens of milliseconds after its first requests, not before.
 SURGE_GRACE = 1.0
+# Where a keyed client's address pays for the new keys it brings: a bucket of its own, apart
+# from the address's bucket as a client (an address never starts with this).
+_NEW_KEYS = "new-keys:"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True)
-class GuardSettings:
-    mode: str = "enforce"  # or "monitor"
-    throttle: float = 0.5  # abuse score that throttles
-    block: float = 0.9986  # injection or abuse score that blocks (see config.GuardConfig)
-    ban_seconds: float = 0.0  # a block bans the client this long (0: no bans)
-    rate: float = 0.0  # token bucket: requests/s per client (0: no limit)
-    burst: float = 0.0  # bucket size (0: max(rate, 1))
-    max_connections: int = 0  # open connections per client (0: no cap)
-    surge_rate: float = 0.0  # requests/s per new client during a surge (0: no surge defence)
-    surge_factor: float = 4.0  # a surge: the server's rate above this x its baseline ...
-    surge_min_rate: float = 1000.0  # ... and above this many requests/s
-    max_clients: int = 100_000  # clients whose history is kept (LRU)
-    # Keyed clients (client_key = "header:..."): keys new to the table per second per address,
-    # and their burst; what stops one address from rotating keys past every per-key limit.
-    new_keys_rate: float = 10.0
-    new_keys_burst: float = 100.0
-    # Bytes of each request body scanned for parameters to score on their own (see
-    # features.BodyScanner), and what happens to a longer body: "stop" scanning, or "refuse".
-    body_scan_bytes: int = 65536
-    body_scan_over: str = "stop"
-    allow: Sequence[str] = ()  # CIDR blocks never checked
-    deny: Sequence[str] = ()  # CIDR blocks always refused
 
 
 @dataclass(slots=True)
@@ -110,28 +91,37 @@ class GuardStats:
 class Guard:
     def __init__(
         self,
-        settings: GuardSettings,
+        settings: GuardConfig,
         scorer: Scorer | None = None,
         clock: Callable[[], float] | None = None,
+        store: StateStore | None = None,
     ) -> None:
         self.settings = settings
         self.scorer = scorer
+        # The clients' history, the detector's input: this process's (each worker scores on
+        # what it sees; see ARCHITECTURE.md, Processes).
         self.clients = ClientTable(settings.max_clients)
-        # Keyed clients' addresses: each pays here for the keys it brings (new_keys_rate).
-        self.addresses = ClientTable(settings.max_clients)
         self.stats = GuardStats()
-        # client (or address) -> ban end; at most max_clients (a client rotating keys
-        # through blocks must not grow it without bound).
-        self.bans: dict[str, float] = {}
+        # What must hold across the workers of a server: the token buckets and the bans (at
+        # most max_clients each: a client rotating keys through blocks must not grow them
+        # without bound), and whether a surge is under way. One process: dicts in it.
+        self.store: StateStore = store if store is not None else LocalStore(settings.max_clients)
         self.last_history: list[float] = []
         self._allow = [ipaddress.ip_network(c, strict=False) for c in settings.allow]
         self._deny = [ipaddress.ip_network(c, strict=False) for c in settings.deny]
         self._listed: dict[str, str | None] = {}  # address -> "allow" / "deny" / None, cached
         self._enforce = settings.mode == "enforce"
+        self._bans_on = settings.ban_seconds > 0 and self._enforce  # see _banned
+        self._workers = self.store.workers
         self._burst = settings.burst or max(settings.rate, 1.0)
         self.surge: SurgeDetector | None = None
         if settings.surge_rate > 0:
-            self.surge = SurgeDetector(settings.surge_factor, settings.surge_min_rate)
+            # With workers, each detects on its share of the traffic (the kernel spreads
+            # connections over them) against its share of the floor; any one's surge is every
+            # worker's (StateStore.surge_began).
+            floor = settings.surge_min_rate / self.store.workers
+            self.surge = SurgeDetector(settings.surge_factor, floor)
+        self.surge_began: float | None = None  # the server's surge, as of the last request
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -198,7 +188,7 @@ class Guard:
         state = self.clients.peek(client)
         if state is None and address is not None:
             s = self.settings
-            payer = self.addresses.get(address, now)
+            payer = _NEW_KEYS + address
             refused = self._bucket(payer, now, s.new_keys_rate, s.new_keys_burst, "new_keys")
             if refused is not None:
                 return self._count(refused, client)
@@ -207,12 +197,18 @@ class Guard:
         if scorer is not None:  # the history is the detector's input; the rules need none of it
             state.arrive(view.path, now)
         surge = self.surge
-        began = surge.began if surge is not None and surge.arrive(now) else None
+        began = None
+        if surge is not None:
+            surge.arrive(now)
+            began = surge.began
+            if self._workers > 1:  # any worker's surge is every worker's
+                began = self.store.surge_began(began, now)
+            self.surge_began = began
         if began is not None and state.first > began - SURGE_GRACE:
             rate = self.settings.surge_rate
-            throttled = self._bucket(state, now, rate, max(rate, 1.0), "surge")
+            throttled = self._bucket(client, now, rate, max(rate, 1.0), "surge")
         else:
-            throttled = self._bucket(state, now, self.settings.rate, self._burst, "rate_limit")
+            throttled = self._bucket(client, now, self.settings.rate, self._burst, "rate_limit")
         if throttled is not None:
             return self._count(throttled, client)
         if scorer is None:
@@ -246,16 +242,13 @@ class Guard:
         return self._count(decision, client)
 
     def ban(self, client: str, now: float) -> None:
-        """Ban ``client`` for ``ban_seconds`` from ``now``, within ``max_clients`` bans: when
-        full, expired bans go first, then the oldest (all bans last as long, so the oldest is
-        the one that ends soonest)."""
-        bans = self.bans
-        bans.pop(client, None)  # re-inserted last: the dict stays in order of ban end
-        if len(bans) >= self.settings.max_clients:
-            self.expire(now)
-            while len(bans) >= self.settings.max_clients:
-                del bans[next(iter(bans))]
-        bans[client] = now + self.settings.ban_seconds
+        """Ban ``client`` for ``ban_seconds`` from ``now``, in every worker, within
+        ``max_clients`` bans: when full, expired bans go first, then the one ending soonest."""
+        self.store.ban(client, now + self.settings.ban_seconds, now)
+
+    def ban_count(self, now: float) -> int:
+        """Bans in force (the whole server's)."""
+        return self.store.ban_count(now)
 
     def refuse(self, client: str, reason: str, now: float) -> Decision:
         """A block for ``reason`` found outside the rules and the detector (a body past the
@@ -273,35 +266,25 @@ class Guard:
     # -- helpers -------------------------------------------------------------------------------
 
     def _bucket(
-        self, state: ClientState, now: float, rate: float, burst: float, reason: str
+        self, key: str, now: float, rate: float, burst: float, reason: str
     ) -> Decision | None:
         if rate <= 0:
             return None
-        tokens = state.tokens
-        # The bucket lives on the client's state: refilled lazily, by the time since last seen.
-        tokens = burst if tokens < 0 else min(burst, tokens + (now - state.refilled) * rate)
-        state.refilled = now
-        if tokens >= 1.0 - 1e-9:  # a token refilled over exactly 1/rate s counts as whole
-            state.tokens = max(tokens - 1.0, 0.0)
+        # Refilled lazily, by the time since last taken from (StateStore.take).
+        wait = self.store.take(key, now, rate, burst)
+        if wait <= 0.0:
             return None
-        state.tokens = tokens
-        wait = (1.0 - tokens) / rate
         return Decision(THROTTLE, reason, retry_after=wait, enforced=self._enforce)
 
     def _banned(self, client: str, now: float) -> bool:
-        until = self.bans.get(client)
-        if until is None:
-            return False
-        if now < until:
-            return True
-        del self.bans[client]
-        return False
+        # Without ban_seconds nothing is ever banned ([guard] is the same in every worker and
+        # cannot change by reload): not asked, which saves the store a lookup per request.
+        return self._bans_on and self.store.banned(client, now)
 
     def expire(self, now: float) -> None:
         """Drop expired bans and fold pending scores (the app calls this once a second)."""
         self.stats.scores.compact()
-        for client in [c for c, until in self.bans.items() if until <= now]:
-            del self.bans[client]
+        self.store.expire(now)
 
     def _list_of(self, address: str) -> str | None:
         if not self._allow and not self._deny:

@@ -1,8 +1,10 @@
 """The guard's thin I/O shell: it wraps the server's handler, so every request passes
-:meth:`Guard.check` before reaching its route, and answers the refused ones itself.
+:meth:`Guard.check` before reaching its route, and answers the refused ones itself
+(``answers.py``); it is also the server's connection gate (bans, connection caps). The
+decision is noted on the request for the access log.
 
-A throttled request gets 429 with ``Retry-After``, a blocked one 403; both with a JSON error that
-says why, as every WebTorch error does. The decision is noted on the request for the access log.
+Requests are scored in batches, those of one loop turn together; a streamed body is scanned as
+it arrives (``body.py``). Built from the config by ``build.py``.
 """
 
 from __future__ import annotations
@@ -14,24 +16,15 @@ import ipaddress
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import fields
-from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-
-from webtorch.config import GuardConfig
 from webtorch.errors import HTTPError
+from webtorch.guard.answers import refusal
+from webtorch.guard.body import BodyWatch, probe_views
 from webtorch.guard.clients import shown_client
-from webtorch.guard.core import BLOCK, Decision, Guard, GuardSettings, retry_after_header
+from webtorch.guard.core import Decision, Guard
 from webtorch.guard.features import (
-    BODY_PREFIX,
     HEAD_PROBES,
     MULTIPART,
     PROBE_BUDGET,
@@ -41,15 +34,11 @@ from webtorch.guard.features import (
     body_kind,
     head_probes,
 )
-from webtorch.guard.scorer import Scorer
 from webtorch.http.messages import (
-    BodySink,
-    BodySource,
     Handler,
     HandlerResult,
     Pending,
     Request,
-    RequestBody,
     Response,
     error_response,
     response_for_error,
@@ -60,51 +49,13 @@ if TYPE_CHECKING:
     from webtorch.guard.feedback import Feedback  # torch: only with online adaptation on
 
 log = logging.getLogger("webtorch.guard")
-DEFAULT_MODEL = Path(__file__).parent / "guard.safetensors"
-_MESSAGES = {
-    "deny_list": "this address is not allowed here",
-    "banned": "this client is banned for a while after an earlier blocked request",
-    "rate_limit": "too many requests from this client; slow down",
-    "new_keys": "too many new client keys from this address; slow down",
-    "surge": "the server is under a surge of traffic from new clients; slow down",
-    "connections": "too many connections from this client",
-    "injection": "the request looks like an attack (injection) and was blocked",
-    "body_budget": "the request body is longer than the guard inspects (guard.body_scan_bytes)",
-    "abuse": "this client's traffic looks abusive",
-}
 
 
-ADAPTED = "guard.safetensors"  # the adapted weights' name in the guard's state directory
 # A client key (client_key = "header:...") longer than this is kept as its digest: the client
 # table's bytes stay bounded whatever keys clients send.
 KEY_LIMIT = 64
 # X-Forwarded-For entries read from the right, at most: a chain of trusted proxies is short.
 FORWARDED_HOPS = 16
-
-
-def state_dir(config: GuardConfig, base_dir: Path) -> Path:
-    if config.state_dir is None:
-        return Path.cwd() / "webtorch-state" / "guard"
-    return base_dir / config.state_dir
-
-
-def weights_of(config: GuardConfig, base_dir: Path) -> Path | None:
-    """The detector's weights: adapted ones from an earlier run's feedback if there are any,
-    else the configured model, else the shipped one; None for model = "none"."""
-    if config.model == "none":
-        return None
-    adapted = state_dir(config, base_dir) / ADAPTED
-    if config.feedback and adapted.is_file():
-        return adapted
-    return DEFAULT_MODEL if config.model is None else base_dir / config.model
-
-
-def make_guard(config: GuardConfig, base_dir: Path) -> Guard:
-    weights = weights_of(config, base_dir)
-    scorer = None if weights is None else Scorer.from_file(weights)
-    # GuardSettings holds the decision policy's share of the config, under the same names.
-    settings = GuardSettings(**{f.name: getattr(config, f.name) for f in fields(GuardSettings)})
-    return Guard(settings, scorer)
 
 
 class GuardedHandler:
@@ -131,7 +82,7 @@ class GuardedHandler:
         # trusted_proxies): decisions and bans apply to it, never to the proxy.
         self._proxies = TrustedProxies(trusted_proxies)
         self._addresses: dict[bytes, str | None] = {}  # X-Forwarded-For entry -> canonical
-        self._clock = clock
+        self.clock = clock
         # Bytes of a body scanned for parameters to probe (0: only the prefix the detector
         # reads), and whether a body longer than that is refused rather than let through.
         settings = guard.settings
@@ -221,7 +172,7 @@ class GuardedHandler:
         key = self.key_of(request)
         client = address if key is None else key
         keyed = None if key is None else address  # the address a keyed client pays from
-        now = self._clock()
+        now = self.clock()
         decided = self.guard.rules(view, client, now, keyed)
         if isinstance(decided, Decision):
             return self._decided(request, decided, handler)
@@ -238,12 +189,12 @@ class GuardedHandler:
                 return self._decided(request, decision, handler)
             budget = PROBE_BUDGET - HEAD_PROBES
             scanner = BodyScanner(kind[0], self._scan_bytes, kind[1], budget)
-            watch = _BodyWatch(self, view, request, stream, scanner, client, keyed, decided)
+            watch = BodyWatch(self, view, request, stream, scanner, client, keyed, decided)
             stream.inspect = watch.feed
             return watch.run(self._decided(request, decision, handler))
         probes = head_probes(view)
         if request.body and self._scan_bytes and self._scan_body(request, probes):
-            refused = self._over_budget(client, now)
+            refused = self.over_budget(client, now)
             if refused is not None:
                 return self._decided(request, refused, handler)
         # Scored with the requests that arrive in the same loop turn, in one numpy pass (see
@@ -278,11 +229,11 @@ class GuardedHandler:
         assert scorer is not None
         if not probes:
             return scorer.score_one(view, history)
-        views = [view, *_probe_views(view, probes)]
+        views = [view, *probe_views(view, probes)]
         scores = scorer.score(views, [history] * len(views))
         return float(scores[:, 0].max()), float(scores[0, 1])
 
-    def _over_budget(self, client: str, now: float) -> Decision | None:
+    def over_budget(self, client: str, now: float) -> Decision | None:
         """A body past the scanning budget: the refusal with body_scan_over = "refuse", else
         None (the rest goes unread). Logged at most once a minute either way."""
         if now >= self._over_logged + 60.0:
@@ -312,7 +263,7 @@ class GuardedHandler:
         except Exception:  # a scoring bug must not leave requests hanging
             log.exception("guard scoring failed; letting the batch through")
             scores = [(0.0, 0.0)] * len(batch)
-        now = self._clock()
+        now = self.clock()
         for waiting, (injection, abuse) in zip(batch, scores, strict=True):
             decision = self.guard.decide(waiting.client, injection, abuse, now, waiting.keyed)
             if waiting.cancelled:
@@ -333,7 +284,7 @@ class GuardedHandler:
             views.append(waiting.view)
             histories.append(waiting.history)
             if waiting.probes:
-                views += _probe_views(waiting.view, waiting.probes)
+                views += probe_views(waiting.view, waiting.probes)
                 histories += [waiting.history] * len(waiting.probes)
         rows = scorer.score(views, histories).tolist()
         scores = []
@@ -367,7 +318,7 @@ class GuardedHandler:
         # them is answered per request (403, 429), never by cutting the proxy off.
         if address in self._proxies:
             return True
-        return not self.guard.connect(address, self._clock()).refused
+        return not self.guard.connect(address, self.clock()).refused
 
     def release(self, address: str) -> None:
         if address not in self._proxies:
@@ -446,153 +397,6 @@ class _Waiting:
             future.add_done_callback(functools.partial(_finished, pending, tasks))
 
 
-def _probe_views(view: RequestView, probes: list[bytes]) -> list[RequestView]:
-    """Each probe as the query of a plain GET to the request's path with its headers: the
-    detector's best-read field, and the headers' and path's shares come from its cache."""
-    return [RequestView("GET", view.path, p.decode("latin-1"), view.headers) for p in probes]
-
-
-class _BodyWatch:
-    """A streamed body's scan: each chunk's values probed as it arrives, before the chunk goes
-    anywhere (RequestBody.inspect). A body that turns out to be an attack stops: its
-    upstream request is abandoned mid-body (never completed) and the client gets 403, or, if
-    its response has begun, sees that response cut short. Also the response's body source
-    while the scan may still refuse, to reach the client's side for that."""
-
-    __slots__ = (
-        "client",
-        "head",
-        "history",
-        "inner",
-        "keyed",
-        "outer",
-        "request",
-        "scanner",
-        "shell",
-        "sink",
-        "source",
-        "stream",
-        "view",
-    )
-
-    def __init__(
-        self,
-        shell: GuardedHandler,
-        head: RequestView,
-        request: Request,
-        stream: RequestBody,
-        scanner: BodyScanner,
-        client: str,
-        keyed: str | None,
-        history: list[float],
-    ) -> None:
-        self.shell, self.request, self.stream, self.scanner = shell, request, stream, scanner
-        self.client, self.keyed, self.history = client, keyed, history
-        self.view = RequestView("GET", request.path, "", request.headers)
-        # The request as scored at its head; its body's first KiB fills in as it arrives, and
-        # is scored as the detector reads a body it is given whole.
-        self.head = head
-        self.outer = Pending()
-        self.inner: Pending | None = None
-        self.source: BodySource | None = None
-        self.sink: BodySink | None = None
-
-    def run(self, result: HandlerResult) -> HandlerResult:
-        """The handler's ``result``, watched: a Pending the scan can still answer first."""
-        if not isinstance(result, Pending):
-            self.stream.inspect = None  # answered already (or a coroutine: not proxied)
-            return result
-        self.inner = result
-        self.outer.on_cancel = result.cancel
-        result.subscribe(_relay, self)
-        return self.outer
-
-    def answered(self, response: Response) -> None:
-        if response.stream is not None and self.stream.inspect is not None:
-            self.source = response.stream
-            response.stream = self
-        self.outer.resolve(response)
-
-    def feed(self, data: bytes) -> None:
-        scanner = self.scanner
-        stream = self.stream
-        # The body's end: the chunk that completes its declared length, or a chunked body's
-        # end (RequestBody.finish inspects b""): probed whole before the upstream has it.
-        declared = self.head.body_length
-        final = not data or (declared is not None and stream.received >= declared)
-        probes = scanner.feed(data, final)
-        shell = self.shell
-        guard = shell.guard
-        views = _probe_views(self.view, probes) if probes else []
-        head = self.head
-        if data and len(head.body) < BODY_PREFIX:
-            head.body += data[: BODY_PREFIX - len(head.body)]
-            views.append(head)
-        if views:
-            assert guard.scorer is not None
-            try:
-                scores = guard.scorer.score(views, [self.history] * len(views))
-                injection = float(scores[:, 0].max())
-            except Exception:  # a scoring bug must not break the upload
-                log.exception("guard scoring failed; the body goes on unscanned")
-                self.stream.inspect = None
-                return
-            if injection >= guard.settings.block:
-                now = shell._clock()
-                self.refuse(guard.decide(self.client, injection, 0.0, now, self.keyed))
-                return
-        if scanner.over:
-            self.stream.inspect = None  # the budget is spent: the rest goes on unread
-            refused = shell._over_budget(self.client, shell._clock())
-            if refused is not None:
-                self.refuse(refused)
-
-    def refuse(self, decision: Decision) -> None:
-        request = self.request
-        request.guard_action = decision.action
-        request.guard_score = decision.score
-        if not decision.refused:
-            return  # monitor mode: counted, let through
-        self.stream.inspect = None
-        if self.outer.response is None:
-            if self.inner is not None:
-                self.inner.cancel()  # the upstream request is abandoned, its body detached
-            response = refusal(decision)
-            assert isinstance(response, Response)
-            self.outer.resolve(response)
-            return
-        # The response has begun: stop its source and make the client see a truncation.
-        source, sink = self.source, self.sink
-        if source is not None:
-            source.cancel()
-        if sink is not None:
-            sink.abort()
-
-    # -- the response body's source, relayed ----------------------------------------------
-
-    def start(self, sink: BodySink) -> None:
-        self.sink = sink
-        assert self.source is not None
-        self.source.start(sink)
-
-    def pause(self) -> None:
-        assert self.source is not None
-        self.source.pause()
-
-    def resume(self) -> None:
-        assert self.source is not None
-        self.source.resume()
-
-    def cancel(self) -> None:
-        self.stream.inspect = None
-        assert self.source is not None
-        self.source.cancel()
-
-
-def _relay(watch: _BodyWatch, response: Response) -> None:
-    watch.answered(response)
-
-
 def _resolve(pending: Pending, response: Response) -> None:
     pending.resolve(response)
 
@@ -611,51 +415,3 @@ def _finished(
     else:
         log.error("handler failed", exc_info=exc)
         pending.resolve(error_response(500, "internal server error"))
-
-
-def refusal(decision: Decision) -> HandlerResult:
-    message = _MESSAGES.get(decision.reason, "refused by the guard")
-    if decision.action == BLOCK:
-        return error_response(403, message)
-    return error_response(
-        429, message, [(b"retry-after", retry_after_header(decision.retry_after))]
-    )
-
-
-def metric_families(guard: Guard) -> Iterator[Metric]:
-    """The guard's metrics, for /metrics (see docs/METRICS.md)."""
-    stats = guard.stats
-    decisions = CounterMetricFamily(
-        "webtorch_guard_decisions",
-        "Requests and connections decided, by action and reason (in monitor mode: what the "
-        "guard would have done)",
-        labels=["action", "reason"],
-    )
-    for (action, reason), count in sorted(stats.decisions.items()):
-        decisions.add_metric([action, reason], count)
-    yield decisions
-    scores = HistogramMetricFamily(
-        "webtorch_guard_score", "The detector's score of each request it scored (higher head)"
-    )
-    scores.add_metric([], stats.scores.buckets(), stats.scores.total)
-    yield scores
-    yield GaugeMetricFamily("webtorch_guard_bans", "Clients banned now", value=len(guard.bans))
-    if guard.surge is not None:
-        surge = guard.surge
-        yield GaugeMetricFamily(
-            "webtorch_guard_surge", "1 while a surge is under way", value=float(surge.active)
-        )
-        yield CounterMetricFamily("webtorch_guard_surges", "Surges seen", value=surge.surges)
-        yield GaugeMetricFamily(
-            "webtorch_guard_surge_baseline_rate",
-            "The server's request rate the surge detector takes as normal (requests/s)",
-            value=surge.baseline,
-        )
-    yield GaugeMetricFamily(
-        "webtorch_guard_clients", "Clients whose recent history is kept", value=len(guard.clients)
-    )
-    yield CounterMetricFamily(
-        "webtorch_guard_clients_evicted",
-        "Client histories forgotten to stay within max_clients",
-        value=guard.clients.evicted,
-    )

@@ -96,6 +96,9 @@ class Request:
         # guard, or the detector did not run for this request.
         self.guard_action = ""
         self.guard_score: float | None = None
+        # A pipeline's time per stage, its Server-Timing value (``clean;dur=0.410, ...``, ms),
+        # for the access log.
+        self.stages = ""
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.path!r} from {self.client or '?'}>"

@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import resource
+import socket
 import ssl
 from typing import cast
 
@@ -45,7 +46,12 @@ class HttpServer:
         stream_match: StreamMatch | None = None,
         access_log: AccessLogger | None = None,
         request_ids: bool = False,
+        sock: socket.socket | None = None,
+        reuse_port: bool = False,
     ) -> None:
+        """``sock``: a listening socket to accept from instead of binding ``host``:``port`` (a
+        worker's, opened by its master); ``reuse_port``: bind with SO_REUSEPORT, beside the other
+        workers' sockets on the same port (webtorch/workers/)."""
         scheme = "https" if ssl_context is not None else "http"
         self.state = ServerState(
             handler,
@@ -59,6 +65,8 @@ class HttpServer:
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
+        self.sock = sock
+        self.reuse_port = reuse_port
         self._server: asyncio.Server | None = None
         self._tick: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -85,16 +93,26 @@ class HttpServer:
         loop = self._loop = asyncio.get_running_loop()
         state = self.state
         self.apply_limits(state.limits)
-        self._server = await loop.create_server(
+
+        def protocol() -> asyncio.Protocol:
             # HttpProtocol is compiled to a native class, which cannot subclass
             # asyncio.Protocol; the loop only calls its methods.
-            lambda: cast(asyncio.Protocol, HttpProtocol(state, loop)),
-            self.host,
-            self.port,
-            ssl=self.ssl_context,
-            backlog=4096,
-            reuse_address=True,
-        )
+            return cast(asyncio.Protocol, HttpProtocol(state, loop))
+
+        if self.sock is not None:
+            self._server = await loop.create_server(
+                protocol, sock=self.sock, ssl=self.ssl_context, backlog=4096
+            )
+        else:
+            self._server = await loop.create_server(
+                protocol,
+                self.host,
+                self.port,
+                ssl=self.ssl_context,
+                backlog=4096,
+                reuse_address=True,
+                reuse_port=self.reuse_port or None,
+            )
         self._schedule_tick()
 
     @property

@@ -142,6 +142,7 @@ class Dashboard:
             "upstreams": self._upstreams(),
             "models": self._models(),
             "guard": self._guard_now(),
+            "pipelines": self._pipelines(),
         }
         return Response(200, orjson.dumps(body), JSON, [_NO_STORE])
 
@@ -180,13 +181,34 @@ class Dashboard:
 
         return {
             "mode": guard.settings.mode,
-            "bans": len(guard.bans),
+            "bans": guard.ban_count(time.monotonic()),
             "clients": len(guard.clients),
             # A client key is an API key: never shown whole (an address is).
             "top_blocked": [
                 {"client": shown_client(client), "blocked": count}
                 for client, count in guard.stats.blocked_clients.most_common(10)
             ],
+        }
+
+    def _pipelines(self) -> dict[str, list[dict[str, Any]]]:
+        """Each pipeline's stages in order, with their running totals: the page takes the
+        differences between two polls (a second's mean times, rows/s, bytes/s)."""
+        return {
+            name: [
+                {
+                    "stage": stage,
+                    "requests": stats.latency.count,
+                    "seconds": stats.latency.total,  # queue wait and run, summed per request
+                    "wait": stats.wait.total,
+                    "batches": stats.batches,
+                    "rows": stats.rows,
+                    "errors": stats.errors,
+                    "bytes_in": stats.bytes_in,
+                    "bytes_out": stats.bytes_out,
+                }
+                for stage, stats in stages.items()
+            ]
+            for name, stages in sorted(self.metrics.pipelines.items())
         }
 
     def _models(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from webtorch.balance.base import Outcome, Upstream
-from webtorch.http.client import UpstreamConnection
+from webtorch.http.client.connection import UpstreamConnection
 from webtorch.http.messages import (
     BodySink,
     Headers,

@@ -14,6 +14,11 @@ An upstream is *available* when no judge holds it out. When it comes back it can
 with slow start. When too few are available the group panics and every upstream is offered, as
 Envoy does: spreading load over all of them beats piling it on the one or two survivors.
 
+With several workers each judges what it sees, and what takes an upstream out (a passive mark
+or an ejection) is also written to the shared store (``webtorch.shared``) with its end: the
+other workers avoid it at once, till then. Active checks stay each worker's own (every worker
+checks), and so do the counts that lead to a judgement.
+
 Nothing here does I/O or reads a clock: the proxy feeds attempt outcomes and probe results with
 ``now`` (monotonic seconds) and asks for the eligible list. Timers are evaluated lazily against
 ``now``, so there is no background task to run.
@@ -25,10 +30,11 @@ import math
 import random
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Final
 
 from webtorch.balance.base import Outcome, Upstream
+from webtorch.balance.health_settings import ActiveSettings, OutlierSettings, PassiveSettings
+from webtorch.shared.store import StateStore
 
 # Slow start begins at this fraction of the weight rather than 0: weight_factor must stay in
 # (0, 1] for the weighted policies (a zero weight is never picked, so a recovering upstream would
@@ -42,90 +48,6 @@ UNAVAILABLE: Final = "unavailable"  # passive: max_fails within fail_timeout
 EJECTED: Final = "ejected"  # outlier detection
 UNHEALTHY: Final = "unhealthy"  # active checks
 SLOW_START: Final = "slow_start"
-
-
-@dataclass(frozen=True, slots=True)
-class PassiveSettings:
-    """nginx's ``max_fails``/``fail_timeout`` (``server ... max_fails=1 fail_timeout=10s``).
-
-    ``max_fails`` failed attempts within any ``fail_timeout`` seconds make the upstream
-    unavailable for ``fail_timeout`` seconds; 0 disables the judge.
-    """
-
-    max_fails: int = 1
-    fail_timeout: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.max_fails < 0:
-            raise ValueError(f"max_fails must be >= 0, got {self.max_fails}")
-        if self.fail_timeout <= 0:
-            raise ValueError(f"fail_timeout must be > 0, got {self.fail_timeout}")
-
-
-@dataclass(frozen=True, slots=True)
-class OutlierSettings:
-    """Envoy's outlier detection (``consecutive_5xx``, ``consecutive_gateway_failure``, ...).
-
-    A 0 counter threshold disables that detector. ``panic_threshold`` (percent of the group that
-    must be available, else every upstream is offered) belongs to the whole health machinery but
-    lives here because Envoy configures it next to outlier detection; 0 disables panic.
-    """
-
-    consecutive_5xx: int = 5
-    consecutive_gateway_failure: int = 5
-    base_ejection_time: float = 30.0
-    max_ejection_time: float = 300.0
-    max_ejection_percent: float = 50.0
-    panic_threshold: float = 50.0
-
-    def __post_init__(self) -> None:
-        if self.consecutive_5xx < 0 or self.consecutive_gateway_failure < 0:
-            raise ValueError("consecutive_5xx and consecutive_gateway_failure must be >= 0")
-        if self.base_ejection_time <= 0:
-            raise ValueError(f"base_ejection_time must be > 0, got {self.base_ejection_time}")
-        if self.max_ejection_time < 0:
-            raise ValueError(f"max_ejection_time must be >= 0, got {self.max_ejection_time}")
-        for name in ("max_ejection_percent", "panic_threshold"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 100.0:
-                raise ValueError(f"{name} must be within [0, 100], got {value}")
-
-    @property
-    def enabled(self) -> bool:
-        return self.consecutive_5xx > 0 or self.consecutive_gateway_failure > 0
-
-
-@dataclass(frozen=True, slots=True)
-class ActiveSettings:
-    """Active health checks: ``GET path`` every ``interval`` seconds (give or take ``jitter`` as a
-    fraction of it), a check fails on a status outside ``expect_status`` (inclusive) or no answer
-    within ``timeout``. ``fails`` failed checks in a row make the upstream unhealthy, ``passes``
-    good ones in a row make it healthy again."""
-
-    path: str = "/health"
-    interval: float = 5.0
-    timeout: float = 2.0
-    fails: int = 2
-    passes: int = 2
-    jitter: float = 0.1
-    expect_status: tuple[int, int] = (200, 399)
-
-    def __post_init__(self) -> None:
-        if not self.path.startswith("/"):
-            raise ValueError(f"active check path must start with '/', got {self.path!r}")
-        if self.interval <= 0 or self.timeout <= 0:
-            raise ValueError("active check interval and timeout must be > 0")
-        if self.fails < 1 or self.passes < 1:
-            raise ValueError("active check fails and passes must be >= 1")
-        if not 0.0 <= self.jitter < 1.0:
-            raise ValueError(f"active check jitter must be within [0, 1), got {self.jitter}")
-        low, high = self.expect_status
-        if not 100 <= low <= high <= 599:
-            raise ValueError(f"expect_status must be a range within 100..599, got {low}..{high}")
-
-    def status_ok(self, status: int) -> bool:
-        """Whether a check that got ``status`` back passed."""
-        return self.expect_status[0] <= status <= self.expect_status[1]
 
 
 class ActiveCheck:
@@ -195,15 +117,21 @@ class _State:
         "ejection_level",
         "ejections_total",
         "fail_times",
+        "key",
         "needs_ramp",
         "probation",
         "ramp_from",
         "ramp_until",
+        "shared_until",
         "upstream",
     )
 
-    def __init__(self, upstream: Upstream, max_fails: int, active: ActiveCheck | None) -> None:
+    def __init__(
+        self, upstream: Upstream, max_fails: int, active: ActiveCheck | None, key: str
+    ) -> None:
         self.upstream = upstream
+        self.key = key  # its name in the shared store: group/address
+        self.shared_until = _NEVER  # out by another worker's judgement till then
         # Passive: the times of the last max_fails failures, enough to tell whether max_fails of
         # them fell within fail_timeout (an exact sliding window in bounded memory).
         self.fail_times: deque[float] = deque(maxlen=max(max_fails, 1))
@@ -225,6 +153,7 @@ class _State:
         return (
             now >= self.down_until
             and now >= self.ejected_until
+            and now >= self.shared_until
             and (self.active is None or self.active.healthy)
         )
 
@@ -246,7 +175,11 @@ class GroupHealth:
         active: ActiveSettings | None,
         slow_start: float,
         rng: random.Random,
+        shared: StateStore | None = None,
+        name: str = "",
     ) -> None:
+        """``shared``: the store the workers of one server share (None: one process); ``name``
+        the group's, which with each address names its upstreams there."""
         if slow_start < 0:
             raise ValueError(f"slow_start must be >= 0, got {slow_start}")
         ordered = sorted(upstreams, key=lambda u: u.index)
@@ -254,14 +187,25 @@ class GroupHealth:
             raise ValueError("an upstream appears twice in the group")
         self.passive = passive
         self.outlier = outlier
+        # Read on every failed attempt: native attributes (the settings are pydantic models,
+        # whose attributes compiled code looks up by name).
+        self._max_fails: int = passive.max_fails
+        self._outlier_on: bool = outlier.enabled
         self.active = active
         self.slow_start = slow_start
         self._rng = rng
         self._upstreams = tuple(ordered)
         self._states = [
-            _State(u, passive.max_fails, ActiveCheck(active, rng) if active else None)
+            _State(
+                u,
+                passive.max_fails,
+                ActiveCheck(active, rng) if active else None,
+                f"{name}/{u.address}",
+            )
             for u in ordered
         ]
+        self._shared = shared
+        self._marks = -1  # the shared marks' change count last read (-1: read on first ask)
         self._by_upstream = {u: s for u, s in zip(ordered, self._states, strict=True)}
         # The multiplier stops growing once the cap is reached, so that after a long outage
         # it decays back in cap/base steps rather than in as many steps as there were ejections.
@@ -288,9 +232,9 @@ class GroupHealth:
         elif outcome is Outcome.CANCELLED:
             return False
         out = False
-        if self.passive.max_fails:
+        if self._max_fails:
             out = self._record_passive(st, outcome, now)
-        if self.outlier.enabled and self._record_outlier(st, outcome, now):
+        if self._outlier_on and self._record_outlier(st, outcome, now):
             out = True
         return out
 
@@ -312,13 +256,15 @@ class GroupHealth:
         # fail_timeout, so a single further failure marks the upstream down again.
         st.fail_times.append(now)
         if st.probation or (
-            len(st.fail_times) >= self.passive.max_fails and now - st.fail_times[0] <= fail_timeout
+            len(st.fail_times) >= self._max_fails and now - st.fail_times[0] <= fail_timeout
         ):
             st.down_until = now + fail_timeout
             st.probation = True
             st.fail_times.clear()
             st.needs_ramp = True
             self._dirty = True
+            if self._shared is not None:
+                self._shared.mark_down(st.key, st.down_until)
             return True
         return False
 
@@ -373,6 +319,8 @@ class GroupHealth:
         st.cgw = 0
         st.needs_ramp = True
         self._dirty = True
+        if self._shared is not None:
+            self._shared.mark_down(st.key, st.ejected_until)
 
     def record_check(self, upstream: Upstream, ok: bool, now: float) -> bool:
         """Account for one active check's result; True when it flipped the upstream's health."""
@@ -384,13 +332,20 @@ class GroupHealth:
             if not st.active.healthy:
                 st.needs_ramp = True
             self._dirty = True
-        if ok and st.active.healthy and (now < st.down_until or now < st.ejected_until):
+        if (
+            ok
+            and st.active.healthy
+            and (now < st.down_until or now < st.ejected_until or now < st.shared_until)
+        ):
             # A good check is fresher evidence than the failures that took the upstream out
             # (Envoy's successful_active_health_check_uneject_host, on by default there too):
             # a restarted server is back within one check interval, not after fail_timeout or
             # a whole ejection. It comes back through slow start, when configured.
             st.down_until = min(st.down_until, now)
             st.ejected_until = min(st.ejected_until, now)
+            st.shared_until = min(st.shared_until, now)
+            if self._shared is not None:  # whoever took it out: back for every worker
+                self._shared.mark_up(st.key, now)
             st.fail_times.clear()
             st.probation = False
             st.c5xx = st.cgw = 0
@@ -428,6 +383,9 @@ class GroupHealth:
         available and panic is disabled. The returned tuple is shared until the next state
         change: do not keep it across requests.
         """
+        shared = self._shared
+        if shared is not None and shared.marks() != self._marks:
+            self._pull(shared, now)
         if self._dirty or now >= self._valid_until:
             self._recompute(now)
         elif self._ramping:
@@ -451,8 +409,8 @@ class GroupHealth:
             return UNHEALTHY
         if now < st.ejected_until:
             return EJECTED
-        if now < st.down_until:
-            return UNAVAILABLE
+        if now < st.down_until or now < st.shared_until:
+            return UNAVAILABLE  # shared: another worker's judgement, passive or outlier
         self._start_ramp(st, now)
         return SLOW_START if now < st.ramp_until else HEALTHY
 
@@ -466,6 +424,17 @@ class GroupHealth:
 
     # -- internals ----------------------------------------------------------------------------
 
+    def _pull(self, shared: StateStore, now: float) -> None:
+        """The shared marks moved: read this group's (rare: an upstream went out or back)."""
+        self._marks = shared.marks()
+        for st in self._states:
+            until = shared.down_until(st.key)
+            if until != st.shared_until:
+                if until > now and not now < st.shared_until:
+                    st.needs_ramp = True
+                st.shared_until = until
+                self._dirty = True
+
     def _start_ramp(self, st: _State, now: float) -> None:
         """Begin slow start for an upstream that is back, from the instant it came back.
 
@@ -476,7 +445,7 @@ class GroupHealth:
             return
         st.needs_ramp = False
         if self.slow_start > 0:
-            back = max(st.down_until, st.ejected_until)
+            back = max(st.down_until, st.ejected_until, st.shared_until)
             if st.active is not None:
                 back = max(back, st.active.healthy_since)
             st.ramp_from = back
@@ -498,6 +467,8 @@ class GroupHealth:
                 next_timer = min(next_timer, st.down_until)
             if now < st.ejected_until:
                 next_timer = min(next_timer, st.ejected_until)
+            if now < st.shared_until:
+                next_timer = min(next_timer, st.shared_until)
             if not st.available(now):
                 st.upstream.weight_factor = out_factor
                 continue

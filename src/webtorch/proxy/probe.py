@@ -31,7 +31,9 @@ import orjson
 
 from webtorch.balance.base import Policy, ProbeResult, Upstream
 from webtorch.errors import MethodNotAllowed
-from webtorch.http.client import ConnectionPool, PoolSettings, fetch
+from webtorch.http.client.fetch import fetch
+from webtorch.http.client.pool import ConnectionPool
+from webtorch.http.client.settings import PoolSettings
 from webtorch.http.messages import Request, Response, json_response
 from webtorch.metrics import LATENCY_BUCKETS, Metrics
 
@@ -76,11 +78,11 @@ class Prober:
         self._pools: dict[Upstream, ConnectionPool] = {}
         self._settings = PoolSettings(
             keepalive=1,
-            max_requests=0,
+            max_requests_per_connection=0,
             connect_timeout=timeout,
             read_timeout=timeout,
-            max_header_bytes=_MAX_HEAD,
-            max_headers=_MAX_HEADERS,
+            max_response_header_bytes=_MAX_HEAD,
+            max_response_headers=_MAX_HEADERS,
         )
 
     @property

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Final
 
+from webtorch.config import RetryConfig
 from webtorch.vocab import RETRY_CONDITIONS, Outcome
 
 # nginx's proxy_next_upstream vocabulary, the part that applies here (in vocab.py: config
@@ -38,7 +39,9 @@ NO_RETRY_NOT_ENABLED: Final = "not_enabled"
 NO_RETRY_NON_IDEMPOTENT: Final = "non_idempotent"
 NO_RETRY_UNKNOWN_STATUS: Final = "unknown_status"
 
-_DEFAULT_ON: Final = frozenset({"error", "timeout", "http_502", "http_503", "http_504"})
+# The defaults are the config's ([upstreams.X.retry], where they are validated): one copy.
+_CONFIG: Final = RetryConfig()
+_DEFAULT_ON: Final = frozenset(_CONFIG.on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +52,12 @@ class RetrySettings:
     seconds passed since the first attempt began (``proxy_next_upstream_timeout``; 0 = no limit).
     ``budget_*``: see :class:`RetryBudget`."""
 
-    tries: int = 3
+    tries: int = _CONFIG.tries
     on: frozenset[str] = _DEFAULT_ON
-    timeout: float = 0.0
-    budget_percent: float = 20.0
-    budget_min_per_second: float = 5.0
-    budget_window: float = 10.0
+    timeout: float = _CONFIG.timeout
+    budget_percent: float = _CONFIG.budget_percent
+    budget_min_per_second: float = _CONFIG.budget_min_per_second
+    budget_window: float = _CONFIG.budget_window
 
     def __post_init__(self) -> None:
         if self.tries < 0:

@@ -2,7 +2,7 @@
 
 An :class:`UpstreamGroup` joins the sans-IO parts (a :class:`~webtorch.balance.base.Policy`,
 :class:`~webtorch.proxy.health.GroupHealth`, the retry rules and budget) to the I/O ones (one
-:class:`~webtorch.http.client.ConnectionPool` per server, active health checks). A
+:class:`~webtorch.http.client.pool.ConnectionPool` per server, active health checks). A
 :class:`ProxyRoute` is a route's handler: it turns each request into a
 :class:`~webtorch.proxy.forward.Forward`. :class:`Proxies` owns every group of a config, their
 clock, and the swap to a new set on reload.
@@ -11,7 +11,6 @@ clock, and the swap to a new set on reload.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
 import time
@@ -32,14 +31,16 @@ from webtorch.balance.registry import make_policy
 from webtorch.balance.settings import LearnedSettings, PrequalSettings
 from webtorch.balance.sticky import StickyCookie
 from webtorch.config import Config, RouteConfig, UpstreamConfig, parse_listen
-from webtorch.http.client import ConnectionPool, FetchFailed, PoolSettings, fetch
+from webtorch.http.client.fetch import FetchFailed, fetch
+from webtorch.http.client.pool import ConnectionPool
 from webtorch.http.messages import HandlerResult, Request
 from webtorch.metrics import LATENCY_BUCKETS, Histogram
 from webtorch.proxy.forward import Forward
 from webtorch.proxy.headers import TrustedProxies
-from webtorch.proxy.health import ActiveSettings, GroupHealth, OutlierSettings, PassiveSettings
+from webtorch.proxy.health import GroupHealth
 from webtorch.proxy.probe import Prober
 from webtorch.proxy.retry import RetryBudget, RetrySettings
+from webtorch.shared.store import StateStore
 
 # Bound once: a compiled module reads a Final name from a C static, not a module attribute.
 _clock: Final = time.monotonic
@@ -68,6 +69,7 @@ class UpstreamGroup:
         loop: asyncio.AbstractEventLoop,
         rng: random.Random | None = None,
         base_dir: Path | None = None,
+        shared: StateStore | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -98,24 +100,11 @@ class UpstreamGroup:
             settings=own,
             group_name=name,
         )
-        o = config.outlier
         hc = config.health_check
+        # The config's sections are the judges' settings (balance/health_settings.py); the group's
+        # own table is its PassiveSettings.
         self.health = GroupHealth(
-            self.upstreams,
-            PassiveSettings(config.max_fails, config.fail_timeout),
-            OutlierSettings(
-                o.consecutive_5xx,
-                o.consecutive_gateway_failure,
-                o.base_ejection_time,
-                o.max_ejection_time,
-                o.max_ejection_percent,
-                o.panic_threshold,
-            ),
-            None
-            if hc is None
-            else ActiveSettings(hc.path, hc.interval, hc.timeout, hc.fails, hc.passes, hc.jitter),
-            config.slow_start,
-            rng,
+            self.upstreams, config, config.outlier, hc, config.slow_start, rng, shared, name
         )
         r = config.retry
         self.retry = RetrySettings(
@@ -135,20 +124,10 @@ class UpstreamGroup:
                 s.cookie, s.expires, s.domain, s.path, s.httponly, s.secure, s.samesite
             )
         )
-        pool_settings = PoolSettings(
-            keepalive=config.keepalive,
-            max_connections=config.max_connections,
-            idle_timeout=config.idle_timeout,
-            max_requests=config.max_requests_per_connection,
-            connect_timeout=config.connect_timeout,
-            read_timeout=config.read_timeout,
-            total_timeout=config.total_timeout,
-            max_header_bytes=config.max_response_header_bytes,
-            max_headers=config.max_response_headers,
-        )
-        self.pools = [ConnectionPool(u, pool_settings, loop) for u in self.upstreams]
+        # The group's table is its pools' PoolSettings (http/client/settings.py).
+        self.pools = [ConnectionPool(u, config, loop) for u in self.upstreams]
         # Active checks have pools of their own that keep no connection: a fresh one each check.
-        check_settings = dataclasses.replace(pool_settings, keepalive=0, max_connections=0)
+        check_settings = config.model_copy(update={"keepalive": 0, "max_connections": 0})
         self._check_pools = (
             [ConnectionPool(u, check_settings, loop) for u in self.upstreams] if hc else []
         )
@@ -315,8 +294,9 @@ class ProxyRoute:
 class Proxies:
     """Every upstream group of the running config, their clock, and reloads."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, shared: StateStore | None = None) -> None:
         self.loop = loop
+        self.shared = shared  # what the workers of a server share (None: one process)
         self.groups: dict[str, UpstreamGroup] = {}
         self.trusted = TrustedProxies([])
         self._retired: list[UpstreamGroup] = []
@@ -327,7 +307,7 @@ class Proxies:
         """Build the groups of ``config`` (replacing the current ones, which finish their
         requests in flight) and return what makes a route's handler."""
         groups = {
-            name: UpstreamGroup(name, uc, self.loop, base_dir=config.base_dir)
+            name: UpstreamGroup(name, uc, self.loop, base_dir=config.base_dir, shared=self.shared)
             for name, uc in config.upstreams.items()
         }
         old = self.groups

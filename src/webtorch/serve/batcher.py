@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Generic, TypeVar
 
+from webtorch.vocab import MAX_QUEUED_ROWS
+
 T = TypeVar("T")
 
 
@@ -34,7 +36,9 @@ class Queued(Generic[T]):
 
 
 class BatchScheduler(Generic[T]):
-    def __init__(self, max_batch: int, max_delay: float = 0.0, max_queue: int = 65536) -> None:
+    def __init__(
+        self, max_batch: int, max_delay: float = 0.0, max_queue: int = MAX_QUEUED_ROWS
+    ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if max_delay < 0:

@@ -17,6 +17,7 @@ from webtorch.serve.wire.oip_json import OIPForm
 from webtorch.serve.wire.short import ShortForm
 
 if TYPE_CHECKING:  # the forms come from the model's training pipeline: no train/ import here
+    from webtorch.serve.train_forward import RemoteTrainer
     from webtorch.train.forms import TrainForms, TrainRequest
 
 # Bound once: a compiled module reads a Final name from a C static, not a module attribute.
@@ -27,7 +28,12 @@ class ModelEndpoint:
     """One served model: decode a request, queue it on the executor, encode its outputs."""
 
     def __init__(
-        self, model: LoadedModel, executor: Executor, stats: ModelStats, auth: Auth | None = None
+        self,
+        model: LoadedModel,
+        executor: Executor,
+        stats: ModelStats,
+        auth: Auth | None = None,
+        remote: RemoteTrainer | None = None,
     ) -> None:
         self.model = model
         self.executor = executor
@@ -48,7 +54,10 @@ class ModelEndpoint:
             max_rows=executor.scheduler.max_batch,
         )
         self.auth = auth or Auth(None)
-        self.trainable = executor.trainer is not None
+        # Another worker trains this model (server.workers > 1): train requests go there, once
+        # this worker's gate let them through.
+        self.remote = remote
+        self.trainable = executor.trainer is not None or remote is not None
         training = executor.training
         self._train: TrainForms | None = None
         if self.trainable and training is not None:
@@ -89,12 +98,12 @@ class ModelEndpoint:
         elif request.method != "POST":
             require_method(request, "POST")
 
-    def _train_gate(self, request: Request, methods: tuple[str, ...]) -> TrainForms:
+    def _train_gate(self, request: Request, methods: tuple[str, ...]) -> TrainForms | None:
         """What refuses a train request whatever its body, for the handlers and :meth:`check`
         alike: training off, then a POST's content type, sender and token (it changes the
         model: no cross-site sender), or another method's token and whether it is allowed."""
         forms = self._train
-        if forms is None:
+        if forms is None and self.remote is None:
             raise NotFound(
                 f"model {self.name!r} does not accept training "
                 f"(enable it with [models.{self.name}.train] enabled = true)"
@@ -111,6 +120,9 @@ class ModelEndpoint:
         """``POST /models/{m}/train`` (short form); ``GET`` answers the training status."""
         request.model = self.name
         forms = self._train_gate(request, _SHORT)
+        if forms is None:
+            assert self.remote is not None
+            return self.remote.forward(request)
         if request.method != "POST":
             assert self.executor.trainer is not None
             return json_response(self.executor.trainer.status())
@@ -120,6 +132,9 @@ class ModelEndpoint:
     def train_oip(self, request: Request) -> HandlerResult:
         request.model = self.name
         forms = self._train_gate(request, _OIP_TRAIN)
+        if forms is None:
+            assert self.remote is not None
+            return self.remote.forward(request)
         decoded = forms.decode_oip(
             request.body, request.content_type, request.header(b"inference-header-content-length")
         )

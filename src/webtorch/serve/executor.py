@@ -53,8 +53,10 @@ from webtorch.serve.scheduler import (
 )
 from webtorch.serve.wire import tensors as codecs
 from webtorch.serve.wire.tensors import InputData
+from webtorch.vocab import MAX_BATCH_ROWS, MAX_QUEUED_ROWS
 
 if TYPE_CHECKING:  # built by the trainer (see above): train/ is never imported at runtime here
+    from webtorch.serve.versions import Publisher, Subscriber
     from webtorch.train.forms import TrainForms, TrainRequest
     from webtorch.train.pipeline import TrainBatchEncoder, TrainEncoder
     from webtorch.train.trainer import Trainer
@@ -132,12 +134,14 @@ class Executor:
         model: LoadedModel,
         stats: ModelStats,
         *,
-        max_batch: int = 256,
+        max_batch: int = MAX_BATCH_ROWS,
         max_delay: float = 0.0,
-        max_queue: int = 65536,
+        max_queue: int = MAX_QUEUED_ROWS,
         mode: ComputeMode = "loop",
         loop: asyncio.AbstractEventLoop | None = None,
         trainer: Trainer | None = None,
+        publisher: Publisher | None = None,
+        subscriber: Subscriber | None = None,
     ) -> None:
         self.model = model
         self.stats = stats
@@ -162,6 +166,15 @@ class Executor:
             training = trainer.pipeline(self)
             self.training = training
             self.plan = Scheduler(self.scheduler, training.queue, training.priority)
+        # server.workers > 1 and the model trains: its weights as numbered versions (the
+        # trainer's step), published by the trainer worker's executor after each step, before
+        # its answers, and taken by the others' when a batch starts (serve/versions.py).
+        self.publisher = publisher
+        self.subscriber = subscriber
+        self.version = -1  # the version the last batch ran (-1: not versioned)
+        if publisher is not None:
+            assert trainer is not None
+            publisher.publish(trainer.step)
 
     @property
     def train_scheduler(self) -> BatchScheduler[Any] | None:
@@ -220,6 +233,14 @@ class Executor:
             self._scheduled = True
             self.loop.call_soon(self._run)
 
+    def applied(self, step: int) -> None:
+        """The training pipeline applied a step (the model is free, its answers not yet sent):
+        publish the weights to the other workers first, so that an answer naming step N is
+        never followed by a prediction there with fewer."""
+        publisher = self.publisher
+        if publisher is not None and step != publisher.version:
+            publisher.publish(step)
+
     def _run(self) -> None:
         """Start the next piece of work on the model, if it is free: what the scheduler says."""
         self._scheduled = False
@@ -254,6 +275,9 @@ class Executor:
         for entry in batch:
             record_queue(now - entry.arrived)
         jobs = [entry.item for entry in batch]
+        versioned = self.publisher is not None or self.subscriber is not None
+        if versioned and not self._take_version(jobs):
+            return
         self._busy = True
         if self._pool is None:
             self._complete(jobs, self._compute(jobs))
@@ -266,7 +290,37 @@ class Executor:
         responses = fut.result() if exc is None else [_internal(exc)] * len(jobs)
         self._complete(jobs, responses)
 
+    def _take_version(self, jobs: list[Job]) -> bool:
+        """The weights this batch runs: the newest version (another worker's, taken now,
+        before the batch, so that none of its answers mixes two). False when there is none yet
+        (the trainer worker has not published): the batch is answered 503."""
+        subscriber = self.subscriber
+        if subscriber is None:
+            self.version = self.publisher.version if self.publisher is not None else -1
+            return True
+        if subscriber.refresh():
+            self.version = subscriber.version
+            return True
+        response = response_for_error(
+            ServiceUnavailable(
+                f"model {self.model.name!r}: waiting for its trainer's first weights",
+            )
+        )
+        response.headers = ((b"retry-after", b"1"),)
+        for job in jobs:
+            job.resolve(response)
+        self.scheduler.finish()
+        self.kick()
+        return False
+
     def _complete(self, jobs: list[Job], responses: list[Response]) -> None:
+        if self.version >= 0:
+            # Which version answered (a header only with versions: a single server has none).
+            header = (b"webtorch-model-version", b"%d" % self.version)
+            for response in responses:
+                headers = response.headers
+                if not headers or headers[-1] is not header:  # one response for several jobs
+                    response.headers = (*headers, header)
         for job, response in zip(jobs, responses, strict=True):
             job.resolve(response)
         self.stats.bound()

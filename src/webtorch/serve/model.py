@@ -54,7 +54,10 @@ class Model:
 
     The pipeline for a batch is ``postprocess(network(*preprocess(inputs)))``: ``preprocess`` gets
     and returns a dict of tensors keyed by input name (the network is called with them in the
-    order of ``inputs``); ``postprocess`` gets and returns a dict keyed by output name.
+    order of ``inputs``); ``postprocess`` gets and returns a dict keyed by output name. They are
+    the one-stage case of pipelines (``webtorch.pipeline``): a ``@webtorch.stage(takes="tensors")``
+    function serves as either, run inside the model's batch; a pipeline
+    ``[pre, model_stage(name), post]`` gives the same functions queues and placements of their own.
     ``loss(outputs, targets)`` and ``optimizer(parameters)`` are for training: ``outputs`` are
     the network's named outputs (postprocess is for serving and is not applied), ``targets`` the
     request's target tensors, described by ``targets`` (default: the same specs as ``outputs``).

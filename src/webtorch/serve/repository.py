@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from webtorch.serve.endpoint import ModelEndpoint
     from webtorch.serve.executor import Executor
     from webtorch.serve.model import LoadedModel
+    from webtorch.serve.trainers import Trainers
     from webtorch.train.trainer import Trainer
 
 log = logging.getLogger("webtorch.repository")
@@ -78,9 +79,16 @@ TrainerFactory = Callable[["LoadedModel", "TrainConfig", "Path", "TrainStats"], 
 
 class ModelRepository:
     def __init__(
-        self, config: Config, metrics: Metrics, auth: Auth, make_trainer: TrainerFactory
+        self,
+        config: Config,
+        metrics: Metrics,
+        auth: Auth,
+        make_trainer: TrainerFactory,
+        placement: Trainers | None = None,
     ) -> None:
         self.config = config
+        # Which worker trains which model (server.workers > 1; None: this process trains all).
+        self.placement = placement
         self.metrics = metrics
         self.auth = auth
         self._make_trainer = make_trainer
@@ -129,7 +137,8 @@ class ModelRepository:
         cfg = self.config
         model = load_model(name, cfg.resolve(settings.path), settings.device, cfg.weights(settings))
         trainer = None
-        if settings.train.enabled:
+        placement = self.placement
+        if settings.train.enabled and (placement is None or placement.trains(name)):
             trainer = self._make_trainer(
                 model, settings.train, cfg.state_dir(name, settings), self.metrics.train(name)
             )
@@ -141,6 +150,18 @@ class ModelRepository:
         from webtorch.serve.executor import Executor
 
         s = prepared.settings
+        model = prepared.model
+        publisher = subscriber = None
+        placement = self.placement
+        if placement is not None and placement.trained(model.name):
+            # Weights as numbered versions between the trainer worker and the others.
+            from webtorch.serve.versions import Publisher, Subscriber, weights_path
+
+            path = weights_path(placement.directory, model.name)
+            if prepared.trainer is not None:
+                publisher = Publisher(path, model.network)
+            else:
+                subscriber = Subscriber(path, model.network)
         return Executor(
             prepared.model,
             self.metrics.model(prepared.model.name),
@@ -150,6 +171,8 @@ class ModelRepository:
             mode=s.compute,
             loop=self._loop,
             trainer=prepared.trainer,
+            publisher=publisher,
+            subscriber=subscriber,
         )
 
     def start(self, loop: asyncio.AbstractEventLoop, router: Router) -> None:
@@ -165,7 +188,21 @@ class ModelRepository:
     def _install(self, name: str, prepared: Prepared, executor: Executor) -> None:
         from webtorch.serve.endpoint import ModelEndpoint
 
-        endpoint = ModelEndpoint(prepared.model, executor, executor.stats, self.auth)
+        remote = None
+        placement = self.placement
+        if prepared.trainer is None and placement is not None and placement.trained(name):
+            from webtorch.serve.train_forward import RemoteTrainer
+
+            slot = placement.trainers[name]
+            remote = RemoteTrainer(
+                name,
+                slot,
+                str(placement.socket(slot)),
+                # Each one a connection to the trainer: bounded as its queue is, and below.
+                max_in_flight=min(prepared.settings.train.max_queue, 1024),
+                timeout=self.config.server.limits.body_timeout,
+            )
+        endpoint = ModelEndpoint(prepared.model, executor, executor.stats, self.auth, remote)
         self.served[name] = Served(
             prepared.settings, prepared.model, prepared.trainer, executor, endpoint
         )

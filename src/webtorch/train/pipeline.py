@@ -42,8 +42,9 @@ from webtorch.train.forms import TrainForms, TrainRequest, UncheckedRows, settle
 from webtorch.train.wal import delete_segments
 
 if TYPE_CHECKING:  # the trainer builds this pipeline (Trainer.pipeline): no import at runtime
+    from webtorch.train.batch import Answer, Batch, Prepared, StepResult
     from webtorch.train.checkpoint import Snapshot
-    from webtorch.train.trainer import Answer, Batch, Prepared, StepResult, Trainer
+    from webtorch.train.trainer import Trainer
 
 log: Final = logging.getLogger("webtorch.serve")
 
@@ -66,6 +67,10 @@ class Host(Protocol):
 
     def kick(self) -> None:
         """Schedule another look at what runs next (on a later loop turn)."""
+
+    def applied(self, step: int) -> None:
+        """A step was applied and the model is free: before its requests are answered (the
+        executor publishes the weights to the other workers, if there are any)."""
 
     def on_model(
         self, work: Callable[[], Any], done: Callable[[Any, BaseException | None], None]
@@ -352,6 +357,7 @@ class TrainPipeline:
             return
         assert self._steps[0] is step
         self._steps.popleft()
+        self.host.applied(result.step)  # other workers predict with it before anyone hears
         if not self._answer_together(step.jobs, result):
             self._answer(step.jobs, result)
         if step.batch.keys is not None:

@@ -28,12 +28,9 @@ A request with an idempotency key is applied once: its key goes into the micro-b
 and :meth:`Trainer.apply` remembers its answer (the newest ``train.idempotency_keys`` of them),
 which replay rebuilds, so a retry after a restart finds it too (:meth:`Trainer.answered`).
 
-Longer than ~600 lines on purpose: one micro-batch's compute, its optimizer step and the replay
-that must reproduce both bit for bit read the same private state (the optimizer's fast path,
-backward in the calling thread, the seq and step counters, the remembered answers), and keeping
-them in one class keeps the rule that live and replayed steps run the same code visible. What
-drives it on a server (queues, the WAL's thread, checkpoints' thread, answers) is
-``train/pipeline.py``.
+What drives it on a server (queues, the WAL's thread, checkpoints' thread, answers) is
+``train/pipeline.py``; what passes between the two is in ``train/batch.py``, and the shortcuts
+through torch that the step takes are in ``train/fastpath.py``.
 """
 
 from __future__ import annotations
@@ -44,24 +41,43 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import vmap
-from torch.nn.utils import get_total_norm
-from torch.optim import optimizer as optim_base
 
 from webtorch.config import TrainConfig
 from webtorch.errors import ModelLoadError
 from webtorch.metrics import TrainStats
 from webtorch.serve.datatypes import to_torch
-from webtorch.serve.model import LoadedModel, Tensors, TensorSpec
-from webtorch.serve.wire import tensors as codecs
+from webtorch.serve.model import LoadedModel, Tensors
 from webtorch.serve.wire.tensors import InputData
 from webtorch.train import checkpoint as ckpt
-from webtorch.train.forms import UncheckedRows
+from webtorch.train.batch import (
+    INPUT,
+    TARGET,
+    Answer,
+    Batch,
+    Prepared,
+    StepResult,
+    concatenate,
+    from_record,
+    load_answers,
+    per_request,
+    record_tensors,
+    select,
+)
+from webtorch.train.fastpath import (
+    GLOBAL_POST_HOOKS,
+    GLOBAL_PRE_HOOKS,
+    NUMPY_FLOATS,
+    RUN_BACKWARD,
+    bare_step,
+    finite,
+    profiler_enabled,
+)
 from webtorch.train.wal import WalCorrupt, WriteAheadLog, encode_record
 
 if TYPE_CHECKING:
@@ -69,13 +85,6 @@ if TYPE_CHECKING:
 
 log: Final = logging.getLogger("webtorch.train")
 
-INPUT: Final = "inputs."
-TARGET: Final = "targets."
-ROWS: Final = "rows"
-# A micro-batch's idempotency keys in its WAL record (only when one of its requests has one):
-# the keys' ASCII bytes one after the other, and each request's key length (0: none).
-KEYS: Final = "keys"
-KEY_LENGTHS: Final = "key_lengths"
 # Checkpoint metadata: the counters a restart must not lose, and the remembered answers.
 STEPS_META: Final = "steps"
 EXAMPLES_META: Final = "examples"
@@ -83,67 +92,6 @@ ANSWERS_META: Final = "idempotency"
 # Characters of a remembered error answer: the answers go into checkpoint metadata, which
 # safetensors caps at 100 MB (100,000 keys of 128 characters plus this fit well within it).
 MAX_ERROR_KEPT: Final = 200
-
-Answer = tuple[int, float | None, str | None]
-"""A keyed request's answer: the step after it, and its loss or the error that refused it."""
-
-
-# Batch, Prepared and StepResult are written-out classes, not dataclasses, so that their
-# ``__init__`` compiles (see :class:`webtorch.http.messages.Request`).
-
-
-class Batch:
-    """One micro-batch: ``inputs.<name>`` and ``targets.<name>`` tensors, each request's row
-    count in order (``rows``; the WAL stores them as a tensor of that name beside the others:
-    :meth:`Trainer.encode`), its number in the log ``seq``, and each request's idempotency key
-    (``keys``: None when no request has one)."""
-
-    def __init__(
-        self,
-        tensors: dict[str, np.ndarray],
-        rows: list[int],
-        seq: int,
-        keys: list[str | None] | None = None,
-    ) -> None:
-        self.tensors = tensors
-        self.rows = rows
-        self.seq = seq
-        self.keys = keys
-
-
-class Prepared:
-    """A computed step waiting for its optimizer step: which requests are in it (``good``),
-    their losses, and why the others were left out; ``seconds``: the time prepare took."""
-
-    def __init__(
-        self,
-        batch: Batch,
-        good: list[int],
-        losses: list[float],
-        errors: list[str | None],
-        seconds: float,
-    ) -> None:
-        self.batch = batch
-        self.good = good
-        self.losses = losses
-        self.errors = errors
-        self.seconds = seconds
-
-
-class StepResult:
-    """What a step did for each request of its batch: a loss, or the error that excluded it."""
-
-    def __init__(
-        self,
-        step: int,
-        losses: list[float | None],
-        errors: list[str | None],
-        snapshot: tuple[int, ckpt.Snapshot] | None = None,
-    ) -> None:
-        self.step = step
-        self.losses = losses
-        self.errors = errors
-        self.snapshot = snapshot
 
 
 class Trainer:
@@ -164,11 +112,11 @@ class Trainer:
         self.config = config
         self.loss_fn: Callable[[Tensors, Tensors], torch.Tensor] = spec.loss
         self.optimizer = spec.optimizer(model.network.parameters())
-        self._bare_step = _bare_step(self.optimizer)
+        self._bare_step = bare_step(self.optimizer)
         self._parameters = tuple(p for p in model.network.parameters() if p.requires_grad)
         self._cpu = model.device.type == "cpu"
         # On CPU the autograd engine runs backward in the calling thread: see _gradients.
-        self._run_backward = _RUN_BACKWARD if self._cpu else None
+        self._run_backward = RUN_BACKWARD if self._cpu else None
         self._one = torch.ones(())  # d loss / d loss, for the engine
         # Hooks that run when a gradient is accumulated (registered by the model file, which
         # runs before this) need loss.backward(): see _gradients.
@@ -247,10 +195,7 @@ class Trainer:
                     f"{record.seq} but the newest usable checkpoint holds {self.seq}: "
                     "micro-batches in between are missing"
                 )
-            tensors = dict(record.tensors)
-            rows = [int(n) for n in tensors.pop(ROWS)]
-            keys = _pop_keys(tensors)
-            self.train_step(Batch(tensors, rows, record.seq, keys), replay=True)
+            self.train_step(from_record(record.seq, record.tensors), replay=True)
             replayed += 1
         self._next_seq = self.seq + 1
         self.stats.replayed = replayed
@@ -271,7 +216,7 @@ class Trainer:
             # Checkpoints written before these entries existed: no refused micro-batches known.
             step = int(extra.get(STEPS_META, checkpoint.step))
             examples = int(extra.get(EXAMPLES_META, 0))
-            answers = _load_answers(extra.get(ANSWERS_META))
+            answers = load_answers(extra.get(ANSWERS_META))
         except (ValueError, TypeError) as exc:
             raise ModelLoadError(
                 f"model {self.model.name}: checkpoint {checkpoint.path} has unreadable "
@@ -298,7 +243,7 @@ class Trainer:
         ``forms.settle``); nothing is numbered then."""
         tensors: dict[str, np.ndarray] = {}
         for index, name, key, spec in self._layout:
-            tensors[key] = _concatenate([request[index][name] for request in requests], spec)
+            tensors[key] = concatenate([request[index][name] for request in requests], spec)
         seq = self._next_seq
         self._next_seq += 1
         return Batch(tensors, rows, seq, keys)
@@ -306,14 +251,7 @@ class Trainer:
     def encode(self, batch: Batch) -> bytes:
         """The batch's WAL record, with each request's row count (loop thread: Python work stays
         off the I/O thread)."""
-        tensors = dict(batch.tensors)
-        tensors[ROWS] = np.asarray(batch.rows, dtype=np.int64)
-        if batch.keys is not None:
-            data = "".join(key or "" for key in batch.keys).encode("ascii")
-            tensors[KEYS] = np.frombuffer(data, dtype=np.uint8)
-            lengths = [len(key) if key is not None else 0 for key in batch.keys]
-            tensors[KEY_LENGTHS] = np.asarray(lengths, dtype=np.int64)
-        return encode_record(batch.seq, tensors)
+        return encode_record(batch.seq, record_tensors(batch))
 
     def log(self, records: Sequence[tuple[int, bytes]]) -> float:
         """Append records (seq, bytes) to the WAL and make them durable with one fsync (I/O
@@ -353,7 +291,7 @@ class Trainer:
             else:
                 for i in range(count):
                     try:
-                        self._compute(_select(batch.tensors, rows, [i]), [rows[i]])
+                        self._compute(select(batch.tensors, rows, [i]), [rows[i]])
                     except Exception as alone:
                         errors[i] = _describe(alone)
                     else:
@@ -362,7 +300,7 @@ class Trainer:
                     errors = [_describe(exc)] * count
                     good = []
             losses = (
-                self._compute(_select(batch.tensors, rows, good), [rows[i] for i in good])
+                self._compute(select(batch.tensors, rows, good), [rows[i] for i in good])
                 if good
                 else []
             )
@@ -427,9 +365,9 @@ class Trainer:
             or "step" in optimizer.__dict__  # replaced on the instance (an LR scheduler's counter)
             or optimizer._optimizer_step_pre_hooks
             or optimizer._optimizer_step_post_hooks
-            or _GLOBAL_PRE_HOOKS
-            or _GLOBAL_POST_HOOKS
-            or _profiler_enabled()
+            or GLOBAL_PRE_HOOKS
+            or GLOBAL_POST_HOOKS
+            or profiler_enabled()
         ):
             optimizer.step()
         else:
@@ -470,9 +408,9 @@ class Trainer:
         if len(rows) == 1:
             return [value]
         if per_row is not None:
-            if self._cpu and per_row.dtype in _NUMPY_FLOATS:
-                return _per_request(per_row.numpy(), rows)  # tolist() gives the same floats
-            return _per_request(per_row.double().cpu().numpy(), rows)
+            if self._cpu and per_row.dtype in NUMPY_FLOATS:
+                return per_request(per_row.numpy(), rows)  # tolist() gives the same floats
+            return per_request(per_row.double().cpu().numpy(), rows)
         with torch.no_grad():
             detached = {name: outputs[name].detach() for name in self._outputs if name in outputs}
             return self._request_losses(detached, targets, rows)
@@ -512,7 +450,7 @@ class Trainer:
             grads = torch.autograd.grad(loss, parameters, allow_unused=True)
             assign = True
         present = [g for g in grads if g is not None]
-        if present and not _finite(present, self._cpu):
+        if present and not finite(present, self._cpu):
             raise FloatingPointError("the gradients are not finite")
         if assign:
             for parameter, grad in zip(parameters, grads, strict=True):
@@ -639,7 +577,7 @@ class Trainer:
                 log.info("model %s: per-row loss not vectorisable (%r)", self.model.name, exc)
                 self._row_losses = None
             else:
-                return _per_request(per_row, rows)
+                return per_request(per_row, rows)
         losses: list[float] = []
         start = 0
         for count in rows:
@@ -649,112 +587,6 @@ class Trainer:
             losses.append(float(self.loss_fn(sliced_out, sliced_tgt)))
             start += count
         return losses
-
-
-# torch.optim's registries of hooks for every optimizer's step (see Trainer._optimizer_step);
-# None if this torch keeps them elsewhere, and then there is no bare step (_bare_step).
-_GLOBAL_PRE_HOOKS: Final[dict[Any, Any] | None] = getattr(
-    optim_base, "_global_optimizer_pre_hooks", None
-)
-_GLOBAL_POST_HOOKS: Final[dict[Any, Any] | None] = getattr(
-    optim_base, "_global_optimizer_post_hooks", None
-)
-_profiler_enabled: Final = torch._C._autograd._profiler_enabled
-
-# The autograd engine's entry point, which torch.autograd.grad and backward end in (see
-# Trainer._gradients); None if this torch has it elsewhere, and then torch.autograd.grad runs.
-_RUN_BACKWARD: Final[Callable[..., tuple[torch.Tensor | None, ...]] | None] = getattr(
-    getattr(torch.autograd.Variable, "_execution_engine", None), "run_backward", None
-)
-_NUMPY_FLOATS: Final = (torch.float32, torch.float64)
-
-
-def _bare_step(optimizer: torch.optim.Optimizer) -> Callable[[torch.optim.Optimizer], Any] | None:
-    """The optimizer class's own ``step``, under the profiling and hook wrapper torch.optim puts
-    on it (``Optimizer.profile_hook_step``, marked ``hooked``); None where there is no such
-    wrapper to leave out, or no registry of global hooks to check before leaving it out."""
-    step = getattr(type(optimizer), "step", None)
-    if _GLOBAL_PRE_HOOKS is None or _GLOBAL_POST_HOOKS is None:
-        return None
-    if not getattr(step, "hooked", False):
-        return None
-    return cast(Callable[[torch.optim.Optimizer], Any] | None, getattr(step, "__wrapped__", None))
-
-
-def _pop_keys(tensors: dict[str, np.ndarray]) -> list[str | None] | None:
-    """A logged micro-batch's idempotency keys (see :meth:`Trainer.encode`), taken out of its
-    tensors."""
-    data = tensors.pop(KEYS, None)
-    lengths = tensors.pop(KEY_LENGTHS, None)
-    if data is None or lengths is None:
-        return None
-    raw = data.tobytes()
-    keys: list[str | None] = []
-    start = 0
-    for length in lengths.tolist():
-        keys.append(raw[start : start + length].decode("ascii") if length else None)
-        start += length
-    return keys
-
-
-def _load_answers(text: str | None) -> list[tuple[str, Answer]]:
-    """The remembered answers a checkpoint holds (see :meth:`Trainer.snapshot`)."""
-    if text is None:
-        return []
-    answers: list[tuple[str, Answer]] = []
-    for key, step, loss, error in json.loads(text):
-        if (
-            not isinstance(key, str)
-            or not isinstance(step, int)
-            or not (error is None or isinstance(error, str))
-        ):
-            raise TypeError(f"bad remembered answer {key!r}")
-        answers.append((key, (step, None if loss is None else float(loss), error)))
-    return answers
-
-
-def _concatenate(parts: list[InputData], spec: TensorSpec) -> np.ndarray:
-    lists = 0
-    for part in parts:
-        if type(part) is list:
-            lists += 1
-    if lists == len(parts):
-        array = codecs.rows_array(parts, spec)  # type: ignore[arg-type]
-        if array is None:
-            raise UncheckedRows
-        return array
-    if lists:
-        raise UncheckedRows  # rows beside arrays: settle the rows first
-    arrays = cast(list[np.ndarray], parts)
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-
-
-def _per_request(per_row: np.ndarray, rows: list[int]) -> list[float]:
-    """Each request's mean loss over its rows."""
-    if len(per_row) == len(rows):
-        return per_row.tolist()  # type: ignore[no-any-return]
-    starts = np.cumsum([0, *rows[:-1]])
-    return (np.add.reduceat(per_row, starts) / np.asarray(rows)).tolist()  # type: ignore[no-any-return]
-
-
-def _select(
-    tensors: Mapping[str, np.ndarray], rows: list[int], requests: list[int]
-) -> dict[str, np.ndarray]:
-    """The rows of some of a batch's requests."""
-    starts = np.cumsum([0, *rows])
-    index = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in requests])
-    return {name: array[index] for name, array in tensors.items() if name != ROWS}
-
-
-def _finite(grads: list[torch.Tensor], cpu: bool) -> bool:
-    """Whether every gradient is finite. On CPU, one sum per tensor (a sum of finite values is
-    finite unless it overflows, and gradients near 1e38 are no better than infinite ones):
-    ~2 us a tensor, where ``get_total_norm``'s foreach machinery costs ~28 us for a small
-    model. Elsewhere one norm, read back once (a read per tensor would sync the device each
-    time)."""
-    if cpu and all(g.layout == torch.strided for g in grads):
-        return all(math.isfinite(float(g.sum())) for g in grads)
-    return bool(torch.isfinite(get_total_norm(grads)))
 
 
 def _describe(exc: BaseException) -> str:

@@ -29,6 +29,7 @@
     seq: 0, // newest sample held
     started: null, // the server's start time: a new one means a restarted server
     lastOk: null, // Date.now() of the last good answer
+    pipelines: null, // the last poll's pipeline totals and when: {at, data}
   };
   const charts = new Map(); // chart element -> Chart
 
@@ -846,6 +847,82 @@
     );
   }
 
+  // Pipelines: each poll brings running totals per stage; a stage's live numbers are the
+  // differences from the previous poll (mean ms per request over that interval, rows/s...).
+  function makePipeline() {
+    return el(
+      "div",
+      { class: "pipeline" },
+      el("h3", {}, el("span", { class: "name" })),
+      el("div", { class: "stages" }),
+      el("div", { class: "time-share" }),
+      el("div", { class: "time-legend" }),
+    );
+  }
+
+  function renderPipelines(stats) {
+    const pipelines = stats.pipelines || {};
+    const names = Object.keys(pipelines).sort();
+    document.querySelector('[data-empty="pipelines"]').hidden = names.length > 0;
+    const nodes = keyed(document.getElementById("pipeline-list"), "data-pipeline", names, makePipeline);
+    const now = Date.now() / 1000;
+    const prev = store.pipelines || { at: now, data: {} };
+    const span = Math.max(now - prev.at, 1e-3);
+    for (const name of names) {
+      const node = nodes.get(name);
+      node.querySelector(".name").textContent = name;
+      const before = {};
+      for (const s of prev.data[name] || []) before[s.stage] = s;
+      const boxes = [];
+      const shares = [];
+      pipelines[name].forEach((s, i) => {
+        const b = before[s.stage] || s;
+        const requests = s.requests - b.requests;
+        const mean = requests > 0 ? (s.seconds - b.seconds) / requests : null;
+        const wait = requests > 0 ? (s.wait - b.wait) / requests : null;
+        const batches = s.batches - b.batches;
+        const color = PALETTE[i % PALETTE.length];
+        const fact = (label, value) => [el("dt", { text: label }), el("dd", { text: value })];
+        if (i > 0) boxes.push(el("span", { class: "stage-arrow", text: "→" }));
+        boxes.push(
+          el(
+            "div",
+            { class: "stage", "data-stage": s.stage, style: `border-top: 3px solid ${color}` },
+            el("span", { class: "stage-name", text: s.stage }),
+            el("span", { class: "stage-ms", "data-stat": "ms", text: fmtMs(ms(mean)) }),
+            el(
+              "dl",
+              {},
+              ...fact("queue wait", fmtMs(ms(wait))),
+              ...fact("rows/s", fmtCount((s.rows - b.rows) / span)),
+              ...fact("rows/batch", batches > 0 ? fmtCount((s.rows - b.rows) / batches) : "–"),
+              ...fact("errors", fmtInt(s.errors)),
+              ...fact("bytes in/s", fmtCount((s.bytes_in - b.bytes_in) / span)),
+              ...fact("bytes out/s", fmtCount((s.bytes_out - b.bytes_out) / span)),
+            ),
+          ),
+        );
+        shares.push({ stage: s.stage, color, mean: mean || 0 });
+      });
+      node.querySelector(".stages").replaceChildren(...boxes);
+      const total = shares.reduce((sum, s) => sum + s.mean, 0);
+      node.querySelector(".time-share").replaceChildren(
+        ...shares.map((s) =>
+          el("span", {
+            title: `${s.stage}: ${fmtMs(ms(s.mean))}`,
+            style: `width: ${total > 0 ? (100 * s.mean) / total : 0}%; background: ${s.color}`,
+          }),
+        ),
+      );
+      node.querySelector(".time-legend").textContent =
+        total > 0
+          ? "where the time goes: " +
+            shares.map((s) => `${s.stage} ${Math.round((100 * s.mean) / total)}%`).join(" · ")
+          : "no requests in the last second";
+    }
+    store.pipelines = { at: now, data: pipelines };
+  }
+
   function render(stats) {
     const samples = store.samples;
     const x = samples.map((p) => p.t);
@@ -854,6 +931,7 @@
     renderTraffic(samples, x);
     renderUpstreams(stats, samples, x);
     renderModels(stats, samples, x);
+    renderPipelines(stats);
     renderGuard(stats, samples, x);
   }
 

@@ -1,0 +1,69 @@
+"""examples/textcls served as shipped: pipeline.toml (one process) and split.toml (the stage
+server and the front, as the README starts them) both predict, refuse a page with no text by
+record, and train over HTTP: accuracy on held-out pages goes up after a few small steps."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import webtorch_harness as harness
+from webtorch.examples.textcls import train
+
+EXAMPLE = Path(train.__file__).resolve().parent
+READY = "/v2/health/ready"
+
+
+def check_serves_and_trains(url: str) -> None:
+    page = "<html><script>var topics=['finance']</script><nav>Sports</nav></html>"
+    body = json.dumps({"records": ["<p>the striker scored a goal</p>", page]}).encode()
+    request = urllib.request.Request(
+        f"{url}/pipelines/textcls/predict", body, {"Content-Type": "application/json"}
+    )
+    try:
+        urllib.request.urlopen(request, timeout=60)
+        raise AssertionError("a page with no text was accepted")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 422
+        answer = json.loads(exc.read())
+        assert (answer["stage"], answer["record"]) == ("clean", 1)
+        assert "clean;dur=" in exc.headers["server-timing"]
+    before = train.accuracy(url, "textcls", 30, seed=1, batch=15)
+    losses = train.train(url, "textcls", 60, seed=0, batch=12)
+    after = train.accuracy(url, "textcls", 30, seed=1, batch=15)
+    assert losses[-1] < losses[0]
+    assert after >= 0.8 and after > before + 0.3, (before, after)
+
+
+def test_pipeline_toml_serves_and_trains(tmp_path: Path) -> None:
+    config = EXAMPLE / "pipeline.toml"
+    with harness.serve(config, workdir=tmp_path, ready_path=READY) as server:
+        check_serves_and_trains(server.url)
+        assert (tmp_path / "webtorch-state" / "textcls").is_dir()  # the WAL and checkpoints
+
+
+def test_split_toml_serves_and_trains(tmp_path: Path) -> None:
+    # The README's commands, with free ports: one stage server may serve several stages.
+    port = harness.free_port()
+    text = (EXAMPLE / "split.toml").read_text()
+    text = re.sub(r'"127\.0\.0\.1:809\d"', f'"127.0.0.1:{port}"', text)
+    text = text.replace('path = "model.py"', f'path = "{EXAMPLE / "model.py"}"')
+    text = text.replace('path = "textcls.py"', f'path = "{EXAMPLE / "textcls.py"}"')
+    config = tmp_path / "split.toml"
+    config.write_text(text)
+    (tmp_path / "stages").mkdir()
+    with (
+        harness.serve(
+            config,
+            "--stages",
+            "clean,featurize,label",
+            workdir=tmp_path / "stages",
+            listen=f"127.0.0.1:{port}",
+            ready_path=READY,
+        ),
+        harness.serve(config, workdir=tmp_path, ready_path=READY) as front,
+    ):
+        check_serves_and_trains(front.url)
