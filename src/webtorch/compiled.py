@@ -51,7 +51,7 @@ MODULES = [
     "webtorch/http/protocol.py",
     "webtorch/http/connection.py",
     "webtorch/http/flow.py",
-    "webtorch/http/pipeline.py",
+    "webtorch/http/delivery.py",
     "webtorch/http/streams.py",
     "webtorch/http/serialise.py",
     "webtorch/http/state.py",

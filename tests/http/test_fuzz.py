@@ -147,7 +147,7 @@ requests = mutated() | st.binary(max_size=300)
 
 
 # The modules of HttpProtocol's layers, bottom up (http/connection.py lists them).
-LAYERS = ("connection", "flow", "pipeline", "streams", "protocol")
+LAYERS = ("connection", "flow", "delivery", "streams", "protocol")
 
 
 def _interpreted_protocol() -> ModuleType:

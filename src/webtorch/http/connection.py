@@ -7,7 +7,7 @@ below and using its fields:
   being received, the deadline, the slots of the requests in flight; idle, reclaim, drain;
 - ``flow.py`` -- when the connection reads: input to the parser a slice at a time, pauses, held
   input, lingering close;
-- ``pipeline.py`` -- requests dispatched and answered in arrival order, responses written;
+- ``delivery.py`` -- requests dispatched and answered in arrival order, responses written;
 - ``streams.py`` -- streamed response bodies;
 - ``protocol.py`` -- the asyncio Protocol and httptools' callbacks: bytes in, requests out.
 

@@ -6,6 +6,10 @@ Shaped like uvicorn's httptools protocol, but without ASGI: a request is handed 
 that answers a :class:`Response` at once or an awaitable resolved later (a batch future). That keeps
 task creation off the hot path, which is what lets a Python server come within reach of nginx.
 
+Longer than the ~600 lines a module here keeps to, on purpose: every httptools callback and the
+checks each makes on what it parsed (limits, Host, Expect, the refusals and their statuses) are one
+sequence a reader follows top to bottom; the rest of a connection lives in the layers below.
+
 Limits are checked while parsing and answered with the right 4xx, after which the connection
 closes, because the parser cannot resynchronise on a broken stream. Deadlines (header, body,
 keep-alive) are plain floats swept by :class:`ServerState`'s once-a-second tick, so the hot path

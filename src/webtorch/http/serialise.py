@@ -1,5 +1,5 @@
 """Responses as bytes: status lines, heads (cached per status and content type), body framing.
-Sans-IO: the connection (http/pipeline.py, http/streams.py) decides what to write and when.
+Sans-IO: the connection (http/delivery.py, http/streams.py) decides what to write and when.
 
 Most responses differ from the one before only in their body and its length, so the head up to
 ``content-length: `` is made once per (status, content type) and second (its Date), and a
@@ -75,7 +75,7 @@ class HeadCache:
         self.date_header = b""
         self.heads: dict[tuple[int, bytes | None], bytes] = {}
         # The head last asked for, and its key: most responses repeat the one before, and
-        # comparing two fields costs less than building a key (see Pipeline._write).
+        # comparing two fields costs less than building a key (see Delivery._write).
         self.last_status = -1
         self.last_type: bytes | None = None
         self.last_head = b""

@@ -1,7 +1,7 @@
 """Streamed response bodies: a response whose body comes from a source (a proxied download)
 gets its head written, then a :class:`Sink` that its source writes into until the body ends or
 breaks off. The body is framed by its Content-Length when known, else chunked, else (an
-HTTP/1.0 client) by closing. Later responses wait for it to end (http/pipeline.py)."""
+HTTP/1.0 client) by closing. Later responses wait for it to end (http/delivery.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import asyncio
 from typing import Final
 
 from webtorch.http.connection import Slot
+from webtorch.http.delivery import Delivery
 from webtorch.http.messages import Response
-from webtorch.http.pipeline import Pipeline
 from webtorch.http.serialise import LAST_CHUNK, NO_BODY_STATUSES, chunk, content_length, head_lines
 from webtorch.http.state import ServerState
 
@@ -59,7 +59,7 @@ class Sink:
             protocol.stream_aborted(self)
 
 
-class Streams(Pipeline):
+class Streams(Delivery):
     """A connection's streamed response body, one at a time (see http/connection.py)."""
 
     def __init__(self, state: ServerState, loop: asyncio.AbstractEventLoop | None = None) -> None:

@@ -41,7 +41,7 @@ log: Final = logging.getLogger("webtorch.http")
 _clock: Final = time.perf_counter
 
 
-class Pipeline(Flow):
+class Delivery(Flow):
     """A connection's requests in flight and their answers (see http/connection.py)."""
 
     def __init__(self, state: ServerState, loop: asyncio.AbstractEventLoop | None = None) -> None:
