@@ -42,6 +42,7 @@ def run_case(case: Case, policy_name: str) -> OfflineResult:
         ups,
         hash_key="header:x-key" if case.keyed and policy_name == "learned" else None,
         rng=random.Random(f"{case.seed}:policy"),
+        train_in_thread=False,
     )
     try:
         return run_offline(policy, ups, models, case.load, timeout=case.timeout)

@@ -231,3 +231,41 @@ def test_a_damaged_weights_file_falls_back_to_the_prior(tmp_path: Path) -> None:
     (tmp_path / "weights.safetensors").write_bytes(b"not safetensors")
     p = Learned(group(2), LearnedSettings(state_dir=tmp_path))
     assert float(p.net.out.weight.detach().abs().sum()) == 0.0
+
+
+def test_in_the_server_training_runs_off_the_event_loop() -> None:
+    """A training step costs milliseconds of torch: in the server it runs on its own thread,
+    maintain() returning at once, and the new weights are taken at a later call."""
+    import threading
+
+    ups = group(2)
+    torch.manual_seed(0)
+    p = Learned(ups, LearnedSettings(explore=0.0, batch=8), train_in_thread=True)
+    gate = threading.Event()
+    threads: list[str] = []
+    step = p._step
+
+    def gated(picks: list[tuple[object, ...]]) -> float:
+        threads.append(threading.current_thread().name)
+        assert gate.wait(10.0)
+        return step(picks)  # type: ignore[arg-type]
+
+    p._step = gated  # type: ignore[method-assign]
+    now = 0.0
+    for _ in range(16):
+        request = get()
+        upstream = p.pick(request, ups, now)
+        now += 0.01
+        p.observe(upstream, Outcome.OK, 0.5 if upstream.index else 0.01, now, request)
+    before = p._w2.copy()
+    p.maintain(now)  # hands the step over and returns while it is held at the gate
+    assert p._training is not None and not p._training.done()
+    assert p.steps == 0 and (p._w2 == before).all()
+    p.maintain(now + 1.0)  # still out: nothing is touched
+    gate.set()
+    p._training.result(timeout=10.0)
+    p.maintain(now + 2.0)  # takes the new weights
+    assert p._training is None and p.steps == 2
+    assert not (p._w2 == before).all()
+    assert threads and all(t.startswith("webtorch-learned-train") for t in threads)
+    p.close()

@@ -9,7 +9,10 @@ this key recently, i.e. has the model warm) and picks the lowest expected cost,
 
 among a few sampled candidates, exploring a bounded share of the time. It learns from every
 outcome the proxy reports, in small batches on the proxy's clock (``maintain``), never on a
-request's path.
+request's path; in the server the steps run on a thread of their own (``train_in_thread``): a
+step costs milliseconds of torch (5-30 ms measured on a shared 2-core machine), and up to four
+a call on the event loop held every request in flight for that long, four times a second
+(issue 23: the tail the live lab measured, which the fake-clock simulator does not show).
 
 The prior is built in rather than learned: the network predicts *residuals* over peak-EWMA's
 estimate (``ewma x (inflight + 1)``) and over the upstream's error rate, and its last layer
@@ -34,6 +37,7 @@ import zlib
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from operator import itemgetter
 from pathlib import Path
 
@@ -188,8 +192,14 @@ class Learned(Policy):
         *,
         hash_key: str | None = None,
         rng: random.Random | None = None,
+        train_in_thread: bool = False,
     ) -> None:
         super().__init__(group)
+        # Training off the caller's thread (the server's event loop): maintain() hands a step's
+        # minibatches to this thread and takes the new weights at a later call. Off (the
+        # default) for the fake-clock simulator and tests, where steps must land deterministically.
+        self._trainer = ThreadPoolExecutor(1, "webtorch-learned-train") if train_in_thread else None
+        self._training: Future[float] | None = None
         s = settings if settings is not None else LearnedSettings()
         self.explore = s.explore
         self.sample = s.sample
@@ -484,24 +494,72 @@ class Learned(Policy):
             self.compared = (n + 1, predicted_sum + math.exp(predicted), observed_sum + latency)
 
     def maintain(self, now: float) -> None:
+        training = self._training
+        if training is not None:
+            if not training.done():
+                return  # the thread is still at it: nothing else touches the network meanwhile
+            self._training = None
+            self._finished(training)
         if self._fresh >= self.batch and now - self._last_train >= self.train_interval:
             # One step per batch of new outcomes (a few at most per call): the network keeps up
             # with the traffic instead of learning at a fixed rate.
-            for _ in range(min(self._fresh // self.batch, 4)):
-                self.train_step()
+            batches = [self._minibatch() for _ in range(min(self._fresh // self.batch, 4))]
             self._fresh = 0
             self._last_train = now
+            if self._trainer is None:
+                for batch in batches:
+                    self._step(batch)
+                self._sync()
+            else:
+                self._training = self._trainer.submit(self._steps, batches)
+                return
         if self.state_dir is not None and self.steps and now - self._last_save >= SAVE_EVERY:
             self._save()
             self._last_save = now
 
+    def _finished(self, training: Future[float]) -> None:
+        """Take a background step's weights (or log why it failed: the old ones stay)."""
+        try:
+            training.result()
+        except Exception:
+            log.exception("learned policy: a training step failed")
+        self._sync()
+
+    def _wait(self) -> None:
+        """Let a background step finish (before the network is used here)."""
+        training, self._training = self._training, None
+        if training is not None:
+            self._finished(training)
+
     def train_step(self) -> float:
-        """One optimizer step on a minibatch of recent outcomes; returns its loss."""
+        """One optimizer step on a minibatch of recent outcomes, here and now; returns its
+        loss."""
+        self._wait()
+        if not self._replay:
+            return 0.0
+        loss = self._step(self._minibatch())
+        self._fresh = max(self._fresh - self.batch, 0)
+        self._sync()
+        return loss
+
+    def _minibatch(self) -> list[tuple[Code, float, float, float, float]]:
         replay = self._replay
         if not replay:
-            return 0.0
+            return []
         size = min(self.batch, len(replay))
-        picks = [replay[self.rng.randrange(len(replay))] for _ in range(size)]
+        return [replay[self.rng.randrange(len(replay))] for _ in range(size)]
+
+    def _steps(self, batches: list[list[tuple[Code, float, float, float, float]]]) -> float:
+        loss = 0.0
+        for batch in batches:
+            loss = self._step(batch)
+        return loss
+
+    def _step(self, picks: list[tuple[Code, float, float, float, float]]) -> float:
+        """One optimizer step on ``picks``. Touches only the network and its optimizer, so it
+        may run on the training thread (nothing reads them while a step is out)."""
+        if not picks:
+            return 0.0
         x = torch.from_numpy(one_hot([p[0] for p in picks]))
         prior_latency = torch.tensor([p[1] for p in picks])
         prior_logit = torch.tensor([p[2] for p in picks])
@@ -518,9 +576,7 @@ class Learned(Policy):
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
-        self._fresh = max(self._fresh - self.batch, 0)
         self.steps += 1
-        self._sync()
         return float(loss.detach())
 
     def _sync(self) -> None:
@@ -560,6 +616,9 @@ class Learned(Policy):
         write_private(path, lambda temp: save_file(state, str(temp)))
 
     def close(self) -> None:
+        self._wait()
+        if self._trainer is not None:
+            self._trainer.shutdown(wait=True)
         if self._fresh:
             self.train_step()  # what came in since the last step is learned before it is saved
         if self.steps:
