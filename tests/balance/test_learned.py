@@ -152,20 +152,28 @@ def test_exploration_stays_near_the_best() -> None:
     assert p.last_reason == "learned_explore"
 
 
-def test_an_avoided_upstream_is_tried_again_once_its_slow_answers_age() -> None:
+def test_an_avoided_upstream_is_probed_and_regains_its_share_when_healed() -> None:
     ups = group(2)
-    p = policy(ups, decay_time=1.0)
+    p = policy(ups)
     p.observe(ups[0], Outcome.OK, 0.010, 0.0)
     p.observe(ups[1], Outcome.OK, 2.0, 0.0)  # a slow spell
     assert p.pick(get(), ups, 0.1) is ups[0]
-    # Nothing is sent to it, so nothing new is learnt about it: its estimate decays (as
-    # peak_ewma's) until it is the cheaper one and one request finds out.
+    # Nothing is sent to it, so nothing new is learnt about it; its estimate alone would take
+    # ln(2.0 / 0.010) x decay_time = 53 s to fade. A second later it is sent one request.
     now = 0.1
     while p.pick(get(), ups, now) is ups[0]:
         p.observe(ups[0], Outcome.OK, 0.010, now)
         now += 0.1
         assert now < 10.0, "never tried again"
-    assert 4.0 < now < 10.0, now  # ln(2.0 / 0.010) x decay_time = 5.3 s
+    assert 1.0 <= now < 1.2, now
+    assert p.last_reason == "learned_probe"
+    p.observe(ups[1], Outcome.OK, 0.010, now)  # healed: its share comes back at once
+    picks: Counter[int] = Counter()
+    for _ in range(100):  # requests piling up in flight: the cheaper takes each
+        chosen = p.pick(get(), ups, now)
+        chosen.inflight += 1
+        picks[chosen.index] += 1
+    assert picks[1] > 30, picks
 
 
 def test_a_new_key_goes_to_its_home_and_cold_loads_are_priced() -> None:

@@ -299,7 +299,26 @@ class Learned(Policy):
             if home[1] is not best and home[0] <= self.explore_margin * best_cost:
                 best_cost, best, best_entry = home
                 self.last_reason = "learned_home"
-        if len(costs) > 1 and self.rng.random() < self.explore:
+        if len(costs) > 1:
+            # Recovery: an avoided upstream gets no answers to learn it healed from; one idle and
+            # unmeasured for a while is sent a request (peak_ewma's probe: see its module doc).
+            # Not a keyed request where its key is cold: a probe must not cost a model load.
+            for entry in costs:
+                other = entry[1]
+                if (
+                    other is not best
+                    and entry[2][0][4] != 1
+                    and other.stats["learned"].latency.due(now, other.inflight)
+                ):
+                    other.stats["learned"].latency.probed(now)
+                    _, best, best_entry = entry
+                    self.last_reason = "learned_probe"
+                    break
+        if (
+            len(costs) > 1
+            and self.last_reason != "learned_probe"
+            and self.rng.random() < self.explore
+        ):
             # Exploration stays near the best: among the others predicted to cost at most
             # explore_margin x the best. Trying one that is surely worse teaches little (its
             # estimate says so already, and it ages until a request tries it again) and would
