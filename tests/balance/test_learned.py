@@ -277,3 +277,70 @@ def test_in_the_server_training_runs_off_the_event_loop() -> None:
     assert not (p._w2 == before).all()
     assert threads and all(t.startswith("webtorch-learned-train") for t in threads)
     p.close()
+
+
+# Every setting of [upstreams.X.learned] with another value than its default: each must change
+# what the policy does (a setting read nowhere, or shadowed by a second copy, fails here).
+OTHER_VALUES: dict[str, object] = {
+    "decay_time": 1.0,
+    "initial_latency": 0.1,
+    "state_dir": "TMP",
+    "explore": 0.5,
+    "explore_margin": 10.0,
+    "sample": 2,
+    "warm_keys": 1,
+    "key_balance": 5.0,
+    "hidden": 8,
+    "learning_rate": 0.1,
+    "batch": 8,
+    "train_interval": 5.0,
+    "failure_cost": 10.0,
+}
+
+
+def fingerprint(settings: LearnedSettings) -> tuple[object, ...]:
+    """What a policy with ``settings`` does with one fixed workload: its picks, its predictions
+    at the end, and the files it keeps."""
+    ups = group(6)
+    torch.manual_seed(0)
+    p = Learned(ups, settings, hash_key="header:x-key", rng=random.Random(5))
+    rng = random.Random(1)
+    warm: set[tuple[int, str]] = set()
+    out: list[tuple[Upstream, Request, float]] = []  # in flight: (upstream, request, done at)
+    picks = []
+    now = 0.0
+    for i in range(600):
+        now += 0.004
+        for entry in [e for e in out if e[2] <= now]:
+            out.remove(entry)
+            upstream, request, _ = entry
+            upstream.inflight -= 1
+            failed = upstream.index == 5 and rng.random() < 0.3
+            outcome = Outcome.SERVER_ERROR if failed else Outcome.OK
+            p.observe(upstream, outcome, 0.02, now, request)
+        p.maintain(now)
+        key = f"m{rng.randrange(10)}" if i % 2 else None
+        request = get(key, size=rng.choice((0, 100_000)))
+        upstream = p.pick(request, ups, now)
+        upstream.inflight += 1
+        picks.append(upstream.index)
+        cold = key is not None and (upstream.index, key) not in warm
+        if key is not None:
+            warm.add((upstream.index, key))
+        took = 0.005 * (1 + upstream.index) + (0.1 if cold else 0.0) + (0.02 if i % 3 else 0.0)
+        out.append((upstream, request, now + took))
+    predictions = [p.predict(get(k, s), ups, now) for k in (None, "m1") for s in (0, 100_000)]
+    p.close()
+    kept = sorted(q.name for q in settings.state_dir.iterdir()) if settings.state_dir else []
+    return tuple(picks), str(predictions), tuple(kept)
+
+
+def test_every_learned_setting_changes_what_it_does(tmp_path: Path) -> None:
+    assert set(OTHER_VALUES) == set(LearnedSettings.model_fields), "a setting without a check"
+    base = fingerprint(LearnedSettings())
+    for name, value in OTHER_VALUES.items():
+        if value == "TMP":
+            value = tmp_path / name
+            value.mkdir()
+        changed = fingerprint(LearnedSettings(**{name: value}))  # type: ignore[arg-type]
+        assert changed != base, f"{name} = {value!r} changes nothing"
