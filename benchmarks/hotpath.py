@@ -6,7 +6,9 @@ PYTHONPATH pointing at a worktree's src/).
 
     taskset -c 0 .venv/bin/python benchmarks/hotpath.py [--path /models/xor/predict] [--rounds 2000]
 
-NO_OBSERVER=1 leaves out the per-request metrics observer, to see what it costs; REQUEST_ID=1
+NO_MODELS=1 leaves the model out of the config (for /fixed and /proxy): torch is not loaded, so
+the process starts in a second, as a run under valgrind needs; NO_OBSERVER=1 leaves out the
+per-request metrics observer, to see what it costs; REQUEST_ID=1
 gives every request an X-Request-Id (server.request_id, on in a served config); ACCESS_LOG=FILE
 writes the access log there (its writer thread's CPU counts too). GUARD=bucket puts the guard's
 token bucket in front (no detector), GUARD=full the bucket and the shipped detector (enforcing),
@@ -111,14 +113,18 @@ def pipelines_config(path: str) -> dict[str, Any]:
 
 
 async def run(path: str, conns: int, rounds: int) -> None:
+    models = {
+        "xor": {
+            "path": str(XOR),
+            "train": {"enabled": True, "durability": "none", "max_batch": conns},
+        }
+    }
+    if os.environ.get("NO_MODELS"):
+        assert path in ("/fixed", "/proxy"), "NO_MODELS=1 is for the paths without a model"
+        models = {}
     cfg = config.from_dict(
         {
-            "models": {
-                "xor": {
-                    "path": str(XOR),
-                    "train": {"enabled": True, "durability": "none", "max_batch": conns},
-                }
-            },
+            "models": models,
             "upstreams": {
                 "backend": {
                     "servers": ["127.0.0.1:9"],
@@ -143,7 +149,7 @@ async def run(path: str, conns: int, rounds: int) -> None:
         app.shared = SharedStore(region, 0, 2)
     loop = asyncio.get_running_loop()
     handler = app.build_handler(loop)
-    from webtorch.http.protocol import ServerState
+    from webtorch.http.state import ServerState
 
     observer = None if os.environ.get("NO_OBSERVER") else app.metrics.observe_request
     guarded = None

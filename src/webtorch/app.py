@@ -35,9 +35,9 @@ from webtorch.errors import (
 )
 from webtorch.http.limits import Limits
 from webtorch.http.messages import Handler, HandlerResult, Request, Response, json_response
-from webtorch.http.protocol import Observer
 from webtorch.http.router import Route, Router
 from webtorch.http.server import HttpServer
+from webtorch.http.state import Observer
 from webtorch.metrics import Metrics, connection_families
 from webtorch.observe.access_log import AccessLog
 from webtorch.observe.dashboard import Dashboard

@@ -49,6 +49,13 @@ STAMP = PACKAGE / "compiled.json"
 MODULES = [
     "webtorch/vocab.py",
     "webtorch/http/protocol.py",
+    "webtorch/http/connection.py",
+    "webtorch/http/flow.py",
+    "webtorch/http/delivery.py",
+    "webtorch/http/streams.py",
+    "webtorch/http/serialise.py",
+    "webtorch/http/state.py",
+    "webtorch/http/target.py",
     "webtorch/http/messages.py",
     "webtorch/http/client/connection.py",
     "webtorch/http/client/pool.py",

@@ -323,6 +323,21 @@ def test_dashboard_needs_the_token(browser: Browser, artifacts: Path, tmp_path: 
         assert page.evaluate("window.webtorchDashboard.store.samples.length") == 1
         expect(page.locator('[data-empty="upstreams"]')).to_be_visible()
         expect(servers).to_have_count(0)
+        # A server of several workers (workers/board.py): each worker's requests/s is drawn
+        # beside the total, in the requests chart's legend.
+        workers = {"0": {"pid": 10, "rate": 3.0, "errors": 0.0, "connections": 1},
+                   "1": {"pid": 11, "rate": 2.0, "errors": 0.0, "connections": 0}}  # fmt: skip
+        several = json.dumps(
+            {"version": "0.0", "started": 3.0, "now": 4.0, "interval": 1.0, "seq": 4,
+             "samples": [{**FAKE_SAMPLE, "seq": 4, "workers": workers}], "upstreams": {},
+             "models": {}, "guard": None, "workers": [{"slot": 0, "pid": 10, "requests": 9}]}
+        )  # fmt: skip
+        page.unroute(stats)
+        page.route(stats, lambda route: route.fulfill(status=200, body=several))
+        legend = page.locator('#panel-traffic .item[data-series="worker 1"]')
+        expect(legend).to_contain_text("2", timeout=5_000)
+        expect(page.locator('#panel-traffic .item[data-series="worker 0"]')).to_contain_text("3")
+        expect(page.locator("#stat-rps")).to_have_text("5")
         page.unroute(stats)
         expect(servers).to_have_count(1, timeout=5_000)
         assert page.evaluate("window.webtorchDashboard.store.samples.length") > 1

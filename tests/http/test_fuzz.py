@@ -42,7 +42,8 @@ from webtorch import config as wt_config
 from webtorch.errors import NotFound
 from webtorch.http.limits import Limits
 from webtorch.http.messages import HandlerResult, Request, Response
-from webtorch.http.protocol import HttpProtocol, ServerState
+from webtorch.http.protocol import HttpProtocol
+from webtorch.http.state import ServerState
 
 FUZZ = settings(
     max_examples=1500,
@@ -145,17 +146,33 @@ def mutated(draw: st.DrawFn) -> bytes:
 requests = mutated() | st.binary(max_size=300)
 
 
+# The modules of HttpProtocol's layers, bottom up (http/connection.py lists them).
+LAYERS = ("connection", "flow", "delivery", "streams", "protocol")
+
+
 def _interpreted_protocol() -> ModuleType:
     """``protocol.py`` run by the interpreter, whatever scripts/compile built: RecordingProtocol
-    below overrides a method, which a compiled class does not allow (webtorch/compiled.py).
-    The compiled build gets the same inputs in ``test_compiled_protocol_survives_any_input``."""
-    name = "tests.http._protocol_interpreted"
-    path = Path(webtorch.http.__file__).with_name("protocol.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
+    below overrides a method, which a compiled class does not allow (webtorch/compiled.py), and
+    an interpreted class cannot subclass a compiled one, so every layer of HttpProtocol is
+    loaded from its source, each on the interpreted one below it (the modules beside them, such
+    as state.py, stay as built). The compiled build gets the same inputs in
+    ``test_compiled_protocol_survives_any_input``."""
+    built = {name: sys.modules[f"webtorch.http.{name}"] for name in LAYERS}
+    module = None
+    try:
+        for name in LAYERS:
+            # Under the real name while it loads, so the layer above imports this one.
+            full = f"webtorch.http.{name}"
+            path = Path(webtorch.http.__file__).with_name(f"{name}.py")
+            spec = importlib.util.spec_from_file_location(full, path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[full] = module
+            spec.loader.exec_module(module)
+    finally:
+        for name, original in built.items():
+            sys.modules[f"webtorch.http.{name}"] = original
+    assert module is not None
     return module
 
 
@@ -278,12 +295,15 @@ def test_compiled_protocol_survives_any_input(
 def test_the_compiled_protocol_is_what_runs_when_built() -> None:
     """The test above exercises the extension whenever scripts/compile built one, not a
     silently preferred source (webtorch/compiled.py: the suite refuses stale builds)."""
-    built = compiled.extension("webtorch/http/protocol.py")
-    module = sys.modules[HttpProtocol.__module__]
-    if built is None:
-        assert module.__file__ is not None and module.__file__.endswith(".py")
-    else:
-        assert module.__file__ == str(built)
+    layers = [cls for cls in HttpProtocol.__mro__ if cls.__module__.startswith("webtorch.")]
+    assert [cls.__module__ for cls in layers] == [f"webtorch.http.{n}" for n in LAYERS[::-1]]
+    for cls in layers:
+        module = sys.modules[cls.__module__]
+        built = compiled.extension(cls.__module__.replace(".", "/") + ".py")
+        if built is None:
+            assert module.__file__ is not None and module.__file__.endswith(".py")
+        else:
+            assert module.__file__ == str(built)
 
 
 class _Errors(logging.Handler):

@@ -21,8 +21,9 @@ import pytest
 from webtorch.errors import BadRequest, NotFound, Unauthorized
 from webtorch.http.limits import Limits
 from webtorch.http.messages import Handler, HandlerResult, Request, Response, json_response
-from webtorch.http.protocol import HttpProtocol, ServerState
+from webtorch.http.protocol import HttpProtocol
 from webtorch.http.router import Route
+from webtorch.http.state import ServerState
 
 # -- fakes and helpers ------------------------------------------------------------------------
 
@@ -921,9 +922,9 @@ def test_no_deadline_while_the_handler_works(
 
 def test_tick_without_now_only_refreshes_date(make: MakeConn) -> None:
     conn = make(header_timeout=0.001)
-    conn.state.date_header = b""
+    conn.state.heads.date_header = b""
     conn.state.tick()
-    assert conn.state.date_header.startswith(b"date: ")
+    assert conn.state.heads.date_header.startswith(b"date: ")
     assert not conn.finished
 
 

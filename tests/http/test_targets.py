@@ -22,8 +22,8 @@ from tests.proxy.upstreams import upstreams
 from webtorch import config as wt_config
 from webtorch.http.limits import Limits
 from webtorch.http.messages import Request, Response, json_response
-from webtorch.http.protocol import ServerState
 from webtorch.http.router import Route
+from webtorch.http.state import ServerState
 
 # test_protocol's fixtures: a fake-transport connection on a loop of its own.
 loop = test_protocol.loop

@@ -25,7 +25,7 @@ from tests.http.test_protocol import Conn, echo, parse_responses, req, settle
 from tests.proxy.test_forward import request
 from webtorch import config as wt_config
 from webtorch.http.messages import Request
-from webtorch.http.protocol import ServerState
+from webtorch.http.state import ServerState
 from webtorch.observe.access_log import KEYS, AccessLog, redact_query
 
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")

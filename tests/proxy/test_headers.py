@@ -188,3 +188,14 @@ def test_forwarded_node_forms(peer: str, node: bytes) -> None:
     request = Request("GET", "/", "", [(b"host", b"h:1")], b"", "1.1", True, peer, target=b"/")
     head = request_head(request, TrustedProxies([]), b"", b"up:1")
     assert b'\r\nforwarded: %s;host="h:1";proto=http\r\n' % node in head
+
+
+@pytest.mark.parametrize("host", [b"h:1", b" h:1", b"h:1\t", b"\th:1 "])
+def test_the_forwarded_host_is_the_host_without_edge_whitespace(host: bytes) -> None:
+    from webtorch.http.messages import Request
+    from webtorch.proxy.headers import TrustedProxies, request_head
+
+    request = Request("GET", "/", "", [(b"host", host)], b"", "1.1", True, "10.0.0.1", target=b"/")
+    head = request_head(request, TrustedProxies([]), b"", b"up:1")
+    assert b'\r\nforwarded: for=10.0.0.1;host="h:1";proto=http\r\n' in head
+    assert b"\r\nhost: %s\r\n" % host in head  # the header itself goes on as it came

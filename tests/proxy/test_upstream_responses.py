@@ -185,6 +185,15 @@ def test_an_invalid_response_is_retried_only_when_the_policy_says_so(
         (b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok", "invalid status code 600"),
         (b"HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nok", "HTTP/2.0"),
         (b"HTTP/0.9 200 OK\r\nContent-Length: 2\r\n\r\nok", "HTTP/0.9"),
+        # Kept alive by its Connection header, as an HTTP/1.1 response is: the version is
+        # still checked, after an interim 1.1 response too (the client reads it from the
+        # parser unless the response's first bytes are a final HTTP/1.1 status line).
+        (b"HTTP/2.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok", "HTTP/2.0"),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/2.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok",
+            "HTTP/2.0",
+        ),
     ],
 )
 def test_a_broken_response_is_502_and_its_connection_closed(

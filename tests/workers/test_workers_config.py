@@ -59,7 +59,7 @@ path = "{XOR}"
 
 
 def test_management_with_several_workers_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"management endpoints .* \(issue 22\)"):
+    with pytest.raises(ConfigError, match=r"management endpoints .* \(issue 22; ARCHITECTURE.md"):
         load("[server]\nworkers = 2\nmanagement = true\n", tmp_path)
 
 

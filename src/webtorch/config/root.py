@@ -84,7 +84,8 @@ class Config(Strict):
         if self.server.management:
             return (
                 f"server.workers: the management endpoints would load, unload and reload in the "
-                f"one worker of {count} that a request reaches (issue 22); serve with "
+                f"one worker of {count} that a request reaches (issue 22; ARCHITECTURE.md, "
+                "'Management across workers', says what relaying them safely needs); serve with "
                 "workers = 1, or set management = false (SIGHUP reloads every worker)"
             )
         return None

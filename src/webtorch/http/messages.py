@@ -75,7 +75,7 @@ class Request:
         # The Content-Type header as received; the protocol notes it while parsing headers.
         self.raw_content_type = raw_content_type
         # The request target as an origin-form path and query, undecoded (what a proxy
-        # forwards), its path without dot segments (as ``path``: see HttpProtocol._target).
+        # forwards), its path without dot segments (as ``path``: see http/target.py).
         self.target = target
         # A body that is still arriving (streamed routes only: proxying); ``body`` is then
         # empty.

@@ -13,7 +13,8 @@ from typing import cast
 
 from webtorch.http.limits import Limits
 from webtorch.http.messages import Handler
-from webtorch.http.protocol import AccessLogger, HttpProtocol, Observer, ServerState, StreamMatch
+from webtorch.http.protocol import HttpProtocol
+from webtorch.http.state import AccessLogger, Observer, ServerState, StreamMatch
 
 log = logging.getLogger("webtorch.http")
 

@@ -61,6 +61,9 @@ class Dashboard:
         self._proxies = proxies
         self._guard = guard
         self.enabled = enabled
+        # The stats of the whole server, where several workers serve (workers/board.py sets
+        # it); None: this process's own, as :meth:`local` makes them.
+        self.merged: Callable[[int], dict[str, Any]] | None = None
         self._auth = auth  # its token is read per request: a reload may rotate it
         # Every file is read once, here: a request can only name one of these, so no path from a
         # client ever reaches the filesystem.
@@ -131,20 +134,31 @@ class Dashboard:
                     if not value.isdigit():
                         raise BadRequest(f"since must be a sample number, not {value!r}")
                     since = int(value)
+        merged = self.merged
+        body = self.local(since) if merged is None else merged(since)
+        return Response(200, orjson.dumps(body), JSON, [_NO_STORE])
+
+    def local(self, since: int) -> dict[str, Any]:
+        """This process's stats: the timeline's samples newer than ``since`` and the present."""
         timeline = self.timeline
-        body: dict[str, Any] = {
+        return {
             "version": __version__,
             "started": timeline.started,
             "now": timeline.samples[-1]["t"] if timeline.samples else timeline.started,
             "interval": 1.0,
             "seq": timeline.seq,
             "samples": timeline.since(since),
+            **self.current(),
+        }
+
+    def current(self) -> dict[str, Any]:
+        """The present state (not a time series): upstreams, models, guard, pipeline totals."""
+        return {
             "upstreams": self._upstreams(),
             "models": self._models(),
             "guard": self._guard_now(),
             "pipelines": self._pipelines(),
         }
-        return Response(200, orjson.dumps(body), JSON, [_NO_STORE])
 
     def _upstreams(self) -> dict[str, Any]:
         proxies = self._proxies()

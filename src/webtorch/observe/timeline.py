@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from webtorch.guard.core import Guard  # torch: loaded only when the guard is on
 
 HISTORY = 300  # samples kept: five minutes at one a second
+QUANTILES = np.linspace(0, 100, 101)  # a second's latencies as another process merges them
 Sample = dict[str, Any]
 
 
@@ -76,6 +77,11 @@ class Timeline:
         self._last: float | None = None
         self._counts = _Counts()
         self._watched: set[int] = set()  # ids of histograms whose raw values we take
+        # Called with each sample (a worker of several publishes it: workers/board.py).
+        self.listeners: list[Callable[[Sample], None]] = []
+        # Set (to anything) by whoever merges this process's latencies with others': then each
+        # sample also keeps the second's count and 101 percentiles here. None: not computed.
+        self.quantiles: tuple[int, list[float]] | None = None
 
     def sample(self) -> Sample:
         """Diff everything against the previous call and append the result. The first call only
@@ -96,7 +102,14 @@ class Timeline:
         }
         self.seq += 1
         self.samples.append(sample)
+        for listener in self.listeners:
+            listener(sample)
         return sample
+
+    @property
+    def requests(self) -> int:
+        """Requests answered up to the newest sample."""
+        return self._counts.requests
 
     def since(self, seq: int) -> list[Sample]:
         """The samples newer than ``seq``, oldest first (all of them for a new reader)."""
@@ -134,6 +147,8 @@ class Timeline:
         counts.requests, counts.errors, counts.client_errors = total, errors, client_errors
         values = self._take(self.metrics.latency.values())
         p50, p90, p99 = _percentiles(values) if elapsed is not None else (None, None, None)
+        if self.quantiles is not None:
+            self.quantiles = _quantiles(values) if elapsed is not None else (0, [])
         return {
             "rate": _rate(total - previous.requests, elapsed),
             "errors": _rate(errors - previous.errors, elapsed),
@@ -268,6 +283,13 @@ def _rate(delta: float, elapsed: float | None) -> float:
     if elapsed is None:
         return 0.0
     return round(delta / elapsed, 3)
+
+
+def _quantiles(values: list[np.ndarray]) -> tuple[int, list[float]]:
+    joined = np.concatenate(values) if values else np.empty(0)
+    if joined.size == 0:
+        return 0, []
+    return int(joined.size), [float(v) for v in np.percentile(joined, QUANTILES)]
 
 
 def _percentiles(values: list[np.ndarray]) -> tuple[float | None, float | None, float | None]:

@@ -145,6 +145,7 @@ _PLAIN_CONNECTION: Final = frozenset(
 )
 _METHODS: Final = {m: m.encode() for m in COMMON_METHODS}
 _COLON: Final = ord(":")
+_SPACE: Final = ord(" ")  # what strip() removes (ASCII whitespace) is this byte or below
 
 
 def _named(value: bytes) -> frozenset[bytes]:
@@ -274,15 +275,32 @@ def request_head(
         forwarded_proto = proto
     if forwarded_host is None:
         forwarded_host = host
-    # This hop's Forwarded element; host is quoted (a port's colon is not a token character).
-    # The server let through only a valid Host (no quote or backslash in one).
-    element = b'for=%s;host="%s";proto=%s' % (_node(peer), host.strip(), proto)
+    # This hop's Forwarded element: for=<peer>;host="<host>";proto=<scheme>, after the trusted
+    # proxy's elements if any. Host is quoted (a port's colon is not a token character); the
+    # server let through only a valid Host (no quote or backslash in one), and strip() (a
+    # method looked up by name) runs only when an edge byte may be whitespace.
+    bare = host
+    if bare and (bare[0] <= _SPACE or bare[-1] <= _SPACE):
+        bare = bare.strip()
     if forwarded is not None:
-        element = b"%s, %s" % (forwarded, element)
+        forwarded += b", "
+    else:
+        forwarded = b""
+    # One formatting for all of it (one allocation; the element is not built apart).
     parts.append(
         b"x-forwarded-for: %s\r\nx-forwarded-proto: %s\r\nx-forwarded-host: %s\r\n"
-        b"x-real-ip: %s\r\nforwarded: %s\r\n%s\r\n"
-        % (client, forwarded_proto, forwarded_host, real_ip, element, framing)
+        b'x-real-ip: %s\r\nforwarded: %sfor=%s;host="%s";proto=%s\r\n%s\r\n'
+        % (
+            client,
+            forwarded_proto,
+            forwarded_host,
+            real_ip,
+            forwarded,
+            _node(peer),
+            bare,
+            proto,
+            framing,
+        )
     )
     return b"".join(parts)
 

@@ -32,12 +32,19 @@ from webtorch.errors import ConfigError, ModelLoadError
 from webtorch.http.server import HttpServer
 from webtorch.serve.trainers import Trainers
 from webtorch.shared.memory import Region, SharedStore
+from webtorch.workers.board import Board
 from webtorch.workers.master import SPEC
 from webtorch.workers.scrape import Scrape
 
 log: Final = logging.getLogger("webtorch.workers")
 
 _PR_SET_PDEATHSIG: Final = 1  # linux/prctl.h
+_NO_DASHBOARD: Final[dict[str, object]] = {
+    "upstreams": {},
+    "models": {},
+    "guard": None,
+    "pipelines": {},
+}
 
 
 def beat_interval(heartbeat_timeout: float) -> float:
@@ -160,6 +167,14 @@ def main() -> int:
     app.metrics.sources.append(lambda: [me])
     scrape = Scrape(app.metrics, Path(spec["shared"]), slot, int(spec["workers"]))
     app.scrape = scrape.handle
+    board = Board(
+        app.timeline,
+        # The dashboard is made with the routes, before the first sample.
+        lambda: app.dashboard.current() if app.dashboard is not None else _NO_DASHBOARD,
+        Path(spec["shared"]),
+        slot,
+        int(spec["workers"]),
+    )
     if spec["socket"] is not None:
         app.listen_socket = socket.socket(fileno=int(spec["socket"]))
     else:
@@ -173,6 +188,8 @@ def main() -> int:
         heartbeat.append(Heartbeat(beats, loop, interval))
         heartbeat[0].start()
         scrape.start(loop)
+        if app.dashboard is not None:
+            app.dashboard.merged = board.body  # the whole server's, as /metrics
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         try:

@@ -62,6 +62,10 @@ class Invalid(Exception):
 # What _finish leaves for data_received to do with the connection once the read is parsed.
 _KEEP: Final = 1
 _DROP: Final = 2
+# A response's first bytes when it is a final (2xx-5xx) HTTP/1.1 response: see data_received.
+_HTTP11: Final = b"HTTP/1.1 "
+_TWO: Final = ord("2")
+_FIVE: Final = ord("5")
 
 
 class UpstreamConnection:
@@ -94,6 +98,8 @@ class UpstreamConnection:
         self._in_head = False
         self._head_raw = 0
         self._header_bytes = 0
+        # The response began with a final HTTP/1.1 status line (see data_received).
+        self._http11 = False
         self._max_header_bytes = pool.max_header_bytes
         self._max_headers = pool.max_headers
         self._release = 0  # _KEEP or _DROP: a response ended; the pool gets it after the read
@@ -116,6 +122,7 @@ class UpstreamConnection:
         self._in_head = True
         self._head_raw = 0
         self._header_bytes = 0
+        self._http11 = False
         self.deadline = now + pool.read_timeout
         total = pool.total_timeout
         self.total_deadline = now + total if total else None
@@ -196,6 +203,16 @@ class UpstreamConnection:
             return
         self.received_any = True
         if self._in_head:
+            if not self._head_raw:
+                # The response's first read, at its first byte: a reused connection is at a
+                # message boundary with nothing buffered (bytes after a response close it). A
+                # final HTTP/1.1 status line here is the version on_headers_complete would
+                # otherwise read from the parser, formatted anew each time (0.25 us). Anything
+                # else (an interim 1xx first, a read shorter than that, another version) asks
+                # the parser.
+                self._http11 = (
+                    len(data) > 9 and data.startswith(_HTTP11) and _TWO <= data[9] <= _FIVE
+                )
             # Bound the unfinished head before httptools buffers all of it (a header line is
             # only reported once whole): checked after the parse, while the head goes on.
             self._head_raw += len(data)
@@ -307,9 +324,10 @@ class UpstreamConnection:
         length = self._length
         chunked = self._chunked
         keep_alive = bool(self.parser.should_keep_alive())
-        if not keep_alive or self._connection:
+        if (not keep_alive or self._connection) and not self._http11:
             # llhttp keeps a connection alive by default only for HTTP/1.1, so the common case
-            # (kept alive, no Connection header) is 1.1 without formatting the version; it
+            # (kept alive, no Connection header) is 1.1 without formatting the version, as is
+            # a response whose first bytes said so (nginx's, with Connection: keep-alive); it
             # parses 0.9 and 2.0 status lines too, which no HTTP/1.1 upstream sends.
             version: str = self.parser.get_http_version()
             if version != "1.1" and version != "1.0":

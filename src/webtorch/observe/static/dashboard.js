@@ -502,12 +502,24 @@
     if (node.textContent !== text) node.textContent = text;
   }
 
+  function workerSlots(samples) {
+    const slots = new Set();
+    for (const p of samples) for (const slot of Object.keys(p.workers || {})) slots.add(slot);
+    return [...slots].sort((a, b) => a - b);
+  }
+
   function renderTraffic(samples, x) {
     const root = document.getElementById("panel-traffic");
     chartIn(root, "requests", { fmt: fmtCount, fill: true }).update(x, [
       { label: "requests/s", color: PALETTE[0], values: samples.map((p) => dig(p, "requests", "rate")) },
       { label: "4xx/s", color: AMBER, values: samples.map((p) => dig(p, "requests", "client_errors")) },
       { label: "5xx/s", color: RED, values: samples.map((p) => dig(p, "requests", "errors")) },
+      // Several workers (server.workers > 1): each one's requests/s beside the total.
+      ...workerSlots(samples).map((slot, i) => ({
+        label: `worker ${slot}`,
+        color: PALETTE[(3 + i) % PALETTE.length],
+        values: samples.map((p) => dig(p, "workers", slot, "rate")),
+      })),
     ]);
     chartIn(root, "latency", { fmt: fmtMs }).update(x, [
       { label: "p50", color: PALETTE[1], values: samples.map((p) => ms(dig(p, "requests", "p50"))) },
@@ -939,8 +951,9 @@
 
   // Appends what the server sent; false when the server restarted (its history is not ours).
   function ingest(stats) {
-    const restarted =
-      store.started !== null && (stats.started !== store.started || stats.seq < store.seq);
+    // A restart is another start time. (Not an older seq: with several workers a poll may
+    // reach a worker whose newest second is one behind the last one's.)
+    const restarted = store.started !== null && stats.started !== store.started;
     if (restarted) {
       store.samples = [];
       store.seq = 0;
