@@ -8,6 +8,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 
 from webtorch.balance.base import Outcome, Upstream
@@ -344,3 +345,73 @@ def test_every_learned_setting_changes_what_it_does(tmp_path: Path) -> None:
             value.mkdir()
         changed = fingerprint(LearnedSettings(**{name: value}))  # type: ignore[arg-type]
         assert changed != base, f"{name} = {value!r} changes nothing"
+
+
+def test_the_guard_rail_backs_off_to_the_prior_when_the_network_does_worse() -> None:
+    """A network that has learned something wrong (here: made to think the slow upstream is
+    fast) must not keep clients on it: a share of the picks where it overrules the prior follow
+    the prior instead, and once those show the prior's picks faster, it follows the prior
+    (counted, for GUARD_HOLD seconds, then it is tried again)."""
+    from webtorch.balance import learned as module
+
+    ups = group(2)
+    p = policy(ups)
+    p._residual = lambda code: (-6.0 if code[0] == 1 else 0.0, 0.0)  # type: ignore[method-assign]
+    now = 0.0
+
+    def answer(u: Upstream) -> float:
+        return 0.200 if u.index == 1 else 0.010
+
+    for _ in range(50):  # both measured, the prior choosing the fast one
+        for u in ups:
+            p.observe(u, Outcome.OK, answer(u), now)
+        now += 0.01
+    picked: Counter[int] = Counter()
+    reasons: Counter[str] = Counter()
+    limit = int(2 * module.GUARD_CONTROLS / module.GUARD_CONTROL)
+    for _ in range(limit):
+        request = get()
+        u = p.pick(request, ups, now)
+        picked[u.index] += 1
+        reasons[p.last_reason] += 1
+        now += 0.01
+        p.observe(u, Outcome.OK, answer(u), now, request)
+        if p.guard_backoffs:
+            break
+    assert p.guard_backoffs == 1, (picked, reasons)
+    # The controls were the picks that went to the prior's choice, about GUARD_CONTROL of them.
+    assert reasons["learned_control"] == module.GUARD_CONTROLS == picked[0]
+    assert p.backed_off_for(now) == pytest.approx(module.GUARD_HOLD, abs=0.02)
+    after = Counter(p.pick(get(), ups, now).index for _ in range(50))
+    assert after == Counter({0: 50}) and p.last_reason == "learned_prior"
+    now += module.GUARD_HOLD
+    assert p.backed_off_for(now) == 0.0
+    resumed = set()
+    for _ in range(5):  # a fresh trial (after the probes of two upstreams idle for a minute)
+        request = get()
+        u = p.pick(request, ups, now)
+        resumed.add(p.last_reason)
+        p.observe(u, Outcome.OK, answer(u), now, request)
+    assert "learned" in resumed, resumed
+
+
+def test_the_guard_rail_stays_off_while_the_network_does_better() -> None:
+    from webtorch.balance import learned as module
+
+    ups = group(2)
+    p = policy(ups)
+    # The prior (peak-EWMA) rates upstream 1 worse than it is (one slow answer long ago, and it
+    # decays slowly); the network knows better, and is right.
+    p.observe(ups[0], Outcome.OK, 0.050, 0.0)
+    p.observe(ups[1], Outcome.OK, 5.0, 0.0)
+    p._residual = lambda code: (-6.0 if code[0] == 1 else 0.0, 0.0)  # type: ignore[method-assign]
+    now = 0.01
+    reasons: Counter[str] = Counter()
+    for _ in range(int(3 * module.GUARD_CONTROLS / module.GUARD_CONTROL)):
+        request = get()
+        u = p.pick(request, ups, now)
+        reasons[p.last_reason] += 1
+        now += 0.001
+        p.observe(u, Outcome.OK, 0.050 if u.index == 0 else 0.010, now, request)
+    assert p.guard_backoffs == 0
+    assert reasons["learned_control"] >= 2 * module.GUARD_CONTROLS, reasons

@@ -84,6 +84,17 @@ SAVE_EVERY = 60.0  # seconds between weight saves while serving
 CACHE_LIMIT = 4096  # cached network answers (cleared at every training step anyway)
 COLD_WEIGHT = 0.1  # the cold-load penalty's EWMA weight per cold load
 WARM_SMOOTHING = 1.0  # seconds: the time constant of an upstream's latency for keys it has warm
+# The guard rail (Learned._guard): on picks where the network overrules its prior (peak-EWMA's
+# choice), GUARD_CONTROL of them follow the prior instead, at random: a controlled trial of the
+# two on the same situations. Once GUARD_CONTROLS such control picks are in, the network's mean
+# realised latency on the others is set against theirs; more than (1 + GUARD_MARGIN) x theirs,
+# and by more than GUARD_SIGNIFICANCE standard errors, and it follows the prior for GUARD_HOLD
+# seconds.
+GUARD_CONTROL = 0.05
+GUARD_CONTROLS = 30
+GUARD_MARGIN = 0.25
+GUARD_SIGNIFICANCE = 2.5
+GUARD_HOLD = 60.0
 
 Code = tuple[int, int, int, int, int, int, int, int]
 
@@ -102,6 +113,14 @@ SHARE_WINDOW = 5.0  # seconds: the time constant of the keyed-traffic shares
 
 def _decayed(count: float, elapsed: float) -> float:
     return count * math.exp(-max(elapsed, 0.0) / SHARE_WINDOW)
+
+
+def _mean_and_error(arm: list[float]) -> tuple[float, float]:
+    """The mean of (count, sum, sum of squares) and its standard error."""
+    n, total, squares = arm
+    mean = total / n
+    variance = max(squares / n - mean * mean, 0.0) * n / max(n - 1.0, 1.0)
+    return mean, math.sqrt(variance / n)
 
 
 def _sigmoid(z: float) -> float:
@@ -233,6 +252,14 @@ class Learned(Policy):
         # diffs it each second to draw prediction against what happened.
         self.compared: tuple[int, float, float] = (0, 0.0, 0.0)
         self.explored = 0
+        # The guard rail (see _guard): times it backed off to the prior (in /metrics), until when
+        # it follows the prior, and its trial: per overruling pick awaiting its outcome, whether
+        # it was a control (followed the prior); per arm, (picks, sum, sum of squares) of the
+        # seconds they took.
+        self.guard_backoffs = 0
+        self.backed_off_until = -math.inf
+        self._guarded: dict[tuple[int, int], bool] = {}
+        self._trial: list[list[float]] = [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
         # Seconds a cold key costs beyond a warm answer (a model load): an EWMA over every cold
         # load in the group, without decay in time, since a load costs what it costs however
         # long ago the last one was.
@@ -261,19 +288,29 @@ class Learned(Policy):
         shared = self._request_code(request, key)
         if key is not None:
             scored = self._keyed_candidates(key, scored, now)
+        backed_off = now < self.backed_off_until
         if len(candidates) == 1:
             self.last_reason = "only_candidate"
         else:
-            self.last_reason = "learned"
+            self.last_reason = "learned_prior" if backed_off else "learned"
         costs: list[tuple[float, Upstream, tuple[Code, float, float]]] = []
+        prior_best = math.inf
+        prior_pick = 0  # the prior's own choice, an index into costs
         for upstream in scored:
             code, prior_latency, prior_logit = self._score_inputs(upstream, shared, key, now)
-            residual_latency, residual_logit = self._residual(code)
-            cost = math.exp(prior_latency + residual_latency) + self.failure_cost * _sigmoid(
-                prior_logit + residual_logit
-            )
+            prior_cost = math.exp(prior_latency) + self.failure_cost * _sigmoid(prior_logit)
+            if prior_cost < prior_best:
+                prior_best, prior_pick = prior_cost, len(costs)
+            if backed_off:
+                cost = prior_cost
+            else:
+                residual_latency, residual_logit = self._residual(code)
+                cost = math.exp(prior_latency + residual_latency) + self.failure_cost * _sigmoid(
+                    prior_logit + residual_logit
+                )
             costs.append((cost, upstream, (code, prior_latency, prior_logit)))
         best_cost, best, best_entry = min(costs, key=itemgetter(0))
+        network_choice = best
         warm_here = [c for c in costs if c[2][0][4] == 2] if key is not None else []
         if len(warm_here) > 1:
             # Warm in several places: the one it went to last, unless it is predicted to cost
@@ -329,6 +366,21 @@ class Learned(Policy):
                 _, best, best_entry = near[self.rng.randrange(len(near))]
                 self.explored += 1
                 self.last_reason = "learned_explore"
+        if self.last_reason == "learned" and best is network_choice and key is None:
+            prior = costs[prior_pick]
+            if prior[1] is not best:
+                # The network overrules its prior here: a pick for the guard rail's trial, and
+                # one in GUARD_CONTROL follows the prior (the trial's control arm). Not a keyed
+                # request: there a pick's cost is not all in its own answer (a cold load evicts
+                # another key's model, which later requests pay for), and affinity decides.
+                control = self.rng.random() < GUARD_CONTROL
+                if control:
+                    _, best, best_entry = prior
+                    self.last_reason = "learned_control"
+                guarded = self._guarded
+                if len(guarded) >= PENDING_LIMIT:
+                    guarded.pop(next(iter(guarded)))
+                guarded[(id(request), best.index)] = control
         pending = self._pending
         if len(pending) >= PENDING_LIMIT:
             pending.pop(next(iter(pending)))  # an outcome that never came (a cancelled attempt)
@@ -502,6 +554,9 @@ class Learned(Policy):
         if entry is None:
             return
         code, prior_latency, prior_logit = entry
+        control = self._guarded.pop((id(request), upstream.index), None)
+        if control is not None:
+            self._guard(control, seen, now)
         log_latency = math.log(max(latency, 1e-4))
         self._replay.append((code, prior_latency, prior_logit, log_latency, float(failed)))
         self._fresh += 1
@@ -511,6 +566,48 @@ class Learned(Policy):
             self.prediction_error = 0.98 * self.prediction_error + 0.02 * error
             n, predicted_sum, observed_sum = self.compared
             self.compared = (n + 1, predicted_sum + math.exp(predicted), observed_sum + latency)
+
+    def _guard(self, control: bool, realised: float, now: float) -> None:
+        """The guard rail: the network must never do much worse than its prior. On the picks
+        where it overrules the prior, a random GUARD_CONTROL of them follow the prior instead
+        (reason ``learned_control``), so both arms face the same situations and what each
+        delivered is measured, not estimated (an estimate from the prior would be wrong exactly
+        where the network is right). Every GUARD_CONTROLS control outcomes a verdict: the
+        network's mean (failures count as slow, the tail weighs in) more than GUARD_MARGIN
+        above the control's, and by more than GUARD_SIGNIFICANCE standard errors (Welch: heavy
+        tails make a window's mean noisy), backs it off to the prior for GUARD_HOLD seconds;
+        then it gets a fresh trial."""
+        arm = self._trial[control]
+        arm[0] += 1.0
+        arm[1] += realised
+        arm[2] += realised * realised
+        prior_arm, network_arm = self._trial[True], self._trial[False]
+        if prior_arm[0] < GUARD_CONTROLS:
+            return
+        self._trial = [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+        if network_arm[0] < 2.0:
+            return
+        network_mean, network_error = _mean_and_error(network_arm)
+        prior_mean, prior_error = _mean_and_error(prior_arm)
+        gap = network_mean - prior_mean
+        if (
+            network_mean > (1.0 + GUARD_MARGIN) * prior_mean
+            and gap > GUARD_SIGNIFICANCE * math.hypot(network_error, prior_error)
+            and now >= self.backed_off_until
+        ):
+            self.backed_off_until = now + GUARD_HOLD
+            self.guard_backoffs += 1
+            log.warning(
+                "learned policy: where it overruled its prior its picks took %.1f ms on average, "
+                "the prior's %.1f ms; following the prior (peak-EWMA) for %.0f s",
+                1e3 * network_mean,
+                1e3 * prior_mean,
+                GUARD_HOLD,
+            )
+
+    def backed_off_for(self, now: float) -> float:
+        """Seconds it still follows its prior after a guard rail back-off (0.0: it does not)."""
+        return max(self.backed_off_until - now, 0.0)
 
     def maintain(self, now: float) -> None:
         training = self._training
