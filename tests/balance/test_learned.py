@@ -309,6 +309,7 @@ def fingerprint(settings: LearnedSettings) -> tuple[object, ...]:
     warm: set[tuple[int, str]] = set()
     out: list[tuple[Upstream, Request, float]] = []  # in flight: (upstream, request, done at)
     picks = []
+    took_of: dict[int, float] = {}
     now = 0.0
     for i in range(600):
         now += 0.004
@@ -318,7 +319,7 @@ def fingerprint(settings: LearnedSettings) -> tuple[object, ...]:
             upstream.inflight -= 1
             failed = upstream.index == 5 and rng.random() < 0.3
             outcome = Outcome.SERVER_ERROR if failed else Outcome.OK
-            p.observe(upstream, outcome, 0.02, now, request)
+            p.observe(upstream, outcome, took_of[id(request)], now, request)
         p.maintain(now)
         key = f"m{rng.randrange(10)}" if i % 2 else None
         request = get(key, size=rng.choice((0, 100_000)))
@@ -329,6 +330,7 @@ def fingerprint(settings: LearnedSettings) -> tuple[object, ...]:
         if key is not None:
             warm.add((upstream.index, key))
         took = 0.005 * (1 + upstream.index) + (0.1 if cold else 0.0) + (0.02 if i % 3 else 0.0)
+        took_of[id(request)] = took
         out.append((upstream, request, now + took))
     predictions = [p.predict(get(k, s), ups, now) for k in (None, "m1") for s in (0, 100_000)]
     p.close()

@@ -5,7 +5,7 @@ request features (method, body size, route, the affinity key) and the upstream's
 (in-flight, its peak-EWMA latency, recent errors, time since its last failure, whether it served
 this key recently, i.e. has the model warm) and picks the lowest expected cost,
 
-    cost = predicted latency + failure_cost x predicted failure probability,
+    cost = predicted mean latency + failure_cost x predicted failure probability,
 
 among a few sampled candidates, exploring a bounded share of the time. It learns from every
 outcome the proxy reports, in small batches on the proxy's clock (``maintain``), never on a
@@ -16,9 +16,20 @@ a call on the event loop held every request in flight for that long, four times 
 
 The prior is built in rather than learned: the network predicts *residuals* over peak-EWMA's
 estimate (``ewma x (inflight + 1)``) and over the upstream's error rate, and its last layer
-starts at zero, so before it has seen anything it behaves exactly as ``peak_ewma`` and it only
+starts at zero, so before it has seen anything it behaves as ``peak_ewma`` and it only
 departs from that where data says so. Failures carry their own head, so an upstream that fails
 fast never looks attractive because its (failed) answers are quick.
+
+The client's tail (issue 23): the network is trained toward the *expected* latency (gamma
+deviance), not a typical one (squared log-latency error, which predicts the geometric mean and
+made an upstream slow on a few percent of its requests look fast); and the evidence that only
+the loop can react to in time stays in the loop: the prior is raised to the age of the
+upstream's oldest unkeyed request in flight, so a stall or one of its very slow answers counts
+while it is happening, not when (or if) its answer comes. What the network knows of an upstream
+by name fades unless fresh outcomes keep supporting it, and it learns from the last few seconds
+of outcomes only (a fault that has passed must not be taught on). A guard rail (``_guard``)
+holds it to its prior: a randomised trial where it overrules peak-EWMA, and a back-off to
+peak-EWMA when it does worse.
 
 The network sees bucketed features (server identity, route, body size, method, key warmth,
 in-flight, time since the last failure, error rate) while the continuous estimates enter through
@@ -80,10 +91,19 @@ WARM_WINDOW = 60.0  # seconds an upstream counts as having a key warm after serv
 ERROR_DECAY = 0.9  # per observation: the error-rate EWMA's memory (~10 outcomes)
 PENDING_LIMIT = 65536  # picks awaiting their outcome; older ones are dropped
 REPLAY = 8192  # outcomes kept for training
+RATIO_CLIP = 100.0  # the most an answer counts over its prediction, in training (see _step)
+REPLAY_AGE = 5.0  # seconds an outcome is learned from...
+REPLAY_MIN = 512  # ...unless it is among the last this many
 SAVE_EVERY = 60.0  # seconds between weight saves while serving
 CACHE_LIMIT = 4096  # cached network answers (cleared at every training step anyway)
 COLD_WEIGHT = 0.1  # the cold-load penalty's EWMA weight per cold load
 WARM_SMOOTHING = 1.0  # seconds: the time constant of an upstream's latency for keys it has warm
+# Per training step, the share of the network's weights on upstream identity that is forgotten
+# (half-life ~35 steps, seconds under load). An upstream it avoids sends no outcomes to unlearn
+# a transient fault from, and without this a slow spell learned by name outlives the fault (a
+# healed upstream kept 6% of the traffic for 20 s on a fake clock, its probes' fast answers
+# notwithstanding): persistent differences are learned again from the traffic that shows them.
+IDENTITY_DECAY = 0.02
 # The guard rail (Learned._guard): on picks where the network overrules its prior (peak-EWMA's
 # choice), GUARD_CONTROL of them follow the prior instead, at random: a controlled trial of the
 # two on the same situations. Once GUARD_CONTROLS such control picks are in, the network's mean
@@ -154,6 +174,7 @@ class _State:
         "error_rate",
         "last_failure",
         "latency",
+        "outstanding",
         "picked",
         "picked_at",
         "warm",
@@ -161,12 +182,13 @@ class _State:
     )
 
     def __init__(self, initial_latency: float, decay_time: float) -> None:
-        # Peak-EWMA's estimate, decaying between answers as there: an upstream avoided after a
-        # slow spell looks cheaper as its last answer ages, until one request finds out whether
-        # it recovered (picking the best of every candidate needs that; random sampling would
-        # try it by chance). Of every answer but those to keyed requests the upstream had cold:
-        # a model load must not make it look slow for the models it has loaded
-        # (Learned.cold_penalty holds that cost).
+        # Peak-EWMA's estimate as its last answer left it: not decayed toward zero between
+        # answers as peak_ewma's reads are. An avoided upstream is probed instead (see pick), and
+        # the decay taught the network a bias: an upstream picked rarely always answered slower
+        # than its decayed estimate, so it was learned slow by name and kept rare (a healed one
+        # had 6% of the traffic 10-20 s after healing, on a fake clock). Of every answer but
+        # those to keyed requests the upstream had cold: a model load must not make it look
+        # slow for the models it has loaded (Learned.cold_penalty holds that cost).
         self.latency = LatencyEstimate(initial_latency, decay_time)
         # Answers to keys it had warm, smoothed rather than peak-sensitive: such an answer is
         # often slow only for having queued behind a model load, and a peak would make every
@@ -182,6 +204,9 @@ class _State:
         # Keyed picks, an exponentially decayed count (see Learned._over_share).
         self.picked = 0.0
         self.picked_at = 0.0
+        # Its picks awaiting their outcome, oldest first (id of the request -> when sent): a
+        # request in flight far longer than its estimate is evidence before its answer is.
+        self.outstanding: dict[int, float] = {}
 
     def set_error_rate(self, rate: float) -> None:
         """The error rate, and what a pick needs of it, kept with it (it changes only on an
@@ -196,8 +221,8 @@ class _State:
         if warmth == 2 and self.warm_latency.observed:
             return self.warm_latency.get(now)
         if warmth == 1:
-            return self.latency.get(now) + cold_penalty
-        return self.latency.get(now)
+            return self.latency.value + cold_penalty
+        return self.latency.value
 
 
 class Learned(Policy):
@@ -242,6 +267,7 @@ class Learned(Policy):
         # Per pick awaiting its outcome: the features and the priors it was scored with.
         self._pending: dict[tuple[int, int], tuple[Code, float, float]] = {}
         self._replay: deque[tuple[Code, float, float, float, float]] = deque(maxlen=REPLAY)
+        self._replayed_at: deque[float] = deque(maxlen=REPLAY)  # when each outcome came
         self._cache: dict[Code, tuple[float, float]] = {}
         self._fresh = 0  # outcomes since the last training step
         self._last_train = -math.inf
@@ -385,6 +411,13 @@ class Learned(Policy):
         if len(pending) >= PENDING_LIMIT:
             pending.pop(next(iter(pending)))  # an outcome that never came (a cancelled attempt)
         pending[(id(request), best.index)] = best_entry
+        if key is None:
+            # In flight, for the tail in the loop (see _score_inputs). Not a keyed request: a
+            # model load is slow by nature, and its cost is priced as such (cold_penalty).
+            outstanding = best.stats["learned"].outstanding
+            if len(outstanding) >= PENDING_LIMIT:
+                outstanding.pop(next(iter(outstanding)))
+            outstanding[id(request)] = now
         if key is not None:
             st_best: _State = best.stats["learned"]
             st_best.picked = _decayed(st_best.picked, now - st_best.picked_at) + 1.0
@@ -488,6 +521,16 @@ class Learned(Policy):
         )
         if st.latency.observed:
             estimate = st.estimate(warmth, now, self.cold_penalty)
+            outstanding = st.outstanding
+            if outstanding:
+                if upstream.inflight:
+                    # The tail in the loop: a request out longer than the estimate (a stall,
+                    # one of its intermittently slow answers) makes it at least that slow now,
+                    # and whatever is sent there may queue behind it; peak-EWMA learns of it
+                    # only when (if) the answer comes.
+                    estimate = max(estimate, now - next(iter(outstanding.values())))
+                else:
+                    outstanding.clear()  # nothing in flight: what is left was never answered
         else:
             # Never measured: free while idle, so that it gets a request to be measured by,
             # and pessimistic while that request is out (as peak_ewma).
@@ -532,6 +575,7 @@ class Learned(Policy):
         entry = None
         if request is not None:
             entry = self._pending.pop((id(request), upstream.index), None)
+            st.outstanding.pop(id(request), None)
         warmth = entry[0][4] if entry is not None else 0
         if warmth == 1 and not failed:
             # A cold load: what it cost beyond a warm answer is the model's, not the upstream's.
@@ -559,6 +603,7 @@ class Learned(Policy):
             self._guard(control, seen, now)
         log_latency = math.log(max(latency, 1e-4))
         self._replay.append((code, prior_latency, prior_logit, log_latency, float(failed)))
+        self._replayed_at.append(now)
         self._fresh += 1
         if not failed:
             predicted = prior_latency + self._residual(code)[0]
@@ -619,6 +664,13 @@ class Learned(Policy):
         if self._fresh >= self.batch and now - self._last_train >= self.train_interval:
             # One step per batch of new outcomes (a few at most per call): the network keeps up
             # with the traffic instead of learning at a fixed rate.
+            # Outcomes older than REPLAY_AGE are not learned from (but the last REPLAY_MIN are):
+            # a fault that has passed must not be taught for as long as it takes 8192 newer
+            # outcomes to arrive (41 s at 200 requests/s).
+            replay, stamps = self._replay, self._replayed_at
+            while len(replay) > REPLAY_MIN and now - stamps[0] > REPLAY_AGE:
+                replay.popleft()
+                stamps.popleft()
             batches = [self._minibatch() for _ in range(min(self._fresh // self.batch, 4))]
             self._fresh = 0
             self._last_train = now
@@ -684,14 +736,26 @@ class Learned(Policy):
         out = self.net(x)
         ok = 1.0 - failed
         # Latency is learned from answers (a failure's time says little about the next answer);
-        # failures from every outcome.
-        squared = ok * (prior_latency + out[:, 0] - log_latency) ** 2
-        latency_loss = squared.sum() / ok.sum().clamp(min=1.0)
+        # failures from every outcome. The latency target is the expected latency, not a
+        # typical one: with y the latency and m = exp(prior + residual) the prediction, the loss
+        # y/m - log(y/m) - 1 (gamma deviance) is least where m is the mean of y. An upstream
+        # fast on 95% of its requests and 50x slower on 5% is predicted at its mean, 3.5x
+        # fast, where squared log-latency error made it its geometric mean, 1.2x, and the
+        # network learned to cancel peak-EWMA's caution after each slow answer (issue 23).
+        # y/m is clipped at RATIO_CLIP: one timeout must not swamp a step.
+        log_ratio = log_latency - (prior_latency + out[:, 0])
+        ratio = torch.exp(log_ratio.clamp(max=math.log(RATIO_CLIP)))
+        deviance = ok * (ratio - log_ratio - 1.0)
+        latency_loss = deviance.sum() / ok.sum().clamp(min=1.0)
         fail_loss = nn.functional.binary_cross_entropy_with_logits(prior_logit + out[:, 1], failed)
         loss = latency_loss + fail_loss
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
+        with torch.no_grad():
+            # What it knows of one upstream by name fades unless outcomes keep supporting it
+            # (see IDENTITY_DECAY): an upstream avoided after a transient fault sends none.
+            self.net.hidden.weight[:, :MAX_UPSTREAMS] *= 1.0 - IDENTITY_DECAY
         self.steps += 1
         return float(loss.detach())
 
