@@ -127,3 +127,28 @@ def test_a_healed_upstream_regains_its_share_within_seconds() -> None:
     run = simulate(p, ups, latency_of, 30.0)
     assert run.share(3, 6.0, 12.0) < 0.02  # avoided while slow
     assert run.share(3, 22.0, 30.0) > 0.15  # its share back (fair: 0.25)
+
+
+def test_a_request_out_long_makes_its_upstream_costly_until_answered_or_gone() -> None:
+    """The in-flight evidence: an unkeyed request out far longer than its upstream's estimate
+    raises that upstream's predicted cost while it is out; its answer ends that, and so does an
+    attempt that ends unobserved (the proxy's in-flight count drops: a client that left)."""
+    ups = group()[:2]
+    p = learned(ups)
+    for u in ups:
+        p.observe(u, Outcome.OK, FAST, 0.0)
+    stuck = Request("GET", "/api/x", "", [], b"")
+    chosen = p.pick(stuck, ups, 0.0)
+    chosen.inflight += 1
+    other = ups[1 - chosen.index]
+    probe = Request("GET", "/api/x", "", [], b"")
+    assert p.predict(probe, [chosen], 0.005)[0][0] < 3 * FAST
+    costs = p.predict(probe, [chosen, other], 0.3)
+    assert costs[0][0] >= 0.3 and costs[1][0] < 3 * FAST, costs
+    assert p.pick(probe, ups, 0.3) is other  # the other, while it is out
+    # Its attempt ends unobserved while a new one is out: the new one's age counts, not its.
+    chosen.inflight -= 1
+    fresh = Request("GET", "/api/x", "", [], b"")
+    assert p.pick(fresh, [chosen], 0.29) is chosen
+    chosen.inflight += 1
+    assert p.predict(probe, [chosen], 0.3)[0][0] < 3 * FAST

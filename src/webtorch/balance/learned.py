@@ -522,15 +522,16 @@ class Learned(Policy):
         if st.latency.observed:
             estimate = st.estimate(warmth, now, self.cold_penalty)
             outstanding = st.outstanding
+            while len(outstanding) > upstream.inflight:
+                # More awaited than in flight: an attempt ended unobserved (the client left, no
+                # connection came): its entry would age for ever. The oldest go first.
+                del outstanding[next(iter(outstanding))]
             if outstanding:
-                if upstream.inflight:
-                    # The tail in the loop: a request out longer than the estimate (a stall,
-                    # one of its intermittently slow answers) makes it at least that slow now,
-                    # and whatever is sent there may queue behind it; peak-EWMA learns of it
-                    # only when (if) the answer comes.
-                    estimate = max(estimate, now - next(iter(outstanding.values())))
-                else:
-                    outstanding.clear()  # nothing in flight: what is left was never answered
+                # The tail in the loop: a request out longer than the estimate (a stall, one of
+                # its intermittently slow answers) makes it at least that slow now, and whatever
+                # is sent there may queue behind it; peak-EWMA learns of it only when (if) the
+                # answer comes.
+                estimate = max(estimate, now - next(iter(outstanding.values())))
         else:
             # Never measured: free while idle, so that it gets a request to be measured by,
             # and pessimistic while that request is out (as peak_ewma).
