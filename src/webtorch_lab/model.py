@@ -70,6 +70,9 @@ class Fault:
     delay: float = 0.0
     status: int = 503
     error_time: float = 0.001
+    # slow / delay: the share of requests it hits (each drawn on its own), e.g. an upstream
+    # that is very slow on 3% of its requests: a heavy tail under a fast median.
+    share: float = 1.0
 
     def active(self, now: float) -> bool:
         return self.start <= now < self.end
@@ -84,6 +87,7 @@ class Effect:
     error: Fault | None = None  # the error fault in force, if any
     blackhole: bool = False
     down: bool = False
+    partial: tuple[Fault, ...] = ()  # slow / delay faults that hit a share of requests
 
 
 HEALTHY = Effect()
@@ -99,7 +103,10 @@ class FaultSchedule:
             return HEALTHY
         factor, delay = 1.0, 0.0
         error: Fault | None = None
+        partial = tuple(f for f in active if f.share < 1.0 and f.kind in ("slow", "delay"))
         for f in active:
+            if f.share < 1.0 and f.kind in ("slow", "delay"):
+                continue
             if f.kind == "slow":
                 factor *= f.factor
             elif f.kind == "delay":
@@ -112,6 +119,7 @@ class FaultSchedule:
             error=error,
             blackhole=any(f.kind == "blackhole" for f in active),
             down=any(f.kind == "down" for f in active),
+            partial=partial,
         )
 
     def down_windows(self) -> list[tuple[float, float]]:
@@ -300,6 +308,9 @@ class UpstreamModel:
     def _start(self, waiting: _Waiting, now: float, effect: Effect) -> Respond:
         params = self.params
         service = params.service.sample(self.rng) * effect.factor + effect.delay
+        for f in effect.partial:
+            if self.rng.random() < f.share:
+                service = service * f.factor + f.delay
         cold = self._touch(waiting.key, now)
         if cold:
             service += params.cold_penalty

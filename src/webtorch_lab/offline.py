@@ -6,7 +6,9 @@ directly against :class:`~webtorch_lab.model.UpstreamModel` instances with the l
 (``schedule.plan``), in simulated time: a scenario's seconds run in a fraction of a second and the
 same seed gives the same result. It is for tuning and testing what a policy *decides* (where keys
 go, how load spreads), not for timing: there are no retries, timeouts, health checks or network
-delays, and in-flight counts and latencies are exactly what the upstream model says.
+delays, and in-flight counts and latencies are exactly what the upstream model says. With a
+``timeout`` a request unanswered that long is given up as the client would: the policy hears
+``Outcome.TIMEOUT`` and the model forgets it if it is still queued (see ``families.py``).
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from webtorch.balance.base import Outcome, Policy, ProbeResult, Upstream
 from webtorch.http.messages import Request
 from webtorch_lab.model import Respond, UpstreamModel
 from webtorch_lab.schedule import Planned
 
-_DONE, _PROBE, _ARRIVE = 0, 1, 2  # event kinds, in the order handled at equal times
+_DONE, _PROBE, _ARRIVE, _TIMEOUT = 0, 1, 2, 3  # event kinds, in the order handled at equal times
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,20 @@ class OfflineResult:
     latencies: list[float]  # seconds, sorted
     cold_loads: int
     shares: list[float]  # each upstream's share of the measured requests, in group order
+    failures: int = 0  # measured requests answered 5xx or given up at the timeout
+    # What the client saw per measured request, sorted: a failure counts as the timeout (as its
+    # latency without one), so a tail quantile prices failures too.
+    client: list[float] = field(default_factory=list)
+
+    def client_percentile(self, q: float) -> float:
+        if not self.client:
+            return 0.0
+        return self.client[min(int(q * len(self.client)), len(self.client) - 1)]
+
+    @property
+    def success(self) -> float:
+        total = len(self.client)
+        return 1.0 - self.failures / total if total else 1.0
 
     def percentile(self, q: float) -> float:
         if not self.latencies:
@@ -50,6 +66,7 @@ def run_offline(
     key_header: bytes = b"x-key",
     maintain_every: float = 0.1,
     probe_delay: float = 0.001,
+    timeout: float | None = None,
 ) -> OfflineResult:
     """Send every planned request through ``policy`` to the upstream models; ``upstreams[i]``
     is served by ``models[i]``. Black holes (requests never answered) stay in flight. A probing
@@ -61,6 +78,8 @@ def run_offline(
     answers: dict[int, Respond] = {}
     latencies: list[float] = []
     served: Counter[int] = Counter()
+    client: list[float] = []
+    failures = 0
     cold = 0
     next_maintain = load[0].t if load else 0.0
 
@@ -78,6 +97,20 @@ def run_offline(
             inflight, latency = models[probed.index].load()
             policy.on_probe(probed, ProbeResult(inflight, latency), now)
             continue
+        if kind == _TIMEOUT:
+            given_up = picked.pop(rid, None)
+            if given_up is None:
+                continue  # answered in time
+            request, upstream, sent = given_up
+            upstream.inflight -= 1
+            models[upstream.index].cancel(rid)  # queued or held: forgotten; in service: runs on
+            policy.observe(upstream, Outcome.TIMEOUT, now - sent, now, request)
+            if sent >= 0:
+                latencies.append(now - sent)
+                client.append(now - sent)
+                served[upstream.index] += 1
+                failures += 1
+            continue
         if kind == _ARRIVE:
             planned = load[rid]
             headers = [(key_header, planned.key.encode())] if planned.key is not None else []
@@ -92,9 +125,18 @@ def run_offline(
             action = models[upstream.index].arrive(rid, now, planned.key, planned.size)
             if isinstance(action, Respond):
                 schedule(action)
+            if timeout is not None:
+                heapq.heappush(events, (now + timeout, _TIMEOUT, rid))
             continue
         respond = answers.pop(rid)
-        request, upstream, sent = picked.pop(rid)
+        owner = picked.pop(rid, None)
+        if owner is None:  # given up at the timeout: the work ends, nobody hears the answer
+            for model in models:
+                if rid in model.in_service:
+                    for started in model.complete(rid, now):
+                        schedule(started)
+            continue
+        request, upstream, sent = owner
         upstream.inflight -= 1
         outcome = Outcome.OK if respond.status < 500 else Outcome.SERVER_ERROR
         policy.observe(upstream, outcome, now - sent, now, request)
@@ -102,8 +144,11 @@ def run_offline(
             latencies.append(now - sent)
             served[upstream.index] += 1
             cold += respond.cold
+            failed = respond.status >= 500
+            failures += failed
+            client.append(timeout if failed and timeout is not None else now - sent)
         for started in models[upstream.index].complete(rid, now):
             schedule(started)
     total = sum(served.values())
     shares = [served[u.index] / total if total else 0.0 for u in upstreams]
-    return OfflineResult(total, sorted(latencies), cold, shares)
+    return OfflineResult(total, sorted(latencies), cold, shares, failures, sorted(client))

@@ -75,6 +75,7 @@ class FaultSpec(_Strict):
     delay: Annotated[float, Field(ge=0)] = 0.0  # delay
     status: Annotated[int, Field(ge=100, le=599)] = 503  # error
     error_time: Annotated[float, Field(ge=0)] = 0.001  # error
+    share: Annotated[float, Field(gt=0, le=1)] = 1.0  # slow / delay: share of requests hit
 
     @model_validator(mode="after")
     def _check(self) -> FaultSpec:
@@ -95,6 +96,7 @@ class FaultSpec(_Strict):
             delay=self.delay,
             status=self.status,
             error_time=self.error_time,
+            share=self.share,
         )
 
 

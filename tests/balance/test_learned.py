@@ -8,6 +8,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 
 from webtorch.balance.base import Outcome, Upstream
@@ -152,20 +153,28 @@ def test_exploration_stays_near_the_best() -> None:
     assert p.last_reason == "learned_explore"
 
 
-def test_an_avoided_upstream_is_tried_again_once_its_slow_answers_age() -> None:
+def test_an_avoided_upstream_is_probed_and_regains_its_share_when_healed() -> None:
     ups = group(2)
-    p = policy(ups, decay_time=1.0)
+    p = policy(ups)
     p.observe(ups[0], Outcome.OK, 0.010, 0.0)
     p.observe(ups[1], Outcome.OK, 2.0, 0.0)  # a slow spell
     assert p.pick(get(), ups, 0.1) is ups[0]
-    # Nothing is sent to it, so nothing new is learnt about it: its estimate decays (as
-    # peak_ewma's) until it is the cheaper one and one request finds out.
+    # Nothing is sent to it, so nothing new is learnt about it; its estimate alone would take
+    # ln(2.0 / 0.010) x decay_time = 53 s to fade. A second later it is sent one request.
     now = 0.1
     while p.pick(get(), ups, now) is ups[0]:
         p.observe(ups[0], Outcome.OK, 0.010, now)
         now += 0.1
         assert now < 10.0, "never tried again"
-    assert 4.0 < now < 10.0, now  # ln(2.0 / 0.010) x decay_time = 5.3 s
+    assert 1.0 <= now < 1.2, now
+    assert p.last_reason == "learned_probe"
+    p.observe(ups[1], Outcome.OK, 0.010, now)  # healed: its share comes back at once
+    picks: Counter[int] = Counter()
+    for _ in range(100):  # requests piling up in flight: the cheaper takes each
+        chosen = p.pick(get(), ups, now)
+        chosen.inflight += 1
+        picks[chosen.index] += 1
+    assert picks[1] > 30, picks
 
 
 def test_a_new_key_goes_to_its_home_and_cold_loads_are_priced() -> None:
@@ -231,3 +240,180 @@ def test_a_damaged_weights_file_falls_back_to_the_prior(tmp_path: Path) -> None:
     (tmp_path / "weights.safetensors").write_bytes(b"not safetensors")
     p = Learned(group(2), LearnedSettings(state_dir=tmp_path))
     assert float(p.net.out.weight.detach().abs().sum()) == 0.0
+
+
+def test_in_the_server_training_runs_off_the_event_loop() -> None:
+    """A training step costs milliseconds of torch: in the server it runs on its own thread,
+    maintain() returning at once, and the new weights are taken at a later call."""
+    import threading
+
+    ups = group(2)
+    torch.manual_seed(0)
+    p = Learned(ups, LearnedSettings(explore=0.0, batch=8), train_in_thread=True)
+    gate = threading.Event()
+    threads: list[str] = []
+    step = p._step
+
+    def gated(picks: list[tuple[object, ...]]) -> float:
+        threads.append(threading.current_thread().name)
+        assert gate.wait(10.0)
+        return step(picks)  # type: ignore[arg-type]
+
+    p._step = gated  # type: ignore[method-assign]
+    now = 0.0
+    for _ in range(16):
+        request = get()
+        upstream = p.pick(request, ups, now)
+        now += 0.01
+        p.observe(upstream, Outcome.OK, 0.5 if upstream.index else 0.01, now, request)
+    before = p._w2.copy()
+    p.maintain(now)  # hands the step over and returns while it is held at the gate
+    assert p._training is not None and not p._training.done()
+    assert p.steps == 0 and (p._w2 == before).all()
+    p.maintain(now + 1.0)  # still out: nothing is touched
+    gate.set()
+    p._training.result(timeout=10.0)
+    p.maintain(now + 2.0)  # takes the new weights
+    assert p._training is None and p.steps == 2
+    assert not (p._w2 == before).all()
+    assert threads and all(t.startswith("webtorch-learned-train") for t in threads)
+    p.close()
+
+
+# Every setting of [upstreams.X.learned] with another value than its default: each must change
+# what the policy does (a setting read nowhere, or shadowed by a second copy, fails here).
+OTHER_VALUES: dict[str, object] = {
+    "decay_time": 1.0,
+    "initial_latency": 0.1,
+    "state_dir": "TMP",
+    "explore": 0.5,
+    "explore_margin": 10.0,
+    "sample": 2,
+    "warm_keys": 1,
+    "key_balance": 5.0,
+    "hidden": 8,
+    "learning_rate": 0.1,
+    "batch": 8,
+    "train_interval": 5.0,
+    "failure_cost": 10.0,
+}
+
+
+def fingerprint(settings: LearnedSettings) -> tuple[object, ...]:
+    """What a policy with ``settings`` does with one fixed workload: its picks, its predictions
+    at the end, and the files it keeps."""
+    ups = group(6)
+    torch.manual_seed(0)
+    p = Learned(ups, settings, hash_key="header:x-key", rng=random.Random(5))
+    rng = random.Random(1)
+    warm: set[tuple[int, str]] = set()
+    out: list[tuple[Upstream, Request, float]] = []  # in flight: (upstream, request, done at)
+    picks = []
+    took_of: dict[int, float] = {}
+    now = 0.0
+    for i in range(600):
+        now += 0.004
+        for entry in [e for e in out if e[2] <= now]:
+            out.remove(entry)
+            upstream, request, _ = entry
+            upstream.inflight -= 1
+            failed = upstream.index == 5 and rng.random() < 0.3
+            outcome = Outcome.SERVER_ERROR if failed else Outcome.OK
+            p.observe(upstream, outcome, took_of[id(request)], now, request)
+        p.maintain(now)
+        key = f"m{rng.randrange(10)}" if i % 2 else None
+        request = get(key, size=rng.choice((0, 100_000)))
+        upstream = p.pick(request, ups, now)
+        upstream.inflight += 1
+        picks.append(upstream.index)
+        cold = key is not None and (upstream.index, key) not in warm
+        if key is not None:
+            warm.add((upstream.index, key))
+        took = 0.005 * (1 + upstream.index) + (0.1 if cold else 0.0) + (0.02 if i % 3 else 0.0)
+        took_of[id(request)] = took
+        out.append((upstream, request, now + took))
+    predictions = [p.predict(get(k, s), ups, now) for k in (None, "m1") for s in (0, 100_000)]
+    p.close()
+    kept = sorted(q.name for q in settings.state_dir.iterdir()) if settings.state_dir else []
+    return tuple(picks), str(predictions), tuple(kept)
+
+
+def test_every_learned_setting_changes_what_it_does(tmp_path: Path) -> None:
+    assert set(OTHER_VALUES) == set(LearnedSettings.model_fields), "a setting without a check"
+    base = fingerprint(LearnedSettings())
+    for name, value in OTHER_VALUES.items():
+        if value == "TMP":
+            value = tmp_path / name
+            value.mkdir()
+        changed = fingerprint(LearnedSettings(**{name: value}))  # type: ignore[arg-type]
+        assert changed != base, f"{name} = {value!r} changes nothing"
+
+
+def test_the_guard_rail_backs_off_to_the_prior_when_the_network_does_worse() -> None:
+    """A network that has learned something wrong (here: made to think the slow upstream is
+    fast) must not keep clients on it: a share of the picks where it overrules the prior follow
+    the prior instead, and once those show the prior's picks faster, it follows the prior
+    (counted, for GUARD_HOLD seconds, then it is tried again)."""
+    from webtorch.balance import learned as module
+
+    ups = group(2)
+    p = policy(ups)
+    p._residual = lambda code: (-6.0 if code[0] == 1 else 0.0, 0.0)  # type: ignore[method-assign]
+    now = 0.0
+
+    def answer(u: Upstream) -> float:
+        return 0.200 if u.index == 1 else 0.010
+
+    for _ in range(50):  # both measured, the prior choosing the fast one
+        for u in ups:
+            p.observe(u, Outcome.OK, answer(u), now)
+        now += 0.01
+    picked: Counter[int] = Counter()
+    reasons: Counter[str] = Counter()
+    limit = int(2 * module.GUARD_CONTROLS / module.GUARD_CONTROL)
+    for _ in range(limit):
+        request = get()
+        u = p.pick(request, ups, now)
+        picked[u.index] += 1
+        reasons[p.last_reason] += 1
+        now += 0.01
+        p.observe(u, Outcome.OK, answer(u), now, request)
+        if p.guard_backoffs:
+            break
+    assert p.guard_backoffs == 1, (picked, reasons)
+    # The controls were the picks that went to the prior's choice, about GUARD_CONTROL of them.
+    assert reasons["learned_control"] == module.GUARD_CONTROLS == picked[0]
+    assert p.backed_off_for(now) == pytest.approx(module.GUARD_HOLD, abs=0.02)
+    after = Counter(p.pick(get(), ups, now).index for _ in range(50))
+    assert after == Counter({0: 50}) and p.last_reason == "learned_prior"
+    now += module.GUARD_HOLD
+    assert p.backed_off_for(now) == 0.0
+    resumed = set()
+    for _ in range(5):  # a fresh trial (after the probes of two upstreams idle for a minute)
+        request = get()
+        u = p.pick(request, ups, now)
+        resumed.add(p.last_reason)
+        p.observe(u, Outcome.OK, answer(u), now, request)
+    assert "learned" in resumed, resumed
+
+
+def test_the_guard_rail_stays_off_while_the_network_does_better() -> None:
+    from webtorch.balance import learned as module
+
+    ups = group(2)
+    p = policy(ups)
+    # The prior (peak-EWMA) rates upstream 1 worse than it is (one slow answer long ago, and it
+    # decays slowly); the network knows better, and is right.
+    p.observe(ups[0], Outcome.OK, 0.050, 0.0)
+    p.observe(ups[1], Outcome.OK, 5.0, 0.0)
+    p._residual = lambda code: (-6.0 if code[0] == 1 else 0.0, 0.0)  # type: ignore[method-assign]
+    now = 0.01
+    reasons: Counter[str] = Counter()
+    for _ in range(int(3 * module.GUARD_CONTROLS / module.GUARD_CONTROL)):
+        request = get()
+        u = p.pick(request, ups, now)
+        reasons[p.last_reason] += 1
+        now += 0.001
+        p.observe(u, Outcome.OK, 0.050 if u.index == 0 else 0.010, now, request)
+    assert p.guard_backoffs == 0
+    assert reasons["learned_control"] >= 2 * module.GUARD_CONTROLS, reasons

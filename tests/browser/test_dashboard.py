@@ -30,7 +30,7 @@ from tests.proxy.upstreams import TestUpstream, upstreams
 from webtorch_harness import Server
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page
+    from playwright.sync_api import Browser, Page, Route
 
 TOKEN = "dashboard-test-token-0123456789"
 LIVE_TIMEOUT_MS = 20_000  # a busy two-core machine: the server's first samples, the first load
@@ -297,6 +297,24 @@ def test_dashboard_needs_the_token(browser: Browser, artifacts: Path, tmp_path: 
         servers = page.locator('table[data-upstream-table="backend"] tr[data-server]')
         expect(servers).to_have_count(1)
         expect(banner).to_be_hidden()
+
+        # The learned policy's guard rail: the network decides; then (the server's answers,
+        # changed here) backed off to its prior, said in the warning colour.
+        rail = page.locator('[data-group="backend"] .guard-rail')
+        expect(rail).to_have_text("guard rail: the network decides · 0 back-offs")
+        expect(rail).to_have_attribute("data-backed-off", "false")
+
+        def backed_off(route: Route) -> None:
+            answer = json.loads(route.fetch().body())
+            answer["upstreams"]["backend"].update(guard_backoffs=2, backed_off_for=41.5)
+            route.fulfill(status=200, body=json.dumps(answer))
+
+        page.route("**/dashboard/stats*", backed_off)
+        expect(rail).to_have_text(
+            "guard rail: following peak-EWMA for 42 s more · 2 back-offs", timeout=5_000
+        )
+        expect(rail).to_have_attribute("data-backed-off", "true")
+        page.unroute("**/dashboard/stats*")
 
         # The page's own states, by answering its polls here: a refused token, lost contact,
         # then the server back (the banner goes away by itself).

@@ -17,6 +17,17 @@ nothing while idle, so that a new server gets one request to be measured by rath
 starving behind measured ones). The two random choices, rather than the global minimum,
 keep picks spread when estimates are close or stale.
 
+Recovery: an avoided upstream gets no answers, so its estimate would only fade at the decay's
+pace (a 2 s peak takes ~45 s to fall to 20 ms with ``decay_time = 10``, a failure's penalty
+longer). So an estimate not updated for ``PROBE_AFTER`` seconds makes its upstream *due*: the
+next pick that draws it, idle, as the costlier of the two sends it one request anyway (reason
+``peak_ewma_probe``). A probe's answer, if faster, replaces the stale estimate outright rather
+than being blended in (the peak it held is old news: a healed upstream regains its share at
+once). The interval doubles with every probe, up to ``PROBE_MAX``, and starts again from
+``PROBE_AFTER`` only ``PROBE_RESET`` seconds after the last probe: one still broken, or slow on a
+share of its requests (fast to a probe, slow again soon after), costs a request every
+``PROBE_MAX`` seconds, and a healed one is back within that.
+
 Sans-IO: time comes in as ``now``, randomness from an injected :class:`random.Random`.
 """
 
@@ -36,6 +47,11 @@ FLOOR = 1e-6
 # A failure can push an estimate up to this many times ``initial_latency`` by doubling (a failure
 # that itself took longer counts as long as it took).
 FAILURE_CEILING = 32.0
+# Seconds without an answer after which an avoided upstream is sent one request (doubling with
+# each probe up to PROBE_MAX; see the module doc).
+PROBE_AFTER = 1.0
+PROBE_MAX = 8.0
+PROBE_RESET = 30.0
 
 
 class LatencyEstimate:
@@ -46,7 +62,16 @@ class LatencyEstimate:
     evidence to average with.
     """
 
-    __slots__ = ("decay_time", "observed", "peak", "stamp", "value")
+    __slots__ = (
+        "decay_time",
+        "last_probe",
+        "observed",
+        "peak",
+        "probe_after",
+        "probing",
+        "stamp",
+        "value",
+    )
 
     def __init__(self, initial: float, decay_time: float, peak: bool = True) -> None:
         self.value = initial
@@ -54,6 +79,22 @@ class LatencyEstimate:
         self.peak = peak  # False: a slower observation is blended in like a faster one
         self.stamp = 0.0  # when ``value`` was last set by an observation
         self.observed = False
+        self.probe_after = PROBE_AFTER
+        self.probing = False  # a probe is out: its answer replaces the estimate if faster
+        self.last_probe = -math.inf
+
+    def due(self, now: float, inflight: int) -> bool:
+        """Whether its upstream, idle and unmeasured for ``probe_after`` seconds, should be sent
+        a request to find out whether it recovered."""
+        return self.observed and inflight == 0 and now - self.stamp >= self.probe_after
+
+    def probed(self, now: float) -> None:
+        """A probe request went out: the next one waits twice as long (see the module doc)."""
+        if now - self.last_probe > PROBE_RESET:
+            self.probe_after = PROBE_AFTER
+        self.probe_after = min(2.0 * self.probe_after, PROBE_MAX)
+        self.last_probe = now
+        self.probing = True
 
     def get(self, now: float) -> float:
         """The estimate at ``now``: the last value decayed toward zero over the time since."""
@@ -72,8 +113,11 @@ class LatencyEstimate:
         elapsed = max(now - self.stamp, 0.0)
         weight = math.exp(-elapsed / self.decay_time)
         current = self.value * weight  # what get(now) says
+        probing, self.probing = self.probing, False
         if latency > current and self.peak:
             self.value = latency  # the peak: a slowdown counts at once, in full
+        elif probing:
+            self.value = latency  # the stale peak is old news: measured fast now
         else:
             # A faster response moves the estimate toward it, the more so the longer since the
             # last update; the result stays between the observation and the current estimate.
@@ -146,10 +190,19 @@ class PeakEwma(Policy):
         cost_a = self.cost(a, now)
         cost_b = self.cost(b, now)
         if cost_a < cost_b:
-            return a
+            return self._or_probe(a, b, now)
         if cost_b < cost_a:
-            return b
+            return self._or_probe(b, a, now)
         return a if rng.random() < 0.5 else b
+
+    def _or_probe(self, cheaper: Upstream, costlier: Upstream, now: float) -> Upstream:
+        """``cheaper``, unless ``costlier`` is due a probe (see the module doc)."""
+        est = self.estimate(costlier)
+        if est.due(now, costlier.inflight):
+            est.probed(now)
+            self.last_reason = "peak_ewma_probe"
+            return costlier
+        return cheaper
 
     def observe(
         self,

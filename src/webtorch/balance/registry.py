@@ -37,6 +37,9 @@ class PolicyOptions:
     # defaults), and the group's name.
     settings: PolicySettings | None = None
     group_name: str = ""
+    # A learning policy trains off the caller's thread (the server's event loop); False for a
+    # simulation on a fake clock, whose steps must land at the same moments every run.
+    train_in_thread: bool = True
 
 
 PolicyFactory = Callable[[Sequence[Upstream], PolicyOptions], Policy]
@@ -67,6 +70,7 @@ def _learned(group: Sequence[Upstream], options: PolicyOptions) -> Policy:
         _own("learned", LearnedSettings, options),
         hash_key=options.hash_key,
         rng=options.rng,
+        train_in_thread=options.train_in_thread,
     )
 
 
@@ -95,6 +99,7 @@ def make_policy(
     rng: random.Random | None = None,
     settings: PolicySettings | None = None,
     group_name: str = "",
+    train_in_thread: bool = True,
 ) -> Policy:
     """A new policy instance for one upstream group; ValueError for an unknown name or a bad or
     missing option (the message names it, for config validation), TypeError for settings of
@@ -103,5 +108,5 @@ def make_policy(
     if factory is None:
         known = ", ".join(sorted(POLICIES))
         raise ValueError(f"unknown balancing policy {name!r}; expected one of: {known}")
-    options = PolicyOptions(hash_key, balance, rng, settings, group_name)
+    options = PolicyOptions(hash_key, balance, rng, settings, group_name, train_in_thread)
     return factory(group, options)

@@ -169,6 +169,9 @@ class Dashboard:
         for name, group in sorted(proxies.groups.items()):
             policy = group.policy
             error = getattr(policy, "prediction_error", None)
+            # The learned policy's guard rail (balance/learned.py; not imported here: torch).
+            backed_off_for = getattr(policy, "backed_off_for", None)
+            learned = callable(backed_off_for)
             servers = [
                 {
                     "address": upstream.address,
@@ -183,6 +186,10 @@ class Dashboard:
                 "retries": group.retries,
                 "prediction_error": error if isinstance(error, float) else None,
                 "train_steps": getattr(policy, "steps", None) if isinstance(error, float) else None,
+                # The learned policy's guard rail: back-offs to its prior so far, and seconds it
+                # still follows the prior (0.0: the network decides).
+                "guard_backoffs": getattr(policy, "guard_backoffs", None) if learned else None,
+                "backed_off_for": backed_off_for(now) if callable(backed_off_for) else None,
                 "servers": servers,
             }
         return out

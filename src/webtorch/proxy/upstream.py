@@ -398,6 +398,11 @@ class Proxies:
         train_steps = CounterMetricFamily(
             "webtorch_balancer_train_steps", "The learned policy's training steps", labels=["group"]
         )
+        guard = CounterMetricFamily(
+            "webtorch_balancer_guard_backoffs",
+            "Times the learned policy's guard rail fell back to its prior (peak-EWMA)",
+            labels=["group"],
+        )
         now = _clock()
         for name, group in sorted(self.groups.items()):
             retries.add_metric([name], group.retries)
@@ -405,6 +410,7 @@ class Proxies:
             if isinstance(error, float):
                 prediction.add_metric([name], error)
                 train_steps.add_metric([name], getattr(group.policy, "steps", 0))
+                guard.add_metric([name], getattr(group.policy, "guard_backoffs", 0))
             for upstream, stats, pool in zip(
                 group.upstreams, group.stats, group.pools, strict=True
             ):
@@ -421,7 +427,7 @@ class Proxies:
                 connections.add_metric([*key, "idle"], len(pool.idle))
                 connections.add_metric([*key, "busy"], len(pool.busy))
         yield from (attempts, failures, inflight, state, ejections, checks, latency)
-        yield from (connections, retries, prediction, train_steps)
+        yield from (connections, retries, prediction, train_steps, guard)
 
     def close(self) -> None:
         if self._tick is not None:

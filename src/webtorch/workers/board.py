@@ -190,6 +190,10 @@ def merge_current(currents: list[dict[str, Any]]) -> dict[str, Any]:
             for server in g["servers"]:
                 inflight[server["address"]] += server["inflight"]
         group["servers"] = [{**s, "inflight": inflight[s["address"]]} for s in group["servers"]]
+        if group.get("guard_backoffs") is not None:
+            # The learned policy's guard rail, one per worker: back-offs of all, the longest on.
+            group["guard_backoffs"] = sum(g.get("guard_backoffs") or 0 for g in groups)
+            group["backed_off_for"] = max(g.get("backed_off_for") or 0.0 for g in groups)
         upstreams[name] = group
     models: dict[str, Any] = {}
     for name, entries in _by_name(c["models"] for c in currents).items():

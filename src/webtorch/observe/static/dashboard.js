@@ -580,7 +580,13 @@
     return el(
       "div",
       { class: "group" },
-      el("h3", {}, el("span", { class: "name" }), el("span", { class: "facts" })),
+      el(
+        "h3",
+        {},
+        el("span", { class: "name" }),
+        el("span", { class: "facts" }),
+        el("span", { class: "facts guard-rail", hidden: true }),
+      ),
       el(
         "div",
         { class: "charts servers" },
@@ -648,6 +654,18 @@
       }
       if (group.train_steps != null) facts.push(`${fmtInt(group.train_steps)} training steps`);
       node.querySelector(".facts").textContent = facts.join(" · ");
+      // The learned policy's guard rail: whether the network decides or, after doing worse than
+      // its prior (peak-EWMA) where it overruled it, the prior does for a while.
+      const rail = node.querySelector(".guard-rail");
+      rail.hidden = group.guard_backoffs == null;
+      if (!rail.hidden) {
+        const off = (group.backed_off_for || 0) > 0;
+        const times = `${fmtInt(group.guard_backoffs)} back-off${group.guard_backoffs === 1 ? "" : "s"}`;
+        rail.dataset.backedOff = off ? "true" : "false";
+        rail.textContent = off
+          ? `guard rail: following peak-EWMA for ${Math.ceil(group.backed_off_for)} s more · ${times}`
+          : `guard rail: the network decides · ${times}`;
+      }
 
       // Share as lines: a server that gets nothing stands out as a line at zero, where a stacked
       // band would only vanish. In flight stacked: the total, and who holds it.
