@@ -134,7 +134,14 @@ class Forward:
             if not candidates:
                 self._give_up(503, f"no upstream of {group.name!r} is available")
                 return
-            upstream = group.choose(self.request, candidates, now)
+            picker = group.picker
+            chosen = None
+            if picker is not None:  # plugins choose or veto (plugins/runner.py Runner.pick)
+                candidates, chosen = picker(self.request, candidates)
+                if not candidates:
+                    self._give_up(503, f"the plugins left no upstream of {group.name!r}")
+                    return
+            upstream = group.choose(self.request, candidates, now) if chosen is None else chosen
             tried.append(upstream)
             if group.probing:
                 group.send_probes(now)

@@ -1,0 +1,602 @@
+"""The plugins' shell on the request path: the server's handler wrapped (request,
+request_body, response, response_body), the access log's hook (log), the connection gate
+(connect) and the proxy's picker (pick). Each reads the running set per request, so a reload
+swaps plugins without touching a connection; each hook is timed and counted, and a failing one
+is isolated (logged with its plugin's name; ``on_error`` decides: go on, or a 500 naming it).
+
+Without plugins none of this is installed: the server's handler, gate and access log hook are
+what they were (app.py installs these only for a non-empty set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final
+
+from webtorch.errors import HTTPError
+from webtorch.http.messages import (
+    BodySink,
+    BodySource,
+    Handler,
+    HandlerResult,
+    Pending,
+    Request,
+    RequestBody,
+    Response,
+    error_response,
+    response_for_error,
+)
+from webtorch.http.state import AccessLogger, ConnectionGate
+from webtorch.plugins.context import Context, ModelSource
+from webtorch.plugins.table import Chain, Hook, PhaseStats, Plugin, PluginSet
+from webtorch.vocab import Upstream
+
+log: Final = logging.getLogger("webtorch.plugins")
+
+_clock: Final = time.perf_counter
+# A failing phase is logged at most this often per plugin and phase (the rest are counted).
+LOG_INTERVAL: Final = 1.0
+
+
+class Refused(Exception):
+    """A plugin with on_error = "closed" failed: ``response`` (a 500 naming it) answers."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+class _Open:
+    """A plugin with on_error = "open" failed: its result is ignored."""
+
+
+OPEN: Final = _Open()
+
+
+def failed(
+    plugin: Plugin, phase: str, ctx: Context | None, exc: BaseException | None, why: str = ""
+) -> _Open:
+    """Count and log a failed phase; raise Refused when the plugin fails closed."""
+    stats = plugin.stats[phase]
+    stats.errors += 1
+    timeout = isinstance(exc, TimeoutError)
+    if timeout:
+        stats.timeouts += 1
+        why = why or f"timed out after {plugin.timeout}s"
+    if ctx is not None:
+        ctx.errors.append(f"{plugin.name}.{phase}")
+    now = time.monotonic()
+    if now >= _logged.get((plugin.name, phase), -LOG_INTERVAL) + LOG_INTERVAL:
+        _logged[(plugin.name, phase)] = now
+        where = "" if ctx is None else f" for {ctx.request.method} {ctx.request.path!r}"
+        if exc is not None and not timeout:
+            log.error(
+                "plugin %s failed in %s%s (%d failures so far)",
+                plugin.name,
+                phase,
+                where,
+                stats.errors,
+                exc_info=exc,
+            )
+        else:
+            log.error("plugin %s failed in %s%s: %s", plugin.name, phase, where, why)
+    if plugin.closed:
+        what = "timed out" if timeout else "failed"
+        raise Refused(error_response(500, f"plugin {plugin.name!r} {what} in its {phase} phase"))
+    return OPEN
+
+
+_logged: dict[tuple[str, str], float] = {}
+
+
+def run_hook(
+    plugin: Plugin, phase: str, fn: Callable[..., Any], ctx: Context | None, *args: Any
+) -> Any:
+    """``fn(*args)``, timed and counted; OPEN if it raised (Refused if it fails closed)."""
+    stats = plugin.stats[phase]
+    started = _clock()
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return failed(plugin, phase, ctx, exc)
+    finally:
+        stats.calls += 1
+        stats.seconds += _clock() - started
+
+
+def run_quiet(
+    plugin: Plugin, phase: str, fn: Callable[..., Any], ctx: Context | None, *args: Any
+) -> Any:
+    """:func:`run_hook` where failing closed changes nothing (log, a streamed body's chunks,
+    periodic work): OPEN instead of Refused."""
+    try:
+        return run_hook(plugin, phase, fn, ctx, *args)
+    except Refused:
+        return OPEN
+
+
+async def run_waiting(plugin: Plugin, phase: str, fn: Callable[..., Any], ctx: Context) -> Any:
+    """An async-capable phase: its awaitable waited for up to the plugin's timeout."""
+    stats = plugin.stats[phase]
+    started = _clock()
+    try:
+        result = fn(ctx) if phase == "request" else fn(ctx, ctx.request.body)
+        if inspect.isawaitable(result):
+            result = await asyncio.wait_for(result, plugin.timeout)
+        return result
+    except Exception as exc:
+        return failed(plugin, phase, ctx, exc)
+    finally:
+        stats.calls += 1
+        stats.seconds += _clock() - started
+
+
+def call_handler(handler: Handler, request: Request) -> HandlerResult:
+    """The route's handler, with the errors the server's dispatch would turn into answers (so
+    that the response phase sees them as the client will)."""
+    try:
+        return handler(request)
+    except HTTPError as exc:
+        return response_for_error(exc)
+    except Exception:
+        log.exception("handler failed for %s %r", request.method, request.path)
+        return error_response(500, "internal server error")
+
+
+def _bad_result(plugin: Plugin, phase: str, ctx: Context | None, result: object) -> _Open:
+    return failed(plugin, phase, ctx, None, f"returned a {type(result).__name__}, which it may not")
+
+
+class Runner:
+    """The running set's hooks on the request path (``set`` is swapped by a reload)."""
+
+    def __init__(self, plugins: PluginSet, models: ModelSource) -> None:
+        self.set = plugins
+        self.models = models
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    # -- request, request_body, the handler, response, response_body -------------------------
+
+    def wrap(self, handler: Handler) -> Handler:
+        """The server's handler: every request through the plugins, then ``handler``."""
+
+        def plugged(request: Request) -> HandlerResult:
+            return self.around(request, handler)
+
+        return plugged
+
+    def streamed(self, handler: Handler, request: Request) -> HandlerResult:
+        """A proxied route's handler, which the server calls itself for requests with a body
+        (it streams); without one the request came through :meth:`wrap`'s handler already."""
+        if request.stream is None:
+            return handler(request)
+        return self.around(request, handler)
+
+    def around(self, request: Request, handler: Handler) -> HandlerResult:
+        plugins = self.set
+        chain = plugins.chain(request.path) if plugins.routed else plugins.everywhere
+        ctx = Context(request, chain, self.models)
+        request.context = ctx
+        stream = request.stream
+        if chain.waits or (stream is not None and chain.body_buffer):
+            return self._waiting(ctx, chain, handler)
+        if chain.before:
+            try:
+                answer = self._before(ctx, chain)
+            except Refused as refused:
+                answer = refused.response
+            if answer is not None:
+                return self.answer(ctx, chain, answer) if chain.answers else answer
+        result = call_handler(handler, request)
+        if not chain.answers:
+            return result
+        if isinstance(result, Response):
+            return self.answer(ctx, chain, result)
+        if isinstance(result, Pending):
+            outer = Pending()
+            outer.on_cancel = result.cancel
+            result.subscribe(self._answered, (ctx, outer))
+            return outer
+        return self._answer_later(ctx, chain, result)
+
+    def _before(self, ctx: Context, chain: Chain) -> Response | None:
+        """The request and request_body phases, all plain functions here."""
+        for plugin, fn in chain.request:
+            result = run_hook(plugin, "request", fn, ctx, ctx)
+            answer = self._requested(plugin, ctx, result)
+            if answer is not None:
+                return answer
+        return self._bodies(ctx, chain)
+
+    def _requested(self, plugin: Plugin, ctx: Context, result: object) -> Response | None:
+        if result is None or result is OPEN:
+            return None
+        if isinstance(result, Response):
+            return result
+        _bad_result(plugin, "request", ctx, result)
+        return None
+
+    def _bodies(self, ctx: Context, chain: Chain) -> Response | None:
+        """request_body for a body already whole (buffered routes; streamed ones buffered for
+        the plugins that asked); a streamed body's chunks go to ``stream`` plugins as they come."""
+        request = ctx.request
+        stream = request.stream
+        if stream is not None:
+            if chain.body_stream:
+                _inspect_stream(stream, ctx, chain.body_stream)
+            return None
+        for plugin, fn in chain.body_buffer:
+            result = run_hook(plugin, "request_body", fn, ctx, ctx, request.body)
+            answer = self._bodied(plugin, ctx, result)
+            if answer is not None:
+                return answer
+        for plugin, fn in chain.body_stream:
+            run_hook(plugin, "request_body", fn, ctx, ctx, request.body, True)
+        return None
+
+    def _bodied(self, plugin: Plugin, ctx: Context, result: object) -> Response | None:
+        if result is None or result is OPEN:
+            return None
+        if isinstance(result, Response):
+            return result
+        if isinstance(result, bytes | bytearray | memoryview):
+            ctx.request.body = bytes(result)  # the route (or the upstream) gets this body
+            return None
+        _bad_result(plugin, "request_body", ctx, result)
+        return None
+
+    async def _waiting(self, ctx: Context, chain: Chain, handler: Handler) -> Response:
+        """The request as a task: some phase before the handler waits (an async hook, or a
+        streamed body that a plugin wants whole)."""
+        request = ctx.request
+        try:
+            answer = await self._before_waiting(ctx, chain)
+        except Refused as refused:
+            answer = refused.response
+        if answer is None:
+            answer = await settle(call_handler(handler, request))
+        return self.answer(ctx, chain, answer) if chain.answers else answer
+
+    async def _before_waiting(self, ctx: Context, chain: Chain) -> Response | None:
+        for plugin, fn in chain.request:
+            answer = self._requested(plugin, ctx, await run_waiting(plugin, "request", fn, ctx))
+            if answer is not None:
+                return answer
+        request = ctx.request
+        stream = request.stream
+        if stream is not None and chain.body_buffer:
+            body = await _collect(stream, chain.body_limit)
+            if body is None:
+                return error_response(
+                    413,
+                    f"request body is larger than {chain.body_limit} bytes (plugin "
+                    f"{chain.body_limiter!r} reads it whole: body_limit)",
+                )
+            request.body = body
+            request.stream = None  # whole now: the route takes it as a buffered body
+        if request.stream is not None:
+            return self._bodies(ctx, chain)
+        for plugin, fn in chain.body_buffer:
+            result = await run_waiting(plugin, "request_body", fn, ctx)
+            answer = self._bodied(plugin, ctx, result)
+            if answer is not None:
+                return answer
+        for plugin, fn in chain.body_stream:
+            run_hook(plugin, "request_body", fn, ctx, ctx, request.body, True)
+        return None
+
+    def _answered(self, arg: tuple[Context, Pending], response: Response) -> None:
+        ctx, outer = arg
+        outer.resolve(self.answer(ctx, ctx.chain, response))
+
+    async def _answer_later(
+        self, ctx: Context, chain: Chain, result: Awaitable[Response]
+    ) -> Response:
+        return self.answer(ctx, chain, await settle(result))
+
+    def answer(self, ctx: Context, chain: Chain, response: Response) -> Response:
+        """The response and response_body phases over the route's (or a plugin's) answer."""
+        # A copy: a route may answer every request with one Response object (fixed routes,
+        # the guard's refusals), which a plugin's edits must not change for the next request.
+        response = Response(
+            response.status,
+            response.body,
+            response.content_type,
+            list(response.headers),
+            response.stream,
+            response.content_length,
+        )
+        ctx.response = response
+        for plugin, fn in chain.response:
+            try:
+                result = run_hook(plugin, "response", fn, ctx, ctx, response)
+            except Refused as refused:
+                result = refused.response
+            if isinstance(result, Response):
+                response = ctx.response = result
+            elif result is not None and result is not OPEN:
+                try:
+                    _bad_result(plugin, "response", ctx, result)
+                except Refused as refused:
+                    response = ctx.response = refused.response
+        if chain.response_body:
+            response = self._filter(ctx, chain.response_body, response)
+        ctx.response = response
+        return response
+
+    def _filter(self, ctx: Context, hooks: Sequence[Hook], response: Response) -> Response:
+        stream = response.stream
+        if stream is not None:
+            # Its length may change: chunked (or for HTTP/1.0, closed) instead.
+            response.stream = FilteredBody(stream, ctx, hooks)
+            response.content_length = None
+            response.headers = [(k, v) for k, v in response.headers if k != b"content-length"]
+            return response
+        body = response.body
+        for plugin, fn in hooks:
+            try:
+                out = run_hook(plugin, "response_body", fn, ctx, ctx, body, True)
+            except Refused as refused:
+                return refused.response
+            if isinstance(out, bytes | bytearray | memoryview):
+                body = bytes(out)
+            elif out is not None and out is not OPEN:
+                try:
+                    _bad_result(plugin, "response_body", ctx, out)
+                except Refused as refused:
+                    return refused.response
+        if body is not response.body:
+            response.body = body
+            if ctx.request.method != "HEAD":
+                response.content_length = None
+        return response
+
+    # -- log -----------------------------------------------------------------------------------
+
+    def log_hook(self, inner: AccessLogger | None) -> AccessLogger:
+        """The server's access log hook: the access log's line, then the log phase. The server
+        calls it once per request it took, after its last byte went out, when the client went
+        away (499), or when the request was refused while it was read."""
+
+        def logged(request: Request, status: int, sent: int, seconds: float) -> None:
+            if inner is not None:
+                inner(request, status, sent, seconds)
+            self.logged(request, status, sent, seconds)
+
+        return logged
+
+    def logged(self, request: Request, status: int, sent: int, seconds: float) -> None:
+        ctx = request.context
+        if not isinstance(ctx, Context):  # refused before any plugin saw it (parse, guard)
+            plugins = self.set
+            if not plugins.everywhere.log and not plugins.routed:
+                return
+            ctx = Context(request, plugins.chain(request.path), self.models)
+            request.context = ctx
+        ctx.status = status
+        ctx.sent = sent
+        ctx.seconds = seconds
+        for plugin, fn in ctx.chain.log:
+            run_quiet(plugin, "log", fn, ctx, ctx)  # the response is out: closed or open alike
+        request.context = None  # the context's cycle (ctx.request) ends with the request
+
+    # -- connect --------------------------------------------------------------------------------
+
+    def gate(self, inner: ConnectionGate | None) -> ConnectionGate:
+        return PluginGate(self, inner)
+
+    # -- pick -----------------------------------------------------------------------------------
+
+    def pick(
+        self, request: Request, candidates: Sequence[Upstream]
+    ) -> tuple[Sequence[Upstream], Upstream | None]:
+        """The pick phase (proxy/forward.py asks it per attempt): the candidates the plugins
+        left, and the one a plugin chose, if one did (else the group's policy chooses)."""
+        ctx = request.context
+        if not isinstance(ctx, Context):
+            return candidates, None
+        for plugin, fn in ctx.chain.pick:
+            try:
+                result = run_hook(plugin, "pick", fn, ctx, ctx, list(candidates))
+            except Refused:
+                return [], None  # failed closed: no upstream (503)
+            if result is None or result is OPEN:
+                continue
+            if isinstance(result, Upstream):
+                if result in candidates:
+                    request.reason = f"plugin:{plugin.name}"
+                    return candidates, result
+                result = _bad_pick(plugin, ctx, "an upstream that is not a candidate")
+            elif isinstance(result, list | tuple):
+                if not all(u in candidates for u in result):
+                    result = _bad_pick(plugin, ctx, "upstreams that are not candidates")
+                else:
+                    candidates = list(result)
+                    if not candidates:
+                        return [], None
+            else:
+                result = _bad_pick(plugin, ctx, f"a {type(result).__name__}")
+            if result is not None and not isinstance(result, _Open):
+                return [], None
+        return candidates, None
+
+
+def _bad_pick(plugin: Plugin, ctx: Context, what: str) -> object:
+    try:
+        return failed(plugin, "pick", ctx, None, f"pick returned {what}")
+    except Refused:
+        return False  # closed: no upstream
+
+
+class PluginGate:
+    """The server's connection gate: the inner one (the guard's) first, then each plugin's
+    ``connect(address)``; False refuses."""
+
+    def __init__(self, runner: Runner, inner: ConnectionGate | None) -> None:
+        self.runner = runner
+        self.inner = inner
+
+    def admit(self, address: str) -> bool:
+        inner = self.inner
+        if inner is not None and not inner.admit(address):
+            return False
+        for plugin, fn in self.runner.set.connect:
+            try:
+                result = run_hook(plugin, "connect", fn, None, address)
+            except Refused:
+                result = False
+            if result is False:
+                if inner is not None:
+                    inner.release(address)  # it admitted the connection that closes now
+                return False
+        return True
+
+    def release(self, address: str) -> None:
+        if self.inner is not None:
+            self.inner.release(address)
+
+
+class FilteredBody:
+    """A streamed response body through the response_body phase: each chunk as it comes, and
+    the end (an empty chunk, ``end`` True) so a plugin that buffers can write what it kept."""
+
+    __slots__ = ("ctx", "failed", "hooks", "sink", "source")
+
+    def __init__(self, source: BodySource, ctx: Context, hooks: Sequence[Hook]) -> None:
+        self.source = source
+        self.ctx = ctx
+        self.hooks = hooks
+        self.sink: BodySink | None = None
+        self.failed = False
+
+    # BodySource, towards the connection
+    def start(self, sink: BodySink) -> None:
+        self.sink = sink
+        self.source.start(self)
+
+    def pause(self) -> None:
+        self.source.pause()
+
+    def resume(self) -> None:
+        self.source.resume()
+
+    def cancel(self) -> None:
+        self.source.cancel()
+
+    # BodySink, towards the source
+    def write(self, data: bytes) -> None:
+        out = self._through(data, False)
+        if out and self.sink is not None:
+            self.sink.write(out)
+
+    def end(self) -> None:
+        out = self._through(b"", True)
+        if self.sink is not None and not self.failed:
+            if out:
+                self.sink.write(out)
+            self.sink.end()
+
+    def abort(self) -> None:
+        if self.sink is not None:
+            self.sink.abort()
+
+    def _through(self, data: bytes, end: bool) -> bytes:
+        if self.failed:
+            return b""
+        for plugin, fn in self.hooks:
+            try:
+                out = run_hook(plugin, "response_body", fn, self.ctx, self.ctx, data, end)
+            except Refused:
+                # The head is out: a 500 cannot be sent any more; the client sees a truncation.
+                self.failed = True
+                self.source.cancel()
+                if self.sink is not None:
+                    self.sink.abort()
+                return b""
+            if isinstance(out, bytes | bytearray | memoryview):
+                data = bytes(out)
+        return data
+
+
+def _inspect_stream(stream: RequestBody, ctx: Context, hooks: Sequence[Hook]) -> None:
+    """``stream`` plugins read each chunk of a streamed body as it arrives (and b"" at its
+    end), after whatever inspected it already (the guard's scan)."""
+    before = stream.inspect
+
+    def inspect_chunk(data: bytes) -> None:
+        if before is not None:
+            before(data)
+        end = data == b""
+        for plugin, fn in hooks:
+            # Read-only: a body already on its way to the route is not stopped here.
+            run_quiet(plugin, "request_body", fn, ctx, ctx, data, end)
+
+    stream.inspect = inspect_chunk
+
+
+class _Collector:
+    """A streamed body read whole, up to a limit (None past it)."""
+
+    def __init__(self, stream: RequestBody, limit: int, done: asyncio.Future[bytes | None]) -> None:
+        self.stream = stream
+        self.limit = limit
+        self.done = done
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def on_body_data(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            self.stream.detach()  # the rest is dropped; the 413 closes nothing early
+            if not self.done.done():
+                self.done.set_result(None)
+            return
+        self.parts.append(data)
+
+    def on_body_end(self) -> None:
+        if not self.done.done():
+            self.done.set_result(b"".join(self.parts))
+
+    def on_body_abort(self) -> None:
+        if not self.done.done():
+            self.done.cancel()  # the client went away: so does this request
+
+
+async def _collect(stream: RequestBody, limit: int) -> bytes | None:
+    done: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+    stream.attach(_Collector(stream, limit, done))
+    return await done
+
+
+def _set_result(fut: asyncio.Future[Response], response: Response) -> None:
+    if not fut.done():
+        fut.set_result(response)
+
+
+async def settle(result: HandlerResult) -> Response:
+    """A handler's result as a Response (its errors as the server would answer them)."""
+    if isinstance(result, Response):
+        return result
+    try:
+        if isinstance(result, Pending):
+            fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+            result.subscribe(_set_result, fut)
+            try:
+                return await fut
+            except asyncio.CancelledError:
+                result.cancel()  # the client went away: the work behind it stops
+                raise
+        return await result
+    except HTTPError as exc:
+        return response_for_error(exc)
+    except Exception:
+        log.exception("handler failed")
+        return error_response(500, "internal server error")
+
+
+def stats_of(plugins: PluginSet) -> dict[str, dict[str, PhaseStats]]:
+    return {p.name: p.stats for p in plugins.plugins}
