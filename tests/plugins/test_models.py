@@ -40,7 +40,12 @@ def test_predict_and_train_from_a_plugin(tmp_path: Path) -> None:
             {"path": "/fixed", "return": 200, "body": "fixed"},
             {"path": "/learn", "return": 404},
         ],
-        models={"xor": {"path": str(XOR), "train": {"enabled": True, "state_dir": str(tmp_path / "state")}}},
+        models={
+            "xor": {
+                "path": str(XOR),
+                "train": {"enabled": True, "state_dir": str(tmp_path / "state")},
+            }
+        },
     )
     with serving(path) as running:
         status, headers, _ = request(running, "GET", "/fixed")

@@ -252,7 +252,10 @@ class Steer:
         for upstream in candidates:
             if wanted and upstream.address.endswith(":" + wanted):
                 return upstream
-        return [u for u in candidates if u.address != ctx.state.get("avoid")]
+        avoid = ctx.header("x-avoid")
+        if avoid == "wrong":
+            return "not an upstream"
+        return [u for u in candidates if not (avoid and u.address.endswith(":" + avoid))]
 
 plugin = Steer()
 """
@@ -271,9 +274,17 @@ def test_pick_chooses_and_vetoes(tmp_path: Path) -> None:
             for _ in range(4):
                 _, headers, _ = request(running, "GET", "/", headers={"x-pool": str(b.port)})
                 assert headers["x-upstream"] == "b"
+            for _ in range(4):  # a veto: the policy (round robin) chooses among those left
+                _, headers, _ = request(running, "GET", "/", headers={"x-avoid": str(a.port)})
+                assert headers["x-upstream"] == "b"
             status, _, body = request(running, "GET", "/", headers={"x-pool": "none"})
             assert status == 503 and b"plugins left no upstream" in body
-            assert metric(running, 'webtorch_plugin_calls_total{phase="pick",plugin="steer"}') == 5
+            # a wrong answer is a failure of the plugin (open: the policy chooses)
+            assert request(running, "GET", "/", headers={"x-avoid": "wrong"})[0] == 200
+            calls = 'webtorch_plugin_calls_total{phase="pick",plugin="steer"}'
+            assert metric(running, calls) == 10
+            errors = 'webtorch_plugin_errors_total{phase="pick",plugin="steer"}'
+            assert metric(running, errors) == 1
 
 
 CONNECT = """

@@ -410,26 +410,28 @@ class Runner:
                 if result in candidates:
                     request.reason = f"plugin:{plugin.name}"
                     return candidates, result
-                result = _bad_pick(plugin, ctx, "an upstream that is not a candidate")
+                what = "an upstream that is not a candidate"
             elif isinstance(result, list | tuple):
-                if not all(u in candidates for u in result):
-                    result = _bad_pick(plugin, ctx, "upstreams that are not candidates")
-                else:
+                if all(u in candidates for u in result):
                     candidates = list(result)
                     if not candidates:
-                        return [], None
+                        return [], None  # vetoed every one
+                    continue
+                what = "upstreams that are not candidates"
             else:
-                result = _bad_pick(plugin, ctx, f"a {type(result).__name__}")
-            if result is not None and not isinstance(result, _Open):
-                return [], None
+                what = f"a {type(result).__name__}"
+            if not _bad_pick(plugin, ctx, what):
+                return [], None  # failed closed: no upstream (503)
         return candidates, None
 
 
-def _bad_pick(plugin: Plugin, ctx: Context, what: str) -> object:
+def _bad_pick(plugin: Plugin, ctx: Context, what: str) -> bool:
+    """Count a pick that returned what it may not; whether the request goes on (open)."""
     try:
-        return failed(plugin, "pick", ctx, None, f"pick returned {what}")
+        failed(plugin, "pick", ctx, None, f"returned {what}")
     except Refused:
-        return False  # closed: no upstream
+        return False
+    return True
 
 
 class PluginGate:
