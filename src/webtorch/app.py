@@ -43,6 +43,7 @@ from webtorch.observe.access_log import AccessLog
 from webtorch.observe.dashboard import Dashboard
 from webtorch.observe.timeline import Timeline
 from webtorch.plugins.host import Base, PluginHost, install
+from webtorch.plugins.metrics import board as plugin_board
 from webtorch.plugins.metrics import metric_families as plugin_metrics
 from webtorch.plugins.models import model_source
 from webtorch.proxy.probe import LOAD_PATH, LoadReport
@@ -182,6 +183,7 @@ class App:
             self.auth,
             server.dashboard,
             guard=lambda: self.guard,
+            plugins=lambda: plugin_board(self.plugins.store),
         )
         self.dashboard = dashboard
         builtins: dict[tuple[str, str], Handler] = {

@@ -356,3 +356,40 @@ def test_a_plugin_sees_only_its_routes(tmp_path: Path) -> None:
         _, headers, _ = request(running, "GET", "/fixed")
         assert headers["x-trace"] == "1"
     assert [e[2] for e in record.EVENTS if e[1] == "request"] == ["/fixed"]
+
+
+LIFE = """
+from tests.plugins.record import note
+from webtorch.plugins import every
+
+class Life:
+    def startup(self, host):
+        note(("startup", host.name, dict(host.settings)))
+        self.ticks = 0
+
+    @every(0.01)
+    def tick(self):
+        self.ticks += 1
+        note(("tick", self.ticks))
+
+    @every(0.01)
+    async def broken(self):
+        raise RuntimeError("periodic failure")
+
+    async def shutdown(self):
+        note(("shutdown",))
+
+plugin = Life()
+"""
+
+
+def test_startup_periodic_work_and_shutdown(tmp_path: Path) -> None:
+    write_plugins(tmp_path, {"life": LIFE})
+    path = config(tmp_path, [{"path": "life.py", "settings": {"a": 1}}])
+    with serving(path) as running:
+        record.wait_for(lambda e: ("tick", 3) in e)
+        errors = 'webtorch_plugin_errors_total{phase="every:broken",plugin="life"}'
+        record.wait_for(lambda e: metric(running, errors) >= 1)
+        assert request(running, "GET", "/fixed")[0] == 200  # failing periodic work harms none
+    assert record.EVENTS[0] == ("startup", "life", {"a": 1})
+    assert record.EVENTS[-1] == ("shutdown",)

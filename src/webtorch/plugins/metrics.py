@@ -10,7 +10,10 @@ from webtorch.plugins.table import StatsStore
 
 
 def metric_families(store: StatsStore) -> Iterator[Metric]:
-    """Per plugin and phase: calls, failures (timeouts among them), seconds."""
+    """Per plugin and phase: calls, failures (timeouts among them), seconds; nothing without
+    plugins."""
+    if not store:
+        return
     calls = CounterMetricFamily(
         "webtorch_plugin_calls", "Calls of a plugin's phase", labels=["plugin", "phase"]
     )
@@ -40,7 +43,8 @@ def metric_families(store: StatsStore) -> Iterator[Metric]:
 
 
 def board(store: StatsStore) -> list[dict[str, object]]:
-    """The dashboard's table: one row per plugin and phase."""
+    """The dashboard's table: one row per plugin and phase, running totals (the page shows
+    the time per call; several workers' rows are summed by workers/board.py)."""
     return [
         {
             "plugin": plugin,
@@ -48,7 +52,7 @@ def board(store: StatsStore) -> list[dict[str, object]]:
             "calls": stats.calls,
             "errors": stats.errors,
             "timeouts": stats.timeouts,
-            "us_per_call": round(stats.seconds / stats.calls * 1e6, 2) if stats.calls else 0.0,
+            "seconds": stats.seconds,
         }
         for (plugin, phase), stats in sorted(store.items())
     ]
