@@ -18,17 +18,18 @@ got: a list, or a dict of arrays whose leading dimension is the rows. Where, how
 batched each stage runs is the TOML's business (``[pipelines.NAME.stages.STAGE]``), not the file's.
 
 This module imports neither numpy nor torch: a process placement's workers import it, and the
-pipeline file, and nothing else of WebTorch's.
+pipeline file, and nothing else of WebTorch's but the user-file loader (the standard library
+only).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, overload
+
+from webtorch.userfiles import UserFileError, import_user_file
 
 Takes = Literal["records", "tensors"]
 TAKES: Final = ("records", "tensors")
@@ -155,19 +156,10 @@ def import_pipeline_file(path: Path) -> Pipeline:
     cached = _LOADED.get(key)
     if cached is not None:
         return cached
-    if not path.is_file():
-        raise PipelineLoadError(f"pipeline file {path} does not exist")
-    module_name = f"webtorch_pipeline_{abs(hash(key))}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise PipelineLoadError(f"cannot import pipeline file {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
     try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        sys.modules.pop(module_name, None)
-        raise PipelineLoadError(f"pipeline file {path} failed to import: {exc!r}") from exc
+        module = import_user_file(path, "pipeline file")
+    except UserFileError as exc:
+        raise PipelineLoadError(str(exc)) from exc
     pipeline = getattr(module, "pipeline", None)
     if not isinstance(pipeline, Pipeline):
         raise PipelineLoadError(

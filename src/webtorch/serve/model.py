@@ -6,8 +6,6 @@ and output tensors, optional pre/post-processing stages and, for training, loss 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from torch import nn
 
 from webtorch.errors import ModelLoadError
 from webtorch.serve.datatypes import Datatype, datatype
+from webtorch.userfiles import UserFileError, import_user_file
 
 Tensors = dict[str, Any]  # name -> torch.Tensor (or a numpy object array for BYTES inputs)
 Stage = Callable[[Tensors], Tensors]
@@ -164,19 +163,10 @@ def resolve_device(requested: str) -> torch.device:
 
 def import_model_file(path: Path) -> Model:
     """Execute a model file and return its ``model``."""
-    if not path.is_file():
-        raise ModelLoadError(f"model file {path} does not exist")
-    module_name = f"webtorch_model_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ModelLoadError(f"cannot import model file {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
     try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        sys.modules.pop(module_name, None)
-        raise ModelLoadError(f"model file {path} failed to import: {exc!r}") from exc
+        module = import_user_file(path, "model file")
+    except UserFileError as exc:
+        raise ModelLoadError(str(exc)) from exc
     model = getattr(module, "model", None)
     if not isinstance(model, Model):
         raise ModelLoadError(f"model file {path} must define `model = webtorch.Model(...)`")
