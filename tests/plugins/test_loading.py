@@ -24,14 +24,14 @@ def _start_error(tmp_path: Path, text: str, **plugin: object) -> str:
 
 def test_a_syntax_error_names_file_and_line(tmp_path: Path) -> None:
     message = _start_error(tmp_path, "x = 1\n\ndef broken(:\n    pass\n")
-    assert f"plugins.bad: {tmp_path / 'bad.py'}:3: SyntaxError" in message
+    assert f"plugins.bad: plugin {tmp_path / 'bad.py'}:3 failed to import: SyntaxError" in message
 
 
 def test_an_exception_while_importing_names_file_and_line(tmp_path: Path) -> None:
     text = "import os\n\n\ndef helper():\n    return 1 / 0\n\n\nvalue = helper()\n"
     message = _start_error(tmp_path, text)
     # the innermost line of the plugin's own file
-    assert f"{tmp_path / 'bad.py'}:5: ZeroDivisionError" in message
+    assert f"{tmp_path / 'bad.py'}:5 failed to import: ZeroDivisionError" in message
 
 
 def test_no_plugin_object(tmp_path: Path) -> None:
@@ -51,7 +51,7 @@ def test_a_misspelt_phase(tmp_path: Path) -> None:
 
 def test_a_missing_file(tmp_path: Path) -> None:
     path = config(tmp_path, [{"path": "nowhere.py"}])
-    with pytest.raises(ConfigError, match=r"plugins\.nowhere: .*nowhere\.py: no such file"):
+    with pytest.raises(ConfigError, match=r"plugins\.nowhere: plugin .*nowhere\.py does not exist"):
         App(wt_config.load(path), path)
 
 
@@ -119,7 +119,7 @@ def test_reload_swaps_the_set_and_a_bad_set_keeps_the_old(tmp_path: Path) -> Non
             server=server,
         )
         status, body = _reload(running)
-        assert status == 400 and b"broken.py:1: SyntaxError" in body
+        assert status == 400 and b"broken.py:1 failed to import: SyntaxError" in body
         assert request(running, "GET", "/fixed")[1]["x-tag"] == "two"
         # the code itself reloads; and no plugins at all
         write_plugins(tmp_path, {"tag": VERSION.replace(b"x-tag".decode(), "x-tag2")})

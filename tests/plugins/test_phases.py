@@ -16,11 +16,13 @@ from tests.plugins.helpers import FIXED, config, metric, request, serving, write
 from tests.proxy.upstreams import pattern_bytes, upstreams
 
 TRACE = """
+from pathlib import Path
+
 from tests.plugins.record import note
 
 class Trace:
     def __init__(self):
-        self.name = __name__.rsplit("_", 1)[-1]
+        self.name = Path(__file__).stem
 
     def request(self, ctx):
         note((self.name, "request", ctx.path))

@@ -4,10 +4,7 @@ stops (and a reload keeps the set it had) with a message that points at the mist
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import itertools
-import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +14,7 @@ from typing import Any
 from webtorch.config.plugins import PluginConfig
 from webtorch.errors import ConfigError
 from webtorch.plugins.api import ASYNC_PHASES, EVERY_ATTRIBUTE, PHASES
-
-# Each load runs the file as a new module (a reload gets fresh code), under a name of its own.
-_serial = itertools.count(1)
+from webtorch.userfiles import UserFileError, import_user_file
 
 
 class Loaded:
@@ -48,9 +43,7 @@ def load(config: PluginConfig, base_dir: Path) -> Loaded:
     path = config.path if config.path.is_absolute() else base_dir / config.path
     name = config.label
     where = f"plugins.{name}: {path}"
-    if not path.is_file():
-        raise ConfigError(f"{where}: no such file")
-    module = _run(path, name, where)
+    module = _run(path, name)
     obj = getattr(module, "plugin", None)
     if obj is None:
         raise ConfigError(f"{where}: defines no `plugin` (plugin = an object with phase methods)")
@@ -97,28 +90,12 @@ def load(config: PluginConfig, base_dir: Path) -> Loaded:
     return Loaded(config, path, obj, hooks, frozenset(waits), periodic)
 
 
-def _run(path: Path, name: str, where: str) -> ModuleType:
-    """The file run as a module; errors name the line they came from."""
-    module_name = f"webtorch_plugin_{next(_serial)}_{name.replace('.', '_').replace('-', '_')}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ConfigError(f"{where}: cannot be loaded as a Python file")
-    module = importlib.util.module_from_spec(spec)
-    # In sys.modules while it runs: dataclasses and pickling look their module up there.
-    sys.modules[module_name] = module
+def _run(path: Path, name: str) -> ModuleType:
+    """The file run as a module (userfiles.py: its errors name the line they came from)."""
     try:
-        spec.loader.exec_module(module)
-    except SyntaxError as exc:
-        sys.modules.pop(module_name, None)
-        raise ConfigError(f"{where}:{exc.lineno}: {type(exc).__name__}: {exc.msg}") from None
-    except BaseException as exc:  # SystemExit, KeyboardInterrupt from a file: still its error
-        sys.modules.pop(module_name, None)
-        if not isinstance(exc, Exception):
-            raise
-        line = _line_in(exc, path)
-        at = f"{where}:{line}" if line is not None else where
-        raise ConfigError(f"{at}: {type(exc).__name__}: {exc}") from None
-    return module
+        return import_user_file(path, "plugin")
+    except UserFileError as exc:
+        raise ConfigError(f"plugins.{name}: {exc}") from None
 
 
 def _line_in(exc: BaseException, path: Path) -> int | None:
