@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import http.client
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -134,3 +137,25 @@ def test_reload_swaps_the_set_and_a_bad_set_keeps_the_old(tmp_path: Path) -> Non
         assert running.app.server is not None
         # none left: the server's own handler again
         assert running.app.server.state.handler is running.app.router
+
+
+def test_sighup_reloads_the_plugins(tmp_path: Path) -> None:
+    from tests.conftest import serve_process
+
+    write_plugins(tmp_path, {"tag": VERSION})
+    path = config(tmp_path, [{"path": "tag.py", "settings": {"tag": "one"}}])
+    with serve_process(path) as proc:
+        conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=10)
+        conn.request("GET", "/fixed")
+        response = conn.getresponse()
+        response.read()
+        assert response.getheader("x-tag") == "one"
+        config(tmp_path, [{"path": "tag.py", "settings": {"tag": "two"}}])
+        mark = proc.log_size()
+        os.kill(proc.pid, signal.SIGHUP)
+        proc.wait_log("reloaded", timeout=30, after=mark)  # logged once done: no sleeping
+        conn.request("GET", "/fixed")
+        response = conn.getresponse()
+        response.read()
+        assert response.getheader("x-tag") == "two"
+        conn.close()

@@ -3,6 +3,7 @@ bodies, response edits, pick, connect, and log after every kind of ending."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import socket
@@ -395,3 +396,48 @@ def test_startup_periodic_work_and_shutdown(tmp_path: Path) -> None:
         assert request(running, "GET", "/fixed")[0] == 200  # failing periodic work harms none
     assert record.EVENTS[0] == ("startup", "life", {"a": 1})
     assert record.EVENTS[-1] == ("shutdown",)
+
+
+COUNTER = """
+from tests.plugins.record import note
+
+class Count:
+    def __init__(self):
+        self.open = 0
+
+    def connect(self, address):
+        self.open += 1
+        note(("open", self.open))
+
+    def disconnect(self, address):
+        self.open -= 1
+        note(("open", self.open))
+
+plugin = Count()
+"""
+
+REFUSE_ALL = """
+class No:
+    def connect(self, address):
+        return False
+
+plugin = No()
+"""
+
+
+def test_disconnect_balances_connect_even_when_a_later_plugin_refuses(tmp_path: Path) -> None:
+    write_plugins(tmp_path, {"count": COUNTER, "no": REFUSE_ALL})
+    path = config(tmp_path, [{"path": "count.py", "order": 1}, {"path": "no.py", "order": 2}])
+    with serving(path) as running:
+        with socket.create_connection((running.host, running.port), timeout=10) as sock:
+            sock.sendall(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(100) == b""
+        record.wait_for(lambda e: e[-2:] == [("open", 1), ("open", 0)])
+
+
+def test_disconnect_when_the_connection_ends(tmp_path: Path) -> None:
+    write_plugins(tmp_path, {"count": COUNTER})
+    with serving(config(tmp_path, [{"path": "count.py"}])) as running:
+        assert request(running, "GET", "/fixed")[0] == 200  # its connection closes after
+        record.wait_for(lambda e: e == [("open", 1), ("open", 0)])

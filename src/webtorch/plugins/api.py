@@ -11,6 +11,7 @@ PHASES: Final = (
     "startup",
     "shutdown",
     "connect",
+    "disconnect",
     "request",
     "request_body",
     "pick",
@@ -24,6 +25,7 @@ ASYNC_PHASES: Final = frozenset({"startup", "shutdown", "request", "request_body
 # Phases run per request (their calls, errors and time are counted per plugin).
 REQUEST_PHASES: Final = (
     "connect",
+    "disconnect",
     "request",
     "request_body",
     "pick",

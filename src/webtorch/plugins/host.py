@@ -257,7 +257,7 @@ def install(
     some = len(plugins) > 0
     state.handler = runner.wrap(base.handler) if some else base.handler
     state.access_log = runner.log_hook(base.access_log) if some else base.access_log
-    state.gate = runner.gate(base.gate) if plugins.connect else base.gate
+    state.gate = runner.gate(base.gate) if plugins.connect or plugins.disconnect else base.gate
     picker = runner.pick if plugins.picks else None
     for group in groups:
         group.picker = picker

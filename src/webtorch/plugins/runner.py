@@ -179,6 +179,8 @@ class Runner:
     def around(self, request: Request, handler: Handler) -> HandlerResult:
         plugins = self.set
         chain = plugins.chain(request.path) if plugins.routed else plugins.everywhere
+        if not chain.plugins:  # none of the plugins sees this path
+            return handler(request)
         ctx = Context(request, chain, self.models)
         request.context = ctx
         stream = request.stream
@@ -371,11 +373,14 @@ class Runner:
 
     def logged(self, request: Request, status: int, sent: int, seconds: float) -> None:
         ctx = request.context
-        if not isinstance(ctx, Context):  # refused before any plugin saw it (parse, guard)
+        if not isinstance(ctx, Context):  # no plugin saw it (refused while read, the guard's)
             plugins = self.set
-            if not plugins.everywhere.log and not plugins.routed:
+            if not plugins.everywhere.log:
                 return
-            ctx = Context(request, plugins.chain(request.path), self.models)
+            chain = plugins.chain(request.path) if plugins.routed else plugins.everywhere
+            if not chain.log:
+                return
+            ctx = Context(request, chain, self.models)
             request.context = ctx
         ctx.status = status
         ctx.sent = sent
@@ -436,7 +441,8 @@ def _bad_pick(plugin: Plugin, ctx: Context, what: str) -> bool:
 
 class PluginGate:
     """The server's connection gate: the inner one (the guard's) first, then each plugin's
-    ``connect(address)``; False refuses."""
+    ``connect(address)``; False refuses. ``disconnect(address)`` when an admitted one ends
+    (each plugin that joins it hears of every connection admitted, as nginx's limit_conn)."""
 
     def __init__(self, runner: Runner, inner: ConnectionGate | None) -> None:
         self.runner = runner
@@ -446,7 +452,8 @@ class PluginGate:
         inner = self.inner
         if inner is not None and not inner.admit(address):
             return False
-        for plugin, fn in self.runner.set.connect:
+        plugins = self.runner.set
+        for plugin, fn in plugins.connect:
             try:
                 result = run_hook(plugin, "connect", fn, None, address)
             except Refused:
@@ -454,12 +461,18 @@ class PluginGate:
             if result is False:
                 if inner is not None:
                     inner.release(address)  # it admitted the connection that closes now
+                # Those before it admitted it too: they hear that it ends.
+                for earlier, bye in plugins.disconnect:
+                    if earlier.index < plugin.index:
+                        run_quiet(earlier, "disconnect", bye, None, address)
                 return False
         return True
 
     def release(self, address: str) -> None:
         if self.inner is not None:
             self.inner.release(address)
+        for plugin, fn in self.runner.set.disconnect:
+            run_quiet(plugin, "disconnect", fn, None, address)
 
 
 class FilteredBody:

@@ -114,6 +114,11 @@ class PluginSet:
         self.connect = tuple(
             (p, p.loaded.hooks["connect"]) for p in self.plugins if "connect" in p.loaded.hooks
         )
+        self.disconnect = tuple(
+            (p, p.loaded.hooks["disconnect"])
+            for p in self.plugins
+            if "disconnect" in p.loaded.hooks
+        )
         self.picks = bool(self.everywhere.pick)
 
     def chain(self, path: str) -> Chain:
