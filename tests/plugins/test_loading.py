@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import Running
+from tests.plugins import record
 from tests.plugins.helpers import config, request, serving, write_plugins
 from webtorch import config as wt_config
 from webtorch.app import App
@@ -159,3 +162,56 @@ def test_sighup_reloads_the_plugins(tmp_path: Path) -> None:
         response.read()
         assert response.getheader("x-tag") == "two"
         conn.close()
+
+
+ASYNC_START = """
+import asyncio
+
+from tests.plugins.record import note
+
+class Tag:
+    async def startup(self, host):
+        await asyncio.sleep(0)  # a real wait: the swap waits for it
+        self.tag = host.settings["tag"]
+        if self.tag == "bad":
+            raise RuntimeError("cannot start")
+        note(("started", self.tag))
+
+    def shutdown(self):
+        note(("shutdown", self.tag))
+
+    def response(self, ctx, response):
+        response.headers.append((b"x-tag", self.tag.encode()))
+
+plugin = Tag()
+"""
+
+
+def test_an_async_startup_defers_the_swap_and_its_failure_keeps_the_set(tmp_path: Path) -> None:
+    record.clear()
+    write_plugins(tmp_path, {"tag": ASYNC_START})
+    server = {"management": True}
+    path = config(tmp_path, [{"path": "tag.py", "settings": {"tag": "one"}}], server=server)
+    with serving(path) as running:
+        assert request(running, "GET", "/fixed")[1]["x-tag"] == "one"
+        config(tmp_path, [{"path": "tag.py", "settings": {"tag": "two"}}], server=server)
+        status, body = _reload(running)
+        assert status == 200 and b"once their startup ran" in body
+        # the old set shuts down once the new one is in place
+        record.wait_for(lambda e: ("shutdown", "one") in e)
+        assert request(running, "GET", "/fixed")[1]["x-tag"] == "two"
+        config(tmp_path, [{"path": "tag.py", "settings": {"tag": "bad"}}], server=server)
+        assert _reload(running)[0] == 200  # loaded; its startup fails later, logged
+        assert running.app.plugins is not None
+        # the failed startup is counted; the running set stays
+        stats = running.app.plugins.store[("tag", "startup")]
+        done = asyncio.run_coroutine_threadsafe(_settled(running.app.plugins), running.loop)
+        done.result(30)
+        assert stats.errors == 1
+        assert request(running, "GET", "/fixed")[1]["x-tag"] == "two"
+    assert ("shutdown", "two") in record.EVENTS
+
+
+async def _settled(host: Any) -> None:
+    """The host's pending swaps done (awaited on the server's loop)."""
+    await asyncio.gather(*list(host._tasks), return_exceptions=True)
