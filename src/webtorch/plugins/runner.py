@@ -11,10 +11,11 @@ what they were (app.py installs these only for a non-empty set).
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Final
 
 from webtorch.errors import HTTPError
@@ -185,7 +186,8 @@ class Runner:
         request.context = ctx
         stream = request.stream
         if chain.waits or (stream is not None and chain.body_buffer):
-            return self._waiting(ctx, chain, handler)
+            work = _Work()
+            return self._later(self._waiting(ctx, chain, handler, work), work)
         if chain.before:
             try:
                 answer = self._before(ctx, chain)
@@ -203,7 +205,32 @@ class Runner:
             outer.on_cancel = result.cancel
             result.subscribe(self._answered, (ctx, outer))
             return outer
-        return self._answer_later(ctx, chain, result)
+        return self._later(self._answer_later(ctx, chain, result), _Work())
+
+    def _later(self, coroutine: Coroutine[Any, Any, Response], work: _Work) -> Pending:
+        """A coroutine's response as a Pending (not the coroutine itself): what wraps this
+        handler sees what a proxied route returns, as the guard's body scan must to keep
+        watching a streamed body. Cancelling it (the client went away, or the guard refused
+        the body mid-upload) cancels the route's own Pending at once, as a direct cancel
+        would: a proxied upload stops before another chunk reaches the upstream."""
+        pending = Pending()
+        task = asyncio.ensure_future(coroutine)
+        work.task = task
+        self._tasks.add(task)
+        pending.on_cancel = work.cancel
+        task.add_done_callback(functools.partial(self._done, pending))
+        return pending
+
+    def _done(self, pending: Pending, task: asyncio.Future[Response]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            pending.resolve(task.result())
+        else:  # a bug of ours: settle() and the phases catch what the route and plugins raise
+            log.error("plugins failed", exc_info=exc)
+            pending.resolve(error_response(500, "internal server error"))
 
     def _before(self, ctx: Context, chain: Chain) -> Response | None:
         """The request and request_body phases, all plain functions here."""
@@ -251,7 +278,7 @@ class Runner:
         _bad_result(plugin, "request_body", ctx, result)
         return None
 
-    async def _waiting(self, ctx: Context, chain: Chain, handler: Handler) -> Response:
+    async def _waiting(self, ctx: Context, chain: Chain, handler: Handler, work: _Work) -> Response:
         """The request as a task: some phase before the handler waits (an async hook, or a
         streamed body that a plugin wants whole)."""
         request = ctx.request
@@ -260,7 +287,10 @@ class Runner:
         except Refused as refused:
             answer = refused.response
         if answer is None:
-            answer = await settle(call_handler(handler, request))
+            result = call_handler(handler, request)
+            if isinstance(result, Pending):
+                work.inner = result
+            answer = await settle(result)
         return self.answer(ctx, chain, answer) if chain.answers else answer
 
     async def _before_waiting(self, ctx: Context, chain: Chain) -> Response | None:
@@ -585,6 +615,22 @@ async def _collect(stream: RequestBody, limit: int) -> bytes | None:
     done: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
     stream.attach(_Collector(stream, limit, done))
     return await done
+
+
+class _Work:
+    """A request's task and the route's Pending inside it, cancelled together."""
+
+    __slots__ = ("inner", "task")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Future[Response] | None = None
+        self.inner: Pending | None = None
+
+    def cancel(self) -> None:
+        if self.inner is not None:
+            self.inner.cancel()  # now, not at the task's next step
+        if self.task is not None:
+            self.task.cancel()
 
 
 def _set_result(fut: asyncio.Future[Response], response: Response) -> None:
