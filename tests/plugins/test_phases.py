@@ -194,6 +194,19 @@ def test_request_body_buffered_replaced_refused_and_limited(tmp_path: Path) -> N
             echoed = json.loads(body)
             assert echoed["body_bytes"] == 5
             assert echoed["sha256"] == hashlib.sha256(b"HELLO").hexdigest()
+            # chunked: read whole, then sent on with a Content-Length
+            with socket.create_connection((running.host, running.port), timeout=10) as sock:
+                sock.sendall(
+                    b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                    b"Connection: close\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n"
+                )
+                raw = b""
+                while chunk := sock.recv(65536):
+                    raw += chunk
+            assert raw.startswith(b"HTTP/1.1 200")
+            echoed = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+            assert echoed["sha256"] == hashlib.sha256(b"HELLO").hexdigest()
+            assert ["content-length", "5"] in echoed["headers"]
             status, _, body = request(running, "POST", "/echo", body=b"refuse this")
             assert (status, body) == (422, b"refused by body")
             status, _, body = request(running, "POST", "/echo", body=b"x" * 5000)

@@ -614,7 +614,11 @@ class _Collector:
 async def _collect(stream: RequestBody, limit: int) -> bytes | None:
     done: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
     stream.attach(_Collector(stream, limit, done))
-    return await done
+    try:
+        return await done
+    except asyncio.CancelledError:
+        stream.detach()  # answered meanwhile (the guard refused it): the rest is dropped
+        raise
 
 
 class _Work:
