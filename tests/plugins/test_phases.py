@@ -4,6 +4,7 @@ bodies, response edits, pick, connect, and log after every kind of ending."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import socket
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.guard.test_bodies import upload
 from tests.plugins import record
 from tests.plugins.helpers import FIXED, config, metric, request, serving, write_plugins
 from tests.proxy.upstreams import pattern_bytes, upstreams
@@ -228,6 +230,53 @@ def test_request_body_streamed_chunks(tmp_path: Path) -> None:
             status, _, _ = request(running, "POST", "/echo", body=data)
             assert status == 200
             record.wait_for(lambda e: ("streamed", 300_000) in e)
+
+
+SCAN = """
+from tests.plugins.record import note
+from webtorch.plugins import Response
+
+class Scan:
+    def request_body(self, ctx, chunk, end):
+        if b"VIRUS" in chunk:
+            note(("refused", len(chunk)))
+            return Response(403, b"infected")
+
+plugin = Scan()
+"""
+
+
+def test_a_stream_plugin_stops_an_upload_mid_body(tmp_path: Path) -> None:
+    write_plugins(tmp_path, {"scan": SCAN})
+    head = (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/octet-stream\r\n\r\n"
+    )
+    padding = [b"x" * 20_000] * 3
+    with upstreams("a") as (up,):
+        path = config(
+            tmp_path,
+            [{"path": "scan.py", "body": "stream"}],
+            routes=[FIXED, {"prefix": "/", "upstream": "backend"}],
+            upstreams={"backend": [up.address]},
+        )
+        with serving(path) as running:
+            # the upstream has the request and the padding when the bad chunk comes
+            started = functools.partial(up.wait_for_hits, "/echo", 1)
+            answer = upload(running, head, padding, [b"..VIRUS.."], started)
+            assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+            assert b"infected" in answer
+            assert up.wait_disconnects(1)  # abandoned mid-body: never whole upstream
+            # a clean upload goes through whole
+            answer = upload(running, head, [*padding, b"clean"])
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            # with a Content-Length, the same
+            status, _, body = request(running, "POST", "/echo", body=b"a VIRUS")
+            assert (status, body) == (403, b"infected")
+            # a route that reads bodies whole: the body is one chunk, with end
+            status, _, body = request(running, "POST", "/fixed", body=b"a VIRUS")
+            assert (status, body) == (403, b"infected")
+            assert request(running, "POST", "/fixed", body=b"fine")[0] == 200
 
 
 REDACT = """

@@ -185,6 +185,16 @@ class Runner:
         ctx = Context(request, chain, self.models)
         request.context = ctx
         stream = request.stream
+        if stream is not None and chain.body_stream:
+            # Its chunks go to the stream-mode plugins as they arrive; one may still answer.
+            watch = StreamWatch(self, ctx, stream)
+            return watch.run(self._through(ctx, chain, handler, stream))
+        return self._through(ctx, chain, handler, stream)
+
+    def _through(
+        self, ctx: Context, chain: Chain, handler: Handler, stream: RequestBody | None
+    ) -> HandlerResult:
+        request = ctx.request
         if chain.waits or (stream is not None and chain.body_buffer):
             work = _Work()
             return self._later(self._waiting(ctx, chain, handler, work), work)
@@ -253,18 +263,17 @@ class Runner:
         """request_body for a body already whole (buffered routes; streamed ones buffered for
         the plugins that asked); a streamed body's chunks go to ``stream`` plugins as they come."""
         request = ctx.request
-        stream = request.stream
-        if stream is not None:
-            if chain.body_stream:
-                _inspect_stream(stream, ctx, chain.body_stream)
-            return None
+        if request.stream is not None:
+            return None  # buffer plugins: read whole first (_waiting); stream: StreamWatch
         for plugin, fn in chain.body_buffer:
             result = run_hook(plugin, "request_body", fn, ctx, ctx, request.body)
             answer = self._bodied(plugin, ctx, result)
             if answer is not None:
                 return answer
         for plugin, fn in chain.body_stream:
-            run_hook(plugin, "request_body", fn, ctx, ctx, request.body, True)
+            answer = read_chunk(plugin, fn, ctx, request.body, True)
+            if answer is not None:
+                return answer
         return None
 
     def _bodied(self, plugin: Plugin, ctx: Context, result: object) -> Response | None:
@@ -301,6 +310,7 @@ class Runner:
         request = ctx.request
         stream = request.stream
         if stream is not None and chain.body_buffer:
+            # (stream-mode plugins see its chunks as they come: StreamWatch)
             body = await _collect(stream, chain.body_limit)
             if body is None:
                 return error_response(
@@ -310,15 +320,18 @@ class Runner:
                 )
             request.body = body
             request.stream = None  # whole now: the route takes it as a buffered body
-        if request.stream is not None:
-            return self._bodies(ctx, chain)
+        elif stream is not None:
+            return None  # streamed on to the route; stream-mode plugins read it (StreamWatch)
         for plugin, fn in chain.body_buffer:
             result = await run_waiting(plugin, "request_body", fn, ctx)
             answer = self._bodied(plugin, ctx, result)
             if answer is not None:
                 return answer
-        for plugin, fn in chain.body_stream:
-            run_hook(plugin, "request_body", fn, ctx, ctx, request.body, True)
+        if stream is None:  # (a streamed body's chunks went to them as they came)
+            for plugin, fn in chain.body_stream:
+                answer = read_chunk(plugin, fn, ctx, request.body, True)
+                if answer is not None:
+                    return answer
         return None
 
     def _answered(self, arg: tuple[Context, Pending], response: Response) -> None:
@@ -567,20 +580,117 @@ class FilteredBody:
         return data
 
 
-def _inspect_stream(stream: RequestBody, ctx: Context, hooks: Sequence[Hook]) -> None:
-    """``stream`` plugins read each chunk of a streamed body as it arrives (and b"" at its
-    end), after whatever inspected it already (the guard's scan)."""
-    before = stream.inspect
+def read_chunk(
+    plugin: Plugin, fn: Callable[..., Any], ctx: Context, data: bytes, end: bool
+) -> Response | None:
+    """A stream-mode request_body call: None to let the body go on, or the Response that
+    answers the request instead (a plugin that fails closed answers its 500)."""
+    try:
+        result = run_hook(plugin, "request_body", fn, ctx, ctx, data, end)
+    except Refused as refused:
+        return refused.response
+    if result is None or result is OPEN:
+        return None
+    if isinstance(result, Response):
+        return result
+    try:
+        _bad_result(plugin, "request_body", ctx, result)
+    except Refused as refused:
+        return refused.response
+    return None
 
-    def inspect_chunk(data: bytes) -> None:
+
+class StreamWatch:
+    """A streamed request body read by the stream-mode request_body plugins as it arrives,
+    each chunk before it goes anywhere (RequestBody.inspect, after the guard's scan). One that
+    answers stops the request: the route's work is cancelled (a proxied upload is abandoned
+    mid-body, before that chunk reaches the upstream) and the answer goes out; if the
+    response had begun, it is cut short (the client sees a truncation). The guard's BodyWatch
+    does the same for its scan."""
+
+    __slots__ = ("before", "ctx", "inner", "outer", "runner", "sink", "source", "stream")
+
+    def __init__(self, runner: Runner, ctx: Context, stream: RequestBody) -> None:
+        self.runner = runner
+        self.ctx = ctx
+        self.stream = stream
+        self.before = stream.inspect  # what inspected it already (the guard's scan)
+        stream.inspect = self.feed
+        self.outer = Pending()
+        self.inner: Pending | None = None
+        self.source: BodySource | None = None
+        self.sink: BodySink | None = None
+
+    def run(self, result: HandlerResult) -> HandlerResult:
+        """The route's ``result``, watched: a Pending that an answer from a plugin can still
+        beat. (The runner turns coroutines into Pendings: only a Response is not one.)"""
+        if not isinstance(result, Pending):
+            return result  # answered already: the chunks are only read from here on
+        self.inner = result
+        self.outer.on_cancel = result.cancel
+        result.subscribe(_relay, self)
+        return self.outer
+
+    def answered(self, response: Response) -> None:
+        if response.stream is not None and self.stream.inspect is not None:
+            self.source = response.stream  # relayed, so that a late answer can cut it
+            response.stream = self
+        self.outer.resolve(response)
+
+    def feed(self, data: bytes) -> None:
+        before = self.before
         if before is not None:
             before(data)
+            if self.stream.inspect is not self.feed:
+                return  # the guard refused it while reading this chunk
         end = data == b""
-        for plugin, fn in hooks:
-            # Read-only: a body already on its way to the route is not stopped here.
-            run_quiet(plugin, "request_body", fn, ctx, ctx, data, end)
+        ctx = self.ctx
+        for plugin, fn in ctx.chain.body_stream:
+            answer = read_chunk(plugin, fn, ctx, data, end)
+            if answer is not None:
+                self.refuse(answer)
+                return
+        if end:
+            self.stream.inspect = None  # read whole: the response need not be relayed
 
-    stream.inspect = inspect_chunk
+    def refuse(self, answer: Response) -> None:
+        self.stream.inspect = None
+        if self.outer.response is None:
+            if self.inner is not None:
+                self.inner.cancel()  # the route's work stops now, before this chunk goes on
+            ctx = self.ctx
+            chain = ctx.chain
+            self.outer.resolve(self.runner.answer(ctx, chain, answer) if chain.answers else answer)
+            return
+        source, sink = self.source, self.sink
+        if source is not None:
+            source.cancel()
+        if sink is not None:
+            sink.abort()
+
+    # -- the response body's source, relayed -----------------------------------------------
+
+    def start(self, sink: BodySink) -> None:
+        self.sink = sink
+        assert self.source is not None
+        self.source.start(sink)
+
+    def pause(self) -> None:
+        assert self.source is not None
+        self.source.pause()
+
+    def resume(self) -> None:
+        assert self.source is not None
+        self.source.resume()
+
+    def cancel(self) -> None:
+        self.stream.inspect = None
+        assert self.source is not None
+        self.source.cancel()
+
+
+def _relay(watch: StreamWatch, response: Response) -> None:
+    watch.answered(response)
 
 
 class _Collector:
