@@ -215,3 +215,17 @@ def test_an_async_startup_defers_the_swap_and_its_failure_keeps_the_set(tmp_path
 async def _settled(host: Any) -> None:
     """The host's pending swaps done (awaited on the server's loop)."""
     await asyncio.gather(*list(host._tasks), return_exceptions=True)
+
+
+def test_webtorch_check_loads_the_plugins(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from webtorch.cli import main
+
+    write_plugins(tmp_path, {"tag": VERSION, "bad": "plugin = (\n"})
+    path = config(tmp_path, [{"path": "tag.py", "order": 3, "settings": {"tag": "x"}}])
+    assert main(["check", str(path)]) == 0
+    assert "plugin tag (order 3): startup, response" in capsys.readouterr().out
+    path = config(tmp_path, [{"path": "tag.py"}, {"path": "bad.py"}])
+    assert main(["check", str(path)]) == 2
+    assert f"{tmp_path / 'bad.py'}:1 failed to import: SyntaxError" in capsys.readouterr().err
