@@ -46,6 +46,7 @@ class PluginHost:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Called after a reload swapped the set in (the app installs its hooks again).
         self.on_change: Callable[[], None] | None = None
+        self._started = False  # every startup ran: stop() owes the shutdowns
 
     @property
     def plugins(self) -> PluginSet:
@@ -58,6 +59,7 @@ class PluginHost:
         problem = await self._startup(self.runner.set)
         if problem is not None:
             raise ConfigError(problem)
+        self._started = True
         self._schedule(self.runner.set)
 
     async def _startup(self, plugins: PluginSet, begun: int = 0) -> str | None:
@@ -217,7 +219,9 @@ class PluginHost:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._shutdown(self.runner.set)
+        if self._started:
+            self._started = False
+            await self._shutdown(self.runner.set)
 
 
 def _count(plugin: Plugin, phase: str, started: float) -> None:
