@@ -503,3 +503,39 @@ def test_disconnect_when_the_connection_ends(tmp_path: Path) -> None:
     with serving(config(tmp_path, [{"path": "count.py"}])) as running:
         assert request(running, "GET", "/fixed")[0] == 200  # its connection closes after
         record.wait_for(lambda e: e == [("open", 1), ("open", 0)])
+
+
+WRAP = """
+from tests.plugins.record import note
+
+class Wrap:
+    def pick(self, ctx, candidates):
+        first = ctx.policy(candidates)  # what the configured policy would do
+        note(("policy", first.address))
+        if ctx.header("x-second-opinion") and len(candidates) > 1:
+            return ctx.policy([u for u in candidates if u is not first])
+        return first
+
+plugin = Wrap()
+"""
+
+
+def test_pick_wraps_the_configured_policy(tmp_path: Path) -> None:
+    write_plugins(tmp_path, {"wrap": WRAP})
+    with upstreams("a", "b") as (a, b):
+        path = config(
+            tmp_path,
+            [{"path": "wrap.py"}],
+            routes=[{"prefix": "/", "upstream": "backend"}],
+            upstreams={"backend": [a.address, b.address]},
+        )
+        with serving(path) as running:
+            # round robin, as configured (the default policy), through the plugin
+            served = [request(running, "GET", "/")[1]["x-upstream"] for _ in range(4)]
+            assert sorted(served) == ["a", "a", "b", "b"]
+            # the plugin overrides it: never the policy's first choice
+            for _ in range(4):
+                headers = request(running, "GET", "/", headers={"x-second-opinion": "1"})[1]
+                chosen = {a.address: "a", b.address: "b"}
+                first = record.EVENTS[-1][1]
+                assert headers["x-upstream"] != chosen[first]

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from webtorch.http.messages import Headers, Request, Response
+from webtorch.vocab import Upstream
 
 if TYPE_CHECKING:
     from webtorch.plugins.models import ModelHandle
@@ -39,6 +40,7 @@ class Context:
         "chain",
         "errors",
         "models",
+        "policy",
         "request",
         "response",
         "seconds",
@@ -60,6 +62,9 @@ class Context:
         self.status = 0
         self.sent = 0
         self.seconds = 0.0
+        # In pick only: the group's policy, ``ctx.policy(candidates)`` -> the upstream it
+        # would choose among them (sticky cookie first), to wrap it.
+        self.policy: Callable[[Sequence[Upstream]], Upstream] | None = None
 
     # -- the request -------------------------------------------------------------------------
 

@@ -440,13 +440,27 @@ class Runner:
     # -- pick -----------------------------------------------------------------------------------
 
     def pick(
-        self, request: Request, candidates: Sequence[Upstream]
+        self,
+        request: Request,
+        candidates: Sequence[Upstream],
+        policy: Callable[[Sequence[Upstream]], Upstream],
     ) -> tuple[Sequence[Upstream], Upstream | None]:
         """The pick phase (proxy/forward.py asks it per attempt): the candidates the plugins
-        left, and the one a plugin chose, if one did (else the group's policy chooses)."""
+        left, and the one a plugin chose, if one did (else the group's policy chooses).
+        ``ctx.policy(candidates)`` asks the group's policy meanwhile (to wrap it)."""
         ctx = request.context
         if not isinstance(ctx, Context):
             return candidates, None
+        asked = _Asked(policy)
+        ctx.policy = asked
+        try:
+            return self._pick(ctx, request, candidates, asked)
+        finally:
+            ctx.policy = None
+
+    def _pick(
+        self, ctx: Context, request: Request, candidates: Sequence[Upstream], asked: _Asked
+    ) -> tuple[Sequence[Upstream], Upstream | None]:
         for plugin, fn in ctx.chain.pick:
             try:
                 result = run_hook(plugin, "pick", fn, ctx, ctx, list(candidates))
@@ -456,7 +470,8 @@ class Runner:
                 continue
             if isinstance(result, Upstream):
                 if result in candidates:
-                    request.reason = f"plugin:{plugin.name}"
+                    if result is not asked.last:  # else the policy's reason stands
+                        request.reason = f"plugin:{plugin.name}"
                     return candidates, result
                 what = "an upstream that is not a candidate"
             elif isinstance(result, list | tuple):
@@ -471,6 +486,22 @@ class Runner:
             if not _bad_pick(plugin, ctx, what):
                 return [], None  # failed closed: no upstream (503)
         return candidates, None
+
+
+class _Asked:
+    """The group's policy as a pick phase asks it: what it answered last."""
+
+    __slots__ = ("last", "policy")
+
+    def __init__(self, policy: Callable[[Sequence[Upstream]], Upstream]) -> None:
+        self.policy = policy
+        self.last: Upstream | None = None
+
+    def __call__(self, candidates: Sequence[Upstream]) -> Upstream:
+        if not candidates:
+            raise ValueError("ctx.policy(): no candidates to choose from")
+        self.last = self.policy(candidates)
+        return self.last
 
 
 def _bad_pick(plugin: Plugin, ctx: Context, what: str) -> bool:

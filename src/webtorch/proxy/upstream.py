@@ -42,9 +42,13 @@ from webtorch.proxy.probe import Prober
 from webtorch.proxy.retry import RetryBudget, RetrySettings
 from webtorch.shared.store import StateStore
 
-# The plugins' pick phase: (request, candidates) -> the candidates they left, and the upstream
-# one of them chose (None: the policy chooses among those left).
-Picker = Callable[[Request, Sequence[Upstream]], tuple[Sequence[Upstream], Upstream | None]]
+# The plugins' pick phase: (request, candidates, the group's policy as the plugins may ask it)
+# -> the candidates they left, and the upstream one of them chose (None: the policy chooses
+# among those left).
+Picker = Callable[
+    [Request, Sequence[Upstream], Callable[[Sequence[Upstream]], Upstream]],
+    tuple[Sequence[Upstream], Upstream | None],
+]
 
 # Bound once: a compiled module reads a Final name from a C static, not a module attribute.
 _clock: Final = time.monotonic
