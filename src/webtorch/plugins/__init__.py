@@ -8,8 +8,10 @@ object every phase gets), :class:`Host` (what ``startup`` gets: settings, models
 
 Modules: ``api.py`` (the phases, ``every``), ``context.py`` (Context, Host), ``loader.py`` (a
 file -> a loaded plugin, errors naming file and line), ``table.py`` (the phase table built once
-per set, per-plugin-per-phase stats), ``runner.py`` (the shell on the request path: the handler
-wrapper, the log hook, the connection gate, the picker), ``host.py`` (the running set: start,
+per set, per-plugin-per-phase stats), ``calls.py`` (a hook called: timed, counted, isolated,
+under its timeout), ``bodies.py`` (request and response bodies through the plugins),
+``runner.py`` (the shell on the request path: the handler wrapper, the log hook, the
+connection gate, the picker), ``host.py`` (the running set: start,
 reload, periodic work, shutdown), ``models.py`` (``ctx.model(name)``: a served model's batches),
 ``metrics.py`` (their /metrics families).
 """

@@ -16,9 +16,10 @@ from webtorch.config.plugins import PluginConfig
 from webtorch.errors import ConfigError
 from webtorch.http.messages import Handler
 from webtorch.http.state import AccessLogger, ConnectionGate, ServerState
+from webtorch.plugins.calls import Refused, failed, run_quiet
 from webtorch.plugins.context import Host, ModelSource
 from webtorch.plugins.loader import Loaded, load
-from webtorch.plugins.runner import Refused, Runner, failed, run_quiet
+from webtorch.plugins.runner import Runner
 from webtorch.plugins.table import Plugin, PluginSet, StatsStore
 from webtorch.proxy.upstream import UpstreamGroup
 

@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Final
 
-from webtorch.errors import HTTPError
 from webtorch.http.messages import (
-    BodySink,
-    BodySource,
     Handler,
     HandlerResult,
     Pending,
@@ -29,127 +24,26 @@ from webtorch.http.messages import (
     RequestBody,
     Response,
     error_response,
-    response_for_error,
 )
 from webtorch.http.state import AccessLogger, ConnectionGate
+from webtorch.plugins.bodies import FilteredBody, StreamWatch, collect
+from webtorch.plugins.calls import (
+    OPEN,
+    Refused,
+    bad_result,
+    call_handler,
+    failed,
+    read_chunk,
+    run_hook,
+    run_quiet,
+    run_waiting,
+    settle,
+)
 from webtorch.plugins.context import Context, ModelSource
-from webtorch.plugins.table import Chain, Hook, PhaseStats, Plugin, PluginSet
+from webtorch.plugins.table import Chain, Hook, Plugin, PluginSet
 from webtorch.vocab import Upstream
 
 log: Final = logging.getLogger("webtorch.plugins")
-
-_clock: Final = time.perf_counter
-# A failing phase is logged at most this often per plugin and phase (the rest are counted).
-LOG_INTERVAL: Final = 1.0
-
-
-class Refused(Exception):
-    """A plugin with on_error = "closed" failed: ``response`` (a 500 naming it) answers."""
-
-    def __init__(self, response: Response) -> None:
-        super().__init__(response.status)
-        self.response = response
-
-
-class _Open:
-    """A plugin with on_error = "open" failed: its result is ignored."""
-
-
-OPEN: Final = _Open()
-
-
-def failed(
-    plugin: Plugin, phase: str, ctx: Context | None, exc: BaseException | None, why: str = ""
-) -> _Open:
-    """Count and log a failed phase; raise Refused when the plugin fails closed."""
-    stats = plugin.stats[phase]
-    stats.errors += 1
-    timeout = isinstance(exc, TimeoutError)
-    if timeout:
-        stats.timeouts += 1
-        why = why or f"timed out after {plugin.timeout}s"
-    if ctx is not None:
-        ctx.errors.append(f"{plugin.name}.{phase}")
-    now = time.monotonic()
-    if now >= _logged.get((plugin.name, phase), -LOG_INTERVAL) + LOG_INTERVAL:
-        _logged[(plugin.name, phase)] = now
-        where = "" if ctx is None else f" for {ctx.request.method} {ctx.request.path!r}"
-        if exc is not None and not timeout:
-            log.error(
-                "plugin %s failed in %s%s (%d failures so far)",
-                plugin.name,
-                phase,
-                where,
-                stats.errors,
-                exc_info=exc,
-            )
-        else:
-            log.error("plugin %s failed in %s%s: %s", plugin.name, phase, where, why)
-    if plugin.closed:
-        what = "timed out" if timeout else "failed"
-        raise Refused(error_response(500, f"plugin {plugin.name!r} {what} in its {phase} phase"))
-    return OPEN
-
-
-_logged: dict[tuple[str, str], float] = {}
-
-
-def run_hook(
-    plugin: Plugin, phase: str, fn: Callable[..., Any], ctx: Context | None, *args: Any
-) -> Any:
-    """``fn(*args)``, timed and counted; OPEN if it raised (Refused if it fails closed)."""
-    stats = plugin.stats[phase]
-    started = _clock()
-    try:
-        return fn(*args)
-    except Exception as exc:
-        return failed(plugin, phase, ctx, exc)
-    finally:
-        stats.calls += 1
-        stats.seconds += _clock() - started
-
-
-def run_quiet(
-    plugin: Plugin, phase: str, fn: Callable[..., Any], ctx: Context | None, *args: Any
-) -> Any:
-    """:func:`run_hook` where failing closed changes nothing (log, a streamed body's chunks,
-    periodic work): OPEN instead of Refused."""
-    try:
-        return run_hook(plugin, phase, fn, ctx, *args)
-    except Refused:
-        return OPEN
-
-
-async def run_waiting(plugin: Plugin, phase: str, fn: Callable[..., Any], ctx: Context) -> Any:
-    """An async-capable phase: its awaitable waited for up to the plugin's timeout."""
-    stats = plugin.stats[phase]
-    started = _clock()
-    try:
-        result = fn(ctx) if phase == "request" else fn(ctx, ctx.request.body)
-        if inspect.isawaitable(result):
-            result = await asyncio.wait_for(result, plugin.timeout)
-        return result
-    except Exception as exc:
-        return failed(plugin, phase, ctx, exc)
-    finally:
-        stats.calls += 1
-        stats.seconds += _clock() - started
-
-
-def call_handler(handler: Handler, request: Request) -> HandlerResult:
-    """The route's handler, with the errors the server's dispatch would turn into answers (so
-    that the response phase sees them as the client will)."""
-    try:
-        return handler(request)
-    except HTTPError as exc:
-        return response_for_error(exc)
-    except Exception:
-        log.exception("handler failed for %s %r", request.method, request.path)
-        return error_response(500, "internal server error")
-
-
-def _bad_result(plugin: Plugin, phase: str, ctx: Context | None, result: object) -> _Open:
-    return failed(plugin, phase, ctx, None, f"returned a {type(result).__name__}, which it may not")
 
 
 class Runner:
@@ -187,7 +81,7 @@ class Runner:
         stream = request.stream
         if stream is not None and chain.body_stream:
             # Its chunks go to the stream-mode plugins as they arrive; one may still answer.
-            watch = StreamWatch(self, ctx, stream)
+            watch = StreamWatch(self.answer, ctx, stream)
             return watch.run(self._through(ctx, chain, handler, stream))
         return self._through(ctx, chain, handler, stream)
 
@@ -256,7 +150,7 @@ class Runner:
             return None
         if isinstance(result, Response):
             return result
-        _bad_result(plugin, "request", ctx, result)
+        bad_result(plugin, "request", ctx, result)
         return None
 
     def _bodies(self, ctx: Context, chain: Chain) -> Response | None:
@@ -284,7 +178,7 @@ class Runner:
         if isinstance(result, bytes | bytearray | memoryview):
             ctx.request.body = bytes(result)  # the route (or the upstream) gets this body
             return None
-        _bad_result(plugin, "request_body", ctx, result)
+        bad_result(plugin, "request_body", ctx, result)
         return None
 
     async def _waiting(self, ctx: Context, chain: Chain, handler: Handler, work: _Work) -> Response:
@@ -311,7 +205,7 @@ class Runner:
         stream = request.stream
         if stream is not None and chain.body_buffer:
             # (stream-mode plugins see its chunks as they come: StreamWatch)
-            body = await _collect(stream, chain.body_limit)
+            body = await collect(stream, chain.body_limit)
             if body is None:
                 return error_response(
                     413,
@@ -365,7 +259,7 @@ class Runner:
                 response = ctx.response = result
             elif result is not None and result is not OPEN:
                 try:
-                    _bad_result(plugin, "response", ctx, result)
+                    bad_result(plugin, "response", ctx, result)
                 except Refused as refused:
                     response = ctx.response = refused.response
         if chain.response_body:
@@ -391,7 +285,7 @@ class Runner:
                 body = bytes(out)
             elif out is not None and out is not OPEN:
                 try:
-                    _bad_result(plugin, "response_body", ctx, out)
+                    bad_result(plugin, "response_body", ctx, out)
                 except Refused as refused:
                     return refused.response
         if body is not response.body:
@@ -549,219 +443,6 @@ class PluginGate:
             run_quiet(plugin, "disconnect", fn, None, address)
 
 
-class FilteredBody:
-    """A streamed response body through the response_body phase: each chunk as it comes, and
-    the end (an empty chunk, ``end`` True) so a plugin that buffers can write what it kept."""
-
-    __slots__ = ("ctx", "failed", "hooks", "sink", "source")
-
-    def __init__(self, source: BodySource, ctx: Context, hooks: Sequence[Hook]) -> None:
-        self.source = source
-        self.ctx = ctx
-        self.hooks = hooks
-        self.sink: BodySink | None = None
-        self.failed = False
-
-    # BodySource, towards the connection
-    def start(self, sink: BodySink) -> None:
-        self.sink = sink
-        self.source.start(self)
-
-    def pause(self) -> None:
-        self.source.pause()
-
-    def resume(self) -> None:
-        self.source.resume()
-
-    def cancel(self) -> None:
-        self.source.cancel()
-
-    # BodySink, towards the source
-    def write(self, data: bytes) -> None:
-        out = self._through(data, False)
-        if out and self.sink is not None:
-            self.sink.write(out)
-
-    def end(self) -> None:
-        out = self._through(b"", True)
-        if self.sink is not None and not self.failed:
-            if out:
-                self.sink.write(out)
-            self.sink.end()
-
-    def abort(self) -> None:
-        if self.sink is not None:
-            self.sink.abort()
-
-    def _through(self, data: bytes, end: bool) -> bytes:
-        if self.failed:
-            return b""
-        for plugin, fn in self.hooks:
-            try:
-                out = run_hook(plugin, "response_body", fn, self.ctx, self.ctx, data, end)
-            except Refused:
-                # The head is out: a 500 cannot be sent any more; the client sees a truncation.
-                self.failed = True
-                self.source.cancel()
-                if self.sink is not None:
-                    self.sink.abort()
-                return b""
-            if isinstance(out, bytes | bytearray | memoryview):
-                data = bytes(out)
-        return data
-
-
-def read_chunk(
-    plugin: Plugin, fn: Callable[..., Any], ctx: Context, data: bytes, end: bool
-) -> Response | None:
-    """A stream-mode request_body call: None to let the body go on, or the Response that
-    answers the request instead (a plugin that fails closed answers its 500)."""
-    try:
-        result = run_hook(plugin, "request_body", fn, ctx, ctx, data, end)
-    except Refused as refused:
-        return refused.response
-    if result is None or result is OPEN:
-        return None
-    if isinstance(result, Response):
-        return result
-    try:
-        _bad_result(plugin, "request_body", ctx, result)
-    except Refused as refused:
-        return refused.response
-    return None
-
-
-class StreamWatch:
-    """A streamed request body read by the stream-mode request_body plugins as it arrives,
-    each chunk before it goes anywhere (RequestBody.inspect, after the guard's scan). One that
-    answers stops the request: the route's work is cancelled (a proxied upload is abandoned
-    mid-body, before that chunk reaches the upstream) and the answer goes out; if the
-    response had begun, it is cut short (the client sees a truncation). The guard's BodyWatch
-    does the same for its scan."""
-
-    __slots__ = ("before", "ctx", "inner", "outer", "runner", "sink", "source", "stream")
-
-    def __init__(self, runner: Runner, ctx: Context, stream: RequestBody) -> None:
-        self.runner = runner
-        self.ctx = ctx
-        self.stream = stream
-        self.before = stream.inspect  # what inspected it already (the guard's scan)
-        stream.inspect = self.feed
-        self.outer = Pending()
-        self.inner: Pending | None = None
-        self.source: BodySource | None = None
-        self.sink: BodySink | None = None
-
-    def run(self, result: HandlerResult) -> HandlerResult:
-        """The route's ``result``, watched: a Pending that an answer from a plugin can still
-        beat. (The runner turns coroutines into Pendings: only a Response is not one.)"""
-        if not isinstance(result, Pending):
-            return result  # answered already: the chunks are only read from here on
-        self.inner = result
-        self.outer.on_cancel = result.cancel
-        result.subscribe(_relay, self)
-        return self.outer
-
-    def answered(self, response: Response) -> None:
-        if response.stream is not None and self.stream.inspect is not None:
-            self.source = response.stream  # relayed, so that a late answer can cut it
-            response.stream = self
-        self.outer.resolve(response)
-
-    def feed(self, data: bytes) -> None:
-        before = self.before
-        if before is not None:
-            before(data)
-            if self.stream.inspect is not self.feed:
-                return  # the guard refused it while reading this chunk
-        end = data == b""
-        ctx = self.ctx
-        for plugin, fn in ctx.chain.body_stream:
-            answer = read_chunk(plugin, fn, ctx, data, end)
-            if answer is not None:
-                self.refuse(answer)
-                return
-        if end:
-            self.stream.inspect = None  # read whole: the response need not be relayed
-
-    def refuse(self, answer: Response) -> None:
-        self.stream.inspect = None
-        if self.outer.response is None:
-            if self.inner is not None:
-                self.inner.cancel()  # the route's work stops now, before this chunk goes on
-            ctx = self.ctx
-            chain = ctx.chain
-            self.outer.resolve(self.runner.answer(ctx, chain, answer) if chain.answers else answer)
-            return
-        source, sink = self.source, self.sink
-        if source is not None:
-            source.cancel()
-        if sink is not None:
-            sink.abort()
-
-    # -- the response body's source, relayed -----------------------------------------------
-
-    def start(self, sink: BodySink) -> None:
-        self.sink = sink
-        assert self.source is not None
-        self.source.start(sink)
-
-    def pause(self) -> None:
-        assert self.source is not None
-        self.source.pause()
-
-    def resume(self) -> None:
-        assert self.source is not None
-        self.source.resume()
-
-    def cancel(self) -> None:
-        self.stream.inspect = None
-        assert self.source is not None
-        self.source.cancel()
-
-
-def _relay(watch: StreamWatch, response: Response) -> None:
-    watch.answered(response)
-
-
-class _Collector:
-    """A streamed body read whole, up to a limit (None past it)."""
-
-    def __init__(self, stream: RequestBody, limit: int, done: asyncio.Future[bytes | None]) -> None:
-        self.stream = stream
-        self.limit = limit
-        self.done = done
-        self.parts: list[bytes] = []
-        self.size = 0
-
-    def on_body_data(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.limit:
-            self.stream.detach()  # the rest is dropped; the 413 closes nothing early
-            if not self.done.done():
-                self.done.set_result(None)
-            return
-        self.parts.append(data)
-
-    def on_body_end(self) -> None:
-        if not self.done.done():
-            self.done.set_result(b"".join(self.parts))
-
-    def on_body_abort(self) -> None:
-        if not self.done.done():
-            self.done.cancel()  # the client went away: so does this request
-
-
-async def _collect(stream: RequestBody, limit: int) -> bytes | None:
-    done: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
-    stream.attach(_Collector(stream, limit, done))
-    try:
-        return await done
-    except asyncio.CancelledError:
-        stream.detach()  # answered meanwhile (the guard refused it): the rest is dropped
-        raise
-
-
 class _Work:
     """A request's task and the route's Pending inside it, cancelled together."""
 
@@ -776,33 +457,3 @@ class _Work:
             self.inner.cancel()  # now, not at the task's next step
         if self.task is not None:
             self.task.cancel()
-
-
-def _set_result(fut: asyncio.Future[Response], response: Response) -> None:
-    if not fut.done():
-        fut.set_result(response)
-
-
-async def settle(result: HandlerResult) -> Response:
-    """A handler's result as a Response (its errors as the server would answer them)."""
-    if isinstance(result, Response):
-        return result
-    try:
-        if isinstance(result, Pending):
-            fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
-            result.subscribe(_set_result, fut)
-            try:
-                return await fut
-            except asyncio.CancelledError:
-                result.cancel()  # the client went away: the work behind it stops
-                raise
-        return await result
-    except HTTPError as exc:
-        return response_for_error(exc)
-    except Exception:
-        log.exception("handler failed")
-        return error_response(500, "internal server error")
-
-
-def stats_of(plugins: PluginSet) -> dict[str, dict[str, PhaseStats]]:
-    return {p.name: p.stats for p in plugins.plugins}
