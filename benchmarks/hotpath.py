@@ -17,7 +17,9 @@ connection is its own client address, and the request carries a browser's header
 query string (as the live benign mix does), so the detector's per-part cache hits on the headers
 and misses on the query. SHARED=1 gives the app the shared-memory state store a worker of
 `server.workers > 1` has (webtorch/shared/): the guard's buckets, bans and surge and the proxy's
-upstream marks go through it instead of the in-process one.
+upstream marks go through it instead of the in-process one. PLUGINS=request,response,... puts one
+no-op plugin joining those phases in front (PLUGINS=all: every per-request phase; docs/PLUGINS.md):
+what a plugin costs per phase, with nothing of its own to do.
 """
 
 from __future__ import annotations
@@ -104,6 +106,29 @@ def guard_config(kind: str) -> dict[str, Any]:
     return {"guard": guard}
 
 
+NOOP_PHASES = {
+    "request": "def request(self, ctx):\n        return None",
+    "request_body": "def request_body(self, ctx, body):\n        return None",
+    "pick": "def pick(self, ctx, candidates):\n        return None",
+    "response": "def response(self, ctx, response):\n        return None",
+    "response_body": "def response_body(self, ctx, chunk, end):\n        return None",
+    "log": "def log(self, ctx):\n        return None",
+}
+
+
+def plugins_config(spec: str) -> dict[str, Any]:
+    """One no-op plugin joining the phases named (comma-separated, or "all")."""
+    if not spec:
+        return {}
+    import tempfile
+
+    phases = list(NOOP_PHASES) if spec == "all" else spec.split(",")
+    methods = "\n\n    ".join(NOOP_PHASES[p] for p in phases)
+    path = Path(tempfile.mkdtemp()) / "noop.py"
+    path.write_text(f"class Noop:\n    {methods}\n\n\nplugin = Noop()\n")
+    return {"plugins": [{"path": str(path)}]}
+
+
 def pipelines_config(path: str) -> dict[str, Any]:
     """The pipeline the path names (only then: the other paths measure as before)."""
     if not path.startswith("/pipelines/"):
@@ -138,6 +163,7 @@ async def run(path: str, conns: int, rounds: int) -> None:
                 {"path": "/proxy", "upstream": "backend"},
             ],
             **pipelines_config(path),
+            **plugins_config(os.environ.get("PLUGINS", "")),
         }
     )
     app = App(cfg)
@@ -168,10 +194,19 @@ async def run(path: str, conns: int, rounds: int) -> None:
     if os.environ.get("ACCESS_LOG"):
         access_log = AccessLog(Path(os.environ["ACCESS_LOG"]))
         access_log.open()
+    log_hook = access_log.record if access_log is not None else None
+    if os.environ.get("PLUGINS"):
+        # As App.start installs them (plugins/host.py install).
+        runner = app.plugins.runner
+        handler = runner.wrap(handler)
+        log_hook = runner.log_hook(log_hook)
+        assert app.proxies is not None
+        for group in app.proxies.groups.values():
+            group.picker = runner.pick if runner.set.picks else None
     state = ServerState(
         handler,
         observer=observer,
-        access_log=access_log.record if access_log is not None else None,
+        access_log=log_hook,
         request_ids=bool(os.environ.get("REQUEST_ID")),
     )
     body = BODIES[path]

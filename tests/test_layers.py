@@ -38,6 +38,9 @@ LAYERS: list[dict[str, list[str]]] = [
     {"serve": ["webtorch.serve"]},  # batching, executing, endpoints, the model repository
     # Pipelines: stages over models' executors and function placements, their endpoints.
     {"pipeline": ["webtorch.pipeline"]},
+    # Plugins: user files at every phase of a request; they wrap the server's hooks (http), ask
+    # the proxy's groups (pick) and the served models (serve), and the views read their stats.
+    {"plugins": ["webtorch.plugins"]},
     {"views": ["webtorch.observe"]},  # dashboard, timeline, access log: they read the layers below
     {"app": ["webtorch.app"], "examples": ["webtorch.examples"]},
     # Several processes: the master (config and the standard library only) and its workers (app).

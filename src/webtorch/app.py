@@ -42,6 +42,10 @@ from webtorch.metrics import Metrics, connection_families
 from webtorch.observe.access_log import AccessLog
 from webtorch.observe.dashboard import Dashboard
 from webtorch.observe.timeline import Timeline
+from webtorch.plugins.host import Base, PluginHost, install
+from webtorch.plugins.metrics import board as plugin_board
+from webtorch.plugins.metrics import metric_families as plugin_metrics
+from webtorch.plugins.models import model_source
 from webtorch.proxy.probe import LOAD_PATH, LoadReport
 from webtorch.proxy.upstream import Proxies
 from webtorch.serve.oip import EXTENSIONS, Auth, ModelRoutes
@@ -143,6 +147,12 @@ class App:
             guard=lambda: self.guard,
         )
         self.metrics.sources.append(self.timeline.metric_families)
+        # [[plugins]]: loaded now, so that a bad file stops the start before a socket opens.
+        self.plugins = PluginHost(
+            config.plugins, config.base_dir, model_source(self.repository.endpoints)
+        )
+        self.metrics.sources.append(functools.partial(plugin_metrics, self.plugins.store))
+        self._base: Base | None = None  # the server's own hooks, which plugins wrap
 
     @property
     def models(self) -> dict[str, LoadedModel]:
@@ -173,6 +183,7 @@ class App:
             self.auth,
             server.dashboard,
             guard=lambda: self.guard,
+            plugins=lambda: plugin_board(self.plugins.store),
         )
         self.dashboard = dashboard
         builtins: dict[tuple[str, str], Handler] = {
@@ -241,6 +252,8 @@ class App:
             elif rc.upstream is not None:
                 limit = rc.max_body if rc.max_body is not None else config.server.limits.max_body
                 handler = proxy_route(rc)
+                if config.plugins:  # its requests with a body come here, not to the server's
+                    handler = functools.partial(self.plugins.runner.streamed, handler)
                 if config.guard is not None:
                     handler = functools.partial(self._guard_streamed, handler)
                 routes.append(
@@ -288,6 +301,7 @@ class App:
             host=self._host,
         )
         server = new.server
+        plugins = self.plugins.reload(new.plugins, new.base_dir)  # a bad file: nothing changes
         self.router.replace_user_routes(self._user_routes(new))
         if new.upstreams and self.server is not None:
             # Proxied routes stream their request bodies (the first upstreams may come now).
@@ -300,6 +314,9 @@ class App:
         )
         if changed:
             message += f"; applied [server] {', '.join(changed)}"
+        if new.plugins or len(self.plugins.plugins):
+            message += f"; {plugins}"
+        self._install_plugins()  # the new groups' pickers (the set itself once started)
         if pipelines_changed:  # their files, workers and queues are made once, at the start
             message += "; [pipelines] changed: only a restart applies them"
         log.info("%s", message)
@@ -369,6 +386,7 @@ class App:
                 answered(request, status)
 
         access_log = self._open_access_log()
+        await self.plugins.start()  # their startup before the first request
         self.server = HttpServer(
             handler,
             host if host is not None else cfg_host,
@@ -393,6 +411,9 @@ class App:
         # 100 Continue only for a request that its route would take (no token: a 401 instead).
         state.expect_check = self.router.precheck
         state.gate = guarded
+        self._base = Base(state.handler, state.access_log, state.gate)
+        self.plugins.on_change = self._install_plugins
+        self._install_plugins()
         state.sent_observer = self.metrics.observe_sent
         self.metrics.sources.append(
             lambda: connection_families(
@@ -414,6 +435,11 @@ class App:
         self._compact_metrics()
         self._ready = True
         return self.server
+
+    def _install_plugins(self) -> None:
+        """The running plugins' hooks into the server (plugins/host.py), or its own."""
+        if self.server is not None and self._base is not None and self.proxies is not None:
+            install(self.plugins, self.server.state, self._base, self.proxies.groups.values())
 
     async def _listen_forwarded(self, handler: Handler) -> None:
         """A trainer worker (server.workers > 1) also takes the train requests that the other
@@ -520,6 +546,7 @@ class App:
             )
         if self._compaction is not None:
             self._compaction.cancel()
+        await self.plugins.stop()
         if self.proxies is not None:
             self.proxies.close()
         if self.pipelines is not None:  # before the models: its model stages queue on them

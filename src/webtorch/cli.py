@@ -164,6 +164,15 @@ def cmd_check(args: argparse.Namespace) -> int:
                     where = f"remote {served.settings(stage_name).remote}"
                 described.append(f"{stage_name} ({stage.takes}, {where})")
             print(f"pipeline {name}: {' -> '.join(described)}")
+    if cfg.plugins:
+        from webtorch.plugins.host import load_set
+
+        for plugin in load_set(cfg.plugins, cfg.base_dir, {}).plugins:
+            phases = [
+                *plugin.loaded.hooks,
+                *(f"every({s:g}s)" for s, _, _ in plugin.loaded.periodic),
+            ]
+            print(f"plugin {plugin.name} (order {plugin.loaded.config.order}): {', '.join(phases)}")
     print(f"{args.config or 'embedded default'}: OK")
     return 0
 

@@ -6,9 +6,10 @@ so a typo never silently does nothing.
 
 One module per part of the file: ``server.py`` ([server]), ``models.py`` ([models.X]),
 ``upstreams.py`` ([upstreams.X]), ``pipelines.py`` ([pipelines.X]), ``routes.py`` ([[routes]]),
-``guard.py`` ([guard]), and ``root.py``, the whole (:class:`Config`: the checks across sections,
-loading); ``reload.py`` says what a reload of a running server may change. ``base.py`` holds
-what they share. The names below are the package's API: import them from ``webtorch.config``.
+``guard.py`` ([guard]), ``plugins.py`` ([[plugins]]), and ``root.py``, the whole
+(:class:`Config`: the checks across sections, loading); ``reload.py`` says what a reload of a
+running server may change. ``base.py`` holds what they share. The names below are the
+package's API: import them from ``webtorch.config``.
 """
 
 from webtorch.config.base import is_loopback, parse_listen
@@ -21,6 +22,7 @@ from webtorch.config.models import (
     train_paths,
 )
 from webtorch.config.pipelines import PipelineConfig, StageConfig, pipeline_paths
+from webtorch.config.plugins import PluginConfig
 from webtorch.config.reload import RELOADABLE, RestartRequired, reloaded, server_changes
 from webtorch.config.root import (
     Config,
@@ -59,6 +61,7 @@ __all__ = [
     "MasterConfig",
     "ModelConfig",
     "PipelineConfig",
+    "PluginConfig",
     "RestartRequired",
     "RetryConfig",
     "RouteConfig",

@@ -14,6 +14,7 @@ from webtorch.config.base import Strict, is_loopback, parse_listen
 from webtorch.config.guard import GuardConfig
 from webtorch.config.models import MODEL_NAME, ModelConfig, model_paths, train_paths
 from webtorch.config.pipelines import PipelineConfig, pipeline_paths
+from webtorch.config.plugins import PLUGIN_NAME, PluginConfig
 from webtorch.config.routes import BUILTIN_ROUTES, RouteConfig
 from webtorch.config.server import ServerConfig
 from webtorch.config.upstreams import UpstreamConfig
@@ -28,6 +29,8 @@ class Config(Strict):
     routes: list[RouteConfig] = Field(default_factory=list)
     # The request guard; absent: off.
     guard: GuardConfig | None = None
+    # Python files that join the request's phases (plugins/), in order.
+    plugins: list[PluginConfig] = Field(default_factory=list)
     # Directory that relative paths in the file are resolved against.
     base_dir: Path = Field(default=Path("."), exclude=True)
 
@@ -66,6 +69,14 @@ class Config(Strict):
                     raise ValueError(
                         f"pipelines.{name}.stages.{stage}.remote: no upstream named {sc.remote!r}"
                     )
+        names: dict[str, int] = {}
+        for i, plugin in enumerate(self.plugins):
+            label = plugin.label
+            if not PLUGIN_NAME.fullmatch(label):
+                raise ValueError(f"plugins[{i}].name: {label!r} is not a plugin name: set name")
+            if label in names:
+                raise ValueError(f"plugins[{i}].name: {label!r} repeats plugins[{names[label]}]")
+            names[label] = i
         problem = self.exposure_problem(parse_listen(self.server.listen)[0])
         if problem is not None:
             raise ValueError(problem)

@@ -99,6 +99,8 @@ class Request:
         # A pipeline's time per stage, its Server-Timing value (``clean;dur=0.410, ...``, ms),
         # for the access log.
         self.stages = ""
+        # The plugins' context for this request (plugins/context.py); None without plugins.
+        self.context: Any = None
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.path!r} from {self.client or '?'}>"

@@ -55,11 +55,13 @@ class Dashboard:
         enabled: bool = True,
         guard: Callable[[], Guard | None] = lambda: None,
         static: Path = STATIC,
+        plugins: Callable[[], list[dict[str, Any]]] = list,
     ) -> None:
         self.timeline = timeline
         self.metrics = metrics
         self._proxies = proxies
         self._guard = guard
+        self._plugins = plugins  # per plugin and phase: calls, errors, seconds (plugins/)
         self.enabled = enabled
         # The stats of the whole server, where several workers serve (workers/board.py sets
         # it); None: this process's own, as :meth:`local` makes them.
@@ -158,6 +160,7 @@ class Dashboard:
             "models": self._models(),
             "guard": self._guard_now(),
             "pipelines": self._pipelines(),
+            "plugins": self._plugins(),
         }
 
     def _upstreams(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ Content-Length; anything else streams, and once its head is relayed no retry can
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from webtorch.balance.base import Outcome, Upstream
@@ -134,7 +135,14 @@ class Forward:
             if not candidates:
                 self._give_up(503, f"no upstream of {group.name!r} is available")
                 return
-            upstream = group.choose(self.request, candidates, now)
+            picker = group.picker
+            chosen = None
+            if picker is not None:  # plugins choose or veto (plugins/runner.py Runner.pick)
+                candidates, chosen = picker(self.request, candidates, self._policy)
+                if not candidates:
+                    self._give_up(503, f"the plugins left no upstream of {group.name!r}")
+                    return
+            upstream = group.choose(self.request, candidates, now) if chosen is None else chosen
             tried.append(upstream)
             if group.probing:
                 group.send_probes(now)
@@ -156,6 +164,11 @@ class Forward:
         conn = group.pools[upstream.index].acquire(self._connected)
         if conn is not None:
             self._send(conn)
+
+    def _policy(self, candidates: Sequence[Upstream]) -> Upstream:
+        """The group's choice among ``candidates`` (sticky cookie, then its policy), for the
+        plugins' pick phase to ask (wrapping the policy)."""
+        return self.route.group.choose(self.request, candidates, _clock())
 
     def _connected(self, conn: UpstreamConnection | None, outcome: Outcome, message: str) -> None:
         upstream = self.upstream

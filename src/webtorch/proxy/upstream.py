@@ -42,6 +42,14 @@ from webtorch.proxy.probe import Prober
 from webtorch.proxy.retry import RetryBudget, RetrySettings
 from webtorch.shared.store import StateStore
 
+# The plugins' pick phase: (request, candidates, the group's policy as the plugins may ask it)
+# -> the candidates they left, and the upstream one of them chose (None: the policy chooses
+# among those left).
+Picker = Callable[
+    [Request, Sequence[Upstream], Callable[[Sequence[Upstream]], Upstream]],
+    tuple[Sequence[Upstream], Upstream | None],
+]
+
 # Bound once: a compiled module reads a Final name from a C static, not a module attribute.
 _clock: Final = time.monotonic
 
@@ -143,6 +151,8 @@ class UpstreamGroup:
             probe = own if isinstance(own, PrequalSettings) else config.prequal
             self.prober = Prober(self.policy, probe.probe_path, probe.probe_timeout, loop)
         self.probing = self.prober is not None  # the one check Forward makes per pick
+        # The plugins' pick phase (plugins/runner.py), set by the app when a plugin picks.
+        self.picker: Picker | None = None
 
     # -- the request path ---------------------------------------------------------------------
 

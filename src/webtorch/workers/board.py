@@ -228,7 +228,22 @@ def merge_current(currents: list[dict[str, Any]]) -> dict[str, Any]:
                         if key != "stage":
                             have[key] += value
         pipelines[name] = list(stages.values())
-    return {"upstreams": upstreams, "models": models, "guard": guard, "pipelines": pipelines}
+    plugins: dict[tuple[str, str], dict[str, Any]] = {}
+    for c in currents:  # per plugin and phase, summed (a state without plugins has none)
+        for row in c.get("plugins", ()):
+            have = plugins.setdefault((row["plugin"], row["phase"]), {**row, **_ZERO_PLUGIN})
+            for key in _ZERO_PLUGIN:
+                have[key] += row[key]
+    return {
+        "upstreams": upstreams,
+        "models": models,
+        "guard": guard,
+        "pipelines": pipelines,
+        "plugins": [plugins[key] for key in sorted(plugins)],
+    }
+
+
+_ZERO_PLUGIN: Final = {"calls": 0, "errors": 0, "timeouts": 0, "seconds": 0.0}
 
 
 class Board:

@@ -963,6 +963,26 @@
     renderModels(stats, samples, x);
     renderPipelines(stats);
     renderGuard(stats, samples, x);
+    renderPlugins(stats);
+  }
+
+  // Plugins: per plugin and phase, running totals; the time per call is over the whole run.
+  function renderPlugins(stats) {
+    const rows = Array.isArray(stats.plugins) ? stats.plugins : [];
+    document.getElementById("plugins-off").hidden = rows.length > 0;
+    const table = document.getElementById("plugins-table");
+    table.hidden = rows.length === 0;
+    const columns = ["plugin", "phase", "calls", "errors", "timeouts", "us per call"];
+    table
+      .querySelector("thead")
+      .replaceChildren(el("tr", {}, ...columns.map((c) => el("th", { text: c }))));
+    table.querySelector("tbody").replaceChildren(
+      ...rows.map((r) => {
+        const us = r.calls ? ((r.seconds / r.calls) * 1e6).toFixed(1) : "";
+        const cells = [r.plugin, r.phase, r.calls, r.errors, r.timeouts, us];
+        return el("tr", {}, ...cells.map((v) => el("td", { text: String(v) })));
+      }),
+    );
   }
 
   // -- polling ----------------------------------------------------------------------------------

@@ -1,0 +1,72 @@
+"""Plugins beside the guard: the guard runs first; its refusals reach the plugins' log; with an
+async plugin on a proxied route the guard still scans a streamed body and refuses an attack
+mid-upload (the plugins hand the guard a Pending, as the proxy does, not a coroutine)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from tests.guard.test_bodies import FORM, SQLI, upload
+from tests.plugins import record
+from tests.plugins.helpers import config, request, serving, write_plugins
+from tests.proxy.upstreams import upstreams
+
+ASYNC_LOG = """
+import asyncio
+
+from tests.plugins.record import note
+
+class Watch:
+    async def request(self, ctx):
+        await asyncio.sleep(0)
+
+    def log(self, ctx):
+        note((ctx.status, ctx.guard_action))
+
+plugin = Watch()
+"""
+
+
+@pytest.fixture(autouse=True)
+def _clear() -> Iterator[None]:
+    record.clear()
+    yield
+    record.clear()
+
+
+def test_the_guard_scans_a_streamed_body_behind_an_async_plugin(tmp_path: Path) -> None:
+    write_plugins(tmp_path, {"watch": ASYNC_LOG})
+    head = (
+        b"POST /api/search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0\r\nAccept: */*\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n\r\n"
+    )
+    padding = [b"a=" + b"x" * 20_000 + b"&"] + [b"b=" + b"y" * 20_000 + b"&"] * 2
+    tail = [b"q=1%27%20OR%20", b"%271%27%3D%271"]
+    with upstreams("up") as (up,):
+        path = config(
+            tmp_path,
+            [{"path": "watch.py"}],
+            routes=[{"prefix": "/api/", "upstream": "backend"}],
+            upstreams={"backend": [up.address]},
+            guard={"mode": "enforce"},
+        )
+        with serving(path) as running:
+            started = functools.partial(up.wait_for_hits, "/api/search", 1)
+            answer = upload(running, head, padding, tail, started)
+            assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+            assert up.wait_disconnects(1)  # abandoned mid-body
+            answer = upload(running, head, [*padding, b"q=1 or maybe 2"])
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            # a refusal at the head: the plugins' log sees it with the guard's action
+            query = "/api/search?q=" + quote(SQLI, safe="")
+            assert request(running, "POST", query, b"a=1", FORM)[0] == 403
+            events = record.wait_for(lambda e: len(e) >= 3)
+    assert events[0] == (403, "block")
+    assert events[1][0] == 200
+    assert events[2] == (403, "block")
