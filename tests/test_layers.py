@@ -37,7 +37,8 @@ LAYERS: list[dict[str, list[str]]] = [
     {"train": ["webtorch.train"], "guard": ["webtorch.guard"]},
     {"serve": ["webtorch.serve"]},  # batching, executing, endpoints, the model repository
     # Pipelines: stages over models' executors and function placements, their endpoints.
-    {"pipeline": ["webtorch.pipeline"]},
+    # WebSocket: model streams (over serve/'s executors) and proxied WebSockets (over proxy/).
+    {"pipeline": ["webtorch.pipeline"], "streams": ["webtorch.streams"]},
     {"views": ["webtorch.observe"]},  # dashboard, timeline, access log: they read the layers below
     {"app": ["webtorch.app"], "examples": ["webtorch.examples"]},
     # Several processes: the master (config and the standard library only) and its workers (app).
