@@ -138,6 +138,7 @@ class Tunnel(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._task: asyncio.Task[None] | None = None
         self._ended = False
+        self._answered = False  # a whole answer that is not a 101 came
         settings = owner.hub.settings
         client.set_protocol(self)
         client.set_write_buffer_limits(high=settings.write_buffer)
@@ -176,6 +177,10 @@ class Tunnel(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
 
+    def on_message_complete(self) -> None:
+        if self.status != 101:
+            self._answered = True
+
     def _refuse(self, status: int, message: str) -> None:
         self.owner.stats.failed += 1
         self.status = status
@@ -201,9 +206,11 @@ class Tunnel(asyncio.Protocol):
         client = self.client
         if client is None:
             return
-        if not self.piping and self.status == 0:
-            # The answer's head, parsed only to see its status: it goes to the client as it came.
-            self._head += data
+        if not self.piping:
+            # The answer, parsed to see its status (and, when it is not a 101, where it ends):
+            # it goes to the client as it came.
+            if self.status == 0:
+                self._head += data
             try:
                 self._parser.feed_data(data)
             except httptools.HttpParserUpgrade:
@@ -215,16 +222,19 @@ class Tunnel(asyncio.Protocol):
                 if len(self._head) > _MAX_HEAD:
                     self._refuse(502, "the upstream's answer head is too large")
                 return
-            data, self._head = self._head, b""
-            if self.status == 101:
-                self.piping = True
-                self.owner.stats.opened += 1
-                client.resume_reading()
-            else:
-                self.owner.stats.failed += 1
+            if self._head:
+                data, self._head = self._head, b""
+                if self.status == 101:
+                    self.piping = True
+                    self.owner.stats.opened += 1
+                    client.resume_reading()
+                else:
+                    self.owner.stats.failed += 1
         self.down += len(data)
         self.owner.stats.bytes_down += len(data)
         client.write(data)
+        if self._answered:
+            self.end()  # a refusal (not a 101), whole: nothing more comes on either side
 
     def data_received(self, data: bytes) -> None:
         self.last = self.owner.hub.clock()
