@@ -415,7 +415,7 @@ class App:
             from webtorch.streams.service import Streams
 
             self.streams = Streams(
-                self.config.streams, loop, self._stream_executor, self._websocket_route
+                self.config.streams, loop, self._stream_executor, self._websocket_route, self.auth
             )
             self.streams.install(state, access_log.record if access_log is not None else None)
             self.metrics.sources.append(self.streams.metric_families)

@@ -40,3 +40,6 @@ class StreamsConfig(Strict):
     # Items of one stream received and not yet answered; beyond, its connection stops reading
     # until answers catch up.
     max_pending: Annotated[int, Field(gt=0)] = 64
+    # A label may come after its item (``{"for": ID, "label": ...}``): the inputs of each
+    # stream's last this many items are kept for it (of a model that trains).
+    label_window: Annotated[int, Field(ge=0)] = 256

@@ -20,7 +20,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -34,17 +34,19 @@ from prometheus_client.core import (
 )
 
 from webtorch.errors import BadRequest, HTTPError, NotFound, ServiceUnavailable
-from webtorch.http.messages import Request, Response
+from webtorch.http.messages import Request, Response, json_response
 from webtorch.metrics import LATENCY_BUCKETS, Histogram
 from webtorch.streams.hub import Hub
 from webtorch.streams.store import MAX_ID, Full, InUse, StreamState, StreamStore
 from webtorch.streams.upgrade import WebSocketRoute, accept, handshake
 from webtorch.streams.websocket import TRY_LATER, WebSocket
 
-if TYPE_CHECKING:  # both bring torch: a server that only proxies WebSockets never loads it
+if TYPE_CHECKING:  # these bring torch: a server that only proxies WebSockets never loads it
     from webtorch.serve.executor import Executor
     from webtorch.serve.model import Streaming
+    from webtorch.serve.oip import Auth
     from webtorch.serve.wire.tensors import InputData
+    from webtorch.train.forms import TrainRequest
 
 _clock: Final = time.perf_counter
 _PATH: Final = re.compile(r"/v2/models/([A-Za-z0-9_.\-]+)/stream")
@@ -63,17 +65,24 @@ class StreamStats:
         self.items = 0  # answered
         self.errors = 0  # items answered with an error
         self.latency = Histogram(LATENCY_BUCKETS)  # per item: arrival to answer sent
+        self.labels = 0  # labelled items handed to the trainer
+        self.trained = 0  # of which the trainer applied (answered with its step)
 
 
 class ModelStreams:
     """The stream route of every model that streams (a WebSocketRoute), and their store."""
 
     def __init__(
-        self, hub: Hub, store: StreamStore, executors: Callable[[str], Executor | None]
+        self,
+        hub: Hub,
+        store: StreamStore,
+        executors: Callable[[str], Executor | None],
+        auth: Auth | None = None,
     ) -> None:
         self.hub = hub
         self.store = store
         self.executors = executors
+        self.auth = auth  # who may send labels (train): the token and the sender's origin
         self.stats = StreamStats()
 
     def find(self, request: Request) -> WebSocketRoute | None:
@@ -109,7 +118,7 @@ class ModelStreams:
         except InUse as exc:
             raise Conflict(str(exc)) from None
         request.model = name
-        session = Session(self, executor, spec, state)
+        session = Session(self, executor, spec, state, self._may_train(executor, request))
         try:
             ws = accept(self.hub, shake, session, transport, rest, release)
         except BaseException:
@@ -119,6 +128,20 @@ class ModelStreams:
         ws.send(orjson.dumps({"stream": stream_id, "resumed": state.count > 0}).decode())
         session.flush_hello()
         return True
+
+    def _may_train(self, executor: Executor, request: Request) -> str | None:
+        """None when the stream's labels may train the model, else why not: training is off,
+        or the opening request lacks the token or comes from another site's page (labels
+        change the model: the rules of the HTTP train endpoints, SECURITY.md)."""
+        if executor.training is None:
+            return f"model {executor.model.name!r} does not train (train.enabled)"
+        if self.auth is not None:
+            try:
+                self.auth.check_sender(request)
+                self.auth.check(request)
+            except HTTPError as exc:
+                return exc.message
+        return None
 
     def metric_families(self) -> Iterator[Metric]:
         store, stats = self.store, self.stats
@@ -148,6 +171,16 @@ class ModelStreams:
             "webtorch_streams_item_errors",
             "Stream items answered with an error",
             value=stats.errors,
+        )
+        yield CounterMetricFamily(
+            "webtorch_streams_labels",
+            "Labelled stream items handed to the trainer",
+            value=stats.labels,
+        )
+        yield CounterMetricFamily(
+            "webtorch_streams_labels_trained",
+            "Labelled stream items the trainer applied",
+            value=stats.trained,
         )
         hist = HistogramMetricFamily(
             "webtorch_streams_item_seconds", "Per item: from its message in to its answer out"
@@ -181,28 +214,47 @@ def _fresh(executor: Executor, spec: Streaming, key: tuple[str, str]) -> StreamS
     return StreamState(key, state, window)
 
 
+Targets = dict[str, np.ndarray]
+# A queued item: its id, its array, when it arrived, the label it came with.
+Queued = tuple[Any, np.ndarray, float, Targets | None]
+
+
 class Session:
-    """One open stream: its connection, its queue of items, the one in flight."""
+    """One open stream: its connection, its queue of items, the one in flight; for a model
+    that trains, the inputs of its recent items, which a label turns into a train request."""
 
     def __init__(
-        self, owner: ModelStreams, executor: Executor, spec: Streaming, state: StreamState
+        self,
+        owner: ModelStreams,
+        executor: Executor,
+        spec: Streaming,
+        state: StreamState,
+        no_training: str | None,
     ) -> None:
         self.owner = owner
         self.executor = executor
         self.spec = spec
         self.state = state
+        self.no_training = no_training  # why labels are refused (None: they train)
         self.ws: WebSocket | None = None
-        item = next(t for t in executor.model.inputs if t.name == spec.item)
+        model = executor.model
+        item = next(t for t in model.inputs if t.name == spec.item)
         self.item_shape = item.shape[2:] if spec.window else item.shape[1:]
         self.item_dtype = item.dtype.numpy
-        self.outputs = [t.name for t in executor.model.outputs]
+        self.outputs = [t.name for t in model.outputs]
         if spec.state is not None:
             self.outputs.remove(spec.state[1])
-        self.queue: deque[tuple[Any, np.ndarray, float]] = deque()
+        self.targets = model.targets
+        self.queue: deque[Queued] = deque()
         self.in_flight: tuple[Any, float] | None = None
         self._stash: Mapping[str, np.ndarray] | None = None
         self.ended = False
-        self.max_pending = owner.hub.settings.max_pending
+        settings = owner.hub.settings
+        self.max_pending = settings.max_pending
+        self.label_window = settings.label_window if no_training is None else 0
+        # The inputs each recent item ran with, by id, oldest first: what a later label trains.
+        self.recent: OrderedDict[Any, dict[str, InputData]] = OrderedDict()
+        self.training = 0  # train requests not yet answered
         self._hello_sent = False
         self.received = state.count  # items of the stream received (a resumed one's included)
 
@@ -214,15 +266,21 @@ class Session:
     # -- Handler ------------------------------------------------------------------------------
 
     def message(self, ws: WebSocket, data: str | bytes) -> None:
-        number = self.received  # the item's number in the stream: its default id
-        self.received += 1
         try:
-            item_id, item = self._decode(data, number)
+            doc = self._parse(data)
+            if "for" in doc:
+                self._label_later(doc)
+                return
+            number = self.received  # the item's number in the stream: its default id
+            item_id, item = self._item(doc, number)
+            label = doc.get("label")
+            targets = None if label is None else self._label(item_id, label)
         except HTTPError as exc:
             self.owner.stats.errors += 1
             ws.send(orjson.dumps({"error": exc.message}).decode())
             return
-        self.queue.append((item_id, item, _clock()))
+        self.received += 1
+        self.queue.append((item_id, item, _clock(), targets))
         if len(self.queue) + 1 >= self.max_pending:
             ws.hold(True)
         if self._hello_sent:
@@ -231,13 +289,14 @@ class Session:
     def closed(self, ws: WebSocket, code: int) -> None:
         self.ended = True
         self.queue.clear()
+        self.recent.clear()
         if self.in_flight is None:
             self.owner.store.detach(self.state, self.owner.hub.clock())
         # else: detached when its answer comes, its state updated first (a resume sees it)
 
-    # -- inside -------------------------------------------------------------------------------
+    # -- decoding -----------------------------------------------------------------------------
 
-    def _decode(self, data: str | bytes, number: int) -> tuple[Any, np.ndarray]:
+    def _parse(self, data: str | bytes) -> dict[str, Any]:
         if isinstance(data, bytes):
             raise BadRequest("send items as JSON text messages")
         try:
@@ -246,47 +305,97 @@ class Session:
             raise BadRequest(f"an item is a JSON object: {exc}") from None
         if not isinstance(doc, dict):
             raise BadRequest("an item is a JSON object")
+        return doc
+
+    def _item(self, doc: dict[str, Any], number: int) -> tuple[Any, np.ndarray]:
         item_id = doc.get("id", number)
         if not isinstance(item_id, int | str) or (isinstance(item_id, str) and len(item_id) > 64):
             raise BadRequest("`id` is an integer or a string of at most 64 characters")
         name = self.spec.item
         if name not in doc:
             raise BadRequest(f"item {item_id!r}: no {name!r}")
+        return item_id, self._array(item_id, name, doc[name], self.item_shape, self.item_dtype)
+
+    def _array(
+        self, item_id: Any, name: str, value: Any, shape: tuple[int, ...], dtype: np.dtype[Any]
+    ) -> np.ndarray:
         try:
-            array = np.asarray(doc[name], dtype=self.item_dtype)
+            array = np.asarray(value, dtype=dtype)
         except (TypeError, ValueError) as exc:
             raise BadRequest(f"item {item_id!r}: {name!r} is not numbers: {exc}") from None
-        if array.shape != tuple(self.item_shape):
+        if array.shape != tuple(shape):
             raise BadRequest(
-                f"item {item_id!r}: {name!r} has shape {list(array.shape)}, "
-                f"expected {list(self.item_shape)}"
+                f"item {item_id!r}: {name!r} has shape {list(array.shape)}, expected {list(shape)}"
             )
-        return item_id, array
+        return array
+
+    def _label(self, item_id: Any, label: Any) -> Targets:
+        """An item's label, checked against the model's targets."""
+        if self.no_training is not None:
+            raise BadRequest(f"item {item_id!r}: labels are not taken here: {self.no_training}")
+        if not isinstance(label, dict):
+            raise BadRequest(f"item {item_id!r}: a label is an object of the model's targets")
+        targets = {}
+        for spec in self.targets:
+            if spec.name not in label:
+                raise BadRequest(f"item {item_id!r}: the label has no {spec.name!r}")
+            targets[spec.name] = self._array(
+                item_id, spec.name, label[spec.name], spec.shape[1:], spec.dtype.numpy
+            )
+        return targets
+
+    def _label_later(self, doc: dict[str, Any]) -> None:
+        """``{"for": ID, "label": {...}}``: the label of an item sent before."""
+        item_id = doc["for"]
+        targets = self._label(item_id, doc.get("label"))
+        inputs = self.recent.pop(item_id, None)
+        if inputs is not None:
+            self._train(item_id, inputs, targets)
+            return
+        for i, queued in enumerate(self.queue):  # not run yet: it takes the label along
+            if queued[0] == item_id:
+                self.queue[i] = (*queued[:3], targets)
+                return
+        raise BadRequest(
+            f"item {item_id!r} is not among this stream's last {self.label_window} items "
+            "(streams.label_window), or completed no window"
+        )
+
+    # -- running ------------------------------------------------------------------------------
 
     def _next(self) -> None:
         """Run the next queued item, if none is in flight (its state is the last one's)."""
         while self.in_flight is None and self.queue and not self.ended:
-            item_id, item, arrived = self.queue.popleft()
+            item_id, item, arrived, targets = self.queue.popleft()
             state, spec = self.state, self.spec
+            inputs: dict[str, InputData]
             if spec.window:
                 state.push(item)
                 seen = state.count
                 k = spec.window
                 if seen < k or (seen - k) % spec.every:
                     continue  # no answer for this item: its window is not due
-                inputs: dict[str, InputData] = {spec.item: state.recent()[None]}
+                inputs = {spec.item: state.recent()[None]}
             else:
                 state.count += 1
                 inputs = {spec.item: item[None]}
                 if spec.state is not None:
                     assert state.state is not None
-                    inputs[spec.state[0]] = state.state[None]
+                    # A copy: the stored state changes with the answer, the train input not.
+                    inputs[spec.state[0]] = state.state[None].copy()
             try:
                 pending = self.executor.submit(inputs, 1, self._encode)
             except HTTPError as exc:
                 self._answer_error(item_id, exc.message)
                 continue
             self.in_flight = (item_id, arrived)
+            if targets is not None:
+                self._train(item_id, inputs, targets)
+            elif self.label_window:
+                recent = self.recent
+                recent[item_id] = inputs
+                if len(recent) > self.label_window:
+                    recent.popitem(last=False)
             pending.subscribe(self._done, None)
         ws = self.ws
         if ws is not None and ws.held and len(self.queue) + 1 < self.max_pending:
@@ -302,11 +411,7 @@ class Session:
         item_id, arrived = in_flight
         outputs, self._stash = self._stash, None
         if response is not _DONE or outputs is None:
-            try:
-                message = orjson.loads(response.body).get("error", "model failed")
-            except (orjson.JSONDecodeError, AttributeError):
-                message = "model failed"
-            self._answer_error(item_id, str(message))
+            self._answer_error(item_id, _error_of(response))
         else:
             spec = self.spec
             if spec.state is not None:
@@ -322,6 +427,27 @@ class Session:
             return
         self._next()
 
+    def _train(self, item_id: Any, inputs: dict[str, InputData], targets: Targets) -> None:
+        """A labelled item to the model's trainer (its WAL, its step); answered on the stream
+        once the step is applied: ``{"id": ID, "trained": {"loss": ..., "step": ...}}``."""
+        from webtorch.train.forms import TrainRequest  # with torch, as the executor is
+
+        request = TrainRequest(dict(inputs), dict(targets), 1)
+        try:
+            pending = self.executor.submit_train(request, _train_encode)
+        except HTTPError as exc:
+            self._send(orjson.dumps({"id": item_id, "error": exc.message}))
+            return
+        self.owner.stats.labels += 1
+        pending.subscribe(self._trained, item_id)
+
+    def _trained(self, item_id: Any, response: Response) -> None:
+        if response.status == 200:
+            self.owner.stats.trained += 1
+            self._send(b'{"id":%s,"trained":%s}' % (orjson.dumps(item_id), response.body))
+        else:
+            self._send(orjson.dumps({"id": item_id, "error": _error_of(response)}))
+
     def _answer_error(self, item_id: Any, message: str) -> None:
         self.owner.stats.errors += 1
         self._send(orjson.dumps({"id": item_id, "error": message}))
@@ -332,3 +458,14 @@ class Session:
         ws = self.ws
         if ws is not None and not self.ended:
             ws.send(data.decode())
+
+
+def _train_encode(request: TrainRequest, loss: float, step: int) -> Response:
+    return json_response({"loss": loss, "step": step})
+
+
+def _error_of(response: Response) -> str:
+    try:
+        return str(orjson.loads(response.body).get("error", "model failed"))
+    except (orjson.JSONDecodeError, AttributeError):
+        return "model failed"

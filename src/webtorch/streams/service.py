@@ -22,6 +22,7 @@ from webtorch.streams.upgrade import Upgrades
 
 if TYPE_CHECKING:
     from webtorch.serve.executor import Executor
+    from webtorch.serve.oip import Auth
 
 
 class Streams:
@@ -31,11 +32,12 @@ class Streams:
         loop: asyncio.AbstractEventLoop,
         executors: Callable[[str], Executor | None],
         proxied: Callable[[Request], ProxyRoute | None] | None = None,
+        auth: Auth | None = None,
     ) -> None:
         self.loop = loop
         self.hub = Hub(settings, loop.time)
         self.store = StreamStore(settings.max_streams, settings.max_state_bytes, settings.expiry)
-        self.models = ModelStreams(self.hub, self.store, executors)
+        self.models = ModelStreams(self.hub, self.store, executors, auth)
         self.proxied = proxied
         self.tunnels: Tunnels | None = None
         self.upgrades = Upgrades(self.hub, [self.models.find])

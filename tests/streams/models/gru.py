@@ -32,4 +32,8 @@ model = webtorch.Model(
         webtorch.TensorSpec("h_next", "FP32", (-1, HIDDEN)),
     ],
     stream=webtorch.Streaming(item="x", state=("h", "h_next")),
+    # Labels train the head and the cell one item at a time (the state comes in as an input).
+    targets=[webtorch.TensorSpec("y", "FP32", (-1, 4))],
+    loss=lambda out, tgt: ((out["y"] - tgt["y"]) ** 2).mean(dim=1),
+    optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
 )
