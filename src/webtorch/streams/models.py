@@ -339,9 +339,10 @@ class Session:
         for spec in self.targets:
             if spec.name not in label:
                 raise BadRequest(f"item {item_id!r}: the label has no {spec.name!r}")
-            targets[spec.name] = self._array(
+            value = self._array(
                 item_id, spec.name, label[spec.name], spec.shape[1:], spec.dtype.numpy
             )
+            targets[spec.name] = value[None]  # one row
         return targets
 
     def _label_later(self, doc: dict[str, Any]) -> None:
