@@ -306,7 +306,7 @@ class App:
         )
         server = new.server
         self.router.replace_user_routes(self._user_routes(new))
-        if new.upstreams and self.server is not None:
+        if new.upstreams and self.server is not None and self.server.state.stream_match is None:
             # Proxied routes stream their request bodies (the first upstreams may come now).
             self.server.state.stream_match = self.router.match_stream
         self._apply_server(server)
@@ -417,7 +417,9 @@ class App:
             self.streams = Streams(
                 self.config.streams, loop, self._stream_executor, self._websocket_route, self.auth
             )
-            self.streams.install(state, access_log.record if access_log is not None else None)
+            self.streams.install(
+                state, access_log.record if access_log is not None else None, self.router.match
+            )
             self.metrics.sources.append(self.streams.metric_families)
         self.metrics.sources.append(
             lambda: connection_families(

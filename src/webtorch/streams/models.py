@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
 import orjson
@@ -33,13 +33,21 @@ from prometheus_client.core import (
     Metric,
 )
 
-from webtorch.errors import BadRequest, HTTPError, NotFound, ServiceUnavailable
-from webtorch.http.messages import Request, Response, json_response
+from webtorch.errors import (
+    BadRequest,
+    HTTPError,
+    MethodNotAllowed,
+    NotFound,
+    ServiceUnavailable,
+)
+from webtorch.http.messages import HandlerResult, Request, Response, json_response
+from webtorch.http.router import Route
 from webtorch.metrics import LATENCY_BUCKETS, Histogram
 from webtorch.streams.hub import Hub
+from webtorch.streams.ndjson import check_ndjson, open_stream
 from webtorch.streams.store import MAX_ID, Full, InUse, StreamState, StreamStore
 from webtorch.streams.upgrade import WebSocketRoute, accept, handshake
-from webtorch.streams.websocket import TRY_LATER, WebSocket
+from webtorch.streams.websocket import TRY_LATER
 
 if TYPE_CHECKING:  # these bring torch: a server that only proxies WebSockets never loads it
     from webtorch.serve.executor import Executor
@@ -56,6 +64,19 @@ _DONE: Final = Response(200, b"")  # what a stream's jobs answer: their outputs 
 
 class Conflict(HTTPError):
     status = 409
+
+
+class Channel(Protocol):
+    """Where a stream's answers go and whose reading its queue holds: a WebSocket, or the
+    NDJSON form's request and response bodies (streams/ndjson.py)."""
+
+    held: bool
+
+    def send(self, data: str) -> None: ...
+
+    def hold(self, held: bool) -> None: ...
+
+    def close(self, code: int = 1000, reason: str = "") -> None: ...
 
 
 class StreamStats:
@@ -84,9 +105,18 @@ class ModelStreams:
         self.executors = executors
         self.auth = auth  # who may send labels (train): the token and the sender's origin
         self.stats = StreamStats()
+        self._route = Route(
+            "/v2/models/{name}/stream", self.ndjson, "/v2/models/stream", stream=True
+        )
 
     def find(self, request: Request) -> WebSocketRoute | None:
         return self if _PATH.fullmatch(request.path) else None
+
+    def route(self, path: str) -> Route | None:
+        """The HTTP form's route for ``path`` (a streamed route: dispatched at its headers)."""
+        if not path.endswith("/stream") or not _PATH.fullmatch(path):
+            return None
+        return self._route
 
     def take(
         self,
@@ -95,6 +125,32 @@ class ModelStreams:
         rest: bytes,
         release: Callable[[], None],
     ) -> Response | bool:
+        executor, spec, stream_id = self._prepare(request)
+        shake = handshake(request)
+        session = self._attach(request, executor, spec, stream_id)
+        try:
+            ws = accept(self.hub, shake, session, transport, rest, release)
+        except BaseException:
+            session.closed(None, 1011)
+            raise
+        session.ws = ws
+        ws.send(session.hello())
+        session.flush_hello()
+        return True
+
+    def ndjson(self, request: Request) -> HandlerResult:
+        """``POST /v2/models/{name}/stream``: the HTTP form (streams/ndjson.py)."""
+        if request.method != "POST":
+            raise MethodNotAllowed("a stream is a WebSocket (GET) or NDJSON (POST)", ("POST",))
+        if request.stream is None:
+            raise BadRequest("the HTTP form of a stream takes a body: one JSON item per line")
+        check_ndjson(request)
+        executor, spec, stream_id = self._prepare(request)
+        session = self._attach(request, executor, spec, stream_id)
+        return open_stream(self, request, session)
+
+    def _prepare(self, request: Request) -> tuple[Executor, Streaming, str]:
+        """The model, its stream spec and the stream's id for ``request``; HTTPError if none."""
         match = _PATH.fullmatch(request.path)
         assert match is not None
         name = match.group(1)
@@ -109,25 +165,20 @@ class ModelStreams:
             stream_id = uuid.uuid4().hex
         elif not _SANE_ID.fullmatch(stream_id):
             raise BadRequest(f"a stream id is 1-{MAX_ID} of A-Z a-z 0-9 _ . : -")
-        shake = handshake(request)
-        now = self.hub.clock()
+        request.model = name
+        return executor, spec, stream_id
+
+    def _attach(
+        self, request: Request, executor: Executor, spec: Streaming, stream_id: str
+    ) -> Session:
+        name = executor.model.name
         try:
-            state = self.store.attach(_fresh(executor, spec, (name, stream_id)), now)
+            state = self.store.attach(_fresh(executor, spec, (name, stream_id)), self.hub.clock())
         except Full as exc:
             raise ServiceUnavailable(str(exc)) from None
         except InUse as exc:
             raise Conflict(str(exc)) from None
-        request.model = name
-        session = Session(self, executor, spec, state, self._may_train(executor, request))
-        try:
-            ws = accept(self.hub, shake, session, transport, rest, release)
-        except BaseException:
-            self.store.detach(state, now)
-            raise
-        session.ws = ws
-        ws.send(orjson.dumps({"stream": stream_id, "resumed": state.count > 0}).decode())
-        session.flush_hello()
-        return True
+        return Session(self, executor, spec, state, self._may_train(executor, request))
 
     def _may_train(self, executor: Executor, request: Request) -> str | None:
         """None when the stream's labels may train the model, else why not: training is off,
@@ -236,7 +287,9 @@ class Session:
         self.spec = spec
         self.state = state
         self.no_training = no_training  # why labels are refused (None: they train)
-        self.ws: WebSocket | None = None
+        self.ws: Channel | None = None
+        # Told when nothing is queued or in flight (the NDJSON form ends its answer then).
+        self.on_idle: Callable[[], None] | None = None
         model = executor.model
         item = next(t for t in model.inputs if t.name == spec.item)
         self.item_shape = item.shape[2:] if spec.window else item.shape[1:]
@@ -258,6 +311,10 @@ class Session:
         self._hello_sent = False
         self.received = state.count  # items of the stream received (a resumed one's included)
 
+    def hello(self) -> str:
+        """The stream's first answer: its id, and whether it resumes a stored state."""
+        return orjson.dumps({"stream": self.state.key[1], "resumed": self.state.count > 0}).decode()
+
     def flush_hello(self) -> None:
         """The stream's name went out: items that came with the handshake may be run now."""
         self._hello_sent = True
@@ -265,7 +322,7 @@ class Session:
 
     # -- Handler ------------------------------------------------------------------------------
 
-    def message(self, ws: WebSocket, data: str | bytes) -> None:
+    def message(self, ws: Channel, data: str | bytes) -> None:
         try:
             doc = self._parse(data)
             if "for" in doc:
@@ -286,7 +343,7 @@ class Session:
         if self._hello_sent:
             self._next()
 
-    def closed(self, ws: WebSocket, code: int) -> None:
+    def closed(self, ws: Channel | None, code: int) -> None:
         self.ended = True
         self.queue.clear()
         self.recent.clear()
@@ -401,6 +458,8 @@ class Session:
         ws = self.ws
         if ws is not None and ws.held and len(self.queue) + 1 < self.max_pending:
             ws.hold(False)
+        if self.in_flight is None and not self.queue and self.on_idle is not None:
+            self.on_idle()
 
     def _encode(self, outputs: dict[str, np.ndarray]) -> Response:
         self._stash = outputs

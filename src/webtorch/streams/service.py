@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from webtorch.config import StreamsConfig
 from webtorch.http.messages import Request
+from webtorch.http.router import Route
 from webtorch.http.state import AccessLogger, ServerState
 from webtorch.proxy.upstream import ProxyRoute
 from webtorch.streams.hub import Hub
@@ -42,11 +43,28 @@ class Streams:
         self.tunnels: Tunnels | None = None
         self.upgrades = Upgrades(self.hub, [self.models.find])
 
-    def install(self, state: ServerState, access_log: AccessLogger | None = None) -> None:
+    def install(
+        self,
+        state: ServerState,
+        access_log: AccessLogger | None = None,
+        match: Callable[[str], Route | None] | None = None,
+    ) -> None:
+        """The upgrade hook, and the NDJSON form's streamed route before the router's own
+        streamed routes (``match``: the router's, read live, so reloads reach it)."""
         if self.proxied is not None:
             self.tunnels = Tunnels(self.hub, self.proxied, access_log)
             self.upgrades.finders.append(self.tunnels.find)
         state.upgrade = self.upgrades
+        models = self.models
+
+        def stream_match(path: str) -> Route | None:
+            route = models.route(path)
+            if route is not None or match is None:
+                return route
+            found = match(path)
+            return found if found is not None and found.stream else None
+
+        state.stream_match = stream_match
         self.hub.start(self.loop)
         self.hub.sweepers.append(self.store.sweep)
 
