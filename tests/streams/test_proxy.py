@@ -130,3 +130,61 @@ def test_a_route_without_websocket_answers_upgrades_as_plain_http() -> None:
         }
         with serve_in_thread(wt_config.from_dict(data)) as running, pytest.raises(InvalidStatus):
             connect(ws_url(running, "/ws/x"))
+
+
+def test_a_client_that_does_not_read_pauses_the_upstream() -> None:
+    """Backpressure through a tunnel: an upstream that floods a client who does not read gets
+    its reading paused (the client side's write buffer above its mark), so what the proxy holds
+    stays bounded; when the client reads, every message arrives, in order."""
+    count, size = 300, 65536
+
+    def flood(ws: ServerConnection) -> None:
+        for i in range(count):
+            ws.send(f"{i:08d}" + "x" * (size - 8))
+        ws.recv()  # until the client closes
+
+    server = serve(flood, "127.0.0.1", 0, compression=None, max_size=None)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.socket.getsockname()[:2]
+    try:
+        cfg = proxy_config([f"{host}:{port}"])
+        with serve_in_thread(cfg) as running:
+            streams = running.app.streams
+            assert streams is not None
+            raw = socket.create_connection((running.host, running.port), timeout=30)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            raw.sendall(
+                b"GET /ws/flood HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n"
+            )
+
+            def state() -> tuple[int, bool]:
+                (tunnel,) = streams.hub.open
+                if tunnel.client is None or tunnel.upstream is None:
+                    return 0, True  # still connecting
+                return tunnel.client.get_write_buffer_size(), tunnel.upstream.is_reading()
+
+            # Not reading: the proxy stops reading the upstream once its buffer is full.
+            for _ in range(100_000):
+                buffered, reading = on_loop(running, state)
+                if not reading:
+                    break
+            assert not reading
+            limit = streams.hub.settings.write_buffer
+            assert buffered <= limit + 2 * size
+            # Now read everything: 300 messages of 64 KiB, in order.
+            from tests.streams.test_websocket import _frame
+
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += raw.recv(1)
+            assert head.startswith(b"HTTP/1.1 101")
+            for i in range(count):
+                opcode, payload = _frame(raw)
+                assert opcode == 0x1 and payload[:8] == b"%08d" % i
+            raw.close()
+    finally:
+        server.shutdown()
+        thread.join(10)
