@@ -188,3 +188,21 @@ def test_a_client_that_does_not_read_pauses_the_upstream() -> None:
     finally:
         server.shutdown()
         thread.join(10)
+
+
+def test_a_sticky_group_pins_a_websocket_client_by_its_cookie() -> None:
+    with echo_upstream("a") as (a, _), echo_upstream("b") as (b, _):
+        cfg = proxy_config([a, b], sticky={"cookie": "route"})
+        with serve_in_thread(cfg) as running:
+            with connect(ws_url(running, "/ws/x")) as ws:
+                ws.recv(timeout=10)
+                assert ws.response is not None
+                cookie = ws.response.headers["set-cookie"].split(";")[0]
+                ws.send("hi")
+                first = ws.recv(timeout=10).split(":")[0]
+            for _ in range(4):  # round robin would alternate; the cookie holds
+                with connect(ws_url(running, "/ws/x"), additional_headers={"Cookie": cookie}) as ws:
+                    ws.recv(timeout=10)
+                    assert ws.response is not None and "set-cookie" not in ws.response.headers
+                    ws.send("hi")
+                    assert ws.recv(timeout=10).split(":")[0] == first

@@ -85,6 +85,8 @@ class _Route:
         request.upstream = upstream.address
         head = request_head(request, self.route.trusted, _UPGRADE, upstream.address.encode())
         tunnel = Tunnel(self.owner, request, transport, release)
+        # A sticky group pins the client to this upstream: the cookie goes into the 101.
+        tunnel.cookie = group.cookie_for(request, upstream)
         tunnel.start(loop, upstream.host, upstream.port, head + rest, group.config.connect_timeout)
         return True
 
@@ -139,6 +141,7 @@ class Tunnel(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._ended = False
         self._answered = False  # a whole answer that is not a 101 came
+        self.cookie: tuple[bytes, bytes] | None = None  # a Set-Cookie to add to the 101
         settings = owner.hub.settings
         client.set_protocol(self)
         client.set_write_buffer_limits(high=settings.write_buffer)
@@ -225,6 +228,11 @@ class Tunnel(asyncio.Protocol):
             if self._head:
                 data, self._head = self._head, b""
                 if self.status == 101:
+                    if self.cookie is not None:
+                        end = data.find(b"\r\n\r\n")
+                        if end >= 0:  # the head is whole once its status is known
+                            name, value = self.cookie
+                            data = b"%s\r\n%s: %s%s" % (data[:end], name, value, data[end:])
                     self.piping = True
                     self.owner.stats.opened += 1
                     client.resume_reading()
