@@ -275,3 +275,48 @@ def test_the_drain_closes_every_websocket_with_1001() -> None:
         assert info.value.rcvd is not None and info.value.rcvd.code == 1001
         done.result(10)  # the client answered the close: the drain ends before its grace
         assert on_loop(running, lambda: len(streams.hub.open)) == 0
+
+
+def test_permessage_deflate_is_optional_and_its_inflation_bounded() -> None:
+    with stream_server() as running, connect(ws_url(running, GRU)) as ws:
+        assert ws.response is not None
+        assert "sec-websocket-extensions" not in ws.response.headers  # off by default
+    with (
+        stream_server({"deflate": True, "max_message": 100_000}) as running,
+        connect(ws_url(running, GRU), compression="deflate") as ws,
+    ):
+        assert ws.response is not None
+        assert "permessage-deflate" in ws.response.headers["sec-websocket-extensions"]
+        ws.recv(timeout=10)
+        ws.send(json.dumps({"id": 1, "x": [1, 2, 3], "pad": " " * 50_000}))
+        assert json.loads(ws.recv(timeout=10))["id"] == 1
+        # A few KiB on the wire that inflate past max_message: closed with 1009, not
+        # inflated whole.
+        ws.send("0" * 5_000_000)
+        with pytest.raises(ConnectionClosed) as info:
+            ws.recv(timeout=10)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+def test_bounded_deflate_stops_inflating_at_the_budget() -> None:
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, CloseConnection, Message
+    from wsproto.events import Request as WsRequest
+    from wsproto.extensions import PerMessageDeflate
+
+    from webtorch.streams.deflate import BoundedDeflate
+
+    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(WsRequest("x", "/", extensions=[PerMessageDeflate()])))
+    assert isinstance(next(server.events()), WsRequest)
+    client.receive_data(server.send(AcceptConnection(extensions=[BoundedDeflate(1000)])))
+    assert isinstance(next(client.events()), AcceptConnection)
+    server.receive_data(client.send(Message(data=b"a" * 900)))
+    assert [len(e.data) for e in server.events() if isinstance(e, Message)] == [900]
+    wire = client.send(Message(data=b"\0" * 10_000_000))
+    assert len(wire) < 20_000
+    server.receive_data(wire)
+    events = list(server.events())
+    assert sum(len(e.data) for e in events if isinstance(e, Message)) <= 1000
+    closes = [e for e in events if isinstance(e, CloseConnection)]
+    assert closes and closes[0].code == 1009

@@ -17,6 +17,9 @@ class StreamsConfig(Strict):
     # A frame / a whole (reassembled) message larger than this closes the connection with
     # 1009 (message too big).
     max_frame: Annotated[int, Field(gt=0)] = 1 << 20
+    # permessage-deflate (RFC 7692) when a client offers it: fewer bytes on the wire for more
+    # CPU per message; inflation is bounded by max_message (streams/deflate.py).
+    deflate: bool = False
     max_message: Annotated[int, Field(gt=0)] = 1 << 20
     # No message for this long: closed with 1001. Silence for ping_interval sends a ping; no
     # pong within ping_timeout: closed with 1011 (the peer is gone without a FIN).

@@ -17,11 +17,13 @@ from typing import Protocol
 import h11
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import AcceptConnection, RejectConnection
+from wsproto.extensions import Extension
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError
 
 from webtorch.errors import HTTPError
 from webtorch.http.messages import Request, Response, error_response, response_for_error
+from webtorch.streams.deflate import BoundedDeflate
 from webtorch.streams.hub import Hub
 from webtorch.streams.websocket import Handler, WebSocket
 
@@ -110,7 +112,9 @@ def accept(
 ) -> WebSocket:
     """Answer 101 and put a WebSocket protocol on ``transport``; ``rest`` (frames the client
     sent right after its request) is read first."""
-    head = shake.send(AcceptConnection())
+    settings = hub.settings
+    extensions: list[Extension] = [BoundedDeflate(settings.max_message)] if settings.deflate else []
+    head = shake.send(AcceptConnection(extensions=extensions))
     conn = shake.connection
     assert isinstance(conn, Connection)
     ws = WebSocket(hub, conn, handler, release)
