@@ -320,3 +320,17 @@ def test_bounded_deflate_stops_inflating_at_the_budget() -> None:
     assert sum(len(e.data) for e in events if isinstance(e, Message)) <= 1000
     closes = [e for e in events if isinstance(e, CloseConnection)]
     assert closes and closes[0].code == 1009
+
+
+def test_many_frames_read_with_the_handshake_are_all_read() -> None:
+    """Frames sent with the opening request in one read larger than the HTTP parser's slice
+    (16 KiB) all reach the WebSocket."""
+    with stream_server() as running:
+        items = b"".join(
+            _masked(0x1, json.dumps({"id": i, "x": [1, 2, 3], "pad": "p" * 3000}).encode())
+            for i in range(30)
+        )
+        sock = _handshake(running, extra=items)
+        ids = [json.loads(_frame(sock)[1])["id"] for _ in range(30)]
+        assert ids == list(range(30))
+        sock.close()

@@ -481,6 +481,7 @@ class HttpProtocol(Streams):
         self.closing = True
         answer = hook(request, transport, rest, self._release) if self.slots[0] is slot else False
         if answer is True:
+            self._successor = cast(asyncio.Protocol, transport.get_protocol())
             self.slots.clear()
             self.transport = None
             self._admitted = False  # released by the new protocol's end (self._release)
