@@ -4,6 +4,7 @@ served by WebTorch (windows of all streams batched into one forward pass) and by
 uvicorn running torch per message (benchmarks/streams_fastapi.py), in the same run.
 
     .venv/bin/python benchmarks/streams.py [--streams 100,200] [--duration 10] [--output FILE]
+    .venv/bin/python benchmarks/streams.py --proxy 100 [--duration 10]
 
 Each server runs on CPU 0 (taskset), the load on CPU 1 (this process: one asyncio loop, the
 websockets client), so that the two do not share a core. Per server and stream count:
@@ -12,6 +13,12 @@ websockets client), so that the two do not share a core. Per server and stream c
   falls behind slows its clients through backpressure, so what it takes is what it sustains);
 - p50/p99 per-item latency: from sending the item that completes a window to its answer;
 - CPU per item: the server's CPU time (user + system) in the window / items;
+With ``--proxy N``: WebSocket proxying instead, nginx (one worker, the usual Upgrade/Connection
+map) against WebTorch (a route with ``websocket = true``), each on CPU 0, in front of a
+websockets echo server (benchmarks/ws_echo.py) that shares CPU 1 with the load: N connections
+each sending 100 bytes and awaiting the echo in a loop; the proxy's CPU time per round trip
+(one message each way).
+
 - memory per stream: the server's RSS with the N streams open (before any item) minus before
   they opened, / N; and how much more it grew while they ran (allocator caches, buffers), / N.
 """
@@ -22,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -187,16 +195,133 @@ def fastapi_server(workdir: Path) -> tuple[harness.Process, str]:
     return proc, f"ws://127.0.0.1:{port}/v2/models/activity/stream"
 
 
+# -- proxying: WebTorch's tunnels against nginx's, CPU per message ----------------------------
+
+
+def nginx_proxy(workdir: Path, port: int, upstream: int) -> list[str]:
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        f"""daemon off;
+master_process off;
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/nginx-body;
+    proxy_temp_path {workdir}/nginx-proxy;
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://127.0.0.1:{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_read_timeout 3600s;
+        }}
+    }}
+}}
+"""
+    )
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin") or "nginx"
+    return [nginx, "-e", str(workdir / "nginx-error.log"), "-p", str(workdir), "-c", str(conf)]
+
+
+async def echo_load(url: str, n: int, seconds: float, proc: harness.Process) -> tuple[int, float]:
+    """N connections, each sending a 100-byte message and awaiting its echo, in a loop: the
+    messages echoed in ``seconds`` and the proxy's CPU seconds meanwhile."""
+    sockets = [await connect(url, compression=None) for _ in range(n)]
+    payload = "m" * 100
+    stop = False
+    count = 0
+
+    async def one(ws: ClientConnection) -> None:
+        nonlocal count
+        while not stop:
+            await ws.send(payload)
+            await ws.recv()
+            count += 1
+
+    tasks = [asyncio.create_task(one(ws)) for ws in sockets]
+    await asyncio.sleep(1.0)  # warm up
+    cpu0, count0 = proc.cpu_times(), count
+    await asyncio.sleep(seconds)
+    cpu1, count1 = proc.cpu_times(), count
+    stop = True
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+    busy = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+    return count1 - count0, busy
+
+
+def proxy_rows(workdir: Path, n: int, seconds: float) -> list[str]:
+    up_port = harness.free_port()
+    upstream = harness.start(
+        [sys.executable, str(ROOT / "benchmarks" / "ws_echo.py"), "--port", str(up_port)],
+        env=ENV,
+        cpus="1",
+        name="echo",
+        log=workdir / "echo.log",
+    )
+    rows = []
+    try:
+        upstream.wait_log(r"listening on")
+        for name in ("nginx", "WebTorch"):
+            if name == "nginx":
+                port = harness.free_port()
+                proc: harness.Process = harness.start(
+                    nginx_proxy(workdir, port, up_port), cpus="0", port=port, name="nginx"
+                )
+                proc.wait_http("/", ready=lambda status, body: True)  # any answer: it listens
+                url = f"ws://127.0.0.1:{port}/echo"
+            else:
+                toml = (
+                    f'[upstreams.echo]\nservers = ["127.0.0.1:{up_port}"]\n\n'
+                    '[[routes]]\nprefix = "/"\nupstream = "echo"\nwebsocket = true\n\n'
+                    "[streams]\n"
+                )
+                proc = harness.serve(toml=toml, env=ENV, cpus="0", workdir=workdir / "proxy")
+                url = f"ws://127.0.0.1:{proc.port}/echo"
+            try:
+                messages, busy = asyncio.run(echo_load(url, n, seconds, proc))
+            finally:
+                proc.close()
+            rows.append(
+                f"| {name} | {n} | {messages / seconds:.0f} | {busy / max(messages, 1) * 1e6:.1f} |"
+            )
+            print(rows[-1], flush=True)
+    finally:
+        upstream.close()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", default="100,200")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--proxy", type=int, default=0, help="N echo connections: proxy CPU")
     args = parser.parse_args()
     os.sched_setaffinity(0, {1})  # the load on CPU 1; the servers on CPU 0
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"webtorch-streams-{os.getpid()}"
     workdir.mkdir(parents=True)
     (workdir / "webtorch").mkdir()
+    (workdir / "proxy").mkdir()
+    if args.proxy:
+        table = "\n".join(
+            [
+                "| proxy | connections | messages/s | proxy CPU us/message |",
+                "|---|---|---|---|",
+                *proxy_rows(workdir, args.proxy, args.duration),
+            ]
+        )
+        print(table)
+        if args.output is not None:
+            args.output.write_text(table + "\n")
+        return
     rows = []
     for n in (int(s) for s in args.streams.split(",")):
         for name, make in (("WebTorch", webtorch_server), ("FastAPI + uvicorn", fastapi_server)):
