@@ -55,6 +55,7 @@ def rich_config(tmp_path: Path, servers: list[str]) -> wt_config.Config:
         },
         "routes": [{"prefix": "/api/", "upstream": "backend"}],
         "pipelines": {"text": {"path": str(ROOT / "tests" / "pipeline" / "files" / "text.py")}},
+        "streams": {},
     }
     return wt_config.from_dict(data)
 
