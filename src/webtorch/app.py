@@ -418,7 +418,10 @@ class App:
                 self.config.streams, loop, self._stream_executor, self._websocket_route, self.auth
             )
             self.streams.install(
-                state, access_log.record if access_log is not None else None, self.router.match
+                state,
+                access_log.record if access_log is not None else None,
+                self.router,
+                list(self.repository.endpoints),
             )
             self.metrics.sources.append(self.streams.metric_families)
         self.metrics.sources.append(

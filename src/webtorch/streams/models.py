@@ -47,6 +47,7 @@ from webtorch.streams.hub import Hub
 from webtorch.streams.ndjson import check_ndjson, open_stream
 from webtorch.streams.store import MAX_ID, Full, InUse, StreamState, StreamStore
 from webtorch.streams.upgrade import WebSocketRoute, accept, handshake
+from webtorch.streams.watch import EVENT_STREAM, MAX_WATCHERS, Watcher
 from webtorch.streams.websocket import TRY_LATER
 
 if TYPE_CHECKING:  # these bring torch: a server that only proxies WebSockets never loads it
@@ -105,6 +106,7 @@ class ModelStreams:
         self.executors = executors
         self.auth = auth  # who may send labels (train): the token and the sender's origin
         self.stats = StreamStats()
+        self.sessions: dict[tuple[str, str], Session] = {}  # open streams, for their watchers
         self._route = Route(
             "/v2/models/{name}/stream", self.ndjson, "/v2/models/stream", stream=True
         )
@@ -178,7 +180,34 @@ class ModelStreams:
             raise ServiceUnavailable(str(exc)) from None
         except InUse as exc:
             raise Conflict(str(exc)) from None
-        return Session(self, executor, spec, state, self._may_train(executor, request))
+        session = Session(self, executor, spec, state, self._may_train(executor, request))
+        self.sessions[state.key] = session
+        return session
+
+    def watch(self, request: Request) -> HandlerResult:
+        """``GET /v2/models/{name}/stream?stream=ID`` with ``Accept: text/event-stream``: the
+        answers of an open stream as server-sent events (streams/watch.py)."""
+        if request.method != "GET":
+            raise MethodNotAllowed("a stream is a WebSocket (GET) or NDJSON (POST)", ("GET",))
+        accept = request.header(b"accept") or b""
+        if EVENT_STREAM not in accept:
+            raise BadRequest(
+                "this is a stream: open it as a WebSocket (Upgrade: websocket), send it NDJSON "
+                "(POST), or follow its answers with Accept: text/event-stream and ?stream=ID"
+            )
+        executor, _spec, stream_id = self._prepare(request)
+        if _query(request.query, "stream") is None:
+            raise BadRequest("say which stream to follow: ?stream=ID")
+        session = self.sessions.get((executor.model.name, stream_id))
+        if session is None:
+            raise NotFound(f"stream {stream_id!r} is not open")
+        if len(session.watchers) >= MAX_WATCHERS:
+            raise ServiceUnavailable(f"stream {stream_id!r} has {MAX_WATCHERS} watchers already")
+        watcher = Watcher()
+        session.watchers.append(watcher)
+        return Response(
+            200, b"", EVENT_STREAM, headers=((b"cache-control", b"no-store"),), stream=watcher
+        )
 
     def _may_train(self, executor: Executor, request: Request) -> str | None:
         """None when the stream's labels may train the model, else why not: training is off,
@@ -288,6 +317,7 @@ class Session:
         self.state = state
         self.no_training = no_training  # why labels are refused (None: they train)
         self.ws: Channel | None = None
+        self.watchers: list[Watcher] = []  # SSE responses following the answers
         # Told when nothing is queued or in flight (the NDJSON form ends its answer then).
         self.on_idle: Callable[[], None] | None = None
         model = executor.model
@@ -344,6 +374,11 @@ class Session:
             self._next()
 
     def closed(self, ws: Channel | None, code: int) -> None:
+        if self.owner.sessions.get(self.state.key) is self:
+            del self.owner.sessions[self.state.key]
+        for watcher in self.watchers:
+            watcher.end()
+        self.watchers = []
         self.ended = True
         self.queue.clear()
         self.recent.clear()
@@ -518,6 +553,8 @@ class Session:
         ws = self.ws
         if ws is not None and not self.ended:
             ws.send(data.decode())
+            if self.watchers:
+                self.watchers = [w for w in self.watchers if w.push(data)]
 
 
 def _train_encode(request: TrainRequest, loss: float, step: int) -> Response:

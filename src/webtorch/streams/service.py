@@ -5,14 +5,15 @@ the model streams and the proxied WebSocket routes, installed as the server's up
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from webtorch.config import StreamsConfig
 from webtorch.http.messages import Request
-from webtorch.http.router import Route
+from webtorch.http.router import Route, Router
 from webtorch.http.state import AccessLogger, ServerState
 from webtorch.proxy.upstream import ProxyRoute
 from webtorch.streams.hub import Hub
@@ -20,6 +21,8 @@ from webtorch.streams.models import ModelStreams
 from webtorch.streams.store import StreamStore
 from webtorch.streams.tunnel import Tunnels
 from webtorch.streams.upgrade import Upgrades
+
+log = logging.getLogger("webtorch.streams")
 
 if TYPE_CHECKING:
     from webtorch.serve.executor import Executor
@@ -47,24 +50,36 @@ class Streams:
         self,
         state: ServerState,
         access_log: AccessLogger | None = None,
-        match: Callable[[str], Route | None] | None = None,
+        router: Router | None = None,
+        models: Iterable[str] = (),
     ) -> None:
-        """The upgrade hook, and the NDJSON form's streamed route before the router's own
-        streamed routes (``match``: the router's, read live, so reloads reach it)."""
+        """The upgrade hook; the NDJSON form's streamed route before the router's own streamed
+        routes (read live, so reloads reach them); and for each of ``models`` that streams,
+        the route of its watchers (server-sent events)."""
+        match = router.match if router is not None else None
         if self.proxied is not None:
             self.tunnels = Tunnels(self.hub, self.proxied, access_log)
             self.upgrades.finders.append(self.tunnels.find)
         state.upgrade = self.upgrades
-        models = self.models
+        streams = self.models
 
         def stream_match(path: str) -> Route | None:
-            route = models.route(path)
+            route = streams.route(path)
             if route is not None or match is None:
                 return route
             found = match(path)
             return found if found is not None and found.stream else None
 
         state.stream_match = stream_match
+        for name in models:
+            executor = self.models.executors(name)
+            if router is None or executor is None or executor.model.spec.stream is None:
+                continue
+            path = f"/v2/models/{name}/stream"
+            try:
+                router.add(Route(path, self.models.watch, path))
+            except ValueError:  # a [[routes]] entry has the path: it stays the config's
+                log.warning("%s is a configured route: its stream cannot be watched", path)
         self.hub.start(self.loop)
         self.hub.sweepers.append(self.store.sweep)
 
