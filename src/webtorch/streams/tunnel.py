@@ -26,6 +26,7 @@ from webtorch.http.state import AccessLogger
 from webtorch.proxy.headers import request_head
 from webtorch.proxy.upstream import ProxyRoute
 from webtorch.streams.hub import Hub
+from webtorch.vocab import Upstream
 
 log: Final = logging.getLogger("webtorch.streams")
 _clock: Final = time.perf_counter
@@ -85,6 +86,10 @@ class _Route:
         request.upstream = upstream.address
         head = request_head(request, self.route.trusted, _UPGRADE, upstream.address.encode())
         tunnel = Tunnel(self.owner, request, transport, release)
+        # Open while it lasts, for the policies that count (least_conn, bounded-load hashing),
+        # as nginx counts an upgraded connection.
+        upstream.inflight += 1
+        tunnel.upstream_counted = upstream
         # A sticky group pins the client to this upstream: the cookie goes into the 101.
         tunnel.cookie = group.cookie_for(request, upstream)
         tunnel.start(loop, upstream.host, upstream.port, head + rest, group.config.connect_timeout)
@@ -142,6 +147,7 @@ class Tunnel(asyncio.Protocol):
         self._ended = False
         self._answered = False  # a whole answer that is not a 101 came
         self.cookie: tuple[bytes, bytes] | None = None  # a Set-Cookie to add to the 101
+        self.upstream_counted: Upstream | None = None  # its in-flight count, until the end
         settings = owner.hub.settings
         client.set_protocol(self)
         client.set_write_buffer_limits(high=settings.write_buffer)
@@ -280,6 +286,9 @@ class Tunnel(asyncio.Protocol):
         if self._ended:
             return
         self._ended = True
+        if self.upstream_counted is not None:
+            self.upstream_counted.inflight -= 1
+            self.upstream_counted = None
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self.owner.hub.forget(self)
