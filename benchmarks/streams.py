@@ -87,9 +87,10 @@ def rss_kib(pids: list[int]) -> int:
 class Load:
     """N streams, each sending its samples at 50/s in ticks of 5, reading answers."""
 
-    def __init__(self, url: str, n: int) -> None:
+    def __init__(self, url: str, n: int, per_message: int = 1) -> None:
         self.url = url
         self.n = n
+        self.per_message = per_message
         self.sockets: list[ClientConnection] = []
         self.data = [stream(60, np.random.default_rng(seed))[0] for seed in range(min(n, 50))]
         self.sent = 0
@@ -128,14 +129,20 @@ class Load:
             await asyncio.sleep(max(0.0, start + tick / 10 - time.perf_counter()))
             for i, ws in enumerate(self.sockets):
                 samples = self.data[i % len(self.data)]
+                batch = []
                 for _ in range(RATE // 10):
                     k = counts[i]
                     counts[i] += 1
                     x = samples[k % len(samples)].tolist()
                     if k + 1 >= WINDOW and (k + 1 - WINDOW) % EVERY == 0:
                         self._sent_at[i][k] = time.perf_counter()
-                    await ws.send(json.dumps({"id": k, "x": x}))
+                    batch.append({"id": k, "x": x})
+                    if len(batch) == self.per_message:
+                        await ws.send(json.dumps(batch if self.per_message > 1 else batch[0]))
+                        batch = []
                     self.sent += 1
+                if batch:
+                    await ws.send(json.dumps(batch if self.per_message > 1 else batch[0]))
 
     async def close(self) -> None:
         for task in self._readers:
@@ -143,9 +150,11 @@ class Load:
         await asyncio.gather(*(ws.close() for ws in self.sockets), return_exceptions=True)
 
 
-async def measure(name: str, proc: harness.Process, url: str, n: int, duration: float) -> Result:
+async def measure(
+    name: str, proc: harness.Process, url: str, n: int, duration: float, per_message: int = 1
+) -> Result:
     base = rss_kib(proc.pids())
-    load = Load(url, n)
+    load = Load(url, n, per_message)
     await load.open()
     opened = rss_kib(proc.pids())
     await load.run(2.0)  # warm up: windows fill, batches find their size
@@ -304,6 +313,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--output", type=Path)
     parser.add_argument("--proxy", type=int, default=0, help="N echo connections: proxy CPU")
+    parser.add_argument(
+        "--per-message", type=int, default=1, help="items per message (WebTorch only: a JSON array)"
+    )
     args = parser.parse_args()
     os.sched_setaffinity(0, {1})  # the load on CPU 1; the servers on CPU 0
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"webtorch-streams-{os.getpid()}"
@@ -324,10 +336,14 @@ def main() -> None:
         return
     rows = []
     for n in (int(s) for s in args.streams.split(",")):
-        for name, make in (("WebTorch", webtorch_server), ("FastAPI + uvicorn", fastapi_server)):
+        servers = [("WebTorch", webtorch_server), ("FastAPI + uvicorn", fastapi_server)]
+        if args.per_message > 1:
+            servers = servers[:1]  # the FastAPI endpoint takes one item per message
+        for name, make in servers:
             proc, url = make(workdir)
+            label = name if args.per_message == 1 else f"{name}, {args.per_message} per message"
             try:
-                result = asyncio.run(measure(name, proc, url, n, args.duration))
+                result = asyncio.run(measure(label, proc, url, n, args.duration, args.per_message))
             finally:
                 proc.close()
             print(result.row(), flush=True)

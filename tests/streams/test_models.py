@@ -228,3 +228,19 @@ def test_metrics_show_streams_items_latency_and_state() -> None:
         assert "webtorch_streams_item_seconds_count 3.0" in text
         assert "webtorch_streams_state_bytes 32.0" in text
         assert "webtorch_websocket_connections 1.0" in text
+
+
+def test_a_message_may_carry_several_items_in_order() -> None:
+    items = np.random.default_rng(5).normal(size=(6, 3)).astype(np.float32)
+    with stream_server() as running, connect(ws_url(running, GRU)) as ws:
+        ws.recv(timeout=10)
+        ws.send(json.dumps([{"x": item.tolist()} for item in items[:4]]))
+        ws.send(json.dumps([{"x": [1, 2]}, {"x": items[4].tolist()}, {"x": items[5].tolist()}]))
+        answers = [json.loads(ws.recv(timeout=10)) for _ in range(7)]
+    errors = [a for a in answers if "error" in a]
+    assert len(errors) == 1 and "expected [3]" in errors[0]["error"]
+    good = [a for a in answers if "outputs" in a]
+    assert [a["id"] for a in good] == list(range(6))
+    np.testing.assert_allclose(
+        [a["outputs"]["y"] for a in good], _alone(items), rtol=1e-4, atol=1e-5
+    )

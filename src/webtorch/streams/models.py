@@ -353,8 +353,28 @@ class Session:
     # -- Handler ------------------------------------------------------------------------------
 
     def message(self, ws: Channel, data: str | bytes) -> None:
+        """One item (a JSON object), or several in order (a JSON array of them: a device that
+        sends a few samples per message saves the framing of the others)."""
         try:
             doc = self._parse(data)
+        except HTTPError as exc:
+            self.owner.stats.errors += 1
+            ws.send(orjson.dumps({"error": exc.message}).decode())
+            return
+        if isinstance(doc, list):
+            for one in doc:
+                self._one(ws, one)
+        else:
+            self._one(ws, doc)
+        if len(self.queue) + 1 >= self.max_pending:
+            ws.hold(True)
+        if self._hello_sent:
+            self._next()
+
+    def _one(self, ws: Channel, doc: Any) -> None:
+        try:
+            if not isinstance(doc, dict):
+                raise BadRequest("an item is a JSON object")
             if "for" in doc:
                 self._label_later(doc)
                 return
@@ -368,10 +388,6 @@ class Session:
             return
         self.received += 1
         self.queue.append((item_id, item, _clock(), targets))
-        if len(self.queue) + 1 >= self.max_pending:
-            ws.hold(True)
-        if self._hello_sent:
-            self._next()
 
     def closed(self, ws: Channel | None, code: int) -> None:
         if self.owner.sessions.get(self.state.key) is self:
@@ -388,15 +404,15 @@ class Session:
 
     # -- decoding -----------------------------------------------------------------------------
 
-    def _parse(self, data: str | bytes) -> dict[str, Any]:
+    def _parse(self, data: str | bytes) -> dict[str, Any] | list[Any]:
         if isinstance(data, bytes):
             raise BadRequest("send items as JSON text messages")
         try:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"an item is a JSON object: {exc}") from None
-        if not isinstance(doc, dict):
-            raise BadRequest("an item is a JSON object")
+        if not isinstance(doc, dict | list):
+            raise BadRequest("an item is a JSON object (or an array of them)")
         return doc
 
     def _item(self, doc: dict[str, Any], number: int) -> tuple[Any, np.ndarray]:
