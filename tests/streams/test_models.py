@@ -41,26 +41,32 @@ def test_streams_batched_together_answer_what_each_alone_would() -> None:
     streams, steps = 12, 15
     data = rng.normal(size=(streams, steps, 3)).astype(np.float32)
     with stream_server() as running:
-        stats = running.app.repository.endpoints["gru"].executor.stats
+        executor = running.app.repository.endpoints["gru"].executor
         stack = ExitStack()
         clients = [stack.enter_context(connect(ws_url(running, GRU))) for _ in range(streams)]
         for ws in clients:
             ws.recv(timeout=10)
+        batches0 = on_loop(running, lambda: executor.stats.batches)
         got = np.zeros((streams, steps, 4), dtype=np.float32)
         for t in range(steps):
-            for s, ws in enumerate(clients):  # every stream's item t before any answer
+            # Every stream's item t queued while the model is held, then one batch: the
+            # states of all streams gathered, the new ones scattered.
+            on_loop(running, executor.hold)
+            for s, ws in enumerate(clients):
                 ws.send(json.dumps({"id": t, "x": data[s, t].tolist()}))
+            while on_loop(running, lambda: executor.scheduler.queued_rows) < streams:
+                pass  # the items are on their way through the sockets
+            on_loop(running, executor.release)
             for s, ws in enumerate(clients):
                 answer = json.loads(ws.recv(timeout=10))
                 assert answer["id"] == t
                 got[s, t] = answer["outputs"]["y"]
         stack.close()
-        batches = on_loop(running, lambda: stats.batches)
+        batches = on_loop(running, lambda: executor.stats.batches) - batches0
+    # One forward pass per step for all twelve streams.
+    assert batches == steps
     for s in range(streams):
         np.testing.assert_allclose(got[s], _alone(data[s]), rtol=1e-4, atol=1e-5)
-    # Items rode shared forward passes: fewer batches than items (the first of each step at
-    # least is alone; the rest arrive together while it runs).
-    assert batches < streams * steps
 
 
 def test_a_window_model_answers_every_nth_item_once_the_window_is_full() -> None:
