@@ -37,7 +37,8 @@ LAYERS: list[dict[str, list[str]]] = [
     {"train": ["webtorch.train"], "guard": ["webtorch.guard"]},
     {"serve": ["webtorch.serve"]},  # batching, executing, endpoints, the model repository
     # Pipelines: stages over models' executors and function placements, their endpoints.
-    {"pipeline": ["webtorch.pipeline"]},
+    # WebSocket: model streams (over serve/'s executors) and proxied WebSockets (over proxy/).
+    {"pipeline": ["webtorch.pipeline"], "streams": ["webtorch.streams"]},
     # Plugins: user files at every phase of a request; they wrap the server's hooks (http), ask
     # the proxy's groups (pick) and the served models (serve), and the views read their stats.
     {"plugins": ["webtorch.plugins"]},

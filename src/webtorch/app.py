@@ -47,7 +47,7 @@ from webtorch.plugins.metrics import board as plugin_board
 from webtorch.plugins.metrics import metric_families as plugin_metrics
 from webtorch.plugins.models import model_source
 from webtorch.proxy.probe import LOAD_PATH, LoadReport
-from webtorch.proxy.upstream import Proxies
+from webtorch.proxy.upstream import Proxies, ProxyRoute
 from webtorch.serve.oip import EXTENSIONS, Auth, ModelRoutes
 from webtorch.serve.repository import ModelRepository
 from webtorch.shared.store import StateStore
@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from webtorch.serve.executor import Executor
     from webtorch.serve.model import LoadedModel
     from webtorch.serve.trainers import Trainers
+    from webtorch.streams.service import Streams
     from webtorch.train.trainer import Trainer
 
 log = logging.getLogger("webtorch")
@@ -132,6 +133,9 @@ class App:
         self._ready = False
         self._compaction: asyncio.TimerHandle | None = None
         self.proxies: Proxies | None = None
+        # [streams]: WebSocket model streams and proxied WebSocket routes (streams/).
+        self.streams: Streams | None = None
+        self._websocket_routes: dict[str, ProxyRoute] = {}  # route path -> its upstreams
         # State every worker of a master must see alike (set by workers/worker.py before start;
         # None: one process, each object keeps its own).
         self.shared: StateStore | None = None
@@ -241,6 +245,7 @@ class App:
         """The handlers of the config's [[routes]] (and its upstream groups, made anew)."""
         assert self.proxies is not None
         proxy_route = self.proxies.configure(config)
+        websocket_routes: dict[str, ProxyRoute] = {}
         routes = []
         for rc in config.routes:
             where = rc.path if rc.path is not None else rc.prefix
@@ -252,6 +257,8 @@ class App:
             elif rc.upstream is not None:
                 limit = rc.max_body if rc.max_body is not None else config.server.limits.max_body
                 handler = proxy_route(rc)
+                if rc.websocket:
+                    websocket_routes[where] = handler
                 if config.plugins:  # its requests with a body come here, not to the server's
                     handler = functools.partial(self.plugins.runner.streamed, handler)
                 if config.guard is not None:
@@ -272,7 +279,17 @@ class App:
                 assert rc.return_ is not None
                 handler = _fixed(Response(rc.return_, rc.body.encode(), rc.content_type.encode()))
             routes.append(Route(where, handler, where, prefix=rc.prefix is not None, user=True))
+        self._websocket_routes = websocket_routes
         return routes
+
+    def _websocket_route(self, request: Request) -> ProxyRoute | None:
+        """The upstreams of a proxied WebSocket route (``websocket = true``) for ``request``."""
+        route = self.router.match(request.path) if self.router is not None else None
+        return None if route is None else self._websocket_routes.get(route.name)
+
+    def _stream_executor(self, name: str) -> Executor | None:
+        endpoint = self.repository.endpoints.get(name)
+        return None if endpoint is None else endpoint.executor
 
     def _guard_streamed(self, handler: Handler, request: Request) -> HandlerResult:
         """A proxied route's handler behind the guard. The server hands a request with a body
@@ -303,7 +320,7 @@ class App:
         server = new.server
         plugins = self.plugins.reload(new.plugins, new.base_dir)  # a bad file: nothing changes
         self.router.replace_user_routes(self._user_routes(new))
-        if new.upstreams and self.server is not None:
+        if new.upstreams and self.server is not None and self.server.state.stream_match is None:
             # Proxied routes stream their request bodies (the first upstreams may come now).
             self.server.state.stream_match = self.router.match_stream
         self._apply_server(server)
@@ -415,6 +432,19 @@ class App:
         self.plugins.on_change = self._install_plugins
         self._install_plugins()
         state.sent_observer = self.metrics.observe_sent
+        if self.config.streams is not None:
+            from webtorch.streams.service import Streams
+
+            self.streams = Streams(
+                self.config.streams, loop, self._stream_executor, self._websocket_route, self.auth
+            )
+            self.streams.install(
+                state,
+                access_log.record if access_log is not None else None,
+                self.router,
+                list(self.repository.endpoints),
+            )
+            self.metrics.sources.append(self.streams.metric_families)
         self.metrics.sources.append(
             lambda: connection_families(
                 len(state.connections),
@@ -543,6 +573,11 @@ class App:
             await asyncio.gather(
                 self.server.shutdown(),
                 *([self.forwarded.shutdown()] if self.forwarded is not None else []),
+                *(
+                    [self.streams.drain(self.server.state.limits.drain_timeout)]
+                    if self.streams is not None
+                    else []
+                ),
             )
         if self._compaction is not None:
             self._compaction.cancel()

@@ -56,6 +56,7 @@ def rich_config(tmp_path: Path, servers: list[str]) -> wt_config.Config:
         "routes": [{"prefix": "/api/", "upstream": "backend"}],
         "pipelines": {"text": {"path": str(ROOT / "tests" / "pipeline" / "files" / "text.py")}},
         "plugins": [{"path": str(ROOT / "examples" / "plugins" / "redact_emails.py")}],
+        "streams": {},
     }
     return wt_config.from_dict(data)
 

@@ -41,6 +41,7 @@ from webtorch.config.server import (
     ServerConfig,
     TLSConfig,
 )
+from webtorch.config.streams import StreamsConfig
 from webtorch.config.upstreams import (
     RetryConfig,
     ServerEntry,
@@ -69,6 +70,7 @@ __all__ = [
     "ServerEntry",
     "StageConfig",
     "StickyConfig",
+    "StreamsConfig",
     "TLSConfig",
     "TrainConfig",
     "UpstreamConfig",

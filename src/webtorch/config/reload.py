@@ -59,6 +59,12 @@ def reloaded(
     missing = sorted({rc.model for rc in new.routes if rc.model is not None} - set(models))
     if missing:
         raise ConfigError(f"{source}: routes name models that are not loaded: {missing}")
+    if old.streams != new.streams:
+        # The WebSocket connections open now live by the running [streams] (their limits, the
+        # stream store's bounds): a restart applies a new one.
+        raise RestartRequired(
+            f"{source}: [streams] changed, which only a restart applies; nothing was reloaded"
+        )
     server = new.server
     if keep_listen:
         server = server.model_copy(update={"listen": old.server.listen})

@@ -17,6 +17,7 @@ from webtorch.config.pipelines import PipelineConfig, pipeline_paths
 from webtorch.config.plugins import PLUGIN_NAME, PluginConfig
 from webtorch.config.routes import BUILTIN_ROUTES, RouteConfig
 from webtorch.config.server import ServerConfig
+from webtorch.config.streams import StreamsConfig
 from webtorch.config.upstreams import UpstreamConfig
 from webtorch.errors import ConfigError
 
@@ -31,6 +32,8 @@ class Config(Strict):
     guard: GuardConfig | None = None
     # Python files that join the request's phases (plugins/), in order.
     plugins: list[PluginConfig] = Field(default_factory=list)
+    # WebSocket: model streams, proxied WebSocket routes; absent: off.
+    streams: StreamsConfig | None = None
     # Directory that relative paths in the file are resolved against.
     base_dir: Path = Field(default=Path("."), exclude=True)
 
@@ -48,6 +51,8 @@ class Config(Strict):
                 raise ValueError(f"routes[{i}].path: {route.path!r} is a pipeline's built-in route")
             if route.model is not None and route.model not in self.models:
                 raise ValueError(f"routes[{i}].model: no model named {route.model!r}")
+            if route.websocket and self.streams is None:
+                raise ValueError(f"routes[{i}].websocket: needs a [streams] section")
             if route.upstream is not None and route.upstream not in self.upstreams:
                 raise ValueError(f"routes[{i}].upstream: no upstream named {route.upstream!r}")
             key = ("path", route.path) if route.path is not None else ("prefix", route.prefix)

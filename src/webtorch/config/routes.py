@@ -42,6 +42,8 @@ class RouteConfig(Strict):
     max_body: Annotated[int, Field(ge=0)] | None = None
     # Retry POST, PATCH... after they were sent (nginx: proxy_next_upstream non_idempotent).
     retry_non_idempotent: bool = False
+    # WebSocket upgrades are piped to the upstream (streams/tunnel.py); needs [streams].
+    websocket: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> RouteConfig:
@@ -54,6 +56,10 @@ class RouteConfig(Strict):
         targets = [t for t in (self.model, self.return_, self.upstream) if t is not None]
         if len(targets) != 1:
             raise ValueError("a route needs exactly one of `model`, `return` or `upstream`")
-        if self.upstream is None and (self.max_body is not None or self.retry_non_idempotent):
-            raise ValueError("`max_body` and `retry_non_idempotent` are for `upstream` routes")
+        if self.upstream is None and (
+            self.max_body is not None or self.retry_non_idempotent or self.websocket
+        ):
+            raise ValueError(
+                "`max_body`, `retry_non_idempotent` and `websocket` are for `upstream` routes"
+            )
         return self

@@ -22,6 +22,9 @@ class Flow(Connection):
         super().__init__(state, loop)
         self._socket_paused = False
         self._resume: asyncio.Handle | None = None  # parsing held input, scheduled
+        # The protocol that took the transport over (a WebSocket: HttpProtocol._switch): the
+        # rest of a read that held the upgrade request is its.
+        self._successor: asyncio.Protocol | None = None
 
     def _feed(self, data: bytes) -> None:
         """Parse ``data`` (the parser's layer: HttpProtocol)."""
@@ -60,6 +63,10 @@ class Flow(Connection):
                 return
             self._feed(data[pos : pos + _SLICE])
             pos += _SLICE
+            if self._successor is not None:
+                if pos < end:
+                    self._successor.data_received(data[pos:])
+                return
 
     def _feed_unparsed(self) -> None:
         self._resume = None

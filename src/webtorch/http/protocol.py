@@ -85,6 +85,7 @@ _EXPECT: Final = 3
 _HOST: Final = 4
 _REQUEST_ID: Final = 5
 _CONNECTION: Final = 6
+_UPGRADE: Final = 7
 _SPECIAL_HEADERS: Final = {
     b"content-type": _CONTENT_TYPE,
     b"content-length": _CONTENT_LENGTH,
@@ -93,6 +94,7 @@ _SPECIAL_HEADERS: Final = {
     b"host": _HOST,
     b"x-request-id": _REQUEST_ID,
     b"connection": _CONNECTION,
+    b"upgrade": _UPGRADE,
 }
 
 
@@ -126,6 +128,10 @@ class HttpProtocol(Streams):
         self._has_host = False
         self._has_connection = False  # a Connection header was received (see on_headers_complete)
         self._request_id: bytes | None = None  # the first X-Request-Id header received
+        self._websocket = False  # an Upgrade: websocket header was received
+        # A WebSocket upgrade request, received: the state's upgrade hook takes it once the
+        # parser has stopped (in _feed), instead of the handler.
+        self._upgrading: Slot | None = None
         self._admitted = False  # counted by the state's gate, so released when the connection ends
         self._body_limit = self.limits.max_body
         self._slot: Slot | None = None
@@ -213,7 +219,12 @@ class HttpProtocol(Streams):
         self._now = self._time()
         try:
             self._feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
+            upgrading = self._upgrading
+            if upgrading is not None:
+                self._upgrading = None
+                self._switch(upgrading, data[int(exc.args[0]) :])
+                return
             # llhttp stops after the upgrade request's on_message_complete, by when the handler
             # may have answered already (phase back to IDLE): that answer must be the only one.
             if self._slot is not None or self.phase in (HEADERS, BODY):
@@ -283,6 +294,7 @@ class HttpProtocol(Streams):
         self._has_host = False
         self._has_connection = False
         self._request_id = None
+        self._websocket = False
         self._body_limit = self.limits.max_body
 
     def on_url(self, url: bytes) -> None:
@@ -338,6 +350,8 @@ class HttpProtocol(Streams):
                 self._request_id = value
         elif special == _CONNECTION:
             self._has_connection = True
+        elif special == _UPGRADE:
+            self._websocket = value.strip().lower() == b"websocket"
         elif value.strip().lower() == b"100-continue":  # Expect
             self._expect_continue = True
         else:
@@ -447,12 +461,40 @@ class HttpProtocol(Streams):
             return
         self.phase = WAIT
         self.deadline = None
+        if self._websocket and self.state.upgrade is not None and self.parser.should_upgrade():
+            self._upgrading = slot  # taken in _feed, where the parser stops (streams/)
+            return
         self._dispatch(slot, request, self.state.handler)
         if not slot.keep_alive:
             # The client asked to close: read nothing more, answer what is pending.
             self.closing = True
         if self.read_paused or len(self.slots) >= self.limits.max_pipeline:
             self._update_reading()
+
+    def _switch(self, slot: Slot, rest: bytes) -> None:
+        """A WebSocket upgrade request: the state's upgrade hook (streams/) refuses it, takes
+        the transport over (this connection is then done with it), or leaves it to the handler
+        as plain HTTP. ``rest``: what the client sent after the request."""
+        request, transport, hook = slot.request, self.transport, self.state.upgrade
+        assert request is not None and transport is not None and hook is not None
+        slot.keep_alive = False  # the parser stopped: nothing more is read as HTTP
+        self.closing = True
+        answer = hook(request, transport, rest, self._release) if self.slots[0] is slot else False
+        if answer is True:
+            self._successor = cast(asyncio.Protocol, transport.get_protocol())
+            self.slots.clear()
+            self.transport = None
+            self._admitted = False  # released by the new protocol's end (self._release)
+            self.state.connection_lost(self)
+        elif answer is False:
+            self._dispatch(slot, request, self.state.handler)
+        else:
+            self._deliver(slot, answer)
+
+    def _release(self) -> None:
+        gate = self.state.gate
+        if gate is not None:
+            gate.release(self.client)
 
     def _target(self) -> Target:
         """The request's target (http/target.py); raises BadRequest for a bad one. An

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
 from webtorch.http.limits import Limits
-from webtorch.http.messages import Handler, Request
+from webtorch.http.messages import Handler, Request, Response
 from webtorch.http.router import Route
 from webtorch.http.serialise import HeadCache
 
@@ -34,6 +34,10 @@ ExpectCheck = Callable[[Request], None]
 # The route of a path if its requests are dispatched as soon as their headers are in, the body
 # following as a stream (proxied routes); None for routes that want the whole body first.
 StreamMatch = Callable[[str], Route | None]
+# Takes a WebSocket upgrade request (streams/): given the request, its transport, the bytes read
+# after it and what to call when the connection ends, True when it took the transport over,
+# a Response that refuses it, or False to leave it to the handler as plain HTTP.
+UpgradeHook = Callable[[Request, asyncio.Transport, bytes, Callable[[], None]], Response | bool]
 
 # Seconds between two log lines about the connection cap (each counts what happened since).
 _CAP_LOG_INTERVAL: Final = 60.0
@@ -98,6 +102,7 @@ class ServerState:
         # instead of a %x formatting (which mypyc cannot compile: 0.15 us per request).
         self._id_high = b""
         self.stream_match = stream_match
+        self.upgrade: UpgradeHook | None = None  # None: WebSocket upgrades are plain HTTP
         self.scheme = scheme
         # Response heads, remade with Date on each tick; connections bind this one object.
         self.heads = HeadCache(server_name)

@@ -47,6 +47,33 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
+@dataclass(frozen=True)
+class Streaming:
+    """How a model serves streams (``GET /v2/models/{name}/stream``, a WebSocket): one item per
+    message, the items of many streams batched into one forward pass, each stream's state kept
+    by WebTorch between its items (as Triton's sequence batcher keeps it).
+
+    ``item`` names the input that one item fills (one row of it). With ``state = (input,
+    output)`` the model is recurrent: the ``output`` row an item produced is fed back as
+    ``input`` with that stream's next item (zeros for its first), so that each answer depends
+    on the whole stream (a GRU's hidden state). With ``window = K``, ``item``'s rows are the
+    last K items (shape ``(-1, K, ...)``): WebTorch keeps each stream's last K, and answers
+    every ``every``-th item once K are in (answers per window); otherwise every item is
+    answered. The answer carries the model's outputs but the state's.
+    """
+
+    item: str
+    state: tuple[str, str] | None = None
+    window: int = 0
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.window < 0 or self.every < 1:
+            raise ValueError("Streaming: window >= 0 and every >= 1")
+        if self.state is not None and self.window:
+            raise ValueError("Streaming: a recurrent state or a window, not both")
+
+
 @dataclass
 class Model:
     """What a model file defines. ``network`` is a module or a zero-argument factory of one.
@@ -76,6 +103,8 @@ class Model:
     version: str = "1"
     platform: str = "pytorch"
     extra: dict[str, Any] = field(default_factory=dict)
+    # Served as streams too (see Streaming); None: requests only.
+    stream: Streaming | None = None
 
     def __post_init__(self) -> None:
         for group in (self.inputs, self.outputs, self.targets or []):
@@ -84,6 +113,23 @@ class Model:
                 raise ValueError(f"duplicate tensor names in {names}")
         if not self.inputs or not self.outputs:
             raise ValueError("a model needs at least one input and one output")
+        stream = self.stream
+        if stream is not None:
+            inputs = {t.name: t for t in self.inputs}
+            if stream.item not in inputs:
+                raise ValueError(f"stream: no input named {stream.item!r}")
+            if stream.state is not None:
+                if stream.state[0] not in inputs or stream.state[0] == stream.item:
+                    raise ValueError(f"stream: state {stream.state[0]!r} is not another input")
+                if stream.state[1] not in {t.name for t in self.outputs}:
+                    raise ValueError(f"stream: state {stream.state[1]!r} is not an output")
+            if stream.window and inputs[stream.item].shape[1:2] != (stream.window,):
+                raise ValueError(
+                    f"stream: input {stream.item!r} must have shape (-1, {stream.window}, ...)"
+                )
+            others = set(inputs) - {stream.item, *(stream.state or ())}
+            if others:
+                raise ValueError(f"stream: inputs {sorted(others)} are neither item nor state")
 
 
 @dataclass

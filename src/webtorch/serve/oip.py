@@ -116,6 +116,13 @@ class Auth:
             self._check_sender(request, origin, site)
         self.check(request)
 
+    def check_sender(self, request: Request) -> None:
+        """The sender check of :meth:`check_change` alone, for what has no content type to
+        check (a WebSocket that sends labels: streams/models.py)."""
+        origin, site = request.header(b"origin"), request.header(b"sec-fetch-site")
+        if origin is not None or site is not None:
+            self._check_sender(request, origin, site)
+
     def _check_sender(self, request: Request, origin: bytes | None, site: bytes | None) -> None:
         """Browsers say where a request comes from: ``Origin`` (sent with every cross-origin
         POST) and ``Sec-Fetch-Site``. Other clients send neither and pass."""

@@ -43,6 +43,10 @@ ADDITIVE_GAUGES: Final = frozenset(
         "webtorch_upstream_inflight",
         "webtorch_upstream_connections",
         "webtorch_guard_clients",
+        "webtorch_websocket_connections",  # [streams]: each worker's own connections and state
+        "webtorch_streams_open",
+        "webtorch_streams_stored",
+        "webtorch_streams_state_bytes",
         "process_resident_memory_bytes",
         "process_virtual_memory_bytes",
         "process_open_fds",

@@ -1,0 +1,272 @@
+"""One WebSocket connection (RFC 6455) after its upgrade: the asyncio Protocol over wsproto's
+sans-IO connection. wsproto does the framing (masking, fragmentation, control frames, UTF-8,
+close codes); this shell adds what a server must bound: the size of a frame and of a message,
+silence (ping, then close), a client that does not read (reading pauses above the write
+buffer's high-water mark), a peer that never answers our close, and the drain.
+
+Deadlines are plain floats swept by the hub's once-a-second tick (streams/hub.py), as the HTTP
+connections' are, so that no message arms or cancels a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, Protocol, cast
+
+from wsproto.connection import Connection, ConnectionState
+from wsproto.events import (
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    Pong,
+    TextMessage,
+)
+from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import LocalProtocolError
+
+if TYPE_CHECKING:
+    from webtorch.streams.hub import Hub
+
+log: Final = logging.getLogger("webtorch.streams")
+
+GOING_AWAY: Final = 1001  # idle, or the server drains
+TOO_BIG: Final = 1009
+INTERNAL: Final = 1011  # a bug of ours, or the keep-alive ping went unanswered
+TRY_LATER: Final = 1013
+
+
+class Handler(Protocol):
+    """What a WebSocket serves: told of each whole message and of the end."""
+
+    def message(self, ws: WebSocket, data: str | bytes) -> None: ...
+
+    def closed(self, ws: WebSocket, code: int) -> None: ...
+
+
+class WebSocket(asyncio.Protocol):
+    """A WebSocket connection: wsproto's state machine on a transport."""
+
+    def __init__(self, hub: Hub, conn: Connection, handler: Handler, release: Callable[[], None]):
+        self.hub = hub
+        self.conn = conn
+        self.handler = handler
+        self._release = release  # the connection gate's (the guard's), told when this ends
+        self.settings = hub.settings
+        self.transport: asyncio.Transport | None = None
+        self._clock = hub.clock
+        now = self._clock()
+        self.last_input = now  # any bytes: a pong counts (keep-alive)
+        self.last_message = now  # a data message (idle timeout)
+        self.ping_sent: float | None = None  # when the unanswered ping went out
+        self.close_sent: float | None = None  # when our close frame went out
+        self.code: int | None = None  # the close code, once closing
+        self._parts: list[str | bytes] = []  # the fragments of the message being received
+        self._message_size = 0
+        self._frame_size = 0
+        self.write_paused = False
+        self.held = False  # the handler asked to stop reading (its queue is full)
+        self._reading = True
+        self._pump_soon: asyncio.Handle | None = None
+        self.received = 0  # bytes in, for the metrics
+        self.sent = 0
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=self.settings.write_buffer)
+        # The HTTP connection may have paused reading before it handed the socket over.
+        self.transport.resume_reading()
+        self.hub.opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        self.last_input = self._clock()
+        try:
+            self.conn.receive_data(data)
+        except LocalProtocolError:  # bytes after the close handshake: nothing to do with them
+            return
+        self._pump()
+
+    def eof_received(self) -> bool | None:
+        if self.conn.state is not ConnectionState.CLOSED:
+            self._gone(1006)  # no close frame before the FIN (RFC 6455 7.1.5)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._gone(1006 if self.code is None else self.code)
+        if self._pump_soon is not None:
+            self._pump_soon.cancel()
+            self._pump_soon = None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._update_reading()
+
+    # -- what the handler calls ---------------------------------------------------------------
+
+    def send(self, data: str | bytes) -> None:
+        """Send one message (str: text, bytes: binary); dropped once closing."""
+        if self.transport is None or self.conn.state is not ConnectionState.OPEN:
+            return
+        event: Event = TextMessage(data) if isinstance(data, str) else BytesMessage(data)
+        self._write(self.conn.send(event))
+
+    def hold(self, held: bool) -> None:
+        """Stop (True) or resume reading messages: the handler's queue is full, or no more."""
+        if held != self.held:
+            self.held = held
+            self._update_reading()
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the close handshake; the transport closes when the peer answers, or after
+        close_timeout."""
+        if self.transport is None or self.conn.state is not ConnectionState.OPEN:
+            return
+        self.code = code
+        self._write(self.conn.send(CloseConnection(code, reason)))
+        self.close_sent = self._clock()
+        self._update_reading()  # read on: the peer's close frame is what we wait for
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- inside -------------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        self.sent += len(data)
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def _pump(self) -> None:
+        """Handle the events wsproto has parsed, until the handler holds the connection: what
+        it did not take stays in wsproto's buffer (one read at most, the socket being paused)."""
+        self._pump_soon = None
+        try:
+            for event in self.conn.events():
+                self._event(event)
+                if self.transport is None or (self.held and self.close_sent is None):
+                    break
+        except Exception:  # a bug of ours: this connection ends, the server goes on
+            log.exception("WebSocket handling failed")
+            self._fail(INTERNAL, "internal error")
+
+    def _event(self, event: Event) -> None:
+        if isinstance(event, TextMessage | BytesMessage):
+            self._data(event)
+        elif isinstance(event, Ping):
+            self._write(self.conn.send(event.response()))
+        elif isinstance(event, Pong):
+            self.ping_sent = None
+        elif isinstance(event, CloseConnection):
+            if self.conn.state is ConnectionState.REMOTE_CLOSING:
+                # The peer closes: answer with its code, then the server closes the TCP
+                # connection first (RFC 6455 7.1.1).
+                if self.code is None:
+                    self.code = event.code
+                self._write(self.conn.send(event.response()))
+                self._finish()
+            elif self.conn.state is ConnectionState.CLOSED:
+                self._finish()  # the answer to our close
+            else:
+                # wsproto could not parse the input (a bad frame, bad UTF-8): it says with
+                # which code to close; nothing more is read.
+                self._fail(event.code, event.reason or "")
+
+    def _data(self, event: TextMessage | BytesMessage) -> None:
+        if self.close_sent is not None:
+            return  # closing: data still in flight from the peer is dropped
+        size = len(event.data)
+        self._frame_size += size
+        self._message_size += size
+        if self._frame_size > self.settings.max_frame:
+            self._fail(TOO_BIG, f"frame larger than {self.settings.max_frame} bytes")
+            return
+        if self._message_size > self.settings.max_message:
+            self._fail(TOO_BIG, f"message larger than {self.settings.max_message} bytes")
+            return
+        if event.frame_finished:
+            self._frame_size = 0
+        piece: str | bytes = event.data if isinstance(event.data, str) else bytes(event.data)
+        if not event.message_finished:
+            self._parts.append(piece)
+            return
+        parts = self._parts
+        data: str | bytes = piece
+        if parts:
+            parts.append(piece)
+            data = "".join(parts) if isinstance(piece, str) else b"".join(parts)  # type: ignore[arg-type]
+            self._parts = []
+        self._message_size = 0
+        self.last_message = self._clock()
+        self.handler.message(self, data)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Close now with ``code``: send our close frame and drop the connection (its input
+        can no longer be trusted, or is not wanted)."""
+        if self.code is None:
+            self.code = code
+        if self.transport is not None and self.conn.state is ConnectionState.OPEN:
+            self._write(self.conn.send(CloseConnection(code, reason[:100])))
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self._gone(self.code if self.code is not None else CloseReason.NORMAL_CLOSURE)
+
+    def _gone(self, code: int) -> None:
+        """Once: the handler and the hub are told, the gate released."""
+        if self.hub.forget(self):
+            if self.code is None:
+                self.code = code
+            release, self._release = self._release, _nothing
+            try:
+                self.handler.closed(self, int(code))
+            finally:
+                release()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        read = not (self.write_paused or self.held) or self.close_sent is not None
+        if read == self._reading:
+            return
+        self._reading = read
+        if read:
+            transport.resume_reading()
+            if self._pump_soon is None:
+                # Messages parsed before the pause come first (not here: this may run inside
+                # the handler, called from _pump).
+                self._pump_soon = asyncio.get_running_loop().call_soon(self._pump)
+        else:
+            transport.pause_reading()
+
+    def on_tick(self, now: float) -> None:
+        """The hub's sweep: keep-alive, idle timeout, close timeout."""
+        settings = self.settings
+        if self.close_sent is not None:
+            if now - self.close_sent >= settings.close_timeout:
+                self.abort()
+        elif now - self.last_message >= settings.idle_timeout:
+            self.close(GOING_AWAY, "idle timeout")
+        elif self.ping_sent is not None:
+            if now - self.ping_sent >= settings.ping_timeout:
+                self._fail(INTERNAL, "keep-alive ping timeout")
+        elif now - self.last_input >= settings.ping_interval and self.transport is not None:
+            self.ping_sent = now
+            self._write(self.conn.send(Ping(b"webtorch")))
+
+
+def _nothing() -> None:
+    pass
