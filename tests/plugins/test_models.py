@@ -66,3 +66,47 @@ def test_predict_and_train_from_a_plugin(tmp_path: Path) -> None:
         assert running.app.executors["xor"].trainer is not None
     # the example went through the trainer's WAL
     assert any((tmp_path / "state").rglob("*"))
+
+
+MISSHAPEN = """
+import asyncio
+
+class Misshapen:
+    async def request_body(self, ctx, body):
+        from webtorch.plugins import Response
+        xor = ctx.model("xor")
+        # one loop turn: both join one micro-batch, whose targets cannot be concatenated
+        good, bad = await asyncio.gather(
+            xor.train([[0.0, 1.0]], [[1.0]]),
+            xor.train([[1.0, 1.0]], [[0.0, 1.0, 2.0]]),
+            return_exceptions=True,
+        )
+        return Response(200, repr((good, bad)).encode())
+
+plugin = Misshapen()
+"""
+
+
+def test_a_train_request_that_does_not_fit_the_batch_is_refused_alone(tmp_path: Path) -> None:
+    """Arrays from a plugin skip the HTTP forms' checks: one whose targets have another shape
+    than the others' gets its own 400, the rest of its micro-batch trains, and training goes on
+    (the batch failing to form once stopped the executor with every request in it unanswered)."""
+    write_plugins(tmp_path, {"misshapen": MISSHAPEN})
+    path = config(
+        tmp_path,
+        [{"path": "misshapen.py"}],
+        routes=[{"path": "/learn", "return": 404}],
+        models={
+            "xor": {
+                "path": str(XOR),
+                "train": {"enabled": True, "state_dir": str(tmp_path / "state")},
+            }
+        },
+    )
+    with serving(path) as running:
+        for _ in range(2):  # and again: the executor still trains
+            status, _, body = request(running, "POST", "/learn", body=b"x")
+            assert status == 200
+            good, bad = body.decode().split(", ", 1)
+            assert float(good.lstrip("(")) > 0
+            assert "answered 400" in bad and "does not fit model" in bad, bad

@@ -285,6 +285,33 @@ class TrainPipeline:
                 else:
                     good.append(job)
             return _Step(good, self._batch(good)) if good else None
+        except Exception as exc:
+            # A request past its endpoint's checks that the batch cannot hold (a plugin's
+            # arrays of another shape than the model's, say): add the requests one by one to
+            # find those that do not fit (numbering nothing), answer them 400 and step with the
+            # others. One request must not leave the others unanswered or stop the executor.
+            log.warning("model %s: a train batch did not form (%r)", self.model.name, exc)
+            good = []
+            for job in jobs:
+                try:
+                    settle(job.request, self.model.inputs, self.model.targets)
+                    self.trainer.tensors(
+                        [(j.request.inputs, j.request.targets) for j in (*good, job)]
+                    )
+                except Exception as bad:
+                    error = (
+                        bad
+                        if isinstance(bad, HTTPError)
+                        else BadRequest(
+                            f"train request does not fit model {self.model.name!r}: {bad}"
+                        )
+                    )
+                    job.resolve(response_for_error(error))
+                    if self._keyed:
+                        self._answer_repeats([job])
+                else:
+                    good.append(job)
+            return _Step(good, self._batch(good)) if good else None
 
     def _batch(self, jobs: list[TrainJob]) -> Batch:
         keys: list[str | None] | None = None

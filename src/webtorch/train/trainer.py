@@ -241,12 +241,20 @@ class Trainer:
         """Concatenate requests' (inputs, targets) into the next micro-batch, numbered. Raises
         :class:`UncheckedRows` if some request's JSON rows are not all numbers (see
         ``forms.settle``); nothing is numbered then."""
-        tensors: dict[str, np.ndarray] = {}
-        for index, name, key, spec in self._layout:
-            tensors[key] = concatenate([request[index][name] for request in requests], spec)
+        tensors = self.tensors(requests)
         seq = self._next_seq
         self._next_seq += 1
         return Batch(tensors, rows, seq, keys)
+
+    def tensors(
+        self, requests: Sequence[tuple[Mapping[str, InputData], Mapping[str, InputData]]]
+    ) -> dict[str, np.ndarray]:
+        """The micro-batch's tensors (what :meth:`batch` numbers), or what stops them forming
+        (UncheckedRows; ValueError for arrays of shapes that do not concatenate)."""
+        tensors: dict[str, np.ndarray] = {}
+        for index, name, key, spec in self._layout:
+            tensors[key] = concatenate([request[index][name] for request in requests], spec)
+        return tensors
 
     def encode(self, batch: Batch) -> bytes:
         """The batch's WAL record, with each request's row count (loop thread: Python work stays
