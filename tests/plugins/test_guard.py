@@ -70,3 +70,46 @@ def test_the_guard_scans_a_streamed_body_behind_an_async_plugin(tmp_path: Path) 
     assert events[0] == (403, "block")
     assert events[1][0] == 200
     assert events[2] == (403, "block")
+
+
+STREAM_COUNT = """
+from tests.plugins.record import note
+
+class Count:
+    def __init__(self):
+        self.seen = 0
+
+    def request_body(self, ctx, chunk, end):
+        self.seen += len(chunk)
+        if end:
+            note(("read", self.seen))
+            self.seen = 0
+
+plugin = Count()
+"""
+
+
+def test_a_stream_mode_plugin_reads_what_the_guard_let_through(tmp_path: Path) -> None:
+    """Behind the guard's scan, a stream-mode request_body plugin still sees every chunk of a
+    clean body (the check that the guard had not refused it once compared two bound methods by
+    identity, which is never true, so such a plugin saw nothing behind the guard)."""
+    write_plugins(tmp_path, {"count": STREAM_COUNT})
+    head = (
+        b"POST /api/search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0\r\nAccept: */*\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n\r\n"
+    )
+    chunks = [b"a=" + b"x" * 20_000 + b"&", b"q=1 or maybe 2"]
+    with upstreams("up") as (up,):
+        path = config(
+            tmp_path,
+            [{"path": "count.py", "body": "stream"}],
+            routes=[{"prefix": "/api/", "upstream": "backend"}],
+            upstreams={"backend": [up.address]},
+            guard={"mode": "enforce"},
+        )
+        with serving(path) as running:
+            answer = upload(running, head, chunks)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            events = record.wait_for(lambda e: len(e) >= 1)
+    assert events[0] == ("read", sum(len(c) for c in chunks))

@@ -11,14 +11,13 @@ from webtorch.guard.answers import refusal
 from webtorch.guard.core import Decision
 from webtorch.guard.features import BODY_PREFIX, BodyScanner, RequestView
 from webtorch.http.messages import (
-    BodySink,
-    BodySource,
     HandlerResult,
     Pending,
     Request,
     RequestBody,
     Response,
 )
+from webtorch.http.watch import RouteWatch
 
 if TYPE_CHECKING:
     from webtorch.guard.shell import GuardedHandler
@@ -32,7 +31,7 @@ def probe_views(view: RequestView, probes: list[bytes]) -> list[RequestView]:
     return [RequestView("GET", view.path, p.decode("latin-1"), view.headers) for p in probes]
 
 
-class BodyWatch:
+class BodyWatch(RouteWatch):
     """A streamed body's scan: each chunk's values probed as it arrives, before the chunk goes
     anywhere (RequestBody.inspect). A body that turns out to be an attack stops: its
     upstream request is abandoned mid-body (never completed) and the client gets 403, or, if
@@ -43,15 +42,10 @@ class BodyWatch:
         "client",
         "head",
         "history",
-        "inner",
         "keyed",
-        "outer",
         "request",
         "scanner",
         "shell",
-        "sink",
-        "source",
-        "stream",
         "view",
     )
 
@@ -66,32 +60,20 @@ class BodyWatch:
         keyed: str | None,
         history: list[float],
     ) -> None:
-        self.shell, self.request, self.stream, self.scanner = shell, request, stream, scanner
+        super().__init__(stream)
+        self.shell, self.request, self.scanner = shell, request, scanner
         self.client, self.keyed, self.history = client, keyed, history
         self.view = RequestView("GET", request.path, "", request.headers)
         # The request as scored at its head; its body's first KiB fills in as it arrives, and
         # is scored as the detector reads a body it is given whole.
         self.head = head
-        self.outer = Pending()
-        self.inner: Pending | None = None
-        self.source: BodySource | None = None
-        self.sink: BodySink | None = None
 
     def run(self, result: HandlerResult) -> HandlerResult:
         """The handler's ``result``, watched: a Pending the scan can still answer first."""
         if not isinstance(result, Pending):
             self.stream.inspect = None  # answered already (or a coroutine: not proxied)
             return result
-        self.inner = result
-        self.outer.on_cancel = result.cancel
-        result.subscribe(_relay, self)
-        return self.outer
-
-    def answered(self, response: Response) -> None:
-        if response.stream is not None and self.stream.inspect is not None:
-            self.source = response.stream
-            response.stream = self
-        self.outer.resolve(response)
+        return self.watch(result)
 
     def feed(self, data: bytes) -> None:
         scanner = self.scanner
@@ -133,41 +115,10 @@ class BodyWatch:
         request.guard_score = decision.score
         if not decision.refused:
             return  # monitor mode: counted, let through
-        self.stream.inspect = None
-        if self.outer.response is None:
-            if self.inner is not None:
-                self.inner.cancel()  # the upstream request is abandoned, its body detached
-            response = refusal(decision)
-            assert isinstance(response, Response)
-            self.outer.resolve(response)
-            return
-        # The response has begun: stop its source and make the client see a truncation.
-        source, sink = self.source, self.sink
-        if source is not None:
-            source.cancel()
-        if sink is not None:
-            sink.abort()
-
-    # -- the response body's source, relayed ----------------------------------------------
-
-    def start(self, sink: BodySink) -> None:
-        self.sink = sink
-        assert self.source is not None
-        self.source.start(sink)
-
-    def pause(self) -> None:
-        assert self.source is not None
-        self.source.pause()
-
-    def resume(self) -> None:
-        assert self.source is not None
-        self.source.resume()
-
-    def cancel(self) -> None:
-        self.stream.inspect = None
-        assert self.source is not None
-        self.source.cancel()
+        self.stop(lambda: _refusal(decision))
 
 
-def _relay(watch: BodyWatch, response: Response) -> None:
-    watch.answered(response)
+def _refusal(decision: Decision) -> Response:
+    response = refusal(decision)
+    assert isinstance(response, Response)
+    return response

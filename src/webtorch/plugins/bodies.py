@@ -16,6 +16,7 @@ from webtorch.http.messages import (
     RequestBody,
     Response,
 )
+from webtorch.http.watch import RouteWatch
 from webtorch.plugins.calls import Refused, read_chunk, run_hook
 from webtorch.plugins.context import Context
 from webtorch.plugins.table import Chain, Hook
@@ -86,48 +87,35 @@ class FilteredBody:
         return data
 
 
-class StreamWatch:
+class StreamWatch(RouteWatch):
     """A streamed request body read by the stream-mode request_body plugins as it arrives,
     each chunk before it goes anywhere (RequestBody.inspect, after the guard's scan). One that
     answers stops the request: the route's work is cancelled (a proxied upload is abandoned
     mid-body, before that chunk reaches the upstream) and the answer goes out; if the
-    response had begun, it is cut short (the client sees a truncation). The guard's BodyWatch
-    does the same for its scan."""
+    response had begun, it is cut short (the client sees a truncation): http/watch.py's
+    RouteWatch, which the guard's BodyWatch is too."""
 
-    __slots__ = ("answer", "before", "ctx", "inner", "outer", "sink", "source", "stream")
+    __slots__ = ("answer", "before", "ctx")
 
     def __init__(self, answer: Answer, ctx: Context, stream: RequestBody) -> None:
+        super().__init__(stream)
         self.answer = answer  # the response phases over an answer (Runner.answer)
         self.ctx = ctx
-        self.stream = stream
         self.before = stream.inspect  # what inspected it already (the guard's scan)
         stream.inspect = self.feed
-        self.outer = Pending()
-        self.inner: Pending | None = None
-        self.source: BodySource | None = None
-        self.sink: BodySink | None = None
 
     def run(self, result: HandlerResult) -> HandlerResult:
         """The route's ``result``, watched: a Pending that an answer from a plugin can still
         beat. (The runner turns coroutines into Pendings: only a Response is not one.)"""
         if not isinstance(result, Pending):
             return result  # answered already: the chunks are only read from here on
-        self.inner = result
-        self.outer.on_cancel = result.cancel
-        result.subscribe(_relay, self)
-        return self.outer
-
-    def answered(self, response: Response) -> None:
-        if response.stream is not None and self.stream.inspect is not None:
-            self.source = response.stream  # relayed, so that a late answer can cut it
-            response.stream = self
-        self.outer.resolve(response)
+        return self.watch(result)
 
     def feed(self, data: bytes) -> None:
         before = self.before
         if before is not None:
             before(data)
-            if self.stream.inspect is not self.feed:
+            if self.stream.inspect != self.feed:  # equal, not identical: a new bound method
                 return  # the guard refused it while reading this chunk
         end = data == b""
         ctx = self.ctx
@@ -140,43 +128,9 @@ class StreamWatch:
             self.stream.inspect = None  # read whole: the response need not be relayed
 
     def refuse(self, answer: Response) -> None:
-        self.stream.inspect = None
-        if self.outer.response is None:
-            if self.inner is not None:
-                self.inner.cancel()  # the route's work stops now, before this chunk goes on
-            ctx = self.ctx
-            chain = ctx.chain
-            self.outer.resolve(self.answer(ctx, chain, answer) if chain.answers else answer)
-            return
-        source, sink = self.source, self.sink
-        if source is not None:
-            source.cancel()
-        if sink is not None:
-            sink.abort()
-
-    # -- the response body's source, relayed -----------------------------------------------
-
-    def start(self, sink: BodySink) -> None:
-        self.sink = sink
-        assert self.source is not None
-        self.source.start(sink)
-
-    def pause(self) -> None:
-        assert self.source is not None
-        self.source.pause()
-
-    def resume(self) -> None:
-        assert self.source is not None
-        self.source.resume()
-
-    def cancel(self) -> None:
-        self.stream.inspect = None
-        assert self.source is not None
-        self.source.cancel()
-
-
-def _relay(watch: StreamWatch, response: Response) -> None:
-    watch.answered(response)
+        ctx = self.ctx
+        chain = ctx.chain
+        self.stop(lambda: self.answer(ctx, chain, answer) if chain.answers else answer)
 
 
 class _Collector:
