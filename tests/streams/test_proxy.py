@@ -227,3 +227,27 @@ def test_least_conn_counts_open_websockets() -> None:
             ws.send("hi")
             names.append(ws.recv(timeout=10).split(":")[0])
         assert sorted(names) == ["a", "a", "a", "b", "b", "b"]
+
+
+def test_an_upstream_that_fails_an_opening_leaves_rotation() -> None:
+    """A tunnel's opening counts in passive health as a proxied request does: an upstream that
+    refuses the connection is out of rotation after max_fails (1), so the next WebSockets all
+    reach the live one instead of every other one failing with 502."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{free.getsockname()[1]}"
+    with (
+        echo_upstream("a") as (address, _),
+        serve_in_thread(proxy_config([dead, address], max_fails=1, fail_timeout=60)) as running,
+    ):
+        failed = 0
+        for _ in range(6):
+            try:
+                with connect(ws_url(running, "/ws/x")) as ws:
+                    ws.recv(timeout=10)  # the echo server's greeting
+                    ws.send("hi")
+                    assert ws.recv(timeout=10) == "a:hi"
+            except InvalidStatus as exc:
+                assert exc.response.status_code == 502
+                failed += 1
+        assert failed <= 1

@@ -24,14 +24,16 @@ import httptools
 from webtorch.http.messages import Request, Response, error_response
 from webtorch.http.state import AccessLogger
 from webtorch.proxy.headers import request_head
-from webtorch.proxy.upstream import ProxyRoute
+from webtorch.proxy.upstream import ProxyRoute, UpstreamGroup
 from webtorch.streams.hub import Hub
-from webtorch.vocab import Upstream
+from webtorch.vocab import Outcome, Upstream
 
 log: Final = logging.getLogger("webtorch.streams")
 _clock: Final = time.perf_counter
 _MAX_HEAD: Final = 64 * 1024  # the upstream's answer head, at most
 _UPGRADE: Final = b"upgrade: websocket\r\nconnection: upgrade\r\n"
+# Answers that count against the upstream in passive health, as a proxied request's do.
+_UNWELL: Final = frozenset((500, 502, 503, 504))
 
 
 class TunnelStats:
@@ -90,6 +92,7 @@ class _Route:
         # as nginx counts an upgraded connection.
         upstream.inflight += 1
         tunnel.upstream_counted = upstream
+        tunnel.judged = (group, upstream, now)
         # A sticky group pins the client to this upstream: the cookie goes into the 101.
         tunnel.cookie = group.cookie_for(request, upstream)
         tunnel.start(loop, upstream.host, upstream.port, head + rest, group.config.connect_timeout)
@@ -148,6 +151,9 @@ class Tunnel(asyncio.Protocol):
         self._answered = False  # a whole answer that is not a 101 came
         self.cookie: tuple[bytes, bytes] | None = None  # a Set-Cookie to add to the 101
         self.upstream_counted: Upstream | None = None  # its in-flight count, until the end
+        # (group, upstream, loop time of the pick) until the opening's outcome is reported to
+        # the group (passive health, the policy's statistics), as a proxied request's is.
+        self.judged: tuple[UpstreamGroup, Upstream, float] | None = None
         settings = owner.hub.settings
         client.set_protocol(self)
         client.set_write_buffer_limits(high=settings.write_buffer)
@@ -165,6 +171,7 @@ class Tunnel(asyncio.Protocol):
                     loop.create_connection(lambda: _Upstream(self), host, port), limit
                 )
             except (OSError, TimeoutError) as exc:
+                self._judge(Outcome.CONNECT_FAILED)
                 self._refuse(502, f"upstream {host}:{port} unreachable: {exc}")
                 return
             if self.upstream is not None:
@@ -184,7 +191,16 @@ class Tunnel(asyncio.Protocol):
         pass
 
     def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
+        self.status = status = self._parser.get_status_code()
+        self._judge(Outcome.SERVER_ERROR if status in _UNWELL else Outcome.OK)
+
+    def _judge(self, outcome: Outcome) -> None:
+        """Report how the opening went to the upstream's group, once."""
+        judged, self.judged = self.judged, None
+        if judged is not None:
+            group, upstream, picked = judged
+            now = asyncio.get_running_loop().time()
+            group.observe(upstream, outcome, now - picked, now, self.request)
 
     def on_message_complete(self) -> None:
         if self.status != 101:
@@ -225,10 +241,12 @@ class Tunnel(asyncio.Protocol):
             except httptools.HttpParserUpgrade:
                 pass
             except httptools.HttpParserError:
+                self._judge(Outcome.INVALID_RESPONSE)
                 self._refuse(502, "the upstream's answer is not HTTP")
                 return
             if self.status == 0:
                 if len(self._head) > _MAX_HEAD:
+                    self._judge(Outcome.INVALID_RESPONSE)
                     self._refuse(502, "the upstream's answer head is too large")
                 return
             if self._head:
@@ -286,6 +304,9 @@ class Tunnel(asyncio.Protocol):
         if self._ended:
             return
         self._ended = True
+        # Ended before the upstream's answer head: it broke the connection, unless the client
+        # left first (which says nothing about the upstream).
+        self._judge(Outcome.RESET if self.client is not None else Outcome.CANCELLED)
         if self.upstream_counted is not None:
             self.upstream_counted.inflight -= 1
             self.upstream_counted = None
