@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import textwrap
 from collections.abc import Iterator
@@ -11,7 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import Running, serve_in_thread
+from tests.proxy.test_forward import request
 from webtorch import config as wt_config
+
+__all__ = ["config", "metric", "request", "serving", "toml", "write_plugins"]
 
 FIXED: dict[str, Any] = {"path": "/fixed", "return": 200, "body": "fixed"}
 
@@ -76,22 +78,6 @@ def toml(data: dict[str, Any]) -> str:
 def serving(path: Path) -> Iterator[Running]:
     with serve_in_thread(wt_config.load(path), path) as running:
         yield running
-
-
-def request(
-    running: Running,
-    method: str,
-    target: str,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(running.host, running.port, timeout=30)
-    try:
-        conn.request(method, target, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 def metric(running: Running, line_start: str) -> float:

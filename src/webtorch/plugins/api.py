@@ -22,17 +22,9 @@ PHASES: Final = (
 # Phases that may wait (``async def``): the request's own, before anything is sent back, and
 # those off the request path. The rest run inside the server's callbacks: plain functions.
 ASYNC_PHASES: Final = frozenset({"startup", "shutdown", "request", "request_body"})
-# Phases run per request (their calls, errors and time are counted per plugin).
-REQUEST_PHASES: Final = (
-    "connect",
-    "disconnect",
-    "request",
-    "request_body",
-    "pick",
-    "response",
-    "response_body",
-    "log",
-)
+# Phases run per request (their calls, errors and time are counted per plugin): all but the
+# server's own start and stop.
+REQUEST_PHASES: Final = tuple(p for p in PHASES if p not in ("startup", "shutdown"))
 # The attribute :func:`every` marks a method with.
 EVERY_ATTRIBUTE: Final = "__webtorch_every__"
 # Shortest period of periodic work: a plugin cannot busy the loop with timers.
