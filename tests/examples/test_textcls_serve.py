@@ -32,7 +32,9 @@ def check_serves_and_trains(url: str) -> None:
         assert (answer["stage"], answer["record"]) == ("clean", 1)
         assert "clean;dur=" in exc.headers["server-timing"]
     before = train.accuracy(url, "textcls", 30, seed=1, batch=15)
-    losses = train.train(url, "textcls", 60, seed=0, batch=12)
+    # 120 pages (10 steps): over 40 initialisations of the (unseeded) network, 60 pages left
+    # held-out accuracy between 0.77 and 1.0; 120 pages reached 1.0 every time.
+    losses = train.train(url, "textcls", 120, seed=0, batch=12)
     after = train.accuracy(url, "textcls", 30, seed=1, batch=15)
     assert losses[-1] < losses[0]
     assert after >= 0.8 and after > before + 0.3, (before, after)
