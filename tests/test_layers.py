@@ -34,7 +34,7 @@ LAYERS: list[dict[str, list[str]]] = [
         # The Model API and tensor formats: what a model is, which training builds on too.
         "model": ["webtorch.serve.model", "webtorch.serve.datatypes", "webtorch.serve.wire"],
     },
-    {"train": ["webtorch.train"], "guard": ["webtorch.guard"]},
+    {"train": ["webtorch.train"]},
     {"serve": ["webtorch.serve"]},  # batching, executing, endpoints, the model repository
     # Pipelines: stages over models' executors and function placements, their endpoints.
     # WebSocket: model streams (over serve/'s executors) and proxied WebSockets (over proxy/).
@@ -42,6 +42,8 @@ LAYERS: list[dict[str, list[str]]] = [
     # Plugins: user files at every phase of a request; they wrap the server's hooks (http), ask
     # the proxy's groups (pick) and the served models (serve), and the views read their stats.
     {"plugins": ["webtorch.plugins"]},
+    # The guard: the first plugin (on plugins/' public phases), over its detector and tables.
+    {"guard": ["webtorch.guard"]},
     {"views": ["webtorch.observe"]},  # dashboard, timeline, access log: they read the layers below
     {"app": ["webtorch.app"], "examples": ["webtorch.examples"]},
     # Several processes: the master (config and the standard library only) and its workers (app).

@@ -51,7 +51,7 @@ def test_the_guard_scores_without_torch() -> None:
         from webtorch.guard.clients import N_CLIENT
         from webtorch.guard.features import RequestView
         from webtorch.guard.build import make_guard
-        from webtorch.guard.shell import GuardedHandler
+        from webtorch.guard.plugin import GuardPlugin
 
         cfg = config.from_dict({"guard": {"mode": "enforce"}})
         guard = make_guard(cfg.guard, cfg.base_dir)

@@ -9,7 +9,6 @@ import logging
 import signal
 import socket
 import ssl
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,7 +36,6 @@ from webtorch.http.limits import Limits
 from webtorch.http.messages import Handler, HandlerResult, Request, Response, json_response
 from webtorch.http.router import Route, Router
 from webtorch.http.server import HttpServer
-from webtorch.http.state import Observer
 from webtorch.metrics import Metrics, connection_families
 from webtorch.observe.access_log import AccessLog
 from webtorch.observe.dashboard import Dashboard
@@ -58,7 +56,6 @@ if TYPE_CHECKING:
     from webtorch.config import TrainConfig
     from webtorch.guard.core import Guard
     from webtorch.guard.feedback import Feedback
-    from webtorch.guard.shell import GuardedHandler
     from webtorch.metrics import TrainStats
     from webtorch.pipeline.placement import PlacementFactory
     from webtorch.pipeline.service import Pipelines
@@ -141,7 +138,6 @@ class App:
         self.shared: StateStore | None = None
         self.router: Router | None = None
         self.guard: Guard | None = None
-        self.guarded: GuardedHandler | None = None
         self.feedback: Feedback | None = None
         self.access_log: AccessLog | None = None
         self.timeline = Timeline(
@@ -259,10 +255,10 @@ class App:
                 handler = proxy_route(rc)
                 if rc.websocket:
                     websocket_routes[where] = handler
-                if config.plugins:  # its requests with a body come here, not to the server's
+                if config.plugins or config.guard is not None:
+                    # Its requests with a body come here, not to the server's handler: the
+                    # plugins (the guard first) are asked here.
                     handler = functools.partial(self.plugins.runner.streamed, handler)
-                if config.guard is not None:
-                    handler = functools.partial(self._guard_streamed, handler)
                 routes.append(
                     Route(
                         where,
@@ -290,16 +286,6 @@ class App:
     def _stream_executor(self, name: str) -> Executor | None:
         endpoint = self.repository.endpoints.get(name)
         return None if endpoint is None else endpoint.executor
-
-    def _guard_streamed(self, handler: Handler, request: Request) -> HandlerResult:
-        """A proxied route's handler behind the guard. The server hands a request with a body
-        for a proxied route to the route's handler as soon as its headers are in (the body
-        follows as a stream), not to the server's handler: the guard is asked here. Without a
-        body the request came through the server's handler, the guard included, already."""
-        guarded = self.guarded
-        if guarded is None or request.stream is None:
-            return handler(request)
-        return guarded.around(request, handler)
 
     def reload(self) -> str:
         """Re-read the config file and swap in its upstreams and routes without dropping a
@@ -390,18 +376,8 @@ class App:
         if problem is not None:
             raise ConfigError(problem)
         assert self.router is not None
-        inner = handler
-        observer: Observer = self.metrics.observe_request
-        guarded = None
         if self.config.guard is not None:
-            guarded = self._guard(handler, self.config.guard)
-            self.guarded = handler = guarded
-            observe, answered = self.metrics.observe_request, guarded.answered
-
-            def observer(request: Request, status: int, seconds: float) -> None:
-                observe(request, status, seconds)
-                answered(request, status)
-
+            self._guard(self.config.guard)  # the first plugin
         access_log = self._open_access_log()
         await self.plugins.start()  # their startup before the first request
         self.server = HttpServer(
@@ -409,7 +385,7 @@ class App:
             host if host is not None else cfg_host,
             port if port is not None else cfg_port,
             limits=Limits(**self.config.server.limits.model_dump()),
-            observer=observer,
+            observer=self.metrics.observe_request,
             ssl_context=self._ssl_context(),
             stream_match=self.router.match_stream if self.config.upstreams else None,
             access_log=access_log.record if access_log is not None else None,
@@ -419,7 +395,7 @@ class App:
         )
         try:
             await self.server.start()
-            await self._listen_forwarded(inner)
+            await self._listen_forwarded(handler)
         except BaseException:
             if access_log is not None:
                 access_log.close()
@@ -427,7 +403,6 @@ class App:
         state = self.server.state
         # 100 Continue only for a request that its route would take (no token: a 401 instead).
         state.expect_check = self.router.precheck
-        state.gate = guarded
         self._base = Base(state.handler, state.access_log, state.gate)
         self.plugins.on_change = self._install_plugins
         self._install_plugins()
@@ -494,12 +469,13 @@ class App:
         )
         await self.forwarded.start()
 
-    def _guard(self, handler: Handler, settings: GuardConfig) -> GuardedHandler:
-        """Every request through the guard before ``handler``; its metrics and stats exposed."""
+    def _guard(self, settings: GuardConfig) -> None:
+        """The guard, as the first of the plugins (guard/plugin.py): every request through it
+        before the others and the route; its metrics and stats exposed."""
         from webtorch.guard.build import ADAPTED, make_guard, weights_of
         from webtorch.guard.build import state_dir as guard_state_dir
         from webtorch.guard.metrics import metric_families as guard_metrics
-        from webtorch.guard.shell import GuardedHandler
+        from webtorch.guard.plugin import GuardPlugin
 
         try:
             guard = make_guard(settings, self.config.base_dir, self.shared)
@@ -513,14 +489,14 @@ class App:
 
             save_to = guard_state_dir(settings, self.config.base_dir) / ADAPTED
             self.feedback = Feedback(guard.scorer, weights, save_to, batch=settings.feedback_batch)
-        return GuardedHandler(
+        plugin = GuardPlugin(
             guard,
-            handler,
             settings.client_key,
             feedback=self.feedback,
             trusted=self.auth.valid,  # False while no token is set (a reload may set one)
             trusted_proxies=self.config.server.trusted_proxies,
         )
+        self.plugins.put_first("guard", plugin, body="stream")
 
     def _guard_feedback(self, request: Request) -> HandlerResult:
         self._management(request)
@@ -551,8 +527,6 @@ class App:
         """Fold the hot path's pending metric observations into buckets, once a second, and
         take the timeline's sample of that second (the dashboard's, and traffic shares)."""
         self.metrics.compact()
-        if self.guard is not None:
-            self.guard.expire(time.monotonic())
         self.timeline.sample()  # a few dozen microseconds; also feeds the traffic-share gauge
         loop = asyncio.get_running_loop()
         self._compaction = loop.call_later(1.0, self._compact_metrics)

@@ -14,13 +14,14 @@ from urllib.parse import quote
 import pytest
 
 from tests.conftest import XOR, Running, serve_in_thread
+from tests.guard.helpers import Guarded
 from tests.proxy.test_forward import request
 from webtorch import config as wt_config
 from webtorch.config import GuardConfig
 from webtorch.guard.clients import DISTINCT_LIMIT, ClientTable, shown_client
 from webtorch.guard.core import ALLOW, BLOCK, THROTTLE, Guard
 from webtorch.guard.features import RequestView
-from webtorch.guard.shell import KEY_LIMIT, GuardedHandler
+from webtorch.guard.plugin import KEY_LIMIT
 from webtorch.http.messages import HandlerResult, Pending, Request, Response, json_response
 
 INJECTION = "q=" + quote("1' OR '1'='1", safe="")
@@ -76,7 +77,7 @@ def test_a_keyed_clients_block_bans_the_key_and_fresh_keys_meet_the_address_limi
 
 def test_the_shell_limits_rotating_keys_and_bounds_what_it_keeps() -> None:
     guard = Guard(GuardConfig(mode="enforce", rate=5, new_keys_burst=20, max_clients=100))
-    guarded = GuardedHandler(guard, ok, "header:x-api-key", clock=lambda: 100.0)
+    guarded = Guarded(guard, ok, "header:x-api-key", clock=lambda: 100.0)
     statuses = []
     for i in range(500):
         key = b"%05d" % i + b"k" * 16_384  # a fresh 16 KB key per request
@@ -119,7 +120,7 @@ def forwarded(client: str, xff: list[bytes]) -> Request:
 
 
 def test_the_client_behind_trusted_proxies_is_the_rightmost_untrusted_address() -> None:
-    guarded = GuardedHandler(
+    guarded = Guarded(
         Guard(GuardConfig(mode="enforce")), ok, trusted_proxies=["127.0.0.1", "10.0.0.0/8"]
     )
     assert guarded.address_of(forwarded("127.0.0.1", [b"1.1.1.1"])) == "1.1.1.1"

@@ -1,5 +1,6 @@
-"""The guard's I/O shell: requests of one loop turn scored together, then their handlers run,
-whatever those return; refusals answered by the shell; a client gone before its batch is scored
+"""The guard as the first plugin, through the plugins' runner: requests of one loop turn scored
+together (its request phase returns a Later that the batch settles), then their handlers run,
+whatever those return; refusals answered by the guard; a client gone before its batch is scored
 never reaches its handler."""
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tests.guard.helpers import Guarded
 from webtorch.config import GuardConfig
 from webtorch.errors import BadRequest
 from webtorch.guard.core import Guard
 from webtorch.guard.features import RequestView
 from webtorch.guard.scorer import Scorer
-from webtorch.guard.shell import GuardedHandler
 from webtorch.http.messages import HandlerResult, Pending, Request, Response, json_response
 
 
@@ -49,10 +50,10 @@ def resolve(result: HandlerResult) -> Response | None:
     return result.response
 
 
-def shell(handler: object) -> tuple[GuardedHandler, CountingScorer]:
+def shell(handler: object) -> tuple[Guarded, CountingScorer]:
     scorer = CountingScorer()
     guard = Guard(GuardConfig(mode="enforce", block=0.5), scorer)
-    return GuardedHandler(guard, handler, clock=lambda: 100.0), scorer  # type: ignore[arg-type]
+    return Guarded(guard, handler, clock=lambda: 100.0), scorer  # type: ignore[arg-type]
 
 
 def test_one_turns_requests_are_scored_together_and_refusals_answered() -> None:

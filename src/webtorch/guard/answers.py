@@ -4,7 +4,7 @@ throttle, each with a JSON error that says why, as every WebTorch error does."""
 from __future__ import annotations
 
 from webtorch.guard.core import BLOCK, Decision, retry_after_header
-from webtorch.http.messages import HandlerResult, error_response
+from webtorch.http.messages import Response, error_response
 
 _MESSAGES = {
     "deny_list": "this address is not allowed here",
@@ -19,7 +19,7 @@ _MESSAGES = {
 }
 
 
-def refusal(decision: Decision) -> HandlerResult:
+def refusal(decision: Decision) -> Response:
     message = _MESSAGES.get(decision.reason, "refused by the guard")
     if decision.action == BLOCK:
         return error_response(403, message)

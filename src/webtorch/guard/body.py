@@ -1,26 +1,18 @@
-"""Streamed request bodies under the guard: :class:`BodyWatch` probes each chunk's values as it
-arrives, before the chunk goes on to the upstream, and can still refuse the request (403) or cut
-its response short."""
+"""Streamed request bodies under the guard: :class:`BodyScan` probes each chunk's values as it
+arrives, before the chunk goes on to the upstream (the guard's ``request_body`` phase), and can
+still refuse the request (403: the runner stops it, or cuts its response short)."""
 
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
 
-from webtorch.guard.answers import refusal
 from webtorch.guard.core import Decision
 from webtorch.guard.features import BODY_PREFIX, BodyScanner, RequestView
-from webtorch.http.messages import (
-    HandlerResult,
-    Pending,
-    Request,
-    RequestBody,
-    Response,
-)
-from webtorch.http.watch import RouteWatch
+from webtorch.http.messages import Request
 
 if TYPE_CHECKING:
-    from webtorch.guard.shell import GuardedHandler
+    from webtorch.guard.plugin import GuardPlugin
 
 log = logging.getLogger("webtorch.guard")
 
@@ -31,15 +23,16 @@ def probe_views(view: RequestView, probes: list[bytes]) -> list[RequestView]:
     return [RequestView("GET", view.path, p.decode("latin-1"), view.headers) for p in probes]
 
 
-class BodyWatch(RouteWatch):
-    """A streamed body's scan: each chunk's values probed as it arrives, before the chunk goes
-    anywhere (RequestBody.inspect). A body that turns out to be an attack stops: its
-    upstream request is abandoned mid-body (never completed) and the client gets 403, or, if
-    its response has begun, sees that response cut short. Also the response's body source
-    while the scan may still refuse, to reach the client's side for that."""
+class BodyScan:
+    """A streamed body's scan, the guard's ``request_body`` state for one request: each chunk's
+    values probed as it arrives, before the chunk goes anywhere. :meth:`feed` answers the
+    decision about the body (a refusal: the runner abandons its upstream request mid-body, or
+    cuts its response short if it began), or None to let the chunk on; :attr:`done` once
+    nothing more is to be read (the budget is spent, or scoring failed)."""
 
     __slots__ = (
         "client",
+        "done",
         "head",
         "history",
         "keyed",
@@ -51,37 +44,33 @@ class BodyWatch(RouteWatch):
 
     def __init__(
         self,
-        shell: GuardedHandler,
+        shell: GuardPlugin,
         head: RequestView,
         request: Request,
-        stream: RequestBody,
         scanner: BodyScanner,
         client: str,
         keyed: str | None,
         history: list[float],
     ) -> None:
-        super().__init__(stream)
         self.shell, self.request, self.scanner = shell, request, scanner
         self.client, self.keyed, self.history = client, keyed, history
         self.view = RequestView("GET", request.path, "", request.headers)
         # The request as scored at its head; its body's first KiB fills in as it arrives, and
         # is scored as the detector reads a body it is given whole.
         self.head = head
+        self.done = False
 
-    def run(self, result: HandlerResult) -> HandlerResult:
-        """The handler's ``result``, watched: a Pending the scan can still answer first."""
-        if not isinstance(result, Pending):
-            self.stream.inspect = None  # answered already (or a coroutine: not proxied)
-            return result
-        return self.watch(result)
-
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> Decision | None:
+        """A decision on the body with this chunk (a refusal; in monitor mode one that lets it
+        on, noted), or None."""
         scanner = self.scanner
-        stream = self.stream
+        stream = self.request.stream
         # The body's end: the chunk that completes its declared length, or a chunked body's
-        # end (RequestBody.finish inspects b""): probed whole before the upstream has it.
+        # end (an empty chunk): probed whole before the upstream has it.
         declared = self.head.body_length
-        final = not data or (declared is not None and stream.received >= declared)
+        final = not data or (
+            declared is not None and stream is not None and stream.received >= declared
+        )
         probes = scanner.feed(data, final)
         shell = self.shell
         guard = shell.guard
@@ -97,28 +86,11 @@ class BodyWatch(RouteWatch):
                 injection = float(scores[:, 0].max())
             except Exception:  # a scoring bug must not break the upload
                 log.exception("guard scoring failed; the body goes on unscanned")
-                self.stream.inspect = None
-                return
+                self.done = True
+                return None
             if injection >= guard.settings.block:
-                now = shell.clock()
-                self.refuse(guard.decide(self.client, injection, 0.0, now, self.keyed))
-                return
+                return guard.decide(self.client, injection, 0.0, shell.clock(), self.keyed)
         if scanner.over:
-            self.stream.inspect = None  # the budget is spent: the rest goes on unread
-            refused = shell.over_budget(self.client, shell.clock())
-            if refused is not None:
-                self.refuse(refused)
-
-    def refuse(self, decision: Decision) -> None:
-        request = self.request
-        request.guard_action = decision.action
-        request.guard_score = decision.score
-        if not decision.refused:
-            return  # monitor mode: counted, let through
-        self.stop(lambda: _refusal(decision))
-
-
-def _refusal(decision: Decision) -> Response:
-    response = refusal(decision)
-    assert isinstance(response, Response)
-    return response
+            self.done = True  # the budget is spent: refused, or the rest goes on unread
+            return shell.over_budget(self.client, shell.clock())
+        return None

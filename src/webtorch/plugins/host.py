@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from webtorch.config.plugins import PluginConfig
 from webtorch.errors import ConfigError
@@ -18,7 +18,7 @@ from webtorch.http.messages import Handler
 from webtorch.http.state import AccessLogger, ConnectionGate, ServerState
 from webtorch.plugins.calls import Refused, failed, run_quiet
 from webtorch.plugins.context import Host, ModelSource
-from webtorch.plugins.loader import Loaded, load
+from webtorch.plugins.loader import Loaded, from_object, load
 from webtorch.plugins.runner import Runner
 from webtorch.plugins.table import Plugin, PluginSet, StatsStore
 from webtorch.proxy.upstream import UpstreamGroup
@@ -26,10 +26,28 @@ from webtorch.proxy.upstream import UpstreamGroup
 log: Final = logging.getLogger("webtorch.plugins")
 
 
-def load_set(configs: Sequence[PluginConfig], base_dir: Path, store: StatsStore) -> PluginSet:
-    """Every configured plugin loaded (ConfigError naming the first that fails)."""
+def load_set(
+    configs: Sequence[PluginConfig],
+    base_dir: Path,
+    store: StatsStore,
+    first: Sequence[Loaded] = (),
+) -> PluginSet:
+    """Every configured plugin loaded (ConfigError naming the first that fails), after the
+    server's own (``first``), whose names a configured plugin may not take."""
     loaded: list[Loaded] = [load(config, base_dir) for config in configs]
-    return PluginSet(loaded, store)
+    _check_names(loaded, first)
+    return PluginSet(loaded, store, first)
+
+
+def _check_names(loaded: Sequence[Loaded], first: Sequence[Loaded]) -> None:
+    """A configured plugin's name is not one of the server's own (their metrics would mix)."""
+    taken = {own.name for own in first}
+    for plugin in loaded:
+        if plugin.name in taken:
+            raise ConfigError(
+                f"plugins.{plugin.name}: {plugin.path}: the name {plugin.name!r} is the "
+                "server's own plugin's (give this one another `name`)"
+            )
 
 
 class PluginHost:
@@ -41,7 +59,6 @@ class PluginHost:
         self.store: StatsStore = {}
         self.models = models
         self.runner = Runner(load_set(configs, base_dir, self.store), models)
-        self.configs = list(configs)
         self._timers: list[asyncio.TimerHandle] = []
         self._tasks: set[asyncio.Future[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -52,6 +69,18 @@ class PluginHost:
     @property
     def plugins(self) -> PluginSet:
         return self.runner.set
+
+    def put_first(self, name: str, obj: Any, body: Literal["buffer", "stream"] = "buffer") -> None:
+        """One of the server's own plugins (the guard), run before every configured one and
+        kept across reloads; before :meth:`start`. ``obj`` has phase methods as a plugin
+        file's ``plugin`` has; ``body`` is its request_body mode."""
+        assert self._loop is None, "the server's own plugins go in before start()"
+        path = Path(inspect.getfile(type(obj)))
+        config = PluginConfig(path=path, name=name, on_error="open", body=body)
+        first = [*self.runner.set.first, from_object(config, path, obj)]
+        configured = self.runner.set.configured
+        _check_names(configured, first)
+        self.runner.set = PluginSet(configured, self.store, first)
 
     async def start(self) -> None:
         """Each plugin's startup, in order (ConfigError naming the one that fails: the server
@@ -153,7 +182,8 @@ class PluginHost:
         does a startup that is a plain function and fails: the running set stays. With only
         plain startups the new set is in place when this returns; an async one defers the swap
         until it finished (a failure then is logged, and the running set stays)."""
-        new = load_set(configs, base_dir, self.store)  # ConfigError: nothing changes
+        # ConfigError: nothing changes
+        new = load_set(configs, base_dir, self.store, self.runner.set.first)
         if self._loop is None:  # not started (tests of the set alone): swap at once
             self._swap(new)
             return f"{len(new)} plugin(s)"
@@ -185,7 +215,6 @@ class PluginHost:
         for handle in self._timers:
             handle.cancel()
         self._timers.clear()
-        self.configs = [p.loaded.config for p in new.plugins]
         self.runner.set = new
         if self._loop is not None:
             self._schedule(new)

@@ -54,6 +54,13 @@ def load(config: PluginConfig, base_dir: Path) -> Loaded:
             line = _line_in(exc, path)
             at = f"{where}:{line}" if line is not None else where
             raise ConfigError(f"{at}: {type(exc).__name__}: {exc}") from None
+    return from_object(config, path, obj)
+
+
+def from_object(config: PluginConfig, path: Path, obj: Any) -> Loaded:
+    """``obj``'s phases found and checked: a plugin file's ``plugin``, or one of the server's
+    own (the guard) given as an object."""
+    where = f"plugins.{config.label}: {path}"
     hooks: dict[str, Callable[..., Any]] = {}
     waits: set[str] = set()
     for phase in PHASES:

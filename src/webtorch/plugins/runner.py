@@ -26,6 +26,7 @@ from webtorch.http.messages import (
     error_response,
 )
 from webtorch.http.state import AccessLogger, ConnectionGate
+from webtorch.plugins.api import Later
 from webtorch.plugins.bodies import FilteredBody, StreamWatch, collect
 from webtorch.plugins.calls import (
     OPEN,
@@ -88,17 +89,23 @@ class Runner:
     def _through(
         self, ctx: Context, chain: Chain, handler: Handler, stream: RequestBody | None
     ) -> HandlerResult:
-        request = ctx.request
         if chain.waits or (stream is not None and chain.body_buffer):
             work = _Work()
             return self._later(self._waiting(ctx, chain, handler, work), work)
         if chain.before:
             try:
-                answer = self._before(ctx, chain)
+                answer = self._before(ctx, chain, 0)
             except Refused as refused:
                 answer = refused.response
+            if isinstance(answer, _Resume):
+                return answer.start(handler)
             if answer is not None:
                 return self.answer(ctx, chain, answer) if chain.answers else answer
+        return self._handle(ctx, chain, handler)
+
+    def _handle(self, ctx: Context, chain: Chain, handler: Handler) -> HandlerResult:
+        """The route's handler, and the response phases over what it answers."""
+        request = ctx.request
         result = call_handler(handler, request)
         if not chain.answers:
             return result
@@ -136,10 +143,17 @@ class Runner:
             log.error("plugins failed", exc_info=exc)
             pending.resolve(error_response(500, "internal server error"))
 
-    def _before(self, ctx: Context, chain: Chain) -> Response | None:
-        """The request and request_body phases, all plain functions here."""
-        for plugin, fn in chain.request:
+    def _before(self, ctx: Context, chain: Chain, start: int) -> Response | _Resume | None:
+        """The request and request_body phases (all plain functions here), from the
+        ``start``-th request hook on; a :class:`_Resume` when one returned a :class:`Later`."""
+        hooks = chain.request
+        for i in range(start, len(hooks)):
+            plugin, fn = hooks[i]
             result = run_hook(plugin, "request", fn, ctx, ctx)
+            if result is None or result is OPEN:
+                continue
+            if isinstance(result, Later):
+                return _Resume(self, ctx, result, i + 1)
             answer = self._requested(plugin, ctx, result)
             if answer is not None:
                 return answer
@@ -159,6 +173,8 @@ class Runner:
         request = ctx.request
         if request.stream is not None:
             return None  # buffer plugins: read whole first (_waiting); stream: StreamWatch
+        if not request.body:
+            return None  # no body (GET): no request_body phase
         for plugin, fn in chain.body_buffer:
             result = run_hook(plugin, "request_body", fn, ctx, ctx, request.body)
             answer = self._bodied(plugin, ctx, result)
@@ -198,7 +214,10 @@ class Runner:
 
     async def _before_waiting(self, ctx: Context, chain: Chain) -> Response | None:
         for plugin, fn in chain.request:
-            answer = self._requested(plugin, ctx, await run_waiting(plugin, "request", fn, ctx))
+            result = await run_waiting(plugin, "request", fn, ctx)
+            if isinstance(result, Later):
+                result = await _settled(result)
+            answer = self._requested(plugin, ctx, result)
             if answer is not None:
                 return answer
         request = ctx.request
@@ -216,6 +235,8 @@ class Runner:
             request.stream = None  # whole now: the route takes it as a buffered body
         elif stream is not None:
             return None  # streamed on to the route; stream-mode plugins read it (StreamWatch)
+        elif not request.body:
+            return None  # no body (GET): no request_body phase
         for plugin, fn in chain.body_buffer:
             result = await run_waiting(plugin, "request_body", fn, ctx)
             answer = self._bodied(plugin, ctx, result)
@@ -380,6 +401,84 @@ class Runner:
             if not _bad_pick(plugin, ctx, what):
                 return [], None  # failed closed: no upstream (503)
         return candidates, None
+
+
+class _Resume:
+    """A request whose ``request`` phase returned a :class:`Later`: the phases after it, the
+    route and the response phases run from the Later's callback, and the server waits on
+    ``outer`` meanwhile (no task). The client going away cancels whatever it waits on."""
+
+    __slots__ = ("ctx", "handler", "inner", "later", "next", "outer", "runner")
+
+    def __init__(self, runner: Runner, ctx: Context, later: Later, after: int) -> None:
+        self.runner = runner
+        self.ctx = ctx
+        self.later = later
+        self.next = after  # the request hook to go on from
+        self.outer = Pending()
+        self.inner: Pending | None = None  # the route's, once it runs
+        self.handler: Handler | None = None
+
+    def start(self, handler: Handler) -> Pending:
+        self.handler = handler
+        self.outer.on_cancel = self.cancel
+        self.later.subscribe(_resumed, self)
+        return self.outer
+
+    def cancel(self) -> None:
+        self.later.cancel()
+        if self.inner is not None:
+            self.inner.cancel()
+
+    def resumed(self, answer: Response | None) -> None:
+        runner, ctx, outer = self.runner, self.ctx, self.outer
+        chain = ctx.chain
+        if answer is None:
+            try:
+                found = runner._before(ctx, chain, self.next)
+            except Refused as refused:
+                found = refused.response
+            if isinstance(found, _Resume):  # another plugin's Later: wait for it in turn
+                self.later, self.next = found.later, found.next
+                self.later.subscribe(_resumed, self)
+                return
+            answer = found
+        if answer is not None:
+            outer.resolve(runner.answer(ctx, chain, answer) if chain.answers else answer)
+            return
+        assert self.handler is not None
+        result = runner._handle(ctx, chain, self.handler)
+        if isinstance(result, Response):
+            outer.resolve(result)
+            return
+        if not isinstance(result, Pending):  # a coroutine (not proxied): its task
+            result = runner._later(settle(result), _Work())
+        self.inner = result
+        result.subscribe(_pass_on, outer)
+
+
+def _resumed(resume: _Resume, answer: Response | None) -> None:
+    resume.resumed(answer)
+
+
+def _pass_on(outer: Pending, response: Response) -> None:
+    outer.resolve(response)
+
+
+async def _settled(later: Later) -> Response | None:
+    """A Later met on the async path (another plugin made the request a task): awaited."""
+    done: asyncio.Future[Response | None] = asyncio.get_running_loop().create_future()
+    later.subscribe(_set, done)
+    try:
+        return await done
+    except asyncio.CancelledError:
+        later.cancel()
+        raise
+
+
+def _set(done: asyncio.Future[Response | None], answer: Response | None) -> None:
+    if not done.done():
+        done.set_result(answer)
 
 
 class _Asked:

@@ -101,12 +101,23 @@ class Chain:
 
 
 class PluginSet:
-    """The plugins of one config, in order (``order``, then the file's), and their chains."""
+    """The plugins of one config, in order (the server's own first, then ``order``, then the
+    file's), and their chains."""
 
-    def __init__(self, loaded: Sequence[Loaded], store: StatsStore | None = None) -> None:
+    def __init__(
+        self,
+        loaded: Sequence[Loaded],
+        store: StatsStore | None = None,
+        first: Sequence[Loaded] = (),
+    ) -> None:
         ranked = sorted(enumerate(loaded), key=lambda item: (item[1].config.order, item[0]))
         store = {} if store is None else store
-        self.plugins = [Plugin(item, i, store) for i, (_, item) in enumerate(ranked)]
+        # The server's own (the guard) before any configured plugin, whatever its order: what
+        # they refuse reaches no user plugin's request phase.
+        ordered = [*first, *(item for _, item in ranked)]
+        self.first = tuple(first)
+        self.configured = tuple(item for _, item in ranked)
+        self.plugins = [Plugin(item, i, store) for i, item in enumerate(ordered)]
         self.everywhere = Chain(self.plugins)
         # Whether some plugin sees only some routes (else every request gets `everywhere`).
         self.routed = any(p.routes for p in self.plugins)

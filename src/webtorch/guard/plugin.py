@@ -1,16 +1,24 @@
-"""The guard's thin I/O shell: it wraps the server's handler, so every request passes
-:meth:`Guard.check` before reaching its route, and answers the refused ones itself
-(``answers.py``); it is also the server's connection gate (bans, connection caps). The
-decision is noted on the request for the access log.
+"""The guard as a plugin (docs/PLUGINS.md): the first of the running set, on the public phases.
 
-Requests are scored in batches, those of one loop turn together; a streamed body is scanned as
-it arrives (``body.py``). Built from the config by ``build.py``.
+- ``connect`` / ``disconnect``: the connection gate (bans, per-address connection caps).
+- ``request``: :meth:`Guard.rules` (lists, bans, buckets, new keys, surge), then the detector's
+  score. Requests are scored in batches, those of one loop turn together in one numpy pass: the
+  phase returns a :class:`Later` that the batch settles (no task per request). A body already
+  whole (a model route's) is probed with the head; a streamed one is scored at its head alone,
+  at once (its route takes the stream as it is handed over).
+- ``request_body`` (``body = "stream"``): a streamed body's values probed chunk by chunk before
+  each goes on (``body.py``); a refusal stops the upload (the runner cancels the route).
+- ``log``: each response feeds its client's share of 4xx.
+- every second: the client table's idle entries expire.
+
+Refusals are answered from ``answers.py``; each decision is noted on the request for the access
+log and the plugins after it (``ctx.guard_action``, ``ctx.guard_score``). Built from the config
+by ``build.py``; its decisions are ``core.py``'s, its features ``features.py``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import ipaddress
 import logging
@@ -19,9 +27,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from webtorch.errors import HTTPError
 from webtorch.guard.answers import refusal
-from webtorch.guard.body import BodyWatch, probe_views
+from webtorch.guard.body import BodyScan, probe_views
 from webtorch.guard.clients import shown_client
 from webtorch.guard.core import Decision, Guard
 from webtorch.guard.features import (
@@ -34,15 +41,9 @@ from webtorch.guard.features import (
     body_kind,
     head_probes,
 )
-from webtorch.http.messages import (
-    Handler,
-    HandlerResult,
-    Pending,
-    Request,
-    Response,
-    error_response,
-    response_for_error,
-)
+from webtorch.http.messages import Request, Response
+from webtorch.plugins.api import Later, every
+from webtorch.plugins.context import Context
 from webtorch.proxy.headers import TrustedProxies
 
 if TYPE_CHECKING:
@@ -56,15 +57,16 @@ log = logging.getLogger("webtorch.guard")
 KEY_LIMIT = 64
 # X-Forwarded-For entries read from the right, at most: a chain of trusted proxies is short.
 FORWARDED_HOPS = 16
+# The guard's key in ``ctx.state``: a streamed body's scan.
+STATE = "guard.body"
 
 
-class GuardedHandler:
-    """``handler`` behind ``guard``: the server's handler when [guard] is configured."""
+class GuardPlugin:
+    """The guard's phases; app.py runs it as the first plugin when [guard] is configured."""
 
     def __init__(
         self,
         guard: Guard,
-        handler: Handler,
         client_key: str = "ip",
         clock: Callable[[], float] = time.monotonic,
         feedback: Feedback | None = None,
@@ -72,7 +74,6 @@ class GuardedHandler:
         trusted_proxies: Iterable[str] = (),
     ) -> None:
         self.guard = guard
-        self.handler = handler
         self.feedback = feedback
         # Requests that skip the guard: those bearing the server's token (operators, whose
         # feedback would otherwise be scored as the attacks it quotes).
@@ -90,7 +91,6 @@ class GuardedHandler:
         self._refuse_over = settings.body_scan_over == "refuse"
         self._over_logged = -math.inf  # when a body last went past the budget, logged
         self._batch: list[_Waiting] = []  # scored at the end of this loop turn
-        self._tasks: set[asyncio.Future[Response]] = set()  # coroutine handlers' results
 
     def address_of(self, request: Request) -> str:
         """The client's address: the peer's, or behind trusted proxies the right-most address
@@ -153,16 +153,15 @@ class GuardedHandler:
         key = self.key_of(request)
         return key if key is not None else self.address_of(request)
 
-    def __call__(self, request: Request) -> HandlerResult:
-        return self.around(request, self.handler)
+    # -- request ---------------------------------------------------------------------------
 
-    def around(self, request: Request, handler: Handler) -> HandlerResult:
-        """``request`` through the guard, then ``handler``. The server's handler for most
-        requests; a proxied route's own, for the requests the server dispatches to their
-        route as soon as their headers are in (their bodies stream: see app.py)."""
+    def request(self, ctx: Context) -> Response | Later | None:
+        """The rules, then the detector: a refusal, None (go on), or a Later that this loop
+        turn's batch settles."""
+        request = ctx.request
         if self._trusted is not None and self._trusted(request):
             request.guard_action = "allow"
-            return handler(request)
+            return None
         stream = request.stream
         declared = request.body_length() if stream is not None else None
         view = RequestView(
@@ -175,37 +174,44 @@ class GuardedHandler:
         now = self.clock()
         decided = self.guard.rules(view, client, now, keyed)
         if isinstance(decided, Decision):
-            return self._decided(request, decided, handler)
-        scorer = self.guard.scorer
-        assert scorer is not None
+            return self._decided(request, decided)
         if stream is not None:
-            # A streaming body's handler must take the stream as it is handed over, not a loop
+            # A streaming body's route must take the stream as it is handed over, not a loop
             # turn later: scored alone, at once; the body is scanned as it arrives.
             injection, abuse = self._score_alone(view, head_probes(view), decided)
             decision = self.guard.decide(client, injection, abuse, now, keyed)
             self._remember(request, view, decided, decision)
             kind = body_kind(request.headers) if self._scan_bytes else None
-            if decision.refused or kind is None:
-                return self._decided(request, decision, handler)
-            budget = PROBE_BUDGET - HEAD_PROBES
-            scanner = BodyScanner(kind[0], self._scan_bytes, kind[1], budget)
-            watch = BodyWatch(self, view, request, stream, scanner, client, keyed, decided)
-            stream.inspect = watch.feed
-            return watch.run(self._decided(request, decision, handler))
+            if not decision.refused and kind is not None:
+                budget = PROBE_BUDGET - HEAD_PROBES
+                scanner = BodyScanner(kind[0], self._scan_bytes, kind[1], budget)
+                ctx.state[STATE] = BodyScan(self, view, request, scanner, client, keyed, decided)
+            return self._decided(request, decision)
         probes = head_probes(view)
         if request.body and self._scan_bytes and self._scan_body(request, probes):
             refused = self.over_budget(client, now)
             if refused is not None:
-                return self._decided(request, refused, handler)
+                return self._decided(request, refused)
         # Scored with the requests that arrive in the same loop turn, in one numpy pass (see
-        # Scorer.score): the handler runs a turn later, from _flush.
-        pending = Pending()
-        waiting = _Waiting(request, view, client, keyed, decided, pending, probes, handler)
-        pending.on_cancel = waiting.cancel
+        # Scorer.score): the request goes on a turn later, from _flush.
+        later = Later()
+        waiting = _Waiting(request, view, client, keyed, decided, later, probes)
+        later.on_cancel = waiting.cancel
         if not self._batch:
             asyncio.get_running_loop().call_soon(self._flush)
         self._batch.append(waiting)
-        return pending
+        return later
+
+    def request_body(self, ctx: Context, chunk: bytes, end: bool) -> Response | None:
+        """A streamed body's chunk, probed before it goes on (a refusal stops the upload)."""
+        scan = ctx.state.get(STATE)
+        if not isinstance(scan, BodyScan):
+            return None  # trusted, refused at its head, not scanned, or the budget is spent
+        decision = scan.feed(chunk)
+        answer = None if decision is None else self._decided(ctx.request, decision)
+        if scan.done or answer is not None:
+            del ctx.state[STATE]  # the rest goes on unread (monitor mode: read on)
+        return answer
 
     def _scan_body(self, request: Request, probes: list[bytes]) -> bool:
         """Add the probes of a whole ``body`` (its parameters, up to the budget) to ``probes``;
@@ -269,10 +275,11 @@ class GuardedHandler:
             if waiting.cancelled:
                 continue  # the client went away (the decision still counts)
             self._remember(waiting.request, waiting.view, waiting.history, decision)
-            waiting.forward(
-                functools.partial(self._decided, waiting.request, decision, waiting.handler),
-                self._tasks,
-            )
+            answer = self._decided(waiting.request, decision)
+            if answer is None:
+                waiting.later.go_on()
+            else:
+                waiting.later.respond(answer)
 
     def _score_batch(self, batch: list[_Waiting]) -> list[tuple[float, float]]:
         """Each request's (injection, abuse), its probes scored in the same numpy pass."""
@@ -303,47 +310,41 @@ class GuardedHandler:
         if self.feedback is not None and score is not None:
             self.feedback.remember(request.request_id, view, history, score)
 
-    def _decided(self, request: Request, decision: Decision, handler: Handler) -> HandlerResult:
-        """Note ``decision`` on the request; its refusal, or its handler's result."""
+    def _decided(self, request: Request, decision: Decision) -> Response | None:
+        """Note ``decision`` on the request; its refusal, or None to let it on."""
         request.guard_action = decision.action
         request.guard_score = decision.score
         if decision.refused:
             return refusal(decision)
-        return handler(request)
+        return None
 
-    # -- the server's connection gate ----------------------------------------------------------
+    # -- connect, disconnect, log, every second -----------------------------------------------
 
-    def admit(self, address: str) -> bool:
+    def connect(self, address: str) -> bool:
         # A trusted proxy's connections carry everyone behind it: a ban or a cap of one of
         # them is answered per request (403, 429), never by cutting the proxy off.
         if address in self._proxies:
             return True
         return not self.guard.connect(address, self.clock()).refused
 
-    def release(self, address: str) -> None:
+    def disconnect(self, address: str) -> None:
         if address not in self._proxies:
             self.guard.disconnect(address)
 
-    def answered(self, request: Request, status: int) -> None:
-        """The server's observer: responses feed the client's 4xx share."""
-        self.guard.answered(self.client_of(request), status)
+    def log(self, ctx: Context) -> None:
+        """Responses feed the client's 4xx share."""
+        self.guard.answered(self.client_of(ctx.request), ctx.status)
+
+    @every(1.0)
+    def expire(self) -> None:
+        """Idle clients leave the table; bans and surges end on time."""
+        self.guard.expire(self.clock())
 
 
 class _Waiting:
-    """A request waiting for its batch's scores, and the Pending its client waits on."""
+    """A request waiting for its batch's scores, and the Later its request phase returned."""
 
-    __slots__ = (
-        "cancelled",
-        "client",
-        "handler",
-        "history",
-        "inner",
-        "keyed",
-        "pending",
-        "probes",
-        "request",
-        "view",
-    )
+    __slots__ = ("cancelled", "client", "history", "keyed", "later", "probes", "request", "view")
 
     def __init__(
         self,
@@ -352,66 +353,14 @@ class _Waiting:
         client: str,
         keyed: str | None,
         history: list[float],
-        pending: Pending,
+        later: Later,
         probes: list[bytes],
-        handler: Handler,
     ) -> None:
         self.request, self.view, self.client, self.history = request, view, client, history
         self.keyed = keyed
         self.probes = probes  # values scored on their own (features.head_probes, BodyScanner)
-        self.handler = handler
-        self.pending = pending
+        self.later = later
         self.cancelled = False
-        self.inner: Pending | asyncio.Future[Response] | None = None  # the handler's, once run
 
     def cancel(self) -> None:
         self.cancelled = True
-        if self.inner is not None:
-            self.inner.cancel()
-
-    def forward(
-        self, run: Callable[[], HandlerResult], tasks: set[asyncio.Future[Response]]
-    ) -> None:
-        """Run the handler (or the refusal) and pass its response on to the client's Pending,
-        with the errors the server's own dispatch would turn into answers."""
-        pending = self.pending
-        try:
-            result = run()
-        except HTTPError as exc:
-            pending.resolve(response_for_error(exc))
-            return
-        except Exception:
-            # %r: the path is the client's, decoded; it may hold line breaks.
-            log.exception("handler failed for %s %r", self.request.method, self.request.path)
-            pending.resolve(error_response(500, "internal server error"))
-            return
-        if isinstance(result, Response):
-            pending.resolve(result)
-        elif isinstance(result, Pending):
-            self.inner = result
-            result.subscribe(_resolve, pending)
-        else:
-            future = asyncio.ensure_future(result)
-            self.inner = future
-            tasks.add(future)
-            future.add_done_callback(functools.partial(_finished, pending, tasks))
-
-
-def _resolve(pending: Pending, response: Response) -> None:
-    pending.resolve(response)
-
-
-def _finished(
-    pending: Pending, tasks: set[asyncio.Future[Response]], future: asyncio.Future[Response]
-) -> None:
-    tasks.discard(future)
-    if future.cancelled():
-        return
-    exc = future.exception()
-    if exc is None:
-        pending.resolve(future.result())
-    elif isinstance(exc, HTTPError):
-        pending.resolve(response_for_error(exc))
-    else:
-        log.error("handler failed", exc_info=exc)
-        pending.resolve(error_response(500, "internal server error"))
