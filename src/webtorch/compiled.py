@@ -45,7 +45,7 @@ STAMP = PACKAGE / "compiled.json"
 
 # The request path, from the bytes on the socket to the model and back, and the proxy's. Paths
 # are relative to src/. Not here: anything that runs once per process or per second (config,
-# CLI, health probes' scheduling) and the guard (numpy does its work).
+# CLI, health probes' scheduling) and the guard's detector and tables (numpy does its work).
 MODULES = [
     "webtorch/vocab.py",
     "webtorch/http/protocol.py",
@@ -86,6 +86,14 @@ MODULES = [
     "webtorch/train/pipeline.py",
     "webtorch/train/wal.py",
     "webtorch/train/forms.py",
+    # With [[plugins]] or [guard] (the first plugin), every request crosses the plugins' runner
+    # and a context; their streamed bodies (bodies.py) and loading stay interpreted.
+    "webtorch/plugins/later.py",
+    "webtorch/plugins/context.py",
+    "webtorch/plugins/table.py",
+    "webtorch/plugins/calls.py",
+    "webtorch/plugins/runner.py",
+    "webtorch/guard/shell.py",
 ]
 
 

@@ -33,10 +33,10 @@ class Guarded:
         return self.handler(request)
 
     def address_of(self, request: Request) -> str:
-        return self.plugin.address_of(request)
+        return self.plugin.shell.address_of(request)
 
     def client_of(self, request: Request) -> str:
-        return self.plugin.client_of(request)
+        return self.plugin.shell.client_of(request)
 
 
 def _no_models(name: str) -> object:

@@ -21,7 +21,7 @@ from webtorch.config import GuardConfig
 from webtorch.guard.clients import DISTINCT_LIMIT, ClientTable, shown_client
 from webtorch.guard.core import ALLOW, BLOCK, THROTTLE, Guard
 from webtorch.guard.features import RequestView
-from webtorch.guard.plugin import KEY_LIMIT
+from webtorch.guard.shell import KEY_LIMIT
 from webtorch.http.messages import HandlerResult, Pending, Request, Response, json_response
 
 INJECTION = "q=" + quote("1' OR '1'='1", safe="")

@@ -18,8 +18,8 @@ from tests.plugins.helpers import config, request, serving, write_plugins
 from webtorch.config.plugins import PluginConfig
 from webtorch.errors import ConfigError
 from webtorch.http.messages import HandlerResult, Pending, Request, Response, json_response
-from webtorch.plugins.api import Later
 from webtorch.plugins.host import PluginHost
+from webtorch.plugins.later import Later
 from webtorch.plugins.loader import from_object
 from webtorch.plugins.runner import Runner
 from webtorch.plugins.table import PluginSet

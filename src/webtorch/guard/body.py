@@ -12,7 +12,7 @@ from webtorch.guard.features import BODY_PREFIX, BodyScanner, RequestView
 from webtorch.http.messages import Request
 
 if TYPE_CHECKING:
-    from webtorch.guard.plugin import GuardPlugin
+    from webtorch.guard.shell import GuardShell
 
 log = logging.getLogger("webtorch.guard")
 
@@ -44,7 +44,7 @@ class BodyScan:
 
     def __init__(
         self,
-        shell: GuardPlugin,
+        shell: GuardShell,
         head: RequestView,
         request: Request,
         scanner: BodyScanner,

@@ -17,7 +17,8 @@ reload, periodic work, shutdown), ``models.py`` (``ctx.model(name)``: a served m
 """
 
 from webtorch.http.messages import Response
-from webtorch.plugins.api import PHASES, Later, every
+from webtorch.plugins.api import PHASES, every
 from webtorch.plugins.context import Context, Host
+from webtorch.plugins.later import Later
 
 __all__ = ["PHASES", "Context", "Host", "Later", "Response", "every"]

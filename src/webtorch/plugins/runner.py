@@ -26,7 +26,6 @@ from webtorch.http.messages import (
     error_response,
 )
 from webtorch.http.state import AccessLogger, ConnectionGate
-from webtorch.plugins.api import Later
 from webtorch.plugins.bodies import FilteredBody, StreamWatch, collect
 from webtorch.plugins.calls import (
     OPEN,
@@ -41,6 +40,7 @@ from webtorch.plugins.calls import (
     settle,
 )
 from webtorch.plugins.context import Context, ModelSource
+from webtorch.plugins.later import Later
 from webtorch.plugins.table import Chain, Hook, Plugin, PluginSet
 from webtorch.vocab import Upstream
 
