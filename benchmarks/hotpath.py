@@ -178,24 +178,14 @@ async def run(path: str, conns: int, rounds: int) -> None:
     from webtorch.http.state import ServerState
 
     observer = None if os.environ.get("NO_OBSERVER") else app.metrics.observe_request
-    guarded = None
     if cfg.guard is not None:
-        # As App.start wires it: the guard in front of the handler, responses to its observer.
-        guarded = app._guard(handler, cfg.guard)
-        handler = guarded
-        observe = observer
-
-        def observer(request: Any, status: int, seconds: float) -> None:
-            if observe is not None:
-                observe(request, status, seconds)
-            guarded.answered(request, status)
-
+        app._guard(cfg.guard)  # as App.start puts it: the first plugin
     access_log = None
     if os.environ.get("ACCESS_LOG"):
         access_log = AccessLog(Path(os.environ["ACCESS_LOG"]))
         access_log.open()
     log_hook = access_log.record if access_log is not None else None
-    if os.environ.get("PLUGINS"):
+    if len(app.plugins.plugins) > 0:
         # As App.start installs them (plugins/host.py install).
         runner = app.plugins.runner
         handler = runner.wrap(handler)
