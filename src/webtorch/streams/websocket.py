@@ -203,12 +203,13 @@ class WebSocket(asyncio.Protocol):
         end = len(buf)
         conn = self.conn
         settings = self.settings
+        opened = conn.state is ConnectionState.OPEN  # changed only by frames wsproto takes
         try:
             while True:
                 transport = self.transport
                 if transport is None or transport.is_closing() or self.held:
                     return  # gone, failed (its input is dropped), or held: the rest waits
-                if conn.state is not ConnectionState.OPEN or self.close_sent is not None:
+                if not opened or self.close_sent is not None:
                     self.split = False
                     rest = bytes(buf[at:])
                     at = end
@@ -264,6 +265,7 @@ class WebSocket(asyncio.Protocol):
                 conn.receive_data(frame)
                 for event in conn.events():  # one frame: one event at most
                     self._event(event)
+                opened = conn.state is ConnectionState.OPEN
         finally:
             del buf[:at]
 
@@ -272,7 +274,7 @@ class WebSocket(asyncio.Protocol):
         if size > self.settings.max_message:
             self._fail(TOO_BIG, f"message larger than {self.settings.max_message} bytes")
             return
-        self.last_message = self._clock()
+        self.last_message = self.last_input  # the read it came in
         self.handler.message(self, data)
 
     def _event(self, event: Event) -> None:
