@@ -3,24 +3,32 @@
 served by WebTorch (windows of all streams batched into one forward pass) and by FastAPI +
 uvicorn running torch per message (benchmarks/streams_fastapi.py), in the same run.
 
-    .venv/bin/python benchmarks/streams.py [--streams 100,200] [--duration 10] [--output FILE]
+    .venv/bin/python benchmarks/streams.py [--streams 100,1000] [--duration 10] [--output FILE]
+        [--per-message 5] [--form binary] [--servers webtorch,fastapi,sink] [--rate 50]
     .venv/bin/python benchmarks/streams.py --proxy 100 [--duration 10]
 
-Each server runs on CPU 0 (taskset), the load on CPU 1 (this process: one asyncio loop, the
-websockets client), so that the two do not share a core. Per server and stream count:
+Each server runs on CPU 0 (taskset), the load on CPU 1 (this process: benchmarks/ws_load.py,
+one uvloop loop writing frames masked before the run), ``OMP_NUM_THREADS=1``. Items carry no
+id (the server numbers them), so an item's message is the same bytes every time round.
+``--servers sink`` offers the load to a server that drops it (benchmarks/ws_sink.py): the load
+generator's own ceiling. Per server and stream count:
 
-- items/s: items the server took in the measured window (offered: N x 50/s; a server that
-  falls behind slows its clients through backpressure, so what it takes is what it sustains);
+- offered items/s: items the load wrote in the measured window (N x rate when it keeps up);
+- items/s: items the server took: its answers in the window x 10 (one answer per 10 items;
+  items written are not counted, since the sockets' kernel buffers hold many seconds of a
+  stream's bytes: a server that falls behind shows it here, and in the latency);
 - p50/p99 per-item latency: from sending the item that completes a window to its answer;
-- CPU per item: the server's CPU time (user + system) in the window / items;
+- CPU per item: the server's CPU time (user + system) in the window / items it took;
+- memory per stream: the server's RSS with the N streams open (before any item) minus before
+  they opened, / N; and how much more it grew while they ran (allocator caches, buffers), / N;
+- load CPU / lag / skipped: the share of its core the load used, how late it ran against its
+  schedule at most, and sends skipped because a socket pushed back (the server not reading).
+
 With ``--proxy N``: WebSocket proxying instead, nginx (one worker, the usual Upgrade/Connection
 map) against WebTorch (a route with ``websocket = true``), each on CPU 0, in front of a
 websockets echo server (benchmarks/ws_echo.py) that shares CPU 1 with the load: N connections
 each sending 100 bytes and awaiting the echo in a loop; the proxy's CPU time per round trip
 (one message each way).
-
-- memory per stream: the server's RSS with the N streams open (before any item) minus before
-  they opened, / N; and how much more it grew while they ran (allocator caches, buffers), / N.
 """
 
 from __future__ import annotations
@@ -143,13 +151,15 @@ async def measure(
     load.lag = 0.0
     cpu0 = proc.cpu_times()
     own0 = resource.getrusage(resource.RUSAGE_SELF)
-    sent0, skipped0 = load.sent, load.skipped
+    sent0, skipped0, answers0 = load.sent, load.skipped, load.answers
     t0 = time.perf_counter()
     await load.run(duration)
     elapsed = time.perf_counter() - t0
     own = resource.getrusage(resource.RUSAGE_SELF)
     cpu = proc.cpu_times()
-    items = load.sent - sent0
+    # What the server took is what it answered (an answer per EVERY items): items written are
+    # not, since the sockets' kernel buffers hold many seconds of a stream's bytes.
+    items = (load.answers - answers0) * EVERY
     rss = rss_kib(proc.pids())
     await load.close()
     lat = np.array(load.latencies or [float("nan")]) * 1000
@@ -159,7 +169,7 @@ async def measure(
         name,
         n,
         items / elapsed,
-        n * rate,
+        (load.sent - sent0) / elapsed,
         float(np.percentile(lat, 50)),
         float(np.percentile(lat, 99)),
         busy / max(items, 1) * 1e6,

@@ -246,8 +246,9 @@ class Load:
             now = clock()
             if due > now:
                 await asyncio.sleep(due - now)
-            else:
+            else:  # late: still let the loop read the answers that came meanwhile
                 self.lag = max(self.lag, now - due)
+                await asyncio.sleep(0)
             s = turn % slots
             for i, stream in zip(firsts[s], groups[s], strict=True):
                 transport = stream.transport
