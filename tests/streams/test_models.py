@@ -285,3 +285,12 @@ def test_binary_rows_fill_a_window_as_json_items_do() -> None:
         answers = [json.loads(ws.recv(timeout=10)) for _ in range(3)]
     assert [a["id"] for a in answers] == [3, 5, 7]
     assert [a["outputs"]["y"] for a in answers][2] == [4, 0, 4 + 5 + 6 + 7]
+
+
+def test_binary_items_need_a_fixed_item_shape() -> None:
+    with stream_server() as running, connect(ws_url(running, "/v2/models/free/stream")) as ws:
+        ws.recv(timeout=10)
+        ws.send(b"\x00" * 8)
+        assert "not fixed: send items as JSON" in json.loads(ws.recv(timeout=10))["error"]
+        ws.send(b"\x00" * 8)  # and the stream goes on
+        assert "not fixed" in json.loads(ws.recv(timeout=10))["error"]

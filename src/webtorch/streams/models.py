@@ -326,6 +326,9 @@ class Session:
         item = next(t for t in model.inputs if t.name == spec.item)
         self.item_shape = item.shape[2:] if spec.window else item.shape[1:]
         self.item_dtype = item.dtype.numpy
+        # A binary message's row: its dtype (little-endian), shape and size in bytes.
+        wire = self.item_dtype.newbyteorder("<")
+        self._row = (wire, self.item_shape, wire.itemsize * math.prod(self.item_shape))
         self.outputs = [t.name for t in model.outputs]
         if spec.state is not None:
             self.outputs.remove(spec.state[1])
@@ -399,9 +402,15 @@ class Session:
     def _binary(self, ws: Channel, data: bytes) -> None:
         """Items as raw rows: each the item input's shape and dtype, little-endian, numbered
         in arrival order (no id, no label: those take the JSON form)."""
-        dtype, shape = self.item_dtype.newbyteorder("<"), self.item_shape
-        size = dtype.itemsize * math.prod(shape)
-        if not data or len(data) % size:
+        dtype, shape, size = self._row
+        if size <= 0:  # the item's shape has a free dimension: rows have no fixed size
+            self.owner.stats.errors += 1
+            ws.send('{"error":"this model\'s item shape is not fixed: send items as JSON"}')
+            return
+        if len(data) == size:  # one item: the common case, without the reshaping
+            self.queue.append((self.received, self._rows(data).reshape(shape), _clock(), None))
+            self.received += 1
+        elif not data or len(data) % size:
             self.owner.stats.errors += 1
             ws.send(
                 orjson.dumps(
@@ -413,20 +422,23 @@ class Session:
                 ).decode()
             )
             return
-        rows = (
-            np.frombuffer(data, dtype).reshape(-1, *shape).astype(self.item_dtype)
-        )  # native, writable
-        now = _clock()
-        number = self.received
-        append = self.queue.append
-        for row in rows:
-            append((number, row, now, None))
-            number += 1
-        self.received = number
+        else:
+            now = _clock()
+            number = self.received
+            append = self.queue.append
+            for row in self._rows(data).reshape(-1, *shape):
+                append((number, row, now, None))
+                number += 1
+            self.received = number
         if len(self.queue) + 1 >= self.max_pending:
             ws.hold(True)
         if self._hello_sent:
             self._next()
+
+    def _rows(self, data: bytes) -> np.ndarray:
+        """The items' values, flat: native byte order and writable (a copy: the executor may
+        hand the array to torch as it is)."""
+        return np.frombuffer(data, self._row[0]).astype(self.item_dtype)
 
     def closed(self, ws: Channel | None, code: int) -> None:
         if self.owner.sessions.get(self.state.key) is self:
