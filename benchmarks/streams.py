@@ -160,6 +160,8 @@ async def measure(
     # What the server took is what it answered (an answer per EVERY items): items written are
     # not, since the sockets' kernel buffers hold many seconds of a stream's bytes.
     items = (load.answers - answers0) * EVERY
+    if name.startswith("sink"):  # it answers nothing: what it took is what was written
+        items = load.sent - sent0
     rss = rss_kib(proc.pids())
     await load.close()
     lat = np.array(load.latencies or [float("nan")]) * 1000
