@@ -18,7 +18,8 @@ generator's own ceiling. Per server and stream count:
   items written are not counted, since the sockets' kernel buffers hold many seconds of a
   stream's bytes: a server that falls behind shows it here, and in the latency);
 - p50/p99 per-item latency: from sending the item that completes a window to its answer;
-- CPU per item: the server's CPU time (user + system) in the window / items it took;
+- CPU per item: the server's CPU time (user + system) in the window / items it took; in
+  brackets, the system (kernel) part of it;
 - memory per stream: the server's RSS with the N streams open (before any item) minus before
   they opened, / N; and how much more it grew while they ran (allocator caches, buffers), / N;
 - load CPU / lag / skipped: the share of its core the load used, how late it ran against its
@@ -74,6 +75,7 @@ class Result:
     p50_ms: float
     p99_ms: float
     cpu_us_per_item: float
+    sys_us_per_item: float  # of which the kernel's (system time)
     kib_per_stream: float
     kib_growth: float
     errors: int
@@ -84,7 +86,8 @@ class Result:
     def row(self) -> str:
         return (
             f"| {self.server} | {self.streams} | {self.offered:.0f} | {self.items_per_s:.0f} | "
-            f"{self.p50_ms:.1f} | {self.p99_ms:.1f} | {self.cpu_us_per_item:.1f} | "
+            f"{self.p50_ms:.1f} | {self.p99_ms:.1f} | "
+            f"{self.cpu_us_per_item:.1f} ({self.sys_us_per_item:.1f}) | "
             f"{self.kib_per_stream:.1f} | {self.kib_growth:.0f} | {self.errors} | "
             f"{self.load_cpu:.0f}% / {self.load_lag_ms:.0f} ms / {self.skipped} |"
         )
@@ -175,6 +178,7 @@ async def measure(
         float(np.percentile(lat, 50)),
         float(np.percentile(lat, 99)),
         busy / max(items, 1) * 1e6,
+        (cpu.system - cpu0.system) / max(items, 1) * 1e6,
         (opened - base) / n,
         (rss - opened) / n,
         load.errors,
@@ -384,8 +388,9 @@ def main() -> None:
             rows.append(result.row())
     table = "\n".join(
         [
-            "| server | streams | offered items/s | items/s | p50 ms | p99 ms | CPU us/item "
-            "| KiB/stream open | KiB/stream RSS growth | errors | load CPU / lag / skipped |",
+            "| server | streams | offered items/s | items/s | p50 ms | p99 ms "
+            "| CPU us/item (system) | KiB/stream open | KiB/stream RSS growth | errors "
+            "| load CPU / lag / skipped |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
         ]
