@@ -7,18 +7,18 @@ buffer's high-water mark), a peer that never answers our close, and the drain.
 Deadlines are plain floats swept by the hub's once-a-second tick (streams/hub.py), as the HTTP
 connections' are, so that no message arms or cancels a timer.
 
-One shortcut, for speed (benchmarks/streams.py): wsproto spends ~10 us of Python per frame
-(a generator, a buffer object, a masker, an incremental UTF-8 decoder and two dataclasses per
-frame), more than the rest of a stream item's handling. So while the connection is OPEN and no
-extension is in use, this shell cuts the input into whole frames itself (the header says how
-long each is) and takes the commonest frame, a whole data message (FIN set, opcode text or
-binary, masked, no RSV bit, no fragmented message in progress, text that is valid UTF-8)
-straight to the handler; every other frame (control frames, fragments, anything wsproto would
-refuse) is fed to wsproto whole, which answers or closes as before. wsproto thus only ever holds
-whole frames, and the two paths cannot disagree on where a frame starts. Once the connection
-leaves OPEN (either side closes), wsproto gets the rest of the input as it comes. Messages out
-are framed here too while OPEN (a server frame is a header and the bytes: wsproto would only add
-its per-call overhead; it keeps no state for unfragmented messages).
+One shortcut, for speed (benchmarks/streams.py): wsproto's Python per frame (a generator, a
+buffer object, a masker, an incremental UTF-8 decoder and two dataclasses per frame) was the
+largest share of a stream item's cost, with one small message per item. So while the connection
+is OPEN and no extension is in use, this shell cuts the input into whole frames itself (the
+header says how long each is) and takes the commonest frame, a whole data message (FIN set,
+opcode text or binary, masked, no RSV bit, no fragmented message in progress, text that is valid
+UTF-8) straight to the handler; every other frame (control frames, fragments, anything wsproto
+would refuse) is fed to wsproto whole, which answers or closes as before. wsproto thus only ever
+holds whole frames, and the two paths cannot disagree on where a frame starts. Once the
+connection leaves OPEN (either side closes), wsproto gets the rest of the input as it comes.
+Messages out are framed here too while OPEN (a server frame is a header and the bytes: wsproto
+would only add its per-call overhead; it keeps no state for unfragmented messages).
 """
 
 from __future__ import annotations
