@@ -107,12 +107,17 @@ class WebSocket(asyncio.Protocol):
         self.received += len(data)
         self.last_input = self._clock()
         if self.split:
-            self._inbox += data
-        else:
-            try:
-                self.conn.receive_data(data)
-            except LocalProtocolError:  # bytes after the close handshake: nothing to do with them
-                return
+            inbox = self._inbox
+            if inbox:  # a frame's start waits there: the bytes go on after it
+                inbox += data
+                self._pump(inbox)
+            else:  # the usual: whole frames, read in place (no copy)
+                self._pump(data)
+            return
+        try:
+            self.conn.receive_data(data)
+        except LocalProtocolError:  # bytes after the close handshake: nothing to do with them
+            return
         self._pump()
 
     def eof_received(self) -> bool | None:
@@ -177,13 +182,13 @@ class WebSocket(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(data)
 
-    def _pump(self) -> None:
+    def _pump(self, data: bytes | bytearray | None = None) -> None:
         """Handle the events wsproto has parsed, until the handler holds the connection: what
         it did not take stays in wsproto's buffer (one read at most, the socket being paused)."""
         self._pump_soon = None
         try:
             if self.split:
-                self._frames()
+                self._frames(self._inbox if data is None else data)
                 if self.split:
                     return
             for event in self.conn.events():
@@ -194,11 +199,11 @@ class WebSocket(asyncio.Protocol):
             log.exception("WebSocket handling failed")
             self._fail(INTERNAL, "internal error")
 
-    def _frames(self) -> None:
-        """The whole frames in the inbox, in order: whole data messages to the handler, the
-        others through wsproto; until the handler holds the connection, or the connection
-        leaves OPEN (then wsproto takes the rest of the input, and this is not called again)."""
-        buf = self._inbox
+    def _frames(self, buf: bytes | bytearray) -> None:
+        """The whole frames in ``buf`` (the inbox, or a read when the inbox is empty), in
+        order: whole data messages to the handler, the others through wsproto; until the
+        handler holds the connection, or the connection leaves OPEN (then wsproto takes the rest
+        of the input, and this is not called again). What is left waits in the inbox."""
         at = 0
         end = len(buf)
         conn = self.conn
@@ -267,7 +272,10 @@ class WebSocket(asyncio.Protocol):
                     self._event(event)
                 opened = conn.state is ConnectionState.OPEN
         finally:
-            del buf[:at]
+            if buf is self._inbox:
+                del buf[:at]
+            elif at < end:  # the inbox was empty: the rest of this read starts it
+                self._inbox = bytearray(buf[at:])
 
     def _whole(self, data: str | bytes, size: int) -> None:
         """A whole data message that came as one frame (the fast path of _frames)."""
@@ -395,10 +403,9 @@ def _unmask(key: bytes | bytearray, payload: bytes | bytearray) -> bytes:
     n = len(payload)
     if not n:
         return b""
-    keys = bytes(key) * (n // 4 + 1)
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(keys[:n], "little")).to_bytes(
-        n, "little"
-    )
+    return (
+        int.from_bytes(payload, "big") ^ int.from_bytes((key * (n // 4 + 1))[:n], "big")
+    ).to_bytes(n, "big")
 
 
 def _server_frame(first: int, payload: bytes) -> bytes:
