@@ -172,3 +172,52 @@ def test_a_whole_data_frame_inside_a_fragmented_message_closes_with_1002() -> No
         sock.sendall(_frame(0x1, b'{"id": 1, ', fin=False) + _frame(0x1, b'{"x": [1, 2, 3]}'))
         assert _close_code(sock) == 1002
         sock.close()
+
+
+class _HoldThenClose(_Recorder):
+    """Holds the connection at the first message, then closes it: as a stream whose queue is
+    full and then ends."""
+
+    def message(self, ws: WebSocket, data: str | bytes) -> None:
+        super().message(ws, data)
+        if len(self.messages) == 1:
+            ws.hold(True)
+            ws.close(1000, "done")
+
+
+async def _hold_then_close(split: bool) -> tuple[list[str | bytes], int | None, bytes]:
+    loop = asyncio.get_running_loop()
+    server_sock, client = socket.socketpair()
+    client.setblocking(False)
+    hub = Hub(StreamsConfig(), loop.time)
+    recorder = _HoldThenClose(want=-1)
+
+    def make() -> WebSocket:
+        ws = WebSocket(hub, Connection(ConnectionType.SERVER), recorder, lambda: None)
+        ws.split = split
+        return ws
+
+    await loop.connect_accepted_socket(make, server_sock)
+    # Two items in one read: the first holds and closes, the second waits; then the client's
+    # answer to the close, in a read of its own once the server's close frame is out.
+    await loop.sock_sendall(client, _frame(0x1, b"one") + _frame(0x1, b"two"))
+    answered = b""
+    while b"\x88" not in answered:
+        answered += await loop.sock_recv(client, 65536)
+    await loop.sock_sendall(client, _frame(0x8, struct.pack("!H", 1000)))
+    await asyncio.wait_for(recorder.done.wait(), 10)
+    while chunk := await loop.sock_recv(client, 65536):
+        answered += chunk
+    client.close()
+    return recorder.messages, recorder.code, answered
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_a_held_connection_that_closes_still_reads_the_peers_close(split: bool) -> None:
+    """Holding stops reading messages, not the close handshake: once the server has sent its
+    close, the peer's close frame behind a held message is read and the connection ends with
+    the server's code (not after close_timeout)."""
+    messages, code, answered = asyncio.run(_hold_then_close(split))
+    assert messages == ["one"]
+    assert code == 1000
+    assert answered.startswith(b"\x88")  # the server's close frame, then EOF

@@ -212,9 +212,10 @@ class WebSocket(asyncio.Protocol):
         try:
             while True:
                 transport = self.transport
-                if transport is None or transport.is_closing() or self.held:
-                    return  # gone, failed (its input is dropped), or held: the rest waits
+                if transport is None or transport.is_closing():
+                    return  # gone, or failed: its input is dropped
                 if not opened or self.close_sent is not None:
+                    # Closing (held or not: the peer's close frame is what we wait for).
                     self.split = False
                     rest = bytes(buf[at:])
                     at = end
@@ -222,8 +223,8 @@ class WebSocket(asyncio.Protocol):
                         with contextlib.suppress(LocalProtocolError):  # after the close handshake
                             conn.receive_data(rest)
                     return
-                if end - at < 2:
-                    return
+                if self.held or end - at < 2:
+                    return  # held (the rest waits in the inbox), or no whole header yet
                 b0, b1 = buf[at], buf[at + 1]
                 n = b1 & 0x7F
                 head = 2
