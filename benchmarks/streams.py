@@ -3,42 +3,57 @@
 served by WebTorch (windows of all streams batched into one forward pass) and by FastAPI +
 uvicorn running torch per message (benchmarks/streams_fastapi.py), in the same run.
 
-    .venv/bin/python benchmarks/streams.py [--streams 100,200] [--duration 10] [--output FILE]
+    .venv/bin/python benchmarks/streams.py [--streams 100,1000] [--duration 10] [--output FILE]
+        [--per-message 5] [--form binary] [--servers webtorch,fastapi,sink] [--rate 50]
     .venv/bin/python benchmarks/streams.py --proxy 100 [--duration 10]
 
-Each server runs on CPU 0 (taskset), the load on CPU 1 (this process: one asyncio loop, the
-websockets client), so that the two do not share a core. Per server and stream count:
+Each server runs on CPU 0 (taskset), the load on CPU 1 (this process: benchmarks/ws_load.py,
+one uvloop loop writing frames masked before the run), ``OMP_NUM_THREADS=1``. Items carry no
+id (the server numbers them), so an item's message is the same bytes every time round.
+``--servers sink`` offers the load to a server that drops it (benchmarks/ws_sink.py): the load
+generator's own ceiling. Per server and stream count:
 
-- items/s: items the server took in the measured window (offered: N x 50/s; a server that
-  falls behind slows its clients through backpressure, so what it takes is what it sustains);
+- offered items/s: items the load wrote in the measured window (N x rate when it keeps up);
+- items/s: items the server took: its answers in the window x 10 (one answer per 10 items;
+  items written are not counted, since the sockets' kernel buffers hold many seconds of a
+  stream's bytes: a server that falls behind shows it here, and in the latency);
 - p50/p99 per-item latency: from sending the item that completes a window to its answer;
-- CPU per item: the server's CPU time (user + system) in the window / items;
+- CPU per item: the server's CPU time (user + system) in the window / items it took; in
+  brackets, the system (kernel) part of it;
+- memory per stream: the server's RSS with the N streams open (before any item) minus before
+  they opened, / N; and how much more it grew while they ran (allocator caches, buffers), / N;
+- load CPU / lag / skipped: the share of its core the load used, how late it ran against its
+  schedule at most, and sends skipped because a socket pushed back (the server not reading).
+
 With ``--proxy N``: WebSocket proxying instead, nginx (one worker, the usual Upgrade/Connection
 map) against WebTorch (a route with ``websocket = true``), each on CPU 0, in front of a
 websockets echo server (benchmarks/ws_echo.py) that shares CPU 1 with the load: N connections
 each sending 100 bytes and awaiting the echo in a loop; the proxy's CPU time per round trip
 (one message each way).
-
-- memory per stream: the server's RSS with the N streams open (before any item) minus before
-  they opened, / N; and how much more it grew while they ran (allocator caches, buffers), / N.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
+import resource
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
+import orjson
+import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ws_load
 
 import webtorch_harness as harness
 from webtorch.examples.activity.data import stream
@@ -60,15 +75,21 @@ class Result:
     p50_ms: float
     p99_ms: float
     cpu_us_per_item: float
+    sys_us_per_item: float  # of which the kernel's (system time)
     kib_per_stream: float
     kib_growth: float
     errors: int
+    load_cpu: float  # % of its core the load generator used
+    load_lag_ms: float  # how late the load ran against its schedule, at most
+    skipped: int  # sends skipped because the server pushed back
 
     def row(self) -> str:
         return (
             f"| {self.server} | {self.streams} | {self.offered:.0f} | {self.items_per_s:.0f} | "
-            f"{self.p50_ms:.1f} | {self.p99_ms:.1f} | {self.cpu_us_per_item:.0f} | "
-            f"{self.kib_per_stream:.1f} | {self.kib_growth:.0f} | {self.errors} |"
+            f"{self.p50_ms:.1f} | {self.p99_ms:.1f} | "
+            f"{self.cpu_us_per_item:.1f} ({self.sys_us_per_item:.1f}) | "
+            f"{self.kib_per_stream:.1f} | {self.kib_growth:.0f} | {self.errors} | "
+            f"{self.load_cpu:.0f}% / {self.load_lag_ms:.0f} ms / {self.skipped} |"
         )
 
 
@@ -84,103 +105,86 @@ def rss_kib(pids: list[int]) -> int:
     return total
 
 
-class Load:
-    """N streams, each sending its samples at 50/s in ticks of 5, reading answers."""
-
-    def __init__(self, url: str, n: int, per_message: int = 1) -> None:
-        self.url = url
-        self.n = n
-        self.per_message = per_message
-        self.sockets: list[ClientConnection] = []
-        self.data = [stream(60, np.random.default_rng(seed))[0] for seed in range(min(n, 50))]
-        self.sent = 0
-        self.latencies: list[float] = []
-        self.errors = 0
-        self.measuring = False
-        self._sent_at: list[dict[int, float]] = []
-
-    async def open(self) -> None:
-        for _i in range(self.n):
-            ws = await connect(self.url, max_size=1 << 20, compression=None)
-            await ws.recv()  # the stream's name
-            self.sockets.append(ws)
-            self._sent_at.append({})
-        self._readers = [
-            asyncio.create_task(self._read(ws, self._sent_at[i]))
-            for i, ws in enumerate(self.sockets)
-        ]
-
-    async def _read(self, ws: ClientConnection, sent_at: dict[int, float]) -> None:
-        async for message in ws:
-            answer = json.loads(message)
-            at = sent_at.pop(answer.get("id", -1), None)
-            if "error" in answer:
-                self.errors += 1
-            elif at is not None and self.measuring:
-                self.latencies.append(time.perf_counter() - at)
-
-    async def run(self, seconds: float) -> None:
-        """Every 0.1 s, 5 samples on each stream (stream i starts its ticks i/N of a tick
-        later: devices are not in step)."""
-        start = time.perf_counter()
-        ticks = int(seconds * 10)
-        counts = [0] * self.n
-        for tick in range(ticks):
-            await asyncio.sleep(max(0.0, start + tick / 10 - time.perf_counter()))
-            for i, ws in enumerate(self.sockets):
-                samples = self.data[i % len(self.data)]
-                batch = []
-                for _ in range(RATE // 10):
-                    k = counts[i]
-                    counts[i] += 1
-                    x = samples[k % len(samples)].tolist()
-                    if k + 1 >= WINDOW and (k + 1 - WINDOW) % EVERY == 0:
-                        self._sent_at[i][k] = time.perf_counter()
-                    batch.append({"id": k, "x": x})
-                    if len(batch) == self.per_message:
-                        await ws.send(json.dumps(batch if self.per_message > 1 else batch[0]))
-                        batch = []
-                    self.sent += 1
-                if batch:
-                    await ws.send(json.dumps(batch if self.per_message > 1 else batch[0]))
-
-    async def close(self) -> None:
-        for task in self._readers:
-            task.cancel()
-        await asyncio.gather(*(ws.close() for ws in self.sockets), return_exceptions=True)
+def cycles(n: int, per_message: int, form: str) -> list[list[bytes]]:
+    """One cycle of a device's messages per data set (60 s of samples, at most 10 sets): JSON
+    ``{"x": [ax, ay, az]}`` (no id: the server numbers items in arrival order), a JSON array
+    of ``per_message`` of them, or ``binary``: float32 little-endian rows."""
+    out = []
+    for seed in range(min(n, 10)):
+        samples = stream(60, np.random.default_rng(seed))[0]
+        groups = [samples[j : j + per_message] for j in range(0, len(samples), per_message)]
+        if form == "binary":
+            out.append(ws_load.binary_frames([g.astype("<f4").tobytes() for g in groups]))
+        elif per_message == 1:
+            out.append(ws_load.text_frames([orjson.dumps({"x": g[0].tolist()}) for g in groups]))
+        else:
+            docs = [orjson.dumps([{"x": row.tolist()} for row in g]) for g in groups]
+            out.append(ws_load.text_frames(docs))
+    return out
 
 
 async def measure(
-    name: str, proc: harness.Process, url: str, n: int, duration: float, per_message: int = 1
+    name: str,
+    proc: harness.Process,
+    url: str,
+    n: int,
+    duration: float,
+    per_message: int = 1,
+    form: str = "json",
+    rate: float = RATE,
 ) -> Result:
     base = rss_kib(proc.pids())
-    load = Load(url, n, per_message)
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    load = ws_load.Load(
+        parts.hostname,
+        parts.port,
+        parts.path + (f"?{parts.query}" if parts.query else ""),
+        n,
+        cycles(n, per_message, form),
+        per_message,
+        rate,
+        WINDOW,
+        EVERY,
+    )
     await load.open()
     opened = rss_kib(proc.pids())
     await load.run(2.0)  # warm up: windows fill, batches find their size
     load.measuring = True
+    load.lag = 0.0
     cpu0 = proc.cpu_times()
-    sent0 = load.sent
+    own0 = resource.getrusage(resource.RUSAGE_SELF)
+    sent0, skipped0, answers0 = load.sent, load.skipped, load.answers
     t0 = time.perf_counter()
     await load.run(duration)
     elapsed = time.perf_counter() - t0
+    own = resource.getrusage(resource.RUSAGE_SELF)
     cpu = proc.cpu_times()
-    items = load.sent - sent0
+    # What the server took is what it answered (an answer per EVERY items): items written are
+    # not, since the sockets' kernel buffers hold many seconds of a stream's bytes.
+    items = (load.answers - answers0) * EVERY
+    if name.startswith("sink"):  # it answers nothing: what it took is what was written
+        items = load.sent - sent0
     rss = rss_kib(proc.pids())
     await load.close()
     lat = np.array(load.latencies or [float("nan")]) * 1000
     busy = (cpu.user + cpu.system) - (cpu0.user + cpu0.system)
+    load_busy = (own.ru_utime + own.ru_stime) - (own0.ru_utime + own0.ru_stime)
     return Result(
         name,
         n,
         items / elapsed,
-        n * RATE,
+        (load.sent - sent0) / elapsed,
         float(np.percentile(lat, 50)),
         float(np.percentile(lat, 99)),
         busy / max(items, 1) * 1e6,
+        (cpu.system - cpu0.system) / max(items, 1) * 1e6,
         (opened - base) / n,
         (rss - opened) / n,
         load.errors,
+        load_busy / elapsed * 100,
+        load.lag * 1000,
+        load.skipped - skipped0,
     )
 
 
@@ -202,6 +206,26 @@ def fastapi_server(workdir: Path) -> tuple[harness.Process, str]:
     )
     proc.wait_http("/v2/health/ready")
     return proc, f"ws://127.0.0.1:{port}/v2/models/activity/stream"
+
+
+def sink_server(workdir: Path) -> tuple[harness.Process, str]:
+    port = harness.free_port()
+    proc = harness.start(
+        [sys.executable, str(ROOT / "benchmarks" / "ws_sink.py"), "--port", str(port)],
+        env=ENV,
+        cpus="0",
+        name="sink",
+        log=workdir / "sink.log",
+    )
+    proc.wait_log(r"listening on")
+    return proc, f"ws://127.0.0.1:{port}/v2/models/activity/stream"
+
+
+SERVERS = {
+    "webtorch": ("WebTorch", webtorch_server),
+    "fastapi": ("FastAPI + uvicorn", fastapi_server),
+    "sink": ("sink (the load's ceiling)", sink_server),
+}
 
 
 # -- proxying: WebTorch's tunnels against nginx's, CPU per message ----------------------------
@@ -316,6 +340,11 @@ def main() -> None:
     parser.add_argument(
         "--per-message", type=int, default=1, help="items per message (WebTorch only: a JSON array)"
     )
+    parser.add_argument(
+        "--form", choices=("json", "binary"), default="json", help="binary: float32 rows"
+    )
+    parser.add_argument("--rate", type=float, default=RATE, help="items/s per stream")
+    parser.add_argument("--servers", default="webtorch,fastapi", help="webtorch,fastapi,sink")
     args = parser.parse_args()
     os.sched_setaffinity(0, {1})  # the load on CPU 1; the servers on CPU 0
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"webtorch-streams-{os.getpid()}"
@@ -336,23 +365,33 @@ def main() -> None:
         return
     rows = []
     for n in (int(s) for s in args.streams.split(",")):
-        servers = [("WebTorch", webtorch_server), ("FastAPI + uvicorn", fastapi_server)]
-        if args.per_message > 1:
-            servers = servers[:1]  # the FastAPI endpoint takes one item per message
+        servers = [SERVERS[name] for name in args.servers.split(",")]
+        if args.per_message > 1 or args.form != "json":
+            # the FastAPI endpoint takes one JSON item per message
+            servers = [s for s in servers if s[0] != "FastAPI + uvicorn"]
         for name, make in servers:
             proc, url = make(workdir)
-            label = name if args.per_message == 1 else f"{name}, {args.per_message} per message"
+            label = name
+            if args.per_message > 1:
+                label += f", {args.per_message} per message"
+            if args.form != "json":
+                label += f", {args.form}"
             try:
-                result = asyncio.run(measure(label, proc, url, n, args.duration, args.per_message))
+                result = uvloop.run(
+                    measure(
+                        label, proc, url, n, args.duration, args.per_message, args.form, args.rate
+                    )
+                )
             finally:
                 proc.close()
             print(result.row(), flush=True)
             rows.append(result.row())
     table = "\n".join(
         [
-            "| server | streams | offered items/s | items/s | p50 ms | p99 ms | CPU us/item "
-            "| KiB/stream open | KiB/stream RSS growth | errors |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| server | streams | offered items/s | items/s | p50 ms | p99 ms "
+            "| CPU us/item (system) | KiB/stream open | KiB/stream RSS growth | errors "
+            "| load CPU / lag / skipped |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
         ]
     )

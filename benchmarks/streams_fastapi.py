@@ -48,7 +48,7 @@ async def stream(ws: WebSocket) -> None:
             if count >= WINDOW and (count - WINDOW) % EVERY == 0:
                 with torch.inference_mode():
                     probs = model.forward({"x": torch.tensor([list(window)])})["probs"]
-                answer = {"id": item["id"], "outputs": {"probs": probs[0].tolist()}}
+                answer = {"id": item.get("id", count - 1), "outputs": {"probs": probs[0].tolist()}}
                 await ws.send_text(json.dumps(answer))
     except WebSocketDisconnect:
         return

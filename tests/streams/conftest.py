@@ -19,7 +19,7 @@ T = TypeVar("T")
 def streams_config(streams: dict[str, Any] | None = None, **extra: Any) -> wt_config.Config:
     data: dict[str, Any] = {
         "models": {
-            name: {"path": str(MODELS / f"{name}.py")} for name in ("gru", "window", "wide")
+            name: {"path": str(MODELS / f"{name}.py")} for name in ("gru", "window", "wide", "free")
         },
         "streams": streams or {},
         **extra,

@@ -250,3 +250,47 @@ def test_a_message_may_carry_several_items_in_order() -> None:
     np.testing.assert_allclose(
         [a["outputs"]["y"] for a in good], _alone(items), rtol=1e-4, atol=1e-5
     )
+
+
+def test_binary_messages_carry_items_as_little_endian_rows() -> None:
+    """A binary message is one or more items as float32 rows of the item's shape, numbered in
+    arrival order: the GRU answers them as it does the JSON items; a length that is not a whole
+    number of rows gets an error answer naming the size, and the stream goes on."""
+    items = np.random.default_rng(7).normal(size=(6, 3)).astype(np.float32)
+    with stream_server() as running, connect(ws_url(running, GRU)) as ws:
+        ws.recv(timeout=10)
+        ws.send(items[0].astype("<f4").tobytes())  # one item
+        ws.send(items[1:5].astype("<f4").tobytes())  # four
+        ws.send(b"\x00" * 13)  # not a whole row (12 bytes each)
+        ws.send(b"")
+        ws.send(json.dumps({"x": items[5].tolist()}))  # the JSON form numbers on
+        answers = [json.loads(ws.recv(timeout=10)) for _ in range(8)]
+    errors = [a for a in answers if "error" in a]
+    assert len(errors) == 2
+    assert all("[3] float32 little-endian, 12 bytes each" in e["error"] for e in errors)
+    assert "13 bytes" in errors[0]["error"]
+    good = [a for a in answers if "outputs" in a]
+    assert [a["id"] for a in good] == list(range(6))
+    np.testing.assert_allclose(
+        [a["outputs"]["y"] for a in good], _alone(items), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_binary_rows_fill_a_window_as_json_items_do() -> None:
+    with stream_server() as running, connect(ws_url(running, "/v2/models/window/stream")) as ws:
+        ws.recv(timeout=10)
+        rows = np.array([[1, 0, i] for i in range(9)], dtype="<f4")
+        ws.send(rows[:5].tobytes())
+        ws.send(rows[5:].tobytes())
+        answers = [json.loads(ws.recv(timeout=10)) for _ in range(3)]
+    assert [a["id"] for a in answers] == [3, 5, 7]
+    assert [a["outputs"]["y"] for a in answers][2] == [4, 0, 4 + 5 + 6 + 7]
+
+
+def test_binary_items_need_a_fixed_item_shape() -> None:
+    with stream_server() as running, connect(ws_url(running, "/v2/models/free/stream")) as ws:
+        ws.recv(timeout=10)
+        ws.send(b"\x00" * 8)
+        assert "not fixed: send items as JSON" in json.loads(ws.recv(timeout=10))["error"]
+        ws.send(b"\x00" * 8)  # and the stream goes on
+        assert "not fixed" in json.loads(ws.recv(timeout=10))["error"]

@@ -118,6 +118,8 @@ def accept(
     conn = shake.connection
     assert isinstance(conn, Connection)
     ws = WebSocket(hub, conn, handler, release)
+    # With permessage-deflate in use every frame goes through wsproto (the extension is its).
+    ws.split = not any(extension.enabled() for extension in extensions)
     transport.write(head)
     ws.sent += len(head)
     transport.set_protocol(ws)
