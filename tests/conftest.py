@@ -5,6 +5,7 @@ sleep."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -97,6 +98,16 @@ def serve_in_thread(cfg: wt_config.Config, path: Path | None = None) -> Iterator
         loop.call_soon_threadsafe(stop.set)
         thread.join(30)
         loop.close()
+
+
+@pytest.fixture
+def refused_address() -> Iterator[str]:
+    """``127.0.0.1:<port>`` that refuses connections for the whole test: a socket bound there
+    that never listens. (A port bound and released at once is free for the next bind to port 0,
+    the test's own servers' included, which would then answer on it.)"""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 @pytest.fixture

@@ -381,6 +381,10 @@ def test_the_lb_example_validates() -> None:
         ("servers = ['127.0.0.1:1']\nretry = {on = ['sometimes']}", "sometimes"),
         ("servers = [{address = '127.0.0.1:1', weight = 0}]", "weight"),
         ("servers = ['127.0.0.1:1']\nkeep_alive = 3", "keep_alive"),
+        # Checked at load as the cookie is built (`webtorch check` said OK; serving crashed).
+        ("servers = ['127.0.0.1:1']\nsticky = {cookie = 'my route'}", "sticky: .*cookie name"),
+        ("servers = ['127.0.0.1:1']\nsticky = {samesite = 'none'}", "sticky: .*requires secure"),
+        ("servers = ['127.0.0.1:1']\nsticky = {expires = inf}", "sticky: .*expires"),
     ],
 )
 def test_bad_upstreams_name_the_key(upstream: str, message: str) -> None:

@@ -215,7 +215,8 @@ operation = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None)
+# derandomize: the same examples every run (a failure is reproducible, never flaky).
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
 @given(
     weights=st.lists(st.integers(1, 3), min_size=1, max_size=6),
     balance=st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0]),

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from webtorch.balance.base import Upstream
+from webtorch.balance.settings import StickySettings
 from webtorch.balance.sticky import StickyCookie, route_id
 from webtorch.http.messages import Headers, Request
 
@@ -27,9 +28,20 @@ def cookie_pair(header: tuple[bytes, bytes]) -> bytes:
     return value.split(b";", 1)[0]
 
 
+def cookie(name: str, **settings: object) -> StickyCookie:
+    return StickyCookie(StickySettings(cookie=name, **settings))  # type: ignore[arg-type]
+
+
+def test_defaults_are_the_configs() -> None:
+    # One copy of the defaults: a group with [upstreams.X.sticky] and no keys gets this cookie.
+    default = StickyCookie()
+    assert default.name == "webtorch_route"
+    assert default.set_cookie(group(1)[0])[1].endswith(b"; Path=/; HttpOnly")
+
+
 def test_round_trip() -> None:
     ups = group(3)
-    sticky = StickyCookie("route")
+    sticky = cookie("route")
     for upstream in ups:
         request = with_cookie(b"theme=dark; " + cookie_pair(sticky.set_cookie(upstream)))
         assert sticky.route_of(request, ups) is upstream
@@ -39,7 +51,7 @@ def test_round_trip() -> None:
 
 def test_no_cookie_needs_one() -> None:
     ups = group(2)
-    sticky = StickyCookie("route")
+    sticky = cookie("route")
     request = Request("GET", "/", "", [], b"")
     assert sticky.route_of(request, ups) is None
     assert sticky.needs_cookie(request, ups[0])
@@ -47,7 +59,7 @@ def test_no_cookie_needs_one() -> None:
 
 def test_unknown_or_foreign_value_is_no_route() -> None:
     ups = group(2)
-    sticky = StickyCookie("route")
+    sticky = cookie("route")
     assert sticky.route_of(with_cookie(b"route=0123456789abcdef"), ups) is None
     assert sticky.route_of(with_cookie(b"route=10.0.0.1:80"), ups) is None
     # The right value under another name is not ours.
@@ -57,7 +69,7 @@ def test_unknown_or_foreign_value_is_no_route() -> None:
 
 def test_cookie_for_a_non_candidate_is_no_route() -> None:
     ups = group(3)
-    sticky = StickyCookie("route")
+    sticky = cookie("route")
     request = with_cookie(cookie_pair(sticky.set_cookie(ups[1])))
     assert sticky.route_of(request, [ups[0], ups[2]]) is None  # ejected or already tried
     assert sticky.needs_cookie(request, ups[0])  # the session moves, and says so
@@ -65,7 +77,7 @@ def test_cookie_for_a_non_candidate_is_no_route() -> None:
 
 def test_stale_duplicate_and_quoted_values() -> None:
     ups = group(2)
-    sticky = StickyCookie("route")
+    sticky = cookie("route")
     ours = route_id(ups[1].address).encode()
     # A stale cookie of the same name (another path) ahead of ours, in a second header.
     request = with_cookie(b"route=deadbeefdeadbeef", b'route="' + ours + b'"')
@@ -83,11 +95,11 @@ def test_route_id_is_short_stable_and_hides_the_address() -> None:
 def test_header_attributes() -> None:
     upstream = group(1)[0]
     rid = route_id(upstream.address)
-    assert StickyCookie("srv").set_cookie(upstream) == (
+    assert cookie("srv").set_cookie(upstream) == (
         b"set-cookie",
         f"srv={rid}; Path=/; HttpOnly".encode(),
     )
-    full = StickyCookie(
+    full = cookie(
         "srv",
         expires=3600.5,
         domain=".example.com",
@@ -99,22 +111,22 @@ def test_header_attributes() -> None:
     assert full.set_cookie(upstream)[1] == (
         f"srv={rid}; Max-Age=3601; Domain=.example.com; Path=/api; Secure; SameSite=None".encode()
     )
-    lax = StickyCookie("srv", samesite="LAX").set_cookie(upstream)[1]
+    lax = cookie("srv", samesite="LAX").set_cookie(upstream)[1]
     assert lax.endswith(b"; HttpOnly; SameSite=Lax")
 
 
 @pytest.mark.parametrize(
     ("kwargs", "problem"),
     [
-        ({"name": "my route"}, "not a valid cookie name"),
-        ({"name": "r", "expires": 0.0}, "expires"),
-        ({"name": "r", "expires": float("inf")}, "expires"),
-        ({"name": "r", "domain": "a.com; evil"}, "domain"),
-        ({"name": "r", "path": "api"}, "path"),
-        ({"name": "r", "samesite": "sometimes"}, "samesite"),
-        ({"name": "r", "samesite": "none"}, "requires secure"),
+        ({"cookie": "my route"}, "not a valid cookie name"),
+        ({"cookie": "r", "expires": 0.0}, "expires"),
+        ({"cookie": "r", "expires": float("inf")}, "expires"),
+        ({"cookie": "r", "domain": "a.com; evil"}, "domain"),
+        ({"cookie": "r", "path": "api"}, "path"),
+        ({"cookie": "r", "samesite": "sometimes"}, "samesite"),
+        ({"cookie": "r", "samesite": "none"}, "requires secure"),
     ],
 )
 def test_bad_settings(kwargs: dict[str, object], problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
-        StickyCookie(**kwargs)  # type: ignore[arg-type]
+        StickyCookie(StickySettings(**kwargs))  # type: ignore[arg-type]

@@ -48,24 +48,23 @@ def test_pipeline_toml_serves_and_trains(tmp_path: Path) -> None:
 
 
 def test_split_toml_serves_and_trains(tmp_path: Path) -> None:
-    # The README's commands, with free ports: one stage server may serve several stages.
-    port = harness.free_port()
+    # The README's commands, on ports of the servers' own choosing (a port found free here
+    # could be taken before a child binds it): one stage server may serve several stages, and
+    # serving them it calls none of the groups, so the front's copy of the file is written once
+    # it listens.
     text = (EXAMPLE / "split.toml").read_text()
-    text = re.sub(r'"127\.0\.0\.1:809\d"', f'"127.0.0.1:{port}"', text)
     text = text.replace('path = "model.py"', f'path = "{EXAMPLE / "model.py"}"')
     text = text.replace('path = "textcls.py"', f'path = "{EXAMPLE / "textcls.py"}"')
-    config = tmp_path / "split.toml"
-    config.write_text(text)
     (tmp_path / "stages").mkdir()
-    with (
-        harness.serve(
-            config,
-            "--stages",
-            "clean,featurize,label",
-            workdir=tmp_path / "stages",
-            listen=f"127.0.0.1:{port}",
-            ready_path=READY,
-        ),
-        harness.serve(config, workdir=tmp_path, ready_path=READY) as front,
-    ):
-        check_serves_and_trains(front.url)
+    (tmp_path / "stages" / "split.toml").write_text(text)
+    with harness.serve(
+        tmp_path / "stages" / "split.toml",
+        "--stages",
+        "clean,featurize,label",
+        workdir=tmp_path / "stages",
+        ready_path=READY,
+    ) as stages:
+        config = tmp_path / "split.toml"
+        config.write_text(re.sub(r'"127\.0\.0\.1:809\d"', f'"127.0.0.1:{stages.port}"', text))
+        with harness.serve(config, workdir=tmp_path, ready_path=READY) as front:
+            check_serves_and_trains(front.url)

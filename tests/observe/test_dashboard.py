@@ -121,6 +121,10 @@ def test_stats_show_upstream_shares_and_the_learned_policys_predictions(tmp_path
             learned={"state_dir": str(tmp_path)},
         ) as running,
     ):
+        # The samples are this test's: the server's own, once a second, could fall between two
+        # of its steps (after the last request, or between a sample and the stats that answer
+        # it), so its clock is stopped first (on the loop: the handle changes each second).
+        on_loop(running, lambda: running.app._compaction.cancel())  # type: ignore[union-attr]
         on_loop(running, running.app.timeline.sample)
         for i in range(40):
             assert request(running, "GET", f"/item/{i}")[0] == 200

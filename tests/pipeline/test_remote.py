@@ -63,11 +63,11 @@ def toml(data: dict[str, Any]) -> str:
 
 @pytest.fixture(scope="module")
 def stage_server() -> Iterator[harness.Server]:
-    port = harness.free_port()
-    text = toml(split_config(f"127.0.0.1:{port}"))
-    with harness.serve(
-        None, "--stages", ",".join(STAGES), toml=text, listen=f"127.0.0.1:{port}"
-    ) as server:
+    # Serving its stages, it never calls the groups named in its config: they need not
+    # point at it. It listens on a port of its own choosing (a port found free here could be
+    # taken before a child binds it).
+    text = toml(split_config("127.0.0.1:9"))
+    with harness.serve(None, "--stages", ",".join(STAGES), toml=text) as server:
         yield server
 
 
@@ -128,9 +128,8 @@ def test_split_reports_its_boundaries(split: Running) -> None:
     assert clean["placement"] == "remote" and clean["group"] == "cleaners"
 
 
-def test_a_down_stage_answers_502_naming_it_quickly() -> None:
-    dead = harness.free_port()  # nothing listens there
-    cfg = wt_config.from_dict(split_config(f"127.0.0.1:{dead}"))
+def test_a_down_stage_answers_502_naming_it_quickly(refused_address: str) -> None:
+    cfg = wt_config.from_dict(split_config(refused_address))
     with serve_in_thread(cfg) as front:
         for _ in range(2):  # refused, then taken out of rotation: 502 both times
             started = time.monotonic()
@@ -216,8 +215,10 @@ def test_a_stage_server_says_what_its_side_of_the_wire_cost(stage_server: harnes
     assert {"decode", "encode", "clean"} <= set(names)
 
 
-def test_the_group_balances_and_retries_past_a_dead_server(stage_server: harness.Server) -> None:
-    dead = f"127.0.0.1:{harness.free_port()}"
+def test_the_group_balances_and_retries_past_a_dead_server(
+    stage_server: harness.Server, refused_address: str
+) -> None:
+    dead = refused_address
     live = f"127.0.0.1:{stage_server.port}"
     data = split_config(live, policy="round_robin")
     for group in data["upstreams"].values():

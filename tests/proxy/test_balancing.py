@@ -243,15 +243,15 @@ def test_learned_policy_avoids_a_fast_failing_server_and_keeps_its_weights(
 @pytest.mark.parametrize(
     "policy", ["round_robin", "least_conn", "random2", "hash", "peak_ewma", "prequal", "learned"]
 )
-def test_every_policy_works_with_health_and_retries(policy: str, tmp_path: Path) -> None:
-    from tests.proxy.test_failures import dead_address
-
+def test_every_policy_works_with_health_and_retries(
+    policy: str, tmp_path: Path, refused_address: str
+) -> None:
     extra: dict[str, object] = {"policy": policy, "hash_key": "header:x-key"}
     if policy == "learned":
         extra["learned"] = {"state_dir": str(tmp_path)}
     with (
         upstreams("a", "b") as (a, b),
-        proxy([dead_address(), a.address, b.address], **extra) as running,
+        proxy([refused_address, a.address, b.address], **extra) as running,
     ):
         for i in range(30):
             status, headers, _ = request(running, "GET", "/", headers={"X-Key": f"k{i % 5}"})

@@ -15,19 +15,8 @@ from tests.proxy.test_forward import proxy, request
 from tests.proxy.upstreams import TestUpstream, upstreams
 
 
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def dead_address() -> str:
-    return f"127.0.0.1:{free_port()}"
-
-
-def test_connection_refused_is_502_naming_the_upstream() -> None:
-    dead = dead_address()
+def test_connection_refused_is_502_naming_the_upstream(refused_address: str) -> None:
+    dead = refused_address
     with proxy([dead]) as running:
         status, headers, body = request(running, "GET", "/")
         assert status == 502
@@ -35,10 +24,10 @@ def test_connection_refused_is_502_naming_the_upstream() -> None:
         assert dead in json.loads(body)["error"]
 
 
-def test_refused_upstream_is_retried_elsewhere_for_any_method() -> None:
+def test_refused_upstream_is_retried_elsewhere_for_any_method(refused_address: str) -> None:
     with (
         upstreams("a") as (a,),
-        proxy([dead_address(), a.address], policy="round_robin") as running,
+        proxy([refused_address, a.address], policy="round_robin") as running,
     ):
         for method in ("GET", "POST", "GET", "POST"):
             status, headers, _ = request(running, method, "/echo", body=b"{}")
@@ -113,9 +102,9 @@ def test_retries_stop_at_tries() -> None:
         assert sum(u.hits["/status"] for u in ups) == 2
 
 
-def test_streamed_upload_is_replayed_on_retry() -> None:
+def test_streamed_upload_is_replayed_on_retry(refused_address: str) -> None:
     body = b"z" * 300_000
-    with upstreams("a") as (a,), proxy([dead_address(), a.address]) as running:
+    with upstreams("a") as (a,), proxy([refused_address, a.address]) as running:
         for _ in range(2):
             status, _, answer = request(running, "PUT", "/echo", body=body)
             assert status == 200
@@ -184,8 +173,8 @@ def test_client_disconnect_cancels_the_upstream_request() -> None:
         assert group.upstreams[0].inflight == 0
 
 
-def test_upstream_metrics_are_exposed() -> None:
-    dead = dead_address()
+def test_upstream_metrics_are_exposed(refused_address: str) -> None:
+    dead = refused_address
     with upstreams("a") as (a,), proxy([dead, a.address]) as running:
         for _ in range(3):
             assert request(running, "GET", "/")[0] == 200

@@ -103,11 +103,8 @@ def test_the_route_policy_picks_the_upstream() -> None:
             assert set(seen.values()) == {"a", "b"}  # and the keys spread
 
 
-def test_an_upstream_that_is_down_or_refuses_is_answered_as_http() -> None:
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{free.getsockname()[1]}"
-    with serve_in_thread(proxy_config([dead])) as running:
+def test_an_upstream_that_is_down_or_refuses_is_answered_as_http(refused_address: str) -> None:
+    with serve_in_thread(proxy_config([refused_address])) as running:
         with pytest.raises(InvalidStatus) as info:
             connect(ws_url(running, "/ws/x"))
         assert info.value.response.status_code == 502
@@ -229,16 +226,15 @@ def test_least_conn_counts_open_websockets() -> None:
         assert sorted(names) == ["a", "a", "a", "b", "b", "b"]
 
 
-def test_an_upstream_that_fails_an_opening_leaves_rotation() -> None:
+def test_an_upstream_that_fails_an_opening_leaves_rotation(refused_address: str) -> None:
     """A tunnel's opening counts in passive health as a proxied request does: an upstream that
     refuses the connection is out of rotation after max_fails (1), so the next WebSockets all
     reach the live one instead of every other one failing with 502."""
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{free.getsockname()[1]}"
     with (
         echo_upstream("a") as (address, _),
-        serve_in_thread(proxy_config([dead, address], max_fails=1, fail_timeout=60)) as running,
+        serve_in_thread(
+            proxy_config([refused_address, address], max_fails=1, fail_timeout=60)
+        ) as running,
     ):
         failed = 0
         for _ in range(6):

@@ -78,7 +78,8 @@ _arrays = _dtypes.flatmap(
 _batches = st.dictionaries(st.text("abcxyz.", min_size=1, max_size=8), _arrays, max_size=3)
 
 
-@settings(max_examples=60, deadline=None)
+# derandomize: the same examples every run (a failure is reproducible, never flaky).
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(st.lists(_batches, min_size=1, max_size=4), st.data())
 def test_any_prefix_decodes_to_the_records_it_contains(
     batches: list[dict[str, np.ndarray]], data: st.DataObject

@@ -12,7 +12,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import webtorch_harness as harness
-from tests.proxy.test_failures import dead_address
 from tests.proxy.upstreams import upstreams
 from tests.workers.test_workers import config, one_per_worker, pids
 
@@ -81,8 +80,10 @@ ban_seconds = 600
     assert "\nwebtorch_shared_locks_taken_over_total 0.0\n" in metrics
 
 
-def test_an_upstream_taken_out_by_one_worker_is_avoided_by_the_other(tmp_path: Path) -> None:
-    dead = dead_address()
+def test_an_upstream_taken_out_by_one_worker_is_avoided_by_the_other(
+    tmp_path: Path, refused_address: str
+) -> None:
+    dead = refused_address
     with upstreams("b") as (alive,):
         # Round robin over a dead upstream and a live one, no retries: an attempt at the dead
         # one is a 502. One failure takes it out for 10 minutes (passive health).

@@ -5,7 +5,8 @@
 setting a policy reads is a setting the config accepts, checked and defaulted in one place.
 Built without the config they are the policies' defaults: ``PeakEwma(group)`` is
 ``PeakEwma(group, PeakEwmaSettings())``. Here rather than beside each policy so that the config
-can import them without torch (``learned.py`` imports it).
+can import them without torch (``learned.py`` imports it). :class:`StickySettings` is the same
+for sticky sessions' cookie (``sticky.py``, ``[upstreams.X.sticky]``).
 """
 
 from __future__ import annotations
@@ -76,6 +77,22 @@ class LearnedSettings(PeakEwmaSettings):
     batch: Annotated[int, Field(ge=1)] = 64  # outcomes per training step
     train_interval: Annotated[float, Field(gt=0)] = 0.25  # seconds between training steps
     failure_cost: Annotated[float, Field(ge=0)] = 1.0  # seconds a failure is worth in the cost
+
+
+class StickySettings(_Settings):
+    """``[upstreams.X.sticky]``: sticky sessions by cookie, as nginx's ``sticky cookie``; what
+    ``StickyCookie`` (``sticky.py``) sets. ``expires``: seconds (Max-Age); None: a session
+    cookie. The values are checked where the cookie is built (a config's check builds one), by
+    the rules of a cookie: a name, domain and path a browser takes, expires > 0 and finite,
+    samesite one of strict, lax or none (any case; none needs secure)."""
+
+    cookie: str = "webtorch_route"
+    expires: float | None = None
+    domain: str | None = None
+    path: str = "/"
+    httponly: bool = True
+    secure: bool = False
+    samesite: str | None = None
 
 
 PolicySettings = PeakEwmaSettings | PrequalSettings | LearnedSettings

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from webtorch.balance.base import Upstream
 from webtorch.balance.hashing import cookie_values
+from webtorch.balance.settings import StickySettings
 from webtorch.http.messages import Request
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -34,24 +35,19 @@ def route_id(address: str) -> str:
 
 
 class StickyCookie:
-    """The ``sticky cookie NAME expires= domain= path= httponly secure samesite=`` directive.
+    """The ``sticky cookie NAME expires= domain= path= httponly secure samesite=`` directive,
+    from its settings (their defaults: ``StickySettings()``).
 
     ``expires`` is the lifetime in seconds, sent as ``Max-Age`` (no ``Expires`` date: that needs
     the wall clock, and every current browser honours Max-Age); None makes a session cookie.
     ValueError for a value a browser would reject, including ``samesite="none"`` without
-    ``secure``.
+    ``secure``: the one check of these values (the config's builds one).
     """
 
-    def __init__(
-        self,
-        name: str,
-        expires: float | None = None,
-        domain: str | None = None,
-        path: str = "/",
-        httponly: bool = True,
-        secure: bool = False,
-        samesite: str | None = None,
-    ) -> None:
+    def __init__(self, settings: StickySettings | None = None) -> None:
+        s = StickySettings() if settings is None else settings
+        name, expires, domain, path = s.cookie, s.expires, s.domain, s.path
+        httponly, secure, samesite = s.httponly, s.secure, s.samesite
         if not _TOKEN.fullmatch(name):
             raise ValueError(f"sticky cookie name {name!r} is not a valid cookie name")
         attributes = []

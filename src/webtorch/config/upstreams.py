@@ -3,7 +3,7 @@ health, retries and sticky sessions."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 
@@ -15,6 +15,7 @@ from webtorch.balance.settings import (
     PeakEwmaSettings,
     PolicySettings,
     PrequalSettings,
+    StickySettings,
 )
 from webtorch.config.base import Strict, parse_listen
 from webtorch.http.client.settings import PoolSettings
@@ -60,16 +61,9 @@ class RetryConfig(Strict):
         return on
 
 
-class StickyConfig(Strict):
-    """Sticky sessions by cookie, as nginx's ``sticky cookie``."""
-
-    cookie: str = "webtorch_route"
-    expires: Annotated[float, Field(gt=0)] | None = None  # seconds; None: a session cookie
-    domain: str | None = None
-    path: str = "/"
-    httponly: bool = True
-    secure: bool = False
-    samesite: Literal["Strict", "Lax", "None"] | None = None
+# Sticky sessions by cookie: the cookie's own settings class (balance/settings.py), so there is
+# one copy of each default, and its values are checked by building the cookie (_check_policy).
+StickyConfig = StickySettings
 
 
 class UpstreamConfig(Strict, PoolSettings, PassiveSettings):
@@ -115,6 +109,7 @@ class UpstreamConfig(Strict, PoolSettings, PassiveSettings):
     def _check_policy(self) -> UpstreamConfig:
         from webtorch.balance.hashing import KeySpec
         from webtorch.balance.registry import POLICIES
+        from webtorch.balance.sticky import StickyCookie
 
         if self.policy not in POLICIES:
             raise ValueError(
@@ -127,6 +122,11 @@ class UpstreamConfig(Strict, PoolSettings, PassiveSettings):
                 KeySpec.parse(self.hash_key)
             except ValueError as exc:
                 raise ValueError(f"hash_key: {exc}") from None
+        if self.sticky is not None:
+            try:
+                StickyCookie(self.sticky)
+            except ValueError as exc:
+                raise ValueError(f"sticky: {exc}") from None
         addresses = [s.address for s in self.servers]
         if len(set(addresses)) != len(addresses):
             raise ValueError("servers: an address is listed twice")

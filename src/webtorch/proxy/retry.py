@@ -60,21 +60,18 @@ class RetrySettings:
     budget_window: float = _CONFIG.budget_window
 
     def __post_init__(self) -> None:
-        if self.tries < 0:
-            raise ValueError(f"tries must be >= 0, got {self.tries}")
         if self.on == frozenset({"off"}):
             object.__setattr__(self, "on", frozenset())
-        unknown = sorted(self.on - CONDITIONS)
-        if unknown:
-            raise ValueError(
-                f"unknown retry condition(s) {unknown}; known: {sorted(CONDITIONS)} or 'off' alone"
-            )
-        if self.timeout < 0:
-            raise ValueError(f"retry timeout must be >= 0, got {self.timeout}")
-        if self.budget_percent < 0 or self.budget_min_per_second < 0:
-            raise ValueError("budget_percent and budget_min_per_second must be >= 0")
-        if self.budget_window <= 0:
-            raise ValueError(f"budget_window must be > 0, got {self.budget_window}")
+        # The bounds are the config's, one copy: these values as a RetryConfig, or its
+        # ValidationError (a ValueError) naming the one out of bounds.
+        RetryConfig(
+            tries=self.tries,
+            on=sorted(self.on),
+            timeout=self.timeout,
+            budget_percent=self.budget_percent,
+            budget_min_per_second=self.budget_min_per_second,
+            budget_window=self.budget_window,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,14 +124,7 @@ class UpstreamGroup:
             r.budget_window,
         )
         self.budget = RetryBudget(self.retry)
-        s = config.sticky
-        self.sticky = (
-            None
-            if s is None
-            else StickyCookie(
-                s.cookie, s.expires, s.domain, s.path, s.httponly, s.secure, s.samesite
-            )
-        )
+        self.sticky = None if config.sticky is None else StickyCookie(config.sticky)
         # The group's table is its pools' PoolSettings (http/client/settings.py).
         self.pools = [ConnectionPool(u, config, loop) for u in self.upstreams]
         # Active checks have pools of their own that keep no connection: a fresh one each check.
