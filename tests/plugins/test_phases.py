@@ -384,17 +384,13 @@ def test_connect_admits_others(tmp_path: Path) -> None:
         assert request(running, "GET", "/fixed")[0] == 200
 
 
-def test_log_runs_after_errors_and_refusals(tmp_path: Path) -> None:
+def test_log_runs_after_errors_and_refusals(tmp_path: Path, refused_address: str) -> None:
     write_plugins(tmp_path, {"trace": TRACE})
-    dead = socket.socket()
-    dead.bind(("127.0.0.1", 0))
-    dead_address = f"127.0.0.1:{dead.getsockname()[1]}"
-    dead.close()
     path = config(
         tmp_path,
         [{"path": "trace.py"}],
         routes=[FIXED, {"prefix": "/up", "upstream": "backend"}],
-        upstreams={"backend": [dead_address]},
+        upstreams={"backend": [refused_address]},
     )
     with serving(path) as running:
         assert request(running, "GET", "/nowhere")[0] == 404
@@ -405,7 +401,7 @@ def test_log_runs_after_errors_and_refusals(tmp_path: Path) -> None:
             assert sock.recv(100).startswith(b"HTTP/1.1 400")
         logs = _logs(3)
     assert [e[2] for e in logs] == [404, 502, 400]
-    assert logs[1][4] == dead_address
+    assert logs[1][4] == refused_address
 
 
 def test_a_plugin_sees_only_its_routes(tmp_path: Path) -> None:
