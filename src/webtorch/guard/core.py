@@ -158,7 +158,7 @@ class Guard:
         self, view: RequestView, client: str, now: float, address: str | None = None
     ) -> Decision:
         """The whole decision for one request: :meth:`rules`, then the detector's score."""
-        decided = self.rules(view, client, now, address)
+        decided = self.rules(view.path, client, now, address)
         if isinstance(decided, Decision):
             return decided
         assert self.scorer is not None
@@ -166,7 +166,7 @@ class Guard:
         return self.decide(client, injection, abuse, now, address)
 
     def rules(
-        self, view: RequestView, client: str, now: float, address: str | None = None
+        self, path: str, client: str, now: float, address: str | None = None
     ) -> Decision | list[float]:
         """Everything but the detector: the lists, bans, buckets and the surge defence. Returns
         the final decision when they settle it (or there is no detector), else the client's
@@ -195,7 +195,7 @@ class Guard:
         state = self.clients.get(client, now)
         scorer = self.scorer
         if scorer is not None:  # the history is the detector's input; the rules need none of it
-            state.arrive(view.path, now)
+            state.arrive(path, now)
         surge = self.surge
         began = None
         if surge is not None:

@@ -163,19 +163,20 @@ class GuardShell:
         if self._trusted is not None and self._trusted(request):
             request.guard_action = "allow"
             return None
-        stream = request.stream
-        declared = request.body_length() if stream is not None else None
-        view = RequestView(
-            request.method, request.path, request.query, request.headers, request.body, declared
-        )
         address = self.address_of(request)
         key = self.key_of(request)
         client = address if key is None else key
         keyed = None if key is None else address  # the address a keyed client pays from
         now = self.clock()
-        decided = self.guard.rules(view, client, now, keyed)
+        decided = self.guard.rules(request.path, client, now, keyed)
         if isinstance(decided, Decision):
             return self._decided(request, decided)
+        # To be scored (the rules settled nothing, and there is a detector): the detector's view.
+        stream = request.stream
+        declared = request.body_length() if stream is not None else None
+        view = RequestView(
+            request.method, request.path, request.query, request.headers, request.body, declared
+        )
         if stream is not None:
             # A streaming body's route must take the stream as it is handed over, not a loop
             # turn later: scored alone, at once; the body is scanned as it arrives.
