@@ -1,6 +1,7 @@
-"""Plugins beside the guard: the guard runs first; its refusals reach the plugins' log; with an
-async plugin on a proxied route the guard still scans a streamed body and refuses an attack
-mid-upload (the plugins hand the guard a Pending, as the proxy does, not a coroutine)."""
+"""Plugins beside the guard, itself the first plugin: its refusals reach the others' log; with an
+async plugin after it on a proxied route (the request runs as a task) the guard's stream-mode
+request_body still scans a streamed body and refuses an attack mid-upload, and a stream-mode
+plugin after it reads what it let through."""
 
 from __future__ import annotations
 
