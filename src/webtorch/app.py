@@ -476,6 +476,7 @@ class App:
         from webtorch.guard.build import state_dir as guard_state_dir
         from webtorch.guard.metrics import metric_families as guard_metrics
         from webtorch.guard.plugin import GuardPlugin
+        from webtorch.guard.shell import GuardShell
 
         try:
             guard = make_guard(settings, self.config.base_dir, self.shared)
@@ -489,14 +490,14 @@ class App:
 
             save_to = guard_state_dir(settings, self.config.base_dir) / ADAPTED
             self.feedback = Feedback(guard.scorer, weights, save_to, batch=settings.feedback_batch)
-        plugin = GuardPlugin(
+        shell = GuardShell(
             guard,
             settings.client_key,
             feedback=self.feedback,
             trusted=self.auth.valid,  # False while no token is set (a reload may set one)
             trusted_proxies=self.config.server.trusted_proxies,
         )
-        self.plugins.put_first("guard", plugin, body="stream")
+        self.plugins.put_first("guard", GuardPlugin(shell), body="stream")
 
     def _guard_feedback(self, request: Request) -> HandlerResult:
         self._management(request)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from webtorch.guard.core import Guard
 from webtorch.guard.plugin import GuardPlugin
+from webtorch.guard.shell import GuardShell
 from webtorch.http.messages import Handler, HandlerResult, Request
 from webtorch.plugins.host import PluginHost
 
@@ -24,7 +25,8 @@ class Guarded:
         clock: Callable[[], float] = time.monotonic,
         trusted_proxies: Iterable[str] = (),
     ) -> None:
-        self.plugin = GuardPlugin(guard, client_key, clock=clock, trusted_proxies=trusted_proxies)
+        shell = GuardShell(guard, client_key, clock=clock, trusted_proxies=trusted_proxies)
+        self.plugin = GuardPlugin(shell)
         self.host = PluginHost([], Path("."), _no_models)
         self.host.put_first("guard", self.plugin, body="stream")
         self.handler = self.host.runner.wrap(handler)
