@@ -14,7 +14,7 @@ import pytest
 
 from tests.guard.test_bodies import FORM, SQLI, upload
 from tests.plugins import record
-from tests.plugins.helpers import config, request, serving, write_plugins
+from tests.plugins.helpers import config, metric, request, serving, write_plugins
 from tests.proxy.upstreams import upstreams
 
 ASYNC_LOG = """
@@ -114,3 +114,60 @@ def test_a_stream_mode_plugin_reads_what_the_guard_let_through(tmp_path: Path) -
             assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
             events = record.wait_for(lambda e: len(e) >= 1)
     assert events[0] == ("read", sum(len(c) for c in chunks))
+
+
+NOTE_REQUESTS = """
+from tests.plugins.record import note
+
+class Seen:
+    def request(self, ctx):
+        note(("request", ctx.query))
+
+    def log(self, ctx):
+        note(("log", ctx.status, ctx.guard_action))
+
+plugin = Seen()
+"""
+
+
+# No ban after a block: the test's one client goes on asking after its attack (an operator's
+# reloads bear the token, which the guard lets through: the client looks abusive by then).
+GUARD = {"mode": "enforce", "ban_seconds": 0}
+TOKEN = "a-management-token-for-tests"
+JSON = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
+
+
+def test_the_guard_runs_first_counts_as_a_plugin_and_stays_across_reloads(
+    tmp_path: Path,
+) -> None:
+    write_plugins(tmp_path, {"seen": NOTE_REQUESTS})
+    server = {"management": True, "token": TOKEN}
+    # order -100: still after the guard, which is the server's own
+    plugins = [{"path": "seen.py", "order": -100}]
+    path = config(tmp_path, plugins, guard=GUARD, server=server)
+    attack = "/fixed?q=" + quote("1' OR '1'='1", safe="")
+    calls = 'webtorch_plugin_calls_total{phase="request",plugin="guard"}'
+    with serving(path) as running:
+        assert request(running, "GET", "/fixed?q=shoes")[0] == 200
+        assert request(running, "GET", attack)[0] == 403
+        events = record.wait_for(lambda e: sum(1 for x in e if x[0] == "log") >= 2)
+        assert [e for e in events if e[0] == "request"] == [("request", "q=shoes")]
+        assert ("log", 403, "block") in events
+        before = metric(running, calls)
+        assert before >= 2
+        # A reload without user plugins keeps the guard, first, its counters going on.
+        config(tmp_path, [], guard=GUARD, server=server)
+        status, _, body = request(running, "POST", "/admin/reload", body=b"", headers=JSON)
+        assert status == 200, body
+        assert request(running, "GET", attack.replace("1", "2"))[0] == 403
+        assert metric(running, calls) > before
+        # No configured plugin may take its name: the reload fails, the running set stays.
+        config(
+            tmp_path,
+            [{"path": "seen.py", "name": "guard"}],
+            guard=GUARD,
+            server=server,
+        )
+        status, _, body = request(running, "POST", "/admin/reload", body=b"", headers=JSON)
+        assert status == 400 and b"'guard' is the server's own" in body
+        assert [p.name for p in running.app.plugins.plugins.plugins] == ["guard"]
