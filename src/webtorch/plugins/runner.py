@@ -1,11 +1,16 @@
 """The plugins' shell on the request path: the server's handler wrapped (request,
 request_body, response, response_body), the access log's hook (log), the connection gate
 (connect) and the proxy's picker (pick). Each reads the running set per request, so a reload
-swaps plugins without touching a connection; each hook is timed and counted, and a failing one
+swaps plugins without touching a connection; each hook is counted and timed, and a failing one
 is isolated (logged with its plugin's name; ``on_error`` decides: go on, or a 500 naming it).
 
-Without plugins none of this is installed: the server's handler, gate and access log hook are
-what they were (app.py installs these only for a non-empty set).
+A request whose phases are plain functions runs inside the server's callback; one that returns
+a :class:`Later` resumes from the Later's callback (:class:`_Resume`: the guard's per-turn
+batches); one with an ``async`` phase runs as a task. The server's own plugins (the guard) are
+the set's first, so this is the one wrapper around the handler.
+
+Without plugins and without the guard none of this is installed: the server's handler, gate and
+access log hook are what they were (app.py installs these only for a non-empty set).
 """
 
 from __future__ import annotations
