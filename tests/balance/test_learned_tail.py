@@ -9,6 +9,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 
 from webtorch.balance.base import Outcome, Upstream
@@ -70,9 +71,9 @@ def simulate(
     return run
 
 
-def learned(ups: list[Upstream]) -> Learned:
-    torch.manual_seed(0)
-    return Learned(ups, LearnedSettings(batch=32), rng=random.Random(7))
+def learned(ups: list[Upstream], seed: int = 0) -> Learned:
+    torch.manual_seed(seed)
+    return Learned(ups, LearnedSettings(batch=32), rng=random.Random(7 + seed))
 
 
 def group() -> list[Upstream]:
@@ -114,19 +115,29 @@ def test_an_intermittently_slow_upstream_loses_its_share_within_a_few_requests()
     assert run.p99(20.0) < 2 * FAST, run.p99(20.0)
 
 
-def test_a_healed_upstream_regains_its_share_within_seconds() -> None:
-    """Upstream 3 is slow (every answer 50x) for 10 s, then healed: within a few seconds of
-    healing it has its share back, the network's training notwithstanding."""
+@pytest.mark.parametrize("seed", range(8))
+def test_a_healed_upstream_regains_its_share_within_seconds(seed: int) -> None:
+    """Upstream 3 is slow (every answer 50x) for 10 s, then healed: it has its share back
+    within a probe interval of healing (8 s at most; its last probe while slow may go out just
+    before), the network's training notwithstanding, on every seed of the network's weights
+    and of the policy's and the traffic's randomness. What the network learned of it by name
+    during the spell goes when a probe refutes the estimate that kept it avoided (without that,
+    on seeds 0-31 only 13 passed this test, the share in 22-30 s as low as 0.05)."""
     ups = group()
-    p = learned(ups)
+    p = learned(ups, seed)
 
     def latency_of(upstream: Upstream, now: float, rng: random.Random) -> float:
         sick = upstream.index == 3 and 2.0 <= now < 12.0
         return (SLOW if sick else FAST) * rng.uniform(0.9, 1.1)
 
-    run = simulate(p, ups, latency_of, 30.0)
+    run = simulate(p, ups, latency_of, 30.0, seed=1 + seed)
     assert run.share(3, 6.0, 12.0) < 0.02  # avoided while slow
-    assert run.share(3, 22.0, 30.0) > 0.15  # its share back (fair: 0.25)
+    # Back: some 4 s starting within 8 s of healing with over 0.15 (fair: 0.25), and after
+    # that a share like a never-sick upstream's (theirs in 22-30 s: 0.11-0.4 over 32 seeds; the
+    # least cost wins a pick, so alike upstreams' shares wander).
+    back = [run.share(3, start, start + 4.0) for start in range(12, 21)]
+    assert max(back) > 0.15, back
+    assert run.share(3, 22.0, 30.0) > 0.12, (back, run.share(3, 22.0, 30.0))
 
 
 def test_a_request_out_long_makes_its_upstream_costly_until_answered_or_gone() -> None:

@@ -26,7 +26,9 @@ made an upstream slow on a few percent of its requests look fast); and the evide
 the loop can react to in time stays in the loop: the prior is raised to the age of the
 upstream's oldest unkeyed request in flight, so a stall or one of its very slow answers counts
 while it is happening, not when (or if) its answer comes. What the network knows of an upstream
-by name fades unless fresh outcomes keep supporting it, and it learns from the last few seconds
+by name fades unless fresh outcomes keep supporting it, becomes the group's average at once when
+a probe finds the upstream far faster than the estimate that kept it avoided (a healed upstream
+regains its share at the first probe after healing), and it learns from the last few seconds
 of outcomes only (a fault that has passed must not be taught on). A guard rail (``_guard``)
 holds it to its prior: a randomised trial where it overrules peak-EWMA, and a back-off to
 peak-EWMA when it does worse.
@@ -105,6 +107,7 @@ WARM_SMOOTHING = 1.0  # seconds: the time constant of an upstream's latency for 
 # after healing in 2 of 3 seeds without it, 3 of 3 with it): persistent differences are learned
 # again from the traffic that shows them.
 IDENTITY_DECAY = 0.02
+REFUTED = 2.0  # a probe answered in under 1/REFUTED of the estimate: the estimate was stale
 # The guard rail (Learned._guard): on picks where the network overrules its prior (peak-EWMA's
 # choice), GUARD_CONTROL of them follow the prior instead, at random: a controlled trial of the
 # two on the same situations. Once GUARD_CONTROLS such control picks are in, the network's mean
@@ -271,6 +274,9 @@ class Learned(Policy):
         self._replayed_at: deque[float] = deque(maxlen=REPLAY)  # when each outcome came
         self._cache: dict[Code, tuple[float, float]] = {}
         self._fresh = 0  # outcomes since the last training step
+        # The identity slots the group uses, and those whose learned part is stale (see _forget).
+        self._slots = sorted({u.index % MAX_UPSTREAMS for u in self.group})
+        self._stale: set[int] = set()
         self._last_train = -math.inf
         self._last_save = -math.inf
         self.steps = 0
@@ -594,9 +600,16 @@ class Learned(Policy):
                 # busy, and be starved of the keys it holds).
                 st.latency.observe(max(latency - self.cold_penalty, 1e-4), now)
         else:
+            estimate = st.latency.value
+            probing = st.latency.probing
             st.latency.observe(seen, now)
             if warmth == 2:
                 st.warm_latency.observe(seen, now)
+            if probing and not failed and REFUTED * latency < estimate:
+                # A probe found it far faster than the estimate that kept it avoided: that
+                # estimate is replaced (LatencyEstimate.observe), and what the network learned of
+                # it by name in the same spell is as stale (see _forget).
+                self._stale.add(upstream.index % MAX_UPSTREAMS)
         if entry is None:
             return
         code, prior_latency, prior_logit = entry
@@ -663,6 +676,8 @@ class Learned(Policy):
                 return  # the thread is still at it: nothing else touches the network meanwhile
             self._training = None
             self._finished(training)
+        if self._stale:
+            self._forget()
         if self._fresh >= self.batch and now - self._last_train >= self.train_interval:
             # One step per batch of new outcomes (a few at most per call): the network keeps up
             # with the traffic instead of learning at a fixed rate.
@@ -686,6 +701,27 @@ class Learned(Policy):
         if self.state_dir is not None and self.steps and now - self._last_save >= SAVE_EVERY:
             self._save()
             self._last_save = now
+
+    def _forget(self) -> None:
+        """What the network learned of each upstream in ``_stale`` by name becomes the group's
+        average: a probe refuted the estimate that kept it avoided, and an avoided upstream sends
+        no outcomes to unlearn its spell from; fading (IDENTITY_DECAY) takes tens of seconds, and
+        a residual only a fifth above the others' starves it (the pick takes the least cost).
+        Called only while no training step is out: it writes the weights."""
+        stale, self._stale = self._stale, set()
+        others = [slot for slot in self._slots if slot not in stale]
+        if not others:
+            return
+        weight = self.net.hidden.weight
+        moments = self.optimizer.state.get(weight, {})
+        with torch.no_grad():
+            group = weight[:, others].mean(dim=1)
+            for slot in stale:
+                weight[:, slot] = group
+                average = moments.get("exp_avg")
+                if isinstance(average, torch.Tensor):
+                    average[:, slot] = 0.0  # no momentum left to carry the old belief back
+        self._sync()
 
     def _finished(self, training: Future[float]) -> None:
         """Take a background step's weights (or log why it failed: the old ones stay)."""
