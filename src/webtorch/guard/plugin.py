@@ -18,8 +18,6 @@ class GuardPlugin:
 
     def __init__(self, shell: GuardShell) -> None:
         self.shell = shell
-        self.guard = shell.guard
-        self.clock = shell.clock
         self.connect = shell.connect
         self.disconnect = shell.disconnect
         self.request = shell.request
@@ -29,4 +27,4 @@ class GuardPlugin:
     @every(1.0)
     def expire(self) -> None:
         """Idle clients leave the table; bans and surges end on time."""
-        self.guard.expire(self.clock())
+        self.shell.guard.expire(self.shell.clock())

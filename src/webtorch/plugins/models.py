@@ -4,14 +4,14 @@ train call is one train request through its trainer (WAL, checkpoints), as POST 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from webtorch.errors import ServiceUnavailable
-from webtorch.http.messages import Pending, Response
+from webtorch.http.messages import Response
+from webtorch.plugins.calls import settle
 from webtorch.plugins.context import ModelSource
 
 if TYPE_CHECKING:  # torch comes with them: a server without models never loads it for plugins
@@ -49,7 +49,7 @@ class ModelHandle:
             kept.append(outputs)
             return _DONE
 
-        response = await _wait(executor.submit(arrays, rows, encode))
+        response = await settle(executor.submit(arrays, rows, encode))
         if not kept:
             raise ModelAnswer(response.status, response.body)
         return kept[0]
@@ -70,7 +70,7 @@ class ModelHandle:
             return _DONE
 
         job = self.endpoint.executor.submit_train(TrainRequest(arrays, wanted, rows), encode)
-        response = await _wait(job)
+        response = await settle(job)
         if not losses:
             raise ModelAnswer(response.status, response.body)
         return losses[0]
@@ -91,21 +91,6 @@ def _arrays(data: Any, specs: list[TensorSpec], model: str) -> dict[str, InputDa
             column = column.detach().cpu().numpy()
         arrays[spec.name] = np.ascontiguousarray(np.asarray(column, dtype=spec.dtype.numpy))
     return arrays
-
-
-def _resolved(fut: asyncio.Future[Response], response: Response) -> None:
-    if not fut.done():
-        fut.set_result(response)
-
-
-async def _wait(pending: Pending) -> Response:
-    fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
-    pending.subscribe(_resolved, fut)
-    try:
-        return await fut
-    except asyncio.CancelledError:
-        pending.cancel()
-        raise
 
 
 def model_source(endpoints: Mapping[str, ModelEndpoint]) -> ModelSource:
