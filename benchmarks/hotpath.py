@@ -38,6 +38,7 @@ from webtorch import config
 from webtorch.app import App
 from webtorch.http.protocol import HttpProtocol
 from webtorch.observe.access_log import AccessLog
+from webtorch.plugins.host import Base, install
 
 XOR = Path(__file__).resolve().parent.parent / "src" / "webtorch" / "examples" / "xor.py"
 BODIES = {
@@ -185,20 +186,15 @@ async def run(path: str, conns: int, rounds: int) -> None:
         access_log = AccessLog(Path(os.environ["ACCESS_LOG"]))
         access_log.open()
     log_hook = access_log.record if access_log is not None else None
-    if len(app.plugins.plugins) > 0:
-        # As App.start installs them (plugins/host.py install).
-        runner = app.plugins.runner
-        handler = runner.wrap(handler)
-        log_hook = runner.log_hook(log_hook)
-        assert app.proxies is not None
-        for group in app.proxies.groups.values():
-            group.picker = runner.pick if runner.set.picks else None
     state = ServerState(
         handler,
         observer=observer,
         access_log=log_hook,
         request_ids=bool(os.environ.get("REQUEST_ID")),
     )
+    assert app.proxies is not None
+    # The plugins (the guard first) as App.start installs them; nothing without any.
+    install(app.plugins, state, Base(handler, log_hook, None), app.proxies.groups.values())
     body = BODIES[path]
     raw = (
         b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Type: application/json\r\n"
